@@ -1,0 +1,192 @@
+// Split-KV flash decoding for one query token with GQA over the paged KV cache.
+//
+// decode_partial: one workgroup per (KV split, KV head) handles all G query heads of
+// that KV head, so each key and value is read once per step. Keys are stored before
+// RoPE and rotated on the fly at their own position (dense attention: position = index).
+// Tiles of 64 keys: (1) a thread per key computes the G scores, (2) G threads update the
+// running max/sum (online softmax, f32), (3) threads own (head, dim-pair) outputs and
+// accumulate p * V. The state (m, l, acc) of each (query head, split) lives in `part`;
+// with a KV cache spanning several arena buffers the host runs one pass per arena and
+// each pass continues the state left by the previous one.
+//
+// decode_reduce: combines the splits of each query head into the output.
+struct Params {
+    kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
+    page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
+    arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;              // [q_heads * D], rotated
+@group(0) @binding(2) var<storage, read> k_arena: array<u32>;
+@group(0) @binding(3) var<storage, read> v_arena: array<u32>;
+@group(0) @binding(4) var<storage, read> pages: array<u32>;
+@group(0) @binding(5) var<storage, read> cs: array<vec2<f32>>;       // rope table [max_pos, D/2]
+@group(0) @binding(6) var<storage, read_write> part: array<f32>;     // [q_heads, n_splits, D + 2]
+
+const TILE: u32 = 64u;
+const MAX_G: u32 = 8u;
+const MAX_D: u32 = 128u;
+const NEG: f32 = -3.0e38;
+const NONE: u32 = 0xffffffffu;
+
+var<workgroup> q_sh: array<f32, 1024>;        // MAX_G * MAX_D
+var<workgroup> s_sh: array<f32, 512>;         // MAX_G * TILE: scores, then probabilities
+var<workgroup> base_sh: array<u32, 64>;       // word offset of each tile key's row, or NONE
+var<workgroup> alpha_sh: array<f32, 8>;
+
+fn key_base(j: u32, kvh: u32) -> u32 {
+    let page = pages[j / p.page_size];
+    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return NONE; }
+    let local_page = page - p.arena_first_page;
+    return ((local_page * p.kv_heads + kvh) * p.page_size + j % p.page_size) * (p.head_dim / 2u);
+}
+
+@compute @workgroup_size(64)
+fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tid = lid.x;
+    let split = wid.x;
+    let kvh = wid.y;
+    let g_count = p.q_heads / p.kv_heads;
+    let d = p.head_dim;
+    let half = d / 2u;
+    let quarter = d / 4u;
+    let words = half;
+    let stride = d + 2u;
+    for (var i = tid; i < g_count * d; i += TILE) {
+        q_sh[i] = q[kvh * g_count * d + i];
+    }
+    // Outputs owned by this thread: (head, word) pairs o = tid + TILE * n.
+    let n_pairs = g_count * words;
+    var acc: array<vec2<f32>, 8>;
+    var m = NEG;
+    var l = 0.0;
+    if (p.first_pass == 1u) {
+        for (var n = 0u; n < 8u; n++) { acc[n] = vec2<f32>(0.0); }
+    } else {
+        for (var n = 0u; n < 8u; n++) {
+            let o = tid + TILE * n;
+            if (o < n_pairs) {
+                let g = o / words;
+                let w = o % words;
+                let pb = ((kvh * g_count + g) * p.n_splits + split) * stride;
+                acc[n] = vec2<f32>(part[pb + 2u + 2u * w], part[pb + 3u + 2u * w]);
+            }
+        }
+        if (tid < g_count) {
+            let pb = ((kvh * g_count + tid) * p.n_splits + split) * stride;
+            m = part[pb];
+            l = part[pb + 1u];
+        }
+    }
+    workgroupBarrier();
+    let begin = split * p.split_len;
+    let end = min(begin + p.split_len, p.kv_len);
+    for (var t0 = begin; t0 < end; t0 += TILE) {
+        // (1) scores of this tile's keys
+        let j = t0 + tid;
+        var base = NONE;
+        if (j < end) { base = key_base(j, kvh); }
+        base_sh[tid] = base;
+        var sc: array<f32, 8>;
+        for (var g = 0u; g < MAX_G; g++) { sc[g] = 0.0; }
+        if (base != NONE) {
+            let pos = min(j, p.max_pos - 1u);
+            for (var w = 0u; w < quarter; w++) {
+                // dims (2w, 2w+1) and their rotate-half partners (2w + D/2, 2w + 1 + D/2)
+                let lo = unpack2x16float(k_arena[base + w]);
+                let hi = unpack2x16float(k_arena[base + w + quarter]);
+                let c0 = cs[pos * half + 2u * w];
+                let c1 = cs[pos * half + 2u * w + 1u];
+                let r_lo = vec2<f32>(lo.x * c0.x - hi.x * c0.y, lo.y * c1.x - hi.y * c1.y);
+                let r_hi = vec2<f32>(hi.x * c0.x + lo.x * c0.y, hi.y * c1.x + lo.y * c1.y);
+                for (var g = 0u; g < g_count; g++) {
+                    let qb = g * d + 2u * w;
+                    sc[g] += q_sh[qb] * r_lo.x + q_sh[qb + 1u] * r_lo.y
+                           + q_sh[qb + half] * r_hi.x + q_sh[qb + half + 1u] * r_hi.y;
+                }
+            }
+        }
+        for (var g = 0u; g < g_count; g++) {
+            s_sh[g * TILE + tid] = select(NEG, sc[g] * p.scale, base != NONE);
+        }
+        workgroupBarrier();
+        // (2) online softmax update, one thread per query head
+        if (tid < g_count) {
+            var tmax = NEG;
+            for (var t = 0u; t < TILE; t++) {
+                if (base_sh[t] != NONE) { tmax = max(tmax, s_sh[tid * TILE + t]); }
+            }
+            let m_new = max(m, tmax);
+            let alpha = exp(m - m_new);
+            var sum = 0.0;
+            for (var t = 0u; t < TILE; t++) {
+                var pr = 0.0;
+                if (base_sh[t] != NONE) { pr = exp(s_sh[tid * TILE + t] - m_new); }
+                s_sh[tid * TILE + t] = pr;
+                sum += pr;
+            }
+            l = l * alpha + sum;
+            m = m_new;
+            alpha_sh[tid] = alpha;
+        }
+        workgroupBarrier();
+        // (3) acc = acc * alpha + P V
+        for (var n = 0u; n < 8u; n++) {
+            let o = tid + TILE * n;
+            if (o < n_pairs) {
+                let g = o / words;
+                let w = o % words;
+                var a = acc[n] * alpha_sh[g];
+                for (var t = 0u; t < TILE; t++) {
+                    let b = base_sh[t];
+                    if (b != NONE) {
+                        a += s_sh[g * TILE + t] * unpack2x16float(v_arena[b + w]);
+                    }
+                }
+                acc[n] = a;
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var n = 0u; n < 8u; n++) {
+        let o = tid + TILE * n;
+        if (o < n_pairs) {
+            let g = o / words;
+            let w = o % words;
+            let pb = ((kvh * g_count + g) * p.n_splits + split) * stride;
+            part[pb + 2u + 2u * w] = acc[n].x;
+            part[pb + 3u + 2u * w] = acc[n].y;
+        }
+    }
+    if (tid < g_count) {
+        let pb = ((kvh * g_count + tid) * p.n_splits + split) * stride;
+        part[pb] = m;
+        part[pb + 1u] = l;
+    }
+}
+
+struct ReduceParams { q_heads: u32, head_dim: u32, n_splits: u32, _p0: u32 }
+@group(0) @binding(0) var<uniform> rp: ReduceParams;
+@group(0) @binding(1) var<storage, read> rpart: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;      // [q_heads * D]
+
+@compute @workgroup_size(64)
+fn decode_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.x;
+    let stride = rp.head_dim + 2u;
+    var mx = NEG;
+    for (var s = 0u; s < rp.n_splits; s++) { mx = max(mx, rpart[(h * rp.n_splits + s) * stride]); }
+    var den = 0.0;
+    for (var s = 0u; s < rp.n_splits; s++) {
+        let b = (h * rp.n_splits + s) * stride;
+        den += exp(rpart[b] - mx) * rpart[b + 1u];
+    }
+    for (var i = lid.x; i < rp.head_dim; i += 64u) {
+        var num = 0.0;
+        for (var s = 0u; s < rp.n_splits; s++) {
+            let b = (h * rp.n_splits + s) * stride;
+            num += exp(rpart[b] - mx) * rpart[b + 2u + i];
+        }
+        out[h * rp.head_dim + i] = select(0.0, num / den, den > 0.0);
+    }
+}

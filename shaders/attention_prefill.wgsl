@@ -1,0 +1,147 @@
+// Causal flash attention for a chunk of queries over the paged KV cache (GQA).
+// A workgroup owns 64 consecutive queries of one query head; each thread keeps one
+// query row, its running max/sum and f32 accumulator in registers (vec4s). Key/value
+// tiles of TK tokens are staged in workgroup memory, keys rotated by RoPE at their
+// position as they are loaded. Query i (chunk-relative) sees keys j <= q_start + i.
+//
+// The host runs one pass per (KV range, arena): a cache spanning several arena
+// buffers needs one pass per arena, and CPU drivers (llvmpipe) stop any loop nest
+// after 65535 iterations, so the keys are also cut into ranges short enough to stay
+// below that. The (m, l, acc) state is carried in `state` between passes; the last
+// pass writes the normalised output.
+struct Params {
+    n_q: u32, q_start: u32, kv_len: u32, q_heads: u32,
+    kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
+    arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
+    max_pos: u32, kv_begin: u32, kv_stop: u32, _p0: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // [n_q, q_heads * D/4], rotated
+@group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>; // 4 halves per element
+@group(0) @binding(3) var<storage, read> v_arena: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read> pages: array<u32>;
+@group(0) @binding(5) var<storage, read> cs: array<vec4<f32>>;     // (cos, sin) pairs, 2 per element
+@group(0) @binding(6) var<storage, read_write> state: array<f32>;  // [n_q, q_heads, D + 2]
+@group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>; // [n_q, q_heads * D/4]
+
+const TK: u32 = 16u;
+const MAX_D4: u32 = 32u;  // head_dim <= 128
+const NEG: f32 = -3.0e38;
+
+var<workgroup> k_sh: array<vec4<f32>, 512>;   // TK * MAX_D4
+var<workgroup> v_sh: array<vec4<f32>, 512>;
+var<workgroup> ok_sh: array<u32, 16>;
+
+fn unpack4(w: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
+@compute @workgroup_size(64)
+fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tid = lid.x;
+    let h = wid.y;
+    let qi = wid.x * 64u + tid;
+    let live = qi < p.n_q;
+    let d4 = p.head_dim / 4u;
+    let e8 = p.head_dim / 8u;   // items per key: 4 dims of the first half + their partners
+    let kvh = h / (p.q_heads / p.kv_heads);
+    let stride = p.head_dim + 2u;
+    var qv: array<vec4<f32>, 32>;
+    var acc: array<vec4<f32>, 32>;
+    var m = NEG;
+    var l = 0.0;
+    let qrow = min(qi, p.n_q - 1u);
+    for (var i = 0u; i < d4; i++) {
+        qv[i] = q[(qrow * p.q_heads + h) * d4 + i] * p.scale;
+        acc[i] = vec4<f32>(0.0);
+    }
+    let sb = (qrow * p.q_heads + h) * stride;
+    if (p.first_pass == 0u && live) {
+        m = state[sb];
+        l = state[sb + 1u];
+        for (var i = 0u; i < d4; i++) {
+            acc[i] = vec4<f32>(state[sb + 2u + 4u * i], state[sb + 3u + 4u * i],
+                               state[sb + 4u + 4u * i], state[sb + 5u + 4u * i]);
+        }
+    }
+    let limit = p.q_start + qi;                          // last visible key of this query
+    let last_q = min(wid.x * 64u + 63u, p.n_q - 1u);
+    let kv_end = min(min(p.kv_len, p.q_start + last_q + 1u), p.kv_stop);
+    for (var t0 = p.kv_begin; t0 < kv_end; t0 += TK) {
+        for (var it = tid; it < TK * e8; it += 64u) {
+            let t = it / e8;
+            let w = it % e8;
+            let j = t0 + t;
+            var ok = false;
+            var base = 0u;
+            if (j < kv_end) {
+                let page = pages[j / p.page_size];
+                if (page >= p.arena_first_page && page < p.arena_first_page + p.arena_pages) {
+                    ok = true;
+                    base = (((page - p.arena_first_page) * p.kv_heads + kvh) * p.page_size
+                            + j % p.page_size) * d4;
+                }
+            }
+            if (w == 0u) { ok_sh[t] = select(0u, 1u, ok); }
+            if (ok) {
+                let pos = min(j, p.max_pos - 1u);
+                let lo = unpack4(k_arena[base + w]);
+                let hi = unpack4(k_arena[base + w + e8]);
+                // cos/sin of dims 4w..4w+3: two vec4s of (cos, sin, cos, sin)
+                let c01 = cs[(pos * p.head_dim / 2u + 4u * w) / 2u];
+                let c23 = cs[(pos * p.head_dim / 2u + 4u * w) / 2u + 1u];
+                let c = vec4<f32>(c01.x, c01.z, c23.x, c23.z);
+                let s = vec4<f32>(c01.y, c01.w, c23.y, c23.w);
+                k_sh[t * MAX_D4 + w] = lo * c - hi * s;
+                k_sh[t * MAX_D4 + w + e8] = hi * c + lo * s;
+                v_sh[t * MAX_D4 + w] = unpack4(v_arena[base + w]);
+                v_sh[t * MAX_D4 + w + e8] = unpack4(v_arena[base + w + e8]);
+            }
+        }
+        workgroupBarrier();
+        if (live) {
+            var s: array<f32, 16>;
+            var tmax = NEG;
+            for (var t = 0u; t < TK; t++) {
+                var v = NEG;
+                if (ok_sh[t] == 1u && t0 + t <= limit && t0 + t < kv_end) {
+                    var acc4 = vec4<f32>(0.0);
+                    for (var i = 0u; i < d4; i++) { acc4 += qv[i] * k_sh[t * MAX_D4 + i]; }
+                    v = acc4.x + acc4.y + acc4.z + acc4.w;
+                    tmax = max(tmax, v);
+                }
+                s[t] = v;
+            }
+            if (tmax > NEG) {
+                let m_new = max(m, tmax);
+                let alpha = exp(m - m_new);
+                for (var i = 0u; i < d4; i++) { acc[i] *= alpha; }
+                l *= alpha;
+                for (var t = 0u; t < TK; t++) {
+                    if (s[t] > NEG) {
+                        let pr = exp(s[t] - m_new);
+                        l += pr;
+                        for (var i = 0u; i < d4; i++) { acc[i] += pr * v_sh[t * MAX_D4 + i]; }
+                    }
+                }
+                m = m_new;
+            }
+        }
+        workgroupBarrier();
+    }
+    if (!live) { return; }
+    if (p.last_pass == 1u) {
+        let ob = (qi * p.q_heads + h) * d4;
+        let inv = select(0.0, 1.0 / l, l > 0.0);
+        for (var i = 0u; i < d4; i++) { out[ob + i] = acc[i] * inv; }
+    } else {
+        state[sb] = m;
+        state[sb + 1u] = l;
+        for (var i = 0u; i < d4; i++) {
+            state[sb + 2u + 4u * i] = acc[i].x;
+            state[sb + 3u + 4u * i] = acc[i].y;
+            state[sb + 4u + 4u * i] = acc[i].z;
+            state[sb + 5u + 4u * i] = acc[i].w;
+        }
+    }
+}

@@ -1,0 +1,26 @@
+// Elementwise ops of the transformer block: SwiGLU and the residual add.
+struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> a: array<f32>;   // gate (swiglu) or accumulator (add)
+@group(0) @binding(2) var<storage, read> b: array<f32>;         // up (swiglu) or addend (add)
+
+fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.y * nwg.x * 64u + gid.x;
+}
+
+// a = silu(a) * b
+@compute @workgroup_size(64)
+fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= p.n) { return; }
+    let g = a[i];
+    a[i] = g / (1.0 + exp(-g)) * b[i];
+}
+
+// a = a + b
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= p.n) { return; }
+    a[i] = a[i] + b[i];
+}

@@ -1,0 +1,54 @@
+// y[m, n_offset + n] = sum_k x[m, k] * W[n, k] for 1..=16 rows of x (decode GEMV and
+// speculative verification). W is f16 in Hugging Face [out, in] layout, read as packed
+// u32 pairs so adapters without SHADER_F16 work. One workgroup owns ROWS weight rows:
+// every thread walks K with a stride of the workgroup size (contiguous loads across
+// threads), keeps M x ROWS partial sums in registers, and a single barrier-reduction
+// at the end combines them (barriers are expensive on CPU drivers).
+struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u32, _p1: u32, _p2: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
+@group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4] (4 halves each)
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
+
+const WG: u32 = 64u;
+const MAX_ACC: u32 = 64u;       // M * ROWS must not exceed this (checked on the host)
+override ROWS: u32 = 4u;         // weight rows per workgroup, at most 16
+
+var<workgroup> red: array<f32, 4096>;  // WG * MAX_ACC
+
+@compute @workgroup_size(64)
+fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let tid = lid.x;
+    let row0 = (wid.y * nwg.x + wid.x) * ROWS;
+    if (row0 >= p.rows) { return; }   // uniform per workgroup
+    var acc: array<f32, 64>;
+    for (var i = 0u; i < MAX_ACC; i++) { acc[i] = 0.0; }
+    var wr: array<vec4<f32>, 16>;
+    for (var j = tid; j < p.k4; j += WG) {
+        for (var r = 0u; r < ROWS; r++) {
+            let row = min(row0 + r, p.rows - 1u);
+            let q = w[row * p.k4 + j];
+            wr[r] = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+        }
+        for (var m = 0u; m < p.m; m++) {
+            let xv = x[m * p.k4 + j];
+            for (var r = 0u; r < ROWS; r++) {
+                acc[m * ROWS + r] += dot(xv, wr[r]);
+            }
+        }
+    }
+    let n_out = p.m * ROWS;
+    for (var o = 0u; o < n_out; o++) { red[o * WG + tid] = acc[o]; }
+    workgroupBarrier();
+    // Each of the first M*ROWS threads sums one output over the workgroup.
+    if (tid < n_out) {
+        var s = 0.0;
+        for (var t = 0u; t < WG; t++) { s += red[tid * WG + t]; }
+        let m = tid / ROWS;
+        let r = tid % ROWS;
+        if (row0 + r < p.rows) {
+            y[m * p.y_stride + p.n_offset + row0 + r] = s;
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The attention engine: KV cache bookkeeping and attention policies.
+
+pub mod dense;
+pub mod kv_cache;
+
+pub use dense::dense_attention;
+pub use kv_cache::{KvLayout, PageAllocator, PageTable};

@@ -1,0 +1,40 @@
+//! One error type for the crate: every failure a caller can cause names the
+//! operation and the offending value instead of panicking.
+
+/// Errors returned by kvsieve.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Tensor shapes do not fit the operation.
+    #[error("shape error in {op}: {msg}")]
+    Shape {
+        /// The operation that rejected its inputs.
+        op: &'static str,
+        /// What was wrong, with the offending sizes.
+        msg: String,
+    },
+    /// No usable GPU adapter was found.
+    #[error("no GPU adapter: {0}")]
+    NoAdapter(String),
+    /// The adapter lacks a feature or limit that is needed.
+    #[error("adapter unsupported: {0}")]
+    Unsupported(String),
+    /// An option or argument has an invalid value.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// A fixed capacity (KV cache pages, binding size, positions) would be exceeded.
+    #[error("capacity exceeded: {0}")]
+    Capacity(String),
+    /// The GPU reported an error (validation, out of memory, lost device).
+    #[error("GPU error: {0}")]
+    Gpu(String),
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn shape_err<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
+    Err(Error::Shape {
+        op,
+        msg: msg.into(),
+    })
+}

@@ -1,0 +1,241 @@
+//! Adapter choice, device creation and a printable description of what the
+//! adapter offers.
+
+use crate::error::{Error, Result};
+use std::fmt::Write as _;
+
+/// Optional capabilities the kernels can take advantage of.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Capabilities {
+    /// `SHADER_F16`: f16 arithmetic in WGSL.
+    pub shader_f16: bool,
+    /// `SUBGROUP`: subgroup operations in WGSL.
+    pub subgroups: bool,
+    /// `TIMESTAMP_QUERY`: GPU timestamps around compute passes.
+    pub timestamps: bool,
+}
+
+/// How to pick the adapter; [`AdapterRequest::from_env`] reads
+/// `KVSIEVE_ADAPTER` (substring of the adapter name) and `KVSIEVE_BACKEND`
+/// (vulkan, metal, dx12, gl).
+#[derive(Clone, Debug, Default)]
+pub struct AdapterRequest {
+    /// Only adapters whose name contains this (case-insensitive).
+    pub name_contains: Option<String>,
+    /// Only this backend.
+    pub backend: Option<wgpu::Backend>,
+}
+
+impl AdapterRequest {
+    /// Reads the overrides from the environment; an unknown backend name is an error.
+    pub fn from_env() -> Result<Self> {
+        let name_contains = std::env::var("KVSIEVE_ADAPTER")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let backend = match std::env::var("KVSIEVE_BACKEND") {
+            Ok(s) if !s.is_empty() => Some(parse_backend(&s)?),
+            _ => None,
+        };
+        Ok(Self {
+            name_contains,
+            backend,
+        })
+    }
+}
+
+/// Parses a backend name as used by `KVSIEVE_BACKEND`.
+pub fn parse_backend(s: &str) -> Result<wgpu::Backend> {
+    match s.to_ascii_lowercase().as_str() {
+        "vulkan" | "vk" => Ok(wgpu::Backend::Vulkan),
+        "metal" | "mtl" => Ok(wgpu::Backend::Metal),
+        "dx12" | "d3d12" => Ok(wgpu::Backend::Dx12),
+        "gl" | "gles" | "opengl" => Ok(wgpu::Backend::Gl),
+        other => Err(Error::InvalidOption(format!(
+            "KVSIEVE_BACKEND={other:?}: expected one of vulkan, metal, dx12, gl"
+        ))),
+    }
+}
+
+fn backend_bits(b: wgpu::Backend) -> wgpu::Backends {
+    match b {
+        wgpu::Backend::Vulkan => wgpu::Backends::VULKAN,
+        wgpu::Backend::Metal => wgpu::Backends::METAL,
+        wgpu::Backend::Dx12 => wgpu::Backends::DX12,
+        wgpu::Backend::Gl => wgpu::Backends::GL,
+        _ => wgpu::Backends::all(),
+    }
+}
+
+/// Ranks adapters: discrete, then integrated, then virtual, then CPU drivers;
+/// among equals, native APIs before GL (GL compute is a fallback).
+fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let api = if info.backend == wgpu::Backend::Gl {
+        1
+    } else {
+        0
+    };
+    (ty, api)
+}
+
+/// The device the GPU executor runs on, with the adapter's real limits.
+pub struct GpuContext {
+    /// The wgpu device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// Adapter name, backend, driver.
+    pub info: wgpu::AdapterInfo,
+    /// The limits the device was created with (the adapter's own).
+    pub limits: wgpu::Limits,
+    /// Optional features that were enabled.
+    pub caps: Capabilities,
+    gl_lock: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GpuContext({} on {:?})",
+            self.info.name, self.info.backend
+        )
+    }
+}
+
+/// Text shown when no adapter exists, telling the user how to get one.
+pub const INSTALL_HINT: &str = "kvsieve needs a Vulkan, Metal, DX12 or OpenGL (EGL) adapter. \
+On Linux without a GPU install Mesa's CPU drivers: `apt-get install -y mesa-vulkan-drivers` \
+(lavapipe, Vulkan) or `libegl1 libgl1-mesa-dri` (llvmpipe, GL).";
+
+impl GpuContext {
+    /// Picks the adapter per [`AdapterRequest::from_env`] and creates the device.
+    pub fn new() -> Result<Self> {
+        Self::with_request(&AdapterRequest::from_env()?)
+    }
+
+    /// Picks an adapter matching `req`, preferring discrete over integrated over
+    /// anything else, and creates a device with the adapter's own limits.
+    pub fn with_request(req: &AdapterRequest) -> Result<Self> {
+        let backends = req
+            .backend
+            .map(backend_bits)
+            .unwrap_or(wgpu::Backends::all());
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.backends = backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        let mut candidates: Vec<wgpu::Adapter> = adapters
+            .into_iter()
+            .filter(|a| {
+                let info = a.get_info();
+                req.name_contains.as_ref().is_none_or(|n| {
+                    info.name
+                        .to_ascii_lowercase()
+                        .contains(&n.to_ascii_lowercase())
+                })
+            })
+            // Compute shaders are required; GL adapters without them are useless here.
+            .filter(|a| {
+                a.get_downlevel_capabilities()
+                    .flags
+                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+            })
+            .collect();
+        candidates.sort_by_key(|a| rank(&a.get_info()));
+        let adapter = candidates.into_iter().next().ok_or_else(|| {
+            let filter = match (&req.name_contains, req.backend) {
+                (None, None) => String::new(),
+                (n, b) => format!(" matching adapter {n:?} backend {b:?}"),
+            };
+            Error::NoAdapter(format!(
+                "no adapter with compute shaders found{filter}. {INSTALL_HINT}"
+            ))
+        })?;
+        let info = adapter.get_info();
+        let supported = adapter.features();
+        let mut features = wgpu::Features::empty();
+        let caps = Capabilities {
+            shader_f16: supported.contains(wgpu::Features::SHADER_F16),
+            subgroups: supported.contains(wgpu::Features::SUBGROUP),
+            timestamps: supported.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        for (on, f) in [
+            (caps.shader_f16, wgpu::Features::SHADER_F16),
+            (caps.subgroups, wgpu::Features::SUBGROUP),
+            (caps.timestamps, wgpu::Features::TIMESTAMP_QUERY),
+        ] {
+            if on {
+                features |= f;
+            }
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kvsieve"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Gpu(format!("request_device on {}: {e}", info.name)))?;
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            caps,
+            gl_lock: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// On the GL backend, serialises use of the device across threads: wgpu's GL
+    /// context lock gives up (panics) after a short wait, which a long submit on
+    /// another thread exceeds. Other backends are thread-safe and get `None`.
+    pub fn gl_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        (self.info.backend == wgpu::Backend::Gl)
+            .then(|| self.gl_lock.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Largest byte size of one storage binding (128 MiB on lavapipe).
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// Adapter, backend, enabled features and the limits kernels care about.
+    pub fn describe(&self) -> String {
+        let l = &self.limits;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "adapter: {} ({:?}, {:?})",
+            self.info.name, self.info.device_type, self.info.backend
+        );
+        let _ = writeln!(s, "driver: {} {}", self.info.driver, self.info.driver_info);
+        let _ = writeln!(
+            s,
+            "features: shader_f16={} subgroups={} timestamps={}",
+            self.caps.shader_f16, self.caps.subgroups, self.caps.timestamps
+        );
+        let _ = writeln!(
+            s,
+            "limits: max_storage_binding={} MiB, max_buffer={} MiB, storage_buffers_per_stage={}, \
+             workgroup_storage={} B, invocations_per_workgroup={}, workgroups_per_dim={}",
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_buffer_size >> 20,
+            l.max_storage_buffers_per_shader_stage,
+            l.max_compute_workgroup_storage_size,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroups_per_dimension
+        );
+        s
+    }
+}

@@ -1,0 +1,21 @@
+//! The wgpu layer: adapter and device, pipelines, buffers, command recording.
+
+pub mod buffer;
+pub mod device;
+pub mod pipeline;
+pub mod recorder;
+
+pub use device::{AdapterRequest, Capabilities, GpuContext, INSTALL_HINT};
+pub use pipeline::{Pipeline, PipelineCache};
+pub use recorder::{Binding, Recorder, SubmitResult};
+
+/// Splits `n` workgroups into a 2-D grid that respects the per-dimension limit;
+/// kernels rebuild the linear index from `num_workgroups`.
+pub fn grid(n: u32, max_per_dim: u32) -> [u32; 3] {
+    if n <= max_per_dim {
+        [n, 1, 1]
+    } else {
+        let y = n.div_ceil(max_per_dim);
+        [n.div_ceil(y), y, 1]
+    }
+}

@@ -1,0 +1,369 @@
+//! Command recording: every dispatch of a step goes into one encoder and one
+//! submit. Uniform parameters of all dispatches share one buffer per submit, bind
+//! groups are built at flush time, and readbacks ride on the same submit.
+
+use super::pipeline::Pipeline;
+use super::GpuContext;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// A buffer range bound to a kernel.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    /// The buffer.
+    pub buffer: wgpu::Buffer,
+    /// Byte offset (a multiple of the adapter's storage offset alignment).
+    pub offset: u64,
+    /// Byte size, or the rest of the buffer.
+    pub size: Option<u64>,
+}
+
+impl From<&wgpu::Buffer> for Binding {
+    fn from(b: &wgpu::Buffer) -> Self {
+        Binding {
+            buffer: b.clone(),
+            offset: 0,
+            size: None,
+        }
+    }
+}
+
+enum Cmd {
+    Dispatch {
+        pipeline: Arc<Pipeline>,
+        params: Vec<u32>,
+        bindings: Vec<Binding>,
+        groups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    },
+}
+
+/// Records a step's work; [`Recorder::submit`] sends it as one command buffer.
+pub struct Recorder {
+    ctx: Arc<GpuContext>,
+    cmds: Vec<Cmd>,
+    reads: Vec<(wgpu::Buffer, u64, u64)>,
+    timestamps: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+    /// Dispatches recorded since creation (for stats and tests).
+    pub dispatch_count: u64,
+    /// Submits made since creation.
+    pub submit_count: u64,
+}
+
+/// What a submit returned.
+#[derive(Debug, Default)]
+pub struct SubmitResult {
+    /// The bytes of each requested readback, in request order.
+    pub reads: Vec<Vec<u8>>,
+    /// GPU time between the start of the first and the end of the last compute pass,
+    /// when timestamps are enabled and supported.
+    pub gpu_ns: Option<f64>,
+}
+
+impl Recorder {
+    /// A recorder on `ctx`.
+    pub fn new(ctx: Arc<GpuContext>) -> Self {
+        Self {
+            ctx,
+            cmds: Vec::new(),
+            reads: Vec::new(),
+            timestamps: None,
+            dispatch_count: 0,
+            submit_count: 0,
+        }
+    }
+
+    /// Measure GPU time of each submit with timestamp queries (ignored when the
+    /// adapter has no TIMESTAMP_QUERY).
+    pub fn enable_timestamps(&mut self) {
+        if !self.ctx.caps.timestamps || self.timestamps.is_some() {
+            return;
+        }
+        let qs = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("kvsieve timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kvsieve timestamp resolve"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        self.timestamps = Some((qs, buf));
+    }
+
+    /// Records one dispatch. `params` are the kernel's uniform words (binding 0);
+    /// `bindings` are its storage buffers at bindings 1, 2, ...
+    pub fn dispatch(
+        &mut self,
+        pipeline: &Arc<Pipeline>,
+        params: &[u32],
+        bindings: &[Binding],
+        groups: [u32; 3],
+    ) {
+        if groups.contains(&0) {
+            return;
+        }
+        self.dispatch_count += 1;
+        self.cmds.push(Cmd::Dispatch {
+            pipeline: pipeline.clone(),
+            params: params.to_vec(),
+            bindings: bindings.to_vec(),
+            groups,
+        });
+    }
+
+    /// Records a buffer-to-buffer copy (sizes and offsets multiples of 4).
+    pub fn copy(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    ) {
+        self.cmds.push(Cmd::Copy {
+            src: src.clone(),
+            src_offset,
+            dst: dst.clone(),
+            dst_offset,
+            size,
+        });
+    }
+
+    /// Asks for `size` bytes of `buffer` at `offset` to be read back after the next submit.
+    pub fn read(&mut self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> usize {
+        self.reads.push((buffer.clone(), offset, size));
+        self.reads.len() - 1
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty() && self.reads.is_empty()
+    }
+
+    /// Submits everything recorded as one command buffer, waits, and returns the
+    /// readbacks. GPU validation and out-of-memory errors come back as errors.
+    pub fn submit(&mut self) -> Result<SubmitResult> {
+        if self.is_empty() {
+            return Ok(SubmitResult::default());
+        }
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        let device = &ctx.device;
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let cmds = std::mem::take(&mut self.cmds);
+        let reads = std::mem::take(&mut self.reads);
+
+        // All uniform params in one buffer, each at an aligned offset.
+        let align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+        let mut blob: Vec<u8> = Vec::new();
+        let mut offsets = Vec::new();
+        for c in &cmds {
+            if let Cmd::Dispatch { params, .. } = c {
+                let off = blob.len().div_ceil(align) * align;
+                blob.resize(off, 0);
+                offsets.push(off);
+                let bytes: &[u8] = bytemuck::cast_slice(params);
+                blob.extend_from_slice(bytes);
+                // Uniform structs are padded to 16 bytes.
+                let padded = bytes.len().max(16).div_ceil(16) * 16;
+                blob.resize(off + padded, 0);
+            }
+        }
+        let uniforms = if blob.is_empty() {
+            None
+        } else {
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kvsieve params"),
+                size: blob.len().div_ceil(16) as u64 * 16,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            ctx.queue.write_buffer(&buf, 0, &blob);
+            Some(buf)
+        };
+
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("kvsieve step"),
+        });
+        let n_passes = count_passes(&cmds);
+        let mut pass_index = 0usize;
+        let mut i = 0usize;
+        let mut dispatch_index = 0usize;
+        while i < cmds.len() {
+            match &cmds[i] {
+                Cmd::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
+                    enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, Some(*size));
+                    i += 1;
+                }
+                Cmd::Dispatch { .. } => {
+                    let ts =
+                        self.timestamps
+                            .as_ref()
+                            .map(|(qs, _)| wgpu::ComputePassTimestampWrites {
+                                query_set: qs,
+                                beginning_of_pass_write_index: (pass_index == 0).then_some(0),
+                                end_of_pass_write_index: (pass_index + 1 == n_passes).then_some(1),
+                            });
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("kvsieve"),
+                        timestamp_writes: ts,
+                    });
+                    while let Some(Cmd::Dispatch {
+                        pipeline,
+                        params,
+                        bindings,
+                        groups,
+                    }) = cmds.get(i)
+                    {
+                        let uoff = offsets[dispatch_index] as u64;
+                        let usize_ = (params.len() * 4).max(16).div_ceil(16) as u64 * 16;
+                        let mut entries = Vec::with_capacity(bindings.len() + 1);
+                        if let Some(u) = &uniforms {
+                            entries.push(wgpu::BindGroupEntry {
+                                binding: 0,
+                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: u,
+                                    offset: uoff,
+                                    size: wgpu::BufferSize::new(usize_),
+                                }),
+                            });
+                        }
+                        for (k, b) in bindings.iter().enumerate() {
+                            entries.push(wgpu::BindGroupEntry {
+                                binding: k as u32 + 1,
+                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: &b.buffer,
+                                    offset: b.offset,
+                                    size: b.size.and_then(wgpu::BufferSize::new),
+                                }),
+                            });
+                        }
+                        let bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                            label: Some(&pipeline.label),
+                            layout: &pipeline.layout,
+                            entries: &entries,
+                        });
+                        pass.set_pipeline(&pipeline.pipeline);
+                        pass.set_bind_group(0, &bg, &[]);
+                        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                        dispatch_index += 1;
+                        i += 1;
+                    }
+                    pass_index += 1;
+                }
+            }
+        }
+        // Readbacks: one staging buffer for all of them.
+        let mut staging_offsets = Vec::new();
+        let mut total = 0u64;
+        for (_, _, size) in &reads {
+            staging_offsets.push(total);
+            total += size.div_ceil(8) * 8;
+        }
+        if let Some((qs, resolve)) = &self.timestamps {
+            if n_passes > 0 {
+                enc.resolve_query_set(qs, 0..2, resolve, 0);
+            }
+        }
+        let ts_offset = total;
+        let want_ts = self.timestamps.is_some() && n_passes > 0;
+        if want_ts {
+            total += 16;
+        }
+        let staging = (total > 0).then(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kvsieve readback"),
+                size: total,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        if let Some(st) = &staging {
+            for ((buf, off, size), so) in reads.iter().zip(&staging_offsets) {
+                enc.copy_buffer_to_buffer(buf, *off, st, *so, Some(size.div_ceil(4) * 4));
+            }
+            if want_ts {
+                if let Some((_, resolve)) = &self.timestamps {
+                    enc.copy_buffer_to_buffer(resolve, 0, st, ts_offset, Some(16));
+                }
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        self.submit_count += 1;
+        let mut result = SubmitResult::default();
+        if let Some(st) = &staging {
+            let (tx, rx) = std::sync::mpsc::channel();
+            st.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+            rx.recv()
+                .map_err(|e| Error::Gpu(format!("readback channel: {e}")))?
+                .map_err(|e| Error::Gpu(format!("map readback: {e}")))?;
+            {
+                let view = st
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| Error::Gpu(format!("readback view: {e}")))?;
+                for ((_, _, size), so) in reads.iter().zip(&staging_offsets) {
+                    result
+                        .reads
+                        .push(view[*so as usize..(*so + *size) as usize].to_vec());
+                }
+                if want_ts {
+                    let t: &[u64] =
+                        bytemuck::cast_slice(&view[ts_offset as usize..ts_offset as usize + 16]);
+                    let period = ctx.queue.get_timestamp_period() as f64;
+                    result.gpu_ns = Some(t[1].wrapping_sub(t[0]) as f64 * period);
+                }
+            }
+            st.unmap();
+        } else {
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        }
+        if let Some(e) = pollster::block_on(validation.pop()) {
+            return Err(Error::Gpu(format!("validation: {e}")));
+        }
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::Gpu(format!("out of memory: {e}")));
+        }
+        Ok(result)
+    }
+}
+
+fn count_passes(cmds: &[Cmd]) -> usize {
+    let mut n = 0;
+    let mut in_pass = false;
+    for c in cmds {
+        match c {
+            Cmd::Dispatch { .. } => {
+                if !in_pass {
+                    n += 1;
+                    in_pass = true;
+                }
+            }
+            Cmd::Copy { .. } => in_pass = false,
+        }
+    }
+    n
+}

@@ -1,0 +1,21 @@
+//! Row-wise argmax (`argmax.wgsl`): greedy sampling reads back 4 bytes per row.
+
+use super::{GpuExecutor, GpuIds, GpuTensor};
+use crate::error::{shape_err, Result};
+use crate::gpu::Binding;
+use crate::shaders;
+
+pub(super) fn argmax(ex: &mut GpuExecutor, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {
+    if out.len < x.rows {
+        return shape_err("argmax", format!("{} outputs for {} rows", out.len, x.rows));
+    }
+    let p = ex.pipeline(shaders::ARGMAX, "argmax", &[]);
+    let params = [x.rows as u32, x.cols as u32, 0, 0];
+    ex.rec.dispatch(
+        &p,
+        &params,
+        &[Binding::from(&x.buf), Binding::from(&out.buf)],
+        [x.rows as u32, 1, 1],
+    );
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Dense attention over the paged KV cache: split-KV flash decoding
+//! (`attention_decode.wgsl`) and causal flash attention for prefill chunks
+//! (`attention_prefill.wgsl`). A cache spanning several arena buffers is handled
+//! with one pass per arena, the online-softmax state carried between passes.
+
+use super::{GpuExecutor, GpuKv, GpuRope, GpuTensor};
+use crate::attention::PageTable;
+use crate::error::{shape_err, Result};
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+/// Arenas of `layer` that hold at least one page of the first `kv_len` tokens.
+fn arenas_used(kv: &GpuKv, table: &PageTable, kv_len: usize) -> Vec<usize> {
+    let n_pages = kv_len.div_ceil(kv.layout.page_size);
+    let mut used: Vec<usize> = table.pages[..n_pages]
+        .iter()
+        .map(|&p| p as usize / kv.pages_per_arena)
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    used
+}
+
+/// Loop iterations one 64-key tile of `decode_partial` costs a thread (loop
+/// trip counts of its phases), and one 16-key tile of `prefill`.
+fn decode_tile_iterations(head_dim: usize, group: usize) -> u64 {
+    ((head_dim / 4) * (1 + group) + 2 * 64 + 8 * 65 + 16) as u64
+}
+fn prefill_tile_iterations(head_dim: usize) -> u64 {
+    (2 * 16 * (1 + head_dim / 4) + head_dim / 4 + 16 + 8) as u64
+}
+/// Safety margin under the driver's loop limit (the kernels' other loops).
+const LOOP_MARGIN: u64 = 2000;
+
+/// Split length (multiple of 64) for decoding `kv_len` tokens.
+pub(crate) fn decode_split(
+    ex: &GpuExecutor,
+    kv_len: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    group: usize,
+) -> usize {
+    let target = (ex.tuning.decode_workgroups / kv_heads).max(1);
+    let mut split = kv_len
+        .div_ceil(target)
+        .max(ex.tuning.decode_min_split)
+        .div_ceil(64)
+        * 64;
+    if let Some(limit) = ex.tuning.loop_limit {
+        let tiles =
+            (limit.saturating_sub(LOOP_MARGIN) / decode_tile_iterations(head_dim, group)).max(1);
+        split = split.min(tiles as usize * 64);
+    }
+    split
+}
+
+/// Keys one prefill pass may cover (unbounded where the driver has no loop limit).
+pub(crate) fn prefill_keys_per_pass(ex: &GpuExecutor, head_dim: usize) -> usize {
+    match ex.tuning.loop_limit {
+        Some(limit) => {
+            ((limit.saturating_sub(LOOP_MARGIN) / prefill_tile_iterations(head_dim)).max(1) * 16)
+                as usize
+        }
+        None => usize::MAX,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    kv_len: usize,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    if q.rows != 1 {
+        return shape_err(
+            "attention_decode",
+            format!("{} query rows, expected 1", q.rows),
+        );
+    }
+    let l = kv.layout;
+    let q_start = kv_len.saturating_sub(1);
+    let qh = check::attention(
+        "attention_decode",
+        &l,
+        layer,
+        table,
+        (q.rows, q.cols),
+        (out.rows, out.cols),
+        q_start,
+        kv_len,
+        rope.max_pos,
+    )?;
+    let d = l.head_dim;
+    let split = decode_split(ex, kv_len, l.kv_heads, d, qh / l.kv_heads);
+    let n_splits = kv_len.div_ceil(split);
+    let part = ex.scratch("decode partials", (qh * n_splits * (d + 2) * 4) as u64)?;
+    let pages = ex.page_table(table);
+    let p = ex.pipeline(shaders::ATTENTION_DECODE, "decode_partial", &[]);
+    let scale = 1.0f32 / (d as f32).sqrt();
+    for (i, &a) in arenas_used(kv, table, kv_len).iter().enumerate() {
+        let params = [
+            kv_len as u32,
+            qh as u32,
+            l.kv_heads as u32,
+            d as u32,
+            l.page_size as u32,
+            split as u32,
+            n_splits as u32,
+            (a * kv.pages_per_arena) as u32,
+            kv.pages_per_arena as u32,
+            u32::from(i == 0),
+            scale.to_bits(),
+            rope.max_pos as u32,
+        ];
+        let b = [
+            Binding::from(&q.buf),
+            Binding::from(&kv.k[layer][a]),
+            Binding::from(&kv.v[layer][a]),
+            Binding::from(&pages),
+            Binding::from(&rope.buf),
+            Binding::from(&part),
+        ];
+        ex.rec
+            .dispatch(&p, &params, &b, [n_splits as u32, l.kv_heads as u32, 1]);
+    }
+    let r = ex.pipeline(shaders::ATTENTION_DECODE, "decode_reduce", &[]);
+    ex.rec.dispatch(
+        &r,
+        &[qh as u32, d as u32, n_splits as u32, 0],
+        &[Binding::from(&part), Binding::from(&out.buf)],
+        [qh as u32, 1, 1],
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn prefill(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    q_start: usize,
+    kv_len: usize,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let l = kv.layout;
+    let qh = check::attention(
+        "attention_prefill",
+        &l,
+        layer,
+        table,
+        (q.rows, q.cols),
+        (out.rows, out.cols),
+        q_start,
+        kv_len,
+        rope.max_pos,
+    )?;
+    let d = l.head_dim;
+    // Passes over (key range, arena) pairs that hold keys of that range.
+    let per_pass = prefill_keys_per_pass(ex, d)
+        .max(l.page_size)
+        .min(kv_len.max(1));
+    let mut passes = Vec::new();
+    let mut begin = 0;
+    while begin < kv_len {
+        let stop = (begin + per_pass).min(kv_len);
+        let pages_of_range = &table.pages[begin / l.page_size..stop.div_ceil(l.page_size)];
+        let mut arenas: Vec<usize> = pages_of_range
+            .iter()
+            .map(|&p| p as usize / kv.pages_per_arena)
+            .collect();
+        arenas.sort_unstable();
+        arenas.dedup();
+        passes.extend(arenas.into_iter().map(|a| (begin, stop, a)));
+        begin = stop;
+    }
+    // The state buffer is only touched when several passes are needed.
+    let state_bytes = if passes.len() > 1 {
+        (q.rows * qh * (d + 2) * 4) as u64
+    } else {
+        16
+    };
+    let state = ex.scratch("prefill state", state_bytes)?;
+    let pages = ex.page_table(table);
+    let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
+    let scale = 1.0f32 / (d as f32).sqrt();
+    for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
+        let params = [
+            q.rows as u32,
+            q_start as u32,
+            kv_len as u32,
+            qh as u32,
+            l.kv_heads as u32,
+            d as u32,
+            l.page_size as u32,
+            (a * kv.pages_per_arena) as u32,
+            kv.pages_per_arena as u32,
+            u32::from(i == 0),
+            u32::from(i + 1 == passes.len()),
+            scale.to_bits(),
+            rope.max_pos as u32,
+            kv_begin as u32,
+            kv_stop as u32,
+            0,
+        ];
+        let b = [
+            Binding::from(&q.buf),
+            Binding::from(&kv.k[layer][a]),
+            Binding::from(&kv.v[layer][a]),
+            Binding::from(&pages),
+            Binding::from(&rope.buf),
+            Binding::from(&state),
+            Binding::from(&out.buf),
+        ];
+        ex.rec
+            .dispatch(&p, &params, &b, [q.rows.div_ceil(64) as u32, qh as u32, 1]);
+    }
+    Ok(())
+}

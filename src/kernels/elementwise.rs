@@ -1,0 +1,26 @@
+//! SwiGLU and residual add (`elementwise.wgsl`).
+
+use super::{GpuExecutor, GpuTensor};
+use crate::error::Result;
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+pub(super) fn binary(
+    ex: &mut GpuExecutor,
+    entry: &'static str,
+    a: &mut GpuTensor,
+    b: &GpuTensor,
+) -> Result<()> {
+    check::same(entry, (a.rows, a.cols), (b.rows, b.cols))?;
+    let n = a.rows * a.cols;
+    let p = ex.pipeline(shaders::ELEMENTWISE, entry, &[]);
+    let groups = ex.grid(n.div_ceil(64))?;
+    ex.rec.dispatch(
+        &p,
+        &[n as u32, 0, 0, 0],
+        &[Binding::from(&a.buf), Binding::from(&b.buf)],
+        groups,
+    );
+    Ok(())
+}

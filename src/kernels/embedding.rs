@@ -1,0 +1,38 @@
+//! Embedding gather (`embedding.wgsl`), one dispatch per chunk of the table.
+
+use super::{GpuExecutor, GpuIds, GpuTensor, GpuWeight};
+use crate::error::Result;
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+pub(super) fn embed(
+    ex: &mut GpuExecutor,
+    ids: &GpuIds,
+    table: &GpuWeight,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    check::embed(ids.len, (table.rows, table.cols), (out.rows, out.cols))?;
+    let words = table.cols / 2;
+    let p = ex.pipeline(shaders::EMBEDDING, "embedding", &[]);
+    let groups = ex.grid((ids.len * words).div_ceil(64))?;
+    for chunk in &table.chunks {
+        let params = [
+            ids.len as u32,
+            words as u32,
+            chunk.row_start as u32,
+            chunk.rows as u32,
+        ];
+        ex.rec.dispatch(
+            &p,
+            &params,
+            &[
+                Binding::from(&ids.buf),
+                Binding::from(&chunk.buffer),
+                Binding::from(&out.buf),
+            ],
+            groups,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! KV append (`kv_append.wgsl`): one pass per arena buffer.
+
+use super::{GpuExecutor, GpuKv, GpuTensor};
+use crate::attention::PageTable;
+use crate::error::Result;
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+pub(super) fn kv_append(
+    ex: &mut GpuExecutor,
+    kv: &mut GpuKv,
+    layer: usize,
+    table: &PageTable,
+    start: usize,
+    k: &GpuTensor,
+    v: &GpuTensor,
+) -> Result<()> {
+    let l = kv.layout;
+    check::kv_append(&l, layer, table, start, (k.rows, k.cols), (v.rows, v.cols))?;
+    if k.rows == 0 {
+        return Ok(());
+    }
+    let pages = ex.page_table(table);
+    let words = l.head_dim / 2;
+    let p = ex.pipeline(shaders::KV_APPEND, "kv_append", &[]);
+    let groups = ex.grid((k.rows * l.kv_heads * words).div_ceil(64))?;
+    // Only arenas holding one of the touched pages need a pass.
+    let first_page = start / l.page_size;
+    let last_page = (start + k.rows - 1) / l.page_size;
+    for (a, (ka, va)) in kv.k[layer].iter().zip(&kv.v[layer]).enumerate() {
+        let lo = (a * kv.pages_per_arena) as u32;
+        let hi = lo + kv.pages_per_arena as u32;
+        if !table.pages[first_page..=last_page]
+            .iter()
+            .any(|&pg| pg >= lo && pg < hi)
+        {
+            continue;
+        }
+        let params = [
+            k.rows as u32,
+            start as u32,
+            l.kv_heads as u32,
+            words as u32,
+            l.page_size as u32,
+            lo,
+            kv.pages_per_arena as u32,
+            0,
+        ];
+        let b = [
+            Binding::from(&k.buf),
+            Binding::from(&v.buf),
+            Binding::from(&pages),
+            Binding::from(ka),
+            Binding::from(va),
+        ];
+        ex.rec.dispatch(&p, &params, &b, groups);
+    }
+    Ok(())
+}

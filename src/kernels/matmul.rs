@@ -1,0 +1,72 @@
+//! `y = x W^T` with f16 weights: `matmul_small.wgsl` for 1..=16 rows (decode and
+//! speculative verification), `matmul_tiled.wgsl` for prefill. Weights split
+//! across bindings are processed chunk by chunk, each writing its column range.
+
+use super::{GpuExecutor, GpuTensor, GpuWeight};
+use crate::error::{shape_err, Result};
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+pub(super) fn matmul(
+    ex: &mut GpuExecutor,
+    x: &GpuTensor,
+    w: &GpuWeight,
+    y: &mut GpuTensor,
+) -> Result<()> {
+    check::matmul((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols))?;
+    if x.cols % 4 != 0 {
+        return shape_err(
+            "matmul",
+            format!("in-dim {} must be a multiple of 4 on the GPU", x.cols),
+        );
+    }
+    let (m, k4) = (x.rows, x.cols / 4);
+    if m == 0 || w.rows == 0 {
+        return Ok(());
+    }
+    let small = m <= ex.tuning.small_max_rows;
+    for chunk in &w.chunks {
+        let params = [
+            m as u32,
+            k4 as u32,
+            chunk.rows as u32,
+            chunk.row_start as u32,
+            y.cols as u32,
+            0,
+            0,
+            0,
+        ];
+        let bindings = [
+            Binding::from(&x.buf),
+            Binding::from(&chunk.buffer),
+            Binding::from(&y.buf),
+        ];
+        if small {
+            // M * ROWS partial sums per thread must fit the kernel's 64 registers.
+            let rows = if m == 1 {
+                ex.tuning.gemv_rows
+            } else {
+                (64 / m as u32).clamp(1, 4)
+            };
+            let p = ex.pipeline(
+                shaders::MATMUL_SMALL,
+                "matmul_small",
+                &[("ROWS", rows as f64)],
+            );
+            let groups = ex.grid(chunk.rows.div_ceil(rows as usize))?;
+            ex.rec.dispatch(&p, &params, &bindings, groups);
+        } else {
+            let (wx, wy) = ex.tuning.tiled_wg;
+            let p = ex.pipeline(
+                shaders::MATMUL_TILED,
+                "matmul_tiled",
+                &[("WG_X", wx as f64), ("WG_Y", wy as f64)],
+            );
+            let gx = chunk.rows.div_ceil(4 * wx as usize) as u32;
+            let gy = m.div_ceil(4 * wy as usize) as u32;
+            ex.rec.dispatch(&p, &params, &bindings, [gx, gy, 1]);
+        }
+    }
+    Ok(())
+}

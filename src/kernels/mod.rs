@@ -1,0 +1,501 @@
+//! The GPU executor: one module per shader family, each with shape checks and the
+//! dispatch of its WGSL kernel. All dispatches go into the executor's
+//! [`Recorder`] and reach the GPU in one submit when results are read back (or on
+//! [`Ops::flush`]).
+
+mod argmax;
+mod attention;
+mod copy;
+mod elementwise;
+mod embedding;
+mod kv_append;
+mod matmul;
+mod rmsnorm;
+mod rope;
+
+use crate::attention::{KvLayout, PageTable};
+use crate::error::{shape_err, Error, Result};
+use crate::gpu::buffer::{self, RowChunk};
+use crate::gpu::{GpuContext, PipelineCache, Recorder};
+use crate::ops::{Ops, RopeConfig};
+use half::f16;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// f32 matrix `[rows, cols]` in one storage buffer.
+#[derive(Clone, Debug)]
+pub struct GpuTensor {
+    /// The buffer.
+    pub buf: wgpu::Buffer,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+}
+
+/// u32 vector.
+#[derive(Clone, Debug)]
+pub struct GpuIds {
+    /// The buffer.
+    pub buf: wgpu::Buffer,
+    /// Length.
+    pub len: usize,
+}
+
+/// f16 matrix split by rows into chunks that each fit one storage binding.
+#[derive(Clone, Debug)]
+pub struct GpuWeight {
+    /// The chunks, in row order.
+    pub chunks: Vec<RowChunk>,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+}
+
+/// RoPE (cos, sin) table on the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuRope {
+    /// `[max_pos, half]` of vec2<f32>.
+    pub buf: wgpu::Buffer,
+    /// head_dim / 2.
+    pub half: usize,
+    /// Positions covered.
+    pub max_pos: usize,
+}
+
+/// Paged KV storage: per layer, K and V arenas of `pages_per_arena` pages each.
+#[derive(Clone, Debug)]
+pub struct GpuKv {
+    /// Layout.
+    pub layout: KvLayout,
+    /// Pages held by one arena buffer (bounded by the storage binding limit).
+    pub pages_per_arena: usize,
+    /// `k[layer][arena]`.
+    pub k: Vec<Vec<wgpu::Buffer>>,
+    /// `v[layer][arena]`.
+    pub v: Vec<Vec<wgpu::Buffer>>,
+}
+
+/// Mesa's CPU drivers share llvmpipe's JIT and its loop limiter.
+fn llvmpipe(info: &wgpu::AdapterInfo) -> bool {
+    let n = info.name.to_ascii_lowercase();
+    let d = info.driver.to_ascii_lowercase();
+    n.contains("llvmpipe")
+        || n.contains("lavapipe")
+        || d.contains("llvmpipe")
+        || d.contains("lavapipe")
+}
+
+/// Per-adapter tuning: tile shapes passed as override constants, split sizes.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Weight rows per workgroup of the 1-row GEMV.
+    pub gemv_rows: u32,
+    /// Workgroup shape of the tiled GEMM (threads; each thread computes 4x4).
+    pub tiled_wg: (u32, u32),
+    /// Rows of x up to which the small-batch matmul is used instead of the tiled one.
+    pub small_max_rows: usize,
+    /// Decode attention: aim for this many (split, kv head) workgroups.
+    pub decode_workgroups: usize,
+    /// Decode attention: smallest split, in tokens (multiple of 64).
+    pub decode_min_split: usize,
+    /// Iterations after which the driver ends a loop nest (llvmpipe, and so Mesa's
+    /// lavapipe and GL-on-llvmpipe, stop every outermost loop after 65535 iterations
+    /// of it and the loops inside it). Attention splits its work to stay below it.
+    pub loop_limit: Option<u64>,
+}
+
+impl Tuning {
+    /// Defaults for an adapter: CPU drivers want few, large workgroups.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        let cpu = info.device_type == wgpu::DeviceType::Cpu
+            || info.name.to_ascii_lowercase().contains("llvmpipe");
+        Tuning {
+            gemv_rows: if cpu { 8 } else { 4 },
+            tiled_wg: (8, 8),
+            small_max_rows: 16,
+            decode_workgroups: if cpu { 16 } else { 512 },
+            decode_min_split: if cpu { 512 } else { 256 },
+            loop_limit: if llvmpipe(info) { Some(65535) } else { None },
+        }
+    }
+}
+
+/// The GPU executor.
+pub struct GpuExecutor {
+    /// Device and adapter.
+    pub ctx: Arc<GpuContext>,
+    pipelines: Arc<PipelineCache>,
+    /// Work recorded since the last submit.
+    pub rec: Recorder,
+    page_tables: HashMap<u64, (wgpu::Buffer, usize, usize)>,
+    scratch: HashMap<&'static str, wgpu::Buffer>,
+    /// Tile and split choices.
+    pub tuning: Tuning,
+    max_binding: u64,
+}
+
+impl std::fmt::Debug for GpuExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuExecutor({:?})", self.ctx)
+    }
+}
+
+impl GpuExecutor {
+    /// An executor on the adapter chosen by [`GpuContext::new`].
+    pub fn new() -> Result<Self> {
+        Ok(Self::with_context(Arc::new(GpuContext::new()?)))
+    }
+
+    /// An executor on an existing device (executors on one device may share it).
+    pub fn with_context(ctx: Arc<GpuContext>) -> Self {
+        let tuning = Tuning::for_adapter(&ctx.info);
+        let ctx_max = ctx.max_binding();
+        Self {
+            rec: Recorder::new(ctx.clone()),
+            ctx,
+            pipelines: Arc::new(PipelineCache::default()),
+            page_tables: HashMap::new(),
+            scratch: HashMap::new(),
+            tuning,
+            max_binding: ctx_max,
+        }
+    }
+
+    /// Caps the bytes of one storage binding below the adapter's limit, so that
+    /// weights and KV arenas split into more chunks (used by tests to exercise the
+    /// multi-binding paths on any adapter). A cap above the adapter's limit is ignored.
+    pub fn with_binding_limit(mut self, bytes: u64) -> Self {
+        self.max_binding = bytes.clamp(256, self.ctx.max_binding());
+        self
+    }
+
+    /// The largest storage binding this executor uses.
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    pub(crate) fn pipeline(
+        &self,
+        shader: crate::shaders::Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Arc<crate::gpu::Pipeline> {
+        let _gl = self.ctx.gl_guard();
+        self.pipelines
+            .get(&self.ctx.device, shader, entry, constants)
+    }
+
+    /// 2-D grid for `n` workgroups.
+    pub(crate) fn grid(&self, n: usize) -> Result<[u32; 3]> {
+        let max = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if n as u64 > max as u64 * max as u64 {
+            return Err(Error::Capacity(format!(
+                "{n} workgroups exceed the adapter's grid"
+            )));
+        }
+        Ok(crate::gpu::grid(n as u32, max))
+    }
+
+    /// A scratch buffer of at least `bytes`, reused across dispatches (work in one
+    /// submit runs in order, so reuse between ops is safe).
+    pub(crate) fn scratch(&mut self, name: &'static str, bytes: u64) -> Result<wgpu::Buffer> {
+        let _gl = self.ctx.gl_guard();
+        if bytes > self.ctx.max_binding() {
+            return Err(Error::Capacity(format!(
+                "{name} scratch of {bytes} bytes exceeds the storage binding limit of {}",
+                self.ctx.max_binding()
+            )));
+        }
+        if let Some(b) = self.scratch.get(name) {
+            if b.size() >= bytes {
+                return Ok(b.clone());
+            }
+        }
+        let b = buffer::storage(&self.ctx.device, bytes.next_power_of_two(), name);
+        self.scratch.insert(name, b.clone());
+        Ok(b)
+    }
+
+    /// The device copy of a page table, with entries appended since last time written.
+    pub(crate) fn page_table(&mut self, table: &PageTable) -> wgpu::Buffer {
+        let _gl = self.ctx.gl_guard();
+        let n = table.pages.len();
+        let entry = self.page_tables.get(&table.id());
+        let (buf, cap, written) = match entry {
+            Some((b, cap, w)) if *cap >= n => (b.clone(), *cap, *w),
+            _ => {
+                let cap = n.max(64).next_power_of_two();
+                let b = buffer::storage(&self.ctx.device, cap as u64 * 4, "page table");
+                (b, cap, 0)
+            }
+        };
+        if n > written {
+            self.ctx.queue.write_buffer(
+                &buf,
+                written as u64 * 4,
+                bytemuck::cast_slice(&table.pages[written..n]),
+            );
+        }
+        self.page_tables
+            .insert(table.id(), (buf.clone(), cap, n.max(written)));
+        buf
+    }
+
+    /// Forgets the device copy of a released page table.
+    pub fn drop_page_table(&mut self, table: &PageTable) {
+        self.page_tables.remove(&table.id());
+    }
+
+    fn check_tensor(&self, rows: usize, cols: usize) -> Result<u64> {
+        let bytes = rows as u64 * cols as u64 * 4;
+        if bytes > self.ctx.max_binding() {
+            return Err(Error::Capacity(format!(
+                "tensor ({rows}, {cols}) of {bytes} bytes exceeds the storage binding limit of {}",
+                self.ctx.max_binding()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Submits recorded work and reads back `bytes` of `buf`.
+    pub fn read_bytes(&mut self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            self.rec.submit()?;
+            return Ok(Vec::new());
+        }
+        let i = self.rec.read(buf, 0, bytes);
+        let mut r = self.rec.submit()?;
+        Ok(std::mem::take(&mut r.reads[i]))
+    }
+}
+
+impl Ops for GpuExecutor {
+    type Tensor = GpuTensor;
+    type Ids = GpuIds;
+    type Weight = GpuWeight;
+    type Rope = GpuRope;
+    type Kv = GpuKv;
+
+    fn name(&self) -> String {
+        format!("gpu ({}, {:?})", self.ctx.info.name, self.ctx.info.backend)
+    }
+
+    fn dims(t: &GpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn tensor(&mut self, rows: usize, cols: usize) -> Result<GpuTensor> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        let bytes = self.check_tensor(rows, cols)?;
+        Ok(GpuTensor {
+            buf: buffer::storage(&self.ctx.device, bytes, "tensor"),
+            rows,
+            cols,
+        })
+    }
+
+    fn upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<GpuTensor> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        if data.len() != rows * cols {
+            return shape_err(
+                "upload",
+                format!("{} values for ({rows}, {cols})", data.len()),
+            );
+        }
+        self.check_tensor(rows, cols)?;
+        let buf = buffer::storage_init(&self.ctx.device, bytemuck::cast_slice(data), "tensor")?;
+        Ok(GpuTensor { buf, rows, cols })
+    }
+
+    fn download(&mut self, t: &GpuTensor) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(&t.buf, (t.rows * t.cols * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn ids(&mut self, data: &[u32]) -> Result<GpuIds> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        let buf = buffer::storage_init(&self.ctx.device, bytemuck::cast_slice(data), "ids")?;
+        Ok(GpuIds {
+            buf,
+            len: data.len(),
+        })
+    }
+
+    fn download_ids(&mut self, ids: &GpuIds) -> Result<Vec<u32>> {
+        let bytes = self.read_bytes(&ids.buf, (ids.len * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<GpuWeight> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        if data.len() != rows * cols {
+            return shape_err(
+                "weight",
+                format!("{} values for ({rows}, {cols})", data.len()),
+            );
+        }
+        if cols % 2 != 0 {
+            return shape_err(
+                "weight",
+                format!("{cols} columns: f16 rows are packed in pairs, need an even count"),
+            );
+        }
+        let device = &self.ctx.device;
+        let row_bytes = cols as u64 * 2;
+        let chunks =
+            buffer::chunk_rows(rows, row_bytes, self.max_binding, "weight", |start, n| {
+                buffer::storage_init(
+                    device,
+                    bytemuck::cast_slice(&data[start * cols..(start + n) * cols]),
+                    "weight",
+                )
+            })?;
+        Ok(GpuWeight { chunks, rows, cols })
+    }
+
+    fn rope_table(&mut self, cfg: &RopeConfig) -> Result<GpuRope> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        let t = cfg.table()?;
+        let bytes = t.len() as u64 * 8;
+        if bytes > self.ctx.max_binding() {
+            return Err(Error::Capacity(format!(
+                "RoPE table for {} positions ({bytes} bytes) exceeds the storage binding limit",
+                cfg.max_positions
+            )));
+        }
+        let buf = buffer::storage_init(&self.ctx.device, bytemuck::cast_slice(&t), "rope table")?;
+        Ok(GpuRope {
+            buf,
+            half: cfg.head_dim / 2,
+            max_pos: cfg.max_positions,
+        })
+    }
+
+    fn kv_cache(&mut self, layout: &KvLayout) -> Result<GpuKv> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        layout.validate()?;
+        let page_bytes = layout.page_elems() as u64 * 2;
+        let per_arena = buffer::rows_per_chunk(page_bytes, self.max_binding, "KV page")?;
+        let arenas = layout.num_pages.div_ceil(per_arena);
+        let mut k = Vec::with_capacity(layout.layers);
+        let mut v = Vec::with_capacity(layout.layers);
+        for _ in 0..layout.layers {
+            let mut kl = Vec::with_capacity(arenas);
+            let mut vl = Vec::with_capacity(arenas);
+            for a in 0..arenas {
+                let pages = per_arena.min(layout.num_pages - a * per_arena);
+                kl.push(buffer::storage(
+                    &self.ctx.device,
+                    pages as u64 * page_bytes,
+                    "k arena",
+                ));
+                vl.push(buffer::storage(
+                    &self.ctx.device,
+                    pages as u64 * page_bytes,
+                    "v arena",
+                ));
+            }
+            k.push(kl);
+            v.push(vl);
+        }
+        Ok(GpuKv {
+            layout: *layout,
+            pages_per_arena: per_arena,
+            k,
+            v,
+        })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.rec.submit().map(|_| ())
+    }
+
+    fn matmul(&mut self, x: &GpuTensor, w: &GpuWeight, y: &mut GpuTensor) -> Result<()> {
+        matmul::matmul(self, x, w, y)
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        eps: f32,
+        y: &mut GpuTensor,
+    ) -> Result<()> {
+        rmsnorm::rms_norm(self, x, w, eps, y)
+    }
+
+    fn rope(
+        &mut self,
+        x: &mut GpuTensor,
+        heads: usize,
+        positions: &GpuIds,
+        rope: &GpuRope,
+    ) -> Result<()> {
+        rope::rope(self, x, heads, positions, rope)
+    }
+
+    fn swiglu(&mut self, gate: &mut GpuTensor, up: &GpuTensor) -> Result<()> {
+        elementwise::binary(self, "swiglu", gate, up)
+    }
+
+    fn add(&mut self, acc: &mut GpuTensor, x: &GpuTensor) -> Result<()> {
+        elementwise::binary(self, "add", acc, x)
+    }
+
+    fn embed(&mut self, ids: &GpuIds, table: &GpuWeight, out: &mut GpuTensor) -> Result<()> {
+        embedding::embed(self, ids, table, out)
+    }
+
+    fn argmax(&mut self, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {
+        argmax::argmax(self, x, out)
+    }
+
+    fn kv_append(
+        &mut self,
+        kv: &mut GpuKv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &GpuTensor,
+        v: &GpuTensor,
+    ) -> Result<()> {
+        kv_append::kv_append(self, kv, layer, table, start, k, v)
+    }
+
+    fn attention_prefill(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        q_start: usize,
+        kv_len: usize,
+        rope: &GpuRope,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::prefill(self, q, kv, layer, table, q_start, kv_len, rope, out)
+    }
+
+    fn attention_decode(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        kv_len: usize,
+        rope: &GpuRope,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::decode(self, q, kv, layer, table, kv_len, rope, out)
+    }
+}
+
+pub use copy::copy_buffer;

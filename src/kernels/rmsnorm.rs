@@ -1,0 +1,31 @@
+//! RMSNorm (`rmsnorm.wgsl`): one workgroup per row.
+
+use super::{GpuExecutor, GpuTensor, GpuWeight};
+use crate::error::Result;
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+pub(super) fn rms_norm(
+    ex: &mut GpuExecutor,
+    x: &GpuTensor,
+    w: &GpuWeight,
+    eps: f32,
+    y: &mut GpuTensor,
+) -> Result<()> {
+    check::rms_norm((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols), eps)?;
+    let p = ex.pipeline(shaders::RMSNORM, "rmsnorm", &[]);
+    let groups = ex.grid(x.rows)?;
+    let params = [x.rows as u32, x.cols as u32, eps.to_bits(), 0];
+    ex.rec.dispatch(
+        &p,
+        &params,
+        &[
+            Binding::from(&x.buf),
+            Binding::from(&w.chunks[0].buffer),
+            Binding::from(&y.buf),
+        ],
+        groups,
+    );
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! Rotary embedding of queries (`rope.wgsl`); keys are rotated inside attention.
+
+use super::{GpuExecutor, GpuIds, GpuRope, GpuTensor};
+use crate::error::Result;
+use crate::gpu::Binding;
+use crate::ops::check;
+use crate::shaders;
+
+pub(super) fn rope(
+    ex: &mut GpuExecutor,
+    x: &mut GpuTensor,
+    heads: usize,
+    pos: &GpuIds,
+    rope: &GpuRope,
+) -> Result<()> {
+    let d = rope.half * 2;
+    check::rope((x.rows, x.cols), heads, d, pos.len)?;
+    let n = x.rows * heads * rope.half;
+    let p = ex.pipeline(shaders::ROPE, "rope", &[]);
+    let groups = ex.grid(n.div_ceil(64))?;
+    let params = [x.rows as u32, heads as u32, d as u32, rope.max_pos as u32];
+    ex.rec.dispatch(
+        &p,
+        &params,
+        &[
+            Binding::from(&x.buf),
+            Binding::from(&pos.buf),
+            Binding::from(&rope.buf),
+        ],
+        groups,
+    );
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! kvsieve: a portable attention engine for language models on any GPU through wgpu.
+//!
+//! The model and attention policies are written against [`ops::Ops`], which two
+//! executors implement: [`kernels::GpuExecutor`] (WGSL kernels; the product) and
+//! [`reference::RefExecutor`] (CPU f32; the oracle and long-context harness).
+//!
+//! ```no_run
+//! use kvsieve::gpu::GpuContext;
+//! let ctx = GpuContext::new().expect("a GPU adapter");
+//! println!("{}", ctx.describe());
+//! ```
+
+pub mod attention;
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod ops;
+pub mod reference;
+pub mod shaders;
+
+pub use error::{Error, Result};

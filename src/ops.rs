@@ -1,0 +1,399 @@
+//! The ops interface the model and the attention policies are written against.
+//!
+//! Two executors implement it: [`crate::kernels::GpuExecutor`] (WGSL kernels through
+//! wgpu, the product) and [`crate::reference::RefExecutor`] (CPU f32, the oracle and
+//! the long-context harness). Both run the same shape checks (the `check_*`
+//! functions here), so a caller's mistake is the same typed error on either.
+//!
+//! Conventions: activations are f32 matrices `[rows, cols]`; weights are f16 in
+//! Hugging Face `[out, in]` layout; heads are laid out `[rows, heads * head_dim]`;
+//! keys go into the KV cache before RoPE and are rotated at attention time.
+//!
+//! ```
+//! use kvsieve::ops::Ops;
+//! use kvsieve::reference::RefExecutor;
+//! use half::f16;
+//! let mut ops = RefExecutor::new();
+//! let x = ops.upload(&[1.0, 2.0, 3.0, 4.0], 1, 4).unwrap();
+//! let w = ops.weight(&[f16::ONE; 8], 2, 4).unwrap();
+//! let mut y = ops.tensor(1, 2).unwrap();
+//! ops.matmul(&x, &w, &mut y).unwrap();
+//! assert_eq!(ops.download(&y).unwrap(), vec![10.0, 10.0]);
+//! ```
+
+use crate::attention::{KvLayout, PageTable};
+use crate::error::{shape_err, Error, Result};
+use half::f16;
+
+/// Llama 3 RoPE frequency scaling (`rope_scaling` with `rope_type: llama3`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    /// `factor`
+    pub factor: f64,
+    /// `low_freq_factor`
+    pub low_freq_factor: f64,
+    /// `high_freq_factor`
+    pub high_freq_factor: f64,
+    /// `original_max_position_embeddings`
+    pub original_max_position_embeddings: f64,
+}
+
+/// Rotary embedding parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    /// Head dimension (even).
+    pub head_dim: usize,
+    /// `rope_theta`.
+    pub theta: f64,
+    /// Optional llama3 scaling.
+    pub scaling: Option<Llama3Scaling>,
+    /// Positions the table covers.
+    pub max_positions: usize,
+}
+
+impl RopeConfig {
+    /// Inverse frequencies as Hugging Face computes them (f32), llama3 scaling applied.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| {
+                let base = (1.0f64 / self.theta.powf((2 * i) as f64 / d as f64)) as f32;
+                match self.scaling {
+                    None => base,
+                    Some(s) => {
+                        let inv = base as f64;
+                        let low_wl = s.original_max_position_embeddings / s.low_freq_factor;
+                        let high_wl = s.original_max_position_embeddings / s.high_freq_factor;
+                        let wl = 2.0 * std::f64::consts::PI / inv;
+                        let v = if wl < high_wl {
+                            inv
+                        } else if wl > low_wl {
+                            inv / s.factor
+                        } else {
+                            let smooth = (s.original_max_position_embeddings / wl
+                                - s.low_freq_factor)
+                                / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 - smooth) * inv / s.factor + smooth * inv
+                        };
+                        v as f32
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The `(cos, sin)` table `[max_positions, head_dim / 2]`: angle = pos * inv_freq
+    /// in f32 like Hugging Face, cos/sin evaluated in f64.
+    pub fn table(&self) -> Result<Vec<[f32; 2]>> {
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(Error::InvalidOption(format!(
+                "rope head_dim {} must be even",
+                self.head_dim
+            )));
+        }
+        if !(self.theta > 0.0) {
+            return Err(Error::InvalidOption(format!(
+                "rope_theta {} must be positive",
+                self.theta
+            )));
+        }
+        if self.max_positions == 0 {
+            return Err(Error::InvalidOption(
+                "rope table needs max_positions > 0".into(),
+            ));
+        }
+        let inv = self.inv_freq();
+        let mut t = Vec::with_capacity(self.max_positions * inv.len());
+        for p in 0..self.max_positions {
+            for &f in &inv {
+                let a = (p as f32 * f) as f64;
+                t.push([a.cos() as f32, a.sin() as f32]);
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// The operations the model and policies use; see the module docs for conventions.
+#[allow(clippy::too_many_arguments)]
+pub trait Ops {
+    /// f32 matrix `[rows, cols]` on the executor.
+    type Tensor;
+    /// u32 vector (token ids, positions).
+    type Ids;
+    /// f16 matrix `[rows, cols]` (Hugging Face `[out, in]`), possibly split in chunks.
+    type Weight;
+    /// RoPE cos/sin table.
+    type Rope;
+    /// KV cache storage for a [`KvLayout`].
+    type Kv;
+
+    /// Executor name (and adapter for the GPU).
+    fn name(&self) -> String;
+    /// Rows and columns of a tensor.
+    fn dims(t: &Self::Tensor) -> (usize, usize);
+    /// Rows of a tensor.
+    fn rows(t: &Self::Tensor) -> usize {
+        Self::dims(t).0
+    }
+
+    /// A zeroed tensor.
+    fn tensor(&mut self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A tensor holding `data` (row-major).
+    fn upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Reads a tensor back (finishes pending work first).
+    fn download(&mut self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// An id vector holding `data`.
+    fn ids(&mut self, data: &[u32]) -> Result<Self::Ids>;
+    /// Reads ids back (finishes pending work first).
+    fn download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>>;
+    /// A weight matrix from f16 data `[rows, cols]`.
+    fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<Self::Weight>;
+    /// A RoPE table.
+    fn rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope>;
+    /// KV storage for `layout`.
+    fn kv_cache(&mut self, layout: &KvLayout) -> Result<Self::Kv>;
+    /// Finishes all recorded work (a no-op on the CPU).
+    fn flush(&mut self) -> Result<()>;
+
+    /// `y = x W^T`: x `[m, k]`, W `[n, k]`, y `[m, n]`.
+    fn matmul(&mut self, x: &Self::Tensor, w: &Self::Weight, y: &mut Self::Tensor) -> Result<()>;
+    /// RMSNorm of each row with weight `w` `[1, cols]`.
+    fn rms_norm(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Rotates `x` `[rows, heads * head_dim]` in place; row r at `positions[r]`.
+    fn rope(
+        &mut self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        positions: &Self::Ids,
+        rope: &Self::Rope,
+    ) -> Result<()>;
+    /// `gate = silu(gate) * up`.
+    fn swiglu(&mut self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<()>;
+    /// `acc += x`.
+    fn add(&mut self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+    /// `out[t] = table[ids[t]]`.
+    fn embed(
+        &mut self,
+        ids: &Self::Ids,
+        table: &Self::Weight,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Row-wise argmax (ties to the lowest index) into `out[0..rows]`.
+    fn argmax(&mut self, x: &Self::Tensor, out: &mut Self::Ids) -> Result<()>;
+    /// Stores k, v `[tokens, kv_heads * head_dim]` (keys before RoPE) at logical
+    /// positions `start..` of `table` in `layer`; pages must be reserved.
+    fn kv_append(
+        &mut self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+    ) -> Result<()>;
+    /// Causal attention for a chunk of queries `q` `[n, q_heads * head_dim]` (already
+    /// rotated) at positions `q_start..q_start + n` over the first `kv_len` cached
+    /// tokens; keys are rotated at their own positions. Flash attention.
+    fn attention_prefill(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        q_start: usize,
+        kv_len: usize,
+        rope: &Self::Rope,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Attention of one query over the first `kv_len` cached tokens. Split-KV flash decoding.
+    fn attention_decode(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        kv_len: usize,
+        rope: &Self::Rope,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+}
+
+/// Shape checks shared by both executors.
+pub mod check {
+    use super::*;
+
+    /// `y = x W^T`.
+    pub fn matmul(x: (usize, usize), w: (usize, usize), y: (usize, usize)) -> Result<()> {
+        if x.1 != w.1 {
+            return shape_err(
+                "matmul",
+                format!("x is {x:?} but W is {w:?}: inner dims differ"),
+            );
+        }
+        if y != (x.0, w.0) {
+            return shape_err("matmul", format!("y is {y:?}, expected ({}, {})", x.0, w.0));
+        }
+        Ok(())
+    }
+
+    /// Same shape.
+    pub fn same(op: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+        if a != b {
+            return shape_err(op, format!("shapes differ: {a:?} vs {b:?}"));
+        }
+        Ok(())
+    }
+
+    /// RMSNorm.
+    pub fn rms_norm(
+        x: (usize, usize),
+        w: (usize, usize),
+        y: (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        same("rms_norm", x, y)?;
+        if w != (1, x.1) {
+            return shape_err(
+                "rms_norm",
+                format!("weight is {w:?}, expected (1, {})", x.1),
+            );
+        }
+        if !(eps >= 0.0) {
+            return Err(Error::InvalidOption(format!(
+                "rms_norm eps {eps} must be >= 0"
+            )));
+        }
+        Ok(())
+    }
+
+    /// RoPE.
+    pub fn rope(x: (usize, usize), heads: usize, head_dim: usize, positions: usize) -> Result<()> {
+        if heads == 0 || x.1 != heads * head_dim {
+            return shape_err(
+                "rope",
+                format!("x is {x:?}, expected {heads} heads of {head_dim}"),
+            );
+        }
+        if positions < x.0 {
+            return shape_err("rope", format!("{positions} positions for {} rows", x.0));
+        }
+        Ok(())
+    }
+
+    /// Embedding gather.
+    pub fn embed(tokens: usize, table: (usize, usize), out: (usize, usize)) -> Result<()> {
+        if out != (tokens, table.1) {
+            return shape_err(
+                "embed",
+                format!("out is {out:?}, expected ({tokens}, {})", table.1),
+            );
+        }
+        Ok(())
+    }
+
+    /// Token ids must index the table.
+    pub fn token_ids(ids: &[u32], vocab: usize) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return shape_err(
+                "embed",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// KV append.
+    pub fn kv_append(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: (usize, usize),
+        v: (usize, usize),
+    ) -> Result<()> {
+        same("kv_append", k, v)?;
+        if layer >= layout.layers {
+            return shape_err("kv_append", format!("layer {layer} of {}", layout.layers));
+        }
+        if k.1 != layout.kv_heads * layout.head_dim {
+            return shape_err(
+                "kv_append",
+                format!(
+                    "k is {k:?}, expected {} kv heads of {}",
+                    layout.kv_heads, layout.head_dim
+                ),
+            );
+        }
+        if (start + k.0).div_ceil(layout.page_size) > table.pages.len() {
+            return Err(Error::Capacity(format!(
+                "kv_append: positions {start}..{} need pages that are not reserved ({} pages)",
+                start + k.0,
+                table.pages.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Attention over the cache: returns (q_heads, n_queries).
+    pub fn attention(
+        op: &'static str,
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        out: (usize, usize),
+        q_start: usize,
+        kv_len: usize,
+        max_pos: usize,
+    ) -> Result<usize> {
+        same(op, q, out)?;
+        if layer >= layout.layers {
+            return shape_err(op, format!("layer {layer} of {}", layout.layers));
+        }
+        let d = layout.head_dim;
+        if q.1 == 0 || q.1 % d != 0 {
+            return shape_err(
+                op,
+                format!("q is {q:?}, not a whole number of heads of {d}"),
+            );
+        }
+        let qh = q.1 / d;
+        if qh % layout.kv_heads != 0 || qh / layout.kv_heads > 8 {
+            return shape_err(
+                op,
+                format!(
+                    "{qh} query heads over {} kv heads: need a whole group of at most 8",
+                    layout.kv_heads
+                ),
+            );
+        }
+        if q.0 == 0 || kv_len < q_start + q.0 {
+            return shape_err(
+                op,
+                format!("{} queries from {q_start} but only {kv_len} keys", q.0),
+            );
+        }
+        if kv_len > table.pages.len() * layout.page_size {
+            return shape_err(
+                op,
+                format!(
+                    "kv_len {kv_len} exceeds the sequence's {} reserved pages",
+                    table.pages.len()
+                ),
+            );
+        }
+        if kv_len > max_pos {
+            return Err(Error::Capacity(format!(
+                "{op}: position {kv_len} beyond the RoPE table's {max_pos}"
+            )));
+        }
+        Ok(qh)
+    }
+}

@@ -1,0 +1,429 @@
+//! The CPU reference executor: every op in f32, multi-threaded, with
+//! `matrixmultiply` for GEMM. It is the oracle for the GPU kernels and the harness
+//! for long-context quality. It stores KV as f16-rounded values like the GPU, and
+//! rotates keys with the same table, so both take the same decisions.
+
+mod attention;
+
+use crate::attention::{KvLayout, PageTable};
+use crate::error::{Error, Result};
+use crate::ops::{check, Ops, RopeConfig};
+use half::f16;
+use rayon::prelude::*;
+
+/// f32 matrix `[rows, cols]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefTensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+}
+
+/// Weight matrix held as f32 (exact f16 values).
+#[derive(Clone, Debug)]
+pub struct RefWeight {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Rows (`out`).
+    pub rows: usize,
+    /// Columns (`in`).
+    pub cols: usize,
+}
+
+/// RoPE table `[max_pos, head_dim / 2]` of (cos, sin).
+#[derive(Clone, Debug)]
+pub struct RefRope {
+    /// The table.
+    pub cs: Vec<[f32; 2]>,
+    /// head_dim / 2.
+    pub half: usize,
+    /// Positions covered.
+    pub max_pos: usize,
+}
+
+/// KV storage: per layer, `[page][kv_head][slot][head_dim]` values rounded to f16.
+#[derive(Clone, Debug)]
+pub struct RefKv {
+    /// Layout.
+    pub layout: KvLayout,
+    /// Keys (before RoPE) per layer.
+    pub k: Vec<Vec<f32>>,
+    /// Values per layer.
+    pub v: Vec<Vec<f32>>,
+}
+
+impl RefKv {
+    /// Offset of (logical position, kv head) in a layer's storage.
+    pub fn offset(&self, table: &PageTable, pos: usize, kvh: usize) -> usize {
+        let l = &self.layout;
+        let page = table.pages[pos / l.page_size] as usize;
+        ((page * l.kv_heads + kvh) * l.page_size + pos % l.page_size) * l.head_dim
+    }
+}
+
+/// The CPU executor.
+#[derive(Debug, Default)]
+pub struct RefExecutor;
+
+impl RefExecutor {
+    /// A new executor (uses all cores through rayon and matrixmultiply).
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+impl Ops for RefExecutor {
+    type Tensor = RefTensor;
+    type Ids = Vec<u32>;
+    type Weight = RefWeight;
+    type Rope = RefRope;
+    type Kv = RefKv;
+
+    fn name(&self) -> String {
+        "reference (CPU f32)".into()
+    }
+
+    fn dims(t: &RefTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn tensor(&mut self, rows: usize, cols: usize) -> Result<RefTensor> {
+        Ok(RefTensor {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        })
+    }
+
+    fn upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<RefTensor> {
+        if data.len() != rows * cols {
+            return crate::error::shape_err(
+                "upload",
+                format!("{} values for ({rows}, {cols})", data.len()),
+            );
+        }
+        Ok(RefTensor {
+            data: data.to_vec(),
+            rows,
+            cols,
+        })
+    }
+
+    fn download(&mut self, t: &RefTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn ids(&mut self, data: &[u32]) -> Result<Vec<u32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download_ids(&mut self, ids: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(ids.clone())
+    }
+
+    fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<RefWeight> {
+        if data.len() != rows * cols {
+            return crate::error::shape_err(
+                "weight",
+                format!("{} values for ({rows}, {cols})", data.len()),
+            );
+        }
+        Ok(RefWeight {
+            data: data.iter().map(|h| h.to_f32()).collect(),
+            rows,
+            cols,
+        })
+    }
+
+    fn rope_table(&mut self, cfg: &RopeConfig) -> Result<RefRope> {
+        Ok(RefRope {
+            cs: cfg.table()?,
+            half: cfg.head_dim / 2,
+            max_pos: cfg.max_positions,
+        })
+    }
+
+    fn kv_cache(&mut self, layout: &KvLayout) -> Result<RefKv> {
+        layout.validate()?;
+        let n = layout.num_pages * layout.page_elems();
+        Ok(RefKv {
+            layout: *layout,
+            k: vec![vec![0.0; n]; layout.layers],
+            v: vec![vec![0.0; n]; layout.layers],
+        })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn matmul(&mut self, x: &RefTensor, w: &RefWeight, y: &mut RefTensor) -> Result<()> {
+        check::matmul((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols))?;
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if m == 1 {
+            // GEMV: one dot product per weight row, rows in parallel.
+            let xr = &x.data;
+            y.data.par_chunks_mut(256).enumerate().for_each(|(c, out)| {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let r = c * 256 + i;
+                    *o = dot(xr, &w.data[r * k..(r + 1) * k]);
+                }
+            });
+            return Ok(());
+        }
+        // SAFETY: the pointers and strides describe x [m,k], W^T [k,n] (W is [n,k]
+        // row-major) and y [m,n], all within their vectors (shapes checked above).
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                x.data.as_ptr(),
+                k as isize,
+                1,
+                w.data.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                y.data.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &RefTensor,
+        w: &RefWeight,
+        eps: f32,
+        y: &mut RefTensor,
+    ) -> Result<()> {
+        check::rms_norm((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols), eps)?;
+        let c = x.cols;
+        if c == 0 {
+            return Ok(());
+        }
+        y.data
+            .par_chunks_mut(c)
+            .zip(x.data.par_chunks(c))
+            .for_each(|(yr, xr)| {
+                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let inv = 1.0 / (ss / c as f32 + eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(&w.data) {
+                    *o = v * inv * g;
+                }
+            });
+        Ok(())
+    }
+
+    fn rope(
+        &mut self,
+        x: &mut RefTensor,
+        heads: usize,
+        positions: &Vec<u32>,
+        rope: &RefRope,
+    ) -> Result<()> {
+        let d = rope.half * 2;
+        check::rope((x.rows, x.cols), heads, d, positions.len())?;
+        if x.cols == 0 {
+            return Ok(());
+        }
+        let cols = x.cols;
+        x.data
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let p = (positions[r] as usize).min(rope.max_pos - 1);
+                let cs = &rope.cs[p * rope.half..(p + 1) * rope.half];
+                for h in 0..heads {
+                    rotate(&mut row[h * d..(h + 1) * d], cs);
+                }
+            });
+        Ok(())
+    }
+
+    fn swiglu(&mut self, gate: &mut RefTensor, up: &RefTensor) -> Result<()> {
+        check::same("swiglu", (gate.rows, gate.cols), (up.rows, up.cols))?;
+        gate.data.par_iter_mut().zip(&up.data).for_each(|(g, &u)| {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        });
+        Ok(())
+    }
+
+    fn add(&mut self, acc: &mut RefTensor, x: &RefTensor) -> Result<()> {
+        check::same("add", (acc.rows, acc.cols), (x.rows, x.cols))?;
+        acc.data.iter_mut().zip(&x.data).for_each(|(a, &b)| *a += b);
+        Ok(())
+    }
+
+    fn embed(&mut self, ids: &Vec<u32>, table: &RefWeight, out: &mut RefTensor) -> Result<()> {
+        check::embed(ids.len(), (table.rows, table.cols), (out.rows, out.cols))?;
+        check::token_ids(ids, table.rows)?;
+        let c = table.cols;
+        for (t, &id) in ids.iter().enumerate() {
+            out.data[t * c..(t + 1) * c]
+                .copy_from_slice(&table.data[id as usize * c..(id as usize + 1) * c]);
+        }
+        Ok(())
+    }
+
+    fn argmax(&mut self, x: &RefTensor, out: &mut Vec<u32>) -> Result<()> {
+        if out.len() < x.rows {
+            return crate::error::shape_err(
+                "argmax",
+                format!("{} outputs for {} rows", out.len(), x.rows),
+            );
+        }
+        for r in 0..x.rows {
+            out[r] = argmax_row(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(())
+    }
+
+    fn kv_append(
+        &mut self,
+        kv: &mut RefKv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &RefTensor,
+        v: &RefTensor,
+    ) -> Result<()> {
+        check::kv_append(
+            &kv.layout,
+            layer,
+            table,
+            start,
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+        )?;
+        let (hk, d) = (kv.layout.kv_heads, kv.layout.head_dim);
+        for t in 0..k.rows {
+            for h in 0..hk {
+                let off = kv.offset(table, start + t, h);
+                let src = (t * hk + h) * d;
+                for i in 0..d {
+                    kv.k[layer][off + i] = round_f16(k.data[src + i]);
+                    kv.v[layer][off + i] = round_f16(v.data[src + i]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention_prefill(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        q_start: usize,
+        kv_len: usize,
+        rope: &RefRope,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        let dims = ((q.rows, q.cols), (out.rows, out.cols));
+        check::attention(
+            "attention_prefill",
+            &kv.layout,
+            layer,
+            table,
+            dims.0,
+            dims.1,
+            q_start,
+            kv_len,
+            rope.max_pos,
+        )?;
+        attention::dense(q, kv, layer, table, q_start, kv_len, rope, out);
+        Ok(())
+    }
+
+    fn attention_decode(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        kv_len: usize,
+        rope: &RefRope,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        let dims = ((q.rows, q.cols), (out.rows, out.cols));
+        if q.rows != 1 {
+            return crate::error::shape_err(
+                "attention_decode",
+                format!("{} query rows, expected 1", q.rows),
+            );
+        }
+        let q_start = kv_len.checked_sub(1).ok_or_else(|| Error::Shape {
+            op: "attention_decode",
+            msg: "kv_len is 0".into(),
+        })?;
+        check::attention(
+            "attention_decode",
+            &kv.layout,
+            layer,
+            table,
+            dims.0,
+            dims.1,
+            q_start,
+            kv_len,
+            rope.max_pos,
+        )?;
+        attention::dense(q, kv, layer, table, q_start, kv_len, rope, out);
+        Ok(())
+    }
+}
+
+/// f32 dot product with 8 independent accumulators (lets LLVM vectorise).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n = a.len().min(b.len());
+    let chunks = n / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// Rotate-half RoPE of one head vector with its (cos, sin) row.
+pub fn rotate(x: &mut [f32], cs: &[[f32; 2]]) {
+    let half = cs.len();
+    for i in 0..half {
+        let (x1, x2) = (x[i], x[i + half]);
+        x[i] = x1 * cs[i][0] - x2 * cs[i][1];
+        x[i + half] = x2 * cs[i][0] + x1 * cs[i][1];
+    }
+}
+
+/// Argmax with ties to the lowest index; NaN never wins (index 0 if all NaN).
+pub fn argmax_row(row: &[f32]) -> u32 {
+    let mut best = f32::NEG_INFINITY;
+    let mut bi: Option<usize> = None;
+    for (j, &v) in row.iter().enumerate() {
+        if !v.is_nan() && (bi.is_none() || v > best) {
+            best = v;
+            bi = Some(j);
+        }
+    }
+    bi.unwrap_or(0) as u32
+}

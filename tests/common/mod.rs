@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use half::f16;
+use kvsieve::gpu::GpuContext;
+use kvsieve::kernels::GpuExecutor;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::{Arc, OnceLock};
+
+/// The device the library would choose; a missing adapter fails the test with
+/// instructions (never a silent skip).
+pub fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| match GpuContext::new() {
+        Ok(c) => {
+            eprintln!("{}", c.describe());
+            Arc::new(c)
+        }
+        Err(e) => panic!("GPU tests need an adapter: {e}"),
+    })
+    .clone()
+}
+
+pub fn gpu() -> GpuExecutor {
+    GpuExecutor::with_context(ctx())
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+pub fn randn(r: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (r.gen::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+pub fn rand_f16(r: &mut StdRng, n: usize, scale: f32) -> Vec<f16> {
+    randn(r, n, scale).into_iter().map(f16::from_f32).collect()
+}
+
+/// Asserts |a - b| <= atol + rtol * |b| elementwise, reporting the worst element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let excess = err - (atol + rtol * w.abs());
+        if !(excess <= worst.1) || g.is_nan() {
+            worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
+        }
+    }
+    if worst.1 > 0.0 {
+        let bad: Vec<usize> = got
+            .iter()
+            .zip(want)
+            .enumerate()
+            .filter(|(_, (g, w))| !((*g - *w).abs() <= atol + rtol * w.abs()))
+            .map(|(i, _)| i)
+            .collect();
+        eprintln!(
+            "{what}: {} of {} elements out of tolerance, first {:?}",
+            bad.len(),
+            got.len(),
+            &bad[..bad.len().min(16)]
+        );
+        eprintln!(
+            "got  {:?}\nwant {:?}",
+            &got[..got.len().min(8)],
+            &want[..want.len().min(8)]
+        );
+        let i = worst.0;
+        panic!(
+            "{what}: element {i} got {} want {} (atol {atol}, rtol {rtol})",
+            got[i], want[i]
+        );
+    }
+}
