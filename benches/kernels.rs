@@ -1,1 +1,222 @@
-fn main() {}
+//! Kernel benchmarks on the adapter the library would choose.
+//!
+//! Decode paths report bytes moved (criterion's GiB/s), compute-bound paths report
+//! FLOPs as "elements" (criterion's elem/s = FLOP/s). Times come from GPU
+//! timestamps around the submit when the adapter has them, else wall time.
+//! The buffer-copy kernel is the bandwidth ceiling the decode kernels are judged by.
+//!
+//! On CPU drivers (lavapipe, llvmpipe) the largest compute cases take minutes per
+//! sample; they run only with KVSIEVE_BENCH_FULL=1.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+use kvsieve::attention::{KvLayout, PageAllocator};
+use kvsieve::kernels::{copy_buffer, GpuExecutor};
+use kvsieve::ops::{Ops, RopeConfig};
+use std::time::{Duration, Instant};
+
+fn executor() -> GpuExecutor {
+    let mut ex =
+        GpuExecutor::new().unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"));
+    eprintln!("{}", ex.ctx.describe());
+    ex.rec.enable_timestamps();
+    if let Ok(v) = std::env::var("KVSIEVE_SMALL_MAX_ROWS") {
+        ex.tuning.small_max_rows = v.parse().expect("KVSIEVE_SMALL_MAX_ROWS");
+    }
+    ex
+}
+
+fn cpu_adapter(ex: &GpuExecutor) -> bool {
+    ex.ctx.info.device_type == wgpu::DeviceType::Cpu
+}
+
+fn full() -> bool {
+    std::env::var("KVSIEVE_BENCH_FULL").is_ok_and(|v| v == "1")
+}
+
+/// Runs `record` (which records one instance of the work) `iters` times, one
+/// submit each, and returns the summed GPU (or wall) time.
+fn timed(ex: &mut GpuExecutor, iters: u64, mut record: impl FnMut(&mut GpuExecutor)) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let t = Instant::now();
+        record(ex);
+        let r = ex.rec.submit().expect("submit");
+        total += match r.gpu_ns {
+            Some(ns) if ns > 0.0 => Duration::from_nanos(ns as u64),
+            _ => t.elapsed(),
+        };
+    }
+    total
+}
+
+fn bench_copy(c: &mut Criterion, ex: &mut GpuExecutor) {
+    let mut g = c.benchmark_group("copy");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    for mib in [16u64, 64] {
+        let bytes = mib << 20;
+        let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src");
+        let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst");
+        // Read + write.
+        g.throughput(Throughput::Bytes(2 * bytes));
+        g.bench_function(BenchmarkId::from_parameter(format!("{mib}MiB")), |b| {
+            b.iter_custom(|iters| {
+                timed(ex, iters, |ex| copy_buffer(ex, &src, &dst, bytes).unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_matmul(c: &mut Criterion, ex: &mut GpuExecutor) {
+    let mut g = c.benchmark_group("matmul");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let shapes = [
+        ("smollm2_576x1536", 576usize, 1536usize),
+        ("smollm2_576x49152", 576, 49152),
+        ("llama3_4096x14336", 4096, 14336),
+    ];
+    for (name, k, n) in shapes {
+        let w = ex.weight(&vec![f16::from_f32(0.01); n * k], n, k).unwrap();
+        for m in [1usize, 4, 16, 512] {
+            let flops = 2 * m * n * k;
+            if cpu_adapter(ex) && !full() && flops > 10_000_000_000 {
+                eprintln!(
+                    "matmul {name} m={m}: skipped on a CPU adapter (KVSIEVE_BENCH_FULL=1 runs it)"
+                );
+                continue;
+            }
+            let x = ex.upload(&vec![0.5; m * k], m, k).unwrap();
+            let mut y = ex.tensor(m, n).unwrap();
+            if m <= 16 {
+                g.throughput(Throughput::Bytes(
+                    (n * k * 2 + m * k * 4 + m * n * 4) as u64,
+                ));
+            } else {
+                g.throughput(Throughput::Elements(flops as u64));
+            }
+            g.bench_function(BenchmarkId::new(name, format!("rows{m}")), |b| {
+                b.iter_custom(|iters| timed(ex, iters, |ex| ex.matmul(&x, &w, &mut y).unwrap()))
+            });
+        }
+    }
+    g.finish();
+}
+
+struct Cache {
+    kv: kvsieve::kernels::GpuKv,
+    table: kvsieve::attention::PageTable,
+    rope: kvsieve::kernels::GpuRope,
+}
+
+fn cache(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize) -> Cache {
+    let layout = KvLayout {
+        layers: 1,
+        kv_heads,
+        head_dim: d,
+        page_size: 64,
+        num_pages: len.div_ceil(64),
+    };
+    let mut alloc = PageAllocator::new(&layout);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, len).unwrap();
+    table.len = len;
+    let kv = ex.kv_cache(&layout).unwrap();
+    let rope = ex
+        .rope_table(&RopeConfig {
+            head_dim: d,
+            theta: 1e4,
+            scaling: None,
+            max_positions: len,
+        })
+        .unwrap();
+    Cache { kv, table, rope }
+}
+
+const HEADS: [(&str, usize, usize, usize); 2] =
+    [("h9kv3d64", 9, 3, 64), ("h32kv8d128", 32, 8, 128)];
+
+fn bench_decode(c: &mut Criterion, ex: &mut GpuExecutor) {
+    let mut g = c.benchmark_group("attention_decode");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    for (name, qh, kh, d) in HEADS {
+        for len in [1024usize, 8192, 32768, 131072] {
+            let cc = cache(ex, kh, d, len);
+            let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
+            let mut out = ex.tensor(1, qh * d).unwrap();
+            // K and V read once each (f16).
+            g.throughput(Throughput::Bytes((2 * len * kh * d * 2) as u64));
+            g.bench_function(BenchmarkId::new(name, format!("{}k", len / 1024)), |b| {
+                b.iter_custom(|iters| {
+                    timed(ex, iters, |ex| {
+                        ex.attention_decode(&q, &cc.kv, 0, &cc.table, len, &cc.rope, &mut out)
+                            .unwrap()
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_prefill(c: &mut Criterion, ex: &mut GpuExecutor) {
+    let mut g = c.benchmark_group("attention_prefill");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let chunk = 512usize;
+    for (name, qh, kh, d) in HEADS {
+        for len in [4096usize, 32768] {
+            // Causal: each query sees (len - chunk + i + 1) keys; 4 FLOPs per key and dim.
+            let keys: usize = (0..chunk).map(|i| len - chunk + i + 1).sum();
+            let flops = 4 * qh * d * keys;
+            if cpu_adapter(ex) && !full() && flops > 10_000_000_000 {
+                eprintln!(
+                    "prefill {name} {len}: skipped on a CPU adapter (KVSIEVE_BENCH_FULL=1 runs it)"
+                );
+                continue;
+            }
+            let cc = cache(ex, kh, d, len);
+            let q = ex
+                .upload(&vec![0.1; chunk * qh * d], chunk, qh * d)
+                .unwrap();
+            let mut out = ex.tensor(chunk, qh * d).unwrap();
+            g.throughput(Throughput::Elements(flops as u64));
+            g.bench_function(BenchmarkId::new(name, format!("{}k", len / 1024)), |b| {
+                b.iter_custom(|iters| {
+                    timed(ex, iters, |ex| {
+                        ex.attention_prefill(
+                            &q,
+                            &cc.kv,
+                            0,
+                            &cc.table,
+                            len - chunk,
+                            len,
+                            &cc.rope,
+                            &mut out,
+                        )
+                        .unwrap()
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    let mut ex = executor();
+    bench_copy(c, &mut ex);
+    bench_matmul(c, &mut ex);
+    bench_decode(c, &mut ex);
+    bench_prefill(c, &mut ex);
+}
+
+criterion_group!(kernels, benches);
+criterion_main!(kernels);

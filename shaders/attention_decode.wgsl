@@ -165,6 +165,79 @@ fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
     }
 }
 
+// Variant without workgroup memory or barriers for CPU drivers: one thread per
+// (split, query head) runs its own online softmax over the split. Threads of one
+// split are adjacent, so the G heads sharing a KV head read the same keys together
+// (cache hits on a CPU). Same `part` layout and multi-pass state as decode_partial.
+@compute @workgroup_size(64)
+fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.y * nwg.x * 64u + gid.x;
+    if (t >= p.q_heads * p.n_splits) { return; }
+    let h = t % p.q_heads;
+    let split = t / p.q_heads;
+    let kvh = h / (p.q_heads / p.kv_heads);
+    let d = p.head_dim;
+    let d4 = d / 4u;
+    let e8 = d / 8u;
+    let half = d / 2u;
+    let stride = d + 2u;
+    let pb = (h * p.n_splits + split) * stride;
+    var qv: array<vec4<f32>, 32>;
+    var acc: array<vec4<f32>, 32>;
+    for (var i = 0u; i < d4; i++) {
+        qv[i] = vec4<f32>(q[h * d + 4u * i], q[h * d + 4u * i + 1u], q[h * d + 4u * i + 2u], q[h * d + 4u * i + 3u]) * p.scale;
+        acc[i] = vec4<f32>(0.0);
+    }
+    var m = NEG;
+    var l = 0.0;
+    if (p.first_pass == 0u) {
+        m = part[pb];
+        l = part[pb + 1u];
+        for (var i = 0u; i < d4; i++) {
+            acc[i] = vec4<f32>(part[pb + 2u + 4u * i], part[pb + 3u + 4u * i], part[pb + 4u + 4u * i], part[pb + 5u + 4u * i]);
+        }
+    }
+    let begin = split * p.split_len;
+    let end = min(begin + p.split_len, p.kv_len);
+    for (var j = begin; j < end; j++) {
+        let base = key_base(j, kvh);
+        if (base == NONE) { continue; }
+        let pos = min(j, p.max_pos - 1u);
+        var s4 = vec4<f32>(0.0);
+        for (var w = 0u; w < e8; w++) {
+            // dims 4w..4w+3 and their rotate-half partners 4w + D/2 ..
+            let lo = vec4<f32>(unpack2x16float(k_arena[base + 2u * w]), unpack2x16float(k_arena[base + 2u * w + 1u]));
+            let hi = vec4<f32>(unpack2x16float(k_arena[base + 2u * w + half / 2u]),
+                               unpack2x16float(k_arena[base + 2u * w + 1u + half / 2u]));
+            let c01 = cs[pos * half + 4u * w];
+            let c1 = cs[pos * half + 4u * w + 1u];
+            let c2 = cs[pos * half + 4u * w + 2u];
+            let c3 = cs[pos * half + 4u * w + 3u];
+            let c = vec4<f32>(c01.x, c1.x, c2.x, c3.x);
+            let s = vec4<f32>(c01.y, c1.y, c2.y, c3.y);
+            s4 += qv[w] * (lo * c - hi * s) + qv[w + e8] * (hi * c + lo * s);
+        }
+        let sc = s4.x + s4.y + s4.z + s4.w;
+        let m_new = max(m, sc);
+        let alpha = exp(m - m_new);
+        let pr = exp(sc - m_new);
+        l = l * alpha + pr;
+        m = m_new;
+        for (var i = 0u; i < d4; i++) {
+            let v = vec4<f32>(unpack2x16float(v_arena[base + 2u * i]), unpack2x16float(v_arena[base + 2u * i + 1u]));
+            acc[i] = acc[i] * alpha + pr * v;
+        }
+    }
+    part[pb] = m;
+    part[pb + 1u] = l;
+    for (var i = 0u; i < d4; i++) {
+        part[pb + 2u + 4u * i] = acc[i].x;
+        part[pb + 3u + 4u * i] = acc[i].y;
+        part[pb + 4u + 4u * i] = acc[i].z;
+        part[pb + 5u + 4u * i] = acc[i].w;
+    }
+}
+
 struct ReduceParams { q_heads: u32, head_dim: u32, n_splits: u32, _p0: u32 }
 @group(0) @binding(0) var<uniform> rp: ReduceParams;
 @group(0) @binding(1) var<storage, read> rpart: array<f32>;

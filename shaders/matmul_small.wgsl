@@ -52,3 +52,40 @@ fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
         }
     }
 }
+
+// Variant without workgroup memory or barriers for CPU drivers (lavapipe, llvmpipe),
+// where a barrier costs a coroutine switch per workgroup: each thread owns 4 weight
+// rows and all M (<= 16) rows of x and walks the whole K. Uncoalesced on real GPUs,
+// so the tuning picks it only for CPU adapters.
+@compute @workgroup_size(64)
+fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.y * nwg.x * 64u + gid.x;
+    let n0 = t * 4u;
+    if (n0 >= p.rows) { return; }
+    var acc: array<vec4<f32>, 16>;   // acc[m] = y[m, n0 .. n0 + 4]
+    for (var m = 0u; m < 16u; m++) { acc[m] = vec4<f32>(0.0); }
+    let r0 = min(n0, p.rows - 1u) * p.k4;
+    let r1 = min(n0 + 1u, p.rows - 1u) * p.k4;
+    let r2 = min(n0 + 2u, p.rows - 1u) * p.k4;
+    let r3 = min(n0 + 3u, p.rows - 1u) * p.k4;
+    for (var j = 0u; j < p.k4; j++) {
+        let w0 = w[r0 + j];
+        let w1 = w[r1 + j];
+        let w2 = w[r2 + j];
+        let w3 = w[r3 + j];
+        let b0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+        let b1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
+        let b2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
+        let b3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
+        for (var m = 0u; m < p.m; m++) {
+            let a = x[m * p.k4 + j];
+            acc[m] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+        }
+    }
+    for (var m = 0u; m < p.m; m++) {
+        let base = m * p.y_stride + p.n_offset + n0;
+        for (var jj = 0u; jj < 4u; jj++) {
+            if (n0 + jj < p.rows) { y[base + jj] = acc[m][jj]; }
+        }
+    }
+}

@@ -38,12 +38,13 @@ fn check_matmul(ex: &mut GpuExecutor, m: usize, n: usize, k: usize, seed: u64) {
 
 #[test]
 fn matmul_all_paths_ragged() {
-    let mut ex = gpu();
     let mut seed = 1;
-    for &m in &[1usize, 2, 3, 7, 16, 17, 33, 70] {
-        for &(n, k) in &[(1usize, 4usize), (13, 36), (130, 260), (67, 576)] {
-            check_matmul(&mut ex, m, n, k, seed);
-            seed += 1;
+    for mut ex in gpu_variants() {
+        for &m in &[1usize, 2, 3, 7, 16, 17, 33, 70] {
+            for &(n, k) in &[(1usize, 4usize), (13, 36), (130, 260), (67, 576)] {
+                check_matmul(&mut ex, m, n, k, seed);
+                seed += 1;
+            }
         }
     }
 }
@@ -333,18 +334,19 @@ fn check_attention(
 
 #[test]
 fn decode_attention_ragged() {
-    let mut ex = gpu();
-    for (i, &(qh, kh, d, len, page)) in [
-        (9usize, 3usize, 64usize, 1usize, 16usize),
-        (9, 3, 64, 77, 16),
-        (4, 1, 32, 1000, 64),
-        (32, 8, 128, 1500, 64),
-        (8, 8, 8, 300, 7),
-    ]
-    .iter()
-    .enumerate()
-    {
-        check_attention(&mut ex, qh, kh, d, len, 1, page, 20 + i as u64);
+    for mut ex in gpu_variants() {
+        for (i, &(qh, kh, d, len, page)) in [
+            (9usize, 3usize, 64usize, 1usize, 16usize),
+            (9, 3, 64, 77, 16),
+            (4, 1, 32, 1000, 64),
+            (32, 8, 128, 1500, 64),
+            (8, 8, 8, 300, 7),
+        ]
+        .iter()
+        .enumerate()
+        {
+            check_attention(&mut ex, qh, kh, d, len, 1, page, 20 + i as u64);
+        }
     }
 }
 
@@ -376,20 +378,23 @@ fn prefill_attention_long_context() {
 fn attention_across_several_kv_arenas() {
     // 16 KiB bindings: pages of 16 tokens x 3 heads x 64 dims (6 KiB) -> 2 pages per
     // arena, so 1000 tokens span 32 arenas and every pass must carry its state.
-    let mut ex = gpu().with_binding_limit(16 * 1024);
-    let arenas = check_attention(&mut ex, 9, 3, 64, 1000, 1, 16, 60);
-    assert!(arenas > 8, "expected many arenas, got {arenas}");
-    check_attention(&mut ex, 9, 3, 64, 200, 37, 16, 61);
+    for ex in gpu_variants() {
+        let mut ex = ex.with_binding_limit(16 * 1024);
+        let arenas = check_attention(&mut ex, 9, 3, 64, 1000, 1, 16, 60);
+        assert!(arenas > 8, "expected many arenas, got {arenas}");
+        check_attention(&mut ex, 9, 3, 64, 200, 37, 16, 61);
+    }
 }
 
 #[test]
 fn decode_attention_128k_context() {
     // The real thing: 128K tokens of the 32/8 x 128 shape is 512 MiB of KV per layer,
     // several arenas on adapters with a 128 MiB binding limit.
-    let mut ex = gpu();
-    let arenas = check_attention(&mut ex, 32, 8, 128, 131072, 1, 64, 80);
-    eprintln!("128K decode used {arenas} arena(s) per K/V");
-    check_attention(&mut ex, 9, 3, 64, 131072 + 33, 1, 64, 81);
+    for mut ex in gpu_variants() {
+        let arenas = check_attention(&mut ex, 32, 8, 128, 131072, 1, 64, 80);
+        eprintln!("128K decode used {arenas} arena(s) per K/V");
+        check_attention(&mut ex, 9, 3, 64, 131072 + 33, 1, 64, 81);
+    }
 }
 
 #[test]

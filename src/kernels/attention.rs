@@ -27,11 +27,17 @@ fn arenas_used(kv: &GpuKv, table: &PageTable, kv_len: usize) -> Vec<usize> {
 fn decode_tile_iterations(head_dim: usize, group: usize) -> u64 {
     ((head_dim / 4) * (1 + group) + 2 * 64 + 8 * 65 + 16) as u64
 }
+fn decode_lanes_key_iterations(head_dim: usize) -> u64 {
+    (head_dim / 8 + head_dim / 4 + 2) as u64
+}
 fn prefill_tile_iterations(head_dim: usize) -> u64 {
     (2 * 16 * (1 + head_dim / 4) + head_dim / 4 + 16 + 8) as u64
 }
-/// Safety margin under the driver's loop limit (the kernels' other loops).
-const LOOP_MARGIN: u64 = 2000;
+/// Share of the driver's loop limit the main loop may use: the estimates above
+/// count trip counts, and the limiter's exact accounting is the driver's.
+fn loop_budget(limit: u64) -> u64 {
+    limit / 2
+}
 
 /// Split length (multiple of 64) for decoding `kv_len` tokens.
 pub(crate) fn decode_split(
@@ -48,9 +54,13 @@ pub(crate) fn decode_split(
         .div_ceil(64)
         * 64;
     if let Some(limit) = ex.tuning.loop_limit {
-        let tiles =
-            (limit.saturating_sub(LOOP_MARGIN) / decode_tile_iterations(head_dim, group)).max(1);
-        split = split.min(tiles as usize * 64);
+        let budget = loop_budget(limit);
+        let max_keys = if ex.tuning.per_thread_kernels {
+            budget / decode_lanes_key_iterations(head_dim)
+        } else {
+            budget / decode_tile_iterations(head_dim, group) * 64
+        };
+        split = split.min((max_keys as usize / 64).max(1) * 64);
     }
     split
 }
@@ -59,8 +69,7 @@ pub(crate) fn decode_split(
 pub(crate) fn prefill_keys_per_pass(ex: &GpuExecutor, head_dim: usize) -> usize {
     match ex.tuning.loop_limit {
         Some(limit) => {
-            ((limit.saturating_sub(LOOP_MARGIN) / prefill_tile_iterations(head_dim)).max(1) * 16)
-                as usize
+            ((loop_budget(limit) / prefill_tile_iterations(head_dim)).max(1) * 16) as usize
         }
         None => usize::MAX,
     }
@@ -101,7 +110,21 @@ pub(super) fn decode(
     let n_splits = kv_len.div_ceil(split);
     let part = ex.scratch("decode partials", (qh * n_splits * (d + 2) * 4) as u64)?;
     let pages = ex.page_table(table);
-    let p = ex.pipeline(shaders::ATTENTION_DECODE, "decode_partial", &[]);
+    let lanes = ex.tuning.per_thread_kernels;
+    let p = ex.pipeline(
+        shaders::ATTENTION_DECODE,
+        if lanes {
+            "decode_lanes"
+        } else {
+            "decode_partial"
+        },
+        &[],
+    );
+    let groups = if lanes {
+        ex.grid((qh * n_splits).div_ceil(64))?
+    } else {
+        [n_splits as u32, l.kv_heads as u32, 1]
+    };
     let scale = 1.0f32 / (d as f32).sqrt();
     for (i, &a) in arenas_used(kv, table, kv_len).iter().enumerate() {
         let params = [
@@ -126,8 +149,7 @@ pub(super) fn decode(
             Binding::from(&rope.buf),
             Binding::from(&part),
         ];
-        ex.rec
-            .dispatch(&p, &params, &b, [n_splits as u32, l.kv_heads as u32, 1]);
+        ex.rec.dispatch(&p, &params, &b, groups);
     }
     let r = ex.pipeline(shaders::ATTENTION_DECODE, "decode_reduce", &[]);
     ex.rec.dispatch(

@@ -1,5 +1,6 @@
 //! `y = x W^T` with f16 weights: `matmul_small.wgsl` for 1..=16 rows (decode and
-//! speculative verification), `matmul_tiled.wgsl` for prefill. Weights split
+//! speculative verification; a cooperative kernel for GPUs, a per-thread one for CPU
+//! drivers), `matmul_tiled.wgsl` for prefill (and 2..=16 rows on CPU drivers). Weights split
 //! across bindings are processed chunk by chunk, each writing its column range.
 
 use super::{GpuExecutor, GpuTensor, GpuWeight};
@@ -26,6 +27,14 @@ pub(super) fn matmul(
         return Ok(());
     }
     let small = m <= ex.tuning.small_max_rows;
+    // Per-thread kernel: k4 * (1 + m) loop iterations must stay under a loop limit.
+    // (Measured on lavapipe: it beats the tiled kernel for 1 row, loses from 4 rows.)
+    let per_thread = ex.tuning.per_thread_kernels
+        && m == 1
+        && ex
+            .tuning
+            .loop_limit
+            .is_none_or(|l| (k4 * (1 + m)) as u64 + 1000 < l);
     for chunk in &w.chunks {
         let params = [
             m as u32,
@@ -42,7 +51,11 @@ pub(super) fn matmul(
             Binding::from(&chunk.buffer),
             Binding::from(&y.buf),
         ];
-        if small {
+        if per_thread {
+            let p = ex.pipeline(shaders::MATMUL_SMALL, "matmul_rows", &[]);
+            let groups = ex.grid(chunk.rows.div_ceil(4 * 64))?;
+            ex.rec.dispatch(&p, &params, &bindings, groups);
+        } else if small && !ex.tuning.per_thread_kernels {
             // M * ROWS partial sums per thread must fit the kernel's 64 registers.
             let rows = if m == 1 {
                 ex.tuning.gemv_rows

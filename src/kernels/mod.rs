@@ -104,6 +104,10 @@ pub struct Tuning {
     /// lavapipe and GL-on-llvmpipe, stop every outermost loop after 65535 iterations
     /// of it and the loops inside it). Attention splits its work to stay below it.
     pub loop_limit: Option<u64>,
+    /// Kernels without workgroup memory or barriers for small matmuls and decode
+    /// attention (a thread per output block). CPU drivers pay a coroutine switch per
+    /// barrier, so this wins there; real GPUs want the cooperative kernels.
+    pub per_thread_kernels: bool,
 }
 
 impl Tuning {
@@ -118,6 +122,7 @@ impl Tuning {
             decode_workgroups: if cpu { 16 } else { 512 },
             decode_min_split: if cpu { 512 } else { 256 },
             loop_limit: if llvmpipe(info) { Some(65535) } else { None },
+            per_thread_kernels: cpu,
         }
     }
 }

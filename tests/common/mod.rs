@@ -25,6 +25,15 @@ pub fn gpu() -> GpuExecutor {
     GpuExecutor::with_context(ctx())
 }
 
+/// Both kernel families of the adapter: the cooperative (workgroup memory and
+/// barriers) and the per-thread variants, whichever the tuning would pick.
+pub fn gpu_variants() -> Vec<GpuExecutor> {
+    let a = gpu();
+    let mut b = gpu();
+    b.tuning.per_thread_kernels = !a.tuning.per_thread_kernels;
+    vec![a, b]
+}
+
 pub fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
