@@ -134,3 +134,56 @@ impl PageAllocator {
         table.len = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(pages: usize) -> KvLayout {
+        KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 8,
+            page_size: 4,
+            num_pages: pages,
+        }
+    }
+
+    #[test]
+    fn reserve_grows_by_pages_and_release_returns_them() {
+        let mut a = PageAllocator::new(&layout(5));
+        let mut t = a.new_sequence();
+        a.reserve(&mut t, 1).unwrap();
+        assert_eq!(t.pages, vec![0]);
+        a.reserve(&mut t, 4).unwrap();
+        assert_eq!(t.pages.len(), 1, "4 tokens fit one page of 4");
+        a.reserve(&mut t, 9).unwrap();
+        assert_eq!(t.pages, vec![0, 1, 2]);
+        assert_eq!(a.free_pages(), 2);
+        let mut u = a.new_sequence();
+        assert_ne!(t.id(), u.id());
+        assert!(matches!(a.reserve(&mut u, 12), Err(Error::Capacity(_))));
+        assert!(u.pages.is_empty(), "a failed reserve takes nothing");
+        a.release(&mut t);
+        assert_eq!(a.free_pages(), 5);
+        a.reserve(&mut u, 12).unwrap();
+        assert_eq!(u.pages, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn layout_validation_names_the_problem() {
+        let bad = KvLayout {
+            head_dim: 12,
+            ..layout(2)
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("head_dim 12"), "{e}");
+        assert!(KvLayout {
+            num_pages: 0,
+            ..layout(2)
+        }
+        .validate()
+        .is_err());
+        assert!(layout(2).validate().is_ok());
+    }
+}

@@ -123,31 +123,38 @@ impl GpuContext {
     /// Picks an adapter matching `req`, preferring discrete over integrated over
     /// anything else, and creates a device with the adapter's own limits.
     pub fn with_request(req: &AdapterRequest) -> Result<Self> {
-        let backends = req
-            .backend
-            .map(backend_bits)
-            .unwrap_or(wgpu::Backends::all());
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-        desc.backends = backends;
-        let instance = wgpu::Instance::new(desc);
-        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
-        let mut candidates: Vec<wgpu::Adapter> = adapters
-            .into_iter()
-            .filter(|a| {
-                let info = a.get_info();
-                req.name_contains.as_ref().is_none_or(|n| {
-                    info.name
-                        .to_ascii_lowercase()
-                        .contains(&n.to_ascii_lowercase())
+        // Native APIs first; GL (whose EGL probing is slow and noisy) only when no
+        // native adapter matches.
+        let tries = match req.backend {
+            Some(b) => vec![backend_bits(b)],
+            None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::GL],
+        };
+        let mut candidates = Vec::new();
+        for backends in tries {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+            desc.backends = backends;
+            let instance = wgpu::Instance::new(desc);
+            candidates = pollster::block_on(instance.enumerate_adapters(backends))
+                .into_iter()
+                .filter(|a| {
+                    let info = a.get_info();
+                    req.name_contains.as_ref().is_none_or(|n| {
+                        info.name
+                            .to_ascii_lowercase()
+                            .contains(&n.to_ascii_lowercase())
+                    })
                 })
-            })
-            // Compute shaders are required; GL adapters without them are useless here.
-            .filter(|a| {
-                a.get_downlevel_capabilities()
-                    .flags
-                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-            })
-            .collect();
+                // Compute shaders are required; GL adapters without them are useless here.
+                .filter(|a| {
+                    a.get_downlevel_capabilities()
+                        .flags
+                        .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+                })
+                .collect::<Vec<_>>();
+            if !candidates.is_empty() {
+                break;
+            }
+        }
         candidates.sort_by_key(|a| rank(&a.get_info()));
         let adapter = candidates.into_iter().next().ok_or_else(|| {
             let filter = match (&req.name_contains, req.backend) {

@@ -427,3 +427,153 @@ pub fn argmax_row(row: &[f32]) -> u32 {
     }
     bi.unwrap_or(0) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::PageAllocator;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn matmul_gemv_and_gemm_match_naive() {
+        let mut ex = RefExecutor::new();
+        let mut s = 1;
+        for m in [1usize, 3] {
+            let (k, n) = (10, 7);
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f16> = (0..n * k).map(|_| f16::from_f32(lcg(&mut s))).collect();
+            let (xt, wt) = (ex.upload(&x, m, k).unwrap(), ex.weight(&w, n, k).unwrap());
+            let mut y = ex.tensor(m, n).unwrap();
+            ex.matmul(&xt, &wt, &mut y).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c].to_f32()).sum();
+                    assert!((y.data[i * n + j] - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() {
+        let cfg = RopeConfig {
+            head_dim: 4,
+            theta: 10000.0,
+            scaling: None,
+            max_positions: 8,
+        };
+        let mut ex = RefExecutor::new();
+        let rope = ex.rope_table(&cfg).unwrap();
+        let mut x = ex.upload(&[1.0, 0.0, 0.0, 0.0], 1, 4).unwrap();
+        ex.rope(&mut x, 1, &vec![3], &rope).unwrap();
+        // Pair (0, 2) rotates by 3 * theta^0 = 3 rad.
+        assert!((x.data[0] - 3f32.cos()).abs() < 1e-6);
+        assert!((x.data[2] - 3f32.sin()).abs() < 1e-6);
+        assert_eq!(x.data[1], 0.0);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let base = RopeConfig {
+            head_dim: 128,
+            theta: 500000.0,
+            scaling: None,
+            max_positions: 1,
+        };
+        let s = crate::ops::Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let plain = base.inv_freq();
+        let scaled = RopeConfig {
+            scaling: Some(s),
+            ..base
+        }
+        .inv_freq();
+        assert_eq!(plain[0], scaled[0]);
+        assert!((scaled[63] - plain[63] / 8.0).abs() <= plain[63] * 1e-6);
+    }
+
+    /// Dense attention against a direct evaluation of softmax(q R(p) . R(j) k / sqrt(d)) v.
+    #[test]
+    fn attention_matches_direct_formula() {
+        let (qh, kh, d, len, ps) = (4usize, 2usize, 8usize, 11usize, 4usize);
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: kh,
+            head_dim: d,
+            page_size: ps,
+            num_pages: 5,
+        };
+        let mut ex = RefExecutor::new();
+        let mut alloc = PageAllocator::new(&layout);
+        let mut t = alloc.new_sequence();
+        alloc.reserve(&mut t, len).unwrap();
+        let mut kv = ex.kv_cache(&layout).unwrap();
+        let mut s = 7;
+        let k: Vec<f32> = (0..len * kh * d).map(|_| lcg(&mut s)).collect();
+        let v: Vec<f32> = (0..len * kh * d).map(|_| lcg(&mut s)).collect();
+        let (kt, vt) = (
+            ex.upload(&k, len, kh * d).unwrap(),
+            ex.upload(&v, len, kh * d).unwrap(),
+        );
+        ex.kv_append(&mut kv, 0, &t, 0, &kt, &vt).unwrap();
+        let cfg = RopeConfig {
+            head_dim: d,
+            theta: 100.0,
+            scaling: None,
+            max_positions: 64,
+        };
+        let rope = ex.rope_table(&cfg).unwrap();
+        let n_q = 3;
+        let q: Vec<f32> = (0..n_q * qh * d).map(|_| lcg(&mut s)).collect();
+        let qt = ex.upload(&q, n_q, qh * d).unwrap();
+        let mut out = ex.tensor(n_q, qh * d).unwrap();
+        ex.attention_prefill(&qt, &kv, 0, &t, len - n_q, len, &rope, &mut out)
+            .unwrap();
+        for i in 0..n_q {
+            for h in 0..qh {
+                let g = h / (qh / kh);
+                let visible = len - n_q + i + 1;
+                let qv = &q[(i * qh + h) * d..(i * qh + h + 1) * d];
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        let mut kj: Vec<f32> =
+                            (0..d).map(|c| round_f16(k[(j * kh + g) * d + c])).collect();
+                        rotate(&mut kj, &rope.cs[j * d / 2..(j + 1) * d / 2]);
+                        qv.iter()
+                            .zip(&kj)
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|x| (x - mx).exp()).sum();
+                for c in 0..d {
+                    let want: f64 = (0..visible)
+                        .map(|j| {
+                            (scores[j] - mx).exp() / z * round_f16(v[(j * kh + g) * d + c]) as f64
+                        })
+                        .sum();
+                    let got = out.data[(i * qh + h) * d + c] as f64;
+                    assert!((got - want).abs() < 1e-5, "q{i} h{h} c{c}: {got} vs {want}");
+                }
+            }
+        }
+        // Decode of the last query equals the last prefill row.
+        let q_last = ex.upload(&q[(n_q - 1) * qh * d..], 1, qh * d).unwrap();
+        let mut o1 = ex.tensor(1, qh * d).unwrap();
+        ex.attention_decode(&q_last, &kv, 0, &t, len, &rope, &mut o1)
+            .unwrap();
+        assert_eq!(o1.data, out.data[(n_q - 1) * qh * d..].to_vec());
+    }
+}
