@@ -24,3 +24,15 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     if (i >= p.n) { return; }
     a[i] = a[i] + b[i];
 }
+
+// a[r, c] += bias[c] (Qwen2's q/k/v biases), bias f16 packed in pairs.
+@group(0) @binding(2) var<storage, read> bias: array<u32>;
+
+@compute @workgroup_size(64)
+fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= p.n) { return; }
+    let c = i % p._p0;   // _p0 holds the row length
+    let pair = unpack2x16float(bias[c / 2u]);
+    a[i] = a[i] + select(pair.x, pair.y, (c & 1u) == 1u);
+}

@@ -11,9 +11,12 @@
 //! ```
 
 pub mod attention;
+pub mod convert;
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
 pub mod ops;
 pub mod reference;
 pub mod shaders;

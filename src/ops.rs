@@ -116,17 +116,17 @@ impl RopeConfig {
 
 /// The operations the model and policies use; see the module docs for conventions.
 #[allow(clippy::too_many_arguments)]
-pub trait Ops {
+pub trait Ops: Send {
     /// f32 matrix `[rows, cols]` on the executor.
-    type Tensor;
+    type Tensor: Send;
     /// u32 vector (token ids, positions).
-    type Ids;
+    type Ids: Send;
     /// f16 matrix `[rows, cols]` (Hugging Face `[out, in]`), possibly split in chunks.
-    type Weight;
+    type Weight: Send;
     /// RoPE cos/sin table.
-    type Rope;
+    type Rope: Send;
     /// KV cache storage for a [`KvLayout`].
-    type Kv;
+    type Kv: Send;
 
     /// Executor name (and adapter for the GPU).
     fn name(&self) -> String;
@@ -185,6 +185,22 @@ pub trait Ops {
         table: &Self::Weight,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// `x[r, :] += bias` for every row; `bias` is `[1, cols]`.
+    fn add_bias(&mut self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
+    /// Copies `rows` rows of `src` starting at `src_row` into `dst` at `dst_row`.
+    fn copy_rows(
+        &mut self,
+        src: &Self::Tensor,
+        src_row: usize,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()>;
+    /// Repetition penalty on row 0 of `logits` for the given distinct token ids.
+    fn penalize(&mut self, logits: &mut Self::Tensor, ids: &[u32], penalty: f32) -> Result<()>;
+    /// The `k` (1..=64) largest values of row 0 with their ids, descending (ties to the
+    /// lower id). Only these are read back.
+    fn top_k(&mut self, logits: &Self::Tensor, k: usize) -> Result<Vec<(u32, f32)>>;
     /// Row-wise argmax (ties to the lowest index) into `out[0..rows]`.
     fn argmax(&mut self, x: &Self::Tensor, out: &mut Self::Ids) -> Result<()>;
     /// Stores k, v `[tokens, kv_heads * head_dim]` (keys before RoPE) at logical
@@ -294,6 +310,37 @@ pub mod check {
                 "embed",
                 format!("out is {out:?}, expected ({tokens}, {})", table.1),
             );
+        }
+        Ok(())
+    }
+
+    /// Row copy.
+    pub fn copy_rows(
+        src: (usize, usize),
+        src_row: usize,
+        dst: (usize, usize),
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        if src.1 != dst.1 || src_row + rows > src.0 || dst_row + rows > dst.0 {
+            return shape_err(
+                "copy_rows",
+                format!("{rows} rows from {src_row} of {src:?} to {dst_row} of {dst:?}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Top-k selection bounds.
+    pub fn top_k(logits: (usize, usize), k: usize) -> Result<()> {
+        if k == 0 || k > 64 || k > logits.1 {
+            return Err(Error::InvalidOption(format!(
+                "top-k {k}: must be in 1..=64 and at most the vocabulary {}",
+                logits.1
+            )));
+        }
+        if logits.0 == 0 {
+            return shape_err("top_k", "no rows");
         }
         Ok(())
     }

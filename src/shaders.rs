@@ -32,6 +32,7 @@ shaders! {
     KV_APPEND => "kv_append.wgsl",
     ATTENTION_DECODE => "attention_decode.wgsl",
     ATTENTION_PREFILL => "attention_prefill.wgsl",
+    SAMPLING => "sampling.wgsl",
 }
 
 #[cfg(test)]

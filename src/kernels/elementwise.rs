@@ -24,3 +24,29 @@ pub(super) fn binary(
     );
     Ok(())
 }
+
+pub(super) fn add_bias(
+    ex: &mut GpuExecutor,
+    x: &mut GpuTensor,
+    bias: &super::GpuWeight,
+) -> Result<()> {
+    if (bias.rows, bias.cols) != (1, x.cols) {
+        return crate::error::shape_err(
+            "add_bias",
+            format!(
+                "bias is ({}, {}), x has {} columns",
+                bias.rows, bias.cols, x.cols
+            ),
+        );
+    }
+    let n = x.rows * x.cols;
+    let p = ex.pipeline(shaders::ELEMENTWISE, "add_bias", &[]);
+    let groups = ex.grid(n.div_ceil(64))?;
+    ex.rec.dispatch(
+        &p,
+        &[n as u32, x.cols as u32, 0, 0],
+        &[Binding::from(&x.buf), Binding::from(&bias.chunks[0].buffer)],
+        groups,
+    );
+    Ok(())
+}

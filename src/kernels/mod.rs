@@ -12,6 +12,7 @@ mod kv_append;
 mod matmul;
 mod rmsnorm;
 mod rope;
+mod sampling;
 
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
@@ -457,6 +458,46 @@ impl Ops for GpuExecutor {
 
     fn embed(&mut self, ids: &GpuIds, table: &GpuWeight, out: &mut GpuTensor) -> Result<()> {
         embedding::embed(self, ids, table, out)
+    }
+
+    fn add_bias(&mut self, x: &mut GpuTensor, bias: &GpuWeight) -> Result<()> {
+        elementwise::add_bias(self, x, bias)
+    }
+
+    fn copy_rows(
+        &mut self,
+        src: &GpuTensor,
+        src_row: usize,
+        dst: &mut GpuTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        crate::ops::check::copy_rows(
+            (src.rows, src.cols),
+            src_row,
+            (dst.rows, dst.cols),
+            dst_row,
+            rows,
+        )?;
+        let c = (src.cols * 4) as u64;
+        if rows > 0 && c > 0 {
+            self.rec.copy(
+                &src.buf,
+                src_row as u64 * c,
+                &dst.buf,
+                dst_row as u64 * c,
+                rows as u64 * c,
+            );
+        }
+        Ok(())
+    }
+
+    fn penalize(&mut self, logits: &mut GpuTensor, ids: &[u32], penalty: f32) -> Result<()> {
+        sampling::penalize(self, logits, ids, penalty)
+    }
+
+    fn top_k(&mut self, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
+        sampling::top_k(self, logits, k)
     }
 
     fn argmax(&mut self, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {

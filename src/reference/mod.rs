@@ -280,6 +280,60 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn add_bias(&mut self, x: &mut RefTensor, bias: &RefWeight) -> Result<()> {
+        if (bias.rows, bias.cols) != (1, x.cols) {
+            return crate::error::shape_err(
+                "add_bias",
+                format!(
+                    "bias is ({}, {}), x has {} columns",
+                    bias.rows, bias.cols, x.cols
+                ),
+            );
+        }
+        if x.cols == 0 {
+            return Ok(());
+        }
+        for row in x.data.chunks_mut(x.cols) {
+            row.iter_mut().zip(&bias.data).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn copy_rows(
+        &mut self,
+        src: &RefTensor,
+        src_row: usize,
+        dst: &mut RefTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        check::copy_rows(
+            (src.rows, src.cols),
+            src_row,
+            (dst.rows, dst.cols),
+            dst_row,
+            rows,
+        )?;
+        let c = src.cols;
+        dst.data[dst_row * c..(dst_row + rows) * c]
+            .copy_from_slice(&src.data[src_row * c..(src_row + rows) * c]);
+        Ok(())
+    }
+
+    fn penalize(&mut self, logits: &mut RefTensor, ids: &[u32], penalty: f32) -> Result<()> {
+        for &t in ids {
+            if let Some(l) = logits.data[..logits.cols].get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
+        Ok(())
+    }
+
+    fn top_k(&mut self, logits: &RefTensor, k: usize) -> Result<Vec<(u32, f32)>> {
+        check::top_k((logits.rows, logits.cols), k)?;
+        Ok(top_k_row(&logits.data[..logits.cols], k))
+    }
+
     fn argmax(&mut self, x: &RefTensor, out: &mut Vec<u32>) -> Result<()> {
         if out.len() < x.rows {
             return crate::error::shape_err(
@@ -413,6 +467,20 @@ pub fn rotate(x: &mut [f32], cs: &[[f32; 2]]) {
         x[i] = x1 * cs[i][0] - x2 * cs[i][1];
         x[i + half] = x2 * cs[i][0] + x1 * cs[i][1];
     }
+}
+
+/// The k largest (id, value) pairs, descending, ties to the lower id, NaN skipped.
+pub fn top_k_row(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (j, &v) in row.iter().enumerate() {
+        if v.is_nan() || (best.len() == k && v <= best[k - 1].1) {
+            continue;
+        }
+        let pos = best.partition_point(|&(_, bv)| bv >= v);
+        best.insert(pos, (j as u32, v));
+        best.truncate(k);
+    }
+    best
 }
 
 /// Argmax with ties to the lowest index; NaN never wins (index 0 if all NaN).

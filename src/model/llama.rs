@@ -1,0 +1,230 @@
+//! The Llama-family forward (Llama, Mistral, Qwen2), written once against [`Ops`]:
+//! chunked prefill and decode share one code path; logits only for the last row.
+
+use super::config::ModelConfig;
+use super::weights::Weights;
+use crate::attention::{dense_attention, PageTable};
+use crate::error::Result;
+use crate::ops::Ops;
+
+struct Layer<E: Ops> {
+    in_norm: E::Weight,
+    q: E::Weight,
+    k: E::Weight,
+    v: E::Weight,
+    bias: Option<[E::Weight; 3]>,
+    o: E::Weight,
+    post_norm: E::Weight,
+    gate: E::Weight,
+    up: E::Weight,
+    down: E::Weight,
+}
+
+/// A loaded model on executor `E`.
+pub struct Llama<E: Ops> {
+    /// Hyper-parameters.
+    pub cfg: ModelConfig,
+    embed: E::Weight,
+    lm_head: Option<E::Weight>,
+    norm: E::Weight,
+    layers: Vec<Layer<E>>,
+    /// RoPE table covering the context.
+    pub rope: E::Rope,
+}
+
+/// Activation buffers for a chunk of `rows` tokens, reused across layers.
+pub struct Workspace<E: Ops> {
+    rows: usize,
+    x: E::Tensor,
+    h: E::Tensor,
+    q: E::Tensor,
+    k: E::Tensor,
+    v: E::Tensor,
+    attn: E::Tensor,
+    o: E::Tensor,
+    gate: E::Tensor,
+    up: E::Tensor,
+    last: E::Tensor,
+    last_norm: E::Tensor,
+    /// Logits of the last row `[1, vocab]`.
+    pub logits: E::Tensor,
+}
+
+impl<E: Ops> Workspace<E> {
+    /// Buffers for chunks of `rows` tokens.
+    pub fn new(ops: &mut E, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+        let (hd, qd, kd) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+        );
+        Ok(Self {
+            rows,
+            x: ops.tensor(rows, hd)?,
+            h: ops.tensor(rows, hd)?,
+            q: ops.tensor(rows, qd)?,
+            k: ops.tensor(rows, kd)?,
+            v: ops.tensor(rows, kd)?,
+            attn: ops.tensor(rows, qd)?,
+            o: ops.tensor(rows, hd)?,
+            gate: ops.tensor(rows, cfg.intermediate)?,
+            up: ops.tensor(rows, cfg.intermediate)?,
+            last: ops.tensor(1, hd)?,
+            last_norm: ops.tensor(1, hd)?,
+            logits: ops.tensor(1, cfg.vocab)?,
+        })
+    }
+
+    /// Rows this workspace holds.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+impl<E: Ops> Llama<E> {
+    /// Loads the weights of `cfg` from `w` onto the executor. `max_positions` sizes
+    /// the RoPE table (the longest context this model will run).
+    pub fn load(
+        ops: &mut E,
+        w: &Weights,
+        cfg: ModelConfig,
+        max_positions: usize,
+        progress: bool,
+    ) -> Result<Self> {
+        let (h, qd, kd, inter, v) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+            cfg.intermediate,
+            cfg.vocab,
+        );
+        let bar = progress.then(|| crate::convert::progress_bar(cfg.layers as u64 + 2, "load"));
+        let mat = |ops: &mut E, name: &str, rows: usize, cols: usize| -> Result<E::Weight> {
+            let data = w.f16(
+                name,
+                &if rows == 1 {
+                    vec![cols]
+                } else {
+                    vec![rows, cols]
+                },
+            )?;
+            ops.weight(&data, rows, cols)
+        };
+        let embed = mat(ops, "model.embed_tokens.weight", v, h)?;
+        let lm_head = if cfg.tied_embeddings || !w.has("lm_head.weight") {
+            None
+        } else {
+            Some(mat(ops, "lm_head.weight", v, h)?)
+        };
+        let norm = mat(ops, "model.norm.weight", 1, h)?;
+        if let Some(b) = &bar {
+            b.inc(2);
+        }
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let bias = if cfg.qkv_bias {
+                Some([
+                    mat(ops, &p("self_attn.q_proj.bias"), 1, qd)?,
+                    mat(ops, &p("self_attn.k_proj.bias"), 1, kd)?,
+                    mat(ops, &p("self_attn.v_proj.bias"), 1, kd)?,
+                ])
+            } else {
+                None
+            };
+            layers.push(Layer {
+                in_norm: mat(ops, &p("input_layernorm.weight"), 1, h)?,
+                q: mat(ops, &p("self_attn.q_proj.weight"), qd, h)?,
+                k: mat(ops, &p("self_attn.k_proj.weight"), kd, h)?,
+                v: mat(ops, &p("self_attn.v_proj.weight"), kd, h)?,
+                bias,
+                o: mat(ops, &p("self_attn.o_proj.weight"), h, qd)?,
+                post_norm: mat(ops, &p("post_attention_layernorm.weight"), 1, h)?,
+                gate: mat(ops, &p("mlp.gate_proj.weight"), inter, h)?,
+                up: mat(ops, &p("mlp.up_proj.weight"), inter, h)?,
+                down: mat(ops, &p("mlp.down_proj.weight"), h, inter)?,
+            });
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let rope = ops.rope_table(&cfg.rope(max_positions))?;
+        Ok(Self {
+            cfg,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            rope,
+        })
+    }
+
+    /// Runs `tokens` (at positions `start..`, whose KV pages are reserved in `table`)
+    /// through every layer, appending their keys and values, and leaves the logits of
+    /// the last token in `ws.logits`. Nothing is submitted: the caller reads results.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        ops: &mut E,
+        kv: &mut E::Kv,
+        table: &PageTable,
+        tokens: &E::Ids,
+        positions: &E::Ids,
+        start: usize,
+        n: usize,
+        ws: &mut Workspace<E>,
+    ) -> Result<()> {
+        if n != ws.rows {
+            return crate::error::shape_err(
+                "forward",
+                format!("{n} tokens for a workspace of {} rows", ws.rows),
+            );
+        }
+        let c = &self.cfg;
+        ops.embed(tokens, &self.embed, &mut ws.x)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            ops.rms_norm(&ws.x, &l.in_norm, c.eps, &mut ws.h)?;
+            ops.matmul(&ws.h, &l.q, &mut ws.q)?;
+            ops.matmul(&ws.h, &l.k, &mut ws.k)?;
+            ops.matmul(&ws.h, &l.v, &mut ws.v)?;
+            if let Some([bq, bk, bv]) = &l.bias {
+                ops.add_bias(&mut ws.q, bq)?;
+                ops.add_bias(&mut ws.k, bk)?;
+                ops.add_bias(&mut ws.v, bv)?;
+            }
+            ops.rope(&mut ws.q, c.heads, positions, &self.rope)?;
+            ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
+            dense_attention(
+                ops,
+                &ws.q,
+                kv,
+                i,
+                table,
+                start,
+                start + n,
+                &self.rope,
+                &mut ws.attn,
+            )?;
+            ops.matmul(&ws.attn, &l.o, &mut ws.o)?;
+            ops.add(&mut ws.x, &ws.o)?;
+            ops.rms_norm(&ws.x, &l.post_norm, c.eps, &mut ws.h)?;
+            ops.matmul(&ws.h, &l.gate, &mut ws.gate)?;
+            ops.matmul(&ws.h, &l.up, &mut ws.up)?;
+            ops.swiglu(&mut ws.gate, &ws.up)?;
+            ops.matmul(&ws.gate, &l.down, &mut ws.o)?;
+            ops.add(&mut ws.x, &ws.o)?;
+        }
+        // Only the last position's logits are needed.
+        ops.copy_rows(&ws.x, n - 1, &mut ws.last, 0, 1)?;
+        ops.rms_norm(&ws.last, &self.norm, c.eps, &mut ws.last_norm)?;
+        ops.matmul(
+            &ws.last_norm,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &mut ws.logits,
+        )?;
+        Ok(())
+    }
+}

