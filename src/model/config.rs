@@ -173,6 +173,15 @@ impl ModelConfig {
         })
     }
 
+    /// The `architectures` name.
+    pub fn arch_name(&self) -> &'static str {
+        match self.arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
     /// RoPE table configuration covering `positions` positions.
     pub fn rope(&self, positions: usize) -> RopeConfig {
         RopeConfig {

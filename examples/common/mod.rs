@@ -1,0 +1,86 @@
+//! Command-line options shared by the generate and chat examples.
+#![allow(dead_code)]
+
+use clap::Args;
+use kvsieve::generate::{Backend, Engine, GenerateParams, Options, SamplingParams};
+use std::path::PathBuf;
+
+/// Model, executor and sampling options.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// gpu or reference.
+    #[arg(long, default_value = "gpu")]
+    pub backend: String,
+    /// Attention policy (dense; sparse policies arrive with later work).
+    #[arg(long, default_value = "dense")]
+    pub policy: String,
+    /// Context capacity in tokens (0 = the model's trained context).
+    #[arg(long, default_value_t = 0)]
+    pub max_context: usize,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Candidates considered when sampling (1..=64).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl ModelArgs {
+    /// Loads the engine these options describe.
+    pub fn engine(&self) -> kvsieve::Result<Engine> {
+        if self.policy != "dense" {
+            return Err(kvsieve::Error::InvalidOption(format!(
+                "policy {:?}: only dense is available",
+                self.policy
+            )));
+        }
+        let opts = Options {
+            backend: self.backend.parse::<Backend>()?,
+            max_context: self.max_context,
+            progress: true,
+            ..Options::default()
+        };
+        match &self.model {
+            Some(dir) => Engine::load(dir, opts),
+            None => Engine::load_default(opts),
+        }
+    }
+
+    /// Generation parameters (validated).
+    pub fn params(&self) -> kvsieve::Result<GenerateParams> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        sampling.validate()?;
+        Ok(GenerateParams {
+            sampling,
+            max_tokens: self.max_tokens,
+            stop_at_eos: true,
+        })
+    }
+}
+
+/// Prints an error and exits with status 1.
+pub fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("error: {e}");
+    std::process::exit(1)
+}
