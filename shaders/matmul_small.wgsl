@@ -57,9 +57,11 @@ fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
 // where a barrier costs a coroutine switch per workgroup: each thread owns 4 weight
 // rows and all M (<= 16) rows of x and walks the whole K. Uncoalesced on real GPUs,
 // so the tuning picks it only for CPU adapters.
-@compute @workgroup_size(64)
+override ROWS_WG: u32 = 64u;   // threads per workgroup: small for small matrices, so every core gets work
+
+@compute @workgroup_size(ROWS_WG)
 fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = gid.y * nwg.x * 64u + gid.x;
+    let t = gid.y * nwg.x * ROWS_WG + gid.x;
     let n0 = t * 4u;
     if (n0 >= p.rows) { return; }
     var acc: array<vec4<f32>, 16>;   // acc[m] = y[m, n0 .. n0 + 4]

@@ -155,6 +155,12 @@ pub trait Ops: Send {
     fn kv_cache(&mut self, layout: &KvLayout) -> Result<Self::Kv>;
     /// Finishes all recorded work (a no-op on the CPU).
     fn flush(&mut self) -> Result<()>;
+    /// Turns per-kernel timing on or off (GPU timestamps; a no-op where unsupported).
+    fn set_profiling(&mut self, _on: bool) {}
+    /// Per-kernel totals since profiling began: (kernel, dispatches, nanoseconds).
+    fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
+        Vec::new()
+    }
 
     /// `y = x W^T`: x `[m, k]`, W `[n, k]`, y `[m, n]`.
     fn matmul(&mut self, x: &Self::Tensor, w: &Self::Weight, y: &mut Self::Tensor) -> Result<()>;

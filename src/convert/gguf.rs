@@ -323,3 +323,99 @@ impl<'a> Gguf<'a> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a GGUF holding one tensor of each supported type.
+    fn build(tensors: &[(&str, u32, Vec<u64>, Vec<u8>)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        let s = |b: &mut Vec<u8>, x: &str| {
+            b.extend((x.len() as u64).to_le_bytes());
+            b.extend(x.as_bytes());
+        };
+        b.extend(b"GGUF");
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, "llama");
+        let mut offset = 0u64;
+        for (name, ty, dims, data) in tensors {
+            s(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        for (_, _, _, data) in tensors {
+            b.extend(data);
+            while b.len() % 32 != 0 {
+                b.push(0);
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn dequantizes_every_supported_type() {
+        let h = |x: f32| f16::from_f32(x).to_le_bytes();
+        // Q4_0: d = 0.5, nibbles j (low) and 15 - j (high): values (q - 8) * d.
+        let mut q40 = h(0.5).to_vec();
+        q40.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        // Q4_1: d = 0.25, m = -1: values q * d + m.
+        let mut q41 = h(0.25).to_vec();
+        q41.extend(h(-1.0));
+        q41.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        // Q8_0: d = 0.1, q = -16..16.
+        let mut q80 = h(0.1).to_vec();
+        q80.extend((0..32).map(|j| (j as i8 - 16) as u8));
+        let f16s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&x| h(x)).collect();
+        let bf16s: Vec<u8> = [3.0f32, -0.5].iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
+        let f32s: Vec<u8> = [7.0f32, 8.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let file = build(&[
+            ("a", 2, vec![32], q40),
+            ("b", 3, vec![32], q41),
+            ("c", 8, vec![32], q80),
+            ("d", 1, vec![2], f16s),
+            ("e", 30, vec![2], bf16s),
+            ("f", 0, vec![2], f32s),
+        ]);
+        let g = Gguf::parse(&file).unwrap();
+        assert_eq!(g.get("general.architecture").and_then(Value::as_str), Some("llama"));
+        let deq = |n: &str| g.dequantize(g.tensor(n).unwrap()).unwrap();
+        let a = deq("a");
+        assert_eq!(a[0], -4.0);
+        assert_eq!(a[16], (15.0 - 8.0) * 0.5);
+        let b = deq("b");
+        assert_eq!(b[3], 3.0 * 0.25 - 1.0);
+        assert_eq!(b[16], 15.0 * 0.25 - 1.0);
+        let c = deq("c");
+        assert_eq!(c[0], -16.0 * f16::from_f32(0.1).to_f32());
+        assert_eq!(deq("d"), vec![1.5, -2.0]);
+        assert_eq!(deq("e"), vec![3.0, -0.5]);
+        assert_eq!(deq("f"), vec![7.0, 8.0]);
+    }
+
+    #[test]
+    fn rejects_malformed_files() {
+        assert!(Gguf::parse(b"GGML....").is_err());
+        assert!(Gguf::parse(b"GGUF\x03\x00\x00\x00").is_err(), "truncated");
+        let mut f = build(&[("a", 2, vec![32], vec![0; 18])]);
+        f.truncate(f.len() - 20);
+        let g = Gguf::parse(&f).unwrap();
+        assert!(g.dequantize(g.tensor("a").unwrap()).is_err(), "data past the end");
+        let f = build(&[("q", 12, vec![256], vec![0; 144])]);
+        let g = Gguf::parse(&f).unwrap();
+        let e = g.dequantize(g.tensor("q").unwrap()).unwrap_err().to_string();
+        assert!(e.contains("GGML type 12"), "{e}");
+    }
+}

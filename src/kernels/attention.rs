@@ -47,10 +47,17 @@ pub(crate) fn decode_split(
     head_dim: usize,
     group: usize,
 ) -> usize {
-    let target = (ex.tuning.decode_workgroups / kv_heads).max(1);
+    // Per-thread kernel: one thread per (split, query head); aim for 2 workgroups
+    // of 64 threads per CPU thread. Cooperative kernel: decode_workgroups groups.
+    let target = if ex.tuning.per_thread_kernels {
+        (128 * ex.tuning.cpu_threads.max(1) / (kv_heads * group)).max(1)
+    } else {
+        (ex.tuning.decode_workgroups / kv_heads).max(1)
+    };
+    let min_split = if ex.tuning.per_thread_kernels { 64 } else { ex.tuning.decode_min_split };
     let mut split = kv_len
         .div_ceil(target)
-        .max(ex.tuning.decode_min_split)
+        .max(min_split)
         .div_ceil(64)
         * 64;
     if let Some(limit) = ex.tuning.loop_limit {

@@ -52,8 +52,12 @@ pub(super) fn matmul(
             Binding::from(&y.buf),
         ];
         if per_thread {
-            let p = ex.pipeline(shaders::MATMUL_SMALL, "matmul_rows", &[]);
-            let groups = ex.grid(chunk.rows.div_ceil(4 * 64))?;
+            // CPU drivers run workgroups on their threads: aim for 2 per core.
+            let threads = chunk.rows.div_ceil(4);
+            let want = 2 * ex.tuning.cpu_threads.max(1);
+            let wg = (threads / want).clamp(8, 64).next_power_of_two().min(64);
+            let p = ex.pipeline(shaders::MATMUL_SMALL, "matmul_rows", &[("ROWS_WG", wg as f64)]);
+            let groups = ex.grid(threads.div_ceil(wg))?;
             ex.rec.dispatch(&p, &params, &bindings, groups);
         } else if small && !ex.tuning.per_thread_kernels {
             // M * ROWS partial sums per thread must fit the kernel's 64 registers.

@@ -109,6 +109,8 @@ pub struct Tuning {
     /// attention (a thread per output block). CPU drivers pay a coroutine switch per
     /// barrier, so this wins there; real GPUs want the cooperative kernels.
     pub per_thread_kernels: bool,
+    /// Threads a CPU driver spreads workgroups over (this machine's cores).
+    pub cpu_threads: usize,
 }
 
 impl Tuning {
@@ -124,6 +126,7 @@ impl Tuning {
             decode_min_split: if cpu { 512 } else { 256 },
             loop_limit: if llvmpipe(info) { Some(65535) } else { None },
             per_thread_kernels: cpu,
+            cpu_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         }
     }
 }
@@ -422,6 +425,14 @@ impl Ops for GpuExecutor {
 
     fn flush(&mut self) -> Result<()> {
         self.rec.submit().map(|_| ())
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.rec.set_profiling(on);
+    }
+
+    fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
+        std::mem::take(&mut self.rec.profile).into_iter().map(|(k, (n, ns))| (k, n, ns)).collect()
     }
 
     fn matmul(&mut self, x: &GpuTensor, w: &GpuWeight, y: &mut GpuTensor) -> Result<()> {

@@ -1,0 +1,125 @@
+//! End-to-end speed on a model: prefill tokens/s for a 512-token prompt, decode
+//! tokens/s over 128 tokens, decode's share of the adapter's copy bandwidth, and
+//! where decode time goes per kernel (GPU timestamps). Prints a Markdown table and
+//! writes JSON.
+//!
+//! `cargo run --release --example bench_model -- --json bench_model.json`
+
+use clap::Parser;
+use kvsieve::generate::{Backend, Engine, GenerateParams, Options};
+use kvsieve::kernels::{copy_buffer, GpuExecutor};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+struct Cli {
+    /// Model directory (default: the default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// gpu or reference.
+    #[arg(long, default_value = "gpu")]
+    backend: String,
+    /// Prompt length.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens decoded.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Decode steps timed per kernel.
+    #[arg(long, default_value_t = 8)]
+    profile_steps: usize,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Copy-kernel bandwidth (bytes read + written per second) on the chosen adapter.
+fn copy_bandwidth() -> kvsieve::Result<f64> {
+    let mut ex = GpuExecutor::new()?;
+    ex.rec.enable_timestamps();
+    let bytes = 64u64 << 20;
+    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src");
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst");
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        copy_buffer(&mut ex, &src, &dst, bytes)?;
+        let r = ex.rec.submit()?;
+        let secs = r.gpu_ns.map(|ns| ns * 1e-9).unwrap_or_else(|| t.elapsed().as_secs_f64());
+        best = best.min(secs);
+    }
+    Ok(2.0 * bytes as f64 / best)
+}
+
+fn main() -> kvsieve::Result<()> {
+    let cli = Cli::parse();
+    let backend: Backend = cli.backend.parse()?;
+    let opts = Options { backend, max_context: cli.prompt_tokens + cli.decode_tokens + 64, progress: true, ..Default::default() };
+    let mut e = match &cli.model {
+        Some(d) => Engine::load(d, opts)?,
+        None => Engine::load_default(opts)?,
+    };
+    let c = e.config.clone();
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let mut prompt = e.tokenizer.encode(&filler.repeat(cli.prompt_tokens / 10 + 8))?;
+    prompt.truncate(cli.prompt_tokens);
+    // Warm-up: build pipelines and buffers.
+    e.generate_ids(&prompt[..16], &GenerateParams { max_tokens: 2, stop_at_eos: false, ..Default::default() })?
+        .for_each(drop);
+    e.reset();
+    e.stats = Default::default();
+    let params = GenerateParams { max_tokens: cli.decode_tokens + 1, stop_at_eos: false, ..Default::default() };
+    let n = e.generate_ids(&prompt, &params)?.count();
+    let s = e.stats.clone();
+    // Bytes read per decode token: every weight matrix (f16) plus the KV cache.
+    let (h, q, kv, i, l) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim, c.intermediate, c.layers);
+    let weight_bytes = 2 * (l * (h * q + 2 * h * kv + q * h + 3 * h * i) + c.vocab * h);
+    let mean_ctx = cli.prompt_tokens + cli.decode_tokens / 2;
+    let kv_bytes = 2 * 2 * l * kv * mean_ctx;
+    let bytes_per_token = (weight_bytes + kv_bytes) as f64;
+    let decode_bw = bytes_per_token * s.decode_tps();
+    let copy_bw = if backend == Backend::Gpu { Some(copy_bandwidth()?) } else { None };
+    // Per-kernel time over a few decode steps.
+    e.set_profiling(true);
+    let extra = GenerateParams { max_tokens: cli.profile_steps + 1, stop_at_eos: false, ..Default::default() };
+    e.generate_ids(&prompt, &extra)?.for_each(drop);
+    e.set_profiling(false);
+    let mut prof = e.take_profile();
+    prof.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total_ns: f64 = prof.iter().map(|p| p.2).sum();
+
+    println!("| model | executor | prompt | prefill tok/s | decode tok/s | decode GB/s | copy GB/s | decode / copy |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} L{} H{} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {} |",
+        c.arch_name(),
+        c.layers,
+        c.hidden,
+        e.backend_name(),
+        prompt.len(),
+        s.prefill_tps(),
+        s.decode_tps(),
+        decode_bw / 1e9,
+        copy_bw.map(|b| format!("{:.2}", b / 1e9)).unwrap_or("-".into()),
+        copy_bw.map(|b| format!("{:.2}", decode_bw / b)).unwrap_or("-".into()),
+    );
+    if !prof.is_empty() {
+        println!("\n| kernel (decode, {} steps) | dispatches | ms | share |", cli.profile_steps);
+        println!("|---|---|---|---|");
+        for (k, d, ns) in &prof {
+            println!("| {k} | {d} | {:.1} | {:.1}% |", ns / 1e6, 100.0 * ns / total_ns);
+        }
+    }
+    if let Some(path) = cli.json {
+        let j = serde_json::json!({
+            "model": c.arch_name(), "executor": e.backend_name(), "prompt_tokens": prompt.len(),
+            "generated_tokens": n, "prefill_tokens_per_s": s.prefill_tps(), "decode_tokens_per_s": s.decode_tps(),
+            "bytes_per_decode_token": bytes_per_token, "decode_bytes_per_s": decode_bw,
+            "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),
+            "decode_kernel_profile": prof.iter().map(|(k, d, ns)| serde_json::json!({"kernel": k, "dispatches": d, "ns": ns})).collect::<Vec<_>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap_or_default())
+            .map_err(|e| kvsieve::Error::InvalidOption(format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
