@@ -45,7 +45,10 @@ fn copy_bandwidth() -> kvsieve::Result<f64> {
         let t = Instant::now();
         copy_buffer(&mut ex, &src, &dst, bytes)?;
         let r = ex.rec.submit()?;
-        let secs = r.gpu_ns.map(|ns| ns * 1e-9).unwrap_or_else(|| t.elapsed().as_secs_f64());
+        let secs = r
+            .gpu_ns
+            .map(|ns| ns * 1e-9)
+            .unwrap_or_else(|| t.elapsed().as_secs_f64());
         best = best.min(secs);
     }
     Ok(2.0 * bytes as f64 / best)
@@ -54,34 +57,66 @@ fn copy_bandwidth() -> kvsieve::Result<f64> {
 fn main() -> kvsieve::Result<()> {
     let cli = Cli::parse();
     let backend: Backend = cli.backend.parse()?;
-    let opts = Options { backend, max_context: cli.prompt_tokens + cli.decode_tokens + 64, progress: true, ..Default::default() };
+    let opts = Options {
+        backend,
+        max_context: cli.prompt_tokens + cli.decode_tokens + 64,
+        progress: true,
+        ..Default::default()
+    };
     let mut e = match &cli.model {
         Some(d) => Engine::load(d, opts)?,
         None => Engine::load_default(opts)?,
     };
     let c = e.config.clone();
     let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-    let mut prompt = e.tokenizer.encode(&filler.repeat(cli.prompt_tokens / 10 + 8))?;
+    let mut prompt = e
+        .tokenizer
+        .encode(&filler.repeat(cli.prompt_tokens / 10 + 8))?;
     prompt.truncate(cli.prompt_tokens);
     // Warm-up: build pipelines and buffers.
-    e.generate_ids(&prompt[..16], &GenerateParams { max_tokens: 2, stop_at_eos: false, ..Default::default() })?
-        .for_each(drop);
+    e.generate_ids(
+        &prompt[..16],
+        &GenerateParams {
+            max_tokens: 2,
+            stop_at_eos: false,
+            ..Default::default()
+        },
+    )?
+    .for_each(drop);
     e.reset();
     e.stats = Default::default();
-    let params = GenerateParams { max_tokens: cli.decode_tokens + 1, stop_at_eos: false, ..Default::default() };
+    let params = GenerateParams {
+        max_tokens: cli.decode_tokens + 1,
+        stop_at_eos: false,
+        ..Default::default()
+    };
     let n = e.generate_ids(&prompt, &params)?.count();
     let s = e.stats.clone();
     // Bytes read per decode token: every weight matrix (f16) plus the KV cache.
-    let (h, q, kv, i, l) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim, c.intermediate, c.layers);
+    let (h, q, kv, i, l) = (
+        c.hidden,
+        c.heads * c.head_dim,
+        c.kv_heads * c.head_dim,
+        c.intermediate,
+        c.layers,
+    );
     let weight_bytes = 2 * (l * (h * q + 2 * h * kv + q * h + 3 * h * i) + c.vocab * h);
     let mean_ctx = cli.prompt_tokens + cli.decode_tokens / 2;
     let kv_bytes = 2 * 2 * l * kv * mean_ctx;
     let bytes_per_token = (weight_bytes + kv_bytes) as f64;
     let decode_bw = bytes_per_token * s.decode_tps();
-    let copy_bw = if backend == Backend::Gpu { Some(copy_bandwidth()?) } else { None };
+    let copy_bw = if backend == Backend::Gpu {
+        Some(copy_bandwidth()?)
+    } else {
+        None
+    };
     // Per-kernel time over a few decode steps.
     e.set_profiling(true);
-    let extra = GenerateParams { max_tokens: cli.profile_steps + 1, stop_at_eos: false, ..Default::default() };
+    let extra = GenerateParams {
+        max_tokens: cli.profile_steps + 1,
+        stop_at_eos: false,
+        ..Default::default()
+    };
     e.generate_ids(&prompt, &extra)?.for_each(drop);
     e.set_profiling(false);
     let mut prof = e.take_profile();
@@ -100,14 +135,25 @@ fn main() -> kvsieve::Result<()> {
         s.prefill_tps(),
         s.decode_tps(),
         decode_bw / 1e9,
-        copy_bw.map(|b| format!("{:.2}", b / 1e9)).unwrap_or("-".into()),
-        copy_bw.map(|b| format!("{:.2}", decode_bw / b)).unwrap_or("-".into()),
+        copy_bw
+            .map(|b| format!("{:.2}", b / 1e9))
+            .unwrap_or("-".into()),
+        copy_bw
+            .map(|b| format!("{:.2}", decode_bw / b))
+            .unwrap_or("-".into()),
     );
     if !prof.is_empty() {
-        println!("\n| kernel (decode, {} steps) | dispatches | ms | share |", cli.profile_steps);
+        println!(
+            "\n| kernel (decode, {} steps) | dispatches | ms | share |",
+            cli.profile_steps
+        );
         println!("|---|---|---|---|");
         for (k, d, ns) in &prof {
-            println!("| {k} | {d} | {:.1} | {:.1}% |", ns / 1e6, 100.0 * ns / total_ns);
+            println!(
+                "| {k} | {d} | {:.1} | {:.1}% |",
+                ns / 1e6,
+                100.0 * ns / total_ns
+            );
         }
     }
     if let Some(path) = cli.json {

@@ -10,6 +10,9 @@
 //! println!("{}", ctx.describe());
 //! ```
 
+// `!(x >= 0.0)` is how option checks reject NaN along with negatives.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 pub mod attention;
 pub mod convert;
 pub mod error;

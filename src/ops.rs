@@ -85,7 +85,7 @@ impl RopeConfig {
     /// The `(cos, sin)` table `[max_positions, head_dim / 2]`: angle = pos * inv_freq
     /// in f32 like Hugging Face, cos/sin evaluated in f64.
     pub fn table(&self) -> Result<Vec<[f32; 2]>> {
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidOption(format!(
                 "rope head_dim {} must be even",
                 self.head_dim
@@ -394,7 +394,8 @@ pub mod check {
         Ok(())
     }
 
-    /// Attention over the cache: returns (q_heads, n_queries).
+    /// Attention over the cache: returns the number of query heads.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         op: &'static str,
         layout: &KvLayout,
@@ -411,14 +412,14 @@ pub mod check {
             return shape_err(op, format!("layer {layer} of {}", layout.layers));
         }
         let d = layout.head_dim;
-        if q.1 == 0 || q.1 % d != 0 {
+        if q.1 == 0 || !q.1.is_multiple_of(d) {
             return shape_err(
                 op,
                 format!("q is {q:?}, not a whole number of heads of {d}"),
             );
         }
         let qh = q.1 / d;
-        if qh % layout.kv_heads != 0 || qh / layout.kv_heads > 8 {
+        if !qh.is_multiple_of(layout.kv_heads) || qh / layout.kv_heads > 8 {
             return shape_err(
                 op,
                 format!(

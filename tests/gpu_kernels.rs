@@ -64,7 +64,7 @@ fn matmul_weight_split_across_bindings() {
 fn matmul_rejects_bad_shapes() {
     let mut ex = gpu();
     let x = ex.tensor(2, 8).unwrap();
-    let w = ex.weight(&vec![f16::ZERO; 3 * 6], 3, 6).unwrap();
+    let w = ex.weight(&[f16::ZERO; 3 * 6], 3, 6).unwrap();
     let mut y = ex.tensor(2, 3).unwrap();
     assert!(matches!(
         ex.matmul(&x, &w, &mut y),

@@ -28,7 +28,7 @@ impl KvLayout {
                 "KV layout has a zero size: {self:?}"
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 8 != 0 || self.head_dim > 128 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) || self.head_dim > 128 {
             return Err(Error::InvalidOption(format!(
                 "head_dim {} unsupported: must be a multiple of 8 and at most 128",
                 self.head_dim

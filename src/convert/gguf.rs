@@ -276,7 +276,7 @@ impl<'a> Gguf<'a> {
         })?;
         let n = t.elements() as usize;
         let (per, bytes) = ty.block();
-        if n % per != 0 {
+        if !n.is_multiple_of(per) {
             return Err(bad(&format!("tensor {} size {n} for block {per}", t.name)));
         }
         let size = n / per * bytes;
@@ -379,7 +379,10 @@ mod tests {
         let mut q80 = h(0.1).to_vec();
         q80.extend((0..32).map(|j| (j as i8 - 16) as u8));
         let f16s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&x| h(x)).collect();
-        let bf16s: Vec<u8> = [3.0f32, -0.5].iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
+        let bf16s: Vec<u8> = [3.0f32, -0.5]
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect();
         let f32s: Vec<u8> = [7.0f32, 8.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let file = build(&[
             ("a", 2, vec![32], q40),
@@ -390,7 +393,10 @@ mod tests {
             ("f", 0, vec![2], f32s),
         ]);
         let g = Gguf::parse(&file).unwrap();
-        assert_eq!(g.get("general.architecture").and_then(Value::as_str), Some("llama"));
+        assert_eq!(
+            g.get("general.architecture").and_then(Value::as_str),
+            Some("llama")
+        );
         let deq = |n: &str| g.dequantize(g.tensor(n).unwrap()).unwrap();
         let a = deq("a");
         assert_eq!(a[0], -4.0);
@@ -412,10 +418,16 @@ mod tests {
         let mut f = build(&[("a", 2, vec![32], vec![0; 18])]);
         f.truncate(f.len() - 20);
         let g = Gguf::parse(&f).unwrap();
-        assert!(g.dequantize(g.tensor("a").unwrap()).is_err(), "data past the end");
+        assert!(
+            g.dequantize(g.tensor("a").unwrap()).is_err(),
+            "data past the end"
+        );
         let f = build(&[("q", 12, vec![256], vec![0; 144])]);
         let g = Gguf::parse(&f).unwrap();
-        let e = g.dequantize(g.tensor("q").unwrap()).unwrap_err().to_string();
+        let e = g
+            .dequantize(g.tensor("q").unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("GGML type 12"), "{e}");
     }
 }

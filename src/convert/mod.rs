@@ -151,7 +151,7 @@ fn hf_name(name: &str) -> Option<String> {
 /// from rotate-half order `[x0..x_{d/2}, y0..]` to interleaved `[x0, y0, x1, y1, ..]`.
 /// HF row `s * half + i` of a head is GGUF row `2 * i + s`.
 pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(Error::Shape {
             op: "unpermute",
             msg: format!("{rows} rows over {heads} heads"),

@@ -146,6 +146,30 @@ impl<E: Ops> Runner for Session<E> {
     }
 }
 
+/// Loads the model onto `ops` and wraps it in a session.
+fn runner<E: Ops + 'static>(
+    mut ops: E,
+    weights: &Weights,
+    config: &ModelConfig,
+    max_context: usize,
+    opts: &Options,
+) -> Result<Box<dyn Runner>> {
+    let model = Llama::load(
+        &mut ops,
+        weights,
+        config.clone(),
+        max_context,
+        opts.progress,
+    )?;
+    Ok(Box::new(Session::new(
+        ops,
+        model,
+        max_context,
+        opts.page_size,
+        opts.prefill_chunk,
+    )?))
+}
+
 /// A loaded model ready to generate.
 ///
 /// ```no_run
@@ -178,40 +202,10 @@ impl Engine {
         } else {
             opts.max_context
         };
-        let runner: Box<dyn Runner> = match opts.backend {
-            Backend::Gpu => {
-                let mut ops = GpuExecutor::new()?;
-                let model = Llama::load(
-                    &mut ops,
-                    &weights,
-                    config.clone(),
-                    max_context,
-                    opts.progress,
-                )?;
-                Box::new(Session::new(
-                    ops,
-                    model,
-                    max_context,
-                    opts.page_size,
-                    opts.prefill_chunk,
-                )?)
-            }
+        let runner = match opts.backend {
+            Backend::Gpu => runner(GpuExecutor::new()?, &weights, &config, max_context, &opts)?,
             Backend::Reference => {
-                let mut ops = RefExecutor::new();
-                let model = Llama::load(
-                    &mut ops,
-                    &weights,
-                    config.clone(),
-                    max_context,
-                    opts.progress,
-                )?;
-                Box::new(Session::new(
-                    ops,
-                    model,
-                    max_context,
-                    opts.page_size,
-                    opts.prefill_chunk,
-                )?)
+                runner(RefExecutor::new(), &weights, &config, max_context, &opts)?
             }
         };
         Ok(Self {

@@ -207,10 +207,17 @@ impl Recorder {
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("kvsieve step"),
         });
-        let n_dispatches = cmds.iter().filter(|c| matches!(c, Cmd::Dispatch { .. })).count();
+        let n_dispatches = cmds
+            .iter()
+            .filter(|c| matches!(c, Cmd::Dispatch { .. }))
+            .count();
         // wgpu caps a query set at 4096 queries.
         let profiling = self.profiling && n_dispatches > 0 && 2 * n_dispatches <= 4096;
-        let n_passes = if profiling { n_dispatches } else { count_passes(&cmds) };
+        let n_passes = if profiling {
+            n_dispatches
+        } else {
+            count_passes(&cmds)
+        };
         let prof = profiling.then(|| {
             let qs = device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("kvsieve profile"),
@@ -353,7 +360,13 @@ impl Recorder {
                 }
             }
             if let Some((_, resolve)) = &prof {
-                enc.copy_buffer_to_buffer(resolve, 0, st, prof_offset, Some(16 * n_dispatches as u64));
+                enc.copy_buffer_to_buffer(
+                    resolve,
+                    0,
+                    st,
+                    prof_offset,
+                    Some(16 * n_dispatches as u64),
+                );
             }
         }
         ctx.queue.submit([enc.finish()]);

@@ -54,12 +54,12 @@ pub(crate) fn decode_split(
     } else {
         (ex.tuning.decode_workgroups / kv_heads).max(1)
     };
-    let min_split = if ex.tuning.per_thread_kernels { 64 } else { ex.tuning.decode_min_split };
-    let mut split = kv_len
-        .div_ceil(target)
-        .max(min_split)
-        .div_ceil(64)
-        * 64;
+    let min_split = if ex.tuning.per_thread_kernels {
+        64
+    } else {
+        ex.tuning.decode_min_split
+    };
+    let mut split = kv_len.div_ceil(target).max(min_split).div_ceil(64) * 64;
     if let Some(limit) = ex.tuning.loop_limit {
         let budget = loop_budget(limit);
         let max_keys = if ex.tuning.per_thread_kernels {

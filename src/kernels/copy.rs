@@ -12,7 +12,7 @@ pub fn copy_buffer(
     dst: &wgpu::Buffer,
     bytes: u64,
 ) -> Result<()> {
-    if bytes % 16 != 0 || bytes > src.size() || bytes > dst.size() {
+    if !bytes.is_multiple_of(16) || bytes > src.size() || bytes > dst.size() {
         return shape_err(
             "copy",
             format!("{bytes} bytes: must be a multiple of 16 within both buffers"),

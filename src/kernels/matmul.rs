@@ -16,7 +16,7 @@ pub(super) fn matmul(
     y: &mut GpuTensor,
 ) -> Result<()> {
     check::matmul((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols))?;
-    if x.cols % 4 != 0 {
+    if !x.cols.is_multiple_of(4) {
         return shape_err(
             "matmul",
             format!("in-dim {} must be a multiple of 4 on the GPU", x.cols),
@@ -56,7 +56,11 @@ pub(super) fn matmul(
             let threads = chunk.rows.div_ceil(4);
             let want = 2 * ex.tuning.cpu_threads.max(1);
             let wg = (threads / want).clamp(8, 64).next_power_of_two().min(64);
-            let p = ex.pipeline(shaders::MATMUL_SMALL, "matmul_rows", &[("ROWS_WG", wg as f64)]);
+            let p = ex.pipeline(
+                shaders::MATMUL_SMALL,
+                "matmul_rows",
+                &[("ROWS_WG", wg as f64)],
+            );
             let groups = ex.grid(threads.div_ceil(wg))?;
             ex.rec.dispatch(&p, &params, &bindings, groups);
         } else if small && !ex.tuning.per_thread_kernels {

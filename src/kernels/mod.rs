@@ -126,7 +126,9 @@ impl Tuning {
             decode_min_split: if cpu { 512 } else { 256 },
             loop_limit: if llvmpipe(info) { Some(65535) } else { None },
             per_thread_kernels: cpu,
-            cpu_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cpu_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -349,7 +351,7 @@ impl Ops for GpuExecutor {
                 format!("{} values for ({rows}, {cols})", data.len()),
             );
         }
-        if cols % 2 != 0 {
+        if !cols.is_multiple_of(2) {
             return shape_err(
                 "weight",
                 format!("{cols} columns: f16 rows are packed in pairs, need an even count"),
@@ -432,7 +434,10 @@ impl Ops for GpuExecutor {
     }
 
     fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
-        std::mem::take(&mut self.rec.profile).into_iter().map(|(k, (n, ns))| (k, n, ns)).collect()
+        std::mem::take(&mut self.rec.profile)
+            .into_iter()
+            .map(|(k, (n, ns))| (k, n, ns))
+            .collect()
     }
 
     fn matmul(&mut self, x: &GpuTensor, w: &GpuWeight, y: &mut GpuTensor) -> Result<()> {

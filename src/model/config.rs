@@ -117,7 +117,7 @@ impl ModelConfig {
             return Err(Error::InvalidOption("a size in config is zero".into()));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(Error::InvalidOption(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));

@@ -341,8 +341,8 @@ impl Ops for RefExecutor {
                 format!("{} outputs for {} rows", out.len(), x.rows),
             );
         }
-        for r in 0..x.rows {
-            out[r] = argmax_row(&x.data[r * x.cols..(r + 1) * x.cols]);
+        for (r, o) in out.iter_mut().take(x.rows).enumerate() {
+            *o = argmax_row(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
         Ok(())
     }
