@@ -91,3 +91,47 @@ fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         }
     }
 }
+
+// matmul_rows with 8 halves per load (K a multiple of 8): half the loop trips and
+// wider loads per lane.
+@group(0) @binding(2) var<storage, read> w8: array<vec4<u32>>;   // [rows, K/8]
+
+@compute @workgroup_size(ROWS_WG)
+fn matmul_rows8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.y * nwg.x * ROWS_WG + gid.x;
+    let n0 = t * 4u;
+    if (n0 >= p.rows) { return; }
+    let k8 = p.k4 / 2u;
+    var acc: array<vec4<f32>, 16>;
+    for (var m = 0u; m < 16u; m++) { acc[m] = vec4<f32>(0.0); }
+    let r0 = min(n0, p.rows - 1u) * k8;
+    let r1 = min(n0 + 1u, p.rows - 1u) * k8;
+    let r2 = min(n0 + 2u, p.rows - 1u) * k8;
+    let r3 = min(n0 + 3u, p.rows - 1u) * k8;
+    for (var j = 0u; j < k8; j++) {
+        let w0 = w8[r0 + j];
+        let w1 = w8[r1 + j];
+        let w2 = w8[r2 + j];
+        let w3 = w8[r3 + j];
+        let a0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+        let b0 = vec4<f32>(unpack2x16float(w0.z), unpack2x16float(w0.w));
+        let a1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
+        let b1 = vec4<f32>(unpack2x16float(w1.z), unpack2x16float(w1.w));
+        let a2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
+        let b2 = vec4<f32>(unpack2x16float(w2.z), unpack2x16float(w2.w));
+        let a3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
+        let b3 = vec4<f32>(unpack2x16float(w3.z), unpack2x16float(w3.w));
+        for (var m = 0u; m < p.m; m++) {
+            let xa = x[m * p.k4 + 2u * j];
+            let xb = x[m * p.k4 + 2u * j + 1u];
+            acc[m] += vec4<f32>(dot(xa, a0) + dot(xb, b0), dot(xa, a1) + dot(xb, b1),
+                                dot(xa, a2) + dot(xb, b2), dot(xa, a3) + dot(xb, b3));
+        }
+    }
+    for (var m = 0u; m < p.m; m++) {
+        let base = m * p.y_stride + p.n_offset + n0;
+        for (var jj = 0u; jj < 4u; jj++) {
+            if (n0 + jj < p.rows) { y[base + jj] = acc[m][jj]; }
+        }
+    }
+}

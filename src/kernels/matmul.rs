@@ -58,7 +58,11 @@ pub(super) fn matmul(
             let wg = (threads / want).clamp(8, 64).next_power_of_two().min(64);
             let p = ex.pipeline(
                 shaders::MATMUL_SMALL,
-                "matmul_rows",
+                if k4 % 2 == 0 {
+                    "matmul_rows8"
+                } else {
+                    "matmul_rows"
+                },
                 &[("ROWS_WG", wg as f64)],
             );
             let groups = ex.grid(threads.div_ceil(wg))?;
