@@ -10,10 +10,15 @@
 // each pass continues the state left by the previous one.
 //
 // decode_reduce: combines the splits of each query head into the output.
+// List mode (sparse policies): the attended keys are ranks 0..kv_len of the list
+// [0, n_init) ++ sel[0..n_sel) ++ [tail_start, tail_start + rest); a key's RoPE
+// position is its rank (compact) or its logical index (original).
 struct Params {
     kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
     page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
+    list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
+    compact: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;              // [q_heads * D], rotated
@@ -22,6 +27,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> pages: array<u32>;
 @group(0) @binding(5) var<storage, read> cs: array<vec2<f32>>;       // rope table [max_pos, D/2]
 @group(0) @binding(6) var<storage, read_write> part: array<f32>;     // [q_heads, n_splits, D + 2]
+@group(0) @binding(7) var<storage, read> sel: array<u32>;            // selected ids (list mode)
 
 const TILE: u32 = 64u;
 const MAX_G: u32 = 8u;
@@ -34,7 +40,21 @@ var<workgroup> s_sh: array<f32, 512>;         // MAX_G * TILE: scores, then prob
 var<workgroup> base_sh: array<u32, 64>;       // word offset of each tile key's row, or NONE
 var<workgroup> alpha_sh: array<f32, 8>;
 
-fn key_base(j: u32, kvh: u32) -> u32 {
+// Logical token index of rank r.
+fn logical(r: u32) -> u32 {
+    if (p.list_mode == 0u || r < p.n_init) { return r; }
+    if (r < p.n_init + p.n_sel) { return sel[r - p.n_init]; }
+    return p.tail_start + (r - p.n_init - p.n_sel);
+}
+
+// RoPE position of rank r.
+fn position(r: u32) -> u32 {
+    let pos = select(logical(r), r, p.list_mode == 0u || p.compact == 1u);
+    return min(pos, p.max_pos - 1u);
+}
+
+fn key_base(r: u32, kvh: u32) -> u32 {
+    let j = logical(r);
     let page = pages[j / p.page_size];
     if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return NONE; }
     let local_page = page - p.arena_first_page;
@@ -90,7 +110,7 @@ fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
         var sc: array<f32, 8>;
         for (var g = 0u; g < MAX_G; g++) { sc[g] = 0.0; }
         if (base != NONE) {
-            let pos = min(j, p.max_pos - 1u);
+            let pos = position(j);
             for (var w = 0u; w < quarter; w++) {
                 // dims (2w, 2w+1) and their rotate-half partners (2w + D/2, 2w + 1 + D/2)
                 let lo = unpack2x16float(k_arena[base + w]);
@@ -202,7 +222,7 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var j = begin; j < end; j++) {
         let base = key_base(j, kvh);
         if (base == NONE) { continue; }
-        let pos = min(j, p.max_pos - 1u);
+        let pos = position(j);
         var s4 = vec4<f32>(0.0);
         for (var w = 0u; w < e8; w++) {
             // dims 4w..4w+3 and their rotate-half partners 4w + D/2 ..

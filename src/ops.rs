@@ -114,6 +114,36 @@ impl RopeConfig {
     }
 }
 
+/// The keys a sparse decode step attends to, by rank: `[0, n_init)`, then
+/// `selected[0..n_selected)` (ascending logical indices), then `tail_len` tokens from
+/// `tail_start`. With `compact` positions a key's RoPE position is its rank.
+pub struct KeyList<'a, I> {
+    /// Attention sinks at the start.
+    pub n_init: usize,
+    /// Selected logical indices (device buffer), ascending.
+    pub selected: &'a I,
+    /// How many of `selected` are used.
+    pub n_selected: usize,
+    /// First token of the local window.
+    pub tail_start: usize,
+    /// Tokens in the local window.
+    pub tail_len: usize,
+    /// Rank positions (TokenSelect's compact mode) instead of logical ones.
+    pub compact: bool,
+}
+
+impl<I> KeyList<'_, I> {
+    /// Keys in the list.
+    pub fn len(&self) -> usize {
+        self.n_init + self.n_selected + self.tail_len
+    }
+
+    /// True when the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The operations the model and policies use; see the module docs for conventions.
 #[allow(clippy::too_many_arguments)]
 pub trait Ops: Send {
@@ -207,6 +237,50 @@ pub trait Ops: Send {
     /// The `k` (1..=64) largest values of row 0 with their ids, descending (ties to the
     /// lower id). Only these are read back.
     fn top_k(&mut self, logits: &Self::Tensor, k: usize) -> Result<Vec<(u32, f32)>>;
+    /// TokenSelect scoring: `scores[h * n + j] = q_h . K[begin + j, g(h)]` with the
+    /// unrotated cached keys, unscaled (`q` `[1, q_heads * head_dim]` is rotated by the
+    /// caller). `scores` needs at least `q_heads * n` elements.
+    fn ts_score(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        begin: usize,
+        n: usize,
+        scores: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Soft vote: `votes[j] = sum_h softmax_j(scores[h, :n])`.
+    fn ts_vote(
+        &mut self,
+        scores: &Self::Tensor,
+        q_heads: usize,
+        n: usize,
+        votes: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// The `k` largest of `votes[..n]` (ties to the lower index) as `begin + j`,
+    /// ascending, into `out[..k]`.
+    fn ts_top_k(
+        &mut self,
+        votes: &Self::Tensor,
+        n: usize,
+        k: usize,
+        begin: usize,
+        out: &mut Self::Ids,
+    ) -> Result<()>;
+    /// Attention of one query (rotated by the caller) over the keys of `list`;
+    /// `seq_len` is the sequence's length (for page lookups).
+    fn attention_decode_list(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        seq_len: usize,
+        list: &KeyList<'_, Self::Ids>,
+        rope: &Self::Rope,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Row-wise argmax (ties to the lowest index) into `out[0..rows]`.
     fn argmax(&mut self, x: &Self::Tensor, out: &mut Self::Ids) -> Result<()>;
     /// Stores k, v `[tokens, kv_heads * head_dim]` (keys before RoPE) at logical
@@ -335,6 +409,91 @@ pub mod check {
             );
         }
         Ok(())
+    }
+
+    /// TokenSelect shapes: returns the query head count.
+    pub fn ts(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        begin: usize,
+        n: usize,
+        scores_len: usize,
+    ) -> Result<usize> {
+        if layer >= layout.layers {
+            return shape_err("ts_score", format!("layer {layer} of {}", layout.layers));
+        }
+        let d = layout.head_dim;
+        if q.0 != 1 || q.1 % d != 0 || (q.1 / d) % layout.kv_heads != 0 {
+            return shape_err(
+                "ts_score",
+                format!("q is {q:?}: one row of whole GQA groups of {d}"),
+            );
+        }
+        let qh = q.1 / d;
+        if n == 0 || (begin + n).div_ceil(layout.page_size) > table.pages.len() {
+            return shape_err(
+                "ts_score",
+                format!("candidates {begin}..{} outside the sequence", begin + n),
+            );
+        }
+        if scores_len < qh * n {
+            return shape_err(
+                "ts_score",
+                format!("scores hold {scores_len} values, need {}", qh * n),
+            );
+        }
+        Ok(qh)
+    }
+
+    /// Sparse decode over a key list: returns the query head count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_list<I>(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        out: (usize, usize),
+        seq_len: usize,
+        list: &KeyList<'_, I>,
+        selected_capacity: usize,
+        max_pos: usize,
+    ) -> Result<usize> {
+        if q.0 != 1 {
+            return shape_err(
+                "attention_decode_list",
+                format!("{} query rows, expected 1", q.0),
+            );
+        }
+        let qh = attention(
+            "attention_decode_list",
+            layout,
+            layer,
+            table,
+            q,
+            out,
+            seq_len.saturating_sub(1),
+            seq_len.max(1),
+            max_pos,
+        )?;
+        if list.is_empty()
+            || list.n_selected > selected_capacity
+            || list.tail_start + list.tail_len > seq_len
+            || list.n_init > seq_len
+        {
+            return shape_err(
+                "attention_decode_list",
+                format!(
+                    "list of {} sinks, {} selected (capacity {selected_capacity}), window {}..{} over {seq_len} tokens",
+                    list.n_init,
+                    list.n_selected,
+                    list.tail_start,
+                    list.tail_start + list.tail_len
+                ),
+            );
+        }
+        Ok(qh)
     }
 
     /// Top-k selection bounds.

@@ -33,6 +33,7 @@ shaders! {
     ATTENTION_DECODE => "attention_decode.wgsl",
     ATTENTION_PREFILL => "attention_prefill.wgsl",
     SAMPLING => "sampling.wgsl",
+    TOKENSELECT => "tokenselect.wgsl",
 }
 
 #[cfg(test)]

@@ -3,11 +3,11 @@
 //! (`attention_prefill.wgsl`). A cache spanning several arena buffers is handled
 //! with one pass per arena, the online-softmax state carried between passes.
 
-use super::{GpuExecutor, GpuKv, GpuRope, GpuTensor};
+use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use crate::attention::PageTable;
 use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
-use crate::ops::check;
+use crate::ops::{check, KeyList};
 use crate::shaders;
 
 /// Arenas of `layer` that hold at least one page of the first `kv_len` tokens.
@@ -101,41 +101,102 @@ pub(super) fn decode(
     }
     let l = kv.layout;
     let q_start = kv_len.saturating_sub(1);
+    let dims = ((q.rows, q.cols), (out.rows, out.cols));
     let qh = check::attention(
         "attention_decode",
         &l,
         layer,
         table,
-        (q.rows, q.cols),
-        (out.rows, out.cols),
+        dims.0,
+        dims.1,
         q_start,
         kv_len,
         rope.max_pos,
     )?;
+    decode_impl(ex, q, kv, layer, table, qh, kv_len, kv_len, None, rope, out)
+}
+
+/// Sparse decode over a key list (TokenSelect): the same kernels in list mode.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_list(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    seq_len: usize,
+    list: &KeyList<'_, GpuIds>,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let dims = ((q.rows, q.cols), (out.rows, out.cols));
+    let cap = list.selected.len;
+    let qh = check::attention_list(
+        &kv.layout,
+        layer,
+        table,
+        dims.0,
+        dims.1,
+        seq_len,
+        list,
+        cap,
+        rope.max_pos,
+    )?;
+    decode_impl(
+        ex,
+        q,
+        kv,
+        layer,
+        table,
+        qh,
+        list.len(),
+        seq_len,
+        Some(list),
+        rope,
+        out,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_impl(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    qh: usize,
+    ranks: usize,
+    seq_len: usize,
+    list: Option<&KeyList<'_, GpuIds>>,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let l = kv.layout;
     let d = l.head_dim;
-    let split = decode_split(ex, kv_len, l.kv_heads, d, qh / l.kv_heads);
-    let n_splits = kv_len.div_ceil(split);
+    let split = decode_split(ex, ranks, l.kv_heads, d, qh / l.kv_heads);
+    let n_splits = ranks.div_ceil(split);
     let part = ex.scratch("decode partials", (qh * n_splits * (d + 2) * 4) as u64)?;
+    let sel = match list {
+        Some(li) => li.selected.buf.clone(),
+        None => ex.scratch("no selection", 16)?,
+    };
     let pages = ex.page_table(table);
     let lanes = ex.tuning.per_thread_kernels;
-    let p = ex.pipeline(
-        shaders::ATTENTION_DECODE,
-        if lanes {
-            "decode_lanes"
-        } else {
-            "decode_partial"
-        },
-        &[],
-    );
+    let entry = if lanes {
+        "decode_lanes"
+    } else {
+        "decode_partial"
+    };
+    let p = ex.pipeline(shaders::ATTENTION_DECODE, entry, &[]);
     let groups = if lanes {
         ex.grid((qh * n_splits).div_ceil(64))?
     } else {
         [n_splits as u32, l.kv_heads as u32, 1]
     };
     let scale = 1.0f32 / (d as f32).sqrt();
-    for (i, &a) in arenas_used(kv, table, kv_len).iter().enumerate() {
-        let params = [
-            kv_len as u32,
+    for (i, &a) in arenas_used(kv, table, seq_len).iter().enumerate() {
+        let mut params = vec![
+            ranks as u32,
             qh as u32,
             l.kv_heads as u32,
             d as u32,
@@ -148,6 +209,19 @@ pub(super) fn decode(
             scale.to_bits(),
             rope.max_pos as u32,
         ];
+        params.extend(match list {
+            Some(li) => [
+                1,
+                li.n_init as u32,
+                li.n_selected as u32,
+                li.tail_start as u32,
+                u32::from(li.compact),
+                0,
+                0,
+                0,
+            ],
+            None => [0; 8],
+        });
         let b = [
             Binding::from(&q.buf),
             Binding::from(&kv.k[layer][a]),
@@ -155,6 +229,7 @@ pub(super) fn decode(
             Binding::from(&pages),
             Binding::from(&rope.buf),
             Binding::from(&part),
+            Binding::from(&sel),
         ];
         ex.rec.dispatch(&p, &params, &b, groups);
     }

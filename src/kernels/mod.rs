@@ -13,12 +13,13 @@ mod matmul;
 mod rmsnorm;
 mod rope;
 mod sampling;
+mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
 use crate::gpu::{GpuContext, PipelineCache, Recorder};
-use crate::ops::{Ops, RopeConfig};
+use crate::ops::{KeyList, Ops, RopeConfig};
 use half::f16;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -514,6 +515,54 @@ impl Ops for GpuExecutor {
 
     fn top_k(&mut self, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
         sampling::top_k(self, logits, k)
+    }
+
+    fn ts_score(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        begin: usize,
+        n: usize,
+        scores: &mut GpuTensor,
+    ) -> Result<()> {
+        tokenselect::score(self, q, kv, layer, table, begin, n, scores)
+    }
+
+    fn ts_vote(
+        &mut self,
+        scores: &GpuTensor,
+        q_heads: usize,
+        n: usize,
+        votes: &mut GpuTensor,
+    ) -> Result<()> {
+        tokenselect::vote(self, scores, q_heads, n, votes)
+    }
+
+    fn ts_top_k(
+        &mut self,
+        votes: &GpuTensor,
+        n: usize,
+        k: usize,
+        begin: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        tokenselect::top_k(self, votes, n, k, begin, out)
+    }
+
+    fn attention_decode_list(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        seq_len: usize,
+        list: &KeyList<'_, GpuIds>,
+        rope: &GpuRope,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::decode_list(self, q, kv, layer, table, seq_len, list, rope, out)
     }
 
     fn argmax(&mut self, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {

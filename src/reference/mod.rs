@@ -4,10 +4,11 @@
 //! rotates keys with the same table, so both take the same decisions.
 
 mod attention;
+pub mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{Error, Result};
-use crate::ops::{check, Ops, RopeConfig};
+use crate::ops::{check, KeyList, Ops, RopeConfig};
 use half::f16;
 use rayon::prelude::*;
 
@@ -332,6 +333,91 @@ impl Ops for RefExecutor {
     fn top_k(&mut self, logits: &RefTensor, k: usize) -> Result<Vec<(u32, f32)>> {
         check::top_k((logits.rows, logits.cols), k)?;
         Ok(top_k_row(&logits.data[..logits.cols], k))
+    }
+
+    fn ts_score(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        begin: usize,
+        n: usize,
+        scores: &mut RefTensor,
+    ) -> Result<()> {
+        check::ts(
+            &kv.layout,
+            layer,
+            table,
+            (q.rows, q.cols),
+            begin,
+            n,
+            scores.data.len(),
+        )?;
+        tokenselect::score(q, kv, layer, table, begin, n, &mut scores.data);
+        Ok(())
+    }
+
+    fn ts_vote(
+        &mut self,
+        scores: &RefTensor,
+        q_heads: usize,
+        n: usize,
+        votes: &mut RefTensor,
+    ) -> Result<()> {
+        if scores.data.len() < q_heads * n || votes.data.len() < n {
+            return crate::error::shape_err(
+                "ts_vote",
+                format!("{q_heads} heads x {n} candidates do not fit"),
+            );
+        }
+        tokenselect::vote(&scores.data, q_heads, n, &mut votes.data);
+        Ok(())
+    }
+
+    fn ts_top_k(
+        &mut self,
+        votes: &RefTensor,
+        n: usize,
+        k: usize,
+        begin: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        if votes.data.len() < n || k == 0 || k > n || out.len() < k {
+            return crate::error::shape_err(
+                "ts_top_k",
+                format!("top {k} of {n} into {} slots", out.len()),
+            );
+        }
+        let sel = tokenselect::top_k(&votes.data[..n], k, begin);
+        out[..k].copy_from_slice(&sel);
+        Ok(())
+    }
+
+    fn attention_decode_list(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        seq_len: usize,
+        list: &KeyList<'_, Vec<u32>>,
+        rope: &RefRope,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        check::attention_list(
+            &kv.layout,
+            layer,
+            table,
+            (q.rows, q.cols),
+            (out.rows, out.cols),
+            seq_len,
+            list,
+            list.selected.len(),
+            rope.max_pos,
+        )?;
+        tokenselect::attention_list(q, kv, layer, table, list, rope, out);
+        Ok(())
     }
 
     fn argmax(&mut self, x: &RefTensor, out: &mut Vec<u32>) -> Result<()> {

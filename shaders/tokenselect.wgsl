@@ -1,0 +1,196 @@
+// TokenSelect selection: per-head scores of the query against the unrotated cached
+// keys of its KV head over the candidate range, per-head softmax summed over heads
+// (soft vote), and a deterministic radix top-k on the vote's float bits.
+struct Params {
+    n: u32, begin: u32, q_heads: u32, kv_heads: u32,
+    head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
+    k: u32, pass_: u32, _p0: u32, _p1: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+
+// ---- score: s[h, j] = q_h . K[begin + j, g(h)], unscaled; thread per candidate.
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;        // [q_heads * D/4], rotated at n_local
+@group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read> pages: array<u32>;
+@group(0) @binding(4) var<storage, read_write> scores: array<f32>;   // [q_heads, n]
+
+@compute @workgroup_size(64)
+fn score(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = gid.y * nwg.x * 64u + gid.x;
+    if (j >= p.n) { return; }
+    let t = p.begin + j;
+    let page = pages[t / p.page_size];
+    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    let d4 = p.head_dim / 4u;
+    let group = p.q_heads / p.kv_heads;
+    for (var g = 0u; g < p.kv_heads; g++) {
+        let base = (((page - p.arena_first_page) * p.kv_heads + g) * p.page_size + t % p.page_size) * d4;
+        for (var hh = 0u; hh < group; hh++) {
+            let h = g * group + hh;
+            var acc = vec4<f32>(0.0);
+            for (var i = 0u; i < d4; i++) {
+                let kw = k_arena[base + i];
+                acc += q[h * d4 + i] * vec4<f32>(unpack2x16float(kw.x), unpack2x16float(kw.y));
+            }
+            scores[h * p.n + j] = acc.x + acc.y + acc.z + acc.w;
+        }
+    }
+}
+
+// ---- head_stats: per head, max and sum(exp(s - max)) over the candidates.
+@group(0) @binding(1) var<storage, read> s_in: array<f32>;            // [q_heads, n]
+@group(0) @binding(2) var<storage, read_write> stats: array<vec2<f32>>; // [q_heads]
+var<workgroup> red: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn head_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.x;
+    var m = -3.0e38;
+    for (var j = lid.x; j < p.n; j += 256u) { m = max(m, s_in[h * p.n + j]); }
+    red[lid.x] = m;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid.x < s) { red[lid.x] = max(red[lid.x], red[lid.x + s]); }
+        workgroupBarrier();
+    }
+    let mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = lid.x; j < p.n; j += 256u) { sum += exp(s_in[h * p.n + j] - mx); }
+    red[lid.x] = sum;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid.x < s) { red[lid.x] += red[lid.x + s]; }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) { stats[h] = vec2<f32>(mx, red[0]); }
+}
+
+// ---- vote: v[j] = sum_h softmax_h(s)[j]; thread per candidate.
+@group(0) @binding(1) var<storage, read> sv: array<f32>;              // [q_heads, n]
+@group(0) @binding(2) var<storage, read> st: array<vec2<f32>>;        // [q_heads]
+@group(0) @binding(3) var<storage, read_write> votes: array<f32>;     // [n]
+
+@compute @workgroup_size(64)
+fn vote(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = gid.y * nwg.x * 64u + gid.x;
+    if (j >= p.n) { return; }
+    var v = 0.0;
+    for (var h = 0u; h < p.q_heads; h++) {
+        let m = st[h];
+        v += exp(sv[h * p.n + j] - m.x) / m.y;
+    }
+    votes[j] = v;
+}
+
+// ---- radix top-k over the vote bits (votes are >= 0, so their u32 bits order like
+// the floats). state: [0] = prefix, [1] = still-needed count, [2..258) = histogram.
+@group(0) @binding(1) var<storage, read_write> state: array<atomic<u32>>;
+@group(0) @binding(2) var<storage, read> vr: array<u32>;              // votes as bits [n]
+var<workgroup> local_hist: array<atomic<u32>, 256>;
+
+// Resets the state before pass 0: empty prefix, k still needed, zero histogram.
+@compute @workgroup_size(256)
+fn radix_init(@builtin(local_invocation_id) lid: vec3<u32>) {
+    atomicStore(&state[2u + lid.x], 0u);
+    if (lid.x == 0u) {
+        atomicStore(&state[0], 0u);
+        atomicStore(&state[1], p.k);
+    }
+}
+
+// Counts, for candidates whose higher digits equal the prefix, the digit of pass_.
+@compute @workgroup_size(256)
+fn radix_hist(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    atomicStore(&local_hist[lid.x], 0u);
+    workgroupBarrier();
+    let shift = 24u - 8u * p.pass_;
+    let prefix = atomicLoad(&state[0]);
+    let per = (p.n + nwg.x - 1u) / nwg.x;
+    let start = wid.x * per;
+    let end = min(start + per, p.n);
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let b = vr[j];
+        // Higher digits (above shift + 8) must match the prefix found so far.
+        let hi_ok = p.pass_ == 0u || (b >> (shift + 8u)) == (prefix >> (shift + 8u));
+        if (hi_ok) { atomicAdd(&local_hist[(b >> shift) & 255u], 1u); }
+    }
+    workgroupBarrier();
+    let c = atomicLoad(&local_hist[lid.x]);
+    if (c > 0u) { atomicAdd(&state[2u + lid.x], c); }
+}
+
+// Picks the digit where the count from the top reaches the needed number; clears
+// the histogram for the next pass.
+@compute @workgroup_size(1)
+fn radix_pick() {
+    let shift = 24u - 8u * p.pass_;
+    var need = atomicLoad(&state[1]);
+    var prefix = atomicLoad(&state[0]);
+    var digit = 0u;
+    for (var d = 255i; d >= 0; d--) {
+        let c = atomicLoad(&state[2u + u32(d)]);
+        if (c >= need) { digit = u32(d); break; }
+        need -= c;
+    }
+    prefix = prefix | (digit << shift);
+    atomicStore(&state[0], prefix);
+    atomicStore(&state[1], need);
+    for (var d = 0u; d < 256u; d++) { atomicStore(&state[2u + d], 0u); }
+}
+
+// Writes the selected candidates in ascending index order: all with bits above the
+// threshold, and the first `need` (lowest indices) equal to it. One workgroup; each
+// thread owns a contiguous slice, counts, scans, then writes.
+@group(0) @binding(3) var<storage, read_write> selected: array<u32>;  // [k], absolute ids
+var<workgroup> cnt_hi: array<u32, 256>;
+var<workgroup> cnt_eq: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn radix_collect(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let thr = atomicLoad(&state[0]);
+    let need_eq = atomicLoad(&state[1]);
+    let per = (p.n + 255u) / 256u;
+    let start = lid.x * per;
+    let end = min(start + per, p.n);
+    var hi = 0u;
+    var eq = 0u;
+    for (var j = start; j < end; j++) {
+        let b = vr[j];
+        if (b > thr) { hi++; } else if (b == thr) { eq++; }
+    }
+    cnt_hi[lid.x] = hi;
+    cnt_eq[lid.x] = eq;
+    workgroupBarrier();
+    if (lid.x == 0u) {
+        // Exclusive scans (serial: 256 entries).
+        var sh = 0u;
+        var se = 0u;
+        for (var t = 0u; t < 256u; t++) {
+            let a = cnt_hi[t];
+            let b = cnt_eq[t];
+            cnt_hi[t] = sh;
+            cnt_eq[t] = se;
+            sh += a;
+            se += b;
+        }
+    }
+    workgroupBarrier();
+    // Equal-to-threshold candidates before this slice that are taken.
+    var eq_seen = cnt_eq[lid.x];
+    // Output position = (hi before) + (taken eq before).
+    var out = cnt_hi[lid.x] + min(eq_seen, need_eq);
+    for (var j = start; j < end; j++) {
+        let b = vr[j];
+        var take = b > thr;
+        if (b == thr) {
+            take = eq_seen < need_eq;
+            eq_seen++;
+        }
+        if (take && out < p.k) {
+            selected[out] = p.begin + j;
+            out++;
+        }
+    }
+}

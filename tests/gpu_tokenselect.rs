@@ -1,0 +1,281 @@
+//! TokenSelect kernels against the reference executor: scoring, soft vote, radix
+//! top-k (exact, with ties), and sparse decode over a key list.
+
+mod common;
+
+use common::*;
+use kvsieve::attention::{dense_attention, KvLayout, PageAllocator, PageTable};
+use kvsieve::kernels::GpuExecutor;
+use kvsieve::ops::{KeyList, Ops, RopeConfig};
+use kvsieve::reference::{tokenselect, RefExecutor, RefKv, RefTensor};
+
+struct Fixture {
+    cpu: RefExecutor,
+    kvc: RefKv,
+    kvg: kvsieve::kernels::GpuKv,
+    table: PageTable,
+    layout: KvLayout,
+}
+
+fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u64) -> Fixture {
+    let mut r = rng(seed);
+    let layout = KvLayout {
+        layers: 1,
+        kv_heads,
+        head_dim: d,
+        page_size: 64,
+        num_pages: len.div_ceil(64) + 1,
+    };
+    let mut cpu = RefExecutor::new();
+    let mut alloc = PageAllocator::new(&layout);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, len).unwrap();
+    table.len = len;
+    let mut kvc = cpu.kv_cache(&layout).unwrap();
+    let mut kvg = ex.kv_cache(&layout).unwrap();
+    let mut start = 0;
+    while start < len {
+        let n = 16384.min(len - start);
+        let k = randn(&mut r, n * kv_heads * d, 1.0);
+        let v = randn(&mut r, n * kv_heads * d, 1.0);
+        let (kc, vc) = (
+            cpu.upload(&k, n, kv_heads * d).unwrap(),
+            cpu.upload(&v, n, kv_heads * d).unwrap(),
+        );
+        cpu.kv_append(&mut kvc, 0, &table, start, &kc, &vc).unwrap();
+        let (kg, vg) = (
+            ex.upload(&k, n, kv_heads * d).unwrap(),
+            ex.upload(&v, n, kv_heads * d).unwrap(),
+        );
+        ex.kv_append(&mut kvg, 0, &table, start, &kg, &vg).unwrap();
+        ex.flush().unwrap();
+        start += n;
+    }
+    Fixture {
+        cpu,
+        kvc,
+        kvg,
+        table,
+        layout,
+    }
+}
+
+/// Scores and votes agree; the GPU's selection equals the reference's except where
+/// two votes are within float noise of the k-th one.
+fn check_selection(
+    ex: &mut GpuExecutor,
+    qh: usize,
+    kh: usize,
+    d: usize,
+    len: usize,
+    k: usize,
+    seed: u64,
+) {
+    let mut f = fill(ex, kh, d, len, seed);
+    let (n_init, n_local) = (16usize, 64usize);
+    let (begin, n) = (n_init, len - n_init - n_local);
+    let q = randn(&mut rng(seed + 1), qh * d, 2.0);
+    let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
+    let mut sc = f.cpu.tensor(qh, n).unwrap();
+    f.cpu
+        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, &mut sc)
+        .unwrap();
+    let mut vc = f.cpu.tensor(1, n).unwrap();
+    f.cpu.ts_vote(&sc, qh, n, &mut vc).unwrap();
+    let mut selc = vec![0u32; k];
+    f.cpu.ts_top_k(&vc, n, k, begin, &mut selc).unwrap();
+
+    let qg = ex.upload(&q, 1, qh * d).unwrap();
+    let mut sg = ex.tensor(qh, n).unwrap();
+    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, &mut sg)
+        .unwrap();
+    assert_close("ts_score", &ex.download(&sg).unwrap(), &sc.data, 1e-4, 1e-5);
+    let mut vg = ex.tensor(1, n).unwrap();
+    ex.ts_vote(&sg, qh, n, &mut vg).unwrap();
+    let votes_gpu = ex.download(&vg).unwrap();
+    // Unscaled scores reach tens; exp turns their float-order differences (~1e-5)
+    // into relative vote differences of ~1e-4, and WGSL's exp is looser than libm's.
+    assert_close("ts_vote", &votes_gpu, &vc.data, 1e-7, 1e-3);
+    let mut selg = ex.ids(&vec![0u32; k]).unwrap();
+    ex.ts_top_k(&vg, n, k, begin, &mut selg).unwrap();
+    let got = ex.download_ids(&selg).unwrap();
+    // Exactly the reference's choice on the GPU's own votes.
+    assert_eq!(
+        got,
+        tokenselect::top_k(&votes_gpu, k, begin),
+        "radix top-k vs sort on the same votes"
+    );
+    // And the same set as the reference up to near-ties.
+    let mut sorted = vc.data.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let kth = sorted[k - 1];
+    let want: std::collections::HashSet<u32> = selc.iter().copied().collect();
+    for &g in &got {
+        if !want.contains(&g) {
+            let v = vc.data[(g as usize) - begin];
+            assert!(
+                (v - kth).abs() <= 1e-5 * kth.abs().max(1e-12) + 1e-9,
+                "{g} selected with vote {v}, k-th is {kth}"
+            );
+        }
+    }
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "selection sorted ascending"
+    );
+}
+
+#[test]
+fn selection_matches_reference() {
+    let mut ex = gpu();
+    check_selection(&mut ex, 9, 3, 64, 1000, 64, 1);
+    check_selection(&mut ex, 32, 8, 128, 20_000 + 37, 2048, 2);
+    check_selection(&mut ex, 9, 3, 64, 131_072, 2048, 3);
+}
+
+#[test]
+fn radix_top_k_breaks_ties_by_index() {
+    let mut ex = gpu();
+    // Many exact ties, zeros and a ragged length.
+    let n = 70_001;
+    let votes: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 * 0.25).collect();
+    for k in [1usize, 100, 5000, 8192] {
+        let want = tokenselect::top_k(&votes, k, 5);
+        let vg = ex.upload(&votes, 1, n).unwrap();
+        let mut out = ex.ids(&vec![0u32; k]).unwrap();
+        ex.ts_top_k(&vg, n, k, 5, &mut out).unwrap();
+        assert_eq!(ex.download_ids(&out).unwrap(), want, "k = {k}");
+    }
+}
+
+#[test]
+fn scoring_across_arenas() {
+    // 64 KiB bindings: 64-token pages of 3 x 64 halves (24 KiB) -> 2 pages per arena.
+    let mut ex = gpu().with_binding_limit(64 * 1024);
+    check_selection(&mut ex, 9, 3, 64, 3000, 128, 4);
+}
+
+fn list_attention(
+    ex: &mut GpuExecutor,
+    qh: usize,
+    kh: usize,
+    d: usize,
+    len: usize,
+    k: usize,
+    compact: bool,
+) {
+    let mut f = fill(ex, kh, d, len, 9);
+    let rope_cfg = RopeConfig {
+        head_dim: d,
+        theta: 10000.0,
+        scaling: None,
+        max_positions: len,
+    };
+    let (rc, rg) = (
+        f.cpu.rope_table(&rope_cfg).unwrap(),
+        ex.rope_table(&rope_cfg).unwrap(),
+    );
+    let (n_init, n_local) = (7usize, 33usize);
+    let mut sel: Vec<u32> = (0..k)
+        .map(|i| (n_init + (i * 7919) % (len - n_init - n_local)) as u32)
+        .collect();
+    sel.sort_unstable();
+    sel.dedup();
+    let q = randn(&mut rng(5), qh * d, 1.0);
+    let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
+    let mut oc = f.cpu.tensor(1, qh * d).unwrap();
+    let list_c = KeyList {
+        n_init,
+        selected: &sel,
+        n_selected: sel.len(),
+        tail_start: len - n_local,
+        tail_len: n_local,
+        compact,
+    };
+    f.cpu
+        .attention_decode_list(&qc, &f.kvc, 0, &f.table, len, &list_c, &rc, &mut oc)
+        .unwrap();
+    let sg = ex.ids(&sel).unwrap();
+    let qg = ex.upload(&q, 1, qh * d).unwrap();
+    let mut og = ex.tensor(1, qh * d).unwrap();
+    let list_g = KeyList {
+        n_init,
+        selected: &sg,
+        n_selected: sel.len(),
+        tail_start: len - n_local,
+        tail_len: n_local,
+        compact,
+    };
+    ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list_g, &rg, &mut og)
+        .unwrap();
+    assert_close(
+        &format!("list attention compact={compact}"),
+        &ex.download(&og).unwrap(),
+        &oc.data,
+        2e-5,
+        1e-3,
+    );
+    let _ = f.layout;
+}
+
+#[test]
+fn list_attention_matches_reference() {
+    for mut ex in gpu_variants() {
+        list_attention(&mut ex, 9, 3, 64, 5000, 300, true);
+        list_attention(&mut ex, 32, 8, 128, 3000, 1000, false);
+    }
+}
+
+#[test]
+fn a_list_covering_everything_is_dense_attention() {
+    let mut ex = gpu();
+    let (qh, kh, d, len) = (9usize, 3usize, 64usize, 777usize);
+    let mut f = fill(&mut ex, kh, d, len, 11);
+    let rope_cfg = RopeConfig {
+        head_dim: d,
+        theta: 10000.0,
+        scaling: None,
+        max_positions: len,
+    };
+    let rg = ex.rope_table(&rope_cfg).unwrap();
+    let q = randn(&mut rng(12), qh * d, 1.0);
+    let qg = ex.upload(&q, 1, qh * d).unwrap();
+    let mut dense = ex.tensor(1, qh * d).unwrap();
+    dense_attention(
+        &mut ex,
+        &qg,
+        &f.kvg,
+        0,
+        &f.table,
+        len - 1,
+        len,
+        &rg,
+        &mut dense,
+    )
+    .unwrap();
+    // Sinks 0..100, every token from 100 to len-50 selected, window of 50.
+    let sel: Vec<u32> = (100..(len - 50) as u32).collect();
+    let sg = ex.ids(&sel).unwrap();
+    for compact in [false, true] {
+        let list = KeyList {
+            n_init: 100,
+            selected: &sg,
+            n_selected: sel.len(),
+            tail_start: len - 50,
+            tail_len: 50,
+            compact,
+        };
+        let mut out = ex.tensor(1, qh * d).unwrap();
+        ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list, &rg, &mut out)
+            .unwrap();
+        // The list is 0..len in order, so ranks equal positions either way.
+        assert_close(
+            "full list = dense",
+            &ex.download(&out).unwrap(),
+            &ex.download(&dense).unwrap(),
+            1e-6,
+            1e-5,
+        );
+    }
+    let _: &RefTensor = &f.cpu.tensor(1, 1).unwrap();
+}
