@@ -21,15 +21,16 @@ struct Cli {
     system: Option<String>,
 }
 
-fn stats_line(before: &Stats, after: &Stats, cached: usize) -> String {
+fn stats_line(before: &Stats, after: &Stats, cached: usize, hit_rate: Option<f64>) -> String {
     let pt = after.prefill_tokens - before.prefill_tokens;
     let ps = (after.prefill_time - before.prefill_time).as_secs_f64();
     let dt = after.decode_tokens - before.decode_tokens;
     let ds = (after.decode_time - before.decode_time).as_secs_f64();
     format!(
-        "[prefill {pt} tok {:.1} tok/s | decode {dt} tok {:.2} tok/s | context {cached} tok | selection-cache hit rate n/a | accepted/step 1.00]",
+        "[prefill {pt} tok {:.1} tok/s | decode {dt} tok {:.2} tok/s | context {cached} tok | selection-cache hit rate {} | accepted/step 1.00]",
         pt as f64 / ps.max(1e-9),
-        dt as f64 / ds.max(1e-9)
+        dt as f64 / ds.max(1e-9),
+        hit_rate.map(|r| format!("{:.0}%", 100.0 * r)).unwrap_or_else(|| "n/a".into())
     )
 }
 
@@ -111,9 +112,10 @@ fn main() {
         }
         println!();
         history.push(Message::new("assistant", answer.trim()));
+        let hit = engine.selection_stats().hit_rate();
         eprintln!(
             "{}",
-            stats_line(&before, &engine.stats, engine.cached_tokens().len())
+            stats_line(&before, &engine.stats, engine.cached_tokens().len(), hit)
         );
     }
 }

@@ -80,7 +80,7 @@ fn main() {
             "generated_tokens": tokens.len(),
             "prefill_tokens_per_s": s.prefill_tps(),
             "decode_tokens_per_s": s.decode_tps(),
-            "selection_cache_hit_rate": null,
+            "selection_cache_hit_rate": engine.selection_stats().hit_rate(),
             "mean_accepted_tokens": null,
         });
         println!("{out}");

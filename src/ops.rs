@@ -425,7 +425,7 @@ pub mod check {
             return shape_err("ts_score", format!("layer {layer} of {}", layout.layers));
         }
         let d = layout.head_dim;
-        if q.0 != 1 || q.1 % d != 0 || (q.1 / d) % layout.kv_heads != 0 {
+        if q.0 != 1 || !q.1.is_multiple_of(d) || !(q.1 / d).is_multiple_of(layout.kv_heads) {
             return shape_err(
                 "ts_score",
                 format!("q is {q:?}: one row of whole GQA groups of {d}"),

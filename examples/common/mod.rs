@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use clap::Args;
+use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
 use kvsieve::generate::{Backend, Engine, GenerateParams, Options, SamplingParams};
 use std::path::PathBuf;
 
@@ -14,9 +15,24 @@ pub struct ModelArgs {
     /// gpu or reference.
     #[arg(long, default_value = "gpu")]
     pub backend: String,
-    /// Attention policy (dense; sparse policies arrive with later work).
+    /// Attention policy: dense or tokenselect.
     #[arg(long, default_value = "dense")]
     pub policy: String,
+    /// TokenSelect: tokens selected per step.
+    #[arg(long, default_value_t = 2048)]
+    pub k: usize,
+    /// TokenSelect: attention sinks kept.
+    #[arg(long, default_value_t = 128)]
+    pub n_init: usize,
+    /// TokenSelect: local window kept.
+    #[arg(long, default_value_t = 512)]
+    pub n_local: usize,
+    /// TokenSelect: Selection Cache cosine threshold.
+    #[arg(long, default_value_t = 0.9)]
+    pub cache_threshold: f32,
+    /// TokenSelect: compact or original positions.
+    #[arg(long, default_value = "compact")]
+    pub positions: String,
     /// Context capacity in tokens (0 = the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
@@ -43,13 +59,23 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the engine these options describe.
     pub fn engine(&self) -> kvsieve::Result<Engine> {
-        if self.policy != "dense" {
-            return Err(kvsieve::Error::InvalidOption(format!(
-                "policy {:?}: only dense is available",
-                self.policy
-            )));
-        }
+        let policy = match self.policy.as_str() {
+            "dense" => AttentionPolicy::Dense,
+            "tokenselect" => AttentionPolicy::TokenSelect(TokenSelectConfig {
+                k: self.k,
+                n_init: self.n_init,
+                n_local: self.n_local,
+                cache_threshold: self.cache_threshold,
+                positions: self.positions.parse()?,
+            }),
+            other => {
+                return Err(kvsieve::Error::InvalidOption(format!(
+                    "policy {other:?}: expected dense or tokenselect"
+                )))
+            }
+        };
         let opts = Options {
+            policy,
             backend: self.backend.parse::<Backend>()?,
             max_context: self.max_context,
             progress: true,

@@ -48,6 +48,8 @@ pub struct Options {
     pub page_size: usize,
     /// Progress bars on stderr.
     pub progress: bool,
+    /// Attention policy.
+    pub policy: crate::attention::AttentionPolicy,
 }
 
 impl Default for Options {
@@ -58,6 +60,7 @@ impl Default for Options {
             prefill_chunk: 512,
             page_size: 64,
             progress: false,
+            policy: Default::default(),
         }
     }
 }
@@ -115,6 +118,8 @@ trait Runner: Send {
     fn cached(&self) -> &[u32];
     fn logits(&mut self) -> Result<Vec<f32>>;
     fn name(&self) -> String;
+    fn selection_stats(&self) -> crate::attention::SelectionStats;
+    fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>>;
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
 }
@@ -137,6 +142,12 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn name(&self) -> String {
         self.ops.name()
+    }
+    fn selection_stats(&self) -> crate::attention::SelectionStats {
+        self.attention.stats
+    }
+    fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>> {
+        self.attention.selected(&mut self.ops, layer)
     }
     fn set_profiling(&mut self, on: bool) {
         self.ops.set_profiling(on)
@@ -167,6 +178,7 @@ fn runner<E: Ops + 'static>(
         max_context,
         opts.page_size,
         opts.prefill_chunk,
+        opts.policy,
     )?))
 }
 
@@ -240,6 +252,16 @@ impl Engine {
     /// Per-kernel totals since profiling began: (kernel, dispatches, nanoseconds).
     pub fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
         self.runner.take_profile()
+    }
+
+    /// Sparse-attention counters (selections run, Selection Cache hits).
+    pub fn selection_stats(&self) -> crate::attention::SelectionStats {
+        self.runner.selection_stats()
+    }
+
+    /// The tokens `layer` selected in the last sparse decode step, if any.
+    pub fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>> {
+        self.runner.selected(layer)
     }
 
     /// Drops the cached conversation.

@@ -2,7 +2,7 @@
 //! chunked prefill, and one device step per token.
 
 use super::sampler::Sampler;
-use crate::attention::{KvLayout, PageAllocator, PageTable};
+use crate::attention::{Attention, AttentionPolicy, KvLayout, PageAllocator, PageTable};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Workspace};
 use crate::ops::Ops;
@@ -26,6 +26,8 @@ pub struct Session<E: Ops> {
     pub chunk: usize,
     /// Context capacity in tokens.
     pub max_context: usize,
+    /// Attention policy and its state.
+    pub attention: Attention<E>,
 }
 
 impl<E: Ops> Session<E> {
@@ -36,6 +38,7 @@ impl<E: Ops> Session<E> {
         max_context: usize,
         page_size: usize,
         chunk: usize,
+        policy: AttentionPolicy,
     ) -> Result<Self> {
         if chunk == 0 || page_size == 0 || max_context == 0 {
             return Err(Error::InvalidOption(format!(
@@ -65,6 +68,7 @@ impl<E: Ops> Session<E> {
             argmax_out: None,
             chunk,
             max_context,
+            attention: Attention::new(policy)?,
         })
     }
 
@@ -122,6 +126,7 @@ impl<E: Ops> Session<E> {
                 start,
                 n,
                 ws,
+                &mut self.attention,
             )?;
             self.tokens.extend_from_slice(part);
             self.table.len = self.tokens.len();

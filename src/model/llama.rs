@@ -3,7 +3,7 @@
 
 use super::config::ModelConfig;
 use super::weights::Weights;
-use crate::attention::{dense_attention, PageTable};
+use crate::attention::{Attention, PageTable};
 use crate::error::Result;
 use crate::ops::Ops;
 
@@ -176,6 +176,7 @@ impl<E: Ops> Llama<E> {
         start: usize,
         n: usize,
         ws: &mut Workspace<E>,
+        attn: &mut Attention<E>,
     ) -> Result<()> {
         if n != ws.rows {
             return crate::error::shape_err(
@@ -185,6 +186,7 @@ impl<E: Ops> Llama<E> {
         }
         let c = &self.cfg;
         ops.embed(tokens, &self.embed, &mut ws.x)?;
+        attn.begin_step(ops, c, n, start + n)?;
         for (i, l) in self.layers.iter().enumerate() {
             ops.rms_norm(&ws.x, &l.in_norm, c.eps, &mut ws.h)?;
             ops.matmul(&ws.h, &l.q, &mut ws.q)?;
@@ -195,16 +197,17 @@ impl<E: Ops> Llama<E> {
                 ops.add_bias(&mut ws.k, bk)?;
                 ops.add_bias(&mut ws.v, bv)?;
             }
-            ops.rope(&mut ws.q, c.heads, positions, &self.rope)?;
             ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
-            dense_attention(
+            attn.layer(
                 ops,
-                &ws.q,
-                kv,
+                c,
                 i,
+                &mut ws.q,
+                positions,
+                kv,
                 table,
                 start,
-                start + n,
+                n,
                 &self.rope,
                 &mut ws.attn,
             )?;
