@@ -71,6 +71,7 @@ fn main() {
             tokens.push(t.id);
         }
     }
+    let hit_rate = engine.selection_stats().hit_rate();
     let s = &engine.stats;
     if cli.json {
         let out = serde_json::json!({
@@ -80,7 +81,7 @@ fn main() {
             "generated_tokens": tokens.len(),
             "prefill_tokens_per_s": s.prefill_tps(),
             "decode_tokens_per_s": s.decode_tps(),
-            "selection_cache_hit_rate": engine.selection_stats().hit_rate(),
+            "selection_cache_hit_rate": hit_rate,
             "mean_accepted_tokens": null,
         });
         println!("{out}");

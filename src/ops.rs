@@ -144,6 +144,21 @@ impl<I> KeyList<'_, I> {
     }
 }
 
+/// The selection a TokenSelect layer-step runs (what the gated ops will do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectPlan {
+    /// Layer.
+    pub layer: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// First candidate token.
+    pub begin: usize,
+    /// Candidates.
+    pub n: usize,
+    /// Tokens selected.
+    pub k: usize,
+}
+
 /// The operations the model and policies use; see the module docs for conventions.
 #[allow(clippy::too_many_arguments)]
 pub trait Ops: Send {
@@ -157,6 +172,9 @@ pub trait Ops: Send {
     type Rope: Send;
     /// KV cache storage for a [`KvLayout`].
     type Kv: Send;
+    /// Selection Cache decision state: whether the selection kernels run this
+    /// layer-step, decided on the device, plus hit/miss counters.
+    type Gate: Send;
 
     /// Executor name (and adapter for the GPU).
     fn name(&self) -> String;
@@ -237,6 +255,24 @@ pub trait Ops: Send {
     /// The `k` (1..=64) largest values of row 0 with their ids, descending (ties to the
     /// lower id). Only these are read back.
     fn top_k(&mut self, logits: &Self::Tensor, k: usize) -> Result<Vec<(u32, f32)>>;
+    /// A Selection Cache gate (counters at zero).
+    fn ts_gate(&mut self) -> Result<Self::Gate>;
+    /// Selection Cache check: compares `fp` `[1, len]` with `cached` `[1, len + 1]`
+    /// (last value: 1 when valid). Hit (cosine >= `threshold`): the gated selection ops
+    /// of this layer-step do nothing, the previous selection stays. Miss: `cached`
+    /// takes `fp` and the gated ops run. `plan` is the selection they will run.
+    fn ts_cache_check(
+        &mut self,
+        fp: &Self::Tensor,
+        cached: &mut Self::Tensor,
+        threshold: f32,
+        plan: &SelectPlan,
+        kv: &Self::Kv,
+        table: &PageTable,
+        gate: &mut Self::Gate,
+    ) -> Result<()>;
+    /// (hits, misses) counted by the gate (reads back 8 bytes on the GPU).
+    fn ts_gate_counts(&mut self, gate: &Self::Gate) -> Result<(u64, u64)>;
     /// TokenSelect scoring: `scores[h * n + j] = q_h . K[begin + j, g(h)]` with the
     /// unrotated cached keys, unscaled (`q` `[1, q_heads * head_dim]` is rotated by the
     /// caller). `scores` needs at least `q_heads * n` elements.
@@ -249,14 +285,17 @@ pub trait Ops: Send {
         begin: usize,
         n: usize,
         scores: &mut Self::Tensor,
+        gate: Option<&Self::Gate>,
     ) -> Result<()>;
-    /// Soft vote: `votes[j] = sum_h softmax_j(scores[h, :n])`.
+    /// Soft vote: `votes[j] = sum_h softmax_j(scores[h, :n])`. (The three selection
+    /// ops do nothing when `gate` says the Selection Cache hit.)
     fn ts_vote(
         &mut self,
         scores: &Self::Tensor,
         q_heads: usize,
         n: usize,
         votes: &mut Self::Tensor,
+        gate: Option<&Self::Gate>,
     ) -> Result<()>;
     /// The `k` largest of `votes[..n]` (ties to the lower index) as `begin + j`,
     /// ascending, into `out[..k]`.
@@ -267,6 +306,7 @@ pub trait Ops: Send {
         k: usize,
         begin: usize,
         out: &mut Self::Ids,
+        gate: Option<&Self::Gate>,
     ) -> Result<()>;
     /// Attention of one query (rotated by the caller) over the keys of `list`;
     /// `seq_len` is the sequence's length (for page lookups).

@@ -78,26 +78,26 @@ fn check_selection(
     let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
     let mut sc = f.cpu.tensor(qh, n).unwrap();
     f.cpu
-        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, &mut sc)
+        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, &mut sc, None)
         .unwrap();
     let mut vc = f.cpu.tensor(1, n).unwrap();
-    f.cpu.ts_vote(&sc, qh, n, &mut vc).unwrap();
+    f.cpu.ts_vote(&sc, qh, n, &mut vc, None).unwrap();
     let mut selc = vec![0u32; k];
-    f.cpu.ts_top_k(&vc, n, k, begin, &mut selc).unwrap();
+    f.cpu.ts_top_k(&vc, n, k, begin, &mut selc, None).unwrap();
 
     let qg = ex.upload(&q, 1, qh * d).unwrap();
     let mut sg = ex.tensor(qh, n).unwrap();
-    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, &mut sg)
+    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, &mut sg, None)
         .unwrap();
     assert_close("ts_score", &ex.download(&sg).unwrap(), &sc.data, 1e-4, 1e-5);
     let mut vg = ex.tensor(1, n).unwrap();
-    ex.ts_vote(&sg, qh, n, &mut vg).unwrap();
+    ex.ts_vote(&sg, qh, n, &mut vg, None).unwrap();
     let votes_gpu = ex.download(&vg).unwrap();
     // Unscaled scores reach tens; exp turns their float-order differences (~1e-5)
     // into relative vote differences of ~1e-4, and WGSL's exp is looser than libm's.
     assert_close("ts_vote", &votes_gpu, &vc.data, 1e-7, 1e-3);
     let mut selg = ex.ids(&vec![0u32; k]).unwrap();
-    ex.ts_top_k(&vg, n, k, begin, &mut selg).unwrap();
+    ex.ts_top_k(&vg, n, k, begin, &mut selg, None).unwrap();
     let got = ex.download_ids(&selg).unwrap();
     // Exactly the reference's choice on the GPU's own votes.
     assert_eq!(
@@ -143,7 +143,7 @@ fn radix_top_k_breaks_ties_by_index() {
         let want = tokenselect::top_k(&votes, k, 5);
         let vg = ex.upload(&votes, 1, n).unwrap();
         let mut out = ex.ids(&vec![0u32; k]).unwrap();
-        ex.ts_top_k(&vg, n, k, 5, &mut out).unwrap();
+        ex.ts_top_k(&vg, n, k, 5, &mut out, None).unwrap();
         assert_eq!(ex.download_ids(&out).unwrap(), want, "k = {k}");
     }
 }
@@ -278,4 +278,83 @@ fn a_list_covering_everything_is_dense_attention() {
         );
     }
     let _: &RefTensor = &f.cpu.tensor(1, 1).unwrap();
+}
+
+/// The Selection Cache decides on the device exactly as the reference does: same
+/// hits and misses over a sequence of queries, and a hit keeps the old selection
+/// (the gated dispatches run zero workgroups).
+#[test]
+fn selection_cache_decisions_agree() {
+    use kvsieve::ops::SelectPlan;
+    let mut ex = gpu();
+    let (qh, kh, d, len, k) = (9usize, 3usize, 64usize, 4000usize, 256usize);
+    let mut f = fill(&mut ex, kh, d, len, 21);
+    let (begin, n) = (16usize, len - 16 - 64);
+    let plan = SelectPlan {
+        layer: 0,
+        q_heads: qh,
+        begin,
+        n,
+        k,
+    };
+    let mut gc = f.cpu.ts_gate().unwrap();
+    let mut gg = ex.ts_gate().unwrap();
+    let mut cached_c = f.cpu.tensor(1, qh * d + 1).unwrap();
+    let mut cached_g = ex.tensor(1, qh * d + 1).unwrap();
+    let mut sc = f.cpu.tensor(qh, n).unwrap();
+    let mut vc = f.cpu.tensor(1, n).unwrap();
+    let mut selc = vec![0u32; k];
+    let mut sg = ex.tensor(qh, n).unwrap();
+    let mut vg = ex.tensor(1, n).unwrap();
+    let mut selg = ex.ids(&vec![0u32; k]).unwrap();
+    let base = randn(&mut rng(30), qh * d, 1.0);
+    // Small drifts hit, a jump misses, drifting from there hits again.
+    let jump = randn(&mut rng(31), qh * d, 1.0);
+    let queries: Vec<Vec<f32>> = vec![
+        base.clone(),
+        base.iter().map(|x| x * 1.01 + 0.01).collect(),
+        base.iter().map(|x| x + 0.05).collect(),
+        jump.clone(),
+        jump.iter().map(|x| x * 0.98).collect(),
+    ];
+    let mut last_gpu_selection = Vec::new();
+    for (step, q) in queries.iter().enumerate() {
+        let qc = f.cpu.upload(q, 1, qh * d).unwrap();
+        f.cpu
+            .ts_cache_check(&qc, &mut cached_c, 0.9, &plan, &f.kvc, &f.table, &mut gc)
+            .unwrap();
+        f.cpu
+            .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, &mut sc, Some(&gc))
+            .unwrap();
+        f.cpu.ts_vote(&sc, qh, n, &mut vc, Some(&gc)).unwrap();
+        f.cpu
+            .ts_top_k(&vc, n, k, begin, &mut selc, Some(&gc))
+            .unwrap();
+        let qg = ex.upload(q, 1, qh * d).unwrap();
+        ex.ts_cache_check(&qg, &mut cached_g, 0.9, &plan, &f.kvg, &f.table, &mut gg)
+            .unwrap();
+        ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, &mut sg, Some(&gg))
+            .unwrap();
+        ex.ts_vote(&sg, qh, n, &mut vg, Some(&gg)).unwrap();
+        ex.ts_top_k(&vg, n, k, begin, &mut selg, Some(&gg)).unwrap();
+        let got = ex.download_ids(&selg).unwrap();
+        let (hits_c, misses_c) = f.cpu.ts_gate_counts(&gc).unwrap();
+        let (hits_g, misses_g) = ex.ts_gate_counts(&gg).unwrap();
+        assert_eq!((hits_g, misses_g), (hits_c, misses_c), "step {step}");
+        if gc.hit {
+            assert_eq!(
+                got, last_gpu_selection,
+                "step {step}: a hit must keep the selection"
+            );
+        } else {
+            let shared = got.iter().filter(|x| selc.contains(x)).count();
+            assert!(shared + 2 >= k, "step {step}: {shared} of {k} shared");
+        }
+        last_gpu_selection = got;
+    }
+    assert_eq!(
+        f.cpu.ts_gate_counts(&gc).unwrap(),
+        (3, 2),
+        "hit, hit, miss, hit after the first miss"
+    );
 }

@@ -301,3 +301,51 @@ fn tokenselect_decisions_agree_across_executors() {
     }
     assert_eq!(cpu.0, gpu.0, "greedy tokens under TokenSelect");
 }
+
+/// With the Selection Cache on, both executors take the same hit/miss decisions and
+/// generate the same tokens.
+#[test]
+fn selection_cache_agrees_across_executors() {
+    use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+    let policy = AttentionPolicy::TokenSelect(TokenSelectConfig {
+        k: 64,
+        n_init: 16,
+        n_local: 64,
+        cache_threshold: 0.9,
+        ..Default::default()
+    });
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let mut runs = Vec::new();
+    for backend in [Backend::Reference, Backend::Gpu] {
+        let opts = Options {
+            backend,
+            max_context: 1024,
+            policy,
+            ..Options::default()
+        };
+        let mut e = Engine::load(&model_dir(), opts).unwrap();
+        let mut ids = e.tokenizer.encode(&text).unwrap();
+        ids.truncate(600);
+        let params = GenerateParams {
+            max_tokens: 8,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let toks: Vec<u32> = e
+            .generate_ids(&ids, &params)
+            .unwrap()
+            .map(|t| t.unwrap().id)
+            .collect();
+        let st = e.selection_stats();
+        eprintln!(
+            "{backend:?}: {} selections, {} cache hits",
+            st.selections, st.cache_hits
+        );
+        runs.push((toks, st));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "greedy tokens");
+    assert_eq!(runs[0].1, runs[1].1, "cache decisions");
+    assert!(runs[0].1.cache_hits > 0, "the cache never hit");
+}

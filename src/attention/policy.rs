@@ -5,7 +5,7 @@
 use super::{dense_attention, PageTable};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::ops::{KeyList, Ops};
+use crate::ops::{KeyList, Ops, SelectPlan};
 
 /// RoPE positions of selected keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -118,6 +118,9 @@ struct TsBuffers<E: Ops> {
     scores: E::Tensor,
     votes: E::Tensor,
     selected: Vec<E::Ids>,
+    /// Per layer: the fingerprint of the cached selection `[1, len + 1]`.
+    cached: Vec<E::Tensor>,
+    gate: E::Gate,
 }
 
 /// A policy and its state for one session.
@@ -126,8 +129,8 @@ pub struct Attention<E: Ops> {
     pub policy: AttentionPolicy,
     ts: Option<TsBuffers<E>>,
     step_pos: Option<(E::Ids, E::Ids)>,
-    /// Counters.
-    pub stats: SelectionStats,
+    /// Selections run without the Selection Cache (threshold above 1).
+    uncached_selections: u64,
 }
 
 impl<E: Ops> Attention<E> {
@@ -138,7 +141,7 @@ impl<E: Ops> Attention<E> {
             policy,
             ts: None,
             step_pos: None,
-            stats: SelectionStats::default(),
+            uncached_selections: 0,
         })
     }
 
@@ -169,7 +172,19 @@ impl<E: Ops> Attention<E> {
             Some(b) => b.cap < cand,
             None => true,
         };
-        if need {
+        if need && self.ts.is_some() {
+            let Some(old) = self.ts.take() else {
+                return Ok(());
+            };
+            // Growing keeps the selections, fingerprints and counters.
+            let cap = cand.next_power_of_two();
+            self.ts = Some(TsBuffers {
+                cap,
+                scores: ops.tensor(cfg.heads, cap)?,
+                votes: ops.tensor(1, cap)?,
+                ..old
+            });
+        } else if need {
             // Grow geometrically so decode does not reallocate every step.
             let cap = cand.next_power_of_two().max(1024);
             let qd = cfg.heads * cfg.head_dim;
@@ -177,12 +192,18 @@ impl<E: Ops> Attention<E> {
             for _ in 0..cfg.layers {
                 selected.push(ops.ids(&vec![0u32; c.k])?);
             }
+            let mut cached = Vec::with_capacity(cfg.layers);
+            for _ in 0..cfg.layers {
+                cached.push(ops.tensor(1, qd + 1)?);
+            }
             self.ts = Some(TsBuffers {
                 cap,
                 q_fp: ops.tensor(1, qd)?,
                 scores: ops.tensor(cfg.heads, cap)?,
                 votes: ops.tensor(1, cap)?,
                 selected,
+                cached,
+                gate: ops.ts_gate()?,
             });
         }
         let list_len = c.n_init + c.k + c.n_local;
@@ -223,10 +244,49 @@ impl<E: Ops> Attention<E> {
         let cand = seq_len - c.n_init - c.n_local;
         ops.copy_rows(q, 0, &mut ts.q_fp, 0, 1)?;
         ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
-        ops.ts_score(&ts.q_fp, kv, layer, table, c.n_init, cand, &mut ts.scores)?;
-        ops.ts_vote(&ts.scores, cfg.heads, cand, &mut ts.votes)?;
-        ops.ts_top_k(&ts.votes, cand, c.k, c.n_init, &mut ts.selected[layer])?;
-        self.stats.selections += 1;
+        // Selection Cache: decided on the device; on a hit the selection ops below
+        // run zero workgroups and the layer keeps its previous selection.
+        let gate = if c.cache_threshold <= 1.0 {
+            let plan = SelectPlan {
+                layer,
+                q_heads: cfg.heads,
+                begin: c.n_init,
+                n: cand,
+                k: c.k,
+            };
+            ops.ts_cache_check(
+                &ts.q_fp,
+                &mut ts.cached[layer],
+                c.cache_threshold,
+                &plan,
+                kv,
+                table,
+                &mut ts.gate,
+            )?;
+            Some(&ts.gate)
+        } else {
+            self.uncached_selections += 1;
+            None
+        };
+        ops.ts_score(
+            &ts.q_fp,
+            kv,
+            layer,
+            table,
+            c.n_init,
+            cand,
+            &mut ts.scores,
+            gate,
+        )?;
+        ops.ts_vote(&ts.scores, cfg.heads, cand, &mut ts.votes, gate)?;
+        ops.ts_top_k(
+            &ts.votes,
+            cand,
+            c.k,
+            c.n_init,
+            &mut ts.selected[layer],
+            gate,
+        )?;
         ops.rope(q, cfg.heads, q_pos, rope)?;
         let list = KeyList {
             n_init: c.n_init,
@@ -237,6 +297,18 @@ impl<E: Ops> Attention<E> {
             compact: c.positions == Positions::Compact,
         };
         ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
+    }
+
+    /// Selections run and Selection Cache hits so far (reads the device counters).
+    pub fn stats(&mut self, ops: &mut E) -> Result<SelectionStats> {
+        let (hits, misses) = match &self.ts {
+            Some(ts) => ops.ts_gate_counts(&ts.gate)?,
+            None => (0, 0),
+        };
+        Ok(SelectionStats {
+            selections: misses + self.uncached_selections,
+            cache_hits: hits,
+        })
     }
 
     /// The selection of `layer` from the last sparse step (for tests and tools).

@@ -118,7 +118,7 @@ trait Runner: Send {
     fn cached(&self) -> &[u32];
     fn logits(&mut self) -> Result<Vec<f32>>;
     fn name(&self) -> String;
-    fn selection_stats(&self) -> crate::attention::SelectionStats;
+    fn selection_stats(&mut self) -> crate::attention::SelectionStats;
     fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>>;
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
@@ -143,8 +143,8 @@ impl<E: Ops> Runner for Session<E> {
     fn name(&self) -> String {
         self.ops.name()
     }
-    fn selection_stats(&self) -> crate::attention::SelectionStats {
-        self.attention.stats
+    fn selection_stats(&mut self) -> crate::attention::SelectionStats {
+        self.attention.stats(&mut self.ops).unwrap_or_default()
     }
     fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>> {
         self.attention.selected(&mut self.ops, layer)
@@ -255,7 +255,7 @@ impl Engine {
     }
 
     /// Sparse-attention counters (selections run, Selection Cache hits).
-    pub fn selection_stats(&self) -> crate::attention::SelectionStats {
+    pub fn selection_stats(&mut self) -> crate::attention::SelectionStats {
         self.runner.selection_stats()
     }
 

@@ -34,6 +34,7 @@ enum Cmd {
         params: Vec<u32>,
         bindings: Vec<Binding>,
         groups: [u32; 3],
+        indirect: Option<(wgpu::Buffer, u64)>,
     },
     Copy {
         src: wgpu::Buffer,
@@ -129,6 +130,27 @@ impl Recorder {
             params: params.to_vec(),
             bindings: bindings.to_vec(),
             groups,
+            indirect: None,
+        });
+    }
+
+    /// Records a dispatch whose workgroup counts are read on the GPU from `args` at
+    /// `offset` (three u32), written there by an earlier kernel of the same step.
+    pub fn dispatch_indirect(
+        &mut self,
+        pipeline: &Arc<Pipeline>,
+        params: &[u32],
+        bindings: &[Binding],
+        args: &wgpu::Buffer,
+        offset: u64,
+    ) {
+        self.dispatch_count += 1;
+        self.cmds.push(Cmd::Dispatch {
+            pipeline: pipeline.clone(),
+            params: params.to_vec(),
+            bindings: bindings.to_vec(),
+            groups: [0; 3],
+            indirect: Some((args.clone(), offset)),
         });
     }
 
@@ -272,6 +294,7 @@ impl Recorder {
                         params,
                         bindings,
                         groups,
+                        indirect,
                     }) = cmds.get(i)
                     {
                         if profiling && pass_labels.len() > pass_index {
@@ -310,7 +333,10 @@ impl Recorder {
                         });
                         pass.set_pipeline(&pipeline.pipeline);
                         pass.set_bind_group(0, &bg, &[]);
-                        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                        match indirect {
+                            Some((buf, off)) => pass.dispatch_workgroups_indirect(buf, *off),
+                            None => pass.dispatch_workgroups(groups[0], groups[1], groups[2]),
+                        }
                         dispatch_index += 1;
                         i += 1;
                     }

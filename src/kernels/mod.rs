@@ -289,6 +289,7 @@ impl Ops for GpuExecutor {
     type Weight = GpuWeight;
     type Rope = GpuRope;
     type Kv = GpuKv;
+    type Gate = tokenselect::GpuGate;
 
     fn name(&self) -> String {
         format!("gpu ({}, {:?})", self.ctx.info.name, self.ctx.info.backend)
@@ -517,6 +518,27 @@ impl Ops for GpuExecutor {
         sampling::top_k(self, logits, k)
     }
 
+    fn ts_gate(&mut self) -> Result<tokenselect::GpuGate> {
+        tokenselect::new_gate(self)
+    }
+
+    fn ts_cache_check(
+        &mut self,
+        fp: &GpuTensor,
+        cached: &mut GpuTensor,
+        threshold: f32,
+        plan: &crate::ops::SelectPlan,
+        kv: &GpuKv,
+        table: &PageTable,
+        gate: &mut tokenselect::GpuGate,
+    ) -> Result<()> {
+        tokenselect::cache_check(self, fp, cached, threshold, plan, kv, table, gate)
+    }
+
+    fn ts_gate_counts(&mut self, gate: &tokenselect::GpuGate) -> Result<(u64, u64)> {
+        tokenselect::gate_counts(self, gate)
+    }
+
     fn ts_score(
         &mut self,
         q: &GpuTensor,
@@ -526,8 +548,9 @@ impl Ops for GpuExecutor {
         begin: usize,
         n: usize,
         scores: &mut GpuTensor,
+        gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        tokenselect::score(self, q, kv, layer, table, begin, n, scores)
+        tokenselect::score(self, q, kv, layer, table, begin, n, scores, gate)
     }
 
     fn ts_vote(
@@ -536,8 +559,9 @@ impl Ops for GpuExecutor {
         q_heads: usize,
         n: usize,
         votes: &mut GpuTensor,
+        gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        tokenselect::vote(self, scores, q_heads, n, votes)
+        tokenselect::vote(self, scores, q_heads, n, votes, gate)
     }
 
     fn ts_top_k(
@@ -547,8 +571,9 @@ impl Ops for GpuExecutor {
         k: usize,
         begin: usize,
         out: &mut GpuIds,
+        gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        tokenselect::top_k(self, votes, n, k, begin, out)
+        tokenselect::top_k(self, votes, n, k, begin, out, gate)
     }
 
     fn attention_decode_list(
@@ -610,3 +635,4 @@ impl Ops for GpuExecutor {
 }
 
 pub use copy::copy_buffer;
+pub use tokenselect::GpuGate;

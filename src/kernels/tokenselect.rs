@@ -1,13 +1,31 @@
 //! TokenSelect selection on the GPU (`tokenselect.wgsl`): scoring over the
-//! candidate keys, per-head softmax statistics and the soft vote, and a radix top-k
-//! (4 passes of 8 bits over the vote's float bits) whose output is sorted by index.
+//! candidate keys, per-head softmax statistics and the soft vote, a radix top-k
+//! (4 passes of 8 bits over the vote's float bits) whose output is sorted by index,
+//! and the Selection Cache check that turns those dispatches into indirect ones with
+//! zero workgroups on a hit.
 
 use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor};
 use crate::attention::PageTable;
-use crate::error::{shape_err, Result};
-use crate::gpu::Binding;
-use crate::ops::check;
+use crate::error::{shape_err, Error, Result};
+use crate::gpu::{buffer, Binding, Pipeline};
+use crate::ops::{check, SelectPlan};
 use crate::shaders;
+use std::sync::Arc;
+
+/// Indirect-argument slots of one gated selection: score (one per arena), then
+/// head_stats, vote, radix_init, 4 x (radix_hist, radix_pick), radix_collect.
+const MAX_SLOTS: usize = 32;
+const FIXED_SLOTS: usize = 12;
+
+/// Selection Cache gate on the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuGate {
+    /// Indirect dispatch arguments, 16 bytes per slot.
+    pub args: wgpu::Buffer,
+    /// [hits, misses] (u32).
+    pub counters: wgpu::Buffer,
+    score_slots: usize,
+}
 
 fn params(
     n: usize,
@@ -35,6 +53,130 @@ fn params(
     ]
 }
 
+/// Arenas holding candidate pages.
+fn score_arenas(kv: &GpuKv, table: &PageTable, begin: usize, n: usize) -> Vec<usize> {
+    let first = begin / kv.layout.page_size;
+    let last = (begin + n - 1) / kv.layout.page_size;
+    let mut a: Vec<usize> = table.pages[first..=last]
+        .iter()
+        .map(|&pg| pg as usize / kv.pages_per_arena)
+        .collect();
+    a.sort_unstable();
+    a.dedup();
+    a
+}
+
+fn radix_workgroups(n: usize) -> u32 {
+    // Enough workgroups that each thread scans ~16 values.
+    n.div_ceil(4096).clamp(1, 256) as u32
+}
+
+/// The workgroup counts of every selection dispatch, in slot order.
+fn slots(
+    ex: &GpuExecutor,
+    plan: &SelectPlan,
+    kv: &GpuKv,
+    table: &PageTable,
+) -> Result<Vec<[u32; 3]>> {
+    let score = ex.grid(plan.n.div_ceil(64))?;
+    let mut v: Vec<[u32; 3]> = score_arenas(kv, table, plan.begin, plan.n)
+        .iter()
+        .map(|_| score)
+        .collect();
+    v.push([plan.q_heads as u32, 1, 1]);
+    v.push(ex.grid(plan.n.div_ceil(64))?);
+    v.push([1, 1, 1]);
+    for _ in 0..4 {
+        v.push([radix_workgroups(plan.n), 1, 1]);
+        v.push([1, 1, 1]);
+    }
+    v.push([1, 1, 1]);
+    Ok(v)
+}
+
+/// Dispatches directly, or through the gate's slot when gated.
+fn launch(
+    ex: &mut GpuExecutor,
+    p: &Arc<Pipeline>,
+    params: &[u32],
+    b: &[Binding],
+    groups: [u32; 3],
+    gate: Option<&GpuGate>,
+    slot: usize,
+) {
+    match gate {
+        Some(g) => ex
+            .rec
+            .dispatch_indirect(p, params, b, &g.args, 16 * slot as u64),
+        None => ex.rec.dispatch(p, params, b, groups),
+    }
+}
+
+pub(super) fn new_gate(ex: &mut GpuExecutor) -> Result<GpuGate> {
+    let _gl = ex.ctx.gl_guard();
+    let args = ex.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("selection cache args"),
+        size: 16 * MAX_SLOTS as u64,
+        usage: buffer::STORAGE | wgpu::BufferUsages::INDIRECT,
+        mapped_at_creation: false,
+    });
+    let counters = buffer::storage(&ex.ctx.device, 16, "selection cache counters");
+    Ok(GpuGate {
+        args,
+        counters,
+        score_slots: 0,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cache_check(
+    ex: &mut GpuExecutor,
+    fp: &GpuTensor,
+    cached: &mut GpuTensor,
+    threshold: f32,
+    plan: &SelectPlan,
+    kv: &GpuKv,
+    table: &PageTable,
+    gate: &mut GpuGate,
+) -> Result<()> {
+    let len = fp.rows * fp.cols;
+    if cached.rows * cached.cols != len + 1 {
+        return shape_err(
+            "ts_cache_check",
+            format!("cache holds {} values for {len}", cached.rows * cached.cols),
+        );
+    }
+    let s = slots(ex, plan, kv, table)?;
+    if s.len() > MAX_SLOTS {
+        return Err(Error::Capacity(format!(
+            "Selection Cache: {} score passes (KV arenas) exceed {}",
+            s.len() - FIXED_SLOTS,
+            MAX_SLOTS - FIXED_SLOTS
+        )));
+    }
+    gate.score_slots = s.len() - FIXED_SLOTS;
+    let mut words = vec![len as u32, s.len() as u32, threshold.to_bits(), 0];
+    for i in 0..MAX_SLOTS {
+        let g = s.get(i).copied().unwrap_or([0, 1, 1]);
+        words.extend([g[0], g[1], g[2], 0]);
+    }
+    let p = ex.pipeline(shaders::TOKENSELECT, "cache_check", &[]);
+    let b = [
+        Binding::from(&fp.buf),
+        Binding::from(&cached.buf),
+        Binding::from(&gate.args),
+        Binding::from(&gate.counters),
+    ];
+    ex.rec.dispatch(&p, &words, &b, [1, 1, 1]);
+    Ok(())
+}
+
+pub(super) fn gate_counts(ex: &mut GpuExecutor, gate: &GpuGate) -> Result<(u64, u64)> {
+    let bytes = ex.read_bytes(&gate.counters, 8)?;
+    let c: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+    Ok((c[0] as u64, c[1] as u64))
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn score(
     ex: &mut GpuExecutor,
@@ -45,6 +187,7 @@ pub(super) fn score(
     begin: usize,
     n: usize,
     scores: &mut GpuTensor,
+    gate: Option<&GpuGate>,
 ) -> Result<()> {
     let qh = check::ts(
         &kv.layout,
@@ -58,23 +201,28 @@ pub(super) fn score(
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::TOKENSELECT, "score", &[]);
     let groups = ex.grid(n.div_ceil(64))?;
-    let first = begin / kv.layout.page_size;
-    let last = (begin + n - 1) / kv.layout.page_size;
-    let mut arenas: Vec<usize> = table.pages[first..=last]
-        .iter()
-        .map(|&pg| pg as usize / kv.pages_per_arena)
-        .collect();
-    arenas.sort_unstable();
-    arenas.dedup();
-    for a in arenas {
+    let arenas = score_arenas(kv, table, begin, n);
+    if gate.is_some_and(|g| g.score_slots != arenas.len()) {
+        return Err(Error::InvalidOption(
+            "ts_score: gate was checked for another selection".into(),
+        ));
+    }
+    for (i, a) in arenas.into_iter().enumerate() {
         let b = [
             Binding::from(&q.buf),
             Binding::from(&kv.k[layer][a]),
             Binding::from(&pages),
             Binding::from(&scores.buf),
         ];
-        ex.rec
-            .dispatch(&p, &params(n, begin, qh, kv, a, 0, 0), &b, groups);
+        launch(
+            ex,
+            &p,
+            &params(n, begin, qh, kv, a, 0, 0),
+            &b,
+            groups,
+            gate,
+            i,
+        );
     }
     Ok(())
 }
@@ -85,33 +233,27 @@ pub(super) fn vote(
     qh: usize,
     n: usize,
     votes: &mut GpuTensor,
+    gate: Option<&GpuGate>,
 ) -> Result<()> {
     if scores.rows * scores.cols < qh * n || votes.rows * votes.cols < n || qh == 0 {
         return shape_err("ts_vote", format!("{qh} heads x {n} candidates do not fit"));
     }
+    let base = gate.map(|g| g.score_slots).unwrap_or(0);
     let stats = ex.scratch("vote stats", (qh * 8) as u64)?;
     let mut pr = [0u32; 12];
     pr[0] = n as u32;
     pr[2] = qh as u32;
     let hs = ex.pipeline(shaders::TOKENSELECT, "head_stats", &[]);
-    ex.rec.dispatch(
-        &hs,
-        &pr,
-        &[Binding::from(&scores.buf), Binding::from(&stats)],
-        [qh as u32, 1, 1],
-    );
+    let b = [Binding::from(&scores.buf), Binding::from(&stats)];
+    launch(ex, &hs, &pr, &b, [qh as u32, 1, 1], gate, base);
     let v = ex.pipeline(shaders::TOKENSELECT, "vote", &[]);
     let groups = ex.grid(n.div_ceil(64))?;
-    ex.rec.dispatch(
-        &v,
-        &pr,
-        &[
-            Binding::from(&scores.buf),
-            Binding::from(&stats),
-            Binding::from(&votes.buf),
-        ],
-        groups,
-    );
+    let b = [
+        Binding::from(&scores.buf),
+        Binding::from(&stats),
+        Binding::from(&votes.buf),
+    ];
+    launch(ex, &v, &pr, &b, groups, gate, base + 1);
     Ok(())
 }
 
@@ -122,43 +264,58 @@ pub(super) fn top_k(
     k: usize,
     begin: usize,
     out: &mut GpuIds,
+    gate: Option<&GpuGate>,
 ) -> Result<()> {
     if votes.rows * votes.cols < n || k == 0 || k > n || out.len < k {
         return shape_err("ts_top_k", format!("top {k} of {n} into {} slots", out.len));
     }
+    let base = gate.map(|g| g.score_slots + 2).unwrap_or(0);
     let state = ex.scratch("radix state", 258 * 4)?;
     let mut pr = [0u32; 12];
     pr[0] = n as u32;
     pr[1] = begin as u32;
     pr[8] = k as u32;
     let init = ex.pipeline(shaders::TOKENSELECT, "radix_init", &[]);
-    ex.rec
-        .dispatch(&init, &pr, &[Binding::from(&state)], [1, 1, 1]);
+    launch(
+        ex,
+        &init,
+        &pr,
+        &[Binding::from(&state)],
+        [1, 1, 1],
+        gate,
+        base,
+    );
     let hist = ex.pipeline(shaders::TOKENSELECT, "radix_hist", &[]);
     let pick = ex.pipeline(shaders::TOKENSELECT, "radix_pick", &[]);
-    // Enough workgroups that each thread scans ~16 values.
-    let wgs = n.div_ceil(4096).clamp(1, 256) as u32;
+    let wgs = radix_workgroups(n);
     for pass in 0..4u32 {
         pr[9] = pass;
-        ex.rec.dispatch(
+        let hb = [Binding::from(&state), Binding::from(&votes.buf)];
+        launch(
+            ex,
             &hist,
             &pr,
-            &[Binding::from(&state), Binding::from(&votes.buf)],
+            &hb,
             [wgs, 1, 1],
+            gate,
+            base + 1 + 2 * pass as usize,
         );
-        ex.rec
-            .dispatch(&pick, &pr, &[Binding::from(&state)], [1, 1, 1]);
+        launch(
+            ex,
+            &pick,
+            &pr,
+            &[Binding::from(&state)],
+            [1, 1, 1],
+            gate,
+            base + 2 + 2 * pass as usize,
+        );
     }
     let collect = ex.pipeline(shaders::TOKENSELECT, "radix_collect", &[]);
-    ex.rec.dispatch(
-        &collect,
-        &pr,
-        &[
-            Binding::from(&state),
-            Binding::from(&votes.buf),
-            Binding::from(&out.buf),
-        ],
-        [1, 1, 1],
-    );
+    let cb = [
+        Binding::from(&state),
+        Binding::from(&votes.buf),
+        Binding::from(&out.buf),
+    ];
+    launch(ex, &collect, &pr, &cb, [1, 1, 1], gate, base + 9);
     Ok(())
 }

@@ -8,7 +8,7 @@ pub mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{Error, Result};
-use crate::ops::{check, KeyList, Ops, RopeConfig};
+use crate::ops::{check, KeyList, Ops, RopeConfig, SelectPlan};
 use half::f16;
 use rayon::prelude::*;
 
@@ -65,6 +65,21 @@ impl RefKv {
     }
 }
 
+/// Selection Cache decision on the CPU.
+#[derive(Clone, Debug, Default)]
+pub struct RefGate {
+    /// The last check hit: gated selection ops skip.
+    pub hit: bool,
+    /// Hits counted.
+    pub hits: u64,
+    /// Misses counted.
+    pub misses: u64,
+}
+
+fn skipped(gate: Option<&RefGate>) -> bool {
+    gate.is_some_and(|g| g.hit)
+}
+
 /// The CPU executor.
 #[derive(Debug, Default)]
 pub struct RefExecutor;
@@ -86,6 +101,7 @@ impl Ops for RefExecutor {
     type Weight = RefWeight;
     type Rope = RefRope;
     type Kv = RefKv;
+    type Gate = RefGate;
 
     fn name(&self) -> String {
         "reference (CPU f32)".into()
@@ -344,7 +360,11 @@ impl Ops for RefExecutor {
         begin: usize,
         n: usize,
         scores: &mut RefTensor,
+        gate: Option<&RefGate>,
     ) -> Result<()> {
+        if skipped(gate) {
+            return Ok(());
+        }
         check::ts(
             &kv.layout,
             layer,
@@ -364,7 +384,11 @@ impl Ops for RefExecutor {
         q_heads: usize,
         n: usize,
         votes: &mut RefTensor,
+        gate: Option<&RefGate>,
     ) -> Result<()> {
+        if skipped(gate) {
+            return Ok(());
+        }
         if scores.data.len() < q_heads * n || votes.data.len() < n {
             return crate::error::shape_err(
                 "ts_vote",
@@ -382,7 +406,11 @@ impl Ops for RefExecutor {
         k: usize,
         begin: usize,
         out: &mut Vec<u32>,
+        gate: Option<&RefGate>,
     ) -> Result<()> {
+        if skipped(gate) {
+            return Ok(());
+        }
         if votes.data.len() < n || k == 0 || k > n || out.len() < k {
             return crate::error::shape_err(
                 "ts_top_k",
@@ -392,6 +420,50 @@ impl Ops for RefExecutor {
         let sel = tokenselect::top_k(&votes.data[..n], k, begin);
         out[..k].copy_from_slice(&sel);
         Ok(())
+    }
+
+    fn ts_gate(&mut self) -> Result<RefGate> {
+        Ok(RefGate::default())
+    }
+
+    fn ts_cache_check(
+        &mut self,
+        fp: &RefTensor,
+        cached: &mut RefTensor,
+        threshold: f32,
+        _plan: &SelectPlan,
+        _kv: &RefKv,
+        _table: &PageTable,
+        gate: &mut RefGate,
+    ) -> Result<()> {
+        let len = fp.data.len();
+        if cached.data.len() != len + 1 {
+            return crate::error::shape_err(
+                "ts_cache_check",
+                format!("cache holds {} values for {len}", cached.data.len()),
+            );
+        }
+        // Same arithmetic as the kernel: f32 sums of products, cosine with a floor.
+        let (mut ab, mut aa, mut bb) = (0.0f32, 0.0f32, 0.0f32);
+        for (a, b) in fp.data.iter().zip(&cached.data) {
+            ab += a * b;
+            aa += a * a;
+            bb += b * b;
+        }
+        let cos = ab / (aa * bb).sqrt().max(1e-30);
+        gate.hit = cached.data[len] == 1.0 && cos >= threshold;
+        if gate.hit {
+            gate.hits += 1;
+        } else {
+            gate.misses += 1;
+            cached.data[..len].copy_from_slice(&fp.data);
+            cached.data[len] = 1.0;
+        }
+        Ok(())
+    }
+
+    fn ts_gate_counts(&mut self, gate: &RefGate) -> Result<(u64, u64)> {
+        Ok((gate.hits, gate.misses))
     }
 
     fn attention_decode_list(
