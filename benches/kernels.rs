@@ -13,7 +13,10 @@ use half::f16;
 use kvsieve::attention::{KvLayout, PageAllocator};
 use kvsieve::kernels::{copy_buffer, GpuExecutor};
 use kvsieve::ops::{Ops, RopeConfig};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::timed;
 
 fn executor() -> GpuExecutor {
     let mut ex =
@@ -32,22 +35,6 @@ fn cpu_adapter(ex: &GpuExecutor) -> bool {
 
 fn full() -> bool {
     std::env::var("KVSIEVE_BENCH_FULL").is_ok_and(|v| v == "1")
-}
-
-/// Runs `record` (which records one instance of the work) `iters` times, one
-/// submit each, and returns the summed GPU (or wall) time.
-fn timed(ex: &mut GpuExecutor, iters: u64, mut record: impl FnMut(&mut GpuExecutor)) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let t = Instant::now();
-        record(ex);
-        let r = ex.rec.submit().expect("submit");
-        total += match r.gpu_ns {
-            Some(ns) if ns > 0.0 => Duration::from_nanos(ns as u64),
-            _ => t.elapsed(),
-        };
-    }
-    total
 }
 
 fn bench_copy(c: &mut Criterion, ex: &mut GpuExecutor) {

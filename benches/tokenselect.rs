@@ -7,21 +7,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
 use kvsieve::kernels::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use kvsieve::ops::{KeyList, Ops, RopeConfig, SelectPlan};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn timed(ex: &mut GpuExecutor, iters: u64, mut record: impl FnMut(&mut GpuExecutor)) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let t = Instant::now();
-        record(ex);
-        let r = ex.rec.submit().expect("submit");
-        total += match r.gpu_ns {
-            Some(ns) if ns > 0.0 => Duration::from_nanos(ns as u64),
-            _ => t.elapsed(),
-        };
-    }
-    total
-}
+mod common;
+use common::timed;
 
 struct Setup {
     kv: GpuKv,

@@ -242,110 +242,91 @@ fn multi_turn_chat_reuses_the_cached_conversation() {
     assert!(answer2.contains("Berlin"), "{answer2}");
 }
 
-/// TokenSelect with a small budget on a ~600-token prompt, so selection happens in
-/// every layer: the GPU selects the same tokens as the reference and generates the
-/// same greedy tokens.
-#[test]
-fn tokenselect_decisions_agree_across_executors() {
+struct TsRun {
+    tokens: Vec<u32>,
+    selected: Vec<Vec<u32>>,
+    stats: kvsieve::attention::SelectionStats,
+}
+
+/// Greedy-generates 8 tokens after the first 600 tokens of README.md under
+/// TokenSelect with a small budget (selection happens in every layer), on `backend`.
+fn tokenselect_run(backend: Backend, cache_threshold: f32) -> TsRun {
     use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
     let policy = AttentionPolicy::TokenSelect(TokenSelectConfig {
         k: 64,
         n_init: 16,
         n_local: 64,
-        cache_threshold: 2.0, // cache off: every step selects
+        cache_threshold,
         ..Default::default()
     });
     let text =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
             .unwrap();
-    let mut runs = Vec::new();
-    for backend in [Backend::Reference, Backend::Gpu] {
-        let opts = Options {
-            backend,
-            max_context: 1024,
-            policy,
-            ..Options::default()
-        };
-        let mut e = Engine::load(&model_dir(), opts).unwrap();
-        let mut ids = e.tokenizer.encode(&text).unwrap();
-        ids.truncate(600);
-        let params = GenerateParams {
-            max_tokens: 8,
-            stop_at_eos: false,
-            ..Default::default()
-        };
-        let toks: Vec<u32> = e
-            .generate_ids(&ids, &params)
-            .unwrap()
-            .map(|t| t.unwrap().id)
-            .collect();
-        let sel: Vec<Vec<u32>> = (0..e.config.layers)
-            .map(|l| e.selected(l).unwrap().unwrap())
-            .collect();
-        assert!(e.selection_stats().selections >= 7 * e.config.layers as u64);
-        runs.push((toks, sel));
+    let opts = Options {
+        backend,
+        max_context: 1024,
+        policy,
+        ..Options::default()
+    };
+    let mut e = Engine::load(&model_dir(), opts).unwrap();
+    let mut ids = e.tokenizer.encode(&text).unwrap();
+    ids.truncate(600);
+    let params = GenerateParams {
+        max_tokens: 8,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let tokens: Vec<u32> = e
+        .generate_ids(&ids, &params)
+        .unwrap()
+        .map(|t| t.unwrap().id)
+        .collect();
+    let selected = (0..e.config.layers)
+        .map(|l| e.selected(l).unwrap().unwrap())
+        .collect();
+    let stats = e.selection_stats();
+    eprintln!(
+        "{backend:?}: {} selections, {} cache hits",
+        stats.selections, stats.cache_hits
+    );
+    TsRun {
+        tokens,
+        selected,
+        stats,
     }
+}
+
+/// Without the cache: the GPU selects the same tokens as the reference in every
+/// layer and generates the same greedy tokens.
+#[test]
+fn tokenselect_decisions_agree_across_executors() {
+    let (cpu, gpu) = (
+        tokenselect_run(Backend::Reference, 2.0),
+        tokenselect_run(Backend::Gpu, 2.0),
+    );
+    assert!(cpu.stats.selections >= 7 * 30, "{:?}", cpu.stats);
     // Votes are float sums in different orders: a boundary token may swap with a
     // near-tie (seen: 1 of 64 in 2 of 30 layers); anything more is a bug.
-    let (cpu, gpu) = (&runs[0], &runs[1]);
-    for (l, (a, b)) in cpu.1.iter().zip(&gpu.1).enumerate() {
+    for (l, (a, b)) in cpu.selected.iter().zip(&gpu.selected).enumerate() {
         let same = a.iter().filter(|x| b.contains(x)).count();
-        if same != a.len() {
-            eprintln!("layer {l}: {same}/{} shared", a.len());
-        }
         assert!(
             same >= a.len() - 1,
             "layer {l}: {same} of {} selected tokens shared",
             a.len()
         );
     }
-    assert_eq!(cpu.0, gpu.0, "greedy tokens under TokenSelect");
+    assert_eq!(cpu.tokens, gpu.tokens, "greedy tokens under TokenSelect");
 }
 
 /// With the Selection Cache on, both executors take the same hit/miss decisions and
 /// generate the same tokens.
 #[test]
 fn selection_cache_agrees_across_executors() {
-    use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
-    let policy = AttentionPolicy::TokenSelect(TokenSelectConfig {
-        k: 64,
-        n_init: 16,
-        n_local: 64,
-        cache_threshold: 0.9,
-        ..Default::default()
-    });
-    let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
-    let mut runs = Vec::new();
-    for backend in [Backend::Reference, Backend::Gpu] {
-        let opts = Options {
-            backend,
-            max_context: 1024,
-            policy,
-            ..Options::default()
-        };
-        let mut e = Engine::load(&model_dir(), opts).unwrap();
-        let mut ids = e.tokenizer.encode(&text).unwrap();
-        ids.truncate(600);
-        let params = GenerateParams {
-            max_tokens: 8,
-            stop_at_eos: false,
-            ..Default::default()
-        };
-        let toks: Vec<u32> = e
-            .generate_ids(&ids, &params)
-            .unwrap()
-            .map(|t| t.unwrap().id)
-            .collect();
-        let st = e.selection_stats();
-        eprintln!(
-            "{backend:?}: {} selections, {} cache hits",
-            st.selections, st.cache_hits
-        );
-        runs.push((toks, st));
-    }
-    assert_eq!(runs[0].0, runs[1].0, "greedy tokens");
-    assert_eq!(runs[0].1, runs[1].1, "cache decisions");
-    assert!(runs[0].1.cache_hits > 0, "the cache never hit");
+    let (cpu, gpu) = (
+        tokenselect_run(Backend::Reference, 0.9),
+        tokenselect_run(Backend::Gpu, 0.9),
+    );
+    assert_eq!(cpu.tokens, gpu.tokens, "greedy tokens");
+    assert_eq!(cpu.stats, gpu.stats, "cache decisions");
+    assert!(cpu.stats.cache_hits > 0, "the cache never hit");
 }
