@@ -10,13 +10,12 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
-use kvsieve::attention::{KvLayout, PageAllocator};
 use kvsieve::kernels::{copy_buffer, GpuExecutor};
-use kvsieve::ops::{Ops, RopeConfig};
+use kvsieve::ops::Ops;
 use std::time::Duration;
 
 mod common;
-use common::timed;
+use common::{cache, timed};
 
 fn executor() -> GpuExecutor {
     let mut ex =
@@ -92,36 +91,6 @@ fn bench_matmul(c: &mut Criterion, ex: &mut GpuExecutor) {
         }
     }
     g.finish();
-}
-
-struct Cache {
-    kv: kvsieve::kernels::GpuKv,
-    table: kvsieve::attention::PageTable,
-    rope: kvsieve::kernels::GpuRope,
-}
-
-fn cache(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize) -> Cache {
-    let layout = KvLayout {
-        layers: 1,
-        kv_heads,
-        head_dim: d,
-        page_size: 64,
-        num_pages: len.div_ceil(64),
-    };
-    let mut alloc = PageAllocator::new(&layout);
-    let mut table = alloc.new_sequence();
-    alloc.reserve(&mut table, len).unwrap();
-    table.len = len;
-    let kv = ex.kv_cache(&layout).unwrap();
-    let rope = ex
-        .rope_table(&RopeConfig {
-            head_dim: d,
-            theta: 1e4,
-            scaling: None,
-            max_positions: len,
-        })
-        .unwrap();
-    Cache { kv, table, rope }
 }
 
 const HEADS: [(&str, usize, usize, usize); 2] =

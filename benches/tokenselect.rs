@@ -4,9 +4,9 @@
 //! the miss. Times from GPU timestamps when available.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
+use kvsieve::attention::PageTable;
 use kvsieve::kernels::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use kvsieve::ops::{KeyList, Ops, RopeConfig, SelectPlan};
+use kvsieve::ops::{KeyList, Ops, SelectPlan};
 use std::time::Duration;
 
 mod common;
@@ -29,26 +29,7 @@ const N_INIT: usize = 128;
 const N_LOCAL: usize = 512;
 
 fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Setup {
-    let layout = KvLayout {
-        layers: 1,
-        kv_heads: kh,
-        head_dim: d,
-        page_size: 64,
-        num_pages: len.div_ceil(64),
-    };
-    let mut alloc = PageAllocator::new(&layout);
-    let mut table = alloc.new_sequence();
-    alloc.reserve(&mut table, len).unwrap();
-    table.len = len;
-    let kv = ex.kv_cache(&layout).unwrap();
-    let rope = ex
-        .rope_table(&RopeConfig {
-            head_dim: d,
-            theta: 1e4,
-            scaling: None,
-            max_positions: len,
-        })
-        .unwrap();
+    let common::Cache { kv, table, rope } = common::cache(ex, kh, d, len);
     let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
     let out = ex.tensor(1, qh * d).unwrap();
     let n = len - N_INIT - N_LOCAL;

@@ -434,6 +434,17 @@ pub mod check {
         Ok(())
     }
 
+    /// Bias row for `add_bias`.
+    pub fn add_bias(x: (usize, usize), bias: (usize, usize)) -> Result<()> {
+        if bias != (1, x.1) {
+            return shape_err(
+                "add_bias",
+                format!("bias is {bias:?}, x has {} columns", x.1),
+            );
+        }
+        Ok(())
+    }
+
     /// Row copy.
     pub fn copy_rows(
         src: (usize, usize),

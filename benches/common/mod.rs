@@ -1,6 +1,8 @@
 //! Timing shared by the benchmarks.
 
-use kvsieve::kernels::GpuExecutor;
+use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
+use kvsieve::kernels::{GpuExecutor, GpuKv, GpuRope};
+use kvsieve::ops::{Ops, RopeConfig};
 use std::time::{Duration, Instant};
 
 /// Runs `record` (which records one instance of the work) `iters` times, one
@@ -21,4 +23,36 @@ pub fn timed(
         };
     }
     total
+}
+
+/// A one-layer KV cache holding `len` tokens (contents irrelevant for timing).
+pub struct Cache {
+    pub kv: GpuKv,
+    pub table: PageTable,
+    pub rope: GpuRope,
+}
+
+/// Allocates a [`Cache`] of `len` tokens for `kv_heads` heads of `d` dims.
+pub fn cache(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize) -> Cache {
+    let layout = KvLayout {
+        layers: 1,
+        kv_heads,
+        head_dim: d,
+        page_size: 64,
+        num_pages: len.div_ceil(64),
+    };
+    let mut alloc = PageAllocator::new(&layout);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, len).unwrap();
+    table.len = len;
+    let kv = ex.kv_cache(&layout).unwrap();
+    let rope = ex
+        .rope_table(&RopeConfig {
+            head_dim: d,
+            theta: 1e4,
+            scaling: None,
+            max_positions: len,
+        })
+        .unwrap();
+    Cache { kv, table, rope }
 }

@@ -30,15 +30,7 @@ pub(super) fn add_bias(
     x: &mut GpuTensor,
     bias: &super::GpuWeight,
 ) -> Result<()> {
-    if (bias.rows, bias.cols) != (1, x.cols) {
-        return crate::error::shape_err(
-            "add_bias",
-            format!(
-                "bias is ({}, {}), x has {} columns",
-                bias.rows, bias.cols, x.cols
-            ),
-        );
-    }
+    check::add_bias((x.rows, x.cols), (bias.rows, bias.cols))?;
     let n = x.rows * x.cols;
     let p = ex.pipeline(shaders::ELEMENTWISE, "add_bias", &[]);
     let groups = ex.grid(n.div_ceil(64))?;

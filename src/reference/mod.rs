@@ -298,15 +298,7 @@ impl Ops for RefExecutor {
     }
 
     fn add_bias(&mut self, x: &mut RefTensor, bias: &RefWeight) -> Result<()> {
-        if (bias.rows, bias.cols) != (1, x.cols) {
-            return crate::error::shape_err(
-                "add_bias",
-                format!(
-                    "bias is ({}, {}), x has {} columns",
-                    bias.rows, bias.cols, x.cols
-                ),
-            );
-        }
+        check::add_bias((x.rows, x.cols), (bias.rows, bias.cols))?;
         if x.cols == 0 {
             return Ok(());
         }
