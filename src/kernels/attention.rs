@@ -10,18 +10,6 @@ use crate::gpu::Binding;
 use crate::ops::{check, KeyList};
 use crate::shaders;
 
-/// Arenas of `layer` that hold at least one page of the first `kv_len` tokens.
-fn arenas_used(kv: &GpuKv, table: &PageTable, kv_len: usize) -> Vec<usize> {
-    let n_pages = kv_len.div_ceil(kv.layout.page_size);
-    let mut used: Vec<usize> = table.pages[..n_pages]
-        .iter()
-        .map(|&p| p as usize / kv.pages_per_arena)
-        .collect();
-    used.sort_unstable();
-    used.dedup();
-    used
-}
-
 /// Loop iterations one 64-key tile of `decode_partial` costs a thread (loop
 /// trip counts of its phases), and one 16-key tile of `prefill`.
 fn decode_tile_iterations(head_dim: usize, group: usize) -> u64 {
@@ -194,7 +182,7 @@ fn decode_impl(
         [n_splits as u32, l.kv_heads as u32, 1]
     };
     let scale = 1.0f32 / (d as f32).sqrt();
-    for (i, &a) in arenas_used(kv, table, seq_len).iter().enumerate() {
+    for (i, &a) in kv.arenas_for(table, 0..seq_len).iter().enumerate() {
         let mut params = vec![
             ranks as u32,
             qh as u32,
@@ -276,13 +264,7 @@ pub(super) fn prefill(
     let mut begin = 0;
     while begin < kv_len {
         let stop = (begin + per_pass).min(kv_len);
-        let pages_of_range = &table.pages[begin / l.page_size..stop.div_ceil(l.page_size)];
-        let mut arenas: Vec<usize> = pages_of_range
-            .iter()
-            .map(|&p| p as usize / kv.pages_per_arena)
-            .collect();
-        arenas.sort_unstable();
-        arenas.dedup();
+        let arenas = kv.arenas_for(table, begin..stop);
         passes.extend(arenas.into_iter().map(|a| (begin, stop, a)));
         begin = stop;
     }

@@ -26,17 +26,9 @@ pub(super) fn kv_append(
     let p = ex.pipeline(shaders::KV_APPEND, "kv_append", &[]);
     let groups = ex.grid((k.rows * l.kv_heads * words).div_ceil(64))?;
     // Only arenas holding one of the touched pages need a pass.
-    let first_page = start / l.page_size;
-    let last_page = (start + k.rows - 1) / l.page_size;
-    for (a, (ka, va)) in kv.k[layer].iter().zip(&kv.v[layer]).enumerate() {
+    for a in kv.arenas_for(table, start..start + k.rows) {
+        let (ka, va) = (&kv.k[layer][a], &kv.v[layer][a]);
         let lo = (a * kv.pages_per_arena) as u32;
-        let hi = lo + kv.pages_per_arena as u32;
-        if !table.pages[first_page..=last_page]
-            .iter()
-            .any(|&pg| pg >= lo && pg < hi)
-        {
-            continue;
-        }
         let params = [
             k.rows as u32,
             start as u32,

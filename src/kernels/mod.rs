@@ -79,6 +79,22 @@ pub struct GpuKv {
     pub v: Vec<Vec<wgpu::Buffer>>,
 }
 
+impl GpuKv {
+    /// Arena buffers (ascending) holding a page of the logical tokens `tokens`
+    /// (a non-empty range inside the reserved pages of `table`).
+    pub fn arenas_for(&self, table: &PageTable, tokens: std::ops::Range<usize>) -> Vec<usize> {
+        let ps = self.layout.page_size;
+        let pages = &table.pages[tokens.start / ps..tokens.end.div_ceil(ps)];
+        let mut used: Vec<usize> = pages
+            .iter()
+            .map(|&p| p as usize / self.pages_per_arena)
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        used
+    }
+}
+
 /// Mesa's CPU drivers share llvmpipe's JIT and its loop limiter.
 fn llvmpipe(info: &wgpu::AdapterInfo) -> bool {
     let n = info.name.to_ascii_lowercase();

@@ -53,19 +53,6 @@ fn params(
     ]
 }
 
-/// Arenas holding candidate pages.
-fn score_arenas(kv: &GpuKv, table: &PageTable, begin: usize, n: usize) -> Vec<usize> {
-    let first = begin / kv.layout.page_size;
-    let last = (begin + n - 1) / kv.layout.page_size;
-    let mut a: Vec<usize> = table.pages[first..=last]
-        .iter()
-        .map(|&pg| pg as usize / kv.pages_per_arena)
-        .collect();
-    a.sort_unstable();
-    a.dedup();
-    a
-}
-
 fn radix_workgroups(n: usize) -> u32 {
     // Enough workgroups that each thread scans ~16 values.
     n.div_ceil(4096).clamp(1, 256) as u32
@@ -79,7 +66,8 @@ fn slots(
     table: &PageTable,
 ) -> Result<Vec<[u32; 3]>> {
     let score = ex.grid(plan.n.div_ceil(64))?;
-    let mut v: Vec<[u32; 3]> = score_arenas(kv, table, plan.begin, plan.n)
+    let mut v: Vec<[u32; 3]> = kv
+        .arenas_for(table, plan.begin..plan.begin + plan.n)
         .iter()
         .map(|_| score)
         .collect();
@@ -201,7 +189,7 @@ pub(super) fn score(
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::TOKENSELECT, "score", &[]);
     let groups = ex.grid(n.div_ceil(64))?;
-    let arenas = score_arenas(kv, table, begin, n);
+    let arenas = kv.arenas_for(table, begin..begin + n);
     if gate.is_some_and(|g| g.score_slots != arenas.len()) {
         return Err(Error::InvalidOption(
             "ts_score: gate was checked for another selection".into(),
