@@ -9,11 +9,19 @@
 // after 65535 iterations, so the keys are also cut into ranges short enough to stay
 // below that. The (m, l, acc) state is carried in `state` between passes; the last
 // pass writes the normalised output.
+//
+// List mode (sparse prefill, TokenSelect sub-chunks): the keys are ranks 0..kv_len of
+// [0, n_init) ++ sel[0..n_sel) ++ [tail_start, ...), as in attention_decode.wgsl; a
+// key's RoPE position is its rank (compact) or its logical index. Sinks and selected
+// tokens precede tail_start <= q_start, so causality only cuts the tail: query i sees
+// ranks up to last_rank(q_start + i). The queries are rows row0.. of `q` and `out`.
 struct Params {
     n_q: u32, q_start: u32, kv_len: u32, q_heads: u32,
     kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
-    max_pos: u32, kv_begin: u32, kv_stop: u32, _p0: u32,
+    max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
+    list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
+    compact: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // [n_q, q_heads * D/4], rotated
@@ -23,6 +31,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> cs: array<vec4<f32>>;     // (cos, sin) pairs, 2 per element
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // [n_q, q_heads, D + 2]
 @group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>; // [n_q, q_heads * D/4]
+@group(0) @binding(8) var<storage, read> sel: array<u32>;          // selected ids (list mode)
 
 const TK: u32 = 16u;
 const MAX_D4: u32 = 32u;  // head_dim <= 128
@@ -34,6 +43,25 @@ var<workgroup> ok_sh: array<u32, 16>;
 
 fn unpack4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
+// Logical token index of rank r.
+fn logical(r: u32) -> u32 {
+    if (p.list_mode == 0u || r < p.n_init) { return r; }
+    if (r < p.n_init + p.n_sel) { return sel[r - p.n_init]; }
+    return p.tail_start + (r - p.n_init - p.n_sel);
+}
+
+// RoPE position of rank r.
+fn position(r: u32) -> u32 {
+    let pos = select(logical(r), r, p.list_mode == 0u || p.compact == 1u);
+    return min(pos, p.max_pos - 1u);
+}
+
+// Last rank a query at logical index t may see.
+fn last_rank(t: u32) -> u32 {
+    if (p.list_mode == 0u) { return t; }
+    return p.n_init + p.n_sel + (t - p.tail_start);
 }
 
 @compute @workgroup_size(64)
@@ -50,12 +78,12 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
     var acc: array<vec4<f32>, 32>;
     var m = NEG;
     var l = 0.0;
-    let qrow = min(qi, p.n_q - 1u);
+    let qrow = p.row0 + min(qi, p.n_q - 1u);
     for (var i = 0u; i < d4; i++) {
         qv[i] = q[(qrow * p.q_heads + h) * d4 + i] * p.scale;
         acc[i] = vec4<f32>(0.0);
     }
-    let sb = (qrow * p.q_heads + h) * stride;
+    let sb = (min(qi, p.n_q - 1u) * p.q_heads + h) * stride;
     if (p.first_pass == 0u && live) {
         m = state[sb];
         l = state[sb + 1u];
@@ -64,17 +92,18 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                                state[sb + 4u + 4u * i], state[sb + 5u + 4u * i]);
         }
     }
-    let limit = p.q_start + qi;                          // last visible key of this query
+    let limit = last_rank(p.q_start + min(qi, p.n_q - 1u)); // last visible rank of this query
     let last_q = min(wid.x * 64u + 63u, p.n_q - 1u);
-    let kv_end = min(min(p.kv_len, p.q_start + last_q + 1u), p.kv_stop);
+    let kv_end = min(min(p.kv_len, last_rank(p.q_start + last_q) + 1u), p.kv_stop);
     for (var t0 = p.kv_begin; t0 < kv_end; t0 += TK) {
         for (var it = tid; it < TK * e8; it += 64u) {
             let t = it / e8;
             let w = it % e8;
-            let j = t0 + t;
+            let r = t0 + t;
             var ok = false;
             var base = 0u;
-            if (j < kv_end) {
+            if (r < kv_end) {
+                let j = logical(r);
                 let page = pages[j / p.page_size];
                 if (page >= p.arena_first_page && page < p.arena_first_page + p.arena_pages) {
                     ok = true;
@@ -84,7 +113,7 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
             }
             if (w == 0u) { ok_sh[t] = select(0u, 1u, ok); }
             if (ok) {
-                let pos = min(j, p.max_pos - 1u);
+                let pos = position(r);
                 let lo = unpack4(k_arena[base + w]);
                 let hi = unpack4(k_arena[base + w + e8]);
                 // cos/sin of dims 4w..4w+3: two vec4s of (cos, sin, cos, sin)
@@ -131,7 +160,7 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
     }
     if (!live) { return; }
     if (p.last_pass == 1u) {
-        let ob = (qi * p.q_heads + h) * d4;
+        let ob = ((p.row0 + qi) * p.q_heads + h) * d4;
         let inv = select(0.0, 1.0 / l, l > 0.0);
         for (var i = 0u; i < d4; i++) { out[ob + i] = acc[i] * inv; }
     } else {

@@ -1,4 +1,5 @@
-// Elementwise ops of the transformer block: SwiGLU and the residual add.
+// Elementwise ops of the transformer block: SwiGLU, the residual add, bias add,
+// and the row mean of a TokenSelect prefill sub-chunk.
 struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;   // gate (swiglu) or accumulator (add)
@@ -35,4 +36,15 @@ fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let c = i % p._p0;   // _p0 holds the row length
     let pair = unpack2x16float(bias[c / 2u]);
     a[i] = a[i] + select(pair.x, pair.y, (c & 1u) == 1u);
+}
+
+// a[c] = mean over rows row0..row0 + rows of b[r, c] (TokenSelect's prefill
+// fingerprint); n = columns.
+@compute @workgroup_size(64)
+fn mean_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = linear_id(gid, nwg);
+    if (c >= p.n) { return; }
+    var acc = 0.0;
+    for (var r = 0u; r < p._p1; r++) { acc += b[(p._p0 + r) * p.n + c]; }
+    a[c] = acc / f32(p._p1);
 }

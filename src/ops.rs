@@ -24,6 +24,7 @@
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use half::f16;
+use std::ops::Range;
 
 /// Llama 3 RoPE frequency scaling (`rope_scaling` with `rope_type: llama3`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -141,6 +142,18 @@ impl<I> KeyList<'_, I> {
     /// True when the list is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The same list with the selection held in `selected` (another executor's copy).
+    pub fn with_selected<'b, J>(&self, selected: &'b J) -> KeyList<'b, J> {
+        KeyList {
+            n_init: self.n_init,
+            selected,
+            n_selected: self.n_selected,
+            tail_start: self.tail_start,
+            tail_len: self.tail_len,
+            compact: self.compact,
+        }
     }
 }
 
@@ -321,6 +334,30 @@ pub trait Ops: Send {
         rope: &Self::Rope,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Causal attention of query rows `rows` of `q` (rotated by the caller; row
+    /// `rows.start + i` is the token at logical index `q_start + i`) over the keys of
+    /// `list`, into the same rows of `out`. A query sees the list's keys up to its
+    /// own logical index; the sinks and selected keys must precede `list.tail_start
+    /// <= q_start`, and the tail must end at the last query. Sparse prefill.
+    fn attention_prefill_list(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        rows: Range<usize>,
+        q_start: usize,
+        list: &KeyList<'_, Self::Ids>,
+        rope: &Self::Rope,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
+    fn mean_rows(
+        &mut self,
+        x: &Self::Tensor,
+        rows: Range<usize>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Row-wise argmax (ties to the lowest index) into `out[0..rows]`.
     fn argmax(&mut self, x: &Self::Tensor, out: &mut Self::Ids) -> Result<()>;
     /// Stores k, v `[tokens, kv_heads * head_dim]` (keys before RoPE) at logical
@@ -498,45 +535,48 @@ pub mod check {
         Ok(qh)
     }
 
-    /// Sparse decode over a key list: returns the query head count.
+    /// Attention over a key list for query rows `rows` at logical `q_start..`:
+    /// returns the query head count.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_list<I>(
+        op: &'static str,
         layout: &KvLayout,
         layer: usize,
         table: &PageTable,
         q: (usize, usize),
         out: (usize, usize),
-        seq_len: usize,
+        rows: &Range<usize>,
+        q_start: usize,
         list: &KeyList<'_, I>,
         selected_capacity: usize,
         max_pos: usize,
     ) -> Result<usize> {
-        if q.0 != 1 {
-            return shape_err(
-                "attention_decode_list",
-                format!("{} query rows, expected 1", q.0),
-            );
+        let n = rows.len();
+        if n == 0 || rows.end > q.0 {
+            return shape_err(op, format!("rows {rows:?} of {} query rows", q.0));
         }
+        let seq_len = q_start + n;
         let qh = attention(
-            "attention_decode_list",
+            op,
             layout,
             layer,
             table,
-            q,
-            out,
-            seq_len.saturating_sub(1),
-            seq_len.max(1),
+            (n, q.1),
+            (n, out.1),
+            q_start,
+            seq_len,
             max_pos,
         )?;
-        if list.is_empty()
+        if q.0 != out.0
             || list.n_selected > selected_capacity
-            || list.tail_start + list.tail_len > seq_len
-            || list.n_init > seq_len
+            || list.tail_start + list.tail_len != seq_len
+            || list.tail_start > q_start
+            || list.n_init > list.tail_start
         {
             return shape_err(
-                "attention_decode_list",
+                op,
                 format!(
-                    "list of {} sinks, {} selected (capacity {selected_capacity}), window {}..{} over {seq_len} tokens",
+                    "list of {} sinks, {} selected (capacity {selected_capacity}), window {}..{} for queries {q_start}..{seq_len}",
                     list.n_init,
                     list.n_selected,
                     list.tail_start,
@@ -544,7 +584,21 @@ pub mod check {
                 ),
             );
         }
+        let max_rank = list.len() - 1;
+        if list.compact && max_rank >= max_pos {
+            return Err(Error::Capacity(format!(
+                "{op}: rank {max_rank} beyond the RoPE table's {max_pos}"
+            )));
+        }
         Ok(qh)
+    }
+
+    /// Mean of rows `rows` of `x` into one row of `out`.
+    pub fn mean_rows(x: (usize, usize), rows: &Range<usize>, out: (usize, usize)) -> Result<()> {
+        if rows.is_empty() || rows.end > x.0 || out.1 != x.1 || out.0 == 0 {
+            return shape_err("mean_rows", format!("rows {rows:?} of {x:?} into {out:?}"));
+        }
+        Ok(())
     }
 
     /// Top-k selection bounds.

@@ -280,6 +280,226 @@ fn a_list_covering_everything_is_dense_attention() {
     let _: &RefTensor = &f.cpu.tensor(1, 1).unwrap();
 }
 
+/// Sparse prefill: query rows `r0..r0 + m` of a `rows`-row tensor at logical
+/// `q_start..` over sinks, `k` spread selections and a window ending at the last
+/// query; GPU against reference.
+#[allow(clippy::too_many_arguments)]
+fn prefill_list(
+    ex: &mut GpuExecutor,
+    qh: usize,
+    kh: usize,
+    d: usize,
+    len: usize,
+    k: usize,
+    rows: usize,
+    r0: usize,
+    m: usize,
+    compact: bool,
+) {
+    let mut f = fill(ex, kh, d, len, 21);
+    let rope_cfg = RopeConfig {
+        head_dim: d,
+        theta: 10000.0,
+        scaling: None,
+        max_positions: len,
+    };
+    let (rc, rg) = (
+        f.cpu.rope_table(&rope_cfg).unwrap(),
+        ex.rope_table(&rope_cfg).unwrap(),
+    );
+    let q_start = len - m;
+    let (n_init, n_local) = (7usize, 33usize);
+    let tail_start = q_start + 1 - n_local;
+    let mut sel: Vec<u32> = (0..k)
+        .map(|i| (n_init + (i * 7919) % (tail_start - n_init)) as u32)
+        .collect();
+    sel.sort_unstable();
+    sel.dedup();
+    let q = randn(&mut rng(6), rows * qh * d, 1.0);
+    let qc = f.cpu.upload(&q, rows, qh * d).unwrap();
+    let mut oc = f.cpu.tensor(rows, qh * d).unwrap();
+    let list_c = KeyList {
+        n_init,
+        selected: &sel,
+        n_selected: sel.len(),
+        tail_start,
+        tail_len: len - tail_start,
+        compact,
+    };
+    f.cpu
+        .attention_prefill_list(
+            &qc,
+            &f.kvc,
+            0,
+            &f.table,
+            r0..r0 + m,
+            q_start,
+            &list_c,
+            &rc,
+            &mut oc,
+        )
+        .unwrap();
+    let sg = ex.ids(&sel).unwrap();
+    let qg = ex.upload(&q, rows, qh * d).unwrap();
+    let mut og = ex.tensor(rows, qh * d).unwrap();
+    let list_g = list_c.with_selected(&sg);
+    ex.attention_prefill_list(
+        &qg,
+        &f.kvg,
+        0,
+        &f.table,
+        r0..r0 + m,
+        q_start,
+        &list_g,
+        &rg,
+        &mut og,
+    )
+    .unwrap();
+    let got = ex.download(&og).unwrap();
+    let w = qh * d;
+    assert_close(
+        &format!("prefill list {qh}/{kh}/{d} compact={compact}"),
+        &got[r0 * w..(r0 + m) * w],
+        &oc.data[r0 * w..(r0 + m) * w],
+        2e-5,
+        1e-3,
+    );
+    // Rows outside the range are untouched.
+    assert!(got[..r0 * w]
+        .iter()
+        .chain(&got[(r0 + m) * w..])
+        .all(|&x| x == 0.0));
+}
+
+#[test]
+fn prefill_list_matches_reference() {
+    for mut ex in gpu_variants() {
+        // A list longer than one pass on llvmpipe (about 900 keys), ragged rows.
+        prefill_list(&mut ex, 9, 3, 64, 4000, 1000, 150, 20, 110, true);
+        prefill_list(&mut ex, 32, 8, 128, 2500, 300, 70, 0, 70, false);
+    }
+    // Keys spread over many arenas (2 pages per 64 KiB binding).
+    let mut ex = gpu().with_binding_limit(64 * 1024);
+    prefill_list(&mut ex, 9, 3, 64, 3000, 500, 100, 37, 63, true);
+}
+
+/// A list of every earlier token at true positions is dense causal attention.
+#[test]
+fn a_full_prefill_list_is_dense_prefill() {
+    let mut ex = gpu();
+    let (qh, kh, d, len, n) = (9usize, 3usize, 64usize, 1500usize, 200usize);
+    let mut f = fill(&mut ex, kh, d, len, 13);
+    let rope_cfg = RopeConfig {
+        head_dim: d,
+        theta: 10000.0,
+        scaling: None,
+        max_positions: len,
+    };
+    let (rc, rg) = (
+        f.cpu.rope_table(&rope_cfg).unwrap(),
+        ex.rope_table(&rope_cfg).unwrap(),
+    );
+    let q = randn(&mut rng(14), n * qh * d, 1.0);
+    let q_start = len - n;
+    let none: Vec<u32> = Vec::new();
+    let list_c = KeyList {
+        n_init: 0,
+        selected: &none,
+        n_selected: 0,
+        tail_start: 0,
+        tail_len: len,
+        compact: false,
+    };
+    let qc = f.cpu.upload(&q, n, qh * d).unwrap();
+    let (mut dc, mut lc) = (
+        f.cpu.tensor(n, qh * d).unwrap(),
+        f.cpu.tensor(n, qh * d).unwrap(),
+    );
+    f.cpu
+        .attention_prefill(&qc, &f.kvc, 0, &f.table, q_start, len, &rc, &mut dc)
+        .unwrap();
+    f.cpu
+        .attention_prefill_list(
+            &qc,
+            &f.kvc,
+            0,
+            &f.table,
+            0..n,
+            q_start,
+            &list_c,
+            &rc,
+            &mut lc,
+        )
+        .unwrap();
+    assert_close(
+        "reference: full list = dense",
+        &lc.data,
+        &dc.data,
+        1e-6,
+        1e-5,
+    );
+    let sg = ex.ids(&[0]).unwrap();
+    let qg = ex.upload(&q, n, qh * d).unwrap();
+    let (mut dg, mut lg) = (ex.tensor(n, qh * d).unwrap(), ex.tensor(n, qh * d).unwrap());
+    ex.attention_prefill(&qg, &f.kvg, 0, &f.table, q_start, len, &rg, &mut dg)
+        .unwrap();
+    let list_g = list_c.with_selected(&sg);
+    ex.attention_prefill_list(
+        &qg,
+        &f.kvg,
+        0,
+        &f.table,
+        0..n,
+        q_start,
+        &list_g,
+        &rg,
+        &mut lg,
+    )
+    .unwrap();
+    assert_close(
+        "GPU: full list = dense",
+        &ex.download(&lg).unwrap(),
+        &ex.download(&dg).unwrap(),
+        1e-6,
+        1e-5,
+    );
+    // Bad lists are errors, not panics: a window that does not end at the last query.
+    let bad = KeyList {
+        tail_len: len - 1,
+        ..list_g
+    };
+    assert!(ex
+        .attention_prefill_list(&qg, &f.kvg, 0, &f.table, 0..n, q_start, &bad, &rg, &mut lg)
+        .is_err());
+}
+
+#[test]
+fn mean_rows_matches_reference() {
+    let mut ex = gpu();
+    let mut cpu = RefExecutor::new();
+    let (rows, cols) = (77usize, 576usize);
+    let x = randn(&mut rng(15), rows * cols, 1.0);
+    let (xc, xg) = (
+        cpu.upload(&x, rows, cols).unwrap(),
+        ex.upload(&x, rows, cols).unwrap(),
+    );
+    let (mut oc, mut og) = (cpu.tensor(1, cols).unwrap(), ex.tensor(1, cols).unwrap());
+    cpu.mean_rows(&xc, 5..69, &mut oc).unwrap();
+    ex.mean_rows(&xg, 5..69, &mut og).unwrap();
+    let want: Vec<f32> = (0..cols)
+        .map(|c| (5..69).map(|r| x[r * cols + c]).sum::<f32>() / 64.0)
+        .collect();
+    assert_close("mean_rows reference", &oc.data, &want, 1e-6, 1e-5);
+    assert_close(
+        "mean_rows GPU",
+        &ex.download(&og).unwrap(),
+        &want,
+        1e-6,
+        1e-5,
+    );
+    assert!(ex.mean_rows(&xg, 70..80, &mut og).is_err());
+}
+
 /// The Selection Cache decides on the device exactly as the reference does: same
 /// hits and misses over a sequence of queries, and a hit keeps the old selection
 /// (the gated dispatches run zero workgroups).

@@ -66,6 +66,7 @@ fn tokenselect_agrees_with_dense_on_natural_text() {
         } else {
             kvsieve::attention::Positions::Original
         },
+        ..Default::default()
     });
     let from = env("TS_FROM", 3500.0) as usize;
     let (dense, _) = argmaxes(AttentionPolicy::Dense, &ids, from);

@@ -297,7 +297,8 @@ fn tokenselect_run(backend: Backend, cache_threshold: f32) -> TsRun {
 }
 
 /// Without the cache: the GPU selects the same tokens as the reference in every
-/// layer and generates the same greedy tokens.
+/// layer and generates the same greedy tokens, after a prefill whose second chunk
+/// is sparse.
 #[test]
 fn tokenselect_decisions_agree_across_executors() {
     let (cpu, gpu) = (
@@ -305,6 +306,9 @@ fn tokenselect_decisions_agree_across_executors() {
         tokenselect_run(Backend::Gpu, 2.0),
     );
     assert!(cpu.stats.selections >= 7 * 30, "{:?}", cpu.stats);
+    // The second prefill chunk (tokens 512..600) is one sparse sub-chunk per layer.
+    assert_eq!(cpu.stats.prefill_selections, 30, "{:?}", cpu.stats);
+    assert_eq!(gpu.stats.prefill_selections, 30, "{:?}", gpu.stats);
     // Votes are float sums in different orders: a boundary token may swap with a
     // near-tie (seen: 1 of 64 in 2 of 30 layers); anything more is a bug.
     for (l, (a, b)) in cpu.selected.iter().zip(&gpu.selected).enumerate() {

@@ -33,6 +33,9 @@ pub struct ModelArgs {
     /// TokenSelect: compact or original positions.
     #[arg(long, default_value = "compact")]
     pub positions: String,
+    /// TokenSelect: prefill queries sharing one selection (their mean is the fingerprint).
+    #[arg(long, default_value_t = 512)]
+    pub subchunk: usize,
     /// Context capacity in tokens (0 = the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
@@ -67,6 +70,7 @@ impl ModelArgs {
                 n_local: self.n_local,
                 cache_threshold: self.cache_threshold,
                 positions: self.positions.parse()?,
+                subchunk: self.subchunk,
             }),
             other => {
                 return Err(kvsieve::Error::InvalidOption(format!(

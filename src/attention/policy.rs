@@ -45,6 +45,9 @@ pub struct TokenSelectConfig {
     pub cache_threshold: f32,
     /// Position scheme.
     pub positions: Positions,
+    /// Prefill queries per selection: each sub-chunk of this many queries selects
+    /// with the mean of its queries as the fingerprint.
+    pub subchunk: usize,
 }
 
 impl Default for TokenSelectConfig {
@@ -55,6 +58,7 @@ impl Default for TokenSelectConfig {
             n_local: 512,
             cache_threshold: 0.9,
             positions: Positions::Compact,
+            subchunk: 512,
         }
     }
 }
@@ -65,7 +69,8 @@ pub enum AttentionPolicy {
     /// Full causal attention (the reference).
     #[default]
     Dense,
-    /// Per-head token-level selection with soft voting (decode steps; prefill is dense).
+    /// Per-head token-level selection with soft voting, in decode steps and in
+    /// prefill sub-chunks.
     TokenSelect(TokenSelectConfig),
 }
 
@@ -78,6 +83,11 @@ impl AttentionPolicy {
                     "TokenSelect k {} must be in 1..=65536",
                     c.k
                 )));
+            }
+            if c.subchunk == 0 {
+                return Err(Error::InvalidOption(
+                    "TokenSelect prefill sub-chunk must be >= 1".into(),
+                ));
             }
             if c.n_local == 0 {
                 return Err(Error::InvalidOption(
@@ -102,10 +112,12 @@ pub struct SelectionStats {
     pub selections: u64,
     /// Layer-steps that reused the cached selection.
     pub cache_hits: u64,
+    /// Prefill sub-chunk selections (layer by sub-chunk; not part of the hit rate).
+    pub prefill_selections: u64,
 }
 
 impl SelectionStats {
-    /// Share of sparse layer-steps served by the Selection Cache.
+    /// Share of sparse decode layer-steps served by the Selection Cache.
     pub fn hit_rate(&self) -> Option<f64> {
         let n = self.selections + self.cache_hits;
         (n > 0).then(|| self.cache_hits as f64 / n as f64)
@@ -120,7 +132,29 @@ struct TsBuffers<E: Ops> {
     selected: Vec<E::Ids>,
     /// Per layer: the fingerprint of the cached selection `[1, len + 1]`.
     cached: Vec<E::Tensor>,
+    /// Zeros `[1, len + 1]`: copied over `cached` to invalidate it.
+    no_cache: E::Tensor,
+    /// Raw (unrotated) queries of a prefill chunk, for the sub-chunk means.
+    q_raw: Option<E::Tensor>,
     gate: E::Gate,
+}
+
+/// A prefill sub-chunk: rows of the chunk and whether it selects.
+#[derive(Clone, Debug)]
+struct SubChunk {
+    rows: std::ops::Range<usize>,
+    sparse: bool,
+}
+
+/// What the current forward does in every layer.
+enum Step<E: Ops> {
+    /// Dense attention at true positions.
+    Dense,
+    /// One sparse decode token: fingerprint position, query position.
+    Decode(TokenSelectConfig, E::Ids, E::Ids),
+    /// Prefill sub-chunks, at least one sparse: fingerprint position, per-row
+    /// query positions.
+    Prefill(TokenSelectConfig, Vec<SubChunk>, E::Ids, E::Ids),
 }
 
 /// A policy and its state for one session.
@@ -128,9 +162,17 @@ pub struct Attention<E: Ops> {
     /// The policy.
     pub policy: AttentionPolicy,
     ts: Option<TsBuffers<E>>,
-    step_pos: Option<(E::Ids, E::Ids)>,
+    step: Step<E>,
     /// Selections run without the Selection Cache (threshold above 1).
     uncached_selections: u64,
+    prefill_selections: u64,
+}
+
+/// Candidates of a query at logical index `t`: `[n_init, t + 1 - n_local)`, when
+/// there are more than `k` of them (else attention is dense).
+fn candidates(c: &TokenSelectConfig, t: usize) -> Option<usize> {
+    let cand = (t + 1).checked_sub(c.n_init + c.n_local)?;
+    (cand > c.k).then_some(cand)
 }
 
 impl<E: Ops> Attention<E> {
@@ -140,18 +182,56 @@ impl<E: Ops> Attention<E> {
         Ok(Self {
             policy,
             ts: None,
-            step_pos: None,
+            step: Step::Dense,
             uncached_selections: 0,
+            prefill_selections: 0,
         })
     }
 
-    fn sparse(&self, n: usize, seq_len: usize) -> Option<TokenSelectConfig> {
-        match self.policy {
-            AttentionPolicy::TokenSelect(c) if n == 1 && c.n_init + c.k + c.n_local < seq_len => {
-                Some(c)
+    /// Grows (or creates) the selection buffers to `cand` candidates and `rows`
+    /// raw query rows.
+    fn ensure_buffers(
+        &mut self,
+        ops: &mut E,
+        cfg: &ModelConfig,
+        c: &TokenSelectConfig,
+        cand: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let qd = cfg.heads * cfg.head_dim;
+        if self.ts.is_none() {
+            let mut selected = Vec::with_capacity(cfg.layers);
+            let mut cached = Vec::with_capacity(cfg.layers);
+            for _ in 0..cfg.layers {
+                selected.push(ops.ids(&vec![0u32; c.k])?);
+                cached.push(ops.tensor(1, qd + 1)?);
             }
-            _ => None,
+            // Grow geometrically so decode does not reallocate every step.
+            let cap = cand.next_power_of_two().max(1024);
+            self.ts = Some(TsBuffers {
+                cap,
+                q_fp: ops.tensor(1, qd)?,
+                scores: ops.tensor(cfg.heads, cap)?,
+                votes: ops.tensor(1, cap)?,
+                selected,
+                cached,
+                no_cache: ops.tensor(1, qd + 1)?,
+                q_raw: None,
+                gate: ops.ts_gate()?,
+            });
         }
+        let Some(ts) = self.ts.as_mut() else {
+            return Ok(());
+        };
+        if ts.cap < cand {
+            ts.cap = cand.next_power_of_two();
+            ts.scores = ops.tensor(cfg.heads, ts.cap)?;
+            ts.votes = ops.tensor(1, ts.cap)?;
+        }
+        if rows > 1 && ts.q_raw.as_ref().is_none_or(|t| E::rows(t) < rows) {
+            ts.q_raw = Some(ops.tensor(rows, qd)?);
+        }
+        Ok(())
     }
 
     /// Prepares a step of `n` tokens ending at `seq_len` (called once per forward,
@@ -163,56 +243,60 @@ impl<E: Ops> Attention<E> {
         n: usize,
         seq_len: usize,
     ) -> Result<()> {
-        self.step_pos = None;
-        let Some(c) = self.sparse(n, seq_len) else {
+        self.step = Step::Dense;
+        let AttentionPolicy::TokenSelect(c) = self.policy else {
             return Ok(());
         };
-        let cand = seq_len - c.n_init - c.n_local;
-        let need = match &self.ts {
-            Some(b) => b.cap < cand,
-            None => true,
-        };
-        if need && self.ts.is_some() {
-            let Some(old) = self.ts.take() else {
+        let start = seq_len - n;
+        let list_len = c.n_init + c.k + c.n_local;
+        if n > 1 {
+            // New tokens make the Selection Cache's decisions stale.
+            if let Some(ts) = self.ts.as_mut() {
+                for cached in ts.cached.iter_mut() {
+                    ops.copy_rows(&ts.no_cache, 0, cached, 0, 1)?;
+                }
+            }
+        }
+        if n == 1 {
+            let Some(cand) = candidates(&c, start) else {
                 return Ok(());
             };
-            // Growing keeps the selections, fingerprints and counters.
-            let cap = cand.next_power_of_two();
-            self.ts = Some(TsBuffers {
-                cap,
-                scores: ops.tensor(cfg.heads, cap)?,
-                votes: ops.tensor(1, cap)?,
-                ..old
-            });
-        } else if need {
-            // Grow geometrically so decode does not reallocate every step.
-            let cap = cand.next_power_of_two().max(1024);
-            let qd = cfg.heads * cfg.head_dim;
-            let mut selected = Vec::with_capacity(cfg.layers);
-            for _ in 0..cfg.layers {
-                selected.push(ops.ids(&vec![0u32; c.k])?);
+            self.ensure_buffers(ops, cfg, &c, cand, 1)?;
+            let q_pos = match c.positions {
+                Positions::Compact => list_len - 1,
+                Positions::Original => start,
+            };
+            // The fingerprint is rotated as if it sat n_local tokens back.
+            let fp = ops.ids(&[c.n_local as u32])?;
+            self.step = Step::Decode(c, fp, ops.ids(&[q_pos as u32])?);
+            return Ok(());
+        }
+        // Prefill: a sub-chunk whose first query has more than k candidates selects
+        // once for all its queries (later queries add tokens to the local window).
+        let mut subs = Vec::new();
+        let mut max_cand = 0;
+        let mut positions = Vec::with_capacity(n);
+        for r0 in (0..n).step_by(c.subchunk) {
+            let rows = r0..(r0 + c.subchunk).min(n);
+            let cand = candidates(&c, start + r0);
+            max_cand = max_cand.max(cand.unwrap_or(0));
+            for (i, r) in rows.clone().enumerate() {
+                positions.push(match (cand, c.positions) {
+                    (Some(_), Positions::Compact) => list_len - 1 + i,
+                    _ => start + r,
+                } as u32);
             }
-            let mut cached = Vec::with_capacity(cfg.layers);
-            for _ in 0..cfg.layers {
-                cached.push(ops.tensor(1, qd + 1)?);
-            }
-            self.ts = Some(TsBuffers {
-                cap,
-                q_fp: ops.tensor(1, qd)?,
-                scores: ops.tensor(cfg.heads, cap)?,
-                votes: ops.tensor(1, cap)?,
-                selected,
-                cached,
-                gate: ops.ts_gate()?,
+            subs.push(SubChunk {
+                rows,
+                sparse: cand.is_some(),
             });
         }
-        let list_len = c.n_init + c.k + c.n_local;
-        let q_pos = match c.positions {
-            Positions::Compact => list_len - 1,
-            Positions::Original => seq_len - 1,
-        };
-        // The fingerprint is rotated as if it sat n_local tokens back.
-        self.step_pos = Some((ops.ids(&[c.n_local as u32])?, ops.ids(&[q_pos as u32])?));
+        if max_cand == 0 {
+            return Ok(());
+        }
+        self.ensure_buffers(ops, cfg, &c, max_cand, n)?;
+        let fp = ops.ids(&[c.n_local as u32])?;
+        self.step = Step::Prefill(c, subs, fp, ops.ids(&positions)?);
         Ok(())
     }
 
@@ -234,69 +318,107 @@ impl<E: Ops> Attention<E> {
         out: &mut E::Tensor,
     ) -> Result<()> {
         let seq_len = start + n;
-        let (Some(c), Some((fp_pos, q_pos)), Some(ts)) =
-            (self.sparse(n, seq_len), &self.step_pos, &mut self.ts)
-        else {
+        let Some(ts) = self.ts.as_mut() else {
             ops.rope(q, cfg.heads, positions, rope)?;
             return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
         };
-        // Selection: fingerprint = q rotated at n_local; scores against unrotated keys.
-        let cand = seq_len - c.n_init - c.n_local;
-        ops.copy_rows(q, 0, &mut ts.q_fp, 0, 1)?;
-        ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
-        // Selection Cache: decided on the device; on a hit the selection ops below
-        // run zero workgroups and the layer keeps its previous selection.
-        let gate = if c.cache_threshold <= 1.0 {
-            let plan = SelectPlan {
-                layer,
-                q_heads: cfg.heads,
-                begin: c.n_init,
-                n: cand,
-                k: c.k,
-            };
-            ops.ts_cache_check(
-                &ts.q_fp,
-                &mut ts.cached[layer],
-                c.cache_threshold,
-                &plan,
-                kv,
-                table,
-                &mut ts.gate,
-            )?;
-            Some(&ts.gate)
-        } else {
-            self.uncached_selections += 1;
-            None
-        };
-        ops.ts_score(
-            &ts.q_fp,
-            kv,
-            layer,
-            table,
-            c.n_init,
-            cand,
-            &mut ts.scores,
-            gate,
-        )?;
-        ops.ts_vote(&ts.scores, cfg.heads, cand, &mut ts.votes, gate)?;
-        ops.ts_top_k(
-            &ts.votes,
-            cand,
-            c.k,
-            c.n_init,
-            &mut ts.selected[layer],
-            gate,
-        )?;
-        ops.rope(q, cfg.heads, q_pos, rope)?;
-        let list = KeyList {
-            n_init: c.n_init,
-            selected: &ts.selected[layer],
-            n_selected: c.k,
-            tail_start: seq_len - c.n_local,
-            tail_len: c.n_local,
-            compact: c.positions == Positions::Compact,
-        };
-        ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
+        match &self.step {
+            Step::Dense => {
+                ops.rope(q, cfg.heads, positions, rope)?;
+                dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out)
+            }
+            Step::Decode(c, fp_pos, q_pos) => {
+                let cand = seq_len - c.n_init - c.n_local;
+                ops.copy_rows(q, 0, &mut ts.q_fp, 0, 1)?;
+                ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
+                // Selection Cache: decided on the device; on a hit the selection ops
+                // run zero workgroups and the layer keeps its previous selection.
+                let gated = if c.cache_threshold <= 1.0 {
+                    let plan = SelectPlan {
+                        layer,
+                        q_heads: cfg.heads,
+                        begin: c.n_init,
+                        n: cand,
+                        k: c.k,
+                    };
+                    ops.ts_cache_check(
+                        &ts.q_fp,
+                        &mut ts.cached[layer],
+                        c.cache_threshold,
+                        &plan,
+                        kv,
+                        table,
+                        &mut ts.gate,
+                    )?;
+                    true
+                } else {
+                    self.uncached_selections += 1;
+                    false
+                };
+                select(ops, ts, c, cfg.heads, kv, layer, table, cand, gated)?;
+                ops.rope(q, cfg.heads, q_pos, rope)?;
+                let list = KeyList {
+                    n_init: c.n_init,
+                    selected: &ts.selected[layer],
+                    n_selected: c.k,
+                    tail_start: seq_len - c.n_local,
+                    tail_len: c.n_local,
+                    compact: c.positions == Positions::Compact,
+                };
+                ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
+            }
+            Step::Prefill(c, subs, fp_pos, q_pos) => {
+                let Some(q_raw) = ts.q_raw.as_mut() else {
+                    return Ok(());
+                };
+                ops.copy_rows(q, 0, q_raw, 0, n)?;
+                ops.rope(q, cfg.heads, q_pos, rope)?;
+                for sub in subs {
+                    let a = start + sub.rows.start;
+                    let m = sub.rows.len();
+                    let list = if sub.sparse {
+                        let Some(q_raw) = ts.q_raw.as_ref() else {
+                            return Ok(());
+                        };
+                        ops.mean_rows(q_raw, sub.rows.clone(), &mut ts.q_fp)?;
+                        ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
+                        let cand = a + 1 - c.n_init - c.n_local;
+                        select(ops, ts, c, cfg.heads, kv, layer, table, cand, false)?;
+                        self.prefill_selections += 1;
+                        KeyList {
+                            n_init: c.n_init,
+                            selected: &ts.selected[layer],
+                            n_selected: c.k,
+                            tail_start: a + 1 - c.n_local,
+                            tail_len: c.n_local - 1 + m,
+                            compact: c.positions == Positions::Compact,
+                        }
+                    } else {
+                        // Within the budget: every earlier token, at true positions.
+                        KeyList {
+                            n_init: 0,
+                            selected: &ts.selected[layer],
+                            n_selected: 0,
+                            tail_start: 0,
+                            tail_len: a + m,
+                            compact: false,
+                        }
+                    };
+                    ops.attention_prefill_list(
+                        q,
+                        kv,
+                        layer,
+                        table,
+                        sub.rows.clone(),
+                        a,
+                        &list,
+                        rope,
+                        out,
+                    )?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Selections run and Selection Cache hits so far (reads the device counters).
@@ -308,6 +430,7 @@ impl<E: Ops> Attention<E> {
         Ok(SelectionStats {
             selections: misses + self.uncached_selections,
             cache_hits: hits,
+            prefill_selections: self.prefill_selections,
         })
     }
 
@@ -320,4 +443,40 @@ impl<E: Ops> Attention<E> {
             _ => Ok(None),
         }
     }
+}
+
+/// Scoring, soft vote and top-k over `cand` candidates from `n_init` into the
+/// layer's selection (gated by the Selection Cache decision when `gated`).
+#[allow(clippy::too_many_arguments)]
+fn select<E: Ops>(
+    ops: &mut E,
+    ts: &mut TsBuffers<E>,
+    c: &TokenSelectConfig,
+    heads: usize,
+    kv: &E::Kv,
+    layer: usize,
+    table: &PageTable,
+    cand: usize,
+    gated: bool,
+) -> Result<()> {
+    let gate = gated.then_some(&ts.gate);
+    ops.ts_score(
+        &ts.q_fp,
+        kv,
+        layer,
+        table,
+        c.n_init,
+        cand,
+        &mut ts.scores,
+        gate,
+    )?;
+    ops.ts_vote(&ts.scores, heads, cand, &mut ts.votes, gate)?;
+    ops.ts_top_k(
+        &ts.votes,
+        cand,
+        c.k,
+        c.n_init,
+        &mut ts.selected[layer],
+        gate,
+    )
 }

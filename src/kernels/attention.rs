@@ -9,6 +9,7 @@ use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
 use crate::ops::{check, KeyList};
 use crate::shaders;
+use std::ops::Range;
 
 /// Loop iterations one 64-key tile of `decode_partial` costs a thread (loop
 /// trip counts of its phases), and one 16-key tile of `prefill`.
@@ -117,19 +118,25 @@ pub(super) fn decode_list(
     rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let dims = ((q.rows, q.cols), (out.rows, out.cols));
-    let cap = list.selected.len;
     let qh = check::attention_list(
+        "attention_decode_list",
         &kv.layout,
         layer,
         table,
-        dims.0,
-        dims.1,
-        seq_len,
+        (q.rows, q.cols),
+        (out.rows, out.cols),
+        &(0..1),
+        seq_len.saturating_sub(1),
         list,
-        cap,
+        list.selected.len,
         rope.max_pos,
     )?;
+    if q.rows != 1 {
+        return shape_err(
+            "attention_decode_list",
+            format!("{} query rows, expected 1", q.rows),
+        );
+    }
     decode_impl(
         ex,
         q,
@@ -243,10 +250,9 @@ pub(super) fn prefill(
     rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let l = kv.layout;
     let qh = check::attention(
         "attention_prefill",
-        &l,
+        &kv.layout,
         layer,
         table,
         (q.rows, q.cols),
@@ -255,34 +261,128 @@ pub(super) fn prefill(
         kv_len,
         rope.max_pos,
     )?;
+    let rows = 0..q.rows;
+    prefill_impl(
+        ex, q, kv, layer, table, qh, rows, q_start, kv_len, kv_len, None, rope, out,
+    )
+}
+
+/// Sparse prefill over a key list (TokenSelect sub-chunks): the same kernel in list mode.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn prefill_list(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    rows: Range<usize>,
+    q_start: usize,
+    list: &KeyList<'_, GpuIds>,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let qh = check::attention_list(
+        "attention_prefill_list",
+        &kv.layout,
+        layer,
+        table,
+        (q.rows, q.cols),
+        (out.rows, out.cols),
+        &rows,
+        q_start,
+        list,
+        list.selected.len,
+        rope.max_pos,
+    )?;
+    let seq_len = q_start + rows.len();
+    prefill_impl(
+        ex,
+        q,
+        kv,
+        layer,
+        table,
+        qh,
+        rows,
+        q_start,
+        list.len(),
+        seq_len,
+        Some(list),
+        rope,
+        out,
+    )
+}
+
+/// Passes of `attention_prefill.wgsl` over ranks `0..ranks` (the first `ranks`
+/// tokens, or the ranks of `list`) for query rows `rows` at logical `q_start..`.
+#[allow(clippy::too_many_arguments)]
+fn prefill_impl(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    qh: usize,
+    rows: Range<usize>,
+    q_start: usize,
+    ranks: usize,
+    seq_len: usize,
+    list: Option<&KeyList<'_, GpuIds>>,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let l = kv.layout;
     let d = l.head_dim;
-    // Passes over (key range, arena) pairs that hold keys of that range.
+    let n_q = rows.len();
+    // Passes over (rank range, arena) pairs that hold keys of that range; a list
+    // may point anywhere before the tail, so it visits every arena of the sequence.
     let per_pass = prefill_keys_per_pass(ex, d)
         .max(l.page_size)
-        .min(kv_len.max(1));
+        .min(ranks.max(1));
     let mut passes = Vec::new();
     let mut begin = 0;
-    while begin < kv_len {
-        let stop = (begin + per_pass).min(kv_len);
-        let arenas = kv.arenas_for(table, begin..stop);
+    while begin < ranks {
+        let stop = (begin + per_pass).min(ranks);
+        let tokens = if list.is_some() {
+            0..seq_len
+        } else {
+            begin..stop
+        };
+        let arenas = kv.arenas_for(table, tokens);
         passes.extend(arenas.into_iter().map(|a| (begin, stop, a)));
         begin = stop;
     }
     // The state buffer is only touched when several passes are needed.
     let state_bytes = if passes.len() > 1 {
-        (q.rows * qh * (d + 2) * 4) as u64
+        (n_q * qh * (d + 2) * 4) as u64
     } else {
         16
     };
     let state = ex.scratch("prefill state", state_bytes)?;
+    let sel = match list {
+        Some(li) => li.selected.buf.clone(),
+        None => ex.scratch("no selection", 16)?,
+    };
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
     let scale = 1.0f32 / (d as f32).sqrt();
+    let list_params = match list {
+        Some(li) => [
+            1,
+            li.n_init as u32,
+            li.n_selected as u32,
+            li.tail_start as u32,
+            u32::from(li.compact),
+            0,
+            0,
+            0,
+        ],
+        None => [0; 8],
+    };
     for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
-        let params = [
-            q.rows as u32,
+        let mut params = vec![
+            n_q as u32,
             q_start as u32,
-            kv_len as u32,
+            ranks as u32,
             qh as u32,
             l.kv_heads as u32,
             d as u32,
@@ -295,8 +395,9 @@ pub(super) fn prefill(
             rope.max_pos as u32,
             kv_begin as u32,
             kv_stop as u32,
-            0,
+            rows.start as u32,
         ];
+        params.extend(list_params);
         let b = [
             Binding::from(&q.buf),
             Binding::from(&kv.k[layer][a]),
@@ -305,9 +406,10 @@ pub(super) fn prefill(
             Binding::from(&rope.buf),
             Binding::from(&state),
             Binding::from(&out.buf),
+            Binding::from(&sel),
         ];
         ex.rec
-            .dispatch(&p, &params, &b, [q.rows.div_ceil(64) as u32, qh as u32, 1]);
+            .dispatch(&p, &params, &b, [n_q.div_ceil(64) as u32, qh as u32, 1]);
     }
     Ok(())
 }

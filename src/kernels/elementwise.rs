@@ -1,4 +1,4 @@
-//! SwiGLU and residual add (`elementwise.wgsl`).
+//! SwiGLU, residual add, bias add and row mean (`elementwise.wgsl`).
 
 use super::{GpuExecutor, GpuTensor};
 use crate::error::Result;
@@ -38,6 +38,24 @@ pub(super) fn add_bias(
         &p,
         &[n as u32, x.cols as u32, 0, 0],
         &[Binding::from(&x.buf), Binding::from(&bias.chunks[0].buffer)],
+        groups,
+    );
+    Ok(())
+}
+
+pub(super) fn mean_rows(
+    ex: &mut GpuExecutor,
+    x: &GpuTensor,
+    rows: std::ops::Range<usize>,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    check::mean_rows((x.rows, x.cols), &rows, (out.rows, out.cols))?;
+    let p = ex.pipeline(shaders::ELEMENTWISE, "mean_rows", &[]);
+    let groups = ex.grid(x.cols.div_ceil(64))?;
+    ex.rec.dispatch(
+        &p,
+        &[x.cols as u32, rows.start as u32, rows.len() as u32, 0],
+        &[Binding::from(&out.buf), Binding::from(&x.buf)],
         groups,
     );
     Ok(())

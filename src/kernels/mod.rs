@@ -22,6 +22,7 @@ use crate::gpu::{GpuContext, PipelineCache, Recorder};
 use crate::ops::{KeyList, Ops, RopeConfig};
 use half::f16;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// f32 matrix `[rows, cols]` in one storage buffer.
@@ -604,6 +605,25 @@ impl Ops for GpuExecutor {
         out: &mut GpuTensor,
     ) -> Result<()> {
         attention::decode_list(self, q, kv, layer, table, seq_len, list, rope, out)
+    }
+
+    fn attention_prefill_list(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        rows: Range<usize>,
+        q_start: usize,
+        list: &KeyList<'_, GpuIds>,
+        rope: &GpuRope,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::prefill_list(self, q, kv, layer, table, rows, q_start, list, rope, out)
+    }
+
+    fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {
+        elementwise::mean_rows(self, x, rows, out)
     }
 
     fn argmax(&mut self, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {

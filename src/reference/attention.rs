@@ -1,6 +1,6 @@
 //! Dense causal attention on the CPU: keys rotated at their positions, f32 softmax.
 
-use super::{dot, rotate, RefKv, RefRope, RefTensor};
+use super::{rotate, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
 use rayon::prelude::*;
 
@@ -41,41 +41,109 @@ pub(super) fn dense(
     out: &mut RefTensor,
 ) {
     let d = kv.layout.head_dim;
-    let hk = kv.layout.kv_heads;
-    let qh = q.cols / d;
-    let group = qh / hk;
-    let scale = 1.0 / (d as f32).sqrt();
-    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..hk)
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
         .into_par_iter()
         .map(|h| gather_head(kv, layer, table, h, kv_len, rope))
         .collect();
-    out.data
-        .par_chunks_mut(q.cols)
-        .enumerate()
-        .for_each(|(i, orow)| {
-            let visible = (q_start + i + 1).min(kv_len);
-            let mut s = vec![0.0f32; visible];
-            for h in 0..qh {
-                let (k, v) = &heads[h / group];
-                let qv = &q.data[i * q.cols + h * d..i * q.cols + (h + 1) * d];
-                let mut m = f32::NEG_INFINITY;
-                for j in 0..visible {
-                    s[j] = dot(qv, &k[j * d..(j + 1) * d]) * scale;
-                    m = m.max(s[j]);
-                }
+    attend(
+        &q.data,
+        q.cols,
+        d,
+        &heads,
+        |i| (q_start + i + 1).min(kv_len),
+        &mut out.data,
+    );
+}
+
+/// Query rows per task of [`attend`].
+const BLOCK: usize = 64;
+
+/// Softmax attention of the query rows in `q` (`[rows, q_cols]`, heads of `d`)
+/// over the rotated keys and values of each KV head (`[L, d]` each, query head h
+/// using KV head h / group), row i seeing keys `0..visible(i)` (non-decreasing in
+/// i), into `out` (same shape). Each (head, block of rows) task is two GEMMs.
+pub(super) fn attend(
+    q: &[f32],
+    q_cols: usize,
+    d: usize,
+    heads: &[(Vec<f32>, Vec<f32>)],
+    visible: impl Fn(usize) -> usize + Sync,
+    out: &mut [f32],
+) {
+    let rows = q.len() / q_cols;
+    let qh = q_cols / d;
+    let group = qh / heads.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..qh)
+        .flat_map(|h| (0..rows).step_by(BLOCK).map(move |r| (h, r)))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(h, r0)| {
+            let b = BLOCK.min(rows - r0);
+            let len = visible(r0 + b - 1);
+            let (k, v) = &heads[h / group];
+            let mut s = vec![0.0f32; b * len];
+            let mut o = vec![0.0f32; b * d];
+            // SAFETY: q rows r0..r0+b at column h*d (row stride q_cols), K^T [d, len]
+            // read from K [len, d], S [b, len] and O [b, d]: all within their vectors.
+            unsafe {
+                matrixmultiply::sgemm(
+                    b,
+                    d,
+                    len,
+                    scale,
+                    q.as_ptr().add(r0 * q_cols + h * d),
+                    q_cols as isize,
+                    1,
+                    k.as_ptr(),
+                    1,
+                    d as isize,
+                    0.0,
+                    s.as_mut_ptr(),
+                    len as isize,
+                    1,
+                );
+            }
+            for (i, row) in s.chunks_mut(len).enumerate() {
+                let vis = visible(r0 + i).min(len);
+                let m = row[..vis].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut l = 0.0;
-                for x in s.iter_mut() {
+                for x in row[..vis].iter_mut() {
                     *x = (*x - m).exp();
                     l += *x;
                 }
-                let o = &mut orow[h * d..(h + 1) * d];
-                o.iter_mut().for_each(|x| *x = 0.0);
-                for j in 0..visible {
-                    let p = s[j] / l;
-                    for (oi, &vi) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                        *oi += p * vi;
-                    }
+                for x in row[..vis].iter_mut() {
+                    *x /= l;
                 }
+                row[vis..].iter_mut().for_each(|x| *x = 0.0);
             }
-        });
+            // SAFETY: P [b, len], V [len, d], O [b, d], all within their vectors.
+            unsafe {
+                matrixmultiply::sgemm(
+                    b,
+                    len,
+                    d,
+                    1.0,
+                    s.as_ptr(),
+                    len as isize,
+                    1,
+                    v.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    o.as_mut_ptr(),
+                    d as isize,
+                    1,
+                );
+            }
+            o
+        })
+        .collect();
+    for (&(h, r0), o) in tasks.iter().zip(results) {
+        for (i, orow) in o.chunks(d).enumerate() {
+            let at = (r0 + i) * q_cols + h * d;
+            out[at..at + d].copy_from_slice(orow);
+        }
+    }
 }

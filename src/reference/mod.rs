@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::ops::{check, KeyList, Ops, RopeConfig, SelectPlan};
 use half::f16;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// f32 matrix `[rows, cols]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -470,17 +471,70 @@ impl Ops for RefExecutor {
         out: &mut RefTensor,
     ) -> Result<()> {
         check::attention_list(
+            "attention_decode_list",
             &kv.layout,
             layer,
             table,
             (q.rows, q.cols),
             (out.rows, out.cols),
-            seq_len,
+            &(0..1),
+            seq_len.saturating_sub(1),
             list,
             list.selected.len(),
             rope.max_pos,
         )?;
-        tokenselect::attention_list(q, kv, layer, table, list, rope, out);
+        if q.rows != 1 {
+            return crate::error::shape_err(
+                "attention_decode_list",
+                format!("{} query rows, expected 1", q.rows),
+            );
+        }
+        let q_start = seq_len - 1;
+        tokenselect::attention_list(q, kv, layer, table, 0..1, q_start, list, rope, out);
+        Ok(())
+    }
+
+    fn attention_prefill_list(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        rows: Range<usize>,
+        q_start: usize,
+        list: &KeyList<'_, Vec<u32>>,
+        rope: &RefRope,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        check::attention_list(
+            "attention_prefill_list",
+            &kv.layout,
+            layer,
+            table,
+            (q.rows, q.cols),
+            (out.rows, out.cols),
+            &rows,
+            q_start,
+            list,
+            list.selected.len(),
+            rope.max_pos,
+        )?;
+        tokenselect::attention_list(q, kv, layer, table, rows, q_start, list, rope, out);
+        Ok(())
+    }
+
+    fn mean_rows(&mut self, x: &RefTensor, rows: Range<usize>, out: &mut RefTensor) -> Result<()> {
+        check::mean_rows((x.rows, x.cols), &rows, (out.rows, out.cols))?;
+        let c = x.cols;
+        let o = &mut out.data[..c];
+        o.iter_mut().for_each(|v| *v = 0.0);
+        for r in rows.clone() {
+            for (v, xv) in o.iter_mut().zip(&x.data[r * c..(r + 1) * c]) {
+                *v += xv;
+            }
+        }
+        let inv = rows.len() as f32;
+        o.iter_mut().for_each(|v| *v /= inv);
         Ok(())
     }
 

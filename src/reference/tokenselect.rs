@@ -1,9 +1,10 @@
 //! TokenSelect on the CPU: scoring, soft vote, top-k and attention over a key list.
 
-use super::{dot, rotate, RefKv, RefRope, RefTensor};
+use super::{attention, dot, rotate, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
 use crate::ops::KeyList;
 use rayon::prelude::*;
+use std::ops::Range;
 
 pub(super) fn score(
     q: &RefTensor,
@@ -74,45 +75,50 @@ pub fn list_keys(list: &KeyList<'_, Vec<u32>>) -> Vec<(usize, usize)> {
     keys
 }
 
+/// Causal attention of query rows `rows` (logical `q_start..`) over `list`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_list(
     q: &RefTensor,
     kv: &RefKv,
     layer: usize,
     table: &PageTable,
+    rows: Range<usize>,
+    q_start: usize,
     list: &KeyList<'_, Vec<u32>>,
     rope: &RefRope,
     out: &mut RefTensor,
 ) {
     let d = kv.layout.head_dim;
-    let qh = q.cols / d;
-    let group = qh / kv.layout.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
     let keys = list_keys(list);
-    out.data.par_chunks_mut(d).enumerate().for_each(|(h, o)| {
-        let g = h / group;
-        let qv = &q.data[h * d..(h + 1) * d];
-        let mut s: Vec<f32> = keys
-            .iter()
-            .map(|&(t, pos)| {
+    // Rotated keys and values of each KV head, in rank order.
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let mut k = Vec::with_capacity(keys.len() * d);
+            let mut v = Vec::with_capacity(keys.len() * d);
+            for &(t, pos) in &keys {
                 let off = kv.offset(table, t, g);
-                let mut k = kv.k[layer][off..off + d].to_vec();
                 let p = pos.min(rope.max_pos - 1);
-                rotate(&mut k, &rope.cs[p * rope.half..(p + 1) * rope.half]);
-                dot(qv, &k) * scale
-            })
-            .collect();
-        let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0.0;
-        for x in s.iter_mut() {
-            *x = (*x - m).exp();
-            l += *x;
-        }
-        o.iter_mut().for_each(|x| *x = 0.0);
-        for (&(t, _), p) in keys.iter().zip(&s) {
-            let off = kv.offset(table, t, g);
-            for (oi, vi) in o.iter_mut().zip(&kv.v[layer][off..off + d]) {
-                *oi += p / l * vi;
+                let start = k.len();
+                k.extend_from_slice(&kv.k[layer][off..off + d]);
+                rotate(
+                    &mut k[start..],
+                    &rope.cs[p * rope.half..(p + 1) * rope.half],
+                );
+                v.extend_from_slice(&kv.v[layer][off..off + d]);
             }
-        }
-    });
+            (k, v)
+        })
+        .collect();
+    let before_tail = list.n_init + list.n_selected;
+    let w = q.cols;
+    let visible = |i: usize| before_tail + q_start + i + 1 - list.tail_start;
+    attention::attend(
+        &q.data[rows.start * w..rows.end * w],
+        w,
+        d,
+        &heads,
+        visible,
+        &mut out.data[rows.start * w..rows.end * w],
+    );
 }
