@@ -1,7 +1,14 @@
-//! TokenSelect vs dense decode attention, per layer-step, on the adapter the
-//! library would choose: a Selection Cache miss (score + vote + top-k + sparse
-//! attention), a hit (cache check + sparse attention), and the selection's share of
-//! the miss. Times from GPU timestamps when available.
+//! TokenSelect vs dense attention, per layer, on the adapter the library would
+//! choose. Decode step: a Selection Cache miss (score + vote + top-k + sparse
+//! attention), a hit (cache check + sparse attention), and the selection alone.
+//! Prefill: one 512-query chunk at the end of the context, dense flash attention
+//! vs TokenSelect (sub-chunk mean, score + vote + top-k, sparse flash attention),
+//! and the selection alone. Times from GPU timestamps when available.
+//!
+//! On CPU adapters (lavapipe) the prefill group runs 8K only, since one dense
+//! 512-query chunk at 128K takes over a minute there; `KVSIEVE_BENCH_FULL=1` runs
+//! 8K to 128K for both shapes and adds a 1M-token decode step for the small one.
+//! Real GPUs run everything, including a 1M-token prefill chunk.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::attention::PageTable;
@@ -22,11 +29,29 @@ struct Setup {
     votes: GpuTensor,
     sel: GpuIds,
     cached: GpuTensor,
+    /// A prefill chunk of CHUNK queries, its output and its mean fingerprint.
+    qp: GpuTensor,
+    outp: GpuTensor,
+    fp: GpuTensor,
 }
 
 const K: usize = 2048;
 const N_INIT: usize = 128;
 const N_LOCAL: usize = 512;
+const CHUNK: usize = 512;
+
+/// Deterministic values in [-0.5, 0.5) (the contents only steer the top-k).
+fn noise(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
 
 fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Setup {
     let common::Cache { kv, table, rope } = common::cache(ex, kh, d, len);
@@ -43,6 +68,9 @@ fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Se
     let mut c = vec![0.1f32; qh * d];
     c.push(1.0);
     let cached = ex.upload(&c, 1, qh * d + 1).unwrap();
+    let qp = ex.upload(&noise(CHUNK * qh * d, 7), CHUNK, qh * d).unwrap();
+    let outp = ex.tensor(CHUNK, qh * d).unwrap();
+    let fp = ex.tensor(1, qh * d).unwrap();
     Setup {
         kv,
         table,
@@ -53,6 +81,9 @@ fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Se
         votes,
         sel,
         cached,
+        qp,
+        outp,
+        fp,
     }
 }
 
@@ -84,6 +115,103 @@ fn selection(
     ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, gate).unwrap();
 }
 
+/// Selection for a prefill chunk at the end of `len` tokens: the chunk's mean query
+/// against the candidates before its local window.
+fn prefill_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: usize) {
+    let q_start = len - CHUNK;
+    let n = q_start + 1 - N_INIT - N_LOCAL;
+    ex.mean_rows(&s.qp, 0..CHUNK, &mut s.fp).unwrap();
+    ex.ts_score(&s.fp, &s.kv, 0, &s.table, N_INIT, n, &mut s.scores, None)
+        .unwrap();
+    ex.ts_vote(&s.scores, qh, n, &mut s.votes, None).unwrap();
+    let mut sel = s.sel.clone();
+    ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, None).unwrap();
+}
+
+fn prefill_sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
+    let q_start = len - CHUNK;
+    let list = KeyList {
+        n_init: N_INIT,
+        selected: &s.sel,
+        n_selected: K,
+        tail_start: q_start + 1 - N_LOCAL,
+        tail_len: N_LOCAL - 1 + CHUNK,
+        compact: true,
+    };
+    ex.attention_prefill_list(
+        &s.qp,
+        &s.kv,
+        0,
+        &s.table,
+        0..CHUNK,
+        q_start,
+        &list,
+        &s.rope,
+        &mut s.outp,
+    )
+    .unwrap();
+}
+
+fn prefill_benches(c: &mut Criterion) {
+    let mut ex =
+        GpuExecutor::new().unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"));
+    ex.rec.enable_timestamps();
+    let full = std::env::var("KVSIEVE_BENCH_FULL").is_ok_and(|v| v == "1")
+        || !ex.tuning.per_thread_kernels;
+    let mut g = c.benchmark_group("tokenselect_prefill_chunk");
+    g.sample_size(10)
+        .sampling_mode(criterion::SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    for (name, qh, kh, d) in [
+        ("h9kv3d64", 9usize, 3usize, 64usize),
+        ("h32kv8d128", 32, 8, 128),
+    ] {
+        let mut lens = match (full, qh) {
+            (true, _) => vec![8192, 32768, 131072],
+            (false, 9) => vec![8192],
+            _ => vec![],
+        };
+        if qh == 9 && !ex.tuning.per_thread_kernels {
+            lens.push(1 << 20); // real GPUs only: minutes per dense chunk on CPU drivers
+        }
+        for len in lens {
+            let mut s = setup(&mut ex, qh, kh, d, len);
+            let id =
+                |what: &str| BenchmarkId::new(format!("{name}/{what}"), format!("{}k", len / 1024));
+            g.bench_function(id("dense"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        ex.attention_prefill(
+                            &s.qp,
+                            &s.kv,
+                            0,
+                            &s.table,
+                            len - CHUNK,
+                            len,
+                            &s.rope,
+                            &mut s.outp,
+                        )
+                        .unwrap()
+                    })
+                })
+            });
+            g.bench_function(id("selection_only"), |b| {
+                b.iter_custom(|it| timed(&mut ex, it, |ex| prefill_selection(ex, &mut s, qh, len)))
+            });
+            g.bench_function(id("tokenselect"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        prefill_selection(ex, &mut s, qh, len);
+                        prefill_sparse_attention(ex, &mut s, len);
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let mut ex =
         GpuExecutor::new().unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"));
@@ -91,13 +219,20 @@ fn benches(c: &mut Criterion) {
     ex.rec.enable_timestamps();
     let mut g = c.benchmark_group("tokenselect_decode");
     g.sample_size(10)
+        .sampling_mode(criterion::SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2));
     for (name, qh, kh, d) in [
         ("h9kv3d64", 9usize, 3usize, 64usize),
         ("h32kv8d128", 32, 8, 128),
     ] {
-        for len in [8192usize, 32768, 131072] {
+        let full = std::env::var("KVSIEVE_BENCH_FULL").is_ok_and(|v| v == "1")
+            || !ex.tuning.per_thread_kernels;
+        let mut lens = vec![8192usize, 32768, 131072];
+        if full && qh == 9 {
+            lens.push(1 << 20); // one layer of a 1M-token cache: 768 MiB of KV
+        }
+        for len in lens {
             let mut s = setup(&mut ex, qh, kh, d, len);
             let id =
                 |what: &str| BenchmarkId::new(format!("{name}/{what}"), format!("{}k", len / 1024));
@@ -151,5 +286,5 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(tokenselect, benches);
+criterion_group!(tokenselect, benches, prefill_benches);
 criterion_main!(tokenselect);

@@ -16,6 +16,7 @@
 pub mod attention;
 pub mod convert;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod gpu;
 pub mod kernels;

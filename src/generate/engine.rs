@@ -122,6 +122,7 @@ trait Runner: Send {
     fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>>;
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
+    fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -154,6 +155,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
         self.ops.take_profile()
+    }
+    fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
+        Session::set_policy(self, policy)
     }
 }
 
@@ -262,6 +266,21 @@ impl Engine {
     /// The tokens `layer` selected in the last sparse decode step, if any.
     pub fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>> {
         self.runner.selected(layer)
+    }
+
+    /// Switches the attention policy for the next requests. The cached
+    /// conversation is dropped when the policy changes, since its keys and values
+    /// were computed under the old one.
+    ///
+    /// ```no_run
+    /// use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+    /// use kvsieve::generate::{Engine, Options};
+    /// let mut engine = Engine::load_default(Options::default())?;
+    /// engine.set_policy(AttentionPolicy::TokenSelect(TokenSelectConfig::default()))?;
+    /// # Ok::<(), kvsieve::Error>(())
+    /// ```
+    pub fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
+        self.runner.set_policy(policy)
     }
 
     /// Drops the cached conversation.

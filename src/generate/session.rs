@@ -72,6 +72,15 @@ impl<E: Ops> Session<E> {
         })
     }
 
+    /// Switches the attention policy; a different policy drops the cache.
+    pub fn set_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
+        if policy != self.attention.policy {
+            self.attention = Attention::new(policy)?;
+            self.truncate(0);
+        }
+        Ok(())
+    }
+
     /// Forgets everything cached after the first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
         if len < self.tokens.len() {

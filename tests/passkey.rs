@@ -1,0 +1,107 @@
+//! Passkey retrieval (ALGORITHMS.md section 7) on the reference executor, which
+//! takes the same decisions as the GPU one (see model_default.rs): within the
+//! trained context (8K for the default model) TokenSelect finds every key dense
+//! finds, and at 16K, twice the trained context, TokenSelect with compact
+//! positions still finds it at several depths.
+//!
+//! Two prompts share their tokens up to the earlier of their two keys, so each
+//! policy runs its prompts by key position, latest first, and the engine
+//! re-prefills only from the key on.
+
+use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+use kvsieve::eval::passkey_trial;
+use kvsieve::generate::{Backend, Engine, Options};
+
+const DEPTHS: [f64; 3] = [0.9, 0.5, 0.1];
+const TRAINED: [usize; 2] = [4096, 8000];
+const EXTRAPOLATED: usize = 16384;
+
+fn key(len: usize, depth: f64) -> u32 {
+    10007 + (len as u32 * 7 + (depth * 100.0) as u32 * 131) % 89989
+}
+
+/// Runs every (length, depth) cell under `policy`; returns whether each key was found.
+fn run(
+    e: &mut Engine,
+    policy: AttentionPolicy,
+    name: &str,
+    lens: &[usize],
+) -> Vec<(usize, f64, bool)> {
+    e.set_policy(policy).unwrap();
+    let mut cells: Vec<(usize, f64)> = lens
+        .iter()
+        .flat_map(|&l| DEPTHS.iter().map(move |&d| (l, d)))
+        .collect();
+    cells.sort_by(|a, b| (b.0 as f64 * b.1).total_cmp(&(a.0 as f64 * a.1)));
+    cells
+        .into_iter()
+        .map(|(len, depth)| {
+            let k = key(len, depth);
+            let (ok, text) = passkey_trial(e, len, depth, k).unwrap();
+            eprintln!(
+                "passkey {name:>11} len {len:>5} depth {depth:.1}: {} ({text:?})",
+                if ok { "found" } else { "MISSED" },
+            );
+            (len, depth, ok)
+        })
+        .collect()
+}
+
+fn found(cells: &[(usize, f64, bool)], len: usize, depth: f64) -> bool {
+    cells.iter().any(|&(l, d, ok)| l == len && d == depth && ok)
+}
+
+#[test]
+fn passkey_retrieval_dense_and_tokenselect() {
+    let dir = kvsieve::convert::default_model_dir().unwrap();
+    let opts = Options {
+        backend: Backend::Reference,
+        max_context: EXTRAPOLATED + 16,
+        ..Options::default()
+    };
+    let mut e = Engine::load(&dir, opts).unwrap();
+    let ts = AttentionPolicy::TokenSelect(TokenSelectConfig::default());
+    let dense = run(&mut e, AttentionPolicy::Dense, "dense", &TRAINED);
+    let mut lens = TRAINED.to_vec();
+    lens.push(EXTRAPOLATED);
+    let sparse = run(&mut e, ts, "tokenselect", &lens);
+    eprintln!("| length | depth | dense | TokenSelect (compact) |\n|---|---|---|---|");
+    for &len in &lens {
+        for depth in DEPTHS {
+            let d = if len == EXTRAPOLATED {
+                "not run"
+            } else if found(&dense, len, depth) {
+                "found"
+            } else {
+                "missed"
+            };
+            let s = if found(&sparse, len, depth) {
+                "found"
+            } else {
+                "missed"
+            };
+            eprintln!("| {len} | {depth} | {d} | {s} |");
+        }
+    }
+    for &len in &TRAINED {
+        assert!(
+            DEPTHS.iter().any(|&d| found(&dense, len, d)),
+            "len {len}: dense found no key; the task is broken"
+        );
+        for depth in DEPTHS {
+            assert!(
+                !found(&dense, len, depth) || found(&sparse, len, depth),
+                "len {len} depth {depth}: dense found the key, TokenSelect did not"
+            );
+        }
+    }
+    let n = DEPTHS
+        .iter()
+        .filter(|&&d| found(&sparse, EXTRAPOLATED, d))
+        .count();
+    assert!(
+        n >= 2,
+        "TokenSelect found the key at {n} of {} depths at 16K",
+        DEPTHS.len()
+    );
+}
