@@ -13,7 +13,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::attention::PageTable;
 use kvsieve::kernels::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use kvsieve::ops::{KeyList, Ops, SelectPlan};
+use kvsieve::ops::{GqaMap, KeyList, Ops, SelectPlan};
 use std::time::Duration;
 
 mod common;
@@ -108,8 +108,18 @@ fn selection(
     gate: Option<&kvsieve::kernels::GpuGate>,
 ) {
     let n = len - N_INIT - N_LOCAL;
-    ex.ts_score(&s.q, &s.kv, 0, &s.table, N_INIT, n, &mut s.scores, gate)
-        .unwrap();
+    ex.ts_score(
+        &s.q,
+        &s.kv,
+        0,
+        &s.table,
+        N_INIT,
+        n,
+        GqaMap::Grouped,
+        &mut s.scores,
+        gate,
+    )
+    .unwrap();
     ex.ts_vote(&s.scores, qh, n, &mut s.votes, gate).unwrap();
     let mut sel = s.sel.clone();
     ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, gate).unwrap();
@@ -121,8 +131,18 @@ fn prefill_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: usize)
     let q_start = len - CHUNK;
     let n = q_start + 1 - N_INIT - N_LOCAL;
     ex.mean_rows(&s.qp, 0..CHUNK, &mut s.fp).unwrap();
-    ex.ts_score(&s.fp, &s.kv, 0, &s.table, N_INIT, n, &mut s.scores, None)
-        .unwrap();
+    ex.ts_score(
+        &s.fp,
+        &s.kv,
+        0,
+        &s.table,
+        N_INIT,
+        n,
+        GqaMap::Grouped,
+        &mut s.scores,
+        None,
+    )
+    .unwrap();
     ex.ts_vote(&s.scores, qh, n, &mut s.votes, None).unwrap();
     let mut sel = s.sel.clone();
     ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, None).unwrap();

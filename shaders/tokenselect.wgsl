@@ -4,11 +4,12 @@
 struct Params {
     n: u32, begin: u32, q_heads: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-    k: u32, pass_: u32, _p0: u32, _p1: u32,
+    k: u32, pass_: u32, modulo: u32, _p1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
 // ---- score: s[h, j] = q_h . K[begin + j, g(h)], unscaled; thread per candidate.
+// g(h) = h / group, or h mod kv_heads when `modulo` is set.
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;        // [q_heads * D/4], rotated at n_local
 @group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read> pages: array<u32>;
@@ -26,7 +27,7 @@ fn score(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     for (var g = 0u; g < p.kv_heads; g++) {
         let base = (((page - p.arena_first_page) * p.kv_heads + g) * p.page_size + t % p.page_size) * d4;
         for (var hh = 0u; hh < group; hh++) {
-            let h = g * group + hh;
+            let h = select(g * group + hh, hh * p.kv_heads + g, p.modulo == 1u);
             var acc = vec4<f32>(0.0);
             for (var i = 0u; i < d4; i++) {
                 let kw = k_arena[base + i];

@@ -157,6 +157,39 @@ impl<I> KeyList<'_, I> {
     }
 }
 
+/// Which KV head a query head's TokenSelect scores use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GqaMap {
+    /// Query head h reads KV head h / (H / H_kv): the model's own grouping.
+    #[default]
+    Grouped,
+    /// Query head h reads KV head h mod H_kv (the TokenSelect paper's code).
+    Modulo,
+}
+
+impl GqaMap {
+    /// The KV head of query head `h` of `q_heads` over `kv_heads`.
+    pub fn kv_head(self, h: usize, q_heads: usize, kv_heads: usize) -> usize {
+        match self {
+            GqaMap::Grouped => h / (q_heads / kv_heads),
+            GqaMap::Modulo => h % kv_heads,
+        }
+    }
+}
+
+impl std::str::FromStr for GqaMap {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "grouped" | "standard" => Ok(Self::Grouped),
+            "modulo" => Ok(Self::Modulo),
+            o => Err(Error::InvalidOption(format!(
+                "GQA map {o:?}: expected grouped or modulo"
+            ))),
+        }
+    }
+}
+
 /// The selection a TokenSelect layer-step runs (what the gated ops will do).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SelectPlan {
@@ -286,8 +319,8 @@ pub trait Ops: Send {
     ) -> Result<()>;
     /// (hits, misses) counted by the gate (reads back 8 bytes on the GPU).
     fn ts_gate_counts(&mut self, gate: &Self::Gate) -> Result<(u64, u64)>;
-    /// TokenSelect scoring: `scores[h * n + j] = q_h . K[begin + j, g(h)]` with the
-    /// unrotated cached keys, unscaled (`q` `[1, q_heads * head_dim]` is rotated by the
+    /// TokenSelect scoring: `scores[h * n + j] = q_h . K[begin + j, g(h)]` (g from
+    /// `gqa`) with the unrotated cached keys, unscaled (`q` `[1, q_heads * head_dim]` is rotated by the
     /// caller). `scores` needs at least `q_heads * n` elements.
     fn ts_score(
         &mut self,
@@ -297,6 +330,7 @@ pub trait Ops: Send {
         table: &PageTable,
         begin: usize,
         n: usize,
+        gqa: GqaMap,
         scores: &mut Self::Tensor,
         gate: Option<&Self::Gate>,
     ) -> Result<()>;

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use kvsieve::attention::{dense_attention, KvLayout, PageAllocator, PageTable};
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops, RopeConfig};
+use kvsieve::ops::{GqaMap, KeyList, Ops, RopeConfig};
 use kvsieve::reference::{tokenselect, RefExecutor, RefKv, RefTensor};
 
 struct Fixture {
@@ -70,6 +70,7 @@ fn check_selection(
     len: usize,
     k: usize,
     seed: u64,
+    gqa: GqaMap,
 ) {
     let mut f = fill(ex, kh, d, len, seed);
     let (n_init, n_local) = (16usize, 64usize);
@@ -78,7 +79,7 @@ fn check_selection(
     let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
     let mut sc = f.cpu.tensor(qh, n).unwrap();
     f.cpu
-        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, &mut sc, None)
+        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, gqa, &mut sc, None)
         .unwrap();
     let mut vc = f.cpu.tensor(1, n).unwrap();
     f.cpu.ts_vote(&sc, qh, n, &mut vc, None).unwrap();
@@ -87,7 +88,7 @@ fn check_selection(
 
     let qg = ex.upload(&q, 1, qh * d).unwrap();
     let mut sg = ex.tensor(qh, n).unwrap();
-    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, &mut sg, None)
+    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, gqa, &mut sg, None)
         .unwrap();
     assert_close("ts_score", &ex.download(&sg).unwrap(), &sc.data, 1e-4, 1e-5);
     let mut vg = ex.tensor(1, n).unwrap();
@@ -128,9 +129,10 @@ fn check_selection(
 #[test]
 fn selection_matches_reference() {
     let mut ex = gpu();
-    check_selection(&mut ex, 9, 3, 64, 1000, 64, 1);
-    check_selection(&mut ex, 32, 8, 128, 20_000 + 37, 2048, 2);
-    check_selection(&mut ex, 9, 3, 64, 131_072, 2048, 3);
+    check_selection(&mut ex, 9, 3, 64, 1000, 64, 1, GqaMap::Grouped);
+    check_selection(&mut ex, 9, 3, 64, 1000, 64, 1, GqaMap::Modulo);
+    check_selection(&mut ex, 32, 8, 128, 20_000 + 37, 2048, 2, GqaMap::Modulo);
+    check_selection(&mut ex, 9, 3, 64, 131_072, 2048, 3, GqaMap::Grouped);
 }
 
 #[test]
@@ -152,7 +154,7 @@ fn radix_top_k_breaks_ties_by_index() {
 fn scoring_across_arenas() {
     // 64 KiB bindings: 64-token pages of 3 x 64 halves (24 KiB) -> 2 pages per arena.
     let mut ex = gpu().with_binding_limit(64 * 1024);
-    check_selection(&mut ex, 9, 3, 64, 3000, 128, 4);
+    check_selection(&mut ex, 9, 3, 64, 3000, 128, 4, GqaMap::Grouped);
 }
 
 fn list_attention(
@@ -544,7 +546,17 @@ fn selection_cache_decisions_agree() {
             .ts_cache_check(&qc, &mut cached_c, 0.9, &plan, &f.kvc, &f.table, &mut gc)
             .unwrap();
         f.cpu
-            .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, &mut sc, Some(&gc))
+            .ts_score(
+                &qc,
+                &f.kvc,
+                0,
+                &f.table,
+                begin,
+                n,
+                GqaMap::Grouped,
+                &mut sc,
+                Some(&gc),
+            )
             .unwrap();
         f.cpu.ts_vote(&sc, qh, n, &mut vc, Some(&gc)).unwrap();
         f.cpu
@@ -553,8 +565,18 @@ fn selection_cache_decisions_agree() {
         let qg = ex.upload(q, 1, qh * d).unwrap();
         ex.ts_cache_check(&qg, &mut cached_g, 0.9, &plan, &f.kvg, &f.table, &mut gg)
             .unwrap();
-        ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, &mut sg, Some(&gg))
-            .unwrap();
+        ex.ts_score(
+            &qg,
+            &f.kvg,
+            0,
+            &f.table,
+            begin,
+            n,
+            GqaMap::Grouped,
+            &mut sg,
+            Some(&gg),
+        )
+        .unwrap();
         ex.ts_vote(&sg, qh, n, &mut vg, Some(&gg)).unwrap();
         ex.ts_top_k(&vg, n, k, begin, &mut selg, Some(&gg)).unwrap();
         let got = ex.download_ids(&selg).unwrap();

@@ -36,6 +36,10 @@ pub struct ModelArgs {
     /// TokenSelect: prefill queries sharing one selection (their mean is the fingerprint).
     #[arg(long, default_value_t = 512)]
     pub subchunk: usize,
+    /// TokenSelect: KV head each query head scores against: grouped (h / group)
+    /// or modulo (h mod kv_heads, the paper's code).
+    #[arg(long, default_value = "grouped")]
+    pub gqa_map: String,
     /// Context capacity in tokens (0 = the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
@@ -71,6 +75,7 @@ impl ModelArgs {
                 cache_threshold: self.cache_threshold,
                 positions: self.positions.parse()?,
                 subchunk: self.subchunk,
+                gqa_map: self.gqa_map.parse()?,
             }),
             other => {
                 return Err(kvsieve::Error::InvalidOption(format!(

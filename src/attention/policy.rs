@@ -5,7 +5,7 @@
 use super::{dense_attention, PageTable};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::ops::{KeyList, Ops, SelectPlan};
+use crate::ops::{GqaMap, KeyList, Ops, SelectPlan};
 
 /// RoPE positions of selected keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -48,6 +48,8 @@ pub struct TokenSelectConfig {
     /// Prefill queries per selection: each sub-chunk of this many queries selects
     /// with the mean of its queries as the fingerprint.
     pub subchunk: usize,
+    /// KV head each query head scores against.
+    pub gqa_map: GqaMap,
 }
 
 impl Default for TokenSelectConfig {
@@ -59,6 +61,7 @@ impl Default for TokenSelectConfig {
             cache_threshold: 0.9,
             positions: Positions::Compact,
             subchunk: 512,
+            gqa_map: GqaMap::Grouped,
         }
     }
 }
@@ -369,7 +372,7 @@ impl<E: Ops> Attention<E> {
             }
             Step::Prefill(c, subs, fp_pos, q_pos) => {
                 let Some(q_raw) = ts.q_raw.as_mut() else {
-                    return Ok(());
+                    return crate::error::shape_err("tokenselect prefill", "no raw-query buffer");
                 };
                 ops.copy_rows(q, 0, q_raw, 0, n)?;
                 ops.rope(q, cfg.heads, q_pos, rope)?;
@@ -378,7 +381,10 @@ impl<E: Ops> Attention<E> {
                     let m = sub.rows.len();
                     let list = if sub.sparse {
                         let Some(q_raw) = ts.q_raw.as_ref() else {
-                            return Ok(());
+                            return crate::error::shape_err(
+                                "tokenselect prefill",
+                                "no raw-query buffer",
+                            );
                         };
                         ops.mean_rows(q_raw, sub.rows.clone(), &mut ts.q_fp)?;
                         ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
@@ -467,6 +473,7 @@ fn select<E: Ops>(
         table,
         c.n_init,
         cand,
+        c.gqa_map,
         &mut ts.scores,
         gate,
     )?;

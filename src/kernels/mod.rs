@@ -19,7 +19,7 @@ use crate::attention::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
 use crate::gpu::{GpuContext, PipelineCache, Recorder};
-use crate::ops::{KeyList, Ops, RopeConfig};
+use crate::ops::{GqaMap, KeyList, Ops, RopeConfig};
 use half::f16;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -564,10 +564,11 @@ impl Ops for GpuExecutor {
         table: &PageTable,
         begin: usize,
         n: usize,
+        gqa: GqaMap,
         scores: &mut GpuTensor,
         gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        tokenselect::score(self, q, kv, layer, table, begin, n, scores, gate)
+        tokenselect::score(self, q, kv, layer, table, begin, n, gqa, scores, gate)
     }
 
     fn ts_vote(

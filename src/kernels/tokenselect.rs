@@ -8,7 +8,7 @@ use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor};
 use crate::attention::PageTable;
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{buffer, Binding, Pipeline};
-use crate::ops::{check, SelectPlan};
+use crate::ops::{check, GqaMap, SelectPlan};
 use crate::shaders;
 use std::sync::Arc;
 
@@ -174,6 +174,7 @@ pub(super) fn score(
     table: &PageTable,
     begin: usize,
     n: usize,
+    gqa: GqaMap,
     scores: &mut GpuTensor,
     gate: Option<&GpuGate>,
 ) -> Result<()> {
@@ -202,15 +203,9 @@ pub(super) fn score(
             Binding::from(&pages),
             Binding::from(&scores.buf),
         ];
-        launch(
-            ex,
-            &p,
-            &params(n, begin, qh, kv, a, 0, 0),
-            &b,
-            groups,
-            gate,
-            i,
-        );
+        let mut prm = params(n, begin, qh, kv, a, 0, 0);
+        prm[10] = u32::from(gqa == GqaMap::Modulo);
+        launch(ex, &p, &prm, &b, groups, gate, i);
     }
     Ok(())
 }

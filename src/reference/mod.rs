@@ -8,7 +8,7 @@ pub mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{Error, Result};
-use crate::ops::{check, KeyList, Ops, RopeConfig, SelectPlan};
+use crate::ops::{check, GqaMap, KeyList, Ops, RopeConfig, SelectPlan};
 use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -352,6 +352,7 @@ impl Ops for RefExecutor {
         table: &PageTable,
         begin: usize,
         n: usize,
+        gqa: GqaMap,
         scores: &mut RefTensor,
         gate: Option<&RefGate>,
     ) -> Result<()> {
@@ -367,7 +368,7 @@ impl Ops for RefExecutor {
             n,
             scores.data.len(),
         )?;
-        tokenselect::score(q, kv, layer, table, begin, n, &mut scores.data);
+        tokenselect::score(q, kv, layer, table, begin, n, gqa, &mut scores.data);
         Ok(())
     }
 

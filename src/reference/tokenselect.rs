@@ -2,7 +2,7 @@
 
 use super::{attention, dot, rotate, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
-use crate::ops::KeyList;
+use crate::ops::{GqaMap, KeyList};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -13,17 +13,17 @@ pub(super) fn score(
     table: &PageTable,
     begin: usize,
     n: usize,
+    gqa: GqaMap,
     scores: &mut [f32],
 ) {
     let d = kv.layout.head_dim;
     let qh = q.cols / d;
-    let group = qh / kv.layout.kv_heads;
     scores[..qh * n]
         .par_chunks_mut(n)
         .enumerate()
         .for_each(|(h, row)| {
             let qv = &q.data[h * d..(h + 1) * d];
-            let g = h / group;
+            let g = gqa.kv_head(h, qh, kv.layout.kv_heads);
             for (j, s) in row.iter_mut().enumerate() {
                 let off = kv.offset(table, begin + j, g);
                 *s = dot(qv, &kv.k[layer][off..off + d]);
