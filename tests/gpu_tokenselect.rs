@@ -62,6 +62,7 @@ fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u64) 
 
 /// Scores and votes agree; the GPU's selection equals the reference's except where
 /// two votes are within float noise of the k-th one.
+#[allow(clippy::too_many_arguments)]
 fn check_selection(
     ex: &mut GpuExecutor,
     qh: usize,

@@ -6,6 +6,7 @@ use crate::ops::{GqaMap, KeyList};
 use rayon::prelude::*;
 use std::ops::Range;
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn score(
     q: &RefTensor,
     kv: &RefKv,
