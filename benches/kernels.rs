@@ -103,7 +103,7 @@ fn bench_decode(c: &mut Criterion, ex: &mut GpuExecutor) {
         .measurement_time(Duration::from_secs(3));
     for (name, qh, kh, d) in HEADS {
         for len in [1024usize, 8192, 32768, 131072] {
-            let cc = cache(ex, kh, d, len);
+            let cc = cache(ex, kh, d, len).expect("KV cache");
             let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
             let mut out = ex.tensor(1, qh * d).unwrap();
             // K and V read once each (f16).
@@ -138,7 +138,7 @@ fn bench_prefill(c: &mut Criterion, ex: &mut GpuExecutor) {
                 );
                 continue;
             }
-            let cc = cache(ex, kh, d, len);
+            let cc = cache(ex, kh, d, len).expect("KV cache");
             let q = ex
                 .upload(&vec![0.1; chunk * qh * d], chunk, qh * d)
                 .unwrap();

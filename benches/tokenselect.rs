@@ -53,8 +53,14 @@ fn noise(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Setup {
-    let common::Cache { kv, table, rope } = common::cache(ex, kh, d, len);
+fn setup(
+    ex: &mut GpuExecutor,
+    qh: usize,
+    kh: usize,
+    d: usize,
+    len: usize,
+) -> kvsieve::Result<Setup> {
+    let common::Cache { kv, table, rope } = common::cache(ex, kh, d, len)?;
     let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
     let out = ex.tensor(1, qh * d).unwrap();
     let n = len - N_INIT - N_LOCAL;
@@ -71,7 +77,7 @@ fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Se
     let qp = ex.upload(&noise(CHUNK * qh * d, 7), CHUNK, qh * d).unwrap();
     let outp = ex.tensor(CHUNK, qh * d).unwrap();
     let fp = ex.tensor(1, qh * d).unwrap();
-    Setup {
+    Ok(Setup {
         kv,
         table,
         rope,
@@ -84,7 +90,14 @@ fn setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Se
         qp,
         outp,
         fp,
-    }
+    })
+}
+
+/// The setup, or None (with the reason on stderr) where the adapter cannot hold it.
+fn try_setup(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize) -> Option<Setup> {
+    setup(ex, qh, kh, d, len)
+        .map_err(|e| eprintln!("skipping {qh}/{kh}/{d} at {len} tokens: {e}"))
+        .ok()
 }
 
 fn sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
@@ -196,7 +209,9 @@ fn prefill_benches(c: &mut Criterion) {
             lens.push(1 << 20); // real GPUs only: minutes per dense chunk on CPU drivers
         }
         for len in lens {
-            let mut s = setup(&mut ex, qh, kh, d, len);
+            let Some(mut s) = try_setup(&mut ex, qh, kh, d, len) else {
+                continue;
+            };
             let id =
                 |what: &str| BenchmarkId::new(format!("{name}/{what}"), format!("{}k", len / 1024));
             g.bench_function(id("dense"), |b| {
@@ -253,7 +268,9 @@ fn benches(c: &mut Criterion) {
             lens.push(1 << 20); // one layer of a 1M-token cache: 768 MiB of KV
         }
         for len in lens {
-            let mut s = setup(&mut ex, qh, kh, d, len);
+            let Some(mut s) = try_setup(&mut ex, qh, kh, d, len) else {
+                continue;
+            };
             let id =
                 |what: &str| BenchmarkId::new(format!("{name}/{what}"), format!("{}k", len / 1024));
             g.bench_function(id("dense"), |b| {

@@ -15,6 +15,11 @@
 // key's RoPE position is its rank (compact) or its logical index. Sinks and selected
 // tokens precede tail_start <= q_start, so causality only cuts the tail: query i sees
 // ranks up to last_rank(q_start + i). The queries are rows row0.. of `q` and `out`.
+//
+// Tree mode (speculative verification): the queries are the n_q nodes of a draft
+// tree whose keys sit at slots q_start + j; node i sees every token before q_start
+// and the nodes in its ancestor set (bits of sel[4i..4i+4], itself included). Node
+// j's RoPE position is q_start + depth, with depths in sel[4 n_q + j].
 struct Params {
     n_q: u32, q_start: u32, kv_len: u32, q_heads: u32,
     kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
@@ -23,6 +28,9 @@ struct Params {
     list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
     compact: u32, _p0: u32, _p1: u32, _p2: u32,
 }
+const DENSE: u32 = 0u;
+const LIST: u32 = 1u;
+const TREE: u32 = 2u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // [n_q, q_heads * D/4], rotated
 @group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>; // 4 halves per element
@@ -31,7 +39,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> cs: array<vec4<f32>>;     // (cos, sin) pairs, 2 per element
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // [n_q, q_heads, D + 2]
 @group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>; // [n_q, q_heads * D/4]
-@group(0) @binding(8) var<storage, read> sel: array<u32>;          // selected ids (list mode)
+@group(0) @binding(8) var<storage, read> sel: array<u32>;          // selected ids (list) or tree
 
 const TK: u32 = 16u;
 const MAX_D4: u32 = 32u;  // head_dim <= 128
@@ -47,20 +55,30 @@ fn unpack4(w: vec2<u32>) -> vec4<f32> {
 
 // Logical token index of rank r.
 fn logical(r: u32) -> u32 {
-    if (p.list_mode == 0u || r < p.n_init) { return r; }
+    if (p.list_mode != LIST || r < p.n_init) { return r; }
     if (r < p.n_init + p.n_sel) { return sel[r - p.n_init]; }
     return p.tail_start + (r - p.n_init - p.n_sel);
 }
 
 // RoPE position of rank r.
 fn position(r: u32) -> u32 {
-    let pos = select(logical(r), r, p.list_mode == 0u || p.compact == 1u);
+    if (p.list_mode == TREE && r >= p.q_start) {
+        return min(p.q_start + sel[4u * p.n_q + r - p.q_start], p.max_pos - 1u);
+    }
+    let pos = select(logical(r), r, p.list_mode != LIST || p.compact == 1u);
     return min(pos, p.max_pos - 1u);
+}
+
+// Tree mode: whether node i sees the key at rank r (ancestors only).
+fn tree_visible(i: u32, r: u32) -> bool {
+    if (p.list_mode != TREE || r < p.q_start) { return true; }
+    let j = r - p.q_start;
+    return ((sel[4u * i + j / 32u] >> (j % 32u)) & 1u) == 1u;
 }
 
 // Last rank a query at logical index t may see.
 fn last_rank(t: u32) -> u32 {
-    if (p.list_mode == 0u) { return t; }
+    if (p.list_mode != LIST) { return t; }
     return p.n_init + p.n_sel + (t - p.tail_start);
 }
 
@@ -133,7 +151,8 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
             var tmax = NEG;
             for (var t = 0u; t < TK; t++) {
                 var v = NEG;
-                if (ok_sh[t] == 1u && t0 + t <= limit && t0 + t < kv_end) {
+                if (ok_sh[t] == 1u && t0 + t <= limit && t0 + t < kv_end
+                    && tree_visible(min(qi, p.n_q - 1u), t0 + t)) {
                     var acc4 = vec4<f32>(0.0);
                     for (var i = 0u; i < d4; i++) { acc4 += qv[i] * k_sh[t * MAX_D4 + i]; }
                     v = acc4.x + acc4.y + acc4.z + acc4.w;

@@ -24,5 +24,6 @@ pub mod model;
 pub mod ops;
 pub mod reference;
 pub mod shaders;
+pub mod speculative;
 
 pub use error::{Error, Result};

@@ -385,6 +385,22 @@ pub trait Ops: Send {
         rope: &Self::Rope,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Tree attention for speculative verification: the rows of `q` are the nodes of
+    /// a draft tree (rotated by the caller at `prefix_len + depth`), node j's keys
+    /// and values at slot `prefix_len + j`. Node i sees the first `prefix_len`
+    /// tokens and its ancestors, itself included. `tree` holds
+    /// [`crate::speculative::DraftTree::mask`].
+    fn attention_tree(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        prefix_len: usize,
+        tree: &Self::Ids,
+        rope: &Self::Rope,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
     fn mean_rows(
         &mut self,
@@ -625,6 +641,42 @@ pub mod check {
             )));
         }
         Ok(qh)
+    }
+
+    /// Tree attention shapes: returns the query head count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_tree(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        out: (usize, usize),
+        prefix_len: usize,
+        tree_words: usize,
+        max_pos: usize,
+    ) -> Result<usize> {
+        let n = q.0;
+        if n > crate::speculative::MAX_NODES || tree_words != 5 * n {
+            return shape_err(
+                "attention_tree",
+                format!(
+                    "{n} tree nodes with a mask of {tree_words} words (need {} and at most {} nodes)",
+                    5 * n,
+                    crate::speculative::MAX_NODES
+                ),
+            );
+        }
+        attention(
+            "attention_tree",
+            layout,
+            layer,
+            table,
+            q,
+            out,
+            prefix_len,
+            prefix_len + n,
+            max_pos,
+        )
     }
 
     /// Mean of rows `rows` of `x` into one row of `out`.

@@ -32,8 +32,14 @@ pub struct Cache {
     pub rope: GpuRope,
 }
 
-/// Allocates a [`Cache`] of `len` tokens for `kv_heads` heads of `d` dims.
-pub fn cache(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize) -> Cache {
+/// Allocates a [`Cache`] of `len` tokens for `kv_heads` heads of `d` dims; fails
+/// where the adapter's limits do not hold it (a 1M-position RoPE table, say).
+pub fn cache(
+    ex: &mut GpuExecutor,
+    kv_heads: usize,
+    d: usize,
+    len: usize,
+) -> kvsieve::Result<Cache> {
     let layout = KvLayout {
         layers: 1,
         kv_heads,
@@ -43,16 +49,14 @@ pub fn cache(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize) -> Cac
     };
     let mut alloc = PageAllocator::new(&layout);
     let mut table = alloc.new_sequence();
-    alloc.reserve(&mut table, len).unwrap();
+    alloc.reserve(&mut table, len)?;
     table.len = len;
-    let kv = ex.kv_cache(&layout).unwrap();
-    let rope = ex
-        .rope_table(&RopeConfig {
-            head_dim: d,
-            theta: 1e4,
-            scaling: None,
-            max_positions: len,
-        })
-        .unwrap();
-    Cache { kv, table, rope }
+    let rope = ex.rope_table(&RopeConfig {
+        head_dim: d,
+        theta: 1e4,
+        scaling: None,
+        max_positions: len,
+    })?;
+    let kv = ex.kv_cache(&layout)?;
+    Ok(Cache { kv, table, rope })
 }

@@ -263,7 +263,19 @@ pub(super) fn prefill(
     )?;
     let rows = 0..q.rows;
     prefill_impl(
-        ex, q, kv, layer, table, qh, rows, q_start, kv_len, kv_len, None, rope, out,
+        ex,
+        q,
+        kv,
+        layer,
+        table,
+        qh,
+        rows,
+        q_start,
+        kv_len,
+        kv_len,
+        Keys::Dense,
+        rope,
+        out,
     )
 }
 
@@ -306,10 +318,62 @@ pub(super) fn prefill_list(
         q_start,
         list.len(),
         seq_len,
-        Some(list),
+        Keys::List(list),
         rope,
         out,
     )
+}
+
+/// Tree attention for speculative verification: the prefill kernel in tree mode.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tree(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    prefix_len: usize,
+    mask: &GpuIds,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let qh = check::attention_tree(
+        &kv.layout,
+        layer,
+        table,
+        (q.rows, q.cols),
+        (out.rows, out.cols),
+        prefix_len,
+        mask.len,
+        rope.max_pos,
+    )?;
+    let kv_len = prefix_len + q.rows;
+    prefill_impl(
+        ex,
+        q,
+        kv,
+        layer,
+        table,
+        qh,
+        0..q.rows,
+        prefix_len,
+        kv_len,
+        kv_len,
+        Keys::Tree(mask),
+        rope,
+        out,
+    )
+}
+
+/// Which keys a prefill pass attends to.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    /// The first tokens, causally.
+    Dense,
+    /// The ranks of a key list.
+    List(&'a KeyList<'a, GpuIds>),
+    /// A prefix plus a draft tree's ancestors (the mask buffer).
+    Tree(&'a GpuIds),
 }
 
 /// Passes of `attention_prefill.wgsl` over ranks `0..ranks` (the first `ranks`
@@ -326,13 +390,17 @@ fn prefill_impl(
     q_start: usize,
     ranks: usize,
     seq_len: usize,
-    list: Option<&KeyList<'_, GpuIds>>,
+    keys: Keys<'_>,
     rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
     let l = kv.layout;
     let d = l.head_dim;
     let n_q = rows.len();
+    let list = match keys {
+        Keys::List(li) => Some(li),
+        _ => None,
+    };
     // Passes over (rank range, arena) pairs that hold keys of that range; a list
     // may point anywhere before the tail, so it visits every arena of the sequence.
     let per_pass = prefill_keys_per_pass(ex, d)
@@ -358,14 +426,16 @@ fn prefill_impl(
         16
     };
     let state = ex.scratch("prefill state", state_bytes)?;
-    let sel = match list {
-        Some(li) => li.selected.buf.clone(),
-        None => ex.scratch("no selection", 16)?,
+    let sel = match keys {
+        Keys::List(li) => li.selected.buf.clone(),
+        Keys::Tree(mask) => mask.buf.clone(),
+        Keys::Dense => ex.scratch("no selection", 16)?,
     };
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
     let scale = 1.0f32 / (d as f32).sqrt();
     let list_params = match list {
+        None if matches!(keys, Keys::Tree(_)) => [2, 0, 0, 0, 0, 0, 0, 0],
         Some(li) => [
             1,
             li.n_init as u32,

@@ -623,6 +623,20 @@ impl Ops for GpuExecutor {
         attention::prefill_list(self, q, kv, layer, table, rows, q_start, list, rope, out)
     }
 
+    fn attention_tree(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        prefix_len: usize,
+        tree: &GpuIds,
+        rope: &GpuRope,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::tree(self, q, kv, layer, table, prefix_len, tree, rope, out)
+    }
+
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {
         elementwise::mean_rows(self, x, rows, out)
     }

@@ -4,7 +4,7 @@ use super::{rotate, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
 use rayon::prelude::*;
 
-/// Rotated keys `[kv_len, D]` and values of one KV head.
+/// Keys `[kv_len, D]` (token j rotated at `pos(j)`) and values of one KV head.
 fn gather_head(
     kv: &RefKv,
     layer: usize,
@@ -12,6 +12,7 @@ fn gather_head(
     kvh: usize,
     kv_len: usize,
     rope: &RefRope,
+    pos: impl Fn(usize) -> usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let d = kv.layout.head_dim;
     let mut k = vec![0.0; kv_len * d];
@@ -20,7 +21,7 @@ fn gather_head(
         let off = kv.offset(table, j, kvh);
         k[j * d..(j + 1) * d].copy_from_slice(&kv.k[layer][off..off + d]);
         v[j * d..(j + 1) * d].copy_from_slice(&kv.v[layer][off..off + d]);
-        let p = j.min(rope.max_pos - 1);
+        let p = pos(j).min(rope.max_pos - 1);
         rotate(
             &mut k[j * d..(j + 1) * d],
             &rope.cs[p * rope.half..(p + 1) * rope.half],
@@ -43,16 +44,45 @@ pub(super) fn dense(
     let d = kv.layout.head_dim;
     let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
         .into_par_iter()
-        .map(|h| gather_head(kv, layer, table, h, kv_len, rope))
+        .map(|h| gather_head(kv, layer, table, h, kv_len, rope, |j| j))
         .collect();
-    attend(
-        &q.data,
-        q.cols,
-        d,
-        &heads,
-        |i| (q_start + i + 1).min(kv_len),
-        &mut out.data,
-    );
+    let visible = |i: usize| (q_start + i + 1).min(kv_len);
+    attend(&q.data, q.cols, d, &heads, visible, None, &mut out.data);
+}
+
+/// Tree attention: node i sees the prefix and its ancestors (`mask` from
+/// `DraftTree::mask`); node j's key sits at prefix_len + j, rotated at
+/// prefix_len + its depth.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tree(
+    q: &RefTensor,
+    kv: &RefKv,
+    layer: usize,
+    table: &PageTable,
+    prefix_len: usize,
+    mask: &[u32],
+    rope: &RefRope,
+    out: &mut RefTensor,
+) {
+    let n = q.rows;
+    let kv_len = prefix_len + n;
+    let pos = |j: usize| {
+        if j < prefix_len {
+            j
+        } else {
+            prefix_len + mask[4 * n + j - prefix_len] as usize
+        }
+    };
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
+        .into_par_iter()
+        .map(|h| gather_head(kv, layer, table, h, kv_len, rope, pos))
+        .collect();
+    let sees = |i: usize, j: usize| {
+        j < prefix_len || crate::speculative::DraftTree::sees(mask, i, j - prefix_len)
+    };
+    let d = kv.layout.head_dim;
+    let visible = |i: usize| prefix_len + i + 1;
+    attend(&q.data, q.cols, d, &heads, visible, Some(&sees), &mut out.data);
 }
 
 /// Query rows per task of [`attend`].
@@ -61,13 +91,15 @@ const BLOCK: usize = 64;
 /// Softmax attention of the query rows in `q` (`[rows, q_cols]`, heads of `d`)
 /// over the rotated keys and values of each KV head (`[L, d]` each, query head h
 /// using KV head h / group), row i seeing keys `0..visible(i)` (non-decreasing in
-/// i), into `out` (same shape). Each (head, block of rows) task is two GEMMs.
+/// i) and, with `sees`, only the keys j where `sees(i, j)`, into `out` (same
+/// shape). Each (head, block of rows) task is two GEMMs.
 pub(super) fn attend(
     q: &[f32],
     q_cols: usize,
     d: usize,
     heads: &[(Vec<f32>, Vec<f32>)],
     visible: impl Fn(usize) -> usize + Sync,
+    sees: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
     out: &mut [f32],
 ) {
     let rows = q.len() / q_cols;
@@ -107,6 +139,13 @@ pub(super) fn attend(
             }
             for (i, row) in s.chunks_mut(len).enumerate() {
                 let vis = visible(r0 + i).min(len);
+                if let Some(sees) = sees {
+                    for (j, x) in row[..vis].iter_mut().enumerate() {
+                        if !sees(r0 + i, j) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
                 let m = row[..vis].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut l = 0.0;
                 for x in row[..vis].iter_mut() {

@@ -524,6 +524,31 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn attention_tree(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        prefix_len: usize,
+        tree: &Vec<u32>,
+        rope: &RefRope,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        check::attention_tree(
+            &kv.layout,
+            layer,
+            table,
+            (q.rows, q.cols),
+            (out.rows, out.cols),
+            prefix_len,
+            tree.len(),
+            rope.max_pos,
+        )?;
+        attention::tree(q, kv, layer, table, prefix_len, tree, rope, out);
+        Ok(())
+    }
+
     fn mean_rows(&mut self, x: &RefTensor, rows: Range<usize>, out: &mut RefTensor) -> Result<()> {
         check::mean_rows((x.rows, x.cols), &rows, (out.rows, out.cols))?;
         let c = x.cols;

@@ -120,6 +120,7 @@ pub(super) fn attention_list(
         d,
         &heads,
         visible,
+        None,
         &mut out.data[rows.start * w..rows.end * w],
     );
 }
