@@ -82,17 +82,20 @@ fn main() {
             "prefill_tokens_per_s": s.prefill_tps(),
             "decode_tokens_per_s": s.decode_tps(),
             "selection_cache_hit_rate": hit_rate,
-            "mean_accepted_tokens": null,
+            "mean_accepted_tokens": s.mean_accepted(),
         });
         println!("{out}");
     } else {
         println!();
     }
     eprintln!(
-        "prefill {} tok at {:.1} tok/s, decode {} tok at {:.2} tok/s",
+        "prefill {} tok at {:.1} tok/s, decode {} tok at {:.2} tok/s, accepted/step {}",
         s.prefill_tokens,
         s.prefill_tps(),
         s.decode_tokens,
-        s.decode_tps()
+        s.decode_tps(),
+        s.mean_accepted()
+            .map(|t| format!("{t:.2}"))
+            .unwrap_or_else(|| "n/a".into())
     );
 }

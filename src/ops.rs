@@ -421,6 +421,14 @@ pub trait Ops: Send {
         k: &Self::Tensor,
         v: &Self::Tensor,
     ) -> Result<()>;
+    /// Moves the keys and values of every layer from logical index `src` to `dst`
+    /// for each `(src, dst)` in order (committing an accepted draft path).
+    fn kv_move(
+        &mut self,
+        kv: &mut Self::Kv,
+        table: &PageTable,
+        moves: &[(usize, usize)],
+    ) -> Result<()>;
     /// Causal attention for a chunk of queries `q` `[n, q_heads * head_dim]` (already
     /// rotated) at positions `q_start..q_start + n` over the first `kv_len` cached
     /// tokens; keys are rotated at their own positions. Flash attention.
@@ -707,6 +715,18 @@ pub mod check {
             return shape_err(
                 "embed",
                 format!("token id {bad} is outside the vocabulary of {vocab}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// KV moves: every index inside the reserved pages.
+    pub fn kv_move(layout: &KvLayout, table: &PageTable, moves: &[(usize, usize)]) -> Result<()> {
+        let cap = table.pages.len() * layout.page_size;
+        if let Some(m) = moves.iter().find(|m| m.0 >= cap || m.1 >= cap) {
+            return shape_err(
+                "kv_move",
+                format!("move {} -> {} outside the {cap} reserved slots", m.0, m.1),
             );
         }
         Ok(())

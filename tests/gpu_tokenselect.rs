@@ -4,61 +4,10 @@
 mod common;
 
 use common::*;
-use kvsieve::attention::{dense_attention, KvLayout, PageAllocator, PageTable};
+use kvsieve::attention::dense_attention;
 use kvsieve::kernels::GpuExecutor;
 use kvsieve::ops::{GqaMap, KeyList, Ops, RopeConfig};
-use kvsieve::reference::{tokenselect, RefExecutor, RefKv, RefTensor};
-
-struct Fixture {
-    cpu: RefExecutor,
-    kvc: RefKv,
-    kvg: kvsieve::kernels::GpuKv,
-    table: PageTable,
-    layout: KvLayout,
-}
-
-fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u64) -> Fixture {
-    let mut r = rng(seed);
-    let layout = KvLayout {
-        layers: 1,
-        kv_heads,
-        head_dim: d,
-        page_size: 64,
-        num_pages: len.div_ceil(64) + 1,
-    };
-    let mut cpu = RefExecutor::new();
-    let mut alloc = PageAllocator::new(&layout);
-    let mut table = alloc.new_sequence();
-    alloc.reserve(&mut table, len).unwrap();
-    table.len = len;
-    let mut kvc = cpu.kv_cache(&layout).unwrap();
-    let mut kvg = ex.kv_cache(&layout).unwrap();
-    let mut start = 0;
-    while start < len {
-        let n = 16384.min(len - start);
-        let k = randn(&mut r, n * kv_heads * d, 1.0);
-        let v = randn(&mut r, n * kv_heads * d, 1.0);
-        let (kc, vc) = (
-            cpu.upload(&k, n, kv_heads * d).unwrap(),
-            cpu.upload(&v, n, kv_heads * d).unwrap(),
-        );
-        cpu.kv_append(&mut kvc, 0, &table, start, &kc, &vc).unwrap();
-        let (kg, vg) = (
-            ex.upload(&k, n, kv_heads * d).unwrap(),
-            ex.upload(&v, n, kv_heads * d).unwrap(),
-        );
-        ex.kv_append(&mut kvg, 0, &table, start, &kg, &vg).unwrap();
-        ex.flush().unwrap();
-        start += n;
-    }
-    Fixture {
-        cpu,
-        kvc,
-        kvg,
-        table,
-        layout,
-    }
-}
+use kvsieve::reference::{tokenselect, RefExecutor, RefTensor};
 
 /// Scores and votes agree; the GPU's selection equals the reference's except where
 /// two votes are within float noise of the k-th one.

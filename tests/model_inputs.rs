@@ -325,6 +325,7 @@ fn qwen2_biases_and_untied_head_agree_across_executors() {
         },
         max_tokens: 12,
         stop_at_eos: false,
+        ..Default::default()
     };
     let a: Vec<u32> = cpu
         .generate_ids(&prompt, &params)

@@ -40,6 +40,12 @@ pub struct ModelArgs {
     /// or modulo (h mod kv_heads, the paper's code).
     #[arg(long, default_value = "grouped")]
     pub gqa_map: String,
+    /// Speculative decoding: off or lookup (prompt lookup chains; greedy only).
+    #[arg(long, default_value = "off")]
+    pub speculate: String,
+    /// Most nodes of a draft tree, root included.
+    #[arg(long, default_value_t = 16)]
+    pub tree: usize,
     /// Context capacity in tokens (0 = the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
@@ -110,6 +116,8 @@ impl ModelArgs {
             sampling,
             max_tokens: self.max_tokens,
             stop_at_eos: true,
+            speculate: self.speculate.parse()?,
+            tree_size: self.tree,
         })
     }
 }

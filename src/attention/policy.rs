@@ -158,6 +158,8 @@ enum Step<E: Ops> {
     /// Prefill sub-chunks, at least one sparse: fingerprint position, per-row
     /// query positions.
     Prefill(TokenSelectConfig, Vec<SubChunk>, E::Ids, E::Ids),
+    /// A draft tree's nodes (speculative verification), its mask.
+    Tree(E::Ids),
 }
 
 /// A policy and its state for one session.
@@ -303,6 +305,13 @@ impl<E: Ops> Attention<E> {
         Ok(())
     }
 
+    /// Prepares a verify step over the nodes of a draft tree (`mask` from
+    /// [`crate::speculative::DraftTree::mask`]): dense tree attention.
+    pub fn begin_tree(&mut self, ops: &mut E, mask: &[u32]) -> Result<()> {
+        self.step = Step::Tree(ops.ids(mask)?);
+        Ok(())
+    }
+
     /// Attention of layer `layer` for raw queries `q` (rotated here) of the tokens at
     /// `start..start + n`, whose keys are already in the cache.
     #[allow(clippy::too_many_arguments)]
@@ -321,12 +330,16 @@ impl<E: Ops> Attention<E> {
         out: &mut E::Tensor,
     ) -> Result<()> {
         let seq_len = start + n;
+        if let Step::Tree(mask) = &self.step {
+            ops.rope(q, cfg.heads, positions, rope)?;
+            return ops.attention_tree(q, kv, layer, table, start, mask, rope, out);
+        }
         let Some(ts) = self.ts.as_mut() else {
             ops.rope(q, cfg.heads, positions, rope)?;
             return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
         };
         match &self.step {
-            Step::Dense => {
+            Step::Dense | Step::Tree(_) => {
                 ops.rope(q, cfg.heads, positions, rope)?;
                 dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out)
             }

@@ -9,6 +9,7 @@ use crate::kernels::GpuExecutor;
 use crate::model::{Llama, ModelConfig, Weights};
 use crate::ops::Ops;
 use crate::reference::RefExecutor;
+use crate::speculative::{DraftTree, Drafter, Speculate};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,10 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     /// Stop at an end-of-sequence token (it is not emitted).
     pub stop_at_eos: bool,
+    /// Speculative decoding drafter (greedy sampling only, dense attention).
+    pub speculate: Speculate,
+    /// Most nodes of a draft tree, root included (1..=128).
+    pub tree_size: usize,
 }
 
 impl Default for GenerateParams {
@@ -82,6 +87,8 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             max_tokens: 128,
             stop_at_eos: true,
+            speculate: Speculate::Off,
+            tree_size: 16,
         }
     }
 }
@@ -97,6 +104,10 @@ pub struct Stats {
     pub decode_tokens: usize,
     /// Time in decode steps.
     pub decode_time: Duration,
+    /// Speculative verify forwards.
+    pub verify_steps: usize,
+    /// Tokens those forwards produced (accepted drafts plus the bonus token).
+    pub verify_tokens: usize,
 }
 
 impl Stats {
@@ -107,6 +118,10 @@ impl Stats {
     /// Decode tokens per second.
     pub fn decode_tps(&self) -> f64 {
         self.decode_tokens as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+    /// Mean tokens per verify forward (tau, bonus included), if any ran.
+    pub fn mean_accepted(&self) -> Option<f64> {
+        (self.verify_steps > 0).then(|| self.verify_tokens as f64 / self.verify_steps as f64)
     }
 }
 
@@ -123,6 +138,7 @@ trait Runner: Send {
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
+    fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>>;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -158,6 +174,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
         Session::set_policy(self, policy)
+    }
+    fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>> {
+        Session::verify(self, tree)
     }
 }
 
@@ -319,11 +338,30 @@ impl Engine {
     /// Streams tokens continuing the prompt token ids.
     pub fn generate_ids(&mut self, ids: &[u32], params: &GenerateParams) -> Result<Generation<'_>> {
         let sampler = Sampler::new(params.sampling.clone())?;
+        let drafter = params.speculate.drafter();
+        if drafter.is_some() {
+            let p = &params.sampling;
+            if !p.greedy() || p.repetition_penalty != 1.0 {
+                return Err(Error::InvalidOption(
+                    "speculative decoding needs greedy sampling without a repetition penalty (lossless sampling is not implemented yet)".into(),
+                ));
+            }
+            if !(1..=crate::speculative::MAX_NODES).contains(&params.tree_size) {
+                return Err(Error::InvalidOption(format!(
+                    "tree size {} must be in 1..={}",
+                    params.tree_size,
+                    crate::speculative::MAX_NODES
+                )));
+            }
+        }
         let t = Instant::now();
         self.prefill(ids)?;
         Ok(Generation {
             engine: self,
             sampler,
+            drafter,
+            tree_size: params.tree_size,
+            pending: std::collections::VecDeque::new(),
             max_tokens: params.max_tokens,
             stop_at_eos: params.stop_at_eos,
             generated: Vec::new(),
@@ -359,6 +397,10 @@ pub struct Token {
 pub struct Generation<'a> {
     engine: &'a mut Engine,
     sampler: Sampler,
+    drafter: Option<Box<dyn Drafter>>,
+    tree_size: usize,
+    /// Tokens a verify step decided that are not emitted yet.
+    pending: std::collections::VecDeque<u32>,
     max_tokens: usize,
     stop_at_eos: bool,
     /// Token ids generated so far.
@@ -372,15 +414,35 @@ impl Generation<'_> {
     fn step(&mut self) -> Result<Option<Token>> {
         let e = &mut *self.engine;
         let t = Instant::now();
-        if let Some(&last) = self.generated.last() {
-            e.runner.feed(&[last])?;
-        }
-        let recent: Vec<u32> = if self.sampler.params.repetition_penalty != 1.0 {
-            e.runner.cached().to_vec()
-        } else {
-            Vec::new()
+        let id = match (
+            self.pending.pop_front(),
+            self.generated.last(),
+            &mut self.drafter,
+        ) {
+            (Some(id), _, _) => id,
+            (None, Some(&root), Some(drafter)) => {
+                // Speculative step: draft from the root, verify all nodes at once.
+                let tree = drafter.draft(e.runner.cached(), root, self.tree_size)?;
+                let toks = e.runner.verify(&tree)?;
+                e.stats.verify_steps += 1;
+                e.stats.verify_tokens += toks.len();
+                self.pending.extend(toks);
+                self.pending
+                    .pop_front()
+                    .ok_or_else(|| Error::Gpu("verify returned no token".into()))?
+            }
+            (None, last, _) => {
+                if let Some(&last) = last {
+                    e.runner.feed(&[last])?;
+                }
+                let recent: Vec<u32> = if self.sampler.params.repetition_penalty != 1.0 {
+                    e.runner.cached().to_vec()
+                } else {
+                    Vec::new()
+                };
+                e.runner.sample(&mut self.sampler, &recent)?
+            }
         };
-        let id = e.runner.sample(&mut self.sampler, &recent)?;
         match self.prefill_started.take() {
             Some(start) => e.stats.prefill_time += start.elapsed(),
             None => {

@@ -6,6 +6,7 @@ use crate::attention::{Attention, AttentionPolicy, KvLayout, PageAllocator, Page
 use crate::error::{Error, Result};
 use crate::model::{Llama, Workspace};
 use crate::ops::Ops;
+use crate::speculative::DraftTree;
 use std::collections::HashMap;
 
 /// Model, KV cache and workspaces on executor `E`.
@@ -20,6 +21,9 @@ pub struct Session<E: Ops> {
     /// Tokens whose keys and values are in the cache, in order.
     pub tokens: Vec<u32>,
     workspaces: HashMap<usize, Workspace<E>>,
+    /// The verify workspace (logits for every row) and its row count.
+    verify_ws: Option<Workspace<E>>,
+    verify_out: Option<E::Ids>,
     last_rows: Option<usize>,
     argmax_out: Option<E::Ids>,
     /// Largest chunk of a prefill.
@@ -64,6 +68,8 @@ impl<E: Ops> Session<E> {
             table,
             tokens: Vec::new(),
             workspaces: HashMap::new(),
+            verify_ws: None,
+            verify_out: None,
             last_rows: None,
             argmax_out: None,
             chunk,
@@ -136,6 +142,7 @@ impl<E: Ops> Session<E> {
                 n,
                 ws,
                 &mut self.attention,
+                None,
             )?;
             self.tokens.extend_from_slice(part);
             self.table.len = self.tokens.len();
@@ -146,6 +153,90 @@ impl<E: Ops> Session<E> {
             }
         }
         Ok(())
+    }
+
+    /// Greedy speculative step: runs the draft `tree` (its root is the last chosen
+    /// token, not yet in the cache) through the model in one forward, accepts the
+    /// longest path whose tokens match the model's argmax, commits that path's keys
+    /// and values, and returns the accepted tokens after the root followed by the
+    /// bonus token (the argmax after the path; it is not in the cache yet).
+    pub fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>> {
+        if self.attention.policy != AttentionPolicy::Dense {
+            return Err(Error::InvalidOption(
+                "speculative decoding runs with dense attention only (so far)".into(),
+            ));
+        }
+        let mask = tree.mask()?;
+        let n = tree.len();
+        let start = self.tokens.len();
+        if start == 0 {
+            return Err(Error::InvalidOption(
+                "verify needs a prefilled prompt".into(),
+            ));
+        }
+        if start + n > self.max_context {
+            return Err(Error::Capacity(format!(
+                "a draft tree of {n} nodes after {start} tokens exceeds the maximum context of {}",
+                self.max_context
+            )));
+        }
+        if let Some(&bad) = tree
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.vocab)
+        {
+            return Err(Error::InvalidOption(format!(
+                "draft token {bad} is outside the vocabulary of {}",
+                self.model.cfg.vocab
+            )));
+        }
+        self.alloc.reserve(&mut self.table, start + n)?;
+        self.table.len = start + n;
+        if self.verify_ws.as_ref().is_none_or(|w| w.rows() != n) {
+            self.verify_ws = Some(Workspace::for_verify(&mut self.ops, &self.model.cfg, n)?);
+            self.verify_out = Some(self.ops.ids(&vec![0u32; n])?);
+        }
+        let (Some(ws), Some(out)) = (self.verify_ws.as_mut(), self.verify_out.as_mut()) else {
+            return Err(Error::Gpu("verify workspace missing".into()));
+        };
+        let ids = self.ops.ids(&tree.tokens)?;
+        let pos: Vec<u32> = tree.depths().iter().map(|d| start as u32 + d).collect();
+        let pos = self.ops.ids(&pos)?;
+        self.model.forward(
+            &mut self.ops,
+            &mut self.kv,
+            &self.table,
+            &ids,
+            &pos,
+            start,
+            n,
+            ws,
+            &mut self.attention,
+            Some(&mask),
+        )?;
+        let (_, logits) = ws
+            .all_logits
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("verify logits missing".into()))?;
+        self.ops.argmax(logits, out)?;
+        // The only readback: one argmax per node.
+        let best = self.ops.download_ids(out)?;
+        let path = crate::speculative::greedy_path(tree, &best);
+        let moves: Vec<(usize, usize)> = path
+            .iter()
+            .enumerate()
+            .filter(|(t, &node)| *t != node)
+            .map(|(t, &node)| (start + node, start + t))
+            .collect();
+        self.ops.kv_move(&mut self.kv, &self.table, &moves)?;
+        self.tokens
+            .extend(path.iter().map(|&node| tree.tokens[node]));
+        self.table.len = self.tokens.len();
+        self.last_rows = None;
+        let last = path.last().copied().unwrap_or(0);
+        let mut accepted: Vec<u32> = path[1..].iter().map(|&node| tree.tokens[node]).collect();
+        accepted.push(best[last]);
+        Ok(accepted)
     }
 
     /// Chooses the next token from the last fed token's logits. `recent` are the

@@ -1,4 +1,5 @@
-//! KV append (`kv_append.wgsl`): one pass per arena buffer.
+//! KV append (`kv_append.wgsl`): one pass per arena buffer; KV moves for
+//! committing accepted draft tokens (buffer copies).
 
 use super::{GpuExecutor, GpuKv, GpuTensor};
 use crate::attention::PageTable;
@@ -47,6 +48,44 @@ pub(super) fn kv_append(
             Binding::from(va),
         ];
         ex.rec.dispatch(&p, &params, &b, groups);
+    }
+    Ok(())
+}
+
+/// Moves KV rows (all layers, K and V, every head) from `src` to `dst` slots, in
+/// order. Buffer copies cannot overlap a buffer with itself, so each row goes
+/// through a scratch buffer; moves are applied in order, so a later move may read
+/// what an earlier one wrote.
+pub(super) fn kv_move(
+    ex: &mut GpuExecutor,
+    kv: &GpuKv,
+    table: &PageTable,
+    moves: &[(usize, usize)],
+) -> Result<()> {
+    let l = kv.layout;
+    crate::ops::check::kv_move(&l, table, moves)?;
+    let row = (l.head_dim * 2) as u64; // f16
+    let scratch = ex.scratch("kv move", row.max(16))?;
+    // (arena, byte offset) of a slot's row for KV head h.
+    let at = |slot: usize, h: usize| {
+        let page = table.pages[slot / l.page_size] as usize;
+        let (arena, local) = (page / kv.pages_per_arena, page % kv.pages_per_arena);
+        let off = ((local * l.kv_heads + h) * l.page_size + slot % l.page_size) as u64 * row;
+        (arena, off)
+    };
+    for &(src, dst) in moves {
+        if src == dst {
+            continue;
+        }
+        for h in 0..l.kv_heads {
+            let ((sa, so), (da, d_off)) = (at(src, h), at(dst, h));
+            for layer in 0..l.layers {
+                for bufs in [&kv.k[layer], &kv.v[layer]] {
+                    ex.rec.copy(&bufs[sa], so, &scratch, 0, row);
+                    ex.rec.copy(&scratch, 0, &bufs[da], d_off, row);
+                }
+            }
+        }
     }
     Ok(())
 }

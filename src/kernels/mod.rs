@@ -645,6 +645,15 @@ impl Ops for GpuExecutor {
         argmax::argmax(self, x, out)
     }
 
+    fn kv_move(
+        &mut self,
+        kv: &mut GpuKv,
+        table: &PageTable,
+        moves: &[(usize, usize)],
+    ) -> Result<()> {
+        kv_append::kv_move(self, kv, table, moves)
+    }
+
     fn kv_append(
         &mut self,
         kv: &mut GpuKv,

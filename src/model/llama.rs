@@ -48,6 +48,8 @@ pub struct Workspace<E: Ops> {
     last_norm: E::Tensor,
     /// Logits of the last row `[1, vocab]`.
     pub logits: E::Tensor,
+    /// Verify workspaces: normed rows and logits of every row `[rows, vocab]`.
+    pub all_logits: Option<(E::Tensor, E::Tensor)>,
 }
 
 impl<E: Ops> Workspace<E> {
@@ -72,7 +74,15 @@ impl<E: Ops> Workspace<E> {
             last: ops.tensor(1, hd)?,
             last_norm: ops.tensor(1, hd)?,
             logits: ops.tensor(1, cfg.vocab)?,
+            all_logits: None,
         })
+    }
+
+    /// Buffers for verifying a draft tree of `rows` nodes: logits for every row.
+    pub fn for_verify(ops: &mut E, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+        let mut ws = Self::new(ops, cfg, rows)?;
+        ws.all_logits = Some((ops.tensor(rows, cfg.hidden)?, ops.tensor(rows, cfg.vocab)?));
+        Ok(ws)
     }
 
     /// Rows this workspace holds.
@@ -164,7 +174,10 @@ impl<E: Ops> Llama<E> {
 
     /// Runs `tokens` (at positions `start..`, whose KV pages are reserved in `table`)
     /// through every layer, appending their keys and values, and leaves the logits of
-    /// the last token in `ws.logits`. Nothing is submitted: the caller reads results.
+    /// the last token in `ws.logits` (of every token in `ws.all_logits` for a verify
+    /// workspace). With `tree` (a draft tree's mask), the tokens are the tree's nodes
+    /// and attend to the cache plus their ancestors. Nothing is submitted: the caller
+    /// reads results.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -177,6 +190,7 @@ impl<E: Ops> Llama<E> {
         n: usize,
         ws: &mut Workspace<E>,
         attn: &mut Attention<E>,
+        tree: Option<&[u32]>,
     ) -> Result<()> {
         if n != ws.rows {
             return crate::error::shape_err(
@@ -186,7 +200,10 @@ impl<E: Ops> Llama<E> {
         }
         let c = &self.cfg;
         ops.embed(tokens, &self.embed, &mut ws.x)?;
-        attn.begin_step(ops, c, n, start + n)?;
+        match tree {
+            Some(mask) => attn.begin_tree(ops, mask)?,
+            None => attn.begin_step(ops, c, n, start + n)?,
+        }
         for (i, l) in self.layers.iter().enumerate() {
             ops.rms_norm(&ws.x, &l.in_norm, c.eps, &mut ws.h)?;
             ops.matmul(&ws.h, &l.q, &mut ws.q)?;
@@ -220,14 +237,14 @@ impl<E: Ops> Llama<E> {
             ops.matmul(&ws.gate, &l.down, &mut ws.o)?;
             ops.add(&mut ws.x, &ws.o)?;
         }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if let Some((normed, logits)) = ws.all_logits.as_mut() {
+            ops.rms_norm(&ws.x, &self.norm, c.eps, normed)?;
+            return ops.matmul(normed, head, logits);
+        }
         // Only the last position's logits are needed.
         ops.copy_rows(&ws.x, n - 1, &mut ws.last, 0, 1)?;
         ops.rms_norm(&ws.last, &self.norm, c.eps, &mut ws.last_norm)?;
-        ops.matmul(
-            &ws.last_norm,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            &mut ws.logits,
-        )?;
-        Ok(())
+        ops.matmul(&ws.last_norm, head, &mut ws.logits)
     }
 }

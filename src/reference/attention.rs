@@ -82,7 +82,15 @@ pub(super) fn tree(
     };
     let d = kv.layout.head_dim;
     let visible = |i: usize| prefix_len + i + 1;
-    attend(&q.data, q.cols, d, &heads, visible, Some(&sees), &mut out.data);
+    attend(
+        &q.data,
+        q.cols,
+        d,
+        &heads,
+        visible,
+        Some(&sees),
+        &mut out.data,
+    );
 }
 
 /// Query rows per task of [`attend`].

@@ -577,6 +577,26 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn kv_move(
+        &mut self,
+        kv: &mut RefKv,
+        table: &PageTable,
+        moves: &[(usize, usize)],
+    ) -> Result<()> {
+        check::kv_move(&kv.layout, table, moves)?;
+        let (hk, d) = (kv.layout.kv_heads, kv.layout.head_dim);
+        for &(src, dst) in moves {
+            for h in 0..hk {
+                let (a, b) = (kv.offset(table, src, h), kv.offset(table, dst, h));
+                for layer in 0..kv.layout.layers {
+                    kv.k[layer].copy_within(a..a + d, b);
+                    kv.v[layer].copy_within(a..a + d, b);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn kv_append(
         &mut self,
         kv: &mut RefKv,

@@ -4,8 +4,11 @@
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 use half::f16;
+use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
 use kvsieve::gpu::GpuContext;
 use kvsieve::kernels::GpuExecutor;
+use kvsieve::ops::Ops;
+use kvsieve::reference::{RefExecutor, RefKv};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
 
@@ -85,5 +88,58 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
             "{what}: element {i} got {} want {} (atol {atol}, rtol {rtol})",
             got[i], want[i]
         );
+    }
+}
+
+/// A one-layer KV cache filled with the same random keys and values on both
+/// executors.
+pub struct Fixture {
+    pub cpu: RefExecutor,
+    pub kvc: RefKv,
+    pub kvg: kvsieve::kernels::GpuKv,
+    pub table: PageTable,
+    pub layout: KvLayout,
+}
+
+pub fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u64) -> Fixture {
+    let mut r = rng(seed);
+    let layout = KvLayout {
+        layers: 1,
+        kv_heads,
+        head_dim: d,
+        page_size: 64,
+        num_pages: len.div_ceil(64) + 1,
+    };
+    let mut cpu = RefExecutor::new();
+    let mut alloc = PageAllocator::new(&layout);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, len).unwrap();
+    table.len = len;
+    let mut kvc = cpu.kv_cache(&layout).unwrap();
+    let mut kvg = ex.kv_cache(&layout).unwrap();
+    let mut start = 0;
+    while start < len {
+        let n = 16384.min(len - start);
+        let k = randn(&mut r, n * kv_heads * d, 1.0);
+        let v = randn(&mut r, n * kv_heads * d, 1.0);
+        let (kc, vc) = (
+            cpu.upload(&k, n, kv_heads * d).unwrap(),
+            cpu.upload(&v, n, kv_heads * d).unwrap(),
+        );
+        cpu.kv_append(&mut kvc, 0, &table, start, &kc, &vc).unwrap();
+        let (kg, vg) = (
+            ex.upload(&k, n, kv_heads * d).unwrap(),
+            ex.upload(&v, n, kv_heads * d).unwrap(),
+        );
+        ex.kv_append(&mut kvg, 0, &table, start, &kg, &vg).unwrap();
+        ex.flush().unwrap();
+        start += n;
+    }
+    Fixture {
+        cpu,
+        kvc,
+        kvg,
+        table,
+        layout,
     }
 }
