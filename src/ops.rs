@@ -401,6 +401,25 @@ pub trait Ops: Send {
         rope: &Self::Rope,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Fills a draft tree's tokens into `out[..n]` from its plan (`n` triples
+    /// parent, rank, token; [`crate::speculative::DraftTree::plan`]): a node with a
+    /// rank takes `adj[token of its parent * 8 + rank]` (Token Recycling).
+    fn spec_draft(
+        &mut self,
+        adj: &Self::Ids,
+        plan: &Self::Ids,
+        n: usize,
+        out: &mut Self::Ids,
+    ) -> Result<()>;
+    /// Token Recycling update: for each row i of `logits` (`[n, vocab]`),
+    /// `adj[tokens[i] * 8..][..8]` = its 8 best token ids (value descending, ties to
+    /// the lower id); the last of several rows with one token wins.
+    fn spec_adj_update(
+        &mut self,
+        adj: &mut Self::Ids,
+        logits: &Self::Tensor,
+        tokens: &Self::Ids,
+    ) -> Result<()>;
     /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
     fn mean_rows(
         &mut self,

@@ -34,6 +34,7 @@ shaders! {
     ATTENTION_PREFILL => "attention_prefill.wgsl",
     SAMPLING => "sampling.wgsl",
     TOKENSELECT => "tokenselect.wgsl",
+    SPECULATIVE => "speculative.wgsl",
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
 use kvsieve::eval::passkey_trial;
 use kvsieve::generate::{Backend, Engine, Options};
 
-const DEPTHS: [f64; 3] = [0.9, 0.5, 0.1];
+const DEPTHS: [f64; 3] = [0.9, 0.6, 0.3];
 const TRAINED: [usize; 2] = [4096, 8000];
 const EXTRAPOLATED: usize = 16384;
 

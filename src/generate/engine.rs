@@ -302,6 +302,14 @@ impl Engine {
         self.runner.set_policy(policy)
     }
 
+    /// One greedy speculative verify step on the cached tokens: `tree`'s root is the
+    /// next token (not cached yet). Commits the accepted path and returns the
+    /// accepted tokens after the root plus the bonus token. For tools and tests;
+    /// generation with `GenerateParams::speculate` calls it for you.
+    pub fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>> {
+        self.runner.verify(tree)
+    }
+
     /// Drops the cached conversation.
     pub fn reset(&mut self) {
         self.runner.truncate(0);
@@ -338,7 +346,7 @@ impl Engine {
     /// Streams tokens continuing the prompt token ids.
     pub fn generate_ids(&mut self, ids: &[u32], params: &GenerateParams) -> Result<Generation<'_>> {
         let sampler = Sampler::new(params.sampling.clone())?;
-        let drafter = params.speculate.drafter();
+        let drafter = params.speculate.drafter(params.tree_size);
         if drafter.is_some() {
             let p = &params.sampling;
             if !p.greedy() || p.repetition_penalty != 1.0 {

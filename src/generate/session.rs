@@ -9,6 +9,13 @@ use crate::ops::Ops;
 use crate::speculative::DraftTree;
 use std::collections::HashMap;
 
+/// A verify workspace and its per-node argmax and token buffers.
+struct VerifyBuffers<E: Ops> {
+    ws: Workspace<E>,
+    best: E::Ids,
+    toks: E::Ids,
+}
+
 /// Model, KV cache and workspaces on executor `E`.
 pub struct Session<E: Ops> {
     /// The executor.
@@ -21,9 +28,11 @@ pub struct Session<E: Ops> {
     /// Tokens whose keys and values are in the cache, in order.
     pub tokens: Vec<u32>,
     workspaces: HashMap<usize, Workspace<E>>,
-    /// The verify workspace (logits for every row) and its row count.
-    verify_ws: Option<Workspace<E>>,
-    verify_out: Option<E::Ids>,
+    /// Verify workspaces by node count (logits for every row), with their per-node
+    /// argmax and token buffers; draft trees vary in size from step to step.
+    verify_ws: HashMap<usize, VerifyBuffers<E>>,
+    /// Token Recycling adjacency `[vocab, 8]`, kept across requests.
+    adj: Option<E::Ids>,
     last_rows: Option<usize>,
     argmax_out: Option<E::Ids>,
     /// Largest chunk of a prefill.
@@ -68,8 +77,8 @@ impl<E: Ops> Session<E> {
             table,
             tokens: Vec::new(),
             workspaces: HashMap::new(),
-            verify_ws: None,
-            verify_out: None,
+            verify_ws: HashMap::new(),
+            adj: None,
             last_rows: None,
             argmax_out: None,
             chunk,
@@ -192,21 +201,30 @@ impl<E: Ops> Session<E> {
         }
         self.alloc.reserve(&mut self.table, start + n)?;
         self.table.len = start + n;
-        if self.verify_ws.as_ref().is_none_or(|w| w.rows() != n) {
-            self.verify_ws = Some(Workspace::for_verify(&mut self.ops, &self.model.cfg, n)?);
-            self.verify_out = Some(self.ops.ids(&vec![0u32; n])?);
+        if !self.verify_ws.contains_key(&n) {
+            let ws = Workspace::for_verify(&mut self.ops, &self.model.cfg, n)?;
+            let zeros = vec![0u32; n];
+            let (best, toks) = (self.ops.ids(&zeros)?, self.ops.ids(&zeros)?);
+            self.verify_ws.insert(n, VerifyBuffers { ws, best, toks });
         }
-        let (Some(ws), Some(out)) = (self.verify_ws.as_mut(), self.verify_out.as_mut()) else {
+        if self.adj.is_none() {
+            self.adj = Some(self.ops.ids(&vec![0u32; self.model.cfg.vocab * 8])?);
+        }
+        let (Some(VerifyBuffers { ws, best, toks }), Some(adj)) =
+            (self.verify_ws.get_mut(&n), self.adj.as_mut())
+        else {
             return Err(Error::Gpu("verify workspace missing".into()));
         };
-        let ids = self.ops.ids(&tree.tokens)?;
+        // Recycled nodes get their tokens on the device.
+        let plan = self.ops.ids(&tree.plan())?;
+        self.ops.spec_draft(adj, &plan, n, toks)?;
         let pos: Vec<u32> = tree.depths().iter().map(|d| start as u32 + d).collect();
         let pos = self.ops.ids(&pos)?;
         self.model.forward(
             &mut self.ops,
             &mut self.kv,
             &self.table,
-            &ids,
+            toks,
             &pos,
             start,
             n,
@@ -218,9 +236,14 @@ impl<E: Ops> Session<E> {
             .all_logits
             .as_ref()
             .ok_or_else(|| Error::Gpu("verify logits missing".into()))?;
-        self.ops.argmax(logits, out)?;
-        // The only readback: one argmax per node.
-        let best = self.ops.download_ids(out)?;
+        self.ops.argmax(logits, best)?;
+        self.ops.spec_adj_update(adj, logits, toks)?;
+        // The readbacks: one argmax and one token per node.
+        let best = self.ops.download_ids(best)?;
+        let mut tree = tree.clone();
+        tree.tokens = self.ops.download_ids(toks)?;
+        tree.tokens.truncate(n);
+        let tree = &tree;
         let path = crate::speculative::greedy_path(tree, &best);
         let moves: Vec<(usize, usize)> = path
             .iter()

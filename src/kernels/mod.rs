@@ -13,6 +13,7 @@ mod matmul;
 mod rmsnorm;
 mod rope;
 mod sampling;
+mod speculative;
 mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
@@ -635,6 +636,25 @@ impl Ops for GpuExecutor {
         out: &mut GpuTensor,
     ) -> Result<()> {
         attention::tree(self, q, kv, layer, table, prefix_len, tree, rope, out)
+    }
+
+    fn spec_draft(
+        &mut self,
+        adj: &GpuIds,
+        plan: &GpuIds,
+        n: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        speculative::draft(self, adj, plan, n, out)
+    }
+
+    fn spec_adj_update(
+        &mut self,
+        adj: &mut GpuIds,
+        logits: &GpuTensor,
+        tokens: &GpuIds,
+    ) -> Result<()> {
+        speculative::adj_update(self, adj, logits, tokens)
     }
 
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {

@@ -549,6 +549,75 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn spec_draft(
+        &mut self,
+        adj: &Vec<u32>,
+        plan: &Vec<u32>,
+        n: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        if n == 0 || n > crate::speculative::MAX_NODES || plan.len() < 3 * n || out.len() < n {
+            return crate::error::shape_err(
+                "spec_draft",
+                format!(
+                    "{n} nodes, plan of {} words, output of {}",
+                    plan.len(),
+                    out.len()
+                ),
+            );
+        }
+        for i in 0..n {
+            let (parent, rank, token) = (plan[3 * i], plan[3 * i + 1], plan[3 * i + 2]);
+            out[i] = if parent != u32::MAX && rank != u32::MAX {
+                let at = out[parent as usize] as usize * 8 + rank as usize;
+                adj.get(at).copied().unwrap_or(0)
+            } else {
+                token
+            };
+        }
+        Ok(())
+    }
+
+    fn spec_adj_update(
+        &mut self,
+        adj: &mut Vec<u32>,
+        logits: &RefTensor,
+        tokens: &Vec<u32>,
+    ) -> Result<()> {
+        let (n, vocab) = (logits.rows, logits.cols);
+        if adj.len() != vocab * 8 || tokens.len() < n || n > crate::speculative::MAX_NODES {
+            return crate::error::shape_err(
+                "spec_adj_update",
+                format!(
+                    "adjacency of {} for a vocabulary of {vocab}, {} tokens for {n} rows",
+                    adj.len(),
+                    tokens.len()
+                ),
+            );
+        }
+        for i in 0..n {
+            let tok = tokens[i] as usize;
+            if tokens[i + 1..n].contains(&tokens[i]) || tok >= vocab {
+                continue;
+            }
+            let row = &logits.data[i * vocab..(i + 1) * vocab];
+            // Value descending, ties to the lower id.
+            let order =
+                |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+            let mut best: Vec<u32> = (0..vocab as u32).collect();
+            let k = 8.min(vocab);
+            if k < vocab {
+                best.select_nth_unstable_by(k, order);
+            }
+            best.truncate(k);
+            best.sort_by(order);
+            for (r, &b) in best.iter().enumerate() {
+                adj[tok * 8 + r] = b;
+            }
+        }
+        Ok(())
+    }
+
     fn mean_rows(&mut self, x: &RefTensor, rows: Range<usize>, out: &mut RefTensor) -> Result<()> {
         check::mean_rows((x.rows, x.cols), &rows, (out.rows, out.cols))?;
         let c = x.cols;

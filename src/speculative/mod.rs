@@ -7,13 +7,17 @@ use crate::error::{Error, Result};
 /// Most nodes a draft tree may hold (the ancestor sets are 4 u32 words).
 pub const MAX_NODES: usize = 128;
 
-/// A draft tree: a token per node and each node's parent.
+/// A draft tree: a token per node and each node's parent. A node may instead
+/// name a rank: its token is then `adj[token of its parent][rank]`, filled on the
+/// device by Token Recycling.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DraftTree {
-    /// Token of each node; node 0 is the root.
+    /// Token of each node; node 0 is the root (0 for recycled nodes until filled).
     pub tokens: Vec<u32>,
     /// Parent of each node (`None` for the root only).
     pub parents: Vec<Option<usize>>,
+    /// Recycling rank of each node (`None` for a given token).
+    pub ranks: Vec<Option<u8>>,
 }
 
 impl DraftTree {
@@ -22,7 +26,33 @@ impl DraftTree {
         Self {
             tokens: vec![root],
             parents: vec![None],
+            ranks: vec![None],
         }
+    }
+
+    /// Adds a node under `parent` whose token is its parent's `rank`-th recycled
+    /// successor (0..8); returns the new node's index.
+    pub fn push_recycled(&mut self, parent: usize, rank: u8) -> Result<usize> {
+        if rank >= 8 {
+            return Err(Error::InvalidOption(format!(
+                "recycling rank {rank} must be below 8"
+            )));
+        }
+        let i = self.push(parent, 0)?;
+        self.ranks[i] = Some(rank);
+        Ok(i)
+    }
+
+    /// The plan the draft kernel reads: (parent, rank, token) per node, with
+    /// `u32::MAX` for no parent or no rank.
+    pub fn plan(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(3 * self.len());
+        for i in 0..self.len() {
+            out.push(self.parents[i].map_or(u32::MAX, |p| p as u32));
+            out.push(self.ranks[i].map_or(u32::MAX, u32::from));
+            out.push(self.tokens[i]);
+        }
+        out
     }
 
     /// Adds `token` under `parent`; returns the new node's index.
@@ -40,6 +70,7 @@ impl DraftTree {
         }
         self.tokens.push(token);
         self.parents.push(Some(parent));
+        self.ranks.push(None);
         Ok(self.tokens.len() - 1)
     }
 
@@ -68,7 +99,12 @@ impl DraftTree {
     /// of node i set when j is i or one of its ancestors), then the depths.
     pub fn mask(&self) -> Result<Vec<u32>> {
         let n = self.len();
-        if n == 0 || n > MAX_NODES || self.parents.len() != n || self.parents[0].is_some() {
+        if n == 0
+            || n > MAX_NODES
+            || self.parents.len() != n
+            || self.ranks.len() != n
+            || self.parents[0].is_some()
+        {
             return Err(Error::InvalidOption(format!(
                 "draft tree of {n} nodes: need 1..={MAX_NODES} nodes with the root first"
             )));
@@ -156,6 +192,120 @@ impl Drafter for PromptLookup {
     }
 }
 
+/// Node counts per level of the Token Recycling paper's 80-node template.
+pub const PAPER_LEVELS: [usize; 6] = [8, 21, 25, 15, 8, 3];
+
+/// How likely the r-th recycled successor is to be right (a decreasing prior that
+/// shapes the templates: a node's score is the product along its path).
+const RANK_PRIOR: [f64; 8] = [0.45, 0.2, 0.12, 0.08, 0.06, 0.04, 0.03, 0.02];
+
+/// A recycling template as (parent, rank) per non-root node (node indices count
+/// the root as 0; parents come first). With `levels`, level d holds `levels[d]`
+/// nodes, the best-scoring (parent, rank) pairs of the level above; without, the
+/// `n` best-scoring nodes overall (best first).
+pub fn template(n: usize, levels: Option<&[usize]>) -> Vec<(usize, u8)> {
+    let mut nodes: Vec<(usize, u8)> = Vec::new();
+    let mut score = vec![1.0f64];
+    let better = |a: &(f64, usize, u8), b: &(f64, usize, u8)| {
+        b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+    };
+    match levels {
+        Some(levels) => {
+            let mut prev = vec![0usize];
+            for &count in levels {
+                let mut cand: Vec<(f64, usize, u8)> = prev
+                    .iter()
+                    .flat_map(|&p| (0..8u8).map(move |r| (p, r)))
+                    .map(|(p, r)| (score[p] * RANK_PRIOR[r as usize], p, r))
+                    .collect();
+                cand.sort_by(better);
+                cand.truncate(count);
+                cand.sort_by_key(|c| (c.1, c.2));
+                prev.clear();
+                for (sc, p, r) in cand {
+                    nodes.push((p, r));
+                    score.push(sc);
+                    prev.push(nodes.len());
+                }
+            }
+        }
+        None => {
+            let mut cand: Vec<(f64, usize, u8)> =
+                (0..8u8).map(|r| (RANK_PRIOR[r as usize], 0, r)).collect();
+            while nodes.len() < n && !cand.is_empty() {
+                cand.sort_by(better);
+                let (sc, p, r) = cand.remove(0);
+                nodes.push((p, r));
+                score.push(sc);
+                let id = nodes.len();
+                cand.extend((0..8u8).map(|r| (sc * RANK_PRIOR[r as usize], id, r)));
+            }
+        }
+    }
+    nodes
+}
+
+/// Token Recycling (ALGORITHMS.md section 5): a static template whose tokens the
+/// device fills from the adjacency matrix (the last verify's top-8 successors of
+/// every token seen).
+#[derive(Clone, Debug)]
+pub struct TokenRecycling {
+    /// (parent, rank) per non-root node.
+    pub template: Vec<(usize, u8)>,
+}
+
+impl TokenRecycling {
+    /// A template of `size` nodes, root included: the paper's 80-node shape for
+    /// 81, the best-scoring nodes otherwise.
+    pub fn new(size: usize) -> Self {
+        let template = if size == 81 {
+            template(80, Some(&PAPER_LEVELS))
+        } else {
+            template(size.saturating_sub(1), None)
+        };
+        Self { template }
+    }
+
+    /// Adds the template under the root of `tree`, up to `max_nodes` nodes in all.
+    fn attach(&self, tree: &mut DraftTree, max_nodes: usize) -> Result<()> {
+        // Template node k + 1 becomes tree node ids[k + 1]; the root stays 0.
+        let mut ids = vec![0usize];
+        for &(p, r) in &self.template {
+            if tree.len() >= max_nodes {
+                break;
+            }
+            let i = tree.push_recycled(ids[p], r)?;
+            ids.push(i);
+        }
+        Ok(())
+    }
+}
+
+impl Drafter for TokenRecycling {
+    fn draft(&mut self, _context: &[u32], root: u32, max_nodes: usize) -> Result<DraftTree> {
+        let mut tree = DraftTree::new(root);
+        self.attach(&mut tree, max_nodes)?;
+        Ok(tree)
+    }
+}
+
+/// Prompt lookup's chain and Token Recycling's template under one root.
+#[derive(Clone, Debug)]
+pub struct Combined {
+    /// The lookup drafter.
+    pub lookup: PromptLookup,
+    /// The recycling drafter (fills the nodes the chain leaves).
+    pub recycling: TokenRecycling,
+}
+
+impl Drafter for Combined {
+    fn draft(&mut self, context: &[u32], root: u32, max_nodes: usize) -> Result<DraftTree> {
+        let mut tree = self.lookup.draft(context, root, max_nodes)?;
+        self.recycling.attach(&mut tree, max_nodes)?;
+        Ok(tree)
+    }
+}
+
 /// Which drafter speculative decoding uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Speculate {
@@ -164,6 +314,10 @@ pub enum Speculate {
     Off,
     /// Prompt lookup chains.
     Lookup,
+    /// Token Recycling trees.
+    Recycling,
+    /// Both in one tree.
+    Both,
 }
 
 impl std::str::FromStr for Speculate {
@@ -172,19 +326,26 @@ impl std::str::FromStr for Speculate {
         match s {
             "off" => Ok(Self::Off),
             "lookup" => Ok(Self::Lookup),
+            "recycling" => Ok(Self::Recycling),
+            "both" => Ok(Self::Both),
             o => Err(Error::InvalidOption(format!(
-                "speculate {o:?}: expected off or lookup"
+                "speculate {o:?}: expected off, lookup, recycling or both"
             ))),
         }
     }
 }
 
 impl Speculate {
-    /// The drafter, if any.
-    pub fn drafter(self) -> Option<Box<dyn Drafter>> {
+    /// The drafter for trees of `tree_size` nodes, if any.
+    pub fn drafter(self, tree_size: usize) -> Option<Box<dyn Drafter>> {
         match self {
             Speculate::Off => None,
             Speculate::Lookup => Some(Box::new(PromptLookup::default())),
+            Speculate::Recycling => Some(Box::new(TokenRecycling::new(tree_size))),
+            Speculate::Both => Some(Box::new(Combined {
+                lookup: PromptLookup::default(),
+                recycling: TokenRecycling::new(tree_size),
+            })),
         }
     }
 }
@@ -246,6 +407,31 @@ mod tests {
         let t = PromptLookup::default().draft(&[4, 5, 6, 4], 5, 3).unwrap();
         assert_eq!(t.tokens, vec![5, 6, 4]);
         assert_eq!(t.parents, vec![None, Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn templates_have_the_requested_shape() {
+        let paper = template(80, Some(&PAPER_LEVELS));
+        assert_eq!(paper.len(), 80);
+        let mut t = DraftTree::new(1);
+        for &(p, r) in &paper {
+            t.push_recycled(p, r).unwrap();
+        }
+        let depths = t.depths();
+        for (d, &count) in PAPER_LEVELS.iter().enumerate() {
+            assert_eq!(
+                depths.iter().filter(|&&x| x as usize == d + 1).count(),
+                count
+            );
+        }
+        assert!(t.mask().is_ok());
+        let small = template(15, None);
+        assert_eq!(small.len(), 15);
+        assert!(small.iter().enumerate().all(|(i, &(p, _))| p <= i));
+        // The best single draft is the top successor of the root.
+        assert_eq!(template(1, None), vec![(0, 0)]);
+        let plan = TokenRecycling::new(4).draft(&[], 9, 4).unwrap().plan();
+        assert_eq!(&plan[..6], &[u32::MAX, u32::MAX, 9, 0, 0, 0]);
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! Spec-Bench-style report on the default model, greedy: per category of the
+//! prompt file, plain decode tokens/s, speculative tokens/s, speedup and tau (mean
+//! tokens per verify forward, bonus included) for each drafter and tree size; then
+//! the cost curve of one verify forward for 1, 2, 4, ..., 128 rows relative to a
+//! plain decode step, which is what decides the tree size an adapter should use.
+//! Prints Markdown tables and writes JSON.
+//!
+//! `cargo run --release --example specbench -- --prompts ../shared/eval/specbench-mini.jsonl --json OUT`
+
+use clap::Parser;
+use kvsieve::generate::{Backend, Engine, GenerateParams, Message, Options};
+use kvsieve::speculative::{DraftTree, Speculate};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+struct Cli {
+    /// JSONL prompts with "category" and "turns".
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// gpu or reference.
+    #[arg(long, default_value = "gpu")]
+    backend: String,
+    /// Model directory (default: the default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// New tokens per prompt.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Drafter:tree-size pairs to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lookup:11,recycling:16,both:16,both:81"
+    )]
+    configs: Vec<String>,
+}
+
+#[derive(Default, Clone)]
+struct Sum {
+    tokens: usize,
+    secs: f64,
+    steps: usize,
+    verified: usize,
+}
+
+fn run(e: &mut Engine, prompt: &str, p: &GenerateParams) -> kvsieve::Result<(Vec<u32>, Sum)> {
+    e.reset();
+    let before = e.stats.clone();
+    let ids: Vec<u32> = e
+        .chat(&[Message::new("user", prompt)], p)?
+        .map(|t| t.map(|t| t.id))
+        .collect::<kvsieve::Result<_>>()?;
+    let s = &e.stats;
+    Ok((
+        ids,
+        Sum {
+            tokens: s.decode_tokens - before.decode_tokens,
+            secs: (s.decode_time - before.decode_time).as_secs_f64(),
+            steps: s.verify_steps - before.verify_steps,
+            verified: s.verify_tokens - before.verify_tokens,
+        },
+    ))
+}
+
+fn main() -> kvsieve::Result<()> {
+    let cli = Cli::parse();
+    let opts = Options {
+        backend: cli.backend.parse::<Backend>()?,
+        max_context: 4096,
+        ..Options::default()
+    };
+    let mut e = match &cli.model {
+        Some(d) => Engine::load(d, opts)?,
+        None => Engine::load_default(opts)?,
+    };
+    let text = std::fs::read_to_string(&cli.prompts).map_err(|err| {
+        kvsieve::Error::InvalidOption(format!("{}: {err}", cli.prompts.display()))
+    })?;
+    let mut prompts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|err| kvsieve::Error::InvalidOption(format!("prompt line: {err}")))?;
+        let cat = v["category"].as_str().unwrap_or("?").to_string();
+        let turn = v["turns"][0].as_str().unwrap_or("").to_string();
+        prompts.push((cat, turn));
+    }
+    let mut configs = Vec::new();
+    for c in &cli.configs {
+        let (d, n) = c.split_once(':').unwrap_or((c.as_str(), "16"));
+        let n: usize = n
+            .parse()
+            .map_err(|_| kvsieve::Error::InvalidOption(format!("tree size in {c:?}")))?;
+        configs.push((c.clone(), d.parse::<Speculate>()?, n));
+    }
+    eprintln!(
+        "specbench on {}: {} prompts",
+        e.backend_name(),
+        prompts.len()
+    );
+    // Per (config, category): plain and speculative sums.
+    let mut table: BTreeMap<(String, String), (Sum, Sum)> = BTreeMap::new();
+    for (cat, prompt) in &prompts {
+        let plain_p = GenerateParams {
+            max_tokens: cli.max_tokens,
+            ..Default::default()
+        };
+        let (plain_ids, plain) = run(&mut e, prompt, &plain_p)?;
+        for (name, spec, size) in &configs {
+            let p = GenerateParams {
+                speculate: *spec,
+                tree_size: *size,
+                ..plain_p.clone()
+            };
+            let (ids, sum) = run(&mut e, prompt, &p)?;
+            if ids != plain_ids {
+                eprintln!("warning: {name} on a {cat} prompt differs from plain greedy");
+            }
+            for key in [
+                (name.clone(), cat.clone()),
+                (name.clone(), "overall".to_string()),
+            ] {
+                let entry = table.entry(key).or_default();
+                for (acc, add) in [(&mut entry.0, &plain), (&mut entry.1, &sum)] {
+                    acc.tokens += add.tokens;
+                    acc.secs += add.secs;
+                    acc.steps += add.steps;
+                    acc.verified += add.verified;
+                }
+            }
+        }
+    }
+    println!("| drafter:tree | category | plain tok/s | speculative tok/s | speedup | tau |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for ((name, cat), (plain, spec)) in &table {
+        let (pt, st) = (
+            plain.tokens as f64 / plain.secs.max(1e-9),
+            spec.tokens as f64 / spec.secs.max(1e-9),
+        );
+        let tau = spec.verified as f64 / spec.steps.max(1) as f64;
+        println!(
+            "| {name} | {cat} | {pt:.2} | {st:.2} | {:.2}x | {tau:.2} |",
+            st / pt
+        );
+        rows.push(serde_json::json!({
+            "config": name, "category": cat, "plain_tokens_per_s": pt,
+            "speculative_tokens_per_s": st, "speedup": st / pt, "tau": tau,
+        }));
+    }
+    // Verify cost: one forward of N chained nodes after the first prompt, against a
+    // plain one-token step (N = 1 is that step through the verify path).
+    let (_, first) = &prompts[0];
+    let ids = e.tokenizer.encode(
+        &e.tokenizer
+            .render_chat(&[Message::new("user", first)], true)?,
+    )?;
+    let mut curve = Vec::new();
+    println!("\n| verify rows | ms per forward | relative to 1 row |\n|---|---|---|");
+    let mut base = None;
+    for n in [1usize, 2, 4, 8, 16, 32, 64, 128] {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let mut tree = DraftTree::new(ids[ids.len() - 1]);
+            for i in 1..n {
+                tree.push(i - 1, 0)?;
+            }
+            // The prompt's last token is re-run as the root: drop it from the cache.
+            e.prefill(&ids[..ids.len() - 1])?;
+            let t = Instant::now();
+            e.verify(&tree)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let b = *base.get_or_insert(best);
+        println!("| {n} | {:.1} | {:.2} |", best * 1e3, best / b);
+        curve.push(serde_json::json!({"rows": n, "seconds": best, "relative": best / b}));
+    }
+    if let Some(path) = &cli.json {
+        let out = serde_json::json!({
+            "adapter": e.backend_name(), "max_tokens": cli.max_tokens,
+            "results": rows, "verify_curve": curve,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out).unwrap_or_default())
+            .map_err(|err| kvsieve::Error::InvalidOption(format!("{}: {err}", path.display())))?;
+    }
+    Ok(())
+}
