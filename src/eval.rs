@@ -52,7 +52,7 @@ pub fn first_integer(text: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// One passkey trial: greedy-generates 8 tokens after the prompt (reusing the
+/// One passkey trial: greedy-generates 7 tokens after the prompt (reusing the
 /// engine's cached prefix) and returns whether the key came back, and the answer.
 pub fn passkey_trial(
     engine: &mut Engine,
@@ -62,7 +62,7 @@ pub fn passkey_trial(
 ) -> Result<(bool, String)> {
     let ids = passkey_prompt(&engine.tokenizer, tokens, depth, key)?;
     let params = GenerateParams {
-        max_tokens: 8,
+        max_tokens: 7,
         stop_at_eos: true,
         ..Default::default()
     };

@@ -706,6 +706,40 @@ pub mod check {
         )
     }
 
+    /// Sparse decode over a key list: one query row, the last of `seq_len`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_list<I>(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        out: (usize, usize),
+        seq_len: usize,
+        list: &KeyList<'_, I>,
+        selected_capacity: usize,
+        max_pos: usize,
+    ) -> Result<usize> {
+        if q.0 != 1 {
+            return shape_err(
+                "attention_decode_list",
+                format!("{} query rows, expected 1", q.0),
+            );
+        }
+        attention_list(
+            "attention_decode_list",
+            layout,
+            layer,
+            table,
+            q,
+            out,
+            &(0..1),
+            seq_len.saturating_sub(1),
+            list,
+            selected_capacity,
+            max_pos,
+        )
+    }
+
     /// Mean of rows `rows` of `x` into one row of `out`.
     pub fn mean_rows(x: (usize, usize), rows: &Range<usize>, out: (usize, usize)) -> Result<()> {
         if rows.is_empty() || rows.end > x.0 || out.1 != x.1 || out.0 == 0 {

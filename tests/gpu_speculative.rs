@@ -5,18 +5,9 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{Ops, RopeConfig};
+use kvsieve::ops::Ops;
 use kvsieve::speculative::DraftTree;
 use rand::Rng;
-
-fn rope_cfg(d: usize, len: usize) -> RopeConfig {
-    RopeConfig {
-        head_dim: d,
-        theta: 10000.0,
-        scaling: None,
-        max_positions: len,
-    }
-}
 
 /// A random tree of `n` nodes (parents drawn among earlier nodes, tokens repeat).
 fn random_tree(n: usize, seed: u64) -> DraftTree {

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use kvsieve::attention::dense_attention;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{GqaMap, KeyList, Ops, RopeConfig};
+use kvsieve::ops::{GqaMap, KeyList, Ops};
 use kvsieve::reference::{tokenselect, RefExecutor, RefTensor};
 
 /// Scores and votes agree; the GPU's selection equals the reference's except where
@@ -117,12 +117,7 @@ fn list_attention(
     compact: bool,
 ) {
     let mut f = fill(ex, kh, d, len, 9);
-    let rope_cfg = RopeConfig {
-        head_dim: d,
-        theta: 10000.0,
-        scaling: None,
-        max_positions: len,
-    };
+    let rope_cfg = rope_cfg(d, len);
     let (rc, rg) = (
         f.cpu.rope_table(&rope_cfg).unwrap(),
         ex.rope_table(&rope_cfg).unwrap(),
@@ -183,12 +178,7 @@ fn a_list_covering_everything_is_dense_attention() {
     let mut ex = gpu();
     let (qh, kh, d, len) = (9usize, 3usize, 64usize, 777usize);
     let mut f = fill(&mut ex, kh, d, len, 11);
-    let rope_cfg = RopeConfig {
-        head_dim: d,
-        theta: 10000.0,
-        scaling: None,
-        max_positions: len,
-    };
+    let rope_cfg = rope_cfg(d, len);
     let rg = ex.rope_table(&rope_cfg).unwrap();
     let q = randn(&mut rng(12), qh * d, 1.0);
     let qg = ex.upload(&q, 1, qh * d).unwrap();
@@ -249,12 +239,7 @@ fn prefill_list(
     compact: bool,
 ) {
     let mut f = fill(ex, kh, d, len, 21);
-    let rope_cfg = RopeConfig {
-        head_dim: d,
-        theta: 10000.0,
-        scaling: None,
-        max_positions: len,
-    };
+    let rope_cfg = rope_cfg(d, len);
     let (rc, rg) = (
         f.cpu.rope_table(&rope_cfg).unwrap(),
         ex.rope_table(&rope_cfg).unwrap(),
@@ -341,12 +326,7 @@ fn a_full_prefill_list_is_dense_prefill() {
     let mut ex = gpu();
     let (qh, kh, d, len, n) = (9usize, 3usize, 64usize, 1500usize, 200usize);
     let mut f = fill(&mut ex, kh, d, len, 13);
-    let rope_cfg = RopeConfig {
-        head_dim: d,
-        theta: 10000.0,
-        scaling: None,
-        max_positions: len,
-    };
+    let rope_cfg = rope_cfg(d, len);
     let (rc, rg) = (
         f.cpu.rope_table(&rope_cfg).unwrap(),
         ex.rope_table(&rope_cfg).unwrap(),

@@ -118,25 +118,17 @@ pub(super) fn decode_list(
     rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let qh = check::attention_list(
-        "attention_decode_list",
+    let qh = check::attention_decode_list(
         &kv.layout,
         layer,
         table,
         (q.rows, q.cols),
         (out.rows, out.cols),
-        &(0..1),
-        seq_len.saturating_sub(1),
+        seq_len,
         list,
         list.selected.len,
         rope.max_pos,
     )?;
-    if q.rows != 1 {
-        return shape_err(
-            "attention_decode_list",
-            format!("{} query rows, expected 1", q.rows),
-        );
-    }
     decode_impl(
         ex,
         q,

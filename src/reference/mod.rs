@@ -471,25 +471,17 @@ impl Ops for RefExecutor {
         rope: &RefRope,
         out: &mut RefTensor,
     ) -> Result<()> {
-        check::attention_list(
-            "attention_decode_list",
+        check::attention_decode_list(
             &kv.layout,
             layer,
             table,
             (q.rows, q.cols),
             (out.rows, out.cols),
-            &(0..1),
-            seq_len.saturating_sub(1),
+            seq_len,
             list,
             list.selected.len(),
             rope.max_pos,
         )?;
-        if q.rows != 1 {
-            return crate::error::shape_err(
-                "attention_decode_list",
-                format!("{} query rows, expected 1", q.rows),
-            );
-        }
         let q_start = seq_len - 1;
         tokenselect::attention_list(q, kv, layer, table, 0..1, q_start, list, rope, out);
         Ok(())

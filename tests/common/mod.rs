@@ -7,7 +7,7 @@ use half::f16;
 use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
 use kvsieve::gpu::GpuContext;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::Ops;
+use kvsieve::ops::{Ops, RopeConfig};
 use kvsieve::reference::{RefExecutor, RefKv};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
@@ -141,5 +141,15 @@ pub fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u
         kvg,
         table,
         layout,
+    }
+}
+
+/// Plain RoPE (theta 10000) for `len` positions of `d` dims.
+pub fn rope_cfg(d: usize, len: usize) -> RopeConfig {
+    RopeConfig {
+        head_dim: d,
+        theta: 10000.0,
+        scaling: None,
+        max_positions: len,
     }
 }
