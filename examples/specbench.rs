@@ -31,7 +31,7 @@ struct Cli {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
-    /// Drafter:tree-size pairs to run.
+    /// Drafter:tree-size pairs to run (empty: only the verify-cost curve).
     #[arg(
         long,
         value_delimiter = ',',
@@ -90,7 +90,7 @@ fn main() -> kvsieve::Result<()> {
         prompts.push((cat, turn));
     }
     let mut configs = Vec::new();
-    for c in &cli.configs {
+    for c in cli.configs.iter().filter(|c| !c.trim().is_empty()) {
         let (d, n) = c.split_once(':').unwrap_or((c.as_str(), "16"));
         let n: usize = n
             .parse()
@@ -104,7 +104,8 @@ fn main() -> kvsieve::Result<()> {
     );
     // Per (config, category): plain and speculative sums.
     let mut table: BTreeMap<(String, String), (Sum, Sum)> = BTreeMap::new();
-    for (cat, prompt) in &prompts {
+    // No drafter configs: only the verify-cost curve.
+    for (cat, prompt) in prompts.iter().filter(|_| !configs.is_empty()) {
         let plain_p = GenerateParams {
             max_tokens: cli.max_tokens,
             ..Default::default()
