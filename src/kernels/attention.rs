@@ -196,19 +196,7 @@ fn decode_impl(
             scale.to_bits(),
             rope.max_pos as u32,
         ];
-        params.extend(match list {
-            Some(li) => [
-                1,
-                li.n_init as u32,
-                li.n_selected as u32,
-                li.tail_start as u32,
-                u32::from(li.compact),
-                0,
-                0,
-                0,
-            ],
-            None => [0; 8],
-        });
+        params.extend(list_params(list));
         let b = [
             Binding::from(&q.buf),
             Binding::from(&kv.k[layer][a]),
@@ -357,6 +345,24 @@ pub(super) fn tree(
     )
 }
 
+/// The key-list words both attention shaders share after their own parameters:
+/// mode (0 dense, 1 list), sinks, selected count, window start, compact, padding.
+fn list_params(list: Option<&KeyList<'_, GpuIds>>) -> [u32; 8] {
+    match list {
+        Some(li) => [
+            1,
+            li.n_init as u32,
+            li.n_selected as u32,
+            li.tail_start as u32,
+            u32::from(li.compact),
+            0,
+            0,
+            0,
+        ],
+        None => [0; 8],
+    }
+}
+
 /// Which keys a prefill pass attends to.
 #[derive(Clone, Copy)]
 enum Keys<'a> {
@@ -389,10 +395,6 @@ fn prefill_impl(
     let l = kv.layout;
     let d = l.head_dim;
     let n_q = rows.len();
-    let list = match keys {
-        Keys::List(li) => Some(li),
-        _ => None,
-    };
     // Passes over (rank range, arena) pairs that hold keys of that range; a list
     // may point anywhere before the tail, so it visits every arena of the sequence.
     let per_pass = prefill_keys_per_pass(ex, d)
@@ -402,7 +404,7 @@ fn prefill_impl(
     let mut begin = 0;
     while begin < ranks {
         let stop = (begin + per_pass).min(ranks);
-        let tokens = if list.is_some() {
+        let tokens = if matches!(keys, Keys::List(_)) {
             0..seq_len
         } else {
             begin..stop
@@ -426,19 +428,10 @@ fn prefill_impl(
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
     let scale = 1.0f32 / (d as f32).sqrt();
-    let list_params = match list {
-        None if matches!(keys, Keys::Tree(_)) => [2, 0, 0, 0, 0, 0, 0, 0],
-        Some(li) => [
-            1,
-            li.n_init as u32,
-            li.n_selected as u32,
-            li.tail_start as u32,
-            u32::from(li.compact),
-            0,
-            0,
-            0,
-        ],
-        None => [0; 8],
+    let list_params = match keys {
+        Keys::Tree(_) => [2, 0, 0, 0, 0, 0, 0, 0],
+        Keys::List(li) => list_params(Some(li)),
+        Keys::Dense => list_params(None),
     };
     for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
         let mut params = vec![
