@@ -173,7 +173,7 @@ fn main() -> kvsieve::Result<()> {
             // The prompt's last token is re-run as the root: drop it from the cache.
             e.prefill(&ids[..ids.len() - 1])?;
             let t = Instant::now();
-            e.verify(&tree)?;
+            e.verify(&tree, &kvsieve::speculative::AcceptParams::greedy())?;
             best = best.min(t.elapsed().as_secs_f64());
         }
         let b = *base.get_or_insert(best);

@@ -420,6 +420,25 @@ pub trait Ops: Send {
         logits: &Self::Tensor,
         tokens: &Self::Ids,
     ) -> Result<()>;
+    /// Acceptance of a verify step (ALGORITHMS.md section 4): walks the tree given
+    /// by `links` ([`crate::speculative::DraftTree::links`]) and the node `tokens`
+    /// with the target distribution of each node's `logits` row (`[n, vocab]`),
+    /// accepting child x with probability p(x) / (mass left) and sampling the bonus
+    /// from the residual; greedy when `params.top_k` is 1. Writes `trials`
+    /// independent results of [`crate::speculative::accept_stride`]`(depth)` words
+    /// each (`[len, bonus, path nodes.., path tokens..]`), `depth` being the
+    /// longest path. Only these words are read back.
+    #[allow(clippy::too_many_arguments)]
+    fn spec_accept(
+        &mut self,
+        logits: &Self::Tensor,
+        tokens: &Self::Ids,
+        links: &Self::Ids,
+        params: &crate::speculative::AcceptParams,
+        depth: usize,
+        trials: usize,
+        out: &mut Self::Ids,
+    ) -> Result<()>;
     /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
     fn mean_rows(
         &mut self,
@@ -769,6 +788,52 @@ pub mod check {
                 "embed",
                 format!("token id {bad} is outside the vocabulary of {vocab}"),
             );
+        }
+        Ok(())
+    }
+
+    /// Speculative acceptance: `(n, vocab)` logits, word counts of the tokens,
+    /// links and output buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spec_accept(
+        logits: (usize, usize),
+        tokens: usize,
+        links: usize,
+        params: &crate::speculative::AcceptParams,
+        depth: usize,
+        trials: usize,
+        out: usize,
+    ) -> Result<()> {
+        let (n, vocab) = logits;
+        if n == 0 || n > crate::speculative::MAX_NODES || tokens < n || links < 2 * n {
+            return shape_err(
+                "spec_accept",
+                format!("{n} nodes with {tokens} tokens and {links} link words"),
+            );
+        }
+        if depth == 0 || depth > n || trials == 0 {
+            return shape_err(
+                "spec_accept",
+                format!("path depth {depth} of {n} nodes, {trials} trials"),
+            );
+        }
+        if trials > 65_535 || out < trials * crate::speculative::accept_stride(depth) {
+            return shape_err(
+                "spec_accept",
+                format!("{out} output words for {trials} trials of depth {depth}"),
+            );
+        }
+        if params.top_k == 0 || params.top_k > 64 || params.top_k > vocab {
+            return Err(Error::InvalidOption(format!(
+                "top-k {} must be in 1..=64 and at most the vocabulary {vocab}",
+                params.top_k
+            )));
+        }
+        if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature >= 0.0) {
+            return Err(Error::InvalidOption(format!(
+                "top-p {} must be in (0, 1] and temperature {} >= 0",
+                params.top_p, params.temperature
+            )));
         }
         Ok(())
     }

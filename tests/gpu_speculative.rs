@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use kvsieve::kernels::GpuExecutor;
 use kvsieve::ops::Ops;
-use kvsieve::speculative::DraftTree;
+use kvsieve::reference::RefExecutor;
+use kvsieve::speculative::{accept_stride, greedy_path, AcceptParams, Accepted, DraftTree};
 use rand::Rng;
 
 /// A random tree of `n` nodes (parents drawn among earlier nodes, tokens repeat).
@@ -216,4 +217,241 @@ fn kv_move_matches_reference() {
         );
     }
     assert!(ex.kv_move(&mut f.kvg, &f.table, &[(0, 10_000)]).is_err());
+}
+
+/// Runs `spec_accept` for `trials` trials on both executors; returns the words.
+fn accept_both(
+    ex: &mut GpuExecutor,
+    logits: &[f32],
+    vocab: usize,
+    tree: &DraftTree,
+    params: &AcceptParams,
+    trials: usize,
+) -> (Vec<u32>, Vec<u32>) {
+    let n = tree.len();
+    let (depth, links) = (tree.max_path(), tree.links());
+    let words = trials * accept_stride(depth);
+    let mut cpu = RefExecutor::new();
+    let lc = cpu.upload(logits, n, vocab).unwrap();
+    let mut oc = vec![0u32; words];
+    cpu.spec_accept(&lc, &tree.tokens, &links, params, depth, trials, &mut oc)
+        .unwrap();
+    let lg = ex.upload(logits, n, vocab).unwrap();
+    let (tg, kg) = (ex.ids(&tree.tokens).unwrap(), ex.ids(&links).unwrap());
+    let mut og = ex.ids(&vec![0u32; words]).unwrap();
+    ex.spec_accept(&lg, &tg, &kg, params, depth, trials, &mut og)
+        .unwrap();
+    (ex.download_ids(&og).unwrap(), oc)
+}
+
+#[test]
+fn acceptance_matches_reference() {
+    let mut ex = gpu();
+    // Ragged vocabulary; tokens repeat among siblings; a logit row with ties.
+    let vocab = 1000 + 37;
+    for (n, seed) in [(1usize, 5u64), (9, 6), (81, 7)] {
+        let mut tree = random_tree(n, seed);
+        let mut r = rng(seed);
+        let mut logits = randn(&mut r, n * vocab, 1.0);
+        // Make the drafts likely: each child's token is its parent's argmax
+        // (or second best) most of the time.
+        for i in 1..n {
+            if r.gen_bool(0.7) {
+                let p = tree.parents[i].unwrap();
+                tree.tokens[i] = r.gen_range(0..3);
+                logits[p * vocab + tree.tokens[i] as usize] = 4.0 + r.gen::<f32>();
+            }
+        }
+        if n > 1 {
+            logits[vocab + 3] = logits[vocab + 2];
+        }
+        let greedy = AcceptParams::greedy();
+        let (g, c) = accept_both(&mut ex, &logits, vocab, &tree, &greedy, 4);
+        assert_eq!(g, c, "greedy acceptance, {n} nodes");
+        let d = tree.max_path();
+        let acc = Accepted::parse(&g[..accept_stride(d)], d).unwrap();
+        let mut best = vec![0u32; n];
+        let mut cpu = RefExecutor::new();
+        let lc = cpu.upload(&logits, n, vocab).unwrap();
+        cpu.argmax(&lc, &mut best).unwrap();
+        assert_eq!(
+            acc.path,
+            greedy_path(&tree, &best),
+            "greedy path, {n} nodes"
+        );
+        assert_eq!(acc.bonus, best[*acc.path.last().unwrap()]);
+        // Sampling: the same draws, so the same decisions up to rounding.
+        let sampled = AcceptParams {
+            top_k: 40,
+            temperature: 0.7,
+            top_p: 0.95,
+            seed: 99 + seed,
+        };
+        let trials = 300;
+        let (g, c) = accept_both(&mut ex, &logits, vocab, &tree, &sampled, trials);
+        let s = accept_stride(d);
+        let same = g.chunks(s).zip(c.chunks(s)).filter(|(a, b)| a == b).count();
+        assert!(
+            same * 100 >= trials * 99,
+            "{same} of {trials} sampled trials agree, {n} nodes"
+        );
+        let multi = (0..trials).filter(|t| g[t * s] > 1).count();
+        if n > 1 {
+            assert!(multi > 0, "no trial accepted a draft, {n} nodes");
+        }
+    }
+}
+
+/// Exact distribution of the tokens one verify step emits under plain
+/// sampling: every emitted sequence with its probability.
+fn emitted_distribution(
+    dists: &[Vec<f64>],
+    tree: &DraftTree,
+    node: usize,
+    prefix: Vec<u32>,
+    prob: f64,
+    out: &mut Vec<(Vec<u32>, f64)>,
+) {
+    for (tok, &p) in dists[node].iter().enumerate() {
+        if p == 0.0 {
+            continue;
+        }
+        let mut seq = prefix.clone();
+        seq.push(tok as u32);
+        // The first child with this token is the one accepted.
+        match (node + 1..tree.len())
+            .find(|&c| tree.parents[c] == Some(node) && tree.tokens[c] == tok as u32)
+        {
+            Some(c) => emitted_distribution(dists, tree, c, seq, prob * p, out),
+            None => out.push((seq, prob * p)),
+        }
+    }
+}
+
+/// The plain sampler's target distribution in f64: top-k, temperature, nucleus.
+fn target(row: &[f32], prm: &AcceptParams) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.truncate(prm.top_k);
+    let top = row[idx[0]] as f64;
+    let e: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((row[i] as f64 - top) / prm.temperature as f64).exp())
+        .collect();
+    let z: f64 = e.iter().sum();
+    let (mut acc, mut keep) = (0.0, e.len());
+    for (r, v) in e.iter().enumerate() {
+        acc += v / z;
+        if acc >= prm.top_p as f64 {
+            keep = r + 1;
+            break;
+        }
+    }
+    let mass: f64 = e[..keep].iter().sum();
+    let mut p = vec![0.0; row.len()];
+    for r in 0..keep {
+        p[idx[r]] = e[r] / mass;
+    }
+    p
+}
+
+/// Pearson's chi-square of observed sequence counts against the exact
+/// distribution, cells with expectation below 5 pooled; returns (statistic,
+/// critical value at significance 0.001).
+fn chi_square(words: &[u32], depth: usize, trials: usize, dist: &[(Vec<u32>, f64)]) -> (f64, f64) {
+    let s = accept_stride(depth);
+    let mut counts = std::collections::HashMap::new();
+    for t in 0..trials {
+        let acc = Accepted::parse(&words[t * s..(t + 1) * s], depth).unwrap();
+        *counts.entry(acc.emitted()).or_insert(0usize) += 1;
+    }
+    let known: usize = dist
+        .iter()
+        .map(|(q, _)| counts.get(q).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(known, trials, "a trial emitted a sequence of probability 0");
+    let (mut stat, mut cells, mut pool_o, mut pool_e) = (0.0, 0usize, 0.0, 0.0);
+    for (q, p) in dist {
+        let (o, e) = (
+            counts.get(q).copied().unwrap_or(0) as f64,
+            p * trials as f64,
+        );
+        if e < 5.0 {
+            pool_o += o;
+            pool_e += e;
+        } else {
+            stat += (o - e).powi(2) / e;
+            cells += 1;
+        }
+    }
+    if pool_e > 0.0 {
+        stat += (pool_o - pool_e).powi(2) / pool_e;
+        cells += 1;
+    }
+    // Wilson-Hilferty quantile of chi-square(df) at 1 - 0.001 (z = 3.0902).
+    let df = (cells - 1) as f64;
+    let h = 2.0 / (9.0 * df);
+    (stat, df * (1.0 - h + 3.0902 * h.sqrt()).powi(3))
+}
+
+/// Lossless sampling: the emitted tokens of one verify step follow plain
+/// sampling's distribution exactly (chi-square at significance 0.001, on both
+/// executors, with a vocabulary of 6 and a tree whose nodes share tokens).
+#[test]
+fn speculative_sampling_is_lossless() {
+    let vocab = 6;
+    // root -> {2, 0, 5, 2}; node 1 (2) -> {1, 3}; node 2 (0) -> {2}; node 5 (3) -> {4}.
+    let mut tree = DraftTree::new(3);
+    for (p, t) in [
+        (0, 2),
+        (0, 0),
+        (0, 5),
+        (0, 2),
+        (1, 1),
+        (1, 3),
+        (2, 2),
+        (6, 4),
+    ] {
+        tree.push(p, t).unwrap();
+    }
+    let n = tree.len();
+    let logits = randn(&mut rng(17), n * vocab, 1.2);
+    let mut ex = gpu();
+    for (prm, trials) in [
+        (
+            AcceptParams {
+                top_k: 5,
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 1,
+            },
+            20_000,
+        ),
+        (
+            AcceptParams {
+                top_k: 6,
+                temperature: 1.3,
+                top_p: 1.0,
+                seed: 2,
+            },
+            20_000,
+        ),
+    ] {
+        let dists: Vec<Vec<f64>> = (0..n)
+            .map(|i| target(&logits[i * vocab..(i + 1) * vocab], &prm))
+            .collect();
+        let mut dist = Vec::new();
+        emitted_distribution(&dists, &tree, 0, Vec::new(), 1.0, &mut dist);
+        let total: f64 = dist.iter().map(|d| d.1).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        let (g, c) = accept_both(&mut ex, &logits, vocab, &tree, &prm, trials);
+        for (who, words) in [("gpu", &g), ("reference", &c)] {
+            let (stat, crit) = chi_square(words, tree.max_path(), trials, &dist);
+            println!("{who} {prm:?}: chi-square {stat:.1}, critical {crit:.1}");
+            assert!(
+                stat < crit,
+                "{who}: chi-square {stat:.1} >= {crit:.1} for {prm:?}"
+            );
+        }
+    }
 }

@@ -86,3 +86,54 @@ fn speculation_is_lossless_on_the_gpu() {
     // lavapipe is slow: the first prompt, two drafters.
     check(Backend::Gpu, 1, &[Speculate::Lookup, Speculate::Both]);
 }
+
+/// Sampling with speculation runs end to end: the acceptance kernel takes drafts
+/// at temperature 0.8 (its output distribution is checked exactly on synthetic
+/// logits in gpu_speculative.rs). Run twice: the second run drafts from the
+/// adjacency matrix the first one filled.
+#[test]
+fn sampled_speculation_accepts_drafts() {
+    let dir = kvsieve::convert::default_model_dir().unwrap();
+    let opts = Options {
+        backend: Backend::Reference,
+        max_context: 2048,
+        ..Options::default()
+    };
+    let mut e = Engine::load(&dir, opts).unwrap();
+    let params = GenerateParams {
+        max_tokens: 48,
+        stop_at_eos: false,
+        speculate: Speculate::Both,
+        tree_size: 12,
+        sampling: kvsieve::generate::SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 7,
+            repetition_penalty: 1.0,
+        },
+        ..Default::default()
+    };
+    let (_, prompt) = &prompts()[2];
+    for _ in 0..2 {
+        e.reset();
+        let before = e.stats.clone();
+        let out: Vec<u32> = e
+            .chat(&[Message::new("user", prompt)], &params)
+            .unwrap()
+            .map(|t| t.unwrap().id)
+            .collect();
+        let steps = e.stats.verify_steps - before.verify_steps;
+        let toks = e.stats.verify_tokens - before.verify_tokens;
+        eprintln!(
+            "sampled, both:12: {} tokens, tau {:.2}",
+            out.len(),
+            toks as f64 / steps as f64
+        );
+        assert_eq!(out.len(), 48);
+        assert!(
+            toks > steps,
+            "no draft accepted in {steps} sampled verify steps"
+        );
+    }
+}

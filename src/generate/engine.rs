@@ -9,7 +9,7 @@ use crate::kernels::GpuExecutor;
 use crate::model::{Llama, ModelConfig, Weights};
 use crate::ops::Ops;
 use crate::reference::RefExecutor;
-use crate::speculative::{DraftTree, Drafter, Speculate};
+use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -138,7 +138,7 @@ trait Runner: Send {
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
-    fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>>;
+    fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -175,8 +175,8 @@ impl<E: Ops> Runner for Session<E> {
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
         Session::set_policy(self, policy)
     }
-    fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>> {
-        Session::verify(self, tree)
+    fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
+        Session::verify(self, tree, params)
     }
 }
 
@@ -302,12 +302,14 @@ impl Engine {
         self.runner.set_policy(policy)
     }
 
-    /// One greedy speculative verify step on the cached tokens: `tree`'s root is the
-    /// next token (not cached yet). Commits the accepted path and returns the
-    /// accepted tokens after the root plus the bonus token. For tools and tests;
-    /// generation with `GenerateParams::speculate` calls it for you.
-    pub fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>> {
-        self.runner.verify(tree)
+    /// One speculative verify step on the cached tokens: `tree`'s root is the
+    /// next token (not cached yet); `params` is the acceptance rule
+    /// ([`AcceptParams::greedy`] or one matching a sampler). Commits the accepted
+    /// path and returns the accepted tokens after the root plus the bonus token.
+    /// For tools and tests; generation with `GenerateParams::speculate` calls it
+    /// for you.
+    pub fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
+        self.runner.verify(tree, params)
     }
 
     /// Drops the cached conversation.
@@ -349,9 +351,9 @@ impl Engine {
         let drafter = params.speculate.drafter(params.tree_size);
         if drafter.is_some() {
             let p = &params.sampling;
-            if !p.greedy() || p.repetition_penalty != 1.0 {
+            if p.repetition_penalty != 1.0 {
                 return Err(Error::InvalidOption(
-                    "speculative decoding needs greedy sampling without a repetition penalty (lossless sampling is not implemented yet)".into(),
+                    "speculative decoding does not take a repetition penalty (each draft node has its own history)".into(),
                 ));
             }
             if !(1..=crate::speculative::MAX_NODES).contains(&params.tree_size) {
@@ -431,7 +433,9 @@ impl Generation<'_> {
             (None, Some(&root), Some(drafter)) => {
                 // Speculative step: draft from the root, verify all nodes at once.
                 let tree = drafter.draft(e.runner.cached(), root, self.tree_size)?;
-                let toks = e.runner.verify(&tree)?;
+                let seed = self.sampler.seed();
+                let params = AcceptParams::from_sampling(&self.sampler.params, seed);
+                let toks = e.runner.verify(&tree, &params)?;
                 e.stats.verify_steps += 1;
                 e.stats.verify_tokens += toks.len();
                 self.pending.extend(toks);

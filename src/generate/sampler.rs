@@ -82,6 +82,12 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
+    /// A fresh seed from this sampler's stream (for device-side draws, such as
+    /// speculative acceptance).
+    pub fn seed(&mut self) -> u64 {
+        self.rng.gen()
+    }
+
     /// Picks a token from the top candidates (descending logits).
     pub fn pick(&mut self, candidates: &[(u32, f32)]) -> Result<u32> {
         let Some(&(first, top)) = candidates.first() else {

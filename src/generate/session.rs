@@ -6,13 +6,14 @@ use crate::attention::{Attention, AttentionPolicy, KvLayout, PageAllocator, Page
 use crate::error::{Error, Result};
 use crate::model::{Llama, Workspace};
 use crate::ops::Ops;
-use crate::speculative::DraftTree;
+use crate::speculative::{accept_stride, AcceptParams, Accepted, DraftTree};
 use std::collections::HashMap;
 
 /// A verify workspace and its per-node argmax and token buffers.
 struct VerifyBuffers<E: Ops> {
     ws: Workspace<E>,
-    best: E::Ids,
+    /// The accept kernel's output (one trial).
+    accept: E::Ids,
     toks: E::Ids,
 }
 
@@ -164,12 +165,13 @@ impl<E: Ops> Session<E> {
         Ok(())
     }
 
-    /// Greedy speculative step: runs the draft `tree` (its root is the last chosen
-    /// token, not yet in the cache) through the model in one forward, accepts the
-    /// longest path whose tokens match the model's argmax, commits that path's keys
-    /// and values, and returns the accepted tokens after the root followed by the
-    /// bonus token (the argmax after the path; it is not in the cache yet).
-    pub fn verify(&mut self, tree: &DraftTree) -> Result<Vec<u32>> {
+    /// Speculative step: runs the draft `tree` (its root is the last chosen token,
+    /// not yet in the cache) through the model in one forward, accepts a path on
+    /// the device by `params` (greedy: the longest path of argmax matches;
+    /// sampling: lossless multi-draft speculative sampling), commits that path's
+    /// keys and values, and returns the accepted tokens after the root followed
+    /// by the bonus token (not in the cache yet).
+    pub fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
         if self.attention.policy != AttentionPolicy::Dense {
             return Err(Error::InvalidOption(
                 "speculative decoding runs with dense attention only (so far)".into(),
@@ -203,14 +205,14 @@ impl<E: Ops> Session<E> {
         self.table.len = start + n;
         if !self.verify_ws.contains_key(&n) {
             let ws = Workspace::for_verify(&mut self.ops, &self.model.cfg, n)?;
-            let zeros = vec![0u32; n];
-            let (best, toks) = (self.ops.ids(&zeros)?, self.ops.ids(&zeros)?);
-            self.verify_ws.insert(n, VerifyBuffers { ws, best, toks });
+            let accept = self.ops.ids(&vec![0u32; accept_stride(n)])?;
+            let toks = self.ops.ids(&vec![0u32; n])?;
+            self.verify_ws.insert(n, VerifyBuffers { ws, accept, toks });
         }
         if self.adj.is_none() {
             self.adj = Some(self.ops.ids(&vec![0u32; self.model.cfg.vocab * 8])?);
         }
-        let (Some(VerifyBuffers { ws, best, toks }), Some(adj)) =
+        let (Some(VerifyBuffers { ws, accept, toks }), Some(adj)) =
             (self.verify_ws.get_mut(&n), self.adj.as_mut())
         else {
             return Err(Error::Gpu("verify workspace missing".into()));
@@ -236,30 +238,27 @@ impl<E: Ops> Session<E> {
             .all_logits
             .as_ref()
             .ok_or_else(|| Error::Gpu("verify logits missing".into()))?;
-        self.ops.argmax(logits, best)?;
         self.ops.spec_adj_update(adj, logits, toks)?;
-        // The readbacks: one argmax and one token per node.
-        let best = self.ops.download_ids(best)?;
-        let mut tree = tree.clone();
-        tree.tokens = self.ops.download_ids(toks)?;
-        tree.tokens.truncate(n);
-        let tree = &tree;
-        let path = crate::speculative::greedy_path(tree, &best);
-        let moves: Vec<(usize, usize)> = path
+        // Acceptance on the device; the readback is the accepted path and its
+        // tokens, at most 2 + 2 * depth words.
+        let depth = tree.max_path();
+        let links = self.ops.ids(&tree.links())?;
+        self.ops
+            .spec_accept(logits, toks, &links, params, depth, 1, accept)?;
+        let words = self.ops.download_ids(accept)?;
+        let acc = Accepted::parse(&words, depth)?;
+        let moves: Vec<(usize, usize)> = acc
+            .path
             .iter()
             .enumerate()
             .filter(|(t, &node)| *t != node)
             .map(|(t, &node)| (start + node, start + t))
             .collect();
         self.ops.kv_move(&mut self.kv, &self.table, &moves)?;
-        self.tokens
-            .extend(path.iter().map(|&node| tree.tokens[node]));
+        self.tokens.extend(&acc.tokens);
         self.table.len = self.tokens.len();
         self.last_rows = None;
-        let last = path.last().copied().unwrap_or(0);
-        let mut accepted: Vec<u32> = path[1..].iter().map(|&node| tree.tokens[node]).collect();
-        accepted.push(best[last]);
-        Ok(accepted)
+        Ok(acc.emitted())
     }
 
     /// Chooses the next token from the last fed token's logits. `recent` are the

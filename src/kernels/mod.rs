@@ -657,6 +657,19 @@ impl Ops for GpuExecutor {
         speculative::adj_update(self, adj, logits, tokens)
     }
 
+    fn spec_accept(
+        &mut self,
+        logits: &GpuTensor,
+        tokens: &GpuIds,
+        links: &GpuIds,
+        params: &crate::speculative::AcceptParams,
+        depth: usize,
+        trials: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        speculative::accept(self, logits, tokens, links, params, depth, trials, out)
+    }
+
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {
         elementwise::mean_rows(self, x, rows, out)
     }

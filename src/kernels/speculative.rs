@@ -1,10 +1,12 @@
 //! Token Recycling (`speculative.wgsl`): draft-tree token fill from the adjacency
-//! matrix, and its update from the verify forward's logits.
+//! matrix, its update from the verify forward's logits, and acceptance.
 
 use super::{GpuExecutor, GpuIds, GpuTensor};
 use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
+use crate::ops::check;
 use crate::shaders;
+use crate::speculative::AcceptParams;
 
 pub(super) fn draft(
     ex: &mut GpuExecutor,
@@ -25,7 +27,7 @@ pub(super) fn draft(
     let p = ex.pipeline(shaders::SPECULATIVE, "draft", &[]);
     ex.rec.dispatch(
         &p,
-        &[n as u32, (adj.len / 8) as u32, 0, 0],
+        &[n as u32, (adj.len / 8) as u32, 0, 0, 0, 0, 0, 0],
         &[
             Binding::from(&adj.buf),
             Binding::from(&plan.buf),
@@ -55,13 +57,49 @@ pub(super) fn adj_update(
     let p = ex.pipeline(shaders::SPECULATIVE, "adj_update", &[]);
     ex.rec.dispatch(
         &p,
-        &[n as u32, vocab as u32, 0, 0],
+        &[n as u32, vocab as u32, 0, 0, 0, 0, 0, 0],
         &[
             Binding::from(&adj.buf),
             Binding::from(&logits.buf),
             Binding::from(&tokens.buf),
         ],
         [n as u32, 1, 1],
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn accept(
+    ex: &mut GpuExecutor,
+    logits: &GpuTensor,
+    tokens: &GpuIds,
+    links: &GpuIds,
+    params: &AcceptParams,
+    depth: usize,
+    trials: usize,
+    out: &mut GpuIds,
+) -> Result<()> {
+    let (n, vocab) = (logits.rows, logits.cols);
+    check::spec_accept(
+        (n, vocab),
+        tokens.len,
+        links.len,
+        params,
+        depth,
+        trials,
+        out.len,
+    )?;
+    let p = ex.pipeline(shaders::SPECULATIVE, "accept", &[]);
+    ex.rec.dispatch(
+        &p,
+        &params.words(n, vocab, depth),
+        &[
+            Binding::from(&logits.buf),
+            Binding::from(&tokens.buf),
+            Binding::from(&links.buf),
+            Binding::from(&out.buf),
+        ],
+        [trials as u32, 1, 1],
     );
     Ok(())
 }

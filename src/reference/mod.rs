@@ -4,6 +4,7 @@
 //! rotates keys with the same table, so both take the same decisions.
 
 mod attention;
+mod speculative;
 pub mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
@@ -613,6 +614,45 @@ impl Ops for RefExecutor {
                 adj[tok * 8 + r] = b;
             }
         }
+        Ok(())
+    }
+
+    fn spec_accept(
+        &mut self,
+        logits: &RefTensor,
+        tokens: &Vec<u32>,
+        links: &Vec<u32>,
+        params: &crate::speculative::AcceptParams,
+        depth: usize,
+        trials: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let (n, vocab) = (logits.rows, logits.cols);
+        check::spec_accept(
+            (n, vocab),
+            tokens.len(),
+            links.len(),
+            params,
+            depth,
+            trials,
+            out.len(),
+        )?;
+        let stride = crate::speculative::accept_stride(depth);
+        let (toks, links) = (&tokens[..n], &links[..2 * n]);
+        out[..trials * stride]
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(t, o)| {
+                o.copy_from_slice(&speculative::accept_trial(
+                    &logits.data,
+                    vocab,
+                    toks,
+                    links,
+                    params,
+                    depth,
+                    t as u32,
+                ))
+            });
         Ok(())
     }
 

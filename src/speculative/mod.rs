@@ -131,6 +131,27 @@ impl DraftTree {
         Ok(words)
     }
 
+    /// The tree as the accept kernel walks it: `[first child; n]` then
+    /// `[next sibling; n]`, `u32::MAX` for none, siblings in index order.
+    pub fn links(&self) -> Vec<u32> {
+        let n = self.len();
+        let mut out = vec![u32::MAX; 2 * n];
+        // Backwards, so each node is prepended before its earlier siblings.
+        for i in (1..n).rev() {
+            if let Some(p) = self.parents[i] {
+                out[n + i] = out[p];
+                out[p] = i as u32;
+            }
+        }
+        out
+    }
+
+    /// Nodes on the longest root-to-leaf path (the most tokens one verify can
+    /// accept before the bonus).
+    pub fn max_path(&self) -> usize {
+        self.depths().iter().max().map_or(0, |&d| d as usize + 1)
+    }
+
     /// Whether node `j` is node `i` or one of its ancestors, from a [`Self::mask`].
     pub fn sees(mask: &[u32], i: usize, j: usize) -> bool {
         (mask[4 * i + j / 32] >> (j % 32)) & 1 == 1
@@ -348,6 +369,113 @@ impl Speculate {
             })),
         }
     }
+}
+
+/// How a verify step accepts draft tokens: the target distribution (the plain
+/// sampler's: top-k, temperature, nucleus; `top_k` 1 is greedy) and the seed of
+/// its random draws.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AcceptParams {
+    /// Candidates of the target distribution (1..=64; 1 = greedy).
+    pub top_k: usize,
+    /// Softmax temperature (ignored when `top_k` is 1).
+    pub temperature: f32,
+    /// Nucleus threshold in (0, 1].
+    pub top_p: f32,
+    /// Seed of this step's draws.
+    pub seed: u64,
+}
+
+impl AcceptParams {
+    /// Greedy acceptance: the longest path of argmax matches, then the argmax.
+    pub fn greedy() -> Self {
+        Self {
+            top_k: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+
+    /// The rule matching plain sampling with `p` (greedy when `p` is).
+    pub fn from_sampling(p: &crate::generate::SamplingParams, seed: u64) -> Self {
+        Self {
+            top_k: if p.greedy() { 1 } else { p.top_k },
+            temperature: p.temperature,
+            top_p: p.top_p,
+            seed,
+        }
+    }
+
+    /// The uniform parameter words of `speculative.wgsl`'s accept kernel.
+    pub fn words(&self, n: usize, vocab: usize, depth: usize) -> [u32; 8] {
+        [
+            n as u32,
+            vocab as u32,
+            self.top_k as u32,
+            depth as u32,
+            self.temperature.to_bits(),
+            self.top_p.to_bits(),
+            self.seed as u32,
+            (self.seed >> 32) as u32,
+        ]
+    }
+}
+
+/// Output words per trial of [`crate::ops::Ops::spec_accept`] for trees whose
+/// longest path has `depth` nodes.
+pub fn accept_stride(depth: usize) -> usize {
+    2 + 2 * depth
+}
+
+/// One verify step's decision, parsed from the accept kernel's words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// Accepted nodes, root first.
+    pub path: Vec<usize>,
+    /// Their tokens.
+    pub tokens: Vec<u32>,
+    /// The token sampled after the last accepted node.
+    pub bonus: u32,
+}
+
+impl Accepted {
+    /// Parses one trial's `[len, bonus, nodes.., tokens..]` (see [`accept_stride`]).
+    pub fn parse(words: &[u32], depth: usize) -> Result<Self> {
+        let len = words.first().copied().unwrap_or(0) as usize;
+        if words.len() < accept_stride(depth) || len == 0 || len > depth {
+            return Err(Error::Gpu(format!(
+                "accept output: path of {len} nodes for a depth of {depth}"
+            )));
+        }
+        Ok(Self {
+            path: words[2..2 + len].iter().map(|&v| v as usize).collect(),
+            tokens: words[2 + depth..2 + depth + len].to_vec(),
+            bonus: words[1],
+        })
+    }
+
+    /// The tokens this step emits: the accepted drafts, then the bonus.
+    pub fn emitted(&self) -> Vec<u32> {
+        let mut out = self.tokens[1..].to_vec();
+        out.push(self.bonus);
+        out
+    }
+}
+
+/// PCG hash (O'Neill), as in `speculative.wgsl`.
+pub fn pcg(v: u32) -> u32 {
+    let state = v.wrapping_mul(747796405).wrapping_add(2891336453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277803737);
+    (word >> 22) ^ word
+}
+
+/// Draw `draw` of trial `trial`: uniform in [0, 1) with 24 bits, as in
+/// `speculative.wgsl`.
+pub fn uniform01(seed: u64, trial: u32, draw: u32) -> f32 {
+    // Nested hashes: nearby seeds and trials give unrelated streams.
+    let h = pcg(pcg(pcg(pcg(seed as u32) ^ (seed >> 32) as u32) ^ trial) ^ draw);
+    (h >> 8) as f32 / 16777216.0
 }
 
 /// Greedy acceptance (ALGORITHMS.md section 4): from the root, follow the child

@@ -1,0 +1,87 @@
+//! CPU twin of `speculative.wgsl::accept`: the same walk, the same candidate
+//! order, the same draws, so both executors take the same decisions up to
+//! rounding of the probabilities.
+
+use super::top_k_row;
+use crate::speculative::{accept_stride, uniform01, AcceptParams};
+
+const NONE: u32 = u32::MAX;
+
+/// One trial's output words `[len, bonus, nodes.., tokens..]`.
+pub fn accept_trial(
+    logits: &[f32],
+    vocab: usize,
+    tokens: &[u32],
+    links: &[u32],
+    prm: &AcceptParams,
+    depth: usize,
+    trial: u32,
+) -> Vec<u32> {
+    let n = tokens.len();
+    let mut out = vec![0u32; accept_stride(depth)];
+    out[2 + depth] = tokens[0];
+    let (mut cur, mut len, mut draw) = (0usize, 1usize, 0u32);
+    loop {
+        let cand = top_k_row(&logits[cur * vocab..(cur + 1) * vocab], prm.top_k);
+        let t = prm.temperature.max(1e-6);
+        let top = cand.first().map_or(0.0, |c| c.1);
+        let mut probs: Vec<f32> = cand.iter().map(|c| ((c.1 - top) / t).exp()).collect();
+        let z: f32 = probs.iter().sum();
+        let mut keep = probs.len();
+        let mut acc = 0.0f32;
+        for (r, pr) in probs.iter_mut().enumerate() {
+            *pr /= z;
+            acc += *pr;
+            if acc >= prm.top_p {
+                keep = r + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let mut mass: f32 = probs.iter().sum();
+        let mut next = None;
+        let mut c = links[cur];
+        while c != NONE {
+            let x = tokens[c as usize];
+            // The last equal candidate, as the kernel's scan keeps it.
+            if let Some(at) = (0..keep).rev().find(|&r| cand[r].0 == x) {
+                let px = probs[at];
+                if px > 0.0 {
+                    let u = uniform01(prm.seed, trial, draw);
+                    draw += 1;
+                    if u * mass < px {
+                        next = Some(c as usize);
+                        break;
+                    }
+                    mass -= px;
+                    probs[at] = 0.0;
+                }
+            }
+            c = links[n + c as usize];
+        }
+        match next {
+            Some(c) if len < depth => {
+                out[2 + len] = c as u32;
+                out[2 + depth + len] = tokens[c];
+                len += 1;
+                cur = c;
+            }
+            _ => {
+                let mut u = uniform01(prm.seed, trial, draw) * mass;
+                let mut pick = None;
+                for (r, &pr) in probs.iter().enumerate() {
+                    if pr > 0.0 {
+                        pick = Some(cand[r].0);
+                        if u < pr {
+                            break;
+                        }
+                        u -= pr;
+                    }
+                }
+                out[0] = len as u32;
+                out[1] = pick.or(cand.first().map(|c| c.0)).unwrap_or(0);
+                return out;
+            }
+        }
+    }
+}
