@@ -9,10 +9,9 @@
 
 use clap::Parser;
 use kvsieve::generate::{Backend, Engine, GenerateParams, Message, Options};
-use kvsieve::speculative::{DraftTree, Speculate};
+use kvsieve::speculative::{Speculate, TreeSize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Parser, Debug)]
 struct Cli {
@@ -114,7 +113,7 @@ fn main() -> kvsieve::Result<()> {
         for (name, spec, size) in &configs {
             let p = GenerateParams {
                 speculate: *spec,
-                tree_size: *size,
+                tree_size: TreeSize::Fixed(*size),
                 ..plain_p.clone()
             };
             let (ids, sum) = run(&mut e, prompt, &p)?;
@@ -162,28 +161,24 @@ fn main() -> kvsieve::Result<()> {
     )?;
     let mut curve = Vec::new();
     println!("\n| verify rows | ms per forward | relative to 1 row |\n|---|---|---|");
-    let mut base = None;
-    for n in [1usize, 2, 4, 8, 16, 32, 64, 128] {
-        let mut best = f64::MAX;
-        for _ in 0..3 {
-            let mut tree = DraftTree::new(ids[ids.len() - 1]);
-            for i in 1..n {
-                tree.push(i - 1, 0)?;
-            }
-            // The prompt's last token is re-run as the root: drop it from the cache.
-            e.prefill(&ids[..ids.len() - 1])?;
-            let t = Instant::now();
-            e.verify(&tree, &kvsieve::speculative::AcceptParams::greedy())?;
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let b = *base.get_or_insert(best);
+    let costs = e.verify_cost(&ids, &[1, 2, 4, 8, 16, 32, 64, 81, 128], 3, f64::INFINITY)?;
+    let b = costs[0].1;
+    for &(n, best) in &costs {
         println!("| {n} | {:.1} | {:.2} |", best * 1e3, best / b);
         curve.push(serde_json::json!({"rows": n, "seconds": best, "relative": best / b}));
     }
+    let auto: Vec<_> = [Speculate::Lookup, Speculate::Recycling, Speculate::Both]
+        .iter()
+        .map(|&s| {
+            let n = kvsieve::speculative::choose_tree_size(s, &costs);
+            println!("auto tree size for {s:?} on this adapter: {n:?}");
+            serde_json::json!({"drafter": format!("{s:?}"), "tree_size": n})
+        })
+        .collect();
     if let Some(path) = &cli.json {
         let out = serde_json::json!({
             "adapter": e.backend_name(), "max_tokens": cli.max_tokens,
-            "results": rows, "verify_curve": curve,
+            "results": rows, "verify_curve": curve, "auto_tree": auto,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap_or_default())
             .map_err(|err| kvsieve::Error::InvalidOption(format!("{}: {err}", path.display())))?;

@@ -18,8 +18,13 @@
 //
 // Tree mode (speculative verification): the queries are the n_q nodes of a draft
 // tree whose keys sit at slots q_start + j; node i sees every token before q_start
-// and the nodes in its ancestor set (bits of sel[4i..4i+4], itself included). Node
-// j's RoPE position is q_start + depth, with depths in sel[4 n_q + j].
+// and the nodes in its ancestor set (bits of tree[4i..4i+4], itself included). Node
+// j's RoPE position is q_start + depth, with depths in tree[4 n_q + j].
+//
+// List-tree mode (speculative verification under TokenSelect): ranks below
+// L = kv_len - n_q are a key list over the prefix (as in list mode, its window
+// ending at q_start), seen by every node; rank L + j is tree node j, seen through
+// the ancestor sets, at position (L if compact, else q_start) + depth.
 struct Params {
     n_q: u32, q_start: u32, kv_len: u32, q_heads: u32,
     kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
@@ -31,6 +36,7 @@ struct Params {
 const DENSE: u32 = 0u;
 const LIST: u32 = 1u;
 const TREE: u32 = 2u;
+const LIST_TREE: u32 = 3u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // [n_q, q_heads * D/4], rotated
 @group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>; // 4 halves per element
@@ -39,7 +45,8 @@ const TREE: u32 = 2u;
 @group(0) @binding(5) var<storage, read> cs: array<vec4<f32>>;     // (cos, sin) pairs, 2 per element
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // [n_q, q_heads, D + 2]
 @group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>; // [n_q, q_heads * D/4]
-@group(0) @binding(8) var<storage, read> sel: array<u32>;          // selected ids (list) or tree
+@group(0) @binding(8) var<storage, read> sel: array<u32>;          // selected ids (list modes)
+@group(0) @binding(9) var<storage, read> tree: array<u32>;         // ancestor sets, depths (tree modes)
 
 const TK: u32 = 16u;
 const MAX_D4: u32 = 32u;  // head_dim <= 128
@@ -53,31 +60,40 @@ fn unpack4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 
+fn is_list() -> bool { return p.list_mode == LIST || p.list_mode == LIST_TREE; }
+
+// First rank of the tree nodes (tree modes).
+fn tree_rank() -> u32 { return select(p.q_start, p.kv_len - p.n_q, p.list_mode == LIST_TREE); }
+
 // Logical token index of rank r.
 fn logical(r: u32) -> u32 {
-    if (p.list_mode != LIST || r < p.n_init) { return r; }
+    if (p.list_mode == LIST_TREE && r >= tree_rank()) { return p.q_start + r - tree_rank(); }
+    if (!is_list() || r < p.n_init) { return r; }
     if (r < p.n_init + p.n_sel) { return sel[r - p.n_init]; }
     return p.tail_start + (r - p.n_init - p.n_sel);
 }
 
 // RoPE position of rank r.
 fn position(r: u32) -> u32 {
-    if (p.list_mode == TREE && r >= p.q_start) {
-        return min(p.q_start + sel[4u * p.n_q + r - p.q_start], p.max_pos - 1u);
+    let t0 = tree_rank();
+    if ((p.list_mode == TREE || p.list_mode == LIST_TREE) && r >= t0) {
+        let base = select(p.q_start, t0, p.list_mode == LIST_TREE && p.compact == 1u);
+        return min(base + tree[4u * p.n_q + r - t0], p.max_pos - 1u);
     }
-    let pos = select(logical(r), r, p.list_mode != LIST || p.compact == 1u);
+    let pos = select(logical(r), r, !is_list() || p.compact == 1u);
     return min(pos, p.max_pos - 1u);
 }
 
-// Tree mode: whether node i sees the key at rank r (ancestors only).
+// Tree modes: whether node i sees the key at rank r (ancestors only).
 fn tree_visible(i: u32, r: u32) -> bool {
-    if (p.list_mode != TREE || r < p.q_start) { return true; }
-    let j = r - p.q_start;
-    return ((sel[4u * i + j / 32u] >> (j % 32u)) & 1u) == 1u;
+    if ((p.list_mode != TREE && p.list_mode != LIST_TREE) || r < tree_rank()) { return true; }
+    let j = r - tree_rank();
+    return ((tree[4u * i + j / 32u] >> (j % 32u)) & 1u) == 1u;
 }
 
 // Last rank a query at logical index t may see.
 fn last_rank(t: u32) -> u32 {
+    if (p.list_mode == LIST_TREE) { return tree_rank() + (t - p.q_start); }
     if (p.list_mode != LIST) { return t; }
     return p.n_init + p.n_sel + (t - p.tail_start);
 }

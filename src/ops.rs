@@ -386,10 +386,14 @@ pub trait Ops: Send {
         out: &mut Self::Tensor,
     ) -> Result<()>;
     /// Tree attention for speculative verification: the rows of `q` are the nodes of
-    /// a draft tree (rotated by the caller at `prefix_len + depth`), node j's keys
-    /// and values at slot `prefix_len + j`. Node i sees the first `prefix_len`
-    /// tokens and its ancestors, itself included. `tree` holds
-    /// [`crate::speculative::DraftTree::mask`].
+    /// a draft tree (rotated by the caller), node j's keys and values at slot
+    /// `prefix_len + j`. Node i sees the prefix and its ancestors, itself included.
+    /// `tree` holds [`crate::speculative::DraftTree::mask`]. The prefix is the
+    /// first `prefix_len` tokens, or with `list` its ranks (TokenSelect: sinks,
+    /// the root's selection and the window up to `prefix_len`). Node j's key is
+    /// rotated at base + depth(j), base being `prefix_len` or, for a compact list,
+    /// its length.
+    #[allow(clippy::too_many_arguments)]
     fn attention_tree(
         &mut self,
         q: &Self::Tensor,
@@ -398,6 +402,7 @@ pub trait Ops: Send {
         table: &PageTable,
         prefix_len: usize,
         tree: &Self::Ids,
+        list: Option<&KeyList<'_, Self::Ids>>,
         rope: &Self::Rope,
         out: &mut Self::Tensor,
     ) -> Result<()>;
@@ -689,9 +694,10 @@ pub mod check {
         Ok(qh)
     }
 
-    /// Tree attention shapes: returns the query head count.
+    /// Tree attention shapes, with the prefix's key list if any (its window must
+    /// end where the tree starts): returns the query head count.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_tree(
+    pub fn attention_tree<I>(
         layout: &KvLayout,
         layer: usize,
         table: &PageTable,
@@ -699,9 +705,33 @@ pub mod check {
         out: (usize, usize),
         prefix_len: usize,
         tree_words: usize,
+        list: Option<(&KeyList<'_, I>, usize)>,
         max_pos: usize,
     ) -> Result<usize> {
         let n = q.0;
+        if let Some((li, capacity)) = list {
+            if li.n_selected > capacity
+                || li.tail_start + li.tail_len != prefix_len
+                || li.n_init > li.tail_start
+            {
+                return shape_err(
+                    "attention_tree",
+                    format!(
+                        "list of {} sinks, {} selected (capacity {capacity}), window {}..{} before a tree at {prefix_len}",
+                        li.n_init,
+                        li.n_selected,
+                        li.tail_start,
+                        li.tail_start + li.tail_len
+                    ),
+                );
+            }
+            if li.compact && li.len() + n > max_pos {
+                return Err(Error::Capacity(format!(
+                    "attention_tree: {} ranks and {n} nodes beyond the RoPE table's {max_pos}",
+                    li.len()
+                )));
+            }
+        }
         if n > crate::speculative::MAX_NODES || tree_words != 5 * n {
             return shape_err(
                 "attention_tree",

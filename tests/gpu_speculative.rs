@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::Ops;
+use kvsieve::ops::{KeyList, Ops};
 use kvsieve::reference::RefExecutor;
 use kvsieve::speculative::{accept_stride, greedy_path, AcceptParams, Accepted, DraftTree};
 use rand::Rng;
@@ -21,6 +21,9 @@ fn random_tree(n: usize, seed: u64) -> DraftTree {
     t
 }
 
+/// Tree attention of `tree` after `prefix` tokens on both executors: over the
+/// whole prefix, or with `list` = (sinks, window, compact) over a key list of
+/// sinks, a strided selection and the window before the tree.
 fn tree_case(
     ex: &mut GpuExecutor,
     qh: usize,
@@ -28,6 +31,7 @@ fn tree_case(
     d: usize,
     prefix: usize,
     tree: &DraftTree,
+    list: Option<(usize, usize, bool)>,
 ) {
     let n = tree.len();
     let len = prefix + n;
@@ -38,18 +42,59 @@ fn tree_case(
     );
     let mask = tree.mask().unwrap();
     let q = randn(&mut rng(42), n * qh * d, 1.0);
+    let sel: Vec<u32> = match list {
+        Some((n_init, n_local, _)) => (n_init..prefix - n_local)
+            .step_by(3)
+            .map(|t| t as u32)
+            .collect(),
+        None => Vec::new(),
+    };
+    let sg = ex
+        .ids(&sel.iter().copied().chain([0]).collect::<Vec<_>>())
+        .unwrap();
+    let lists = list.map(|(n_init, n_local, compact)| {
+        let lc = KeyList {
+            n_init,
+            selected: &sel,
+            n_selected: sel.len(),
+            tail_start: prefix - n_local,
+            tail_len: n_local,
+            compact,
+        };
+        (lc.with_selected(&sel), lc.with_selected(&sg))
+    });
     let qc = f.cpu.upload(&q, n, qh * d).unwrap();
     let mut oc = f.cpu.tensor(n, qh * d).unwrap();
     f.cpu
-        .attention_tree(&qc, &f.kvc, 0, &f.table, prefix, &mask, &rc, &mut oc)
+        .attention_tree(
+            &qc,
+            &f.kvc,
+            0,
+            &f.table,
+            prefix,
+            &mask,
+            lists.as_ref().map(|l| &l.0),
+            &rc,
+            &mut oc,
+        )
         .unwrap();
     let qg = ex.upload(&q, n, qh * d).unwrap();
     let mg = ex.ids(&mask).unwrap();
     let mut og = ex.tensor(n, qh * d).unwrap();
-    ex.attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &mg, &rg, &mut og)
-        .unwrap();
+    ex.attention_tree(
+        &qg,
+        &f.kvg,
+        0,
+        &f.table,
+        prefix,
+        &mg,
+        lists.as_ref().map(|l| &l.1),
+        &rg,
+        &mut og,
+    )
+    .unwrap();
     assert_close(
-        &format!("tree attention {qh}/{kh}/{d}, {n} nodes after {prefix}"),
+        &format!("tree attention {qh}/{kh}/{d}, {n} nodes after {prefix}, list {list:?}"),
         &ex.download(&og).unwrap(),
         &oc.data,
         2e-5,
@@ -61,13 +106,135 @@ fn tree_case(
 fn tree_attention_matches_reference() {
     for mut ex in gpu_variants() {
         // Longer than one llvmpipe pass (about 900 keys), ragged node counts.
-        tree_case(&mut ex, 9, 3, 64, 1500, &random_tree(37, 1));
-        tree_case(&mut ex, 32, 8, 128, 300, &random_tree(128, 2));
-        tree_case(&mut ex, 9, 3, 64, 1, &random_tree(1, 3));
+        tree_case(&mut ex, 9, 3, 64, 1500, &random_tree(37, 1), None);
+        tree_case(&mut ex, 32, 8, 128, 300, &random_tree(128, 2), None);
+        tree_case(&mut ex, 9, 3, 64, 1, &random_tree(1, 3), None);
+        // TokenSelect: a key list before the tree, both position modes; the
+        // list is longer than one llvmpipe pass.
+        tree_case(
+            &mut ex,
+            9,
+            3,
+            64,
+            3100,
+            &random_tree(23, 5),
+            Some((16, 63, true)),
+        );
+        tree_case(
+            &mut ex,
+            32,
+            8,
+            128,
+            500,
+            &random_tree(9, 6),
+            Some((4, 17, false)),
+        );
     }
     // A prefix spread over many arenas.
     let mut ex = gpu().with_binding_limit(64 * 1024);
-    tree_case(&mut ex, 9, 3, 64, 700, &random_tree(81, 4));
+    tree_case(&mut ex, 9, 3, 64, 700, &random_tree(81, 4), None);
+    tree_case(
+        &mut ex,
+        9,
+        3,
+        64,
+        700,
+        &random_tree(17, 7),
+        Some((8, 40, true)),
+    );
+}
+
+/// A key list holding every prefix token at true positions is dense tree
+/// attention, on both executors; a window not ending at the tree is an error.
+#[test]
+fn a_full_list_tree_is_dense_tree_attention() {
+    let mut ex = gpu();
+    let (qh, kh, d, prefix) = (9usize, 3usize, 64usize, 400usize);
+    let tree = random_tree(19, 8);
+    let n = tree.len();
+    let mut f = fill(&mut ex, kh, d, prefix + n, 45);
+    let (rc, rg) = (
+        f.cpu.rope_table(&rope_cfg(d, prefix + n)).unwrap(),
+        ex.rope_table(&rope_cfg(d, prefix + n)).unwrap(),
+    );
+    let q = randn(&mut rng(46), n * qh * d, 1.0);
+    let mask = tree.mask().unwrap();
+    let sel: Vec<u32> = (10..prefix as u32 - 30).collect();
+    let lc = KeyList {
+        n_init: 10,
+        selected: &sel,
+        n_selected: sel.len(),
+        tail_start: prefix - 30,
+        tail_len: 30,
+        compact: false,
+    };
+    let sg = ex.ids(&sel).unwrap();
+    let lg = lc.with_selected(&sg);
+    let qc = f.cpu.upload(&q, n, qh * d).unwrap();
+    let (mut a, mut b) = (
+        f.cpu.tensor(n, qh * d).unwrap(),
+        f.cpu.tensor(n, qh * d).unwrap(),
+    );
+    f.cpu
+        .attention_tree(
+            &qc,
+            &f.kvc,
+            0,
+            &f.table,
+            prefix,
+            &mask,
+            Some(&lc),
+            &rc,
+            &mut a,
+        )
+        .unwrap();
+    f.cpu
+        .attention_tree(&qc, &f.kvc, 0, &f.table, prefix, &mask, None, &rc, &mut b)
+        .unwrap();
+    assert_close(
+        "reference: full list = dense tree",
+        &a.data,
+        &b.data,
+        1e-6,
+        1e-5,
+    );
+    let (qg, mg) = (ex.upload(&q, n, qh * d).unwrap(), ex.ids(&mask).unwrap());
+    let (mut ga, mut gb) = (ex.tensor(n, qh * d).unwrap(), ex.tensor(n, qh * d).unwrap());
+    ex.attention_tree(
+        &qg,
+        &f.kvg,
+        0,
+        &f.table,
+        prefix,
+        &mg,
+        Some(&lg),
+        &rg,
+        &mut ga,
+    )
+    .unwrap();
+    ex.attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &mg, None, &rg, &mut gb)
+        .unwrap();
+    assert_close(
+        "gpu: full list = dense tree",
+        &ex.download(&ga).unwrap(),
+        &ex.download(&gb).unwrap(),
+        1e-6,
+        1e-5,
+    );
+    let bad = KeyList { tail_len: 29, ..lg };
+    assert!(ex
+        .attention_tree(
+            &qg,
+            &f.kvg,
+            0,
+            &f.table,
+            prefix,
+            &mg,
+            Some(&bad),
+            &rg,
+            &mut ga
+        )
+        .is_err());
 }
 
 /// A chain is ordinary causal attention: node i at position prefix + i.
@@ -86,7 +253,7 @@ fn a_chain_tree_is_causal_prefill() {
     let qg = ex.upload(&q, n, qh * d).unwrap();
     let (mut a, mut b) = (ex.tensor(n, qh * d).unwrap(), ex.tensor(n, qh * d).unwrap());
     let mg = ex.ids(&chain.mask().unwrap()).unwrap();
-    ex.attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &mg, &rg, &mut a)
+    ex.attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &mg, None, &rg, &mut a)
         .unwrap();
     ex.attention_prefill(&qg, &f.kvg, 0, &f.table, prefix, len, &rg, &mut b)
         .unwrap();
@@ -100,7 +267,7 @@ fn a_chain_tree_is_causal_prefill() {
     // A mask of the wrong size is an error, not a panic.
     let short = ex.ids(&[0u32; 7]).unwrap();
     assert!(ex
-        .attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &short, &rg, &mut a)
+        .attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &short, None, &rg, &mut a)
         .is_err());
     let _ = &mut f.cpu;
 }

@@ -5,7 +5,7 @@
 //! Prints tau (mean tokens per verify forward, bonus included).
 
 use kvsieve::generate::{Backend, Engine, GenerateParams, Message, Options};
-use kvsieve::speculative::Speculate;
+use kvsieve::speculative::{Speculate, TreeSize};
 
 fn prompts() -> Vec<(String, String)> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -28,7 +28,7 @@ fn run(e: &mut Engine, prompt: &str, speculate: Speculate) -> Vec<u32> {
         max_tokens: 64,
         stop_at_eos: true,
         speculate,
-        tree_size: 12,
+        tree_size: TreeSize::Fixed(12),
         ..Default::default()
     };
     e.reset();
@@ -104,7 +104,7 @@ fn sampled_speculation_accepts_drafts() {
         max_tokens: 48,
         stop_at_eos: false,
         speculate: Speculate::Both,
-        tree_size: 12,
+        tree_size: TreeSize::Fixed(12),
         sampling: kvsieve::generate::SamplingParams {
             temperature: 0.8,
             top_k: 40,
@@ -112,7 +112,6 @@ fn sampled_speculation_accepts_drafts() {
             seed: 7,
             repetition_penalty: 1.0,
         },
-        ..Default::default()
     };
     let (_, prompt) = &prompts()[2];
     for _ in 0..2 {

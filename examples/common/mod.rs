@@ -40,12 +40,14 @@ pub struct ModelArgs {
     /// or modulo (h mod kv_heads, the paper's code).
     #[arg(long, default_value = "grouped")]
     pub gqa_map: String,
-    /// Speculative decoding: off or lookup (prompt lookup chains; greedy only).
+    /// Speculative decoding: off, lookup (prompt lookup chains), recycling (Token
+    /// Recycling trees) or both (greedy or sampled; lossless).
     #[arg(long, default_value = "off")]
     pub speculate: String,
-    /// Most nodes of a draft tree, root included.
-    #[arg(long, default_value_t = 16)]
-    pub tree: usize,
+    /// Draft tree nodes, root included (1..=128), or auto: chosen from this
+    /// adapter's measured verify cost, off when no size pays.
+    #[arg(long, default_value = "auto")]
+    pub tree: String,
     /// Context capacity in tokens (0 = the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
@@ -117,7 +119,7 @@ impl ModelArgs {
             max_tokens: self.max_tokens,
             stop_at_eos: true,
             speculate: self.speculate.parse()?,
-            tree_size: self.tree,
+            tree_size: self.tree.parse()?,
         })
     }
 }

@@ -160,6 +160,10 @@ enum Step<E: Ops> {
     Prefill(TokenSelectConfig, Vec<SubChunk>, E::Ids, E::Ids),
     /// A draft tree's nodes (speculative verification), its mask.
     Tree(E::Ids),
+    /// A draft tree under TokenSelect: the root selects as a decode query
+    /// would, every node attends to that selection plus its ancestors. Mask,
+    /// fingerprint position, node positions.
+    TreeList(TokenSelectConfig, E::Ids, E::Ids, E::Ids),
 }
 
 /// A policy and its state for one session.
@@ -306,9 +310,36 @@ impl<E: Ops> Attention<E> {
     }
 
     /// Prepares a verify step over the nodes of a draft tree (`mask` from
-    /// [`crate::speculative::DraftTree::mask`]): dense tree attention.
-    pub fn begin_tree(&mut self, ops: &mut E, mask: &[u32]) -> Result<()> {
-        self.step = Step::Tree(ops.ids(mask)?);
+    /// [`crate::speculative::DraftTree::mask`]) whose root is the token at logical
+    /// index `start`: dense tree attention, or under TokenSelect (when the root
+    /// has more than k candidates) the root's selection for every node. The
+    /// root's query drives the Selection Cache like a decode query: consecutive
+    /// roots are consecutive accepted tokens.
+    pub fn begin_tree(
+        &mut self,
+        ops: &mut E,
+        cfg: &ModelConfig,
+        mask: &[u32],
+        start: usize,
+    ) -> Result<()> {
+        let tree = ops.ids(mask)?;
+        let cand = match self.policy {
+            AttentionPolicy::TokenSelect(c) => candidates(&c, start).map(|n| (c, n)),
+            _ => None,
+        };
+        let Some((c, cand)) = cand else {
+            self.step = Step::Tree(tree);
+            return Ok(());
+        };
+        self.ensure_buffers(ops, cfg, &c, cand, 1)?;
+        let n = mask.len() / 5;
+        let base = match c.positions {
+            Positions::Compact => c.n_init + c.k + c.n_local - 1,
+            Positions::Original => start,
+        } as u32;
+        let positions: Vec<u32> = mask[4 * n..].iter().map(|&d| base + d).collect();
+        let fp = ops.ids(&[c.n_local as u32])?;
+        self.step = Step::TreeList(c, tree, fp, ops.ids(&positions)?);
         Ok(())
     }
 
@@ -332,7 +363,7 @@ impl<E: Ops> Attention<E> {
         let seq_len = start + n;
         if let Step::Tree(mask) = &self.step {
             ops.rope(q, cfg.heads, positions, rope)?;
-            return ops.attention_tree(q, kv, layer, table, start, mask, rope, out);
+            return ops.attention_tree(q, kv, layer, table, start, mask, None, rope, out);
         }
         let Some(ts) = self.ts.as_mut() else {
             ops.rope(q, cfg.heads, positions, rope)?;
@@ -345,33 +376,8 @@ impl<E: Ops> Attention<E> {
             }
             Step::Decode(c, fp_pos, q_pos) => {
                 let cand = seq_len - c.n_init - c.n_local;
-                ops.copy_rows(q, 0, &mut ts.q_fp, 0, 1)?;
-                ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
-                // Selection Cache: decided on the device; on a hit the selection ops
-                // run zero workgroups and the layer keeps its previous selection.
-                let gated = if c.cache_threshold <= 1.0 {
-                    let plan = SelectPlan {
-                        layer,
-                        q_heads: cfg.heads,
-                        begin: c.n_init,
-                        n: cand,
-                        k: c.k,
-                    };
-                    ops.ts_cache_check(
-                        &ts.q_fp,
-                        &mut ts.cached[layer],
-                        c.cache_threshold,
-                        &plan,
-                        kv,
-                        table,
-                        &mut ts.gate,
-                    )?;
-                    true
-                } else {
-                    self.uncached_selections += 1;
-                    false
-                };
-                select(ops, ts, c, cfg.heads, kv, layer, table, cand, gated)?;
+                self.uncached_selections +=
+                    query_select(ops, ts, c, cfg, layer, q, fp_pos, kv, table, cand, rope)?;
                 ops.rope(q, cfg.heads, q_pos, rope)?;
                 let list = KeyList {
                     n_init: c.n_init,
@@ -382,6 +388,23 @@ impl<E: Ops> Attention<E> {
                     compact: c.positions == Positions::Compact,
                 };
                 ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
+            }
+            Step::TreeList(c, mask, fp_pos, q_pos) => {
+                // The root (row 0, logical index start) selects; its window holds
+                // the n_local - 1 tokens before it, the tree follows.
+                let cand = start + 1 - c.n_init - c.n_local;
+                self.uncached_selections +=
+                    query_select(ops, ts, c, cfg, layer, q, fp_pos, kv, table, cand, rope)?;
+                ops.rope(q, cfg.heads, q_pos, rope)?;
+                let list = KeyList {
+                    n_init: c.n_init,
+                    selected: &ts.selected[layer],
+                    n_selected: c.k,
+                    tail_start: start + 1 - c.n_local,
+                    tail_len: c.n_local - 1,
+                    compact: c.positions == Positions::Compact,
+                };
+                ops.attention_tree(q, kv, layer, table, start, mask, Some(&list), rope, out)
             }
             Step::Prefill(c, subs, fp_pos, q_pos) => {
                 let Some(q_raw) = ts.q_raw.as_mut() else {
@@ -462,6 +485,51 @@ impl<E: Ops> Attention<E> {
             _ => Ok(None),
         }
     }
+}
+
+/// Selection for one query (decode token, or a draft tree's root): row 0 of the
+/// raw queries `q` is the fingerprint, rotated at `fp_pos`; the Selection Cache
+/// decides on the device whether the selection ops run. Returns the number of
+/// selections run without the cache (0 or 1).
+#[allow(clippy::too_many_arguments)]
+fn query_select<E: Ops>(
+    ops: &mut E,
+    ts: &mut TsBuffers<E>,
+    c: &TokenSelectConfig,
+    cfg: &ModelConfig,
+    layer: usize,
+    q: &E::Tensor,
+    fp_pos: &E::Ids,
+    kv: &E::Kv,
+    table: &PageTable,
+    cand: usize,
+    rope: &E::Rope,
+) -> Result<u64> {
+    ops.copy_rows(q, 0, &mut ts.q_fp, 0, 1)?;
+    ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
+    // Selection Cache: decided on the device; on a hit the selection ops run zero
+    // workgroups and the layer keeps its previous selection.
+    let gated = c.cache_threshold <= 1.0;
+    if gated {
+        let plan = SelectPlan {
+            layer,
+            q_heads: cfg.heads,
+            begin: c.n_init,
+            n: cand,
+            k: c.k,
+        };
+        ops.ts_cache_check(
+            &ts.q_fp,
+            &mut ts.cached[layer],
+            c.cache_threshold,
+            &plan,
+            kv,
+            table,
+            &mut ts.gate,
+        )?;
+    }
+    select(ops, ts, c, cfg.heads, kv, layer, table, cand, gated)?;
+    Ok(u64::from(!gated))
 }
 
 /// Scoring, soft vote and top-k over `cand` candidates from `n_init` into the

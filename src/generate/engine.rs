@@ -9,7 +9,7 @@ use crate::kernels::GpuExecutor;
 use crate::model::{Llama, ModelConfig, Weights};
 use crate::ops::Ops;
 use crate::reference::RefExecutor;
-use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate};
+use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate, TreeSize};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -75,10 +75,12 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     /// Stop at an end-of-sequence token (it is not emitted).
     pub stop_at_eos: bool,
-    /// Speculative decoding drafter (greedy sampling only, dense attention).
+    /// Speculative decoding drafter (dense attention, no repetition penalty;
+    /// greedy or sampled, lossless either way).
     pub speculate: Speculate,
-    /// Most nodes of a draft tree, root included (1..=128).
-    pub tree_size: usize,
+    /// Nodes of a draft tree: fixed, or chosen from this adapter's measured
+    /// verify cost (measured once per engine, on the first speculative request).
+    pub tree_size: TreeSize,
 }
 
 impl Default for GenerateParams {
@@ -88,7 +90,7 @@ impl Default for GenerateParams {
             max_tokens: 128,
             stop_at_eos: true,
             speculate: Speculate::Off,
-            tree_size: 16,
+            tree_size: TreeSize::Auto,
         }
     }
 }
@@ -108,6 +110,9 @@ pub struct Stats {
     pub verify_steps: usize,
     /// Tokens those forwards produced (accepted drafts plus the bonus token).
     pub verify_tokens: usize,
+    /// Draft tree size of the last speculative request (0: speculation off,
+    /// or the auto choice found that no size pays on this adapter).
+    pub tree_size: usize,
 }
 
 impl Stats {
@@ -224,6 +229,8 @@ pub struct Engine {
     runner: Box<dyn Runner>,
     /// Throughput counters.
     pub stats: Stats,
+    /// Measured verify cost `(nodes, seconds)` behind the auto tree size.
+    verify_costs: Option<Vec<(usize, f64)>>,
 }
 
 impl Engine {
@@ -248,6 +255,7 @@ impl Engine {
             tokenizer,
             runner,
             stats: Stats::default(),
+            verify_costs: None,
         })
     }
 
@@ -312,6 +320,48 @@ impl Engine {
         self.runner.verify(tree, params)
     }
 
+    /// Seconds of one speculative verify step of n chained draft nodes after
+    /// the prompt `ids` (its last token is the root), best of `reps`, for each
+    /// n of `sizes` in order; stops after the first size costing more than
+    /// `stop_above` times the first one. Leaves `ids[..len - 1]` cached.
+    pub fn verify_cost(
+        &mut self,
+        ids: &[u32],
+        sizes: &[usize],
+        reps: usize,
+        stop_above: f64,
+    ) -> Result<Vec<(usize, f64)>> {
+        if ids.len() < 2 {
+            return Err(Error::InvalidOption(
+                "measuring the verify cost needs a prompt of two tokens or more".into(),
+            ));
+        }
+        let prefix = ids.len() - 1;
+        if self.runner.cached().get(..prefix) != Some(&ids[..prefix]) {
+            self.prefill(&ids[..prefix])?;
+        }
+        let mut out: Vec<(usize, f64)> = Vec::new();
+        for &n in sizes {
+            let mut tree = DraftTree::new(ids[prefix]);
+            for i in 1..n {
+                tree.push(i - 1, ids[prefix])?;
+            }
+            let mut best = f64::MAX;
+            for _ in 0..reps.max(1) {
+                self.runner.truncate(prefix);
+                let t = Instant::now();
+                self.runner.verify(&tree, &AcceptParams::greedy())?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            self.runner.truncate(prefix);
+            out.push((n, best));
+            if best > stop_above * out[0].1 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Drops the cached conversation.
     pub fn reset(&mut self) {
         self.runner.truncate(0);
@@ -348,29 +398,50 @@ impl Engine {
     /// Streams tokens continuing the prompt token ids.
     pub fn generate_ids(&mut self, ids: &[u32], params: &GenerateParams) -> Result<Generation<'_>> {
         let sampler = Sampler::new(params.sampling.clone())?;
-        let drafter = params.speculate.drafter(params.tree_size);
-        if drafter.is_some() {
-            let p = &params.sampling;
-            if p.repetition_penalty != 1.0 {
-                return Err(Error::InvalidOption(
-                    "speculative decoding does not take a repetition penalty (each draft node has its own history)".into(),
-                ));
-            }
-            if !(1..=crate::speculative::MAX_NODES).contains(&params.tree_size) {
-                return Err(Error::InvalidOption(format!(
-                    "tree size {} must be in 1..={}",
-                    params.tree_size,
-                    crate::speculative::MAX_NODES
-                )));
-            }
-        }
         let t = Instant::now();
+        let mut calibration = Duration::ZERO;
+        let tree_size = match (params.speculate, params.tree_size) {
+            (Speculate::Off, _) => 0,
+            (_, TreeSize::Fixed(n)) if (1..=crate::speculative::MAX_NODES).contains(&n) => n,
+            (_, TreeSize::Fixed(n)) => {
+                return Err(Error::InvalidOption(format!(
+                    "tree size {n} must be in 1..={}",
+                    crate::speculative::MAX_NODES
+                )))
+            }
+            (spec, TreeSize::Auto) => {
+                if self.verify_costs.is_none() && ids.len() >= 2 {
+                    // The prompt prefix is real prefill work (kept in the
+                    // cache); the probing is timed apart.
+                    self.prefill(&ids[..ids.len() - 1])?;
+                    let c = Instant::now();
+                    let sizes = crate::speculative::PROBE_SIZES;
+                    let max = crate::speculative::max_expected_tau();
+                    self.verify_costs = Some(self.verify_cost(ids, &sizes, 2, max)?);
+                    calibration = c.elapsed();
+                }
+                self.verify_costs
+                    .as_deref()
+                    .and_then(|c| crate::speculative::choose_tree_size(spec, c))
+                    .unwrap_or(0)
+            }
+        };
+        if tree_size > 0 && params.sampling.repetition_penalty != 1.0 {
+            return Err(Error::InvalidOption(
+                "speculative decoding does not take a repetition penalty (each draft node has its own history)".into(),
+            ));
+        }
+        let drafter = (tree_size > 0)
+            .then(|| params.speculate.drafter(tree_size))
+            .flatten();
+        self.stats.tree_size = tree_size;
         self.prefill(ids)?;
+        let t = t + calibration;
         Ok(Generation {
             engine: self,
             sampler,
             drafter,
-            tree_size: params.tree_size,
+            tree_size,
             pending: std::collections::VecDeque::new(),
             max_tokens: params.max_tokens,
             stop_at_eos: params.stop_at_eos,

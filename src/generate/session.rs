@@ -172,11 +172,6 @@ impl<E: Ops> Session<E> {
     /// keys and values, and returns the accepted tokens after the root followed
     /// by the bonus token (not in the cache yet).
     pub fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
-        if self.attention.policy != AttentionPolicy::Dense {
-            return Err(Error::InvalidOption(
-                "speculative decoding runs with dense attention only (so far)".into(),
-            ));
-        }
         let mask = tree.mask()?;
         let n = tree.len();
         let start = self.tokens.len();

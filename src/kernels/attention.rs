@@ -196,7 +196,7 @@ fn decode_impl(
             scale.to_bits(),
             rope.max_pos as u32,
         ];
-        params.extend(list_params(list));
+        params.extend(list_params(list, 1));
         let b = [
             Binding::from(&q.buf),
             Binding::from(&kv.k[layer][a]),
@@ -314,6 +314,7 @@ pub(super) fn tree(
     table: &PageTable,
     prefix_len: usize,
     mask: &GpuIds,
+    list: Option<&KeyList<'_, GpuIds>>,
     rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
@@ -325,9 +326,14 @@ pub(super) fn tree(
         (out.rows, out.cols),
         prefix_len,
         mask.len,
+        list.map(|li| (li, li.selected.len)),
         rope.max_pos,
     )?;
-    let kv_len = prefix_len + q.rows;
+    let seq_len = prefix_len + q.rows;
+    let (ranks, keys) = match list {
+        Some(li) => (li.len() + q.rows, Keys::TreeList(li, mask)),
+        None => (seq_len, Keys::Tree(mask)),
+    };
     prefill_impl(
         ex,
         q,
@@ -337,20 +343,21 @@ pub(super) fn tree(
         qh,
         0..q.rows,
         prefix_len,
-        kv_len,
-        kv_len,
-        Keys::Tree(mask),
+        ranks,
+        seq_len,
+        keys,
         rope,
         out,
     )
 }
 
 /// The key-list words both attention shaders share after their own parameters:
-/// mode (0 dense, 1 list), sinks, selected count, window start, compact, padding.
-fn list_params(list: Option<&KeyList<'_, GpuIds>>) -> [u32; 8] {
+/// mode (0 dense, 1 list, 3 list then tree), sinks, selected count, window
+/// start, compact, padding.
+fn list_params(list: Option<&KeyList<'_, GpuIds>>, mode: u32) -> [u32; 8] {
     match list {
         Some(li) => [
-            1,
+            mode,
             li.n_init as u32,
             li.n_selected as u32,
             li.tail_start as u32,
@@ -372,6 +379,8 @@ enum Keys<'a> {
     List(&'a KeyList<'a, GpuIds>),
     /// A prefix plus a draft tree's ancestors (the mask buffer).
     Tree(&'a GpuIds),
+    /// A key list over the prefix plus a draft tree's ancestors.
+    TreeList(&'a KeyList<'a, GpuIds>, &'a GpuIds),
 }
 
 /// Passes of `attention_prefill.wgsl` over ranks `0..ranks` (the first `ranks`
@@ -404,7 +413,7 @@ fn prefill_impl(
     let mut begin = 0;
     while begin < ranks {
         let stop = (begin + per_pass).min(ranks);
-        let tokens = if matches!(keys, Keys::List(_)) {
+        let tokens = if matches!(keys, Keys::List(_) | Keys::TreeList(..)) {
             0..seq_len
         } else {
             begin..stop
@@ -420,18 +429,21 @@ fn prefill_impl(
         16
     };
     let state = ex.scratch("prefill state", state_bytes)?;
-    let sel = match keys {
-        Keys::List(li) => li.selected.buf.clone(),
-        Keys::Tree(mask) => mask.buf.clone(),
-        Keys::Dense => ex.scratch("no selection", 16)?,
+    let none = ex.scratch("no selection", 16)?;
+    let (sel, tree) = match keys {
+        Keys::List(li) => (li.selected.buf.clone(), none),
+        Keys::Tree(mask) => (none, mask.buf.clone()),
+        Keys::TreeList(li, mask) => (li.selected.buf.clone(), mask.buf.clone()),
+        Keys::Dense => (none.clone(), none),
     };
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
     let scale = 1.0f32 / (d as f32).sqrt();
     let list_params = match keys {
         Keys::Tree(_) => [2, 0, 0, 0, 0, 0, 0, 0],
-        Keys::List(li) => list_params(Some(li)),
-        Keys::Dense => list_params(None),
+        Keys::List(li) => list_params(Some(li), 1),
+        Keys::TreeList(li, _) => list_params(Some(li), 3),
+        Keys::Dense => list_params(None, 0),
     };
     for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
         let mut params = vec![
@@ -462,6 +474,7 @@ fn prefill_impl(
             Binding::from(&state),
             Binding::from(&out.buf),
             Binding::from(&sel),
+            Binding::from(&tree),
         ];
         ex.rec
             .dispatch(&p, &params, &b, [n_q.div_ceil(64) as u32, qh as u32, 1]);

@@ -632,10 +632,11 @@ impl Ops for GpuExecutor {
         table: &PageTable,
         prefix_len: usize,
         tree: &GpuIds,
+        list: Option<&KeyList<'_, GpuIds>>,
         rope: &GpuRope,
         out: &mut GpuTensor,
     ) -> Result<()> {
-        attention::tree(self, q, kv, layer, table, prefix_len, tree, rope, out)
+        attention::tree(self, q, kv, layer, table, prefix_len, tree, list, rope, out)
     }
 
     fn spec_draft(

@@ -201,7 +201,7 @@ impl<E: Ops> Llama<E> {
         let c = &self.cfg;
         ops.embed(tokens, &self.embed, &mut ws.x)?;
         match tree {
-            Some(mask) => attn.begin_tree(ops, mask)?,
+            Some(mask) => attn.begin_tree(ops, c, mask, start)?,
             None => attn.begin_step(ops, c, n, start + n)?,
         }
         for (i, l) in self.layers.iter().enumerate() {

@@ -2,32 +2,47 @@
 
 use super::{rotate, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
+use crate::ops::KeyList;
 use rayon::prelude::*;
 
-/// Keys `[kv_len, D]` (token j rotated at `pos(j)`) and values of one KV head.
-fn gather_head(
+/// Keys (token t rotated at its position p, for each `(t, p)` of `keys`, in
+/// order) and values of one KV head, `[keys, D]` each.
+pub(super) fn gather_keys(
     kv: &RefKv,
     layer: usize,
     table: &PageTable,
     kvh: usize,
-    kv_len: usize,
+    keys: &[(usize, usize)],
     rope: &RefRope,
-    pos: impl Fn(usize) -> usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let d = kv.layout.head_dim;
-    let mut k = vec![0.0; kv_len * d];
-    let mut v = vec![0.0; kv_len * d];
-    for j in 0..kv_len {
-        let off = kv.offset(table, j, kvh);
+    let mut k = vec![0.0; keys.len() * d];
+    let mut v = vec![0.0; keys.len() * d];
+    for (j, &(t, pos)) in keys.iter().enumerate() {
+        let off = kv.offset(table, t, kvh);
         k[j * d..(j + 1) * d].copy_from_slice(&kv.k[layer][off..off + d]);
         v[j * d..(j + 1) * d].copy_from_slice(&kv.v[layer][off..off + d]);
-        let p = pos(j).min(rope.max_pos - 1);
+        let p = pos.min(rope.max_pos - 1);
         rotate(
             &mut k[j * d..(j + 1) * d],
             &rope.cs[p * rope.half..(p + 1) * rope.half],
         );
     }
     (k, v)
+}
+
+/// Rotated keys and values of every KV head for `keys`.
+fn gather(
+    kv: &RefKv,
+    layer: usize,
+    table: &PageTable,
+    keys: &[(usize, usize)],
+    rope: &RefRope,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (0..kv.layout.kv_heads)
+        .into_par_iter()
+        .map(|h| gather_keys(kv, layer, table, h, keys, rope))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -42,17 +57,16 @@ pub(super) fn dense(
     out: &mut RefTensor,
 ) {
     let d = kv.layout.head_dim;
-    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
-        .into_par_iter()
-        .map(|h| gather_head(kv, layer, table, h, kv_len, rope, |j| j))
-        .collect();
+    let keys: Vec<(usize, usize)> = (0..kv_len).map(|j| (j, j)).collect();
+    let heads = gather(kv, layer, table, &keys, rope);
     let visible = |i: usize| (q_start + i + 1).min(kv_len);
     attend(&q.data, q.cols, d, &heads, visible, None, &mut out.data);
 }
 
-/// Tree attention: node i sees the prefix and its ancestors (`mask` from
-/// `DraftTree::mask`); node j's key sits at prefix_len + j, rotated at
-/// prefix_len + its depth.
+/// Tree attention: node i sees the prefix (all `prefix_len` tokens, or the ranks
+/// of `list`, whose window ends at `prefix_len`) and its ancestors (`mask` from
+/// `DraftTree::mask`). Node j's key sits at slot prefix_len + j, rotated at
+/// base + its depth, base being the list length (compact list) or prefix_len.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn tree(
     q: &RefTensor,
@@ -61,27 +75,26 @@ pub(super) fn tree(
     table: &PageTable,
     prefix_len: usize,
     mask: &[u32],
+    list: Option<&KeyList<'_, Vec<u32>>>,
     rope: &RefRope,
     out: &mut RefTensor,
 ) {
     let n = q.rows;
-    let kv_len = prefix_len + n;
-    let pos = |j: usize| {
-        if j < prefix_len {
-            j
-        } else {
-            prefix_len + mask[4 * n + j - prefix_len] as usize
-        }
+    let mut keys = match list {
+        Some(li) => super::tokenselect::list_keys(li),
+        None => (0..prefix_len).map(|j| (j, j)).collect(),
     };
-    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
-        .into_par_iter()
-        .map(|h| gather_head(kv, layer, table, h, kv_len, rope, pos))
-        .collect();
-    let sees = |i: usize, j: usize| {
-        j < prefix_len || crate::speculative::DraftTree::sees(mask, i, j - prefix_len)
+    let before = keys.len();
+    let base = match list {
+        Some(li) if li.compact => before,
+        _ => prefix_len,
     };
+    keys.extend((0..n).map(|j| (prefix_len + j, base + mask[4 * n + j] as usize)));
+    let heads = gather(kv, layer, table, &keys, rope);
+    let sees =
+        |i: usize, r: usize| r < before || crate::speculative::DraftTree::sees(mask, i, r - before);
     let d = kv.layout.head_dim;
-    let visible = |i: usize| prefix_len + i + 1;
+    let visible = |i: usize| before + i + 1;
     attend(
         &q.data,
         q.cols,

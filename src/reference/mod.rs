@@ -537,6 +537,7 @@ impl Ops for RefExecutor {
         table: &PageTable,
         prefix_len: usize,
         tree: &Vec<u32>,
+        list: Option<&KeyList<'_, Vec<u32>>>,
         rope: &RefRope,
         out: &mut RefTensor,
     ) -> Result<()> {
@@ -548,9 +549,10 @@ impl Ops for RefExecutor {
             (out.rows, out.cols),
             prefix_len,
             tree.len(),
+            list.map(|li| (li, li.selected.len())),
             rope.max_pos,
         )?;
-        attention::tree(q, kv, layer, table, prefix_len, tree, rope, out);
+        attention::tree(q, kv, layer, table, prefix_len, tree, list, rope, out);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! TokenSelect on the CPU: scoring, soft vote, top-k and attention over a key list.
 
-use super::{attention, dot, rotate, RefKv, RefRope, RefTensor};
+use super::{attention, dot, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
 use crate::ops::{GqaMap, KeyList};
 use rayon::prelude::*;
@@ -94,22 +94,7 @@ pub(super) fn attention_list(
     // Rotated keys and values of each KV head, in rank order.
     let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
         .into_par_iter()
-        .map(|g| {
-            let mut k = Vec::with_capacity(keys.len() * d);
-            let mut v = Vec::with_capacity(keys.len() * d);
-            for &(t, pos) in &keys {
-                let off = kv.offset(table, t, g);
-                let p = pos.min(rope.max_pos - 1);
-                let start = k.len();
-                k.extend_from_slice(&kv.k[layer][off..off + d]);
-                rotate(
-                    &mut k[start..],
-                    &rope.cs[p * rope.half..(p + 1) * rope.half],
-                );
-                v.extend_from_slice(&kv.v[layer][off..off + d]);
-            }
-            (k, v)
-        })
+        .map(|g| attention::gather_keys(kv, layer, table, g, &keys, rope))
         .collect();
     let before_tail = list.n_init + list.n_selected;
     let w = q.cols;

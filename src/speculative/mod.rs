@@ -356,6 +356,117 @@ impl std::str::FromStr for Speculate {
     }
 }
 
+/// How many nodes a draft tree holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TreeSize {
+    /// Chosen per adapter from the measured cost of verifying N rows
+    /// ([`choose_tree_size`]); speculation is skipped when no size pays.
+    #[default]
+    Auto,
+    /// This many nodes, root included (1..=128).
+    Fixed(usize),
+}
+
+impl std::str::FromStr for TreeSize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_NODES).contains(&n) => Ok(Self::Fixed(n)),
+            _ => Err(Error::InvalidOption(format!(
+                "tree size {s:?}: expected auto or 1..={MAX_NODES}"
+            ))),
+        }
+    }
+}
+
+/// Tree sizes the auto choice probes, smallest first.
+pub const PROBE_SIZES: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 81];
+
+/// Tau (tokens per verify forward, bonus included) by tree size for each
+/// drafter, greedy, measured with `examples/specbench` on the reference executor
+/// over specbench-mini (64 new tokens per prompt). Tau depends on the model and
+/// the text, not on the adapter, so one table serves every adapter.
+const TAU_BOTH: [(usize, f64); 8] = [
+    (1, 1.0),
+    (2, 1.11),
+    (4, 1.31),
+    (8, 2.05),
+    (16, 2.42),
+    (32, 2.7),
+    (64, 2.9),
+    (81, 3.01),
+];
+const TAU_RECYCLING: [(usize, f64); 8] = [
+    (1, 1.0),
+    (2, 1.4),
+    (4, 1.8),
+    (8, 2.0),
+    (16, 2.3),
+    (32, 2.6),
+    (64, 2.8),
+    (81, 2.9),
+];
+const TAU_LOOKUP: [(usize, f64); 3] = [(1, 1.0), (4, 1.2), (11, 1.30)];
+
+/// Expected tau of `spec` with trees of `size` nodes (linear between the
+/// measured sizes, flat beyond the last).
+pub fn expected_tau(spec: Speculate, size: usize) -> f64 {
+    let table: &[(usize, f64)] = match spec {
+        Speculate::Off => return 1.0,
+        Speculate::Lookup => &TAU_LOOKUP,
+        Speculate::Recycling => &TAU_RECYCLING,
+        Speculate::Both => &TAU_BOTH,
+    };
+    let mut prev = table[0];
+    for &(n, t) in table {
+        if size <= n {
+            if n == prev.0 {
+                return t;
+            }
+            let f = (size - prev.0) as f64 / (n - prev.0) as f64;
+            return prev.1 + f * (t - prev.1);
+        }
+        prev = (n, t);
+    }
+    prev.1
+}
+
+/// The tree size with the most expected tokens per second, from measured verify
+/// costs `(size, seconds)` whose first entry is size 1 (a plain step through the
+/// verify path). `None` when no size beats plain decoding by 5%: speculation
+/// would not pay on this adapter.
+pub fn choose_tree_size(spec: Speculate, costs: &[(usize, f64)]) -> Option<usize> {
+    let &(one, base) = costs.first()?;
+    if one != 1 || !(base > 0.0) {
+        return None;
+    }
+    costs
+        .iter()
+        .filter(|c| c.0 > 1)
+        .map(|&(n, t)| (n, expected_tau(spec, n) * base / t))
+        .filter(|&(_, gain)| gain > 1.05)
+        // The smallest of equal gains: same speed for less work.
+        .fold(None, |best: Option<(usize, f64)>, c| match best {
+            Some(b) if b.1 >= c.1 => Some(b),
+            _ => Some(c),
+        })
+        .map(|(n, _)| n)
+}
+
+/// Largest tau in the tables: a size whose verify costs more than this many
+/// plain steps cannot pay, so probing stops there.
+pub fn max_expected_tau() -> f64 {
+    TAU_BOTH
+        .iter()
+        .chain(&TAU_RECYCLING)
+        .chain(&TAU_LOOKUP)
+        .map(|t| t.1)
+        .fold(1.0, f64::max)
+}
+
 impl Speculate {
     /// The drafter for trees of `tree_size` nodes, if any.
     pub fn drafter(self, tree_size: usize) -> Option<Box<dyn Drafter>> {
@@ -573,5 +684,38 @@ mod tests {
         let best = [12, 0, 14, 0, 99];
         assert_eq!(greedy_path(&t, &best), vec![0, b, c]);
         assert_eq!(greedy_path(&t, &[7, 0, 0, 0, 0]), vec![0]);
+    }
+
+    #[test]
+    fn links_list_children_in_index_order() {
+        // 0 -> {1, 3}, 1 -> {2, 4}
+        let mut t = DraftTree::new(0);
+        for p in [0, 1, 0, 1] {
+            t.push(p, 5).unwrap();
+        }
+        let l = t.links();
+        let none = u32::MAX;
+        assert_eq!(&l[..5], &[1, 2, none, none, none]);
+        assert_eq!(&l[5..], &[none, 3, 4, none, none]);
+        assert_eq!(t.max_path(), 3);
+    }
+
+    #[test]
+    fn auto_tree_size_follows_the_cost_curve() {
+        assert_eq!("auto".parse::<TreeSize>().unwrap(), TreeSize::Auto);
+        assert_eq!("16".parse::<TreeSize>().unwrap(), TreeSize::Fixed(16));
+        assert!("0".parse::<TreeSize>().is_err() && "129".parse::<TreeSize>().is_err());
+        assert_eq!(expected_tau(Speculate::Both, 1), 1.0);
+        let mid = expected_tau(Speculate::Both, 12);
+        assert!(mid > expected_tau(Speculate::Both, 8) && mid < expected_tau(Speculate::Both, 16));
+        // Flat cost (a big GPU): the largest tree wins.
+        let flat: Vec<(usize, f64)> = PROBE_SIZES.iter().map(|&n| (n, 1.0)).collect();
+        assert_eq!(choose_tree_size(Speculate::Both, &flat), Some(81));
+        // Cost linear in rows (compute-bound): nothing pays, speculation is off.
+        let linear: Vec<(usize, f64)> = PROBE_SIZES.iter().map(|&n| (n, n as f64)).collect();
+        assert_eq!(choose_tree_size(Speculate::Both, &linear), None);
+        // Lookup chains stop at 11 nodes: larger trees buy nothing.
+        assert_eq!(choose_tree_size(Speculate::Lookup, &flat[..6]), Some(16));
+        assert_eq!(choose_tree_size(Speculate::Both, &[]), None);
     }
 }
