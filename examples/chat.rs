@@ -27,7 +27,7 @@ fn stats_line(before: &Stats, after: &Stats, cached: usize, hit_rate: Option<f64
     let dt = after.decode_tokens - before.decode_tokens;
     let ds = (after.decode_time - before.decode_time).as_secs_f64();
     format!(
-        "[prefill {pt} tok {:.1} tok/s | decode {dt} tok {:.2} tok/s | context {cached} tok | selection-cache hit rate {} | accepted/step {}]",
+        "[prefill {pt} tok {:.1} tok/s | decode {dt} tok {:.2} tok/s | context {cached} tok | selection-cache hit rate {} | accepted/step {} | draft tree {}]",
         pt as f64 / ps.max(1e-9),
         dt as f64 / ds.max(1e-9),
         hit_rate.map(|r| format!("{:.0}%", 100.0 * r)).unwrap_or_else(|| "n/a".into()),
@@ -39,7 +39,8 @@ fn stats_line(before: &Stats, after: &Stats, cached: usize, hit_rate: Option<f64
             } else {
                 "1.00".to_string()
             }
-        }
+        },
+        after.tree_label()
     )
 }
 

@@ -83,19 +83,21 @@ fn main() {
             "decode_tokens_per_s": s.decode_tps(),
             "selection_cache_hit_rate": hit_rate,
             "mean_accepted_tokens": s.mean_accepted(),
+            "tree_size": s.tree_size,
         });
         println!("{out}");
     } else {
         println!();
     }
     eprintln!(
-        "prefill {} tok at {:.1} tok/s, decode {} tok at {:.2} tok/s, accepted/step {}",
+        "prefill {} tok at {:.1} tok/s, decode {} tok at {:.2} tok/s, accepted/step {}, draft tree {}",
         s.prefill_tokens,
         s.prefill_tps(),
         s.decode_tokens,
         s.decode_tps(),
         s.mean_accepted()
             .map(|t| format!("{t:.2}"))
-            .unwrap_or_else(|| "n/a".into())
+            .unwrap_or_else(|| "n/a".into()),
+        s.tree_label()
     );
 }

@@ -30,11 +30,12 @@ struct Cli {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
-    /// Drafter:tree-size pairs to run (empty: only the verify-cost curve).
+    /// Drafter:tree pairs to run, tree a size or auto (empty: only the
+    /// verify-cost curve).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lookup:11,recycling:16,both:16,both:81"
+        default_value = "lookup:11,recycling:4,recycling:auto,both:16,both:81,both:auto"
     )]
     configs: Vec<String>,
 }
@@ -90,11 +91,8 @@ fn main() -> kvsieve::Result<()> {
     }
     let mut configs = Vec::new();
     for c in cli.configs.iter().filter(|c| !c.trim().is_empty()) {
-        let (d, n) = c.split_once(':').unwrap_or((c.as_str(), "16"));
-        let n: usize = n
-            .parse()
-            .map_err(|_| kvsieve::Error::InvalidOption(format!("tree size in {c:?}")))?;
-        configs.push((c.clone(), d.parse::<Speculate>()?, n));
+        let (d, n) = c.split_once(':').unwrap_or((c.as_str(), "auto"));
+        configs.push((c.clone(), d.parse::<Speculate>()?, n.parse::<TreeSize>()?));
     }
     eprintln!(
         "specbench on {}: {} prompts",
@@ -113,7 +111,7 @@ fn main() -> kvsieve::Result<()> {
         for (name, spec, size) in &configs {
             let p = GenerateParams {
                 speculate: *spec,
-                tree_size: TreeSize::Fixed(*size),
+                tree_size: *size,
                 ..plain_p.clone()
             };
             let (ids, sum) = run(&mut e, prompt, &p)?;

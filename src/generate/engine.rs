@@ -124,6 +124,13 @@ impl Stats {
     pub fn decode_tps(&self) -> f64 {
         self.decode_tokens as f64 / self.decode_time.as_secs_f64().max(1e-9)
     }
+    /// The last request's draft tree size, or "off".
+    pub fn tree_label(&self) -> String {
+        match self.tree_size {
+            0 => "off".into(),
+            n => format!("{n} nodes"),
+        }
+    }
     /// Mean tokens per verify forward (tau, bonus included), if any ran.
     pub fn mean_accepted(&self) -> Option<f64> {
         (self.verify_steps > 0).then(|| self.verify_tokens as f64 / self.verify_steps as f64)

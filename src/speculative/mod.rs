@@ -391,25 +391,25 @@ pub const PROBE_SIZES: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 81];
 /// the text, not on the adapter, so one table serves every adapter.
 const TAU_BOTH: [(usize, f64); 8] = [
     (1, 1.0),
-    (2, 1.11),
+    (2, 1.20),
     (4, 1.31),
     (8, 2.05),
     (16, 2.42),
-    (32, 2.7),
-    (64, 2.9),
+    (32, 2.80),
+    (64, 2.88),
     (81, 3.01),
 ];
-const TAU_RECYCLING: [(usize, f64); 8] = [
+const TAU_RECYCLING: [(usize, f64); 7] = [
     (1, 1.0),
-    (2, 1.4),
-    (4, 1.8),
-    (8, 2.0),
-    (16, 2.3),
-    (32, 2.6),
-    (64, 2.8),
-    (81, 2.9),
+    (2, 1.37),
+    (4, 1.93),
+    (8, 2.20),
+    (16, 2.30),
+    (32, 2.49),
+    (81, 2.66),
 ];
-const TAU_LOOKUP: [(usize, f64); 3] = [(1, 1.0), (4, 1.2), (11, 1.30)];
+// Chains stop at 10 drafts, so larger trees add nothing.
+const TAU_LOOKUP: [(usize, f64); 3] = [(1, 1.0), (4, 1.26), (11, 1.30)];
 
 /// Expected tau of `spec` with trees of `size` nodes (linear between the
 /// measured sizes, flat beyond the last).
