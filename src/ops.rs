@@ -221,6 +221,9 @@ pub trait Ops: Send {
     /// Selection Cache decision state: whether the selection kernels run this
     /// layer-step, decided on the device, plus hit/miss counters.
     type Gate: Send;
+    /// Quest block bounds of a KV cache: per layer, page, KV head and block, the
+    /// per-channel max and min of the rotated keys.
+    type Bounds: Send;
 
     /// Executor name (and adapter for the GPU).
     fn name(&self) -> String;
@@ -247,6 +250,9 @@ pub trait Ops: Send {
     fn rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope>;
     /// KV storage for `layout`.
     fn kv_cache(&mut self, layout: &KvLayout) -> Result<Self::Kv>;
+    /// Block-bound storage for caches of `layout`, blocks of `block` tokens (a
+    /// divisor of the page size, at least 4).
+    fn block_bounds(&mut self, layout: &KvLayout, block: usize) -> Result<Self::Bounds>;
     /// Finishes all recorded work (a no-op on the CPU).
     fn flush(&mut self) -> Result<()>;
     /// Turns per-kernel timing on or off (GPU timestamps; a no-op where unsupported).
@@ -443,6 +449,31 @@ pub trait Ops: Send {
         depth: usize,
         trials: usize,
         out: &mut Self::Ids,
+    ) -> Result<()>;
+    /// Recomputes the bounds of `layer` for every block overlapping `tokens` (keys
+    /// already in the cache; a block's keys at `tokens.end` and beyond are not
+    /// part of it yet), keys rotated at their logical positions.
+    fn kv_bounds(
+        &mut self,
+        kv: &Self::Kv,
+        bounds: &mut Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        tokens: Range<usize>,
+        rope: &Self::Rope,
+    ) -> Result<()>;
+    /// Quest block scores: `out[h, b]` = sum over channels i of
+    /// max(q_i M_i, q_i m_i) for query head h (`q` `[1, q_heads * D]`, rotated at
+    /// its position) against its KV head's bounds of logical block b, for blocks
+    /// `0..n_blocks`: an upper bound of q . k over the block.
+    fn block_scores(
+        &mut self,
+        q: &Self::Tensor,
+        bounds: &Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        n_blocks: usize,
+        out: &mut Self::Tensor,
     ) -> Result<()>;
     /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
     fn mean_rows(
@@ -866,6 +897,76 @@ pub mod check {
             )));
         }
         Ok(())
+    }
+
+    /// Block size of Quest bounds for a layout.
+    pub fn bounds_block(layout: &KvLayout, block: usize) -> Result<()> {
+        if block < 4 || !layout.page_size.is_multiple_of(block) {
+            return Err(Error::InvalidOption(format!(
+                "block size {block} must be at least 4 and divide the page size {}",
+                layout.page_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bound updates: the layer, and tokens inside the reserved pages.
+    pub fn kv_bounds(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        tokens: &Range<usize>,
+        max_pos: usize,
+    ) -> Result<()> {
+        let cap = table.pages.len() * layout.page_size;
+        if layer >= layout.layers || tokens.end > cap || tokens.start > tokens.end {
+            return shape_err(
+                "kv_bounds",
+                format!(
+                    "layer {layer} of {}, tokens {tokens:?} of {cap} reserved slots",
+                    layout.layers
+                ),
+            );
+        }
+        if tokens.end > max_pos {
+            return Err(Error::Capacity(format!(
+                "kv_bounds: token {} beyond the RoPE table's {max_pos}",
+                tokens.end - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Block scores: returns the query head count.
+    pub fn block_scores(
+        layout: &KvLayout,
+        block: usize,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        n_blocks: usize,
+        out: (usize, usize),
+    ) -> Result<usize> {
+        let d = layout.head_dim;
+        let qh = q.1 / d;
+        let bad = q.0 != 1
+            || q.1 % d != 0
+            || qh == 0
+            || qh % layout.kv_heads != 0
+            || layer >= layout.layers
+            || n_blocks * block > table.pages.len() * layout.page_size
+            || out.0 < qh
+            || out.1 < n_blocks;
+        if bad {
+            return shape_err(
+                "block_scores",
+                format!(
+                    "q {q:?}, {n_blocks} blocks of {block} in {} pages, out {out:?}, layer {layer}",
+                    table.pages.len()
+                ),
+            );
+        }
+        Ok(qh)
     }
 
     /// KV moves: every index inside the reserved pages.

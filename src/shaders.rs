@@ -35,6 +35,7 @@ shaders! {
     SAMPLING => "sampling.wgsl",
     TOKENSELECT => "tokenselect.wgsl",
     SPECULATIVE => "speculative.wgsl",
+    BLOCK_SPARSE => "block_sparse.wgsl",
 }
 
 #[cfg(test)]

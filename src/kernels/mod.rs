@@ -5,6 +5,8 @@
 
 mod argmax;
 mod attention;
+mod block_sparse;
+pub use block_sparse::GpuBounds;
 mod copy;
 mod elementwise;
 mod embedding;
@@ -308,6 +310,7 @@ impl Ops for GpuExecutor {
     type Rope = GpuRope;
     type Kv = GpuKv;
     type Gate = tokenselect::GpuGate;
+    type Bounds = block_sparse::GpuBounds;
 
     fn name(&self) -> String {
         format!("gpu ({}, {:?})", self.ctx.info.name, self.ctx.info.backend)
@@ -443,6 +446,12 @@ impl Ops for GpuExecutor {
             k,
             v,
         })
+    }
+
+    fn block_bounds(&mut self, layout: &KvLayout, block: usize) -> Result<Self::Bounds> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        block_sparse::alloc(self, layout, block)
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -669,6 +678,30 @@ impl Ops for GpuExecutor {
         out: &mut GpuIds,
     ) -> Result<()> {
         speculative::accept(self, logits, tokens, links, params, depth, trials, out)
+    }
+
+    fn kv_bounds(
+        &mut self,
+        kv: &GpuKv,
+        bounds: &mut Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        tokens: Range<usize>,
+        rope: &GpuRope,
+    ) -> Result<()> {
+        block_sparse::bounds(self, kv, bounds, layer, table, tokens, rope)
+    }
+
+    fn block_scores(
+        &mut self,
+        q: &GpuTensor,
+        bounds: &Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        n_blocks: usize,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        block_sparse::scores(self, q, bounds, layer, table, n_blocks, out)
     }
 
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {

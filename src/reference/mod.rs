@@ -4,6 +4,7 @@
 //! rotates keys with the same table, so both take the same decisions.
 
 mod attention;
+pub mod block_sparse;
 mod speculative;
 pub mod tokenselect;
 
@@ -104,6 +105,7 @@ impl Ops for RefExecutor {
     type Rope = RefRope;
     type Kv = RefKv;
     type Gate = RefGate;
+    type Bounds = block_sparse::RefBounds;
 
     fn name(&self) -> String {
         "reference (CPU f32)".into()
@@ -177,6 +179,12 @@ impl Ops for RefExecutor {
             k: vec![vec![0.0; n]; layout.layers],
             v: vec![vec![0.0; n]; layout.layers],
         })
+    }
+
+    fn block_bounds(&mut self, layout: &KvLayout, block: usize) -> Result<Self::Bounds> {
+        layout.validate()?;
+        check::bounds_block(layout, block)?;
+        Ok(block_sparse::RefBounds::new(layout, block))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -655,6 +663,42 @@ impl Ops for RefExecutor {
                     t as u32,
                 ))
             });
+        Ok(())
+    }
+
+    fn kv_bounds(
+        &mut self,
+        kv: &RefKv,
+        bounds: &mut Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        tokens: Range<usize>,
+        rope: &RefRope,
+    ) -> Result<()> {
+        check::kv_bounds(&kv.layout, layer, table, &tokens, rope.max_pos)?;
+        block_sparse::bounds(kv, bounds, layer, table, tokens, rope);
+        Ok(())
+    }
+
+    fn block_scores(
+        &mut self,
+        q: &RefTensor,
+        bounds: &Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        n_blocks: usize,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        check::block_scores(
+            &bounds.layout,
+            bounds.block,
+            layer,
+            table,
+            (q.rows, q.cols),
+            n_blocks,
+            (out.rows, out.cols),
+        )?;
+        block_sparse::scores(q, bounds, layer, table, n_blocks, out);
         Ok(())
     }
 

@@ -1,0 +1,180 @@
+//! Quest block bounds and block scores (`block_sparse.wgsl`).
+
+use super::{GpuExecutor, GpuKv, GpuRope, GpuTensor};
+use crate::attention::{KvLayout, PageTable};
+use crate::error::Result;
+use crate::gpu::{buffer, Binding};
+use crate::ops::check;
+use crate::shaders;
+
+/// Block bounds on the device: `bufs[layer][arena]`, arenas holding the same
+/// pages as the KV cache's (a page's bounds take 4 / block of its K bytes, so
+/// they fit wherever the keys do).
+pub struct GpuBounds {
+    /// Tokens per block.
+    pub block: usize,
+    /// Layout of the cache the bounds describe.
+    pub layout: KvLayout,
+    /// Pages per arena (as the KV cache's).
+    pub pages_per_arena: usize,
+    /// `bufs[layer][arena]`.
+    pub bufs: Vec<Vec<wgpu::Buffer>>,
+}
+
+pub(super) fn alloc(ex: &mut GpuExecutor, layout: &KvLayout, block: usize) -> Result<GpuBounds> {
+    layout.validate()?;
+    check::bounds_block(layout, block)?;
+    let page_bytes = layout.page_elems() as u64 * 2;
+    let per_arena = buffer::rows_per_chunk(page_bytes, ex.max_binding, "KV page")?;
+    let arenas = layout.num_pages.div_ceil(per_arena);
+    let bounds_page =
+        (layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim * 4) as u64;
+    let bufs = (0..layout.layers)
+        .map(|_| {
+            (0..arenas)
+                .map(|a| {
+                    let pages = per_arena.min(layout.num_pages - a * per_arena);
+                    buffer::storage(&ex.ctx.device, pages as u64 * bounds_page, "block bounds")
+                })
+                .collect()
+        })
+        .collect();
+    Ok(GpuBounds {
+        block,
+        layout: *layout,
+        pages_per_arena: per_arena,
+        bufs,
+    })
+}
+
+/// The uniform words both entry points share.
+#[allow(clippy::too_many_arguments)]
+fn params(
+    l: &KvLayout,
+    block: usize,
+    first_block: usize,
+    n_blocks: usize,
+    seq_len: usize,
+    arena: usize,
+    pages_per_arena: usize,
+    max_pos: usize,
+    q_heads: usize,
+    out_cols: usize,
+) -> [u32; 12] {
+    [
+        first_block as u32,
+        n_blocks as u32,
+        seq_len as u32,
+        l.kv_heads as u32,
+        l.head_dim as u32,
+        l.page_size as u32,
+        block as u32,
+        (arena * pages_per_arena) as u32,
+        pages_per_arena as u32,
+        max_pos as u32,
+        q_heads as u32,
+        out_cols as u32,
+    ]
+}
+
+pub(super) fn bounds(
+    ex: &mut GpuExecutor,
+    kv: &GpuKv,
+    b: &mut GpuBounds,
+    layer: usize,
+    table: &PageTable,
+    tokens: std::ops::Range<usize>,
+    rope: &GpuRope,
+) -> Result<()> {
+    let l = kv.layout;
+    check::kv_bounds(&l, layer, table, &tokens, rope.max_pos)?;
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let first = tokens.start / b.block;
+    let n_blocks = tokens.end.div_ceil(b.block) - first;
+    let pages = ex.page_table(table);
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &[]);
+    let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 2).div_ceil(64))?;
+    let span = first * b.block..tokens.end;
+    for a in kv.arenas_for(table, span) {
+        let words = params(
+            &l,
+            b.block,
+            first,
+            n_blocks,
+            tokens.end,
+            a,
+            kv.pages_per_arena,
+            rope.max_pos,
+            0,
+            0,
+        );
+        let bind = [
+            Binding::from(&pages),
+            Binding::from(&kv.k[layer][a]),
+            Binding::from(&rope.buf),
+            Binding::from(&b.bufs[layer][a]),
+        ];
+        ex.rec.dispatch(&p, &words, &bind, groups);
+    }
+    Ok(())
+}
+
+pub(super) fn scores(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    b: &GpuBounds,
+    layer: usize,
+    table: &PageTable,
+    n_blocks: usize,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let l = b.layout;
+    let qh = check::block_scores(
+        &l,
+        b.block,
+        layer,
+        table,
+        (q.rows, q.cols),
+        n_blocks,
+        (out.rows, out.cols),
+    )?;
+    if n_blocks == 0 {
+        return Ok(());
+    }
+    let pages = ex.page_table(table);
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "scores_main", &[]);
+    let groups = ex.grid((n_blocks * qh).div_ceil(64))?;
+    let arenas: Vec<usize> = {
+        let mut a: Vec<usize> = table.pages[..(n_blocks * b.block).div_ceil(l.page_size)]
+            .iter()
+            .map(|&pg| pg as usize / b.pages_per_arena)
+            .collect();
+        a.sort_unstable();
+        a.dedup();
+        a
+    };
+    for a in arenas {
+        let words = params(
+            &l,
+            b.block,
+            0,
+            n_blocks,
+            n_blocks * b.block,
+            a,
+            b.pages_per_arena,
+            0,
+            qh,
+            out.cols,
+        );
+        let bind = [
+            Binding::from(&pages),
+            Binding::from(&q.buf),
+            Binding::from(&b.bufs[layer][a]),
+            Binding::from(&out.buf),
+        ];
+        ex.rec.dispatch(&p, &words, &bind, groups);
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Quest block bounds and scores on the CPU (twin of `block_sparse.wgsl`).
+
+use super::{RefKv, RefRope, RefTensor};
+use crate::attention::{KvLayout, PageTable};
+
+/// Bounds per layer: `[page][kv_head][block in page][max D, min D]`.
+pub struct RefBounds {
+    /// Tokens per block.
+    pub block: usize,
+    /// Layout of the cache the bounds describe.
+    pub layout: KvLayout,
+    /// Per layer.
+    pub data: Vec<Vec<f32>>,
+}
+
+impl RefBounds {
+    /// Zeroed bounds for `layout`.
+    pub fn new(layout: &KvLayout, block: usize) -> Self {
+        let n =
+            layout.num_pages * layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim;
+        Self {
+            block,
+            layout: *layout,
+            data: vec![vec![0.0; n]; layout.layers],
+        }
+    }
+
+    /// Offset of the bounds of logical block `b`, KV head `h`.
+    pub fn offset(&self, table: &PageTable, b: usize, h: usize) -> usize {
+        let l = &self.layout;
+        let t0 = b * self.block;
+        let page = table.pages[t0 / l.page_size] as usize;
+        let per_page = l.page_size / self.block;
+        ((page * l.kv_heads + h) * per_page + (t0 % l.page_size) / self.block) * 2 * l.head_dim
+    }
+}
+
+pub(super) fn bounds(
+    kv: &RefKv,
+    b: &mut RefBounds,
+    layer: usize,
+    table: &PageTable,
+    tokens: std::ops::Range<usize>,
+    rope: &RefRope,
+) {
+    let (hk, d) = (kv.layout.kv_heads, kv.layout.head_dim);
+    let half = d / 2;
+    for blk in tokens.start / b.block..tokens.end.div_ceil(b.block) {
+        let t0 = blk * b.block;
+        let t1 = (t0 + b.block).min(tokens.end);
+        for h in 0..hk {
+            let mut mx = vec![-3.0e38f32; d];
+            let mut mn = vec![3.0e38f32; d];
+            for t in t0..t1 {
+                let off = kv.offset(table, t, h);
+                let k = &kv.k[layer][off..off + d];
+                let cs = &rope.cs[t.min(rope.max_pos - 1) * half..][..half];
+                for i in 0..half {
+                    let (lo, hi) = (k[i], k[i + half]);
+                    let r = [lo * cs[i][0] - hi * cs[i][1], hi * cs[i][0] + lo * cs[i][1]];
+                    for (c, v) in [(i, r[0]), (i + half, r[1])] {
+                        mx[c] = mx[c].max(v);
+                        mn[c] = mn[c].min(v);
+                    }
+                }
+            }
+            let o = b.offset(table, blk, h);
+            b.data[layer][o..o + d].copy_from_slice(&mx);
+            b.data[layer][o + d..o + 2 * d].copy_from_slice(&mn);
+        }
+    }
+}
+
+pub(super) fn scores(
+    q: &RefTensor,
+    b: &RefBounds,
+    layer: usize,
+    table: &PageTable,
+    n_blocks: usize,
+    out: &mut RefTensor,
+) {
+    let d = b.layout.head_dim;
+    let qh = q.cols / d;
+    let group = qh / b.layout.kv_heads;
+    for h in 0..qh {
+        let qv = &q.data[h * d..(h + 1) * d];
+        for blk in 0..n_blocks {
+            let o = b.offset(table, blk, h / group);
+            let m = &b.data[layer][o..o + 2 * d];
+            out.data[h * out.cols + blk] =
+                (0..d).map(|i| (qv[i] * m[i]).max(qv[i] * m[d + i])).sum();
+        }
+    }
+}
