@@ -950,9 +950,9 @@ pub mod check {
         let d = layout.head_dim;
         let qh = q.1 / d;
         let bad = q.0 != 1
-            || q.1 % d != 0
+            || !q.1.is_multiple_of(d)
             || qh == 0
-            || qh % layout.kv_heads != 0
+            || !qh.is_multiple_of(layout.kv_heads)
             || layer >= layout.layers
             || n_blocks * block > table.pages.len() * layout.page_size
             || out.0 < qh
