@@ -108,6 +108,7 @@ fn sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
         tail_start: len - N_LOCAL,
         tail_len: N_LOCAL,
         compact: true,
+        block: 0,
     };
     ex.attention_decode_list(&s.q, &s.kv, 0, &s.table, len, &list, &s.rope, &mut s.out)
         .unwrap();
@@ -170,6 +171,7 @@ fn prefill_sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
         tail_start: q_start + 1 - N_LOCAL,
         tail_len: N_LOCAL - 1 + CHUNK,
         compact: true,
+        block: 0,
     };
     ex.attention_prefill_list(
         &s.qp,

@@ -12,13 +12,15 @@
 // decode_reduce: combines the splits of each query head into the output.
 // List mode (sparse policies): the attended keys are ranks 0..kv_len of the list
 // [0, n_init) ++ sel[0..n_sel) ++ [tail_start, tail_start + rest); a key's RoPE
-// position is its rank (compact) or its logical index (original).
+// position is its rank (compact) or its logical index (original). With block > 0
+// (Quest) the selection is per KV head and holds blocks: selected rank i of KV
+// head g is token sel[g * blocks_per_head + i / block] * block + i % block.
 struct Params {
     kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
     page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
     list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
-    compact: u32, _p0: u32, _p1: u32, _p2: u32,
+    compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;              // [q_heads * D], rotated
@@ -40,21 +42,27 @@ var<workgroup> s_sh: array<f32, 512>;         // MAX_G * TILE: scores, then prob
 var<workgroup> base_sh: array<u32, 64>;       // word offset of each tile key's row, or NONE
 var<workgroup> alpha_sh: array<f32, 8>;
 
-// Logical token index of rank r.
-fn logical(r: u32) -> u32 {
+// Logical token index of rank r for KV head kvh.
+fn logical(r: u32, kvh: u32) -> u32 {
     if (p.list_mode == 0u || r < p.n_init) { return r; }
-    if (r < p.n_init + p.n_sel) { return sel[r - p.n_init]; }
+    if (r < p.n_init + p.n_sel) {
+        let i = r - p.n_init;
+        if (p.block > 0u) {
+            return sel[kvh * p.blocks_per_head + i / p.block] * p.block + i % p.block;
+        }
+        return sel[i];
+    }
     return p.tail_start + (r - p.n_init - p.n_sel);
 }
 
-// RoPE position of rank r.
-fn position(r: u32) -> u32 {
-    let pos = select(logical(r), r, p.list_mode == 0u || p.compact == 1u);
+// RoPE position of rank r for KV head kvh.
+fn position(r: u32, kvh: u32) -> u32 {
+    let pos = select(logical(r, kvh), r, p.list_mode == 0u || p.compact == 1u);
     return min(pos, p.max_pos - 1u);
 }
 
 fn key_base(r: u32, kvh: u32) -> u32 {
-    let j = logical(r);
+    let j = logical(r, kvh);
     let page = pages[j / p.page_size];
     if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return NONE; }
     let local_page = page - p.arena_first_page;
@@ -110,7 +118,7 @@ fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
         var sc: array<f32, 8>;
         for (var g = 0u; g < MAX_G; g++) { sc[g] = 0.0; }
         if (base != NONE) {
-            let pos = position(j);
+            let pos = position(j, kvh);
             for (var w = 0u; w < quarter; w++) {
                 // dims (2w, 2w+1) and their rotate-half partners (2w + D/2, 2w + 1 + D/2)
                 let lo = unpack2x16float(k_arena[base + w]);
@@ -222,7 +230,7 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var j = begin; j < end; j++) {
         let base = key_base(j, kvh);
         if (base == NONE) { continue; }
-        let pos = position(j);
+        let pos = position(j, kvh);
         var s4 = vec4<f32>(0.0);
         for (var w = 0u; w < e8; w++) {
             // dims 4w..4w+3 and their rotate-half partners 4w + D/2 ..

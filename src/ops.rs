@@ -131,6 +131,11 @@ pub struct KeyList<'a, I> {
     pub tail_len: usize,
     /// Rank positions (TokenSelect's compact mode) instead of logical ones.
     pub compact: bool,
+    /// 0: `selected` holds token indices shared by every head. B > 0 (Quest):
+    /// `selected` holds `n_selected / B` block indices per KV head
+    /// (`[kv_heads, n_selected / B]`), and selected rank i of KV head g is token
+    /// `selected[g * n_selected / B + i / B] * B + i % B`.
+    pub block: usize,
 }
 
 impl<I> KeyList<'_, I> {
@@ -153,6 +158,7 @@ impl<I> KeyList<'_, I> {
             tail_start: self.tail_start,
             tail_len: self.tail_len,
             compact: self.compact,
+            block: self.block,
         }
     }
 }
@@ -475,6 +481,17 @@ pub trait Ops: Send {
         n_blocks: usize,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Quest block choice per KV head: the `k` blocks of `0..n` with the largest
+    /// max over the head's query heads of `scores[h, b]` (`[q_heads, >= n]`),
+    /// value descending, ties to the lower index, into `out[g * k..][..k]`.
+    fn block_top_k(
+        &mut self,
+        scores: &Self::Tensor,
+        kv_heads: usize,
+        n: usize,
+        k: usize,
+        out: &mut Self::Ids,
+    ) -> Result<()>;
     /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
     fn mean_rows(
         &mut self,
@@ -700,6 +717,7 @@ pub mod check {
             max_pos,
         )?;
         if q.0 != out.0
+            || list.block != 0
             || list.n_selected > selected_capacity
             || list.tail_start + list.tail_len != seq_len
             || list.tail_start > q_start
@@ -742,6 +760,7 @@ pub mod check {
         let n = q.0;
         if let Some((li, capacity)) = list {
             if li.n_selected > capacity
+                || li.block != 0
                 || li.tail_start + li.tail_len != prefix_len
                 || li.n_init > li.tail_start
             {
@@ -805,6 +824,25 @@ pub mod check {
                 format!("{} query rows, expected 1", q.0),
             );
         }
+        // Quest lists: whole blocks, one row of block ids per KV head.
+        let mut flat = list.with_selected(list.selected);
+        let mut capacity = selected_capacity;
+        if let Some(per_head) = list.n_selected.checked_div(list.block) {
+            if !list.n_selected.is_multiple_of(list.block)
+                || selected_capacity < layout.kv_heads * per_head
+                || list.compact
+            {
+                return shape_err(
+                    "attention_decode_list",
+                    format!(
+                        "{} selected tokens in blocks of {} for {} KV heads with {selected_capacity} slots (compact {})",
+                        list.n_selected, list.block, layout.kv_heads, list.compact
+                    ),
+                );
+            }
+            flat.block = 0;
+            capacity = list.n_selected;
+        }
         attention_list(
             "attention_decode_list",
             layout,
@@ -814,8 +852,8 @@ pub mod check {
             out,
             &(0..1),
             seq_len.saturating_sub(1),
-            list,
-            selected_capacity,
+            &flat,
+            capacity,
             max_pos,
         )
     }
@@ -906,6 +944,32 @@ pub mod check {
                 "block size {block} must be at least 4 and divide the page size {}",
                 layout.page_size
             )));
+        }
+        Ok(())
+    }
+
+    /// Block top-k: `(q_heads, cols)` scores, the ids buffer's length.
+    pub fn block_top_k(
+        scores: (usize, usize),
+        kv_heads: usize,
+        n: usize,
+        k: usize,
+        out: usize,
+    ) -> Result<()> {
+        let bad = kv_heads == 0
+            || scores.0 == 0
+            || !scores.0.is_multiple_of(kv_heads)
+            || n > scores.1
+            || k == 0
+            || k > n
+            || out < kv_heads * k;
+        if bad {
+            return shape_err(
+                "block_top_k",
+                format!(
+                    "top {k} of {n} blocks from scores {scores:?} for {kv_heads} KV heads into {out} slots"
+                ),
+            );
         }
         Ok(())
     }

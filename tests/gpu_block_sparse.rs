@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::Ops;
-use kvsieve::reference::dot;
+use kvsieve::ops::{KeyList, Ops};
+use kvsieve::reference::{dot, RefExecutor};
 
 /// Bounds built in two updates (the second continues a partial block), scores
 /// of a random rotated query on both executors, and the bound property on the
@@ -92,4 +92,125 @@ fn bad_block_sizes_and_ranges_are_errors() {
     let q = ex.tensor(1, 9 * 64).unwrap();
     let mut out = ex.tensor(9, 3).unwrap();
     assert!(ex.block_scores(&q, &b, 0, &f.table, 7, &mut out).is_err());
+}
+
+#[test]
+fn top_blocks_match_reference() {
+    let mut ex = gpu();
+    let mut cpu = RefExecutor::new();
+    for (qh, kh, n, k) in [
+        (9usize, 3usize, 517usize, 13usize),
+        (32, 8, 40, 40),
+        (9, 3, 1, 1),
+    ] {
+        let cols = n + 3;
+        let mut s = randn(&mut rng(54), qh * cols, 1.0);
+        // Ties across heads and blocks.
+        s[5] = s[7];
+        s[cols + 2] = s[2];
+        let (sc, sg) = (
+            cpu.upload(&s, qh, cols).unwrap(),
+            ex.upload(&s, qh, cols).unwrap(),
+        );
+        let mut oc = vec![0u32; kh * k];
+        cpu.block_top_k(&sc, kh, n, k, &mut oc).unwrap();
+        let mut og = ex.ids(&vec![0u32; kh * k]).unwrap();
+        ex.block_top_k(&sg, kh, n, k, &mut og).unwrap();
+        assert_eq!(
+            ex.download_ids(&og).unwrap(),
+            oc,
+            "top {k} of {n} blocks, {qh}/{kh}"
+        );
+        // Each KV head's choice is its group's best blocks.
+        let group = qh / kh;
+        for g in 0..kh {
+            let best = |b: usize| {
+                (g * group..(g + 1) * group)
+                    .map(|h| s[h * cols + b])
+                    .fold(f32::MIN, f32::max)
+            };
+            let chosen = &oc[g * k..(g + 1) * k];
+            let floor = chosen
+                .iter()
+                .map(|&b| best(b as usize))
+                .fold(f32::MAX, f32::min);
+            assert!((0..n)
+                .filter(|b| !chosen.contains(&(*b as u32)))
+                .all(|b| best(b) <= floor));
+        }
+    }
+    let s = ex.tensor(9, 10).unwrap();
+    let mut o = ex.ids(&[0u32; 30]).unwrap();
+    assert!(ex.block_top_k(&s, 3, 10, 11, &mut o).is_err());
+    assert!(ex.block_top_k(&s, 4, 10, 2, &mut o).is_err());
+}
+
+/// Decode attention over per-KV-head block lists (Quest) on both executors,
+/// and a list of every block is dense decode.
+#[test]
+fn block_list_decode_matches_reference() {
+    for mut ex in gpu_variants() {
+        for (qh, kh, d, len, block) in [
+            (9usize, 3usize, 64usize, 1000 + 13, 16usize),
+            (32, 8, 128, 700, 8),
+        ] {
+            let mut f = fill(&mut ex, kh, d, len, 55);
+            let (rc, rg) = (
+                f.cpu.rope_table(&rope_cfg(d, len)).unwrap(),
+                ex.rope_table(&rope_cfg(d, len)).unwrap(),
+            );
+            let last = (len - 1) / block;
+            let q = randn(&mut rng(56), qh * d, 1.0);
+            let (qc, qg) = (
+                f.cpu.upload(&q, 1, qh * d).unwrap(),
+                ex.upload(&q, 1, qh * d).unwrap(),
+            );
+            let run = |ex: &mut GpuExecutor, f: &mut Fixture, ids: &[u32], per_head: usize| {
+                let lc = KeyList {
+                    n_init: 0,
+                    selected: &ids.to_vec(),
+                    n_selected: per_head * block,
+                    tail_start: last * block,
+                    tail_len: len - last * block,
+                    compact: false,
+                    block,
+                };
+                let mut oc = f.cpu.tensor(1, qh * d).unwrap();
+                f.cpu
+                    .attention_decode_list(&qc, &f.kvc, 0, &f.table, len, &lc, &rc, &mut oc)
+                    .unwrap();
+                let sg = ex.ids(ids).unwrap();
+                let lg = lc.with_selected(&sg);
+                let mut og = ex.tensor(1, qh * d).unwrap();
+                ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &lg, &rg, &mut og)
+                    .unwrap();
+                (oc.data, ex.download(&og).unwrap())
+            };
+            // Different blocks per KV head, in no particular order.
+            let per_head = 7;
+            let ids: Vec<u32> = (0..kh * per_head)
+                .map(|i| ((i * 37 + (i / per_head) * 11) % last) as u32)
+                .collect();
+            let (c, g) = run(&mut ex, &mut f, &ids, per_head);
+            assert_close(&format!("block list {qh}/{kh}/{d}"), &g, &c, 2e-5, 1e-3);
+            // Every block: dense decode.
+            let all: Vec<u32> = (0..kh).flat_map(|_| 0..last as u32).collect();
+            let (c, g) = run(&mut ex, &mut f, &all, last);
+            let mut dense = ex.tensor(1, qh * d).unwrap();
+            ex.attention_decode(&qg, &f.kvg, 0, &f.table, len, &rg, &mut dense)
+                .unwrap();
+            let mut dc = f.cpu.tensor(1, qh * d).unwrap();
+            f.cpu
+                .attention_decode(&qc, &f.kvc, 0, &f.table, len, &rc, &mut dc)
+                .unwrap();
+            assert_close("reference: all blocks = dense", &c, &dc.data, 1e-5, 1e-4);
+            assert_close(
+                "gpu: all blocks = dense",
+                &g,
+                &ex.download(&dense).unwrap(),
+                1e-5,
+                1e-4,
+            );
+        }
+    }
 }

@@ -60,6 +60,7 @@ fn tree_case(
             tail_start: prefix - n_local,
             tail_len: n_local,
             compact,
+            block: 0,
         };
         (lc.with_selected(&sel), lc.with_selected(&sg))
     });
@@ -167,6 +168,7 @@ fn a_full_list_tree_is_dense_tree_attention() {
         tail_start: prefix - 30,
         tail_len: 30,
         compact: false,
+        block: 0,
     };
     let sg = ex.ids(&sel).unwrap();
     let lg = lc.with_selected(&sg);

@@ -138,6 +138,7 @@ fn list_attention(
         tail_start: len - n_local,
         tail_len: n_local,
         compact,
+        block: 0,
     };
     f.cpu
         .attention_decode_list(&qc, &f.kvc, 0, &f.table, len, &list_c, &rc, &mut oc)
@@ -152,6 +153,7 @@ fn list_attention(
         tail_start: len - n_local,
         tail_len: n_local,
         compact,
+        block: 0,
     };
     ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list_g, &rg, &mut og)
         .unwrap();
@@ -206,6 +208,7 @@ fn a_list_covering_everything_is_dense_attention() {
             tail_start: len - 50,
             tail_len: 50,
             compact,
+            block: 0,
         };
         let mut out = ex.tensor(1, qh * d).unwrap();
         ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list, &rg, &mut out)
@@ -262,6 +265,7 @@ fn prefill_list(
         tail_start,
         tail_len: len - tail_start,
         compact,
+        block: 0,
     };
     f.cpu
         .attention_prefill_list(
@@ -341,6 +345,7 @@ fn a_full_prefill_list_is_dense_prefill() {
         tail_start: 0,
         tail_len: len,
         compact: false,
+        block: 0,
     };
     let qc = f.cpu.upload(&q, n, qh * d).unwrap();
     let (mut dc, mut lc) = (

@@ -386,6 +386,7 @@ impl<E: Ops> Attention<E> {
                     tail_start: seq_len - c.n_local,
                     tail_len: c.n_local,
                     compact: c.positions == Positions::Compact,
+                    block: 0,
                 };
                 ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
             }
@@ -403,6 +404,7 @@ impl<E: Ops> Attention<E> {
                     tail_start: start + 1 - c.n_local,
                     tail_len: c.n_local - 1,
                     compact: c.positions == Positions::Compact,
+                    block: 0,
                 };
                 ops.attention_tree(q, kv, layer, table, start, mask, Some(&list), rope, out)
             }
@@ -434,6 +436,7 @@ impl<E: Ops> Attention<E> {
                             tail_start: a + 1 - c.n_local,
                             tail_len: c.n_local - 1 + m,
                             compact: c.positions == Positions::Compact,
+                            block: 0,
                         }
                     } else {
                         // Within the budget: every earlier token, at true positions.
@@ -444,6 +447,7 @@ impl<E: Ops> Attention<E> {
                             tail_start: 0,
                             tail_len: a + m,
                             compact: false,
+                            block: 0,
                         }
                     };
                     ops.attention_prefill_list(

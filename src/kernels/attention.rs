@@ -353,7 +353,7 @@ pub(super) fn tree(
 
 /// The key-list words both attention shaders share after their own parameters:
 /// mode (0 dense, 1 list, 3 list then tree), sinks, selected count, window
-/// start, compact, padding.
+/// start, compact, block size and blocks per KV head (Quest lists), padding.
 fn list_params(list: Option<&KeyList<'_, GpuIds>>, mode: u32) -> [u32; 8] {
     match list {
         Some(li) => [
@@ -362,8 +362,8 @@ fn list_params(list: Option<&KeyList<'_, GpuIds>>, mode: u32) -> [u32; 8] {
             li.n_selected as u32,
             li.tail_start as u32,
             u32::from(li.compact),
-            0,
-            0,
+            li.block as u32,
+            (li.n_selected / li.block.max(1)) as u32,
             0,
         ],
         None => [0; 8],

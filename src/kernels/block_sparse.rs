@@ -1,6 +1,6 @@
 //! Quest block bounds and block scores (`block_sparse.wgsl`).
 
-use super::{GpuExecutor, GpuKv, GpuRope, GpuTensor};
+use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use crate::attention::{KvLayout, PageTable};
 use crate::error::Result;
 use crate::gpu::{buffer, Binding};
@@ -176,5 +176,26 @@ pub(super) fn scores(
         ];
         ex.rec.dispatch(&p, &words, &bind, groups);
     }
+    Ok(())
+}
+
+pub(super) fn top_k(
+    ex: &mut GpuExecutor,
+    scores: &GpuTensor,
+    kv_heads: usize,
+    n: usize,
+    k: usize,
+    out: &mut GpuIds,
+) -> Result<()> {
+    check::block_top_k((scores.rows, scores.cols), kv_heads, n, k, out.len)?;
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "top_blocks", &[]);
+    let mut words = [0u32; 12];
+    words[1] = n as u32;
+    words[3] = kv_heads as u32;
+    words[6] = k as u32;
+    words[10] = scores.rows as u32;
+    words[11] = scores.cols as u32;
+    let bind = [Binding::from(&scores.buf), Binding::from(&out.buf)];
+    ex.rec.dispatch(&p, &words, &bind, [kv_heads as u32, 1, 1]);
     Ok(())
 }

@@ -680,6 +680,17 @@ impl Ops for GpuExecutor {
         speculative::accept(self, logits, tokens, links, params, depth, trials, out)
     }
 
+    fn block_top_k(
+        &mut self,
+        scores: &GpuTensor,
+        kv_heads: usize,
+        n: usize,
+        k: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        block_sparse::top_k(self, scores, kv_heads, n, k, out)
+    }
+
     fn kv_bounds(
         &mut self,
         kv: &GpuKv,

@@ -81,7 +81,7 @@ pub(super) fn tree(
 ) {
     let n = q.rows;
     let mut keys = match list {
-        Some(li) => super::tokenselect::list_keys(li),
+        Some(li) => super::tokenselect::list_keys(li, 0),
         None => (0..prefix_len).map(|j| (j, j)).collect(),
     };
     let before = keys.len();

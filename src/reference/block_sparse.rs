@@ -92,3 +92,22 @@ pub(super) fn scores(
         }
     }
 }
+
+pub(super) fn top_k(scores: &RefTensor, kv_heads: usize, n: usize, k: usize, out: &mut [u32]) {
+    let group = scores.rows / kv_heads;
+    for g in 0..kv_heads {
+        let row: Vec<f32> = (0..n)
+            .map(|b| {
+                (g * group..(g + 1) * group)
+                    .map(|h| scores.data[h * scores.cols + b])
+                    .fold(-3.0e38f32, f32::max)
+            })
+            .collect();
+        for (o, (b, _)) in out[g * k..(g + 1) * k]
+            .iter_mut()
+            .zip(super::top_k_row(&row, k))
+        {
+            *o = b;
+        }
+    }
+}

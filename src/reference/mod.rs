@@ -666,6 +666,19 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn block_top_k(
+        &mut self,
+        scores: &RefTensor,
+        kv_heads: usize,
+        n: usize,
+        k: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        check::block_top_k((scores.rows, scores.cols), kv_heads, n, k, out.len())?;
+        block_sparse::top_k(scores, kv_heads, n, k, out);
+        Ok(())
+    }
+
     fn kv_bounds(
         &mut self,
         kv: &RefKv,

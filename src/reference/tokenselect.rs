@@ -60,14 +60,20 @@ pub fn top_k(votes: &[f32], k: usize, begin: usize) -> Vec<u32> {
     idx.into_iter().map(|i| i + begin as u32).collect()
 }
 
-/// Logical index and RoPE position of each rank of `list`.
-pub fn list_keys(list: &KeyList<'_, Vec<u32>>) -> Vec<(usize, usize)> {
+/// Logical index and RoPE position of each rank of `list`
+/// for KV head `kvh` (which matters only for per-head block lists).
+pub fn list_keys(list: &KeyList<'_, Vec<u32>>, kvh: usize) -> Vec<(usize, usize)> {
     let mut keys = Vec::with_capacity(list.len());
+    let per_head = list.n_selected / list.block.max(1);
     for r in 0..list.len() {
         let logical = if r < list.n_init {
             r
         } else if r < list.n_init + list.n_selected {
-            list.selected[r - list.n_init] as usize
+            let i = r - list.n_init;
+            match list.block {
+                0 => list.selected[i] as usize,
+                b => list.selected[kvh * per_head + i / b] as usize * b + i % b,
+            }
         } else {
             list.tail_start + (r - list.n_init - list.n_selected)
         };
@@ -90,11 +96,10 @@ pub(super) fn attention_list(
     out: &mut RefTensor,
 ) {
     let d = kv.layout.head_dim;
-    let keys = list_keys(list);
     // Rotated keys and values of each KV head, in rank order.
     let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
         .into_par_iter()
-        .map(|g| attention::gather_keys(kv, layer, table, g, &keys, rope))
+        .map(|g| attention::gather_keys(kv, layer, table, g, &list_keys(list, g), rope))
         .collect();
     let before_tail = list.n_init + list.n_selected;
     let w = q.cols;
