@@ -276,6 +276,49 @@ fn bad_requests_get_named_errors() {
         ..Default::default()
     };
     assert!(e.generate_ids(&[5], &bad).is_err());
+    // Bad Quest options: the message names the value.
+    use kvsieve::attention::{AttentionPolicy, QuestConfig};
+    for (c, word) in [
+        (
+            QuestConfig {
+                block: 3,
+                ..Default::default()
+            },
+            "block 3",
+        ),
+        (
+            QuestConfig {
+                block: 24,
+                ..Default::default()
+            },
+            "block size 24",
+        ),
+        (
+            QuestConfig {
+                budget: 16,
+                ..Default::default()
+            },
+            "budget 16",
+        ),
+    ] {
+        let m = e
+            .set_policy(AttentionPolicy::BlockSparse(c))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(word), "{m}");
+    }
+    // Speculation with a repetition penalty is refused by name.
+    let bad = GenerateParams {
+        speculate: kvsieve::speculative::Speculate::Lookup,
+        tree_size: kvsieve::speculative::TreeSize::Fixed(4),
+        sampling: SamplingParams {
+            repetition_penalty: 1.2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let m = e.generate_ids(&[5, 6], &bad).err().unwrap().to_string();
+    assert!(m.contains("repetition penalty"), "{m}");
     assert!("tpu"
         .parse::<Backend>()
         .unwrap_err()

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use clap::Args;
-use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+use kvsieve::attention::{AttentionPolicy, QuestConfig, TokenSelectConfig};
 use kvsieve::generate::{Backend, Engine, GenerateParams, Options, SamplingParams};
 use std::path::PathBuf;
 
@@ -15,9 +15,19 @@ pub struct ModelArgs {
     /// gpu or reference.
     #[arg(long, default_value = "gpu")]
     pub backend: String,
-    /// Attention policy: dense or tokenselect.
+    /// Attention policy: dense, tokenselect or quest.
     #[arg(long, default_value = "dense")]
     pub policy: String,
+    /// Quest: tokens attended per decode step (the last block plus the best
+    /// blocks of each KV head).
+    #[arg(long, default_value_t = 2048)]
+    pub budget: usize,
+    /// Quest: tokens per block.
+    #[arg(long, default_value_t = 16)]
+    pub block: usize,
+    /// Quest: leading layers that stay dense.
+    #[arg(long, default_value_t = 2)]
+    pub dense_layers: usize,
     /// TokenSelect: tokens selected per step.
     #[arg(long, default_value_t = 2048)]
     pub k: usize,
@@ -85,9 +95,14 @@ impl ModelArgs {
                 subchunk: self.subchunk,
                 gqa_map: self.gqa_map.parse()?,
             }),
+            "quest" => AttentionPolicy::BlockSparse(QuestConfig {
+                block: self.block,
+                budget: self.budget,
+                dense_layers: self.dense_layers,
+            }),
             other => {
                 return Err(kvsieve::Error::InvalidOption(format!(
-                    "policy {other:?}: expected dense or tokenselect"
+                    "policy {other:?}: expected dense, tokenselect or quest"
                 )))
             }
         };

@@ -7,4 +7,6 @@ pub mod policy;
 pub use crate::ops::GqaMap;
 pub use dense::dense_attention;
 pub use kv_cache::{KvLayout, PageAllocator, PageTable};
-pub use policy::{Attention, AttentionPolicy, Positions, SelectionStats, TokenSelectConfig};
+pub use policy::{
+    Attention, AttentionPolicy, Positions, QuestConfig, SelectionStats, TokenSelectConfig,
+};

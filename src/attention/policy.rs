@@ -2,7 +2,7 @@
 //! [`Attention::layer`] with each layer's raw (unrotated) queries; the policy
 //! rotates them and runs dense or sparse attention.
 
-use super::{dense_attention, PageTable};
+use super::{dense_attention, KvLayout, PageTable};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::ops::{GqaMap, KeyList, Ops, SelectPlan};
@@ -66,6 +66,28 @@ impl Default for TokenSelectConfig {
     }
 }
 
+/// Quest parameters (ALGORITHMS.md section 2); defaults are the paper's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuestConfig {
+    /// Tokens per block (divides the page size; at least 4).
+    pub block: usize,
+    /// Tokens attended per decode step: the last (partial) block plus the
+    /// budget / block - 1 best blocks of each KV head.
+    pub budget: usize,
+    /// Leading layers that stay dense.
+    pub dense_layers: usize,
+}
+
+impl Default for QuestConfig {
+    fn default() -> Self {
+        Self {
+            block: 16,
+            budget: 2048,
+            dense_layers: 2,
+        }
+    }
+}
+
 /// Which attention runs.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum AttentionPolicy {
@@ -75,11 +97,22 @@ pub enum AttentionPolicy {
     /// Per-head token-level selection with soft voting, in decode steps and in
     /// prefill sub-chunks.
     TokenSelect(TokenSelectConfig),
+    /// Quest: per-block key bounds, the best blocks of each KV head by their
+    /// upper-bound score, block-sparse decode (prefill stays dense).
+    BlockSparse(QuestConfig),
 }
 
 impl AttentionPolicy {
     /// Checks the values, naming the bad one.
     pub fn validate(&self) -> Result<()> {
+        if let AttentionPolicy::BlockSparse(c) = self {
+            if c.block < 4 || c.budget < 2 * c.block {
+                return Err(Error::InvalidOption(format!(
+                    "Quest block {} must be >= 4 and the budget {} at least two blocks",
+                    c.block, c.budget
+                )));
+            }
+        }
         if let AttentionPolicy::TokenSelect(c) = self {
             if c.k == 0 || c.k > 65536 {
                 return Err(Error::InvalidOption(format!(
@@ -127,6 +160,20 @@ impl SelectionStats {
     }
 }
 
+/// Quest state: block bounds, scores and each layer's chosen blocks.
+struct QuestBuffers<E: Ops> {
+    bounds: E::Bounds,
+    /// `[q_heads, cap]` block scores.
+    scores: E::Tensor,
+    cap: usize,
+    /// Per layer: `[kv_heads, top]` block ids.
+    selected: Vec<E::Ids>,
+    /// Leading tokens whose blocks' bounds are up to date.
+    valid: usize,
+    /// First token whose block this step recomputes.
+    from: usize,
+}
+
 struct TsBuffers<E: Ops> {
     cap: usize,
     q_fp: E::Tensor,
@@ -160,6 +207,8 @@ enum Step<E: Ops> {
     Prefill(TokenSelectConfig, Vec<SubChunk>, E::Ids, E::Ids),
     /// A draft tree's nodes (speculative verification), its mask.
     Tree(E::Ids),
+    /// One Quest decode token (layers past the dense ones select blocks).
+    Quest,
     /// A draft tree under TokenSelect: the root selects as a decode query
     /// would, every node attends to that selection plus its ancestors. Mask,
     /// fingerprint position, node positions.
@@ -170,7 +219,10 @@ enum Step<E: Ops> {
 pub struct Attention<E: Ops> {
     /// The policy.
     pub policy: AttentionPolicy,
+    /// The KV cache layout the policy serves.
+    pub layout: KvLayout,
     ts: Option<TsBuffers<E>>,
+    quest: Option<QuestBuffers<E>>,
     step: Step<E>,
     /// Selections run without the Selection Cache (threshold above 1).
     uncached_selections: u64,
@@ -185,12 +237,17 @@ fn candidates(c: &TokenSelectConfig, t: usize) -> Option<usize> {
 }
 
 impl<E: Ops> Attention<E> {
-    /// State for `policy`.
-    pub fn new(policy: AttentionPolicy) -> Result<Self> {
+    /// State for `policy` over caches of `layout`.
+    pub fn new(policy: AttentionPolicy, layout: &KvLayout) -> Result<Self> {
         policy.validate()?;
+        if let AttentionPolicy::BlockSparse(c) = policy {
+            crate::ops::check::bounds_block(layout, c.block)?;
+        }
         Ok(Self {
             policy,
+            layout: *layout,
             ts: None,
+            quest: None,
             step: Step::Dense,
             uncached_selections: 0,
             prefill_selections: 0,
@@ -253,6 +310,9 @@ impl<E: Ops> Attention<E> {
         seq_len: usize,
     ) -> Result<()> {
         self.step = Step::Dense;
+        if let AttentionPolicy::BlockSparse(c) = self.policy {
+            return self.begin_quest(ops, cfg, &c, n, seq_len);
+        }
         let AttentionPolicy::TokenSelect(c) = self.policy else {
             return Ok(());
         };
@@ -309,6 +369,48 @@ impl<E: Ops> Attention<E> {
         Ok(())
     }
 
+    /// Quest: bounds for the new tokens in every step; a decode token with more
+    /// whole blocks before its own than the budget holds selects.
+    fn begin_quest(
+        &mut self,
+        ops: &mut E,
+        cfg: &ModelConfig,
+        c: &QuestConfig,
+        n: usize,
+        seq_len: usize,
+    ) -> Result<()> {
+        let start = seq_len - n;
+        let top = c.budget / c.block - 1;
+        let last = (seq_len - 1) / c.block;
+        if self.quest.is_none() {
+            let mut selected = Vec::with_capacity(cfg.layers);
+            for _ in 0..cfg.layers {
+                selected.push(ops.ids(&vec![0u32; cfg.kv_heads * top])?);
+            }
+            self.quest = Some(QuestBuffers {
+                bounds: ops.block_bounds(&self.layout, c.block)?,
+                scores: ops.tensor(cfg.heads, 1024)?,
+                cap: 1024,
+                selected,
+                valid: 0,
+                from: 0,
+            });
+        }
+        let Some(qb) = self.quest.as_mut() else {
+            return Ok(());
+        };
+        qb.from = qb.valid.min(start);
+        qb.valid = seq_len;
+        if n == 1 && last > top {
+            if qb.cap < last {
+                qb.cap = last.next_power_of_two();
+                qb.scores = ops.tensor(cfg.heads, qb.cap)?;
+            }
+            self.step = Step::Quest;
+        }
+        Ok(())
+    }
+
     /// Prepares a verify step over the nodes of a draft tree (`mask` from
     /// [`crate::speculative::DraftTree::mask`]) whose root is the token at logical
     /// index `start`: dense tree attention, or under TokenSelect (when the root
@@ -323,6 +425,10 @@ impl<E: Ops> Attention<E> {
         start: usize,
     ) -> Result<()> {
         let tree = ops.ids(mask)?;
+        // Draft slots are not the committed tokens: their blocks recompute later.
+        if let Some(qb) = self.quest.as_mut() {
+            qb.valid = qb.valid.min(start);
+        }
         let cand = match self.policy {
             AttentionPolicy::TokenSelect(c) => candidates(&c, start).map(|n| (c, n)),
             _ => None,
@@ -365,12 +471,37 @@ impl<E: Ops> Attention<E> {
             ops.rope(q, cfg.heads, positions, rope)?;
             return ops.attention_tree(q, kv, layer, table, start, mask, None, rope, out);
         }
+        if let (Some(qb), AttentionPolicy::BlockSparse(c)) = (self.quest.as_mut(), self.policy) {
+            ops.rope(q, cfg.heads, positions, rope)?;
+            if layer < c.dense_layers {
+                return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
+            }
+            ops.kv_bounds(kv, &mut qb.bounds, layer, table, qb.from..seq_len, rope)?;
+            if !matches!(self.step, Step::Quest) {
+                return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
+            }
+            // The query's own block is always attended; the top blocks come from
+            // the whole blocks before it.
+            let (top, last) = (c.budget / c.block - 1, (seq_len - 1) / c.block);
+            ops.block_scores(q, &qb.bounds, layer, table, last, &mut qb.scores)?;
+            ops.block_top_k(&qb.scores, cfg.kv_heads, last, top, &mut qb.selected[layer])?;
+            let list = KeyList {
+                n_init: 0,
+                selected: &qb.selected[layer],
+                n_selected: top * c.block,
+                tail_start: last * c.block,
+                tail_len: seq_len - last * c.block,
+                compact: false,
+                block: c.block,
+            };
+            return ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out);
+        }
         let Some(ts) = self.ts.as_mut() else {
             ops.rope(q, cfg.heads, positions, rope)?;
             return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
         };
         match &self.step {
-            Step::Dense | Step::Tree(_) => {
+            Step::Dense | Step::Tree(_) | Step::Quest => {
                 ops.rope(q, cfg.heads, positions, rope)?;
                 dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out)
             }
@@ -481,10 +612,14 @@ impl<E: Ops> Attention<E> {
     }
 
     /// The selection of `layer` from the last sparse step (for tests and tools).
+    /// (Quest: the chosen block ids, `[kv_heads, top]`.)
     pub fn selected(&mut self, ops: &mut E, layer: usize) -> Result<Option<Vec<u32>>> {
-        match &self.ts {
-            Some(ts) if layer < ts.selected.len() => {
+        match (&self.ts, &self.quest) {
+            (Some(ts), _) if layer < ts.selected.len() => {
                 Ok(Some(ops.download_ids(&ts.selected[layer])?))
+            }
+            (_, Some(qb)) if layer < qb.selected.len() => {
+                Ok(Some(ops.download_ids(&qb.selected[layer])?))
             }
             _ => Ok(None),
         }

@@ -84,14 +84,14 @@ impl<E: Ops> Session<E> {
             argmax_out: None,
             chunk,
             max_context,
-            attention: Attention::new(policy)?,
+            attention: Attention::new(policy, &layout)?,
         })
     }
 
     /// Switches the attention policy; a different policy drops the cache.
     pub fn set_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
         if policy != self.attention.policy {
-            self.attention = Attention::new(policy)?;
+            self.attention = Attention::new(policy, &self.attention.layout)?;
             self.truncate(0);
         }
         Ok(())
