@@ -89,9 +89,11 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 }
 
 // top_blocks: per KV head g (one workgroup each), the k blocks of 0..n_blocks with
-// the largest max over g's query heads of scores[h][b], value descending, ties to
-// the lower index: k rounds of a workgroup argmax, each excluding what earlier
-// rounds took. Written to out[g * k + r].
+// the largest sum over g's query heads of scores[h][b] (the KV head's blocks
+// serve all of them; the sum found every passkey dense attention finds at 4K and
+// 8K, the max lost two), value descending, ties to the lower index: k rounds of
+// a workgroup argmax, each excluding what earlier rounds took. Written to
+// out[g * k + r].
 @group(0) @binding(1) var<storage, read> top_scores: array<f32>;     // [q_heads, out_cols]
 @group(0) @binding(2) var<storage, read_write> top_out: array<u32>;  // [kv_heads, k]
 
@@ -114,9 +116,9 @@ fn top_blocks(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
         var bv = -3.0e38;
         var bi = 0xffffffffu;
         for (var b = tid; b < p.n_blocks; b += 256u) {
-            var v = -3.0e38;
+            var v = 0.0;
             for (var h = g * group; h < (g + 1u) * group; h++) {
-                v = max(v, top_scores[h * p.out_cols + b]);
+                v += top_scores[h * p.out_cols + b];
             }
             let after = r == 0u || v < last_v || (v == last_v && b > last_i);
             if (after && better(v, b, bv, bi)) { bv = v; bi = b; }
@@ -136,4 +138,40 @@ fn top_blocks(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
         if (tid == 0u) { top_out[g * k + r] = last_i; }
         workgroupBarrier();
     }
+}
+
+// token_scores (TidalDecode): scores[h][j] = q_h . k_j for tokens j of 0..n_blocks
+// (here a token count), keys rotated at their true positions, query head h
+// against its KV head. One thread per (query head, token); a pass per arena.
+@group(0) @binding(2) var<storage, read> ts_q: array<f32>;             // [q_heads * D], rotated
+@group(0) @binding(3) var<storage, read> ts_k: array<u32>;             // packed f16 pairs
+@group(0) @binding(4) var<storage, read> ts_cs: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read_write> ts_out: array<f32>;     // [q_heads, out_cols]
+
+fn k_half(base: u32, i: u32) -> f32 {
+    let w = unpack2x16float(ts_k[base + i / 2u]);
+    return select(w.x, w.y, (i & 1u) == 1u);
+}
+
+@compute @workgroup_size(64)
+fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.y * nwg.x * 64u + gid.x;
+    if (idx >= p.n_blocks * p.q_heads) { return; }
+    let t = idx % p.n_blocks;
+    let h = idx / p.n_blocks;
+    let page = pages[t / p.page_size];
+    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    let kvh = h / (p.q_heads / p.kv_heads);
+    let half = p.head_dim / 2u;
+    let base = (((page - p.arena_first_page) * p.kv_heads + kvh) * p.page_size + t % p.page_size) * half;
+    let pos = min(t, p.max_pos - 1u);
+    var s = 0.0;
+    for (var i = 0u; i < half; i++) {
+        let lo = k_half(base, i);
+        let hi = k_half(base, i + half);
+        let c = ts_cs[pos * half + i];
+        s += ts_q[h * p.head_dim + i] * (lo * c.x - hi * c.y)
+           + ts_q[h * p.head_dim + i + half] * (hi * c.x + lo * c.y);
+    }
+    ts_out[h * p.out_cols + t] = s;
 }

@@ -481,8 +481,21 @@ pub trait Ops: Send {
         n_blocks: usize,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// TidalDecode scores: `out[h, t]` = q_h . k_t for tokens `0..n` of `layer`,
+    /// keys rotated at their true positions (`q` `[1, q_heads * D]`, rotated),
+    /// query head h against its KV head.
+    fn token_scores(
+        &mut self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        n: usize,
+        rope: &Self::Rope,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Quest block choice per KV head: the `k` blocks of `0..n` with the largest
-    /// max over the head's query heads of `scores[h, b]` (`[q_heads, >= n]`),
+    /// sum over the head's query heads of `scores[h, b]` (`[q_heads, >= n]`),
     /// value descending, ties to the lower index, into `out[g * k..][..k]`.
     fn block_top_k(
         &mut self,

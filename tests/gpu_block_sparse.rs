@@ -127,7 +127,7 @@ fn top_blocks_match_reference() {
             let best = |b: usize| {
                 (g * group..(g + 1) * group)
                     .map(|h| s[h * cols + b])
-                    .fold(f32::MIN, f32::max)
+                    .sum::<f32>()
             };
             let chosen = &oc[g * k..(g + 1) * k];
             let floor = chosen
@@ -153,6 +153,8 @@ fn block_list_decode_matches_reference() {
         for (qh, kh, d, len, block) in [
             (9usize, 3usize, 64usize, 1000 + 13, 16usize),
             (32, 8, 128, 700, 8),
+            // Block 1 is Tidal's per-KV-head token list.
+            (9, 3, 64, 517, 1),
         ] {
             let mut f = fill(&mut ex, kh, d, len, 55);
             let (rc, rg) = (
@@ -211,6 +213,50 @@ fn block_list_decode_matches_reference() {
                 1e-5,
                 1e-4,
             );
+        }
+    }
+}
+
+/// TidalDecode's scores: q . k with keys rotated at their positions, on both
+/// executors and against the direct formula.
+#[test]
+fn token_scores_match_reference() {
+    let mut ex = gpu();
+    for (qh, kh, d, len) in [(9usize, 3usize, 64usize, 1000 + 13), (32, 8, 128, 300)] {
+        let mut f = fill(&mut ex, kh, d, len, 57);
+        let (rc, rg) = (
+            f.cpu.rope_table(&rope_cfg(d, len)).unwrap(),
+            ex.rope_table(&rope_cfg(d, len)).unwrap(),
+        );
+        let n = len - 1;
+        let q = randn(&mut rng(58), qh * d, 1.0);
+        let (qc, qg) = (
+            f.cpu.upload(&q, 1, qh * d).unwrap(),
+            ex.upload(&q, 1, qh * d).unwrap(),
+        );
+        let mut sc = f.cpu.tensor(qh, n + 2).unwrap();
+        f.cpu
+            .token_scores(&qc, &f.kvc, 0, &f.table, n, &rc, &mut sc)
+            .unwrap();
+        let mut sg = ex.tensor(qh, n + 2).unwrap();
+        ex.token_scores(&qg, &f.kvg, 0, &f.table, n, &rg, &mut sg)
+            .unwrap();
+        assert_close(
+            &format!("token scores {qh}/{kh}/{d}"),
+            &ex.download(&sg).unwrap(),
+            &sc.data,
+            1e-3,
+            1e-4,
+        );
+        let half = d / 2;
+        for h in [0, qh - 1] {
+            for t in [0, n / 2, n - 1] {
+                let off = f.kvc.offset(&f.table, t, h / (qh / kh));
+                let mut k = f.kvc.k[0][off..off + d].to_vec();
+                kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
+                let want = dot(&q[h * d..(h + 1) * d], &k);
+                assert!((sc.data[h * sc.cols + t] - want).abs() < 1e-3);
+            }
         }
     }
 }

@@ -444,3 +444,61 @@ fn quest_decisions_agree_across_executors() {
         "Quest with a covering budget"
     );
 }
+
+/// TidalDecode (budget 64 tokens per KV head, selection at layer 2, re-selection
+/// at 13) after the first 600 tokens of README.md: both executors choose the same
+/// tokens and generate the same text; a covering budget generates what dense
+/// attention does.
+#[test]
+fn tidal_decisions_agree_across_executors() {
+    use kvsieve::attention::{AttentionPolicy, TidalConfig};
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let run = |backend: Backend, policy: AttentionPolicy| {
+        let opts = Options {
+            backend,
+            max_context: 1024,
+            policy,
+            ..Options::default()
+        };
+        let mut e = Engine::load(&model_dir(), opts).unwrap();
+        let mut ids = e.tokenizer.encode(&text).unwrap();
+        ids.truncate(600);
+        let params = GenerateParams {
+            max_tokens: 8,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let tokens: Vec<u32> = e
+            .generate_ids(&ids, &params)
+            .unwrap()
+            .map(|t| t.unwrap().id)
+            .collect();
+        (tokens, e.selected(20).unwrap())
+    };
+    let tidal = AttentionPolicy::Tidal(TidalConfig {
+        budget: 64,
+        ..TidalConfig::default()
+    });
+    let (cpu, gpu) = (run(Backend::Reference, tidal), run(Backend::Gpu, tidal));
+    assert_eq!(cpu.0, gpu.0, "greedy tokens under Tidal");
+    let (a, b) = (cpu.1.unwrap(), gpu.1.unwrap());
+    assert_eq!(a.len(), 3 * 64);
+    let same = a.iter().filter(|x| b.contains(x)).count();
+    assert!(
+        same + 2 >= a.len(),
+        "re-selection: {same} of {} tokens shared",
+        a.len()
+    );
+    let covering = AttentionPolicy::Tidal(TidalConfig {
+        budget: 1024,
+        ..TidalConfig::default()
+    });
+    let dense = run(Backend::Reference, AttentionPolicy::Dense);
+    assert_eq!(
+        run(Backend::Reference, covering).0,
+        dense.0,
+        "Tidal with a covering budget"
+    );
+}

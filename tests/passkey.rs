@@ -2,13 +2,15 @@
 //! takes the same decisions as the GPU one (see model_default.rs): within the
 //! trained context (8K for the default model) TokenSelect finds every key dense
 //! finds, and at 16K, twice the trained context, TokenSelect with compact
-//! positions still finds it at several depths.
+//! positions still finds it at several depths. Quest and Tidal (budget 2048)
+//! find every key dense finds at 8K (the 4K prompts would fit half in their
+//! budget; they are left out to keep the test command short).
 //!
 //! Two prompts share their tokens up to the earlier of their two keys, so each
 //! policy runs its prompts by key position, latest first, and the engine
 //! re-prefills only from the key on.
 
-use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+use kvsieve::attention::{AttentionPolicy, QuestConfig, TidalConfig, TokenSelectConfig};
 use kvsieve::eval::passkey_trial;
 use kvsieve::generate::{Backend, Engine, Options};
 
@@ -52,7 +54,7 @@ fn found(cells: &[(usize, f64, bool)], len: usize, depth: f64) -> bool {
 }
 
 #[test]
-fn passkey_retrieval_dense_and_tokenselect() {
+fn passkey_retrieval_dense_and_sparse_policies() {
     let dir = kvsieve::convert::default_model_dir().unwrap();
     let opts = Options {
         backend: Backend::Reference,
@@ -65,7 +67,18 @@ fn passkey_retrieval_dense_and_tokenselect() {
     let mut lens = TRAINED.to_vec();
     lens.push(EXTRAPOLATED);
     let sparse = run(&mut e, ts, "tokenselect", &lens);
-    eprintln!("| length | depth | dense | TokenSelect (compact) |\n|---|---|---|---|");
+    let long = [TRAINED[1]];
+    let quest = AttentionPolicy::BlockSparse(QuestConfig::default());
+    let blocks = run(&mut e, quest, "quest", &long);
+    let tidal = run(
+        &mut e,
+        AttentionPolicy::Tidal(TidalConfig::default()),
+        "tidal",
+        &long,
+    );
+    eprintln!(
+        "| length | depth | dense | TokenSelect (compact) | Quest | Tidal |\n|---|---|---|---|---|---|"
+    );
     for &len in &lens {
         for depth in DEPTHS {
             let d = if len == EXTRAPOLATED {
@@ -80,7 +93,17 @@ fn passkey_retrieval_dense_and_tokenselect() {
             } else {
                 "missed"
             };
-            eprintln!("| {len} | {depth} | {d} | {s} |");
+            let cell =
+                |cells: &[(usize, f64, bool)]| match (len == long[0], found(cells, len, depth)) {
+                    (false, _) => "not run",
+                    (true, true) => "found",
+                    (true, false) => "missed",
+                };
+            eprintln!(
+                "| {len} | {depth} | {d} | {s} | {} | {} |",
+                cell(&blocks),
+                cell(&tidal)
+            );
         }
     }
     for &len in &TRAINED {
@@ -93,6 +116,12 @@ fn passkey_retrieval_dense_and_tokenselect() {
                 !found(&dense, len, depth) || found(&sparse, len, depth),
                 "len {len} depth {depth}: dense found the key, TokenSelect did not"
             );
+            for (cells, name) in [(&blocks, "Quest"), (&tidal, "Tidal")] {
+                assert!(
+                    len != long[0] || !found(&dense, len, depth) || found(cells, len, depth),
+                    "len {len} depth {depth}: dense found the key, {name} did not"
+                );
+            }
         }
     }
     let n = DEPTHS

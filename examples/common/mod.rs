@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use clap::Args;
-use kvsieve::attention::{AttentionPolicy, QuestConfig, TokenSelectConfig};
+use kvsieve::attention::{AttentionPolicy, QuestConfig, TidalConfig, TokenSelectConfig};
 use kvsieve::generate::{Backend, Engine, GenerateParams, Options, SamplingParams};
 use std::path::PathBuf;
 
@@ -15,13 +15,20 @@ pub struct ModelArgs {
     /// gpu or reference.
     #[arg(long, default_value = "gpu")]
     pub backend: String,
-    /// Attention policy: dense, tokenselect or quest.
+    /// Attention policy: dense, tokenselect, quest or tidal.
     #[arg(long, default_value = "dense")]
     pub policy: String,
-    /// Quest: tokens attended per decode step (the last block plus the best
-    /// blocks of each KV head).
+    /// Quest and Tidal: tokens attended per decode step (Quest: the last block
+    /// plus the best blocks of each KV head; Tidal: the chosen tokens per KV
+    /// head plus the current one).
     #[arg(long, default_value_t = 2048)]
     pub budget: usize,
+    /// Tidal: the layer that selects (earlier layers are dense).
+    #[arg(long, default_value_t = 2)]
+    pub selection_layer: usize,
+    /// Tidal: the layer that selects again.
+    #[arg(long, default_value_t = 13)]
+    pub reselection_layer: usize,
     /// Quest: tokens per block.
     #[arg(long, default_value_t = 16)]
     pub block: usize,
@@ -100,9 +107,14 @@ impl ModelArgs {
                 budget: self.budget,
                 dense_layers: self.dense_layers,
             }),
+            "tidal" => AttentionPolicy::Tidal(TidalConfig {
+                selection_layer: self.selection_layer,
+                reselection_layer: self.reselection_layer,
+                budget: self.budget,
+            }),
             other => {
                 return Err(kvsieve::Error::InvalidOption(format!(
-                    "policy {other:?}: expected dense, tokenselect or quest"
+                    "policy {other:?}: expected dense, tokenselect, quest or tidal"
                 )))
             }
         };

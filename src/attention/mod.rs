@@ -8,5 +8,6 @@ pub use crate::ops::GqaMap;
 pub use dense::dense_attention;
 pub use kv_cache::{KvLayout, PageAllocator, PageTable};
 pub use policy::{
-    Attention, AttentionPolicy, Positions, QuestConfig, SelectionStats, TokenSelectConfig,
+    Attention, AttentionPolicy, Positions, QuestConfig, SelectionStats, TidalConfig,
+    TokenSelectConfig,
 };

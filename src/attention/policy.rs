@@ -88,6 +88,28 @@ impl Default for QuestConfig {
     }
 }
 
+/// TidalDecode parameters (ALGORITHMS.md section 3). Defaults suit the
+/// 30-layer default model (the paper uses layer 2 and layer 13 of 32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TidalConfig {
+    /// The layer that selects (layers before it are dense).
+    pub selection_layer: usize,
+    /// The layer that selects again; later layers use its choice.
+    pub reselection_layer: usize,
+    /// Tokens each KV head keeps (the current token comes on top).
+    pub budget: usize,
+}
+
+impl Default for TidalConfig {
+    fn default() -> Self {
+        Self {
+            selection_layer: 2,
+            reselection_layer: 13,
+            budget: 2048,
+        }
+    }
+}
+
 /// Which attention runs.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum AttentionPolicy {
@@ -100,6 +122,10 @@ pub enum AttentionPolicy {
     /// Quest: per-block key bounds, the best blocks of each KV head by their
     /// upper-bound score, block-sparse decode (prefill stays dense).
     BlockSparse(QuestConfig),
+    /// TidalDecode: dense attention plus a top-budget token choice per KV head in
+    /// the selection layers, the chosen positions reused by the layers after them
+    /// (decode; prefill stays dense).
+    Tidal(TidalConfig),
 }
 
 impl AttentionPolicy {
@@ -110,6 +136,14 @@ impl AttentionPolicy {
                 return Err(Error::InvalidOption(format!(
                     "Quest block {} must be >= 4 and the budget {} at least two blocks",
                     c.block, c.budget
+                )));
+            }
+        }
+        if let AttentionPolicy::Tidal(c) = self {
+            if c.budget == 0 || c.reselection_layer <= c.selection_layer {
+                return Err(Error::InvalidOption(format!(
+                    "Tidal budget {} must be >= 1 and the re-selection layer {} after the selection layer {}",
+                    c.budget, c.reselection_layer, c.selection_layer
                 )));
             }
         }
@@ -174,6 +208,15 @@ struct QuestBuffers<E: Ops> {
     from: usize,
 }
 
+/// Tidal state: token scores and the chosen positions passed layer to layer.
+struct TidalBuffers<E: Ops> {
+    /// `[q_heads, cap]` token scores.
+    scores: E::Tensor,
+    cap: usize,
+    /// `[kv_heads, budget]` token indices.
+    selected: E::Ids,
+}
+
 struct TsBuffers<E: Ops> {
     cap: usize,
     q_fp: E::Tensor,
@@ -209,6 +252,8 @@ enum Step<E: Ops> {
     Tree(E::Ids),
     /// One Quest decode token (layers past the dense ones select blocks).
     Quest,
+    /// One Tidal decode token.
+    Tidal,
     /// A draft tree under TokenSelect: the root selects as a decode query
     /// would, every node attends to that selection plus its ancestors. Mask,
     /// fingerprint position, node positions.
@@ -223,6 +268,7 @@ pub struct Attention<E: Ops> {
     pub layout: KvLayout,
     ts: Option<TsBuffers<E>>,
     quest: Option<QuestBuffers<E>>,
+    tidal: Option<TidalBuffers<E>>,
     step: Step<E>,
     /// Selections run without the Selection Cache (threshold above 1).
     uncached_selections: u64,
@@ -248,6 +294,7 @@ impl<E: Ops> Attention<E> {
             layout: *layout,
             ts: None,
             quest: None,
+            tidal: None,
             step: Step::Dense,
             uncached_selections: 0,
             prefill_selections: 0,
@@ -312,6 +359,21 @@ impl<E: Ops> Attention<E> {
         self.step = Step::Dense;
         if let AttentionPolicy::BlockSparse(c) = self.policy {
             return self.begin_quest(ops, cfg, &c, n, seq_len);
+        }
+        if let AttentionPolicy::Tidal(c) = self.policy {
+            // Sparse once more tokens precede the current one than the budget.
+            if n == 1 && seq_len - 1 > c.budget {
+                if self.tidal.as_ref().is_none_or(|t| t.cap < seq_len) {
+                    let cap = seq_len.next_power_of_two().max(1024);
+                    self.tidal = Some(TidalBuffers {
+                        scores: ops.tensor(cfg.heads, cap)?,
+                        cap,
+                        selected: ops.ids(&vec![0u32; cfg.kv_heads * c.budget])?,
+                    });
+                }
+                self.step = Step::Tidal;
+            }
+            return Ok(());
         }
         let AttentionPolicy::TokenSelect(c) = self.policy else {
             return Ok(());
@@ -471,6 +533,32 @@ impl<E: Ops> Attention<E> {
             ops.rope(q, cfg.heads, positions, rope)?;
             return ops.attention_tree(q, kv, layer, table, start, mask, None, rope, out);
         }
+        if let (Some(tb), AttentionPolicy::Tidal(c), Step::Tidal) =
+            (self.tidal.as_mut(), self.policy, &self.step)
+        {
+            ops.rope(q, cfg.heads, positions, rope)?;
+            if layer < c.selection_layer {
+                return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
+            }
+            if layer == c.selection_layer || layer == c.reselection_layer {
+                // Full attention here, and the top-budget tokens before the
+                // current one per KV head (max over its query heads of q . k).
+                let n = seq_len - 1;
+                ops.token_scores(q, kv, layer, table, n, rope, &mut tb.scores)?;
+                ops.block_top_k(&tb.scores, cfg.kv_heads, n, c.budget, &mut tb.selected)?;
+                return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
+            }
+            let list = KeyList {
+                n_init: 0,
+                selected: &tb.selected,
+                n_selected: c.budget,
+                tail_start: seq_len - 1,
+                tail_len: 1,
+                compact: false,
+                block: 1,
+            };
+            return ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out);
+        }
         if let (Some(qb), AttentionPolicy::BlockSparse(c)) = (self.quest.as_mut(), self.policy) {
             ops.rope(q, cfg.heads, positions, rope)?;
             if layer < c.dense_layers {
@@ -501,7 +589,7 @@ impl<E: Ops> Attention<E> {
             return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
         };
         match &self.step {
-            Step::Dense | Step::Tree(_) | Step::Quest => {
+            Step::Dense | Step::Tree(_) | Step::Quest | Step::Tidal => {
                 ops.rope(q, cfg.heads, positions, rope)?;
                 dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out)
             }
@@ -612,7 +700,8 @@ impl<E: Ops> Attention<E> {
     }
 
     /// The selection of `layer` from the last sparse step (for tests and tools).
-    /// (Quest: the chosen block ids, `[kv_heads, top]`.)
+    /// (Quest: the chosen block ids, `[kv_heads, top]`; Tidal: the token ids
+    /// in use, `[kv_heads, budget]`, for layers past the selection layer.)
     pub fn selected(&mut self, ops: &mut E, layer: usize) -> Result<Option<Vec<u32>>> {
         match (&self.ts, &self.quest) {
             (Some(ts), _) if layer < ts.selected.len() => {
@@ -621,6 +710,12 @@ impl<E: Ops> Attention<E> {
             (_, Some(qb)) if layer < qb.selected.len() => {
                 Ok(Some(ops.download_ids(&qb.selected[layer])?))
             }
+            _ if self.tidal.is_some() => match (&self.tidal, self.policy) {
+                (Some(tb), AttentionPolicy::Tidal(c)) if layer > c.selection_layer => {
+                    Ok(Some(ops.download_ids(&tb.selected)?))
+                }
+                _ => Ok(None),
+            },
             _ => Ok(None),
         }
     }

@@ -199,3 +199,62 @@ pub(super) fn top_k(
     ex.rec.dispatch(&p, &words, &bind, [kv_heads as u32, 1, 1]);
     Ok(())
 }
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn token_scores(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    kv: &GpuKv,
+    layer: usize,
+    table: &PageTable,
+    n: usize,
+    rope: &GpuRope,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let l = kv.layout;
+    // Blocks of one token: the same shape rules.
+    let qh = check::block_scores(
+        &l,
+        1,
+        layer,
+        table,
+        (q.rows, q.cols),
+        n,
+        (out.rows, out.cols),
+    )?;
+    if n > rope.max_pos {
+        return Err(crate::error::Error::Capacity(format!(
+            "token_scores: {n} tokens beyond the RoPE table's {}",
+            rope.max_pos
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let pages = ex.page_table(table);
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
+    let groups = ex.grid((n * qh).div_ceil(64))?;
+    for a in kv.arenas_for(table, 0..n) {
+        let words = params(
+            &l,
+            1,
+            0,
+            n,
+            n,
+            a,
+            kv.pages_per_arena,
+            rope.max_pos,
+            qh,
+            out.cols,
+        );
+        let bind = [
+            Binding::from(&pages),
+            Binding::from(&q.buf),
+            Binding::from(&kv.k[layer][a]),
+            Binding::from(&rope.buf),
+            Binding::from(&out.buf),
+        ];
+        ex.rec.dispatch(&p, &words, &bind, groups);
+    }
+    Ok(())
+}

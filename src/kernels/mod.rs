@@ -680,6 +680,19 @@ impl Ops for GpuExecutor {
         speculative::accept(self, logits, tokens, links, params, depth, trials, out)
     }
 
+    fn token_scores(
+        &mut self,
+        q: &GpuTensor,
+        kv: &GpuKv,
+        layer: usize,
+        table: &PageTable,
+        n: usize,
+        rope: &GpuRope,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        block_sparse::token_scores(self, q, kv, layer, table, n, rope, out)
+    }
+
     fn block_top_k(
         &mut self,
         scores: &GpuTensor,

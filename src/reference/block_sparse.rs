@@ -100,7 +100,7 @@ pub(super) fn top_k(scores: &RefTensor, kv_heads: usize, n: usize, k: usize, out
             .map(|b| {
                 (g * group..(g + 1) * group)
                     .map(|h| scores.data[h * scores.cols + b])
-                    .fold(-3.0e38f32, f32::max)
+                    .fold(0.0f32, |a, v| a + v)
             })
             .collect();
         for (o, (b, _)) in out[g * k..(g + 1) * k]
@@ -108,6 +108,37 @@ pub(super) fn top_k(scores: &RefTensor, kv_heads: usize, n: usize, k: usize, out
             .zip(super::top_k_row(&row, k))
         {
             *o = b;
+        }
+    }
+}
+
+pub(super) fn token_scores(
+    q: &RefTensor,
+    kv: &RefKv,
+    layer: usize,
+    table: &PageTable,
+    n: usize,
+    rope: &RefRope,
+    out: &mut RefTensor,
+) {
+    let d = kv.layout.head_dim;
+    let half = d / 2;
+    let qh = q.cols / d;
+    let group = qh / kv.layout.kv_heads;
+    for h in 0..qh {
+        let qv = &q.data[h * d..(h + 1) * d];
+        for t in 0..n {
+            let off = kv.offset(table, t, h / group);
+            let k = &kv.k[layer][off..off + d];
+            let cs = &rope.cs[t.min(rope.max_pos - 1) * half..][..half];
+            // The shader's order: one pair of channels per step.
+            let mut s = 0.0f32;
+            for i in 0..half {
+                let (lo, hi) = (k[i], k[i + half]);
+                s += qv[i] * (lo * cs[i][0] - hi * cs[i][1])
+                    + qv[i + half] * (hi * cs[i][0] + lo * cs[i][1]);
+            }
+            out.data[h * out.cols + t] = s;
         }
     }
 }

@@ -666,6 +666,35 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn token_scores(
+        &mut self,
+        q: &RefTensor,
+        kv: &RefKv,
+        layer: usize,
+        table: &PageTable,
+        n: usize,
+        rope: &RefRope,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        check::block_scores(
+            &kv.layout,
+            1,
+            layer,
+            table,
+            (q.rows, q.cols),
+            n,
+            (out.rows, out.cols),
+        )?;
+        if n > rope.max_pos {
+            return Err(Error::Capacity(format!(
+                "token_scores: {n} tokens beyond the RoPE table's {}",
+                rope.max_pos
+            )));
+        }
+        block_sparse::token_scores(q, kv, layer, table, n, rope, out);
+        Ok(())
+    }
+
     fn block_top_k(
         &mut self,
         scores: &RefTensor,
