@@ -1,0 +1,131 @@
+//! Quest and TidalDecode decode steps against dense decoding, per layer, on the
+//! adapter the library would choose (GPU timestamps when available), at equal
+//! token budgets (2048):
+//! - `quest`: the new token's block bounds, block scores, per-KV-head top
+//!   blocks, attention over those blocks plus the last one;
+//! - `tidal_sparse`: a layer after the selection layer (attention over the
+//!   chosen tokens plus the current one);
+//! - `tidal_select`: the selection layer (dense attention, token scores, top
+//!   tokens per KV head).
+//!
+//! On CPU adapters (lavapipe) the 32/8/128 shape is skipped unless
+//! `KVSIEVE_BENCH_FULL=1`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use kvsieve::kernels::GpuExecutor;
+use kvsieve::ops::{KeyList, Ops};
+use std::time::Duration;
+
+mod common;
+use common::timed;
+
+const BUDGET: usize = 2048;
+const BLOCK: usize = 16;
+
+fn benches(c: &mut Criterion) {
+    let mut ex =
+        GpuExecutor::new().unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"));
+    eprintln!("{}", ex.ctx.describe());
+    ex.rec.enable_timestamps();
+    let mut g = c.benchmark_group("sparse_decode");
+    g.sample_size(10)
+        .sampling_mode(criterion::SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let full = std::env::var("KVSIEVE_BENCH_FULL").is_ok_and(|v| v == "1")
+        || !ex.tuning.per_thread_kernels;
+    for (name, qh, kh, d) in [
+        ("h9kv3d64", 9usize, 3usize, 64usize),
+        ("h32kv8d128", 32, 8, 128),
+    ] {
+        if qh == 32 && !full {
+            continue;
+        }
+        for len in [8192usize, 32768, 131072] {
+            let cache = match common::cache(&mut ex, kh, d, len) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("skipping {name} at {len}: {e}");
+                    continue;
+                }
+            };
+            let common::Cache { kv, table, rope } = cache;
+            let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
+            let mut out = ex.tensor(1, qh * d).unwrap();
+            let mut bounds = ex.block_bounds(&kv.layout, BLOCK).unwrap();
+            ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)
+                .unwrap();
+            ex.flush().unwrap();
+            let last = (len - 1) / BLOCK;
+            let top = BUDGET / BLOCK - 1;
+            let mut scores = ex.tensor(qh, last.max(len)).unwrap();
+            let mut blocks = ex.ids(&vec![0u32; kh * top]).unwrap();
+            let mut tokens = ex.ids(&vec![0u32; kh * BUDGET]).unwrap();
+            let id =
+                |what: &str| BenchmarkId::new(format!("{name}/{what}"), format!("{}k", len / 1024));
+            g.bench_function(id("dense"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        ex.attention_decode(&q, &kv, 0, &table, len, &rope, &mut out)
+                            .unwrap()
+                    })
+                })
+            });
+            g.bench_function(id("quest"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        ex.kv_bounds(&kv, &mut bounds, 0, &table, len - 1..len, &rope)
+                            .unwrap();
+                        ex.block_scores(&q, &bounds, 0, &table, last, &mut scores)
+                            .unwrap();
+                        ex.block_top_k(&scores, kh, last, top, &mut blocks).unwrap();
+                        let list = KeyList {
+                            n_init: 0,
+                            selected: &blocks,
+                            n_selected: top * BLOCK,
+                            tail_start: last * BLOCK,
+                            tail_len: len - last * BLOCK,
+                            compact: false,
+                            block: BLOCK,
+                        };
+                        ex.attention_decode_list(&q, &kv, 0, &table, len, &list, &rope, &mut out)
+                            .unwrap();
+                    })
+                })
+            });
+            g.bench_function(id("tidal_sparse"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        let list = KeyList {
+                            n_init: 0,
+                            selected: &tokens,
+                            n_selected: BUDGET,
+                            tail_start: len - 1,
+                            tail_len: 1,
+                            compact: false,
+                            block: 1,
+                        };
+                        ex.attention_decode_list(&q, &kv, 0, &table, len, &list, &rope, &mut out)
+                            .unwrap();
+                    })
+                })
+            });
+            g.bench_function(id("tidal_select"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        ex.attention_decode(&q, &kv, 0, &table, len, &rope, &mut out)
+                            .unwrap();
+                        ex.token_scores(&q, &kv, 0, &table, len - 1, &rope, &mut scores)
+                            .unwrap();
+                        ex.block_top_k(&scores, kh, len - 1, BUDGET, &mut tokens)
+                            .unwrap();
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(block_sparse, benches);
+criterion_main!(block_sparse);
