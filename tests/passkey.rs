@@ -72,12 +72,6 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     let long = [TRAINED[1]];
     let quest = AttentionPolicy::BlockSparse(QuestConfig::default());
     let blocks = run(&mut e, quest, "quest", &long);
-    let tidal = run(
-        &mut e,
-        AttentionPolicy::Tidal(TidalConfig::default()),
-        "tidal",
-        &long,
-    );
     eprintln!("| length | depth | dense | TokenSelect (compact) | Quest |\n|---|---|---|---|---|");
     for &len in &lens {
         for depth in DEPTHS {
