@@ -961,6 +961,26 @@ pub mod check {
         Ok(())
     }
 
+    /// Token scores: blocks of one token, all inside the RoPE table; returns the
+    /// query head count.
+    pub fn token_scores(
+        layout: &KvLayout,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        n: usize,
+        out: (usize, usize),
+        max_pos: usize,
+    ) -> Result<usize> {
+        let qh = block_scores(layout, 1, layer, table, q, n, out)?;
+        if n > max_pos {
+            return Err(Error::Capacity(format!(
+                "token_scores: {n} tokens beyond the RoPE table's {max_pos}"
+            )));
+        }
+        Ok(qh)
+    }
+
     /// Block top-k: `(q_heads, cols)` scores, the ids buffer's length.
     pub fn block_top_k(
         scores: (usize, usize),

@@ -212,22 +212,15 @@ pub(super) fn token_scores(
     out: &mut GpuTensor,
 ) -> Result<()> {
     let l = kv.layout;
-    // Blocks of one token: the same shape rules.
-    let qh = check::block_scores(
+    let qh = check::token_scores(
         &l,
-        1,
         layer,
         table,
         (q.rows, q.cols),
         n,
         (out.rows, out.cols),
+        rope.max_pos,
     )?;
-    if n > rope.max_pos {
-        return Err(crate::error::Error::Capacity(format!(
-            "token_scores: {n} tokens beyond the RoPE table's {}",
-            rope.max_pos
-        )));
-    }
     if n == 0 {
         return Ok(());
     }

@@ -676,21 +676,15 @@ impl Ops for RefExecutor {
         rope: &RefRope,
         out: &mut RefTensor,
     ) -> Result<()> {
-        check::block_scores(
+        check::token_scores(
             &kv.layout,
-            1,
             layer,
             table,
             (q.rows, q.cols),
             n,
             (out.rows, out.cols),
+            rope.max_pos,
         )?;
-        if n > rope.max_pos {
-            return Err(Error::Capacity(format!(
-                "token_scores: {n} tokens beyond the RoPE table's {}",
-                rope.max_pos
-            )));
-        }
         block_sparse::token_scores(q, kv, layer, table, n, rope, out);
         Ok(())
     }
