@@ -542,7 +542,7 @@ impl<E: Ops> Attention<E> {
             }
             if layer == c.selection_layer || layer == c.reselection_layer {
                 // Full attention here, and the top-budget tokens before the
-                // current one per KV head (max over its query heads of q . k).
+                // current one per KV head (q . k summed over its query heads).
                 let n = seq_len - 1;
                 ops.token_scores(q, kv, layer, table, n, rope, &mut tb.scores)?;
                 ops.block_top_k(&tb.scores, cfg.kv_heads, n, c.budget, &mut tb.selected)?;
