@@ -270,6 +270,33 @@ fn tokenselect_run_with(
         cache_threshold,
         ..Default::default()
     });
+    let (mut e, tokens) = readme_run(backend, policy, speculate, max_tokens);
+    let selected = (0..e.config.layers)
+        .map(|l| e.selected(l).unwrap().unwrap())
+        .collect();
+    let stats = e.selection_stats();
+    eprintln!(
+        "{backend:?} {speculate:?}: {} selections, {} cache hits, tau {:?}",
+        stats.selections,
+        stats.cache_hits,
+        e.stats.mean_accepted()
+    );
+    TsRun {
+        tokens,
+        selected,
+        stats,
+    }
+}
+
+/// Greedy-generates `max_tokens` tokens after the first 600 tokens of README.md
+/// under `policy` on `backend` (drafting with `speculate`, trees of 8 nodes);
+/// returns the engine, for its selections and stats, and the tokens.
+fn readme_run(
+    backend: Backend,
+    policy: kvsieve::attention::AttentionPolicy,
+    speculate: Speculate,
+    max_tokens: usize,
+) -> (Engine, Vec<u32>) {
     let text =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
             .unwrap();
@@ -294,21 +321,7 @@ fn tokenselect_run_with(
         .unwrap()
         .map(|t| t.unwrap().id)
         .collect();
-    let selected = (0..e.config.layers)
-        .map(|l| e.selected(l).unwrap().unwrap())
-        .collect();
-    let stats = e.selection_stats();
-    eprintln!(
-        "{backend:?} {speculate:?}: {} selections, {} cache hits, tau {:?}",
-        stats.selections,
-        stats.cache_hits,
-        e.stats.mean_accepted()
-    );
-    TsRun {
-        tokens,
-        selected,
-        stats,
-    }
+    (e, tokens)
 }
 
 /// Without the cache: the GPU selects the same tokens as the reference in every
@@ -384,34 +397,13 @@ fn tokenselect_speculation_agrees_across_executors() {
     );
 }
 
-/// Greedy-generates 8 tokens after the first 600 tokens of README.md under
-/// `policy` on `backend`; returns them with every layer's selection.
+/// [`readme_run`] without drafting, 8 tokens; returns them with every layer's
+/// selection.
 fn policy_run(
     backend: Backend,
     policy: kvsieve::attention::AttentionPolicy,
 ) -> (Vec<u32>, Vec<Option<Vec<u32>>>) {
-    let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
-    let opts = Options {
-        backend,
-        max_context: 1024,
-        policy,
-        ..Options::default()
-    };
-    let mut e = Engine::load(&model_dir(), opts).unwrap();
-    let mut ids = e.tokenizer.encode(&text).unwrap();
-    ids.truncate(600);
-    let params = GenerateParams {
-        max_tokens: 8,
-        stop_at_eos: false,
-        ..Default::default()
-    };
-    let tokens: Vec<u32> = e
-        .generate_ids(&ids, &params)
-        .unwrap()
-        .map(|t| t.unwrap().id)
-        .collect();
+    let (mut e, tokens) = readme_run(backend, policy, Speculate::Off, 8);
     let selected = (0..e.config.layers)
         .map(|l| e.selected(l).unwrap())
         .collect();
