@@ -703,21 +703,15 @@ impl<E: Ops> Attention<E> {
     /// (Quest: the chosen block ids, `[kv_heads, top]`; Tidal: the token ids
     /// in use, `[kv_heads, budget]`, for layers past the selection layer.)
     pub fn selected(&mut self, ops: &mut E, layer: usize) -> Result<Option<Vec<u32>>> {
-        match (&self.ts, &self.quest) {
-            (Some(ts), _) if layer < ts.selected.len() => {
-                Ok(Some(ops.download_ids(&ts.selected[layer])?))
+        let ids = match (&self.ts, &self.quest, &self.tidal, self.policy) {
+            (Some(ts), ..) => ts.selected.get(layer),
+            (_, Some(qb), ..) => qb.selected.get(layer),
+            (.., Some(tb), AttentionPolicy::Tidal(c)) if layer > c.selection_layer => {
+                Some(&tb.selected)
             }
-            (_, Some(qb)) if layer < qb.selected.len() => {
-                Ok(Some(ops.download_ids(&qb.selected[layer])?))
-            }
-            _ if self.tidal.is_some() => match (&self.tidal, self.policy) {
-                (Some(tb), AttentionPolicy::Tidal(c)) if layer > c.selection_layer => {
-                    Ok(Some(ops.download_ids(&tb.selected)?))
-                }
-                _ => Ok(None),
-            },
-            _ => Ok(None),
-        }
+            _ => None,
+        };
+        ids.map(|ids| ops.download_ids(ids)).transpose()
     }
 }
 
