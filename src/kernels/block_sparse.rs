@@ -24,8 +24,7 @@ pub struct GpuBounds {
 pub(super) fn alloc(ex: &mut GpuExecutor, layout: &KvLayout, block: usize) -> Result<GpuBounds> {
     layout.validate()?;
     check::bounds_block(layout, block)?;
-    let page_bytes = layout.page_elems() as u64 * 2;
-    let per_arena = buffer::rows_per_chunk(page_bytes, ex.max_binding, "KV page")?;
+    let per_arena = ex.kv_pages_per_arena(layout)?;
     let arenas = layout.num_pages.div_ceil(per_arena);
     let bounds_page =
         (layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim * 4) as u64;
@@ -146,16 +145,7 @@ pub(super) fn scores(
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "scores_main", &[]);
     let groups = ex.grid((n_blocks * qh).div_ceil(64))?;
-    let arenas: Vec<usize> = {
-        let mut a: Vec<usize> = table.pages[..(n_blocks * b.block).div_ceil(l.page_size)]
-            .iter()
-            .map(|&pg| pg as usize / b.pages_per_arena)
-            .collect();
-        a.sort_unstable();
-        a.dedup();
-        a
-    };
-    for a in arenas {
+    for a in super::arenas_for(l.page_size, b.pages_per_arena, table, 0..n_blocks * b.block) {
         let words = params(
             &l,
             b.block,

@@ -87,16 +87,26 @@ impl GpuKv {
     /// Arena buffers (ascending) holding a page of the logical tokens `tokens`
     /// (a non-empty range inside the reserved pages of `table`).
     pub fn arenas_for(&self, table: &PageTable, tokens: std::ops::Range<usize>) -> Vec<usize> {
-        let ps = self.layout.page_size;
-        let pages = &table.pages[tokens.start / ps..tokens.end.div_ceil(ps)];
-        let mut used: Vec<usize> = pages
-            .iter()
-            .map(|&p| p as usize / self.pages_per_arena)
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        used
+        arenas_for(self.layout.page_size, self.pages_per_arena, table, tokens)
     }
+}
+
+/// Arenas of `pages_per_arena` pages (ascending) holding a page of the logical
+/// `tokens` of `table` (shared by the KV cache and its block bounds).
+fn arenas_for(
+    page_size: usize,
+    pages_per_arena: usize,
+    table: &PageTable,
+    tokens: std::ops::Range<usize>,
+) -> Vec<usize> {
+    let pages = &table.pages[tokens.start / page_size..tokens.end.div_ceil(page_size)];
+    let mut used: Vec<usize> = pages
+        .iter()
+        .map(|&p| p as usize / pages_per_arena)
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    used
 }
 
 /// Mesa's CPU drivers share llvmpipe's JIT and its loop limiter.
@@ -251,6 +261,12 @@ impl GpuExecutor {
     }
 
     /// The device copy of a page table, with entries appended since last time written.
+    /// Pages per KV arena buffer for `layout` (one storage binding each); the
+    /// block bounds use the same split.
+    fn kv_pages_per_arena(&self, layout: &KvLayout) -> Result<usize> {
+        buffer::rows_per_chunk(layout.page_elems() as u64 * 2, self.max_binding, "KV page")
+    }
+
     pub(crate) fn page_table(&mut self, table: &PageTable) -> wgpu::Buffer {
         let _gl = self.ctx.gl_guard();
         let n = table.pages.len();
@@ -417,7 +433,7 @@ impl Ops for GpuExecutor {
         let _gl = ctx.gl_guard();
         layout.validate()?;
         let page_bytes = layout.page_elems() as u64 * 2;
-        let per_arena = buffer::rows_per_chunk(page_bytes, self.max_binding, "KV page")?;
+        let per_arena = self.kv_pages_per_arena(layout)?;
         let arenas = layout.num_pages.div_ceil(per_arena);
         let mut k = Vec::with_capacity(layout.layers);
         let mut v = Vec::with_capacity(layout.layers);
