@@ -405,6 +405,13 @@ impl Engine {
     /// Streams tokens continuing the prompt token ids.
     pub fn generate_ids(&mut self, ids: &[u32], params: &GenerateParams) -> Result<Generation<'_>> {
         let sampler = Sampler::new(params.sampling.clone())?;
+        // Checked before any tree-size measurement, so the answer does not
+        // depend on what the measurement would choose.
+        if params.speculate != Speculate::Off && params.sampling.repetition_penalty != 1.0 {
+            return Err(Error::InvalidOption(
+                "speculative decoding does not take a repetition penalty (each draft node has its own history)".into(),
+            ));
+        }
         let t = Instant::now();
         let mut calibration = Duration::ZERO;
         let tree_size = match (params.speculate, params.tree_size) {
@@ -433,11 +440,6 @@ impl Engine {
                     .unwrap_or(0)
             }
         };
-        if tree_size > 0 && params.sampling.repetition_penalty != 1.0 {
-            return Err(Error::InvalidOption(
-                "speculative decoding does not take a repetition penalty (each draft node has its own history)".into(),
-            ));
-        }
         let drafter = (tree_size > 0)
             .then(|| params.speculate.drafter(tree_size))
             .flatten();
