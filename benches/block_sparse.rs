@@ -52,7 +52,7 @@ fn benches(c: &mut Criterion) {
             let common::Cache { kv, table, rope } = cache;
             let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
             let mut out = ex.tensor(1, qh * d).unwrap();
-            let mut bounds = ex.block_bounds(&kv.layout, BLOCK).unwrap();
+            let mut bounds = ex.block_bounds(&kv.layout, BLOCK, true).unwrap();
             ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)
                 .unwrap();
             ex.flush().unwrap();
@@ -76,7 +76,7 @@ fn benches(c: &mut Criterion) {
                     timed(&mut ex, it, |ex| {
                         ex.kv_bounds(&kv, &mut bounds, 0, &table, len - 1..len, &rope)
                             .unwrap();
-                        ex.block_scores(&q, &bounds, 0, &table, last, &mut scores)
+                        ex.block_scores(&q, &bounds, 0, &table, 0..last, &mut scores, None)
                             .unwrap();
                         ex.block_top_k(&scores, kh, last, top, &mut blocks).unwrap();
                         let list = KeyList {

@@ -1,6 +1,9 @@
 //! TokenSelect vs dense attention, per layer, on the adapter the library would
 //! choose. Decode step: a Selection Cache miss (score + vote + top-k + sparse
-//! attention), a hit (cache check + sparse attention), and the selection alone.
+//! attention), a hit (cache check + sparse attention), and the selection alone;
+//! the same miss and selection for hierarchical TokenSelect (block bounds'
+//! soft vote keeps PREFILTER_BLOCKS blocks of BLOCK tokens, then the token vote
+//! over only those).
 //! Prefill: one 512-query chunk at the end of the context, dense flash attention
 //! vs TokenSelect (sub-chunk mean, score + vote + top-k, sparse flash attention),
 //! and the selection alone. Times from GPU timestamps when available.
@@ -12,8 +15,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::attention::PageTable;
-use kvsieve::kernels::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use kvsieve::ops::{GqaMap, KeyList, Ops, SelectPlan};
+use kvsieve::kernels::{GpuBounds, GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
+use kvsieve::ops::{GqaMap, KeyList, Ops, Prefilter, SelectPlan};
 use std::time::Duration;
 
 mod common;
@@ -33,12 +36,18 @@ struct Setup {
     qp: GpuTensor,
     outp: GpuTensor,
     fp: GpuTensor,
+    /// Unrotated key bounds and the hierarchical selection's blocks.
+    bounds: GpuBounds,
+    blocks: GpuIds,
 }
 
 const K: usize = 2048;
 const N_INIT: usize = 128;
 const N_LOCAL: usize = 512;
 const CHUNK: usize = 512;
+const BLOCK: usize = 16;
+/// Blocks the hierarchical selection keeps: 4096 tokens, twice k.
+const PREFILTER_BLOCKS: usize = 256;
 
 /// Deterministic values in [-0.5, 0.5) (the contents only steer the top-k).
 fn noise(n: usize, seed: u32) -> Vec<f32> {
@@ -77,6 +86,9 @@ fn setup(
     let qp = ex.upload(&noise(CHUNK * qh * d, 7), CHUNK, qh * d).unwrap();
     let outp = ex.tensor(CHUNK, qh * d).unwrap();
     let fp = ex.tensor(1, qh * d).unwrap();
+    let mut bounds = ex.block_bounds(&kv.layout, BLOCK, false)?;
+    ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)?;
+    let blocks = ex.ids(&vec![0u32; PREFILTER_BLOCKS])?;
     Ok(Setup {
         kv,
         table,
@@ -90,6 +102,8 @@ fn setup(
         qp,
         outp,
         fp,
+        bounds,
+        blocks,
     })
 }
 
@@ -132,11 +146,66 @@ fn selection(
         GqaMap::Grouped,
         &mut s.scores,
         gate,
+        None,
     )
     .unwrap();
     ex.ts_vote(&s.scores, qh, n, &mut s.votes, gate).unwrap();
     let mut sel = s.sel.clone();
-    ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, gate).unwrap();
+    ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, gate, None)
+        .unwrap();
+}
+
+/// Hierarchical selection (as the policy runs it on a miss): block scores from
+/// the bounds, their soft vote, the top blocks, then score, vote and top-k over
+/// those blocks' tokens.
+fn hierarchical_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: usize) {
+    let n = len - N_INIT - N_LOCAL;
+    let blocks = N_INIT / BLOCK..(N_INIT + n).div_ceil(BLOCK);
+    let nb = blocks.len();
+    ex.block_scores(
+        &s.q,
+        &s.bounds,
+        0,
+        &s.table,
+        blocks.clone(),
+        &mut s.scores,
+        None,
+    )
+    .unwrap();
+    ex.ts_vote(&s.scores, qh, nb, &mut s.votes, None).unwrap();
+    ex.ts_top_k(
+        &s.votes,
+        nb,
+        PREFILTER_BLOCKS,
+        blocks.start,
+        &mut s.blocks,
+        None,
+        None,
+    )
+    .unwrap();
+    let pf = Prefilter {
+        blocks: &s.blocks,
+        count: PREFILTER_BLOCKS,
+        block: BLOCK,
+    };
+    ex.ts_score(
+        &s.q,
+        &s.kv,
+        0,
+        &s.table,
+        N_INIT,
+        n,
+        GqaMap::Grouped,
+        &mut s.scores,
+        None,
+        Some(&pf),
+    )
+    .unwrap();
+    ex.ts_vote(&s.scores, qh, pf.slots(), &mut s.votes, None)
+        .unwrap();
+    let mut sel = s.sel.clone();
+    ex.ts_top_k(&s.votes, pf.slots(), K, N_INIT, &mut sel, None, Some(&pf))
+        .unwrap();
 }
 
 /// Selection for a prefill chunk at the end of `len` tokens: the chunk's mean query
@@ -155,11 +224,13 @@ fn prefill_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: usize)
         GqaMap::Grouped,
         &mut s.scores,
         None,
+        None,
     )
     .unwrap();
     ex.ts_vote(&s.scores, qh, n, &mut s.votes, None).unwrap();
     let mut sel = s.sel.clone();
-    ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, None).unwrap();
+    ex.ts_top_k(&s.votes, n, K, N_INIT, &mut sel, None, None)
+        .unwrap();
 }
 
 fn prefill_sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
@@ -294,6 +365,21 @@ fn benches(c: &mut Criterion) {
                     })
                 })
             });
+            g.bench_function(id("selection_only_hierarchical"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        hierarchical_selection(ex, &mut s, qh, len)
+                    })
+                })
+            });
+            g.bench_function(id("miss_hierarchical"), |b| {
+                b.iter_custom(|it| {
+                    timed(&mut ex, it, |ex| {
+                        hierarchical_selection(ex, &mut s, qh, len);
+                        sparse_attention(ex, &mut s, len);
+                    })
+                })
+            });
             let mut gate = ex.ts_gate().unwrap();
             let plan = SelectPlan {
                 layer: 0,
@@ -301,6 +387,7 @@ fn benches(c: &mut Criterion) {
                 begin: N_INIT,
                 n: len - N_INIT - N_LOCAL,
                 k: K,
+                prefilter: None,
             };
             g.bench_function(id("hit"), |b| {
                 b.iter_custom(|it| {

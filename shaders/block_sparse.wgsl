@@ -2,7 +2,8 @@
 //
 // bounds: for every block of `block` tokens that overlaps the updated range, per
 // KV head and channel, the max and min of the keys rotated at their true
-// positions (so a query rotated at its own position bounds its real logits).
+// positions (so a query rotated at its own position bounds its real logits), or
+// with rotate = 0 of the unrotated keys (TokenSelect's rotation-free scores).
 // A block is recomputed from the cache as a whole, which keeps the bounds exact
 // after appends, partial blocks and speculative KV moves. One thread per
 // (block, KV head, channel pair i / i + D/2): the rotation mixes the pair. The
@@ -16,6 +17,7 @@ struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
     arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
+    rotate: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> pages: array<u32>;
@@ -54,8 +56,11 @@ fn bounds(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         let base = ((local_page * p.kv_heads + h) * p.page_size + t % p.page_size) * half;
         let lo = half_at(base, i);
         let hi = half_at(base, i + half);
-        let c = cs[min(t, p.max_pos - 1u) * half + i];
-        let r = vec2<f32>(lo * c.x - hi * c.y, hi * c.x + lo * c.y);
+        var r = vec2<f32>(lo, hi);
+        if (p.rotate == 1u) {
+            let c = cs[min(t, p.max_pos - 1u) * half + i];
+            r = vec2<f32>(lo * c.x - hi * c.y, hi * c.x + lo * c.y);
+        }
         mx = max(mx, r);
         mn = min(mn, r);
     }

@@ -1,12 +1,20 @@
 // TokenSelect selection: per-head scores of the query against the unrotated cached
 // keys of its KV head over the candidate range, per-head softmax summed over heads
 // (soft vote), and a deterministic radix top-k on the vote's float bits.
+//
+// Candidates are the tokens begin..begin + n, or (hierarchical selection, block
+// > 0) the tokens of `blocks` (ascending block ids of `block` tokens each): slot
+// j is token blocks[j / block] * block + j % block, and the n slots' tokens
+// outside begin..begin + range_n score NO_SCORE and vote 0 so they are never
+// chosen while enough real candidates remain.
 struct Params {
     n: u32, begin: u32, q_heads: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-    k: u32, pass_: u32, modulo: u32, _p1: u32,
+    k: u32, pass_: u32, modulo: u32, block: u32,
+    range_n: u32, _p1: u32, _p2: u32, _p3: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
+const NO_SCORE: f32 = -3.0e38;
 
 // ---- score: s[h, j] = q_h . K[begin + j, g(h)], unscaled; thread per candidate.
 // g(h) = h / group, or h mod kv_heads when `modulo` is set.
@@ -14,12 +22,20 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read> pages: array<u32>;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;   // [q_heads, n]
+@group(0) @binding(5) var<storage, read> score_blocks: array<u32>;   // block ids (block > 0)
 
 @compute @workgroup_size(64)
 fn score(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = gid.y * nwg.x * 64u + gid.x;
     if (j >= p.n) { return; }
-    let t = p.begin + j;
+    var t = p.begin + j;
+    if (p.block > 0u) {
+        t = score_blocks[j / p.block] * p.block + j % p.block;
+        if (t < p.begin || t >= p.begin + p.range_n) {
+            for (var h = 0u; h < p.q_heads; h++) { scores[h * p.n + j] = NO_SCORE; }
+            return;
+        }
+    }
     let page = pages[t / p.page_size];
     if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
     let d4 = p.head_dim / 4u;
@@ -67,7 +83,9 @@ fn head_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
     if (lid.x == 0u) { stats[h] = vec2<f32>(mx, red[0]); }
 }
 
-// ---- vote: v[j] = sum_h softmax_h(s)[j]; thread per candidate.
+// ---- vote: v[j] = sum_h softmax_h(s)[j]; thread per candidate. A real
+// candidate's vote is at least 1e-30 (an underflowed vote still outranks a slot
+// outside the range, whose vote is 0).
 @group(0) @binding(1) var<storage, read> sv: array<f32>;              // [q_heads, n]
 @group(0) @binding(2) var<storage, read> st: array<vec2<f32>>;        // [q_heads]
 @group(0) @binding(3) var<storage, read_write> votes: array<f32>;     // [n]
@@ -81,7 +99,7 @@ fn vote(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let m = st[h];
         v += exp(sv[h * p.n + j] - m.x) / m.y;
     }
-    votes[j] = v;
+    votes[j] = select(max(v, 1e-30), 0.0, sv[j] <= NO_SCORE);
 }
 
 // ---- radix top-k over the vote bits (votes are >= 0, so their u32 bits order like
@@ -145,6 +163,7 @@ fn radix_pick() {
 // threshold, and the first `need` (lowest indices) equal to it. One workgroup; each
 // thread owns a contiguous slice, counts, scans, then writes.
 @group(0) @binding(3) var<storage, read_write> selected: array<u32>;  // [k], absolute ids
+@group(0) @binding(4) var<storage, read> collect_blocks: array<u32>; // block ids (block > 0)
 var<workgroup> cnt_hi: array<u32, 256>;
 var<workgroup> cnt_eq: array<u32, 256>;
 
@@ -190,7 +209,9 @@ fn radix_collect(@builtin(local_invocation_id) lid: vec3<u32>) {
             eq_seen++;
         }
         if (take && out < p.k) {
-            selected[out] = p.begin + j;
+            var t = p.begin + j;
+            if (p.block > 0u) { t = collect_blocks[j / p.block] * p.block + j % p.block; }
+            selected[out] = t;
             out++;
         }
     }
@@ -200,7 +221,7 @@ fn radix_collect(@builtin(local_invocation_id) lid: vec3<u32>) {
 // (cosine over all heads) and, on a hit, zeroes the indirect dispatch arguments of
 // the selection kernels so they run no workgroups; on a miss it writes their real
 // sizes and stores the new fingerprint. No CPU round trip.
-struct CacheParams { len: u32, slots: u32, threshold: f32, _p0: u32, args: array<vec4<u32>, 32> }
+struct CacheParams { len: u32, slots: u32, threshold: f32, _p0: u32, args: array<vec4<u32>, 48> }
 @group(0) @binding(0) var<uniform> cp: CacheParams;
 @group(0) @binding(1) var<storage, read> fp: array<f32>;             // [len]
 @group(0) @binding(2) var<storage, read_write> cached: array<f32>;   // [len + 1]; [len] = 1 when valid

@@ -209,7 +209,48 @@ pub struct SelectPlan {
     pub n: usize,
     /// Tokens selected.
     pub k: usize,
+    /// Hierarchical selection: the block stage that picks the candidates.
+    pub prefilter: Option<PrefilterPlan>,
 }
+
+/// The block stage of a hierarchical TokenSelect selection: block scores and
+/// soft vote over blocks `first_block..first_block + n_blocks` (those overlapping
+/// the candidates), the `top` best of them, then the token stage over their
+/// `top * block` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefilterPlan {
+    /// Tokens per block.
+    pub block: usize,
+    /// First block scored.
+    pub first_block: usize,
+    /// Blocks scored.
+    pub n_blocks: usize,
+    /// Blocks kept.
+    pub top: usize,
+}
+
+/// Candidates of a hierarchical TokenSelect selection: the tokens of `count`
+/// blocks whose ids (ascending) are in `blocks`, `block` tokens each. Slot j
+/// of the scores and votes is token `blocks[j / block] * block + j % block`;
+/// a slot outside the candidate range scores [`NO_SCORE`] and votes 0.
+pub struct Prefilter<'a, I> {
+    /// Block ids, ascending.
+    pub blocks: &'a I,
+    /// How many of `blocks` are used.
+    pub count: usize,
+    /// Tokens per block.
+    pub block: usize,
+}
+
+impl<I> Prefilter<'_, I> {
+    /// Score slots: `count * block`.
+    pub fn slots(&self) -> usize {
+        self.count * self.block
+    }
+}
+
+/// The score of a hierarchical selection's slot outside the candidate range.
+pub const NO_SCORE: f32 = -3.0e38;
 
 /// The operations the model and policies use; see the module docs for conventions.
 #[allow(clippy::too_many_arguments)]
@@ -227,8 +268,9 @@ pub trait Ops: Send {
     /// Selection Cache decision state: whether the selection kernels run this
     /// layer-step, decided on the device, plus hit/miss counters.
     type Gate: Send;
-    /// Quest block bounds of a KV cache: per layer, page, KV head and block, the
-    /// per-channel max and min of the rotated keys.
+    /// Block bounds of a KV cache: per layer, page, KV head and block, the
+    /// per-channel max and min of the keys, rotated at their positions (Quest)
+    /// or not (hierarchical TokenSelect, whose scores are rotation-free).
     type Bounds: Send;
 
     /// Executor name (and adapter for the GPU).
@@ -257,8 +299,14 @@ pub trait Ops: Send {
     /// KV storage for `layout`.
     fn kv_cache(&mut self, layout: &KvLayout) -> Result<Self::Kv>;
     /// Block-bound storage for caches of `layout`, blocks of `block` tokens (a
-    /// divisor of the page size, at least 4).
-    fn block_bounds(&mut self, layout: &KvLayout, block: usize) -> Result<Self::Bounds>;
+    /// divisor of the page size, at least 4), of keys rotated at their positions
+    /// when `rotated` (Quest) or unrotated (hierarchical TokenSelect).
+    fn block_bounds(
+        &mut self,
+        layout: &KvLayout,
+        block: usize,
+        rotated: bool,
+    ) -> Result<Self::Bounds>;
     /// Finishes all recorded work (a no-op on the CPU).
     fn flush(&mut self) -> Result<()>;
     /// Turns per-kernel timing on or off (GPU timestamps; a no-op where unsupported).
@@ -333,7 +381,9 @@ pub trait Ops: Send {
     fn ts_gate_counts(&mut self, gate: &Self::Gate) -> Result<(u64, u64)>;
     /// TokenSelect scoring: `scores[h * n + j] = q_h . K[begin + j, g(h)]` (g from
     /// `gqa`) with the unrotated cached keys, unscaled (`q` `[1, q_heads * head_dim]` is rotated by the
-    /// caller). `scores` needs at least `q_heads * n` elements.
+    /// caller). `scores` needs at least `q_heads * n` elements. With `prefilter`
+    /// the slots are its blocks' tokens (`q_heads * prefilter.slots()` scores),
+    /// those outside `begin..begin + n` scoring [`NO_SCORE`].
     fn ts_score(
         &mut self,
         q: &Self::Tensor,
@@ -345,9 +395,11 @@ pub trait Ops: Send {
         gqa: GqaMap,
         scores: &mut Self::Tensor,
         gate: Option<&Self::Gate>,
+        prefilter: Option<&Prefilter<'_, Self::Ids>>,
     ) -> Result<()>;
-    /// Soft vote: `votes[j] = sum_h softmax_j(scores[h, :n])`. (The three selection
-    /// ops do nothing when `gate` says the Selection Cache hit.)
+    /// Soft vote: `votes[j] = sum_h softmax_j(scores[h, :n])`, at least 1e-30,
+    /// and 0 for a slot scoring [`NO_SCORE`]. (The selection ops do nothing when
+    /// `gate` says the Selection Cache hit.)
     fn ts_vote(
         &mut self,
         scores: &Self::Tensor,
@@ -357,7 +409,7 @@ pub trait Ops: Send {
         gate: Option<&Self::Gate>,
     ) -> Result<()>;
     /// The `k` largest of `votes[..n]` (ties to the lower index) as `begin + j`,
-    /// ascending, into `out[..k]`.
+    /// or with `prefilter` as slot j's token, ascending, into `out[..k]`.
     fn ts_top_k(
         &mut self,
         votes: &Self::Tensor,
@@ -366,6 +418,7 @@ pub trait Ops: Send {
         begin: usize,
         out: &mut Self::Ids,
         gate: Option<&Self::Gate>,
+        prefilter: Option<&Prefilter<'_, Self::Ids>>,
     ) -> Result<()>;
     /// Attention of one query (rotated by the caller) over the keys of `list`;
     /// `seq_len` is the sequence's length (for page lookups).
@@ -458,7 +511,8 @@ pub trait Ops: Send {
     ) -> Result<()>;
     /// Recomputes the bounds of `layer` for every block overlapping `tokens` (keys
     /// already in the cache; a block's keys at `tokens.end` and beyond are not
-    /// part of it yet), keys rotated at their logical positions.
+    /// part of it yet), keys rotated at their logical positions if the bounds
+    /// are rotated ones.
     fn kv_bounds(
         &mut self,
         kv: &Self::Kv,
@@ -468,20 +522,23 @@ pub trait Ops: Send {
         tokens: Range<usize>,
         rope: &Self::Rope,
     ) -> Result<()>;
-    /// Quest block scores: `out[h, b]` = sum over channels i of
-    /// max(q_i M_i, q_i m_i) for query head h (`q` `[1, q_heads * D]`, rotated at
-    /// its position) against its KV head's bounds of logical block b, for blocks
-    /// `0..n_blocks`: an upper bound of q . k over the block.
+    /// Block scores: `out[h * n + b - blocks.start]` (`n` = `blocks.len()`,
+    /// packed like [`Ops::ts_score`]'s) = sum over channels i of
+    /// max(q_i M_i, q_i m_i) for query head h (`q` `[1, q_heads * D]`, rotated
+    /// as the bounds' keys need) against its KV head's bounds of logical block
+    /// b, for `b` in `blocks`: an upper bound of q . k over the block. Gated by
+    /// the Selection Cache like the TokenSelect ops (hierarchical selection).
     fn block_scores(
         &mut self,
         q: &Self::Tensor,
         bounds: &Self::Bounds,
         layer: usize,
         table: &PageTable,
-        n_blocks: usize,
+        blocks: Range<usize>,
         out: &mut Self::Tensor,
+        gate: Option<&Self::Gate>,
     ) -> Result<()>;
-    /// TidalDecode scores: `out[h, t]` = q_h . k_t for tokens `0..n` of `layer`,
+    /// TidalDecode scores: `out[h * n + t]` = q_h . k_t for tokens `0..n` of `layer`,
     /// keys rotated at their true positions (`q` `[1, q_heads * D]`, rotated),
     /// query head h against its KV head.
     fn token_scores(
@@ -495,7 +552,7 @@ pub trait Ops: Send {
         out: &mut Self::Tensor,
     ) -> Result<()>;
     /// Quest block choice per KV head: the `k` blocks of `0..n` with the largest
-    /// sum over the head's query heads of `scores[h, b]` (`[q_heads, >= n]`),
+    /// sum over the head's query heads of `scores[h * n + b]` (rows: query heads),
     /// value descending, ties to the lower index, into `out[g * k..][..k]`.
     fn block_top_k(
         &mut self,
@@ -669,6 +726,7 @@ pub mod check {
         q: (usize, usize),
         begin: usize,
         n: usize,
+        slots: usize,
         scores_len: usize,
     ) -> Result<usize> {
         if layer >= layout.layers {
@@ -688,13 +746,24 @@ pub mod check {
                 format!("candidates {begin}..{} outside the sequence", begin + n),
             );
         }
-        if scores_len < qh * n {
+        if scores_len < qh * slots {
             return shape_err(
                 "ts_score",
-                format!("scores hold {scores_len} values, need {}", qh * n),
+                format!("scores hold {scores_len} values, need {}", qh * slots),
             );
         }
         Ok(qh)
+    }
+
+    /// A hierarchical selection's blocks: (count, tokens per block, ids held).
+    pub fn prefilter(pf: Option<(usize, usize, usize)>) -> Result<()> {
+        match pf {
+            Some((count, block, held)) if count == 0 || block == 0 || held < count => shape_err(
+                "prefilter",
+                format!("{count} blocks of {block} tokens from {held} block ids"),
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// Attention over a key list for query rows `rows` at logical `q_start..`:
@@ -972,7 +1041,7 @@ pub mod check {
         out: (usize, usize),
         max_pos: usize,
     ) -> Result<usize> {
-        let qh = block_scores(layout, 1, layer, table, q, n, out)?;
+        let qh = block_scores(layout, 1, layer, table, q, &(0..n), out)?;
         if n > max_pos {
             return Err(Error::Capacity(format!(
                 "token_scores: {n} tokens beyond the RoPE table's {max_pos}"
@@ -1041,7 +1110,7 @@ pub mod check {
         layer: usize,
         table: &PageTable,
         q: (usize, usize),
-        n_blocks: usize,
+        blocks: &Range<usize>,
         out: (usize, usize),
     ) -> Result<usize> {
         let d = layout.head_dim;
@@ -1051,14 +1120,15 @@ pub mod check {
             || qh == 0
             || !qh.is_multiple_of(layout.kv_heads)
             || layer >= layout.layers
-            || n_blocks * block > table.pages.len() * layout.page_size
+            || blocks.start > blocks.end
+            || blocks.end * block > table.pages.len() * layout.page_size
             || out.0 < qh
-            || out.1 < n_blocks;
+            || out.1 < blocks.len();
         if bad {
             return shape_err(
                 "block_scores",
                 format!(
-                    "q {q:?}, {n_blocks} blocks of {block} in {} pages, out {out:?}, layer {layer}",
+                    "q {q:?}, blocks {blocks:?} of {block} in {} pages, out {out:?}, layer {layer}",
                     table.pages.len()
                 ),
             );

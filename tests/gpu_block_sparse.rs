@@ -9,16 +9,25 @@ use kvsieve::ops::{KeyList, Ops};
 use kvsieve::reference::{dot, RefExecutor};
 
 /// Bounds built in two updates (the second continues a partial block), scores
-/// of a random rotated query on both executors, and the bound property on the
-/// reference.
-fn case(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize, block: usize) {
+/// of a random query on both executors over the blocks after the first, and
+/// the bound property on the reference; keys rotated (Quest) or not
+/// (hierarchical TokenSelect).
+fn case(
+    ex: &mut GpuExecutor,
+    qh: usize,
+    kh: usize,
+    d: usize,
+    len: usize,
+    block: usize,
+    rotated: bool,
+) {
     let mut f = fill(ex, kh, d, len, 51);
     let (rc, rg) = (
         f.cpu.rope_table(&rope_cfg(d, len)).unwrap(),
         ex.rope_table(&rope_cfg(d, len)).unwrap(),
     );
-    let mut bc = f.cpu.block_bounds(&f.layout, block).unwrap();
-    let mut bg = ex.block_bounds(&f.layout, block).unwrap();
+    let mut bc = f.cpu.block_bounds(&f.layout, block, rotated).unwrap();
+    let mut bg = ex.block_bounds(&f.layout, block, rotated).unwrap();
     let cut = len / 2 + 3;
     for range in [0..cut, cut..len] {
         f.cpu
@@ -27,34 +36,39 @@ fn case(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize, block:
         ex.kv_bounds(&f.kvg, &mut bg, 0, &f.table, range, &rg)
             .unwrap();
     }
-    let n_blocks = len.div_ceil(block);
+    let end = len.div_ceil(block);
+    let first = usize::from(end > 1);
+    let nb = end - first;
     let q = randn(&mut rng(52), qh * d, 1.0);
     let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
-    let mut sc = f.cpu.tensor(qh, n_blocks + 5).unwrap();
+    let mut sc = f.cpu.tensor(qh, nb + 5).unwrap();
     f.cpu
-        .block_scores(&qc, &bc, 0, &f.table, n_blocks, &mut sc)
+        .block_scores(&qc, &bc, 0, &f.table, first..end, &mut sc, None)
         .unwrap();
     let qg = ex.upload(&q, 1, qh * d).unwrap();
-    let mut sg = ex.tensor(qh, n_blocks + 5).unwrap();
-    ex.block_scores(&qg, &bg, 0, &f.table, n_blocks, &mut sg)
+    let mut sg = ex.tensor(qh, nb + 5).unwrap();
+    ex.block_scores(&qg, &bg, 0, &f.table, first..end, &mut sg, None)
         .unwrap();
+    let n = qh * nb;
     assert_close(
-        &format!("block scores {qh}/{kh}/{d}, {len} tokens, blocks of {block}"),
-        &ex.download(&sg).unwrap(),
-        &sc.data,
+        &format!("block scores {qh}/{kh}/{d}, {len} tokens, blocks of {block}, rotated {rotated}"),
+        &ex.download(&sg).unwrap()[..n],
+        &sc.data[..n],
         1e-3,
         1e-4,
     );
-    // The bound: q . k_rot(t) <= score of t's block, for every key.
+    // The bound: q . k(t) <= score of t's block, for every key.
     let half = d / 2;
     for h in 0..qh {
         let qv = &q[h * d..(h + 1) * d];
         let g = h / (qh / kh);
-        for t in 0..len {
+        for t in first * block..len {
             let off = f.kvc.offset(&f.table, t, g);
             let mut k = f.kvc.k[0][off..off + d].to_vec();
-            kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
-            let s = sc.data[h * sc.cols + t / block];
+            if rotated {
+                kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
+            }
+            let s = sc.data[h * nb + t / block - first];
             assert!(
                 dot(qv, &k) <= s + 1e-4,
                 "head {h}, token {t}: {} > bound {s}",
@@ -67,21 +81,23 @@ fn case(ex: &mut GpuExecutor, qh: usize, kh: usize, d: usize, len: usize, block:
 #[test]
 fn block_bounds_and_scores_match_reference() {
     let mut ex = gpu();
-    case(&mut ex, 9, 3, 64, 1000 + 13, 16);
-    case(&mut ex, 32, 8, 128, 300, 8);
-    case(&mut ex, 9, 3, 64, 5, 16);
+    case(&mut ex, 9, 3, 64, 1000 + 13, 16, true);
+    case(&mut ex, 9, 3, 64, 1000 + 13, 16, false);
+    case(&mut ex, 32, 8, 128, 300, 8, true);
+    case(&mut ex, 9, 3, 64, 5, 16, true);
     // Pages spread over many arenas.
     let mut ex = gpu().with_binding_limit(64 * 1024);
-    case(&mut ex, 9, 3, 64, 2000 + 7, 16);
+    case(&mut ex, 9, 3, 64, 2000 + 7, 16, true);
+    case(&mut ex, 9, 3, 64, 2000 + 7, 16, false);
 }
 
 #[test]
 fn bad_block_sizes_and_ranges_are_errors() {
     let mut ex = gpu();
     let f = fill(&mut ex, 3, 64, 100, 53);
-    assert!(ex.block_bounds(&f.layout, 3).is_err());
-    assert!(ex.block_bounds(&f.layout, 24).is_err());
-    let mut b = ex.block_bounds(&f.layout, 16).unwrap();
+    assert!(ex.block_bounds(&f.layout, 3, true).is_err());
+    assert!(ex.block_bounds(&f.layout, 24, true).is_err());
+    let mut b = ex.block_bounds(&f.layout, 16, true).unwrap();
     let rope = ex.rope_table(&rope_cfg(64, 100)).unwrap();
     assert!(ex
         .kv_bounds(&f.kvg, &mut b, 1, &f.table, 0..10, &rope)
@@ -91,7 +107,12 @@ fn bad_block_sizes_and_ranges_are_errors() {
         .is_err());
     let q = ex.tensor(1, 9 * 64).unwrap();
     let mut out = ex.tensor(9, 3).unwrap();
-    assert!(ex.block_scores(&q, &b, 0, &f.table, 7, &mut out).is_err());
+    assert!(ex
+        .block_scores(&q, &b, 0, &f.table, 0..7, &mut out, None)
+        .is_err());
+    assert!(ex
+        .block_scores(&q, &b, 0, &f.table, 5..3, &mut out, None)
+        .is_err());
 }
 
 #[test]
@@ -103,11 +124,12 @@ fn top_blocks_match_reference() {
         (32, 8, 40, 40),
         (9, 3, 1, 1),
     ] {
+        // Packed [qh, n] scores in a larger tensor.
         let cols = n + 3;
         let mut s = randn(&mut rng(54), qh * cols, 1.0);
         // Ties across heads and blocks.
-        s[5] = s[7];
-        s[cols + 2] = s[2];
+        s[5] = s[7 % n];
+        s[n + 2 % n] = s[2 % n];
         let (sc, sg) = (
             cpu.upload(&s, qh, cols).unwrap(),
             ex.upload(&s, qh, cols).unwrap(),
@@ -126,7 +148,7 @@ fn top_blocks_match_reference() {
         for g in 0..kh {
             let best = |b: usize| {
                 (g * group..(g + 1) * group)
-                    .map(|h| s[h * cols + b])
+                    .map(|h| s[h * n + b])
                     .sum::<f32>()
             };
             let chosen = &oc[g * k..(g + 1) * k];
@@ -255,7 +277,7 @@ fn token_scores_match_reference() {
                 let mut k = f.kvc.k[0][off..off + d].to_vec();
                 kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
                 let want = dot(&q[h * d..(h + 1) * d], &k);
-                assert!((sc.data[h * sc.cols + t] - want).abs() < 1e-3);
+                assert!((sc.data[h * n + t] - want).abs() < 1e-3);
             }
         }
     }

@@ -29,16 +29,18 @@ fn check_selection(
     let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
     let mut sc = f.cpu.tensor(qh, n).unwrap();
     f.cpu
-        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, gqa, &mut sc, None)
+        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, gqa, &mut sc, None, None)
         .unwrap();
     let mut vc = f.cpu.tensor(1, n).unwrap();
     f.cpu.ts_vote(&sc, qh, n, &mut vc, None).unwrap();
     let mut selc = vec![0u32; k];
-    f.cpu.ts_top_k(&vc, n, k, begin, &mut selc, None).unwrap();
+    f.cpu
+        .ts_top_k(&vc, n, k, begin, &mut selc, None, None)
+        .unwrap();
 
     let qg = ex.upload(&q, 1, qh * d).unwrap();
     let mut sg = ex.tensor(qh, n).unwrap();
-    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, gqa, &mut sg, None)
+    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, gqa, &mut sg, None, None)
         .unwrap();
     assert_close("ts_score", &ex.download(&sg).unwrap(), &sc.data, 1e-4, 1e-5);
     let mut vg = ex.tensor(1, n).unwrap();
@@ -48,7 +50,8 @@ fn check_selection(
     // into relative vote differences of ~1e-4, and WGSL's exp is looser than libm's.
     assert_close("ts_vote", &votes_gpu, &vc.data, 1e-7, 1e-3);
     let mut selg = ex.ids(&vec![0u32; k]).unwrap();
-    ex.ts_top_k(&vg, n, k, begin, &mut selg, None).unwrap();
+    ex.ts_top_k(&vg, n, k, begin, &mut selg, None, None)
+        .unwrap();
     let got = ex.download_ids(&selg).unwrap();
     // Exactly the reference's choice on the GPU's own votes.
     assert_eq!(
@@ -95,7 +98,7 @@ fn radix_top_k_breaks_ties_by_index() {
         let want = tokenselect::top_k(&votes, k, 5);
         let vg = ex.upload(&votes, 1, n).unwrap();
         let mut out = ex.ids(&vec![0u32; k]).unwrap();
-        ex.ts_top_k(&vg, n, k, 5, &mut out, None).unwrap();
+        ex.ts_top_k(&vg, n, k, 5, &mut out, None, None).unwrap();
         assert_eq!(ex.download_ids(&out).unwrap(), want, "k = {k}");
     }
 }
@@ -453,6 +456,7 @@ fn selection_cache_decisions_agree() {
         begin,
         n,
         k,
+        prefilter: None,
     };
     let mut gc = f.cpu.ts_gate().unwrap();
     let mut gg = ex.ts_gate().unwrap();
@@ -491,11 +495,12 @@ fn selection_cache_decisions_agree() {
                 GqaMap::Grouped,
                 &mut sc,
                 Some(&gc),
+                None,
             )
             .unwrap();
         f.cpu.ts_vote(&sc, qh, n, &mut vc, Some(&gc)).unwrap();
         f.cpu
-            .ts_top_k(&vc, n, k, begin, &mut selc, Some(&gc))
+            .ts_top_k(&vc, n, k, begin, &mut selc, Some(&gc), None)
             .unwrap();
         let qg = ex.upload(q, 1, qh * d).unwrap();
         ex.ts_cache_check(&qg, &mut cached_g, 0.9, &plan, &f.kvg, &f.table, &mut gg)
@@ -510,10 +515,12 @@ fn selection_cache_decisions_agree() {
             GqaMap::Grouped,
             &mut sg,
             Some(&gg),
+            None,
         )
         .unwrap();
         ex.ts_vote(&sg, qh, n, &mut vg, Some(&gg)).unwrap();
-        ex.ts_top_k(&vg, n, k, begin, &mut selg, Some(&gg)).unwrap();
+        ex.ts_top_k(&vg, n, k, begin, &mut selg, Some(&gg), None)
+            .unwrap();
         let got = ex.download_ids(&selg).unwrap();
         let (hits_c, misses_c) = f.cpu.ts_gate_counts(&gc).unwrap();
         let (hits_g, misses_g) = ex.ts_gate_counts(&gg).unwrap();
@@ -534,4 +541,272 @@ fn selection_cache_decisions_agree() {
         (3, 2),
         "hit, hit, miss, hit after the first miss"
     );
+}
+
+/// What a hierarchical selection produced on one executor.
+struct Hier {
+    block_votes: Vec<f32>,
+    blocks: Vec<u32>,
+    votes: Vec<f32>,
+    selected: Vec<u32>,
+}
+
+/// The hierarchical selection as the policy runs it: block scores from the
+/// unrotated bounds, their soft vote, the `top` best blocks (or `given` ones),
+/// then score, vote and top-k over those blocks' tokens.
+#[allow(clippy::too_many_arguments)]
+fn hierarchical<E: Ops>(
+    ex: &mut E,
+    q: &E::Tensor,
+    kv: &E::Kv,
+    table: &kvsieve::attention::PageTable,
+    bounds: &E::Bounds,
+    (qh, begin, n, k): (usize, usize, usize, usize),
+    (top, block): (usize, usize),
+    gate: Option<&E::Gate>,
+    given: Option<&[u32]>,
+) -> Hier {
+    use kvsieve::ops::Prefilter;
+    let blocks = begin / block..(begin + n).div_ceil(block);
+    let nb = blocks.len();
+    let cols = nb.max(top * block);
+    let mut scores = ex.tensor(qh, cols).unwrap();
+    let mut votes = ex.tensor(1, cols).unwrap();
+    let mut ids = ex.ids(&vec![0u32; top]).unwrap();
+    ex.block_scores(q, bounds, 0, table, blocks.clone(), &mut scores, gate)
+        .unwrap();
+    ex.ts_vote(&scores, qh, nb, &mut votes, gate).unwrap();
+    ex.ts_top_k(&votes, nb, top, blocks.start, &mut ids, gate, None)
+        .unwrap();
+    let block_votes = ex.download(&votes).unwrap()[..nb].to_vec();
+    if let Some(b) = given {
+        ids = ex.ids(b).unwrap();
+    }
+    let pf = Prefilter {
+        blocks: &ids,
+        count: top,
+        block,
+    };
+    let mut sel = ex.ids(&vec![0u32; k]).unwrap();
+    ex.ts_score(
+        q,
+        kv,
+        0,
+        table,
+        begin,
+        n,
+        GqaMap::Grouped,
+        &mut scores,
+        gate,
+        Some(&pf),
+    )
+    .unwrap();
+    ex.ts_vote(&scores, qh, pf.slots(), &mut votes, gate)
+        .unwrap();
+    ex.ts_top_k(&votes, pf.slots(), k, begin, &mut sel, gate, Some(&pf))
+        .unwrap();
+    Hier {
+        block_votes,
+        blocks: ex.download_ids(&ids).unwrap(),
+        votes: ex.download(&votes).unwrap()[..pf.slots()].to_vec(),
+        selected: ex.download_ids(&sel).unwrap(),
+    }
+}
+
+/// `got` holds `want` except members whose value (by `value`) is within float
+/// noise of the k-th largest of `all`.
+fn same_top_up_to_ties(
+    what: &str,
+    got: &[u32],
+    want: &[u32],
+    all: &[f32],
+    value: impl Fn(u32) -> f32,
+) {
+    let mut sorted = all.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let kth = sorted[want.len() - 1];
+    for &g in got {
+        if !want.contains(&g) {
+            let v = value(g);
+            assert!(
+                (v - kth).abs() <= 1e-4 * kth.abs().max(1e-12) + 1e-9,
+                "{what}: {g} chosen with {v}, k-th is {kth}"
+            );
+        }
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "{what}: ascending");
+}
+
+/// Hierarchical TokenSelect on the GPU against the reference: the block stage's
+/// votes and choice, then (on the GPU's blocks) the token stage's choice; every
+/// selected token lies in a chosen block and in the candidate range. Ragged
+/// ranges (candidates start and end inside blocks), GQA groups of 3 and 4, many
+/// arenas; the gated path (Selection Cache) selects the same and a hit keeps it.
+#[test]
+fn hierarchical_selection_matches_reference() {
+    use kvsieve::ops::{PrefilterPlan, SelectPlan};
+    let cases = [
+        // qh, kh, d, len, k, blocks kept, block, begin, binding limit
+        (
+            9usize,
+            3usize,
+            64usize,
+            3000 + 13,
+            256usize,
+            40usize,
+            16usize,
+            13usize,
+            None,
+        ),
+        (32, 8, 128, 20_000 + 37, 1024, 100, 16, 128, None),
+        (9, 3, 64, 2400 + 5, 300, 90, 8, 7, Some(128 * 1024)),
+    ];
+    for (qh, kh, d, len, k, top, block, begin, limit) in cases {
+        let mut ex = match limit {
+            Some(l) => gpu().with_binding_limit(l),
+            None => gpu(),
+        };
+        let what = format!("{qh}/{kh}/{d} at {len}, k {k}, {top} blocks of {block}");
+        let mut f = fill(&mut ex, kh, d, len, 71);
+        let n = len - begin - 61;
+        let rope = rope_cfg(d, len);
+        let (rc, rg) = (
+            f.cpu.rope_table(&rope).unwrap(),
+            ex.rope_table(&rope).unwrap(),
+        );
+        let mut bc = f.cpu.block_bounds(&f.layout, block, false).unwrap();
+        let mut bg = ex.block_bounds(&f.layout, block, false).unwrap();
+        f.cpu
+            .kv_bounds(&f.kvc, &mut bc, 0, &f.table, 0..len, &rc)
+            .unwrap();
+        ex.kv_bounds(&f.kvg, &mut bg, 0, &f.table, 0..len, &rg)
+            .unwrap();
+        let q = randn(&mut rng(72), qh * d, 1.0);
+        let (qc, qg) = (
+            f.cpu.upload(&q, 1, qh * d).unwrap(),
+            ex.upload(&q, 1, qh * d).unwrap(),
+        );
+        let shape = (qh, begin, n, k);
+        let c = hierarchical(
+            &mut f.cpu,
+            &qc,
+            &f.kvc,
+            &f.table,
+            &bc,
+            shape,
+            (top, block),
+            None,
+            None,
+        );
+        let g = hierarchical(
+            &mut ex,
+            &qg,
+            &f.kvg,
+            &f.table,
+            &bg,
+            shape,
+            (top, block),
+            None,
+            None,
+        );
+        assert_close(
+            &format!("{what}: block votes"),
+            &g.block_votes,
+            &c.block_votes,
+            1e-7,
+            1e-3,
+        );
+        let first = begin / block;
+        same_top_up_to_ties(
+            &format!("{what}: blocks"),
+            &g.blocks,
+            &c.blocks,
+            &c.block_votes,
+            |b| c.block_votes[b as usize - first],
+        );
+        // The token stage on the GPU's blocks.
+        let c = hierarchical(
+            &mut f.cpu,
+            &qc,
+            &f.kvc,
+            &f.table,
+            &bc,
+            shape,
+            (top, block),
+            None,
+            Some(&g.blocks),
+        );
+        assert_close(
+            &format!("{what}: token votes"),
+            &g.votes,
+            &c.votes,
+            1e-7,
+            1e-3,
+        );
+        let slot_of = |t: u32| {
+            let i = g
+                .blocks
+                .iter()
+                .position(|&b| b as usize == t as usize / block)
+                .unwrap();
+            i * block + t as usize % block
+        };
+        for &t in &g.selected {
+            let t = t as usize;
+            assert!(
+                (begin..begin + n).contains(&t),
+                "{what}: token {t} outside the candidates"
+            );
+            assert!(
+                g.blocks.contains(&((t / block) as u32)),
+                "{what}: token {t} outside the blocks"
+            );
+        }
+        same_top_up_to_ties(
+            &format!("{what}: tokens"),
+            &g.selected,
+            &c.selected,
+            &c.votes,
+            |t| c.votes[slot_of(t)],
+        );
+        // Gated: a miss selects the same, a hit keeps it.
+        let plan = SelectPlan {
+            layer: 0,
+            q_heads: qh,
+            begin,
+            n,
+            k,
+            prefilter: Some(PrefilterPlan {
+                block,
+                first_block: first,
+                n_blocks: (begin + n).div_ceil(block) - first,
+                top,
+            }),
+        };
+        let mut gate = ex.ts_gate().unwrap();
+        let mut cached = ex.tensor(1, qh * d + 1).unwrap();
+        for step in 0..2 {
+            ex.ts_cache_check(&qg, &mut cached, 0.9, &plan, &f.kvg, &f.table, &mut gate)
+                .unwrap();
+            let gated = hierarchical(
+                &mut ex,
+                &qg,
+                &f.kvg,
+                &f.table,
+                &bg,
+                shape,
+                (top, block),
+                Some(&gate),
+                None,
+            );
+            if step == 0 {
+                assert_eq!(gated.selected, g.selected, "{what}: gated miss");
+            }
+        }
+        assert_eq!(
+            ex.ts_gate_counts(&gate).unwrap(),
+            (1, 1),
+            "{what}: one miss, one hit"
+        );
+    }
 }

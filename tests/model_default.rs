@@ -252,15 +252,17 @@ struct TsRun {
 /// Greedy-generates 8 tokens after the first 600 tokens of README.md under
 /// TokenSelect with a small budget (selection happens in every layer), on `backend`.
 fn tokenselect_run(backend: Backend, cache_threshold: f32) -> TsRun {
-    tokenselect_run_with(backend, cache_threshold, Speculate::Off, 8)
+    tokenselect_run_with(backend, cache_threshold, Speculate::Off, 8, 0)
 }
 
-/// [`tokenselect_run`] with a drafter (tree of 8 nodes) and `max_tokens` new tokens.
+/// [`tokenselect_run`] with a drafter (tree of 8 nodes), `max_tokens` new
+/// tokens and hierarchical selection over `prefilter_blocks` blocks of 16 (0: exact).
 fn tokenselect_run_with(
     backend: Backend,
     cache_threshold: f32,
     speculate: Speculate,
     max_tokens: usize,
+    prefilter_blocks: usize,
 ) -> TsRun {
     use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
     let policy = AttentionPolicy::TokenSelect(TokenSelectConfig {
@@ -268,6 +270,7 @@ fn tokenselect_run_with(
         n_init: 16,
         n_local: 64,
         cache_threshold,
+        prefilter_blocks,
         ..Default::default()
     });
     let (mut e, tokens) = readme_run(backend, policy, speculate, max_tokens);
@@ -350,6 +353,39 @@ fn tokenselect_decisions_agree_across_executors() {
     assert_eq!(cpu.tokens, gpu.tokens, "greedy tokens under TokenSelect");
 }
 
+/// Hierarchical TokenSelect (8 of the ~33 candidate blocks, 128 of ~520
+/// candidate tokens) with the Selection Cache on: both executors choose the
+/// same tokens in every layer (up to a near-tie), take the same cache decisions
+/// and generate the same greedy tokens; prefill sub-chunks select hierarchically too.
+#[test]
+fn hierarchical_tokenselect_agrees_across_executors() {
+    let run = |b| tokenselect_run_with(b, 0.9, Speculate::Off, 8, 8);
+    let (cpu, gpu) = (run(Backend::Reference), run(Backend::Gpu));
+    assert_eq!(cpu.stats, gpu.stats, "selection counters");
+    assert!(cpu.stats.selections >= 30, "{:?}", cpu.stats);
+    assert_eq!(cpu.stats.prefill_selections, 30, "{:?}", cpu.stats);
+    for (l, (a, b)) in cpu.selected.iter().zip(&gpu.selected).enumerate() {
+        let same = a.iter().filter(|x| b.contains(x)).count();
+        assert!(
+            same >= a.len() - 1,
+            "layer {l}: {same} of {} selected tokens shared",
+            a.len()
+        );
+        // Every selected token comes from at most 8 blocks.
+        let mut blocks: Vec<u32> = a.iter().map(|t| t / 16).collect();
+        blocks.dedup();
+        assert!(
+            blocks.len() <= 8,
+            "layer {l}: tokens from {} blocks",
+            blocks.len()
+        );
+    }
+    assert_eq!(
+        cpu.tokens, gpu.tokens,
+        "greedy tokens under hierarchical TokenSelect"
+    );
+}
+
 /// With the Selection Cache on, both executors take the same hit/miss decisions and
 /// generate the same tokens.
 #[test]
@@ -369,8 +405,8 @@ fn selection_cache_agrees_across_executors() {
 /// output is compared with plain TokenSelect decoding, which selects per token.
 #[test]
 fn tokenselect_speculation_agrees_across_executors() {
-    let cpu = tokenselect_run_with(Backend::Reference, 0.9, Speculate::Both, 24);
-    let plain = tokenselect_run_with(Backend::Reference, 0.9, Speculate::Off, 24);
+    let cpu = tokenselect_run_with(Backend::Reference, 0.9, Speculate::Both, 24, 0);
+    let plain = tokenselect_run_with(Backend::Reference, 0.9, Speculate::Off, 24, 0);
     let same = cpu
         .tokens
         .iter()
@@ -385,7 +421,7 @@ fn tokenselect_speculation_agrees_across_executors() {
         "only {same} of 24 tokens match plain TokenSelect"
     );
     assert!(cpu.stats.selections > 0);
-    let gpu = tokenselect_run_with(Backend::Gpu, 0.9, Speculate::Both, 24);
+    let gpu = tokenselect_run_with(Backend::Gpu, 0.9, Speculate::Both, 24, 0);
     assert_eq!(
         cpu.tokens, gpu.tokens,
         "greedy tokens under TokenSelect + speculation"

@@ -29,9 +29,13 @@ pub struct ModelArgs {
     /// Tidal: the layer that selects again.
     #[arg(long, default_value_t = 13)]
     pub reselection_layer: usize,
-    /// Quest: tokens per block.
+    /// Quest, and TokenSelect with --prefilter-blocks: tokens per block.
     #[arg(long, default_value_t = 16)]
     pub block: usize,
+    /// TokenSelect: hierarchical selection; keep this many blocks (by their
+    /// key-bound soft vote) and vote only over their tokens (0 = exact).
+    #[arg(long, default_value_t = 0)]
+    pub prefilter_blocks: usize,
     /// Quest: leading layers that stay dense.
     #[arg(long, default_value_t = 2)]
     pub dense_layers: usize,
@@ -101,6 +105,8 @@ impl ModelArgs {
                 positions: self.positions.parse()?,
                 subchunk: self.subchunk,
                 gqa_map: self.gqa_map.parse()?,
+                prefilter_blocks: self.prefilter_blocks,
+                prefilter_block: self.block,
             }),
             "quest" => AttentionPolicy::BlockSparse(QuestConfig {
                 block: self.block,

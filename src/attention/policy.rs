@@ -5,7 +5,7 @@
 use super::{dense_attention, KvLayout, PageTable};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::ops::{GqaMap, KeyList, Ops, SelectPlan};
+use crate::ops::{GqaMap, KeyList, Ops, Prefilter, PrefilterPlan, SelectPlan};
 
 /// RoPE positions of selected keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -50,6 +50,12 @@ pub struct TokenSelectConfig {
     pub subchunk: usize,
     /// KV head each query head scores against.
     pub gqa_map: GqaMap,
+    /// Hierarchical selection (0: exact): the candidates' blocks are scored by
+    /// their key bounds and only the tokens of this many best blocks take part
+    /// in the soft vote.
+    pub prefilter_blocks: usize,
+    /// Tokens per block of the hierarchical selection.
+    pub prefilter_block: usize,
 }
 
 impl Default for TokenSelectConfig {
@@ -62,6 +68,8 @@ impl Default for TokenSelectConfig {
             positions: Positions::Compact,
             subchunk: 512,
             gqa_map: GqaMap::Grouped,
+            prefilter_blocks: 0,
+            prefilter_block: 16,
         }
     }
 }
@@ -164,6 +172,15 @@ impl AttentionPolicy {
                     "TokenSelect n_local must be >= 1 (it holds the current token)".into(),
                 ));
             }
+            if c.prefilter_blocks > 0
+                && (c.prefilter_block < 4
+                    || c.prefilter_blocks * c.prefilter_block < c.k + 2 * c.prefilter_block)
+            {
+                return Err(Error::InvalidOption(format!(
+                    "TokenSelect prefilter: {} blocks of {} tokens must hold k {} plus two blocks (blocks >= 4 tokens)",
+                    c.prefilter_blocks, c.prefilter_block, c.k
+                )));
+            }
             if !(c.cache_threshold >= -1.0) {
                 return Err(Error::InvalidOption(format!(
                     "cache threshold {} must be >= -1",
@@ -202,6 +219,17 @@ struct QuestBuffers<E: Ops> {
     cap: usize,
     /// Per layer: `[kv_heads, top]` block ids.
     selected: Vec<E::Ids>,
+    /// Leading tokens whose blocks' bounds are up to date.
+    valid: usize,
+    /// First token whose block this step recomputes.
+    from: usize,
+}
+
+/// Hierarchical TokenSelect state: unrotated key bounds and the chosen blocks.
+struct PrefilterBuffers<E: Ops> {
+    bounds: E::Bounds,
+    /// `[prefilter_blocks]` block ids.
+    blocks: E::Ids,
     /// Leading tokens whose blocks' bounds are up to date.
     valid: usize,
     /// First token whose block this step recomputes.
@@ -269,6 +297,7 @@ pub struct Attention<E: Ops> {
     ts: Option<TsBuffers<E>>,
     quest: Option<QuestBuffers<E>>,
     tidal: Option<TidalBuffers<E>>,
+    pre: Option<PrefilterBuffers<E>>,
     step: Step<E>,
     /// Selections run without the Selection Cache (threshold above 1).
     uncached_selections: u64,
@@ -289,12 +318,18 @@ impl<E: Ops> Attention<E> {
         if let AttentionPolicy::BlockSparse(c) = policy {
             crate::ops::check::bounds_block(layout, c.block)?;
         }
+        if let AttentionPolicy::TokenSelect(c) = policy {
+            if c.prefilter_blocks > 0 {
+                crate::ops::check::bounds_block(layout, c.prefilter_block)?;
+            }
+        }
         Ok(Self {
             policy,
             layout: *layout,
             ts: None,
             quest: None,
             tidal: None,
+            pre: None,
             step: Step::Dense,
             uncached_selections: 0,
             prefill_selections: 0,
@@ -312,6 +347,8 @@ impl<E: Ops> Attention<E> {
         rows: usize,
     ) -> Result<()> {
         let qd = cfg.heads * cfg.head_dim;
+        // A hierarchical selection's slots may pass the candidates by two blocks.
+        let cand = cand + 2 * c.prefilter_block * usize::from(c.prefilter_blocks > 0);
         if self.ts.is_none() {
             let mut selected = Vec::with_capacity(cfg.layers);
             let mut cached = Vec::with_capacity(cfg.layers);
@@ -380,6 +417,21 @@ impl<E: Ops> Attention<E> {
         };
         let start = seq_len - n;
         let list_len = c.n_init + c.k + c.n_local;
+        if c.prefilter_blocks > 0 {
+            // Bounds follow the cache from the first token, selecting or not.
+            if self.pre.is_none() {
+                self.pre = Some(PrefilterBuffers {
+                    bounds: ops.block_bounds(&self.layout, c.prefilter_block, false)?,
+                    blocks: ops.ids(&vec![0u32; c.prefilter_blocks])?,
+                    valid: 0,
+                    from: 0,
+                });
+            }
+            if let Some(pre) = self.pre.as_mut() {
+                pre.from = pre.valid.min(start);
+                pre.valid = seq_len;
+            }
+        }
         if n > 1 {
             // New tokens make the Selection Cache's decisions stale.
             if let Some(ts) = self.ts.as_mut() {
@@ -450,7 +502,7 @@ impl<E: Ops> Attention<E> {
                 selected.push(ops.ids(&vec![0u32; cfg.kv_heads * top])?);
             }
             self.quest = Some(QuestBuffers {
-                bounds: ops.block_bounds(&self.layout, c.block)?,
+                bounds: ops.block_bounds(&self.layout, c.block, true)?,
                 scores: ops.tensor(cfg.heads, 1024)?,
                 cap: 1024,
                 selected,
@@ -490,6 +542,10 @@ impl<E: Ops> Attention<E> {
         // Draft slots are not the committed tokens: their blocks recompute later.
         if let Some(qb) = self.quest.as_mut() {
             qb.valid = qb.valid.min(start);
+        }
+        if let Some(pre) = self.pre.as_mut() {
+            pre.valid = pre.valid.min(start);
+            pre.from = pre.valid;
         }
         let cand = match self.policy {
             AttentionPolicy::TokenSelect(c) => candidates(&c, start).map(|n| (c, n)),
@@ -571,7 +627,7 @@ impl<E: Ops> Attention<E> {
             // The query's own block is always attended; the top blocks come from
             // the whole blocks before it.
             let (top, last) = (c.budget / c.block - 1, (seq_len - 1) / c.block);
-            ops.block_scores(q, &qb.bounds, layer, table, last, &mut qb.scores)?;
+            ops.block_scores(q, &qb.bounds, layer, table, 0..last, &mut qb.scores, None)?;
             ops.block_top_k(&qb.scores, cfg.kv_heads, last, top, &mut qb.selected[layer])?;
             let list = KeyList {
                 n_init: 0,
@@ -584,6 +640,10 @@ impl<E: Ops> Attention<E> {
             };
             return ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out);
         }
+        if let Some(pre) = self.pre.as_mut() {
+            ops.kv_bounds(kv, &mut pre.bounds, layer, table, pre.from..seq_len, rope)?;
+        }
+        let mut pre = self.pre.as_mut();
         let Some(ts) = self.ts.as_mut() else {
             ops.rope(q, cfg.heads, positions, rope)?;
             return dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out);
@@ -595,8 +655,20 @@ impl<E: Ops> Attention<E> {
             }
             Step::Decode(c, fp_pos, q_pos) => {
                 let cand = seq_len - c.n_init - c.n_local;
-                self.uncached_selections +=
-                    query_select(ops, ts, c, cfg, layer, q, fp_pos, kv, table, cand, rope)?;
+                self.uncached_selections += query_select(
+                    ops,
+                    ts,
+                    pre.as_deref_mut(),
+                    c,
+                    cfg,
+                    layer,
+                    q,
+                    fp_pos,
+                    kv,
+                    table,
+                    cand,
+                    rope,
+                )?;
                 ops.rope(q, cfg.heads, q_pos, rope)?;
                 let list = KeyList {
                     n_init: c.n_init,
@@ -613,8 +685,20 @@ impl<E: Ops> Attention<E> {
                 // The root (row 0, logical index start) selects; its window holds
                 // the n_local - 1 tokens before it, the tree follows.
                 let cand = start + 1 - c.n_init - c.n_local;
-                self.uncached_selections +=
-                    query_select(ops, ts, c, cfg, layer, q, fp_pos, kv, table, cand, rope)?;
+                self.uncached_selections += query_select(
+                    ops,
+                    ts,
+                    pre.as_deref_mut(),
+                    c,
+                    cfg,
+                    layer,
+                    q,
+                    fp_pos,
+                    kv,
+                    table,
+                    cand,
+                    rope,
+                )?;
                 ops.rope(q, cfg.heads, q_pos, rope)?;
                 let list = KeyList {
                     n_init: c.n_init,
@@ -646,7 +730,8 @@ impl<E: Ops> Attention<E> {
                         ops.mean_rows(q_raw, sub.rows.clone(), &mut ts.q_fp)?;
                         ops.rope(&mut ts.q_fp, cfg.heads, fp_pos, rope)?;
                         let cand = a + 1 - c.n_init - c.n_local;
-                        select(ops, ts, c, cfg.heads, kv, layer, table, cand, false)?;
+                        let pre = pre.as_deref_mut();
+                        select(ops, ts, pre, c, cfg.heads, kv, layer, table, cand, false)?;
                         self.prefill_selections += 1;
                         KeyList {
                             n_init: c.n_init,
@@ -723,6 +808,7 @@ impl<E: Ops> Attention<E> {
 fn query_select<E: Ops>(
     ops: &mut E,
     ts: &mut TsBuffers<E>,
+    pre: Option<&mut PrefilterBuffers<E>>,
     c: &TokenSelectConfig,
     cfg: &ModelConfig,
     layer: usize,
@@ -745,6 +831,7 @@ fn query_select<E: Ops>(
             begin: c.n_init,
             n: cand,
             k: c.k,
+            prefilter: prefilter_plan(c, pre.is_some(), cand),
         };
         ops.ts_cache_check(
             &ts.q_fp,
@@ -756,16 +843,33 @@ fn query_select<E: Ops>(
             &mut ts.gate,
         )?;
     }
-    select(ops, ts, c, cfg.heads, kv, layer, table, cand, gated)?;
+    select(ops, ts, pre, c, cfg.heads, kv, layer, table, cand, gated)?;
     Ok(u64::from(!gated))
+}
+
+/// The block stage of a hierarchical selection over `cand` candidates from
+/// `n_init`, when it has more blocks than it keeps.
+fn prefilter_plan(c: &TokenSelectConfig, on: bool, cand: usize) -> Option<PrefilterPlan> {
+    let block = c.prefilter_block;
+    let first_block = c.n_init / block;
+    let n_blocks = (c.n_init + cand).div_ceil(block) - first_block;
+    (on && c.prefilter_blocks > 0 && n_blocks > c.prefilter_blocks).then_some(PrefilterPlan {
+        block,
+        first_block,
+        n_blocks,
+        top: c.prefilter_blocks,
+    })
 }
 
 /// Scoring, soft vote and top-k over `cand` candidates from `n_init` into the
 /// layer's selection (gated by the Selection Cache decision when `gated`).
+/// Hierarchical: first the best blocks by their bounds' soft vote, then the
+/// same over only those blocks' tokens.
 #[allow(clippy::too_many_arguments)]
 fn select<E: Ops>(
     ops: &mut E,
     ts: &mut TsBuffers<E>,
+    pre: Option<&mut PrefilterBuffers<E>>,
     c: &TokenSelectConfig,
     heads: usize,
     kv: &E::Kv,
@@ -775,6 +879,56 @@ fn select<E: Ops>(
     gated: bool,
 ) -> Result<()> {
     let gate = gated.then_some(&ts.gate);
+    let plan = prefilter_plan(c, pre.is_some(), cand);
+    let (Some(pre), Some(plan)) = (pre, plan) else {
+        ops.ts_score(
+            &ts.q_fp,
+            kv,
+            layer,
+            table,
+            c.n_init,
+            cand,
+            c.gqa_map,
+            &mut ts.scores,
+            gate,
+            None,
+        )?;
+        ops.ts_vote(&ts.scores, heads, cand, &mut ts.votes, gate)?;
+        return ops.ts_top_k(
+            &ts.votes,
+            cand,
+            c.k,
+            c.n_init,
+            &mut ts.selected[layer],
+            gate,
+            None,
+        );
+    };
+    let blocks = plan.first_block..plan.first_block + plan.n_blocks;
+    ops.block_scores(
+        &ts.q_fp,
+        &pre.bounds,
+        layer,
+        table,
+        blocks,
+        &mut ts.scores,
+        gate,
+    )?;
+    ops.ts_vote(&ts.scores, heads, plan.n_blocks, &mut ts.votes, gate)?;
+    ops.ts_top_k(
+        &ts.votes,
+        plan.n_blocks,
+        plan.top,
+        plan.first_block,
+        &mut pre.blocks,
+        gate,
+        None,
+    )?;
+    let pf = Prefilter {
+        blocks: &pre.blocks,
+        count: plan.top,
+        block: plan.block,
+    };
     ops.ts_score(
         &ts.q_fp,
         kv,
@@ -785,14 +939,16 @@ fn select<E: Ops>(
         c.gqa_map,
         &mut ts.scores,
         gate,
+        Some(&pf),
     )?;
-    ops.ts_vote(&ts.scores, heads, cand, &mut ts.votes, gate)?;
+    ops.ts_vote(&ts.scores, heads, pf.slots(), &mut ts.votes, gate)?;
     ops.ts_top_k(
         &ts.votes,
-        cand,
+        pf.slots(),
         c.k,
         c.n_init,
         &mut ts.selected[layer],
         gate,
+        Some(&pf),
     )
 }

@@ -1,5 +1,6 @@
 //! Quest block bounds and block scores (`block_sparse.wgsl`).
 
+use super::tokenselect::GpuGate;
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use crate::attention::{KvLayout, PageTable};
 use crate::error::Result;
@@ -13,6 +14,8 @@ use crate::shaders;
 pub struct GpuBounds {
     /// Tokens per block.
     pub block: usize,
+    /// Keys rotated at their positions (Quest) or not (hierarchical TokenSelect).
+    pub rotated: bool,
     /// Layout of the cache the bounds describe.
     pub layout: KvLayout,
     /// Pages per arena (as the KV cache's).
@@ -21,7 +24,12 @@ pub struct GpuBounds {
     pub bufs: Vec<Vec<wgpu::Buffer>>,
 }
 
-pub(super) fn alloc(ex: &mut GpuExecutor, layout: &KvLayout, block: usize) -> Result<GpuBounds> {
+pub(super) fn alloc(
+    ex: &mut GpuExecutor,
+    layout: &KvLayout,
+    block: usize,
+    rotated: bool,
+) -> Result<GpuBounds> {
     layout.validate()?;
     check::bounds_block(layout, block)?;
     let per_arena = ex.kv_pages_per_arena(layout)?;
@@ -40,13 +48,14 @@ pub(super) fn alloc(ex: &mut GpuExecutor, layout: &KvLayout, block: usize) -> Re
         .collect();
     Ok(GpuBounds {
         block,
+        rotated,
         layout: *layout,
         pages_per_arena: per_arena,
         bufs,
     })
 }
 
-/// The uniform words both entry points share.
+/// The uniform words every entry point shares (`rotate` comes after them).
 #[allow(clippy::too_many_arguments)]
 fn params(
     l: &KvLayout,
@@ -59,7 +68,7 @@ fn params(
     max_pos: usize,
     q_heads: usize,
     out_cols: usize,
-) -> [u32; 12] {
+) -> [u32; 16] {
     [
         first_block as u32,
         n_blocks as u32,
@@ -73,6 +82,10 @@ fn params(
         max_pos as u32,
         q_heads as u32,
         out_cols as u32,
+        0,
+        0,
+        0,
+        0,
     ]
 }
 
@@ -97,7 +110,7 @@ pub(super) fn bounds(
     let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 2).div_ceil(64))?;
     let span = first * b.block..tokens.end;
     for a in kv.arenas_for(table, span) {
-        let words = params(
+        let mut words = params(
             &l,
             b.block,
             first,
@@ -109,6 +122,7 @@ pub(super) fn bounds(
             0,
             0,
         );
+        words[12] = u32::from(b.rotated);
         let bind = [
             Binding::from(&pages),
             Binding::from(&kv.k[layer][a]),
@@ -120,14 +134,16 @@ pub(super) fn bounds(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn scores(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
     b: &GpuBounds,
     layer: usize,
     table: &PageTable,
-    n_blocks: usize,
+    blocks: std::ops::Range<usize>,
     out: &mut GpuTensor,
+    gate: Option<&GpuGate>,
 ) -> Result<()> {
     let l = b.layout;
     let qh = check::block_scores(
@@ -136,27 +152,28 @@ pub(super) fn scores(
         layer,
         table,
         (q.rows, q.cols),
-        n_blocks,
+        &blocks,
         (out.rows, out.cols),
     )?;
-    if n_blocks == 0 {
+    if blocks.is_empty() {
         return Ok(());
     }
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "scores_main", &[]);
-    let groups = ex.grid((n_blocks * qh).div_ceil(64))?;
-    for a in super::arenas_for(l.page_size, b.pages_per_arena, table, 0..n_blocks * b.block) {
+    let groups = ex.grid((blocks.len() * qh).div_ceil(64))?;
+    let span = blocks.start * b.block..blocks.end * b.block;
+    for a in super::arenas_for(l.page_size, b.pages_per_arena, table, span) {
         let words = params(
             &l,
             b.block,
-            0,
-            n_blocks,
-            n_blocks * b.block,
+            blocks.start,
+            blocks.len(),
+            blocks.end * b.block,
             a,
             b.pages_per_arena,
             0,
             qh,
-            out.cols,
+            blocks.len(),
         );
         let bind = [
             Binding::from(&pages),
@@ -164,7 +181,7 @@ pub(super) fn scores(
             Binding::from(&b.bufs[layer][a]),
             Binding::from(&out.buf),
         ];
-        ex.rec.dispatch(&p, &words, &bind, groups);
+        super::tokenselect::launch(ex, &p, &words, &bind, groups, gate)?;
     }
     Ok(())
 }
@@ -179,12 +196,12 @@ pub(super) fn top_k(
 ) -> Result<()> {
     check::block_top_k((scores.rows, scores.cols), kv_heads, n, k, out.len)?;
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "top_blocks", &[]);
-    let mut words = [0u32; 12];
+    let mut words = [0u32; 16];
     words[1] = n as u32;
     words[3] = kv_heads as u32;
     words[6] = k as u32;
     words[10] = scores.rows as u32;
-    words[11] = scores.cols as u32;
+    words[11] = n as u32;
     let bind = [Binding::from(&scores.buf), Binding::from(&out.buf)];
     ex.rec.dispatch(&p, &words, &bind, [kv_heads as u32, 1, 1]);
     Ok(())
@@ -218,18 +235,7 @@ pub(super) fn token_scores(
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
     let groups = ex.grid((n * qh).div_ceil(64))?;
     for a in kv.arenas_for(table, 0..n) {
-        let words = params(
-            &l,
-            1,
-            0,
-            n,
-            n,
-            a,
-            kv.pages_per_arena,
-            rope.max_pos,
-            qh,
-            out.cols,
-        );
+        let words = params(&l, 1, 0, n, n, a, kv.pages_per_arena, rope.max_pos, qh, n);
         let bind = [
             Binding::from(&pages),
             Binding::from(&q.buf),

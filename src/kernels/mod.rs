@@ -22,7 +22,7 @@ use crate::attention::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
 use crate::gpu::{GpuContext, PipelineCache, Recorder};
-use crate::ops::{GqaMap, KeyList, Ops, RopeConfig};
+use crate::ops::{GqaMap, KeyList, Ops, Prefilter, RopeConfig};
 use half::f16;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -464,10 +464,15 @@ impl Ops for GpuExecutor {
         })
     }
 
-    fn block_bounds(&mut self, layout: &KvLayout, block: usize) -> Result<Self::Bounds> {
+    fn block_bounds(
+        &mut self,
+        layout: &KvLayout,
+        block: usize,
+        rotated: bool,
+    ) -> Result<Self::Bounds> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
-        block_sparse::alloc(self, layout, block)
+        block_sparse::alloc(self, layout, block, rotated)
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -593,8 +598,11 @@ impl Ops for GpuExecutor {
         gqa: GqaMap,
         scores: &mut GpuTensor,
         gate: Option<&tokenselect::GpuGate>,
+        prefilter: Option<&Prefilter<'_, GpuIds>>,
     ) -> Result<()> {
-        tokenselect::score(self, q, kv, layer, table, begin, n, gqa, scores, gate)
+        tokenselect::score(
+            self, q, kv, layer, table, begin, n, gqa, scores, gate, prefilter,
+        )
     }
 
     fn ts_vote(
@@ -616,8 +624,9 @@ impl Ops for GpuExecutor {
         begin: usize,
         out: &mut GpuIds,
         gate: Option<&tokenselect::GpuGate>,
+        prefilter: Option<&Prefilter<'_, GpuIds>>,
     ) -> Result<()> {
-        tokenselect::top_k(self, votes, n, k, begin, out, gate)
+        tokenselect::top_k(self, votes, n, k, begin, out, gate, prefilter)
     }
 
     fn attention_decode_list(
@@ -738,10 +747,11 @@ impl Ops for GpuExecutor {
         bounds: &Self::Bounds,
         layer: usize,
         table: &PageTable,
-        n_blocks: usize,
+        blocks: Range<usize>,
         out: &mut GpuTensor,
+        gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        block_sparse::scores(self, q, bounds, layer, table, n_blocks, out)
+        block_sparse::scores(self, q, bounds, layer, table, blocks, out, gate)
     }
 
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {

@@ -8,14 +8,13 @@ use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor};
 use crate::attention::PageTable;
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{buffer, Binding, Pipeline};
-use crate::ops::{check, GqaMap, SelectPlan};
+use crate::ops::{check, GqaMap, Prefilter, SelectPlan};
 use crate::shaders;
+use std::cell::Cell;
 use std::sync::Arc;
 
-/// Indirect-argument slots of one gated selection: score (one per arena), then
-/// head_stats, vote, radix_init, 4 x (radix_hist, radix_pick), radix_collect.
-const MAX_SLOTS: usize = 32;
-const FIXED_SLOTS: usize = 12;
+/// Indirect-argument slots of one gated selection (see [`slots`]).
+const MAX_SLOTS: usize = 48;
 
 /// Selection Cache gate on the GPU.
 #[derive(Clone, Debug)]
@@ -24,9 +23,13 @@ pub struct GpuGate {
     pub args: wgpu::Buffer,
     /// [hits, misses] (u32).
     pub counters: wgpu::Buffer,
-    score_slots: usize,
+    /// Workgroup counts of the checked selection's dispatches, in order.
+    slots: Vec<[u32; 3]>,
+    /// The slot the next gated dispatch takes.
+    next: Cell<usize>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn params(
     n: usize,
     begin: usize,
@@ -35,7 +38,7 @@ fn params(
     arena: usize,
     k: usize,
     pass: u32,
-) -> [u32; 12] {
+) -> [u32; 16] {
     let l = kv.layout;
     [
         n as u32,
@@ -50,7 +53,21 @@ fn params(
         pass,
         0,
         0,
+        0,
+        0,
+        0,
+        0,
     ]
+}
+
+/// Words of the vote and top-k passes (no KV cache involved).
+fn plain_params(n: usize, begin: usize, qh: usize, k: usize) -> [u32; 16] {
+    let mut w = [0u32; 16];
+    w[0] = n as u32;
+    w[1] = begin as u32;
+    w[2] = qh as u32;
+    w[8] = k as u32;
+    w
 }
 
 fn radix_workgroups(n: usize) -> u32 {
@@ -58,46 +75,70 @@ fn radix_workgroups(n: usize) -> u32 {
     n.div_ceil(4096).clamp(1, 256) as u32
 }
 
-/// The workgroup counts of every selection dispatch, in slot order.
+/// The workgroup counts of every selection dispatch, in launch order: for a
+/// hierarchical selection block scores (one per arena), their vote (head_stats,
+/// vote) and top-k (radix_init, 4 x (radix_hist, radix_pick), radix_collect);
+/// then the token scores (one per arena), vote and top-k.
 fn slots(
     ex: &GpuExecutor,
     plan: &SelectPlan,
     kv: &GpuKv,
     table: &PageTable,
 ) -> Result<Vec<[u32; 3]>> {
-    let score = ex.grid(plan.n.div_ceil(64))?;
-    let mut v: Vec<[u32; 3]> = kv
-        .arenas_for(table, plan.begin..plan.begin + plan.n)
-        .iter()
-        .map(|_| score)
-        .collect();
-    v.push([plan.q_heads as u32, 1, 1]);
-    v.push(ex.grid(plan.n.div_ceil(64))?);
-    v.push([1, 1, 1]);
-    for _ in 0..4 {
-        v.push([radix_workgroups(plan.n), 1, 1]);
+    let mut v = Vec::new();
+    let vote_top_k = |v: &mut Vec<[u32; 3]>, n: usize| -> Result<()> {
+        v.push([plan.q_heads as u32, 1, 1]);
+        v.push(ex.grid(n.div_ceil(64))?);
         v.push([1, 1, 1]);
+        for _ in 0..4 {
+            v.push([radix_workgroups(n), 1, 1]);
+            v.push([1, 1, 1]);
+        }
+        v.push([1, 1, 1]);
+        Ok(())
+    };
+    let mut n = plan.n;
+    if let Some(pf) = plan.prefilter {
+        let groups = ex.grid((pf.n_blocks * plan.q_heads).div_ceil(64))?;
+        let span = pf.first_block * pf.block..(pf.first_block + pf.n_blocks) * pf.block;
+        v.extend(kv.arenas_for(table, span).iter().map(|_| groups));
+        vote_top_k(&mut v, pf.n_blocks)?;
+        n = pf.top * pf.block;
     }
-    v.push([1, 1, 1]);
+    let score = ex.grid(n.div_ceil(64))?;
+    v.extend(
+        kv.arenas_for(table, plan.begin..plan.begin + plan.n)
+            .iter()
+            .map(|_| score),
+    );
+    vote_top_k(&mut v, n)?;
     Ok(v)
 }
 
-/// Dispatches directly, or through the gate's slot when gated.
-fn launch(
+/// Dispatches directly, or through the gate's next slot when gated.
+pub(super) fn launch(
     ex: &mut GpuExecutor,
     p: &Arc<Pipeline>,
     params: &[u32],
     b: &[Binding],
     groups: [u32; 3],
     gate: Option<&GpuGate>,
-    slot: usize,
-) {
+) -> Result<()> {
     match gate {
-        Some(g) => ex
-            .rec
-            .dispatch_indirect(p, params, b, &g.args, 16 * slot as u64),
+        Some(g) => {
+            let slot = g.next.get();
+            if g.slots.get(slot) != Some(&groups) {
+                return Err(Error::InvalidOption(
+                    "selection op does not match the plan of its Selection Cache check".into(),
+                ));
+            }
+            g.next.set(slot + 1);
+            ex.rec
+                .dispatch_indirect(p, params, b, &g.args, 16 * slot as u64)
+        }
         None => ex.rec.dispatch(p, params, b, groups),
     }
+    Ok(())
 }
 
 pub(super) fn new_gate(ex: &mut GpuExecutor) -> Result<GpuGate> {
@@ -112,7 +153,8 @@ pub(super) fn new_gate(ex: &mut GpuExecutor) -> Result<GpuGate> {
     Ok(GpuGate {
         args,
         counters,
-        score_slots: 0,
+        slots: Vec::new(),
+        next: Cell::new(0),
     })
 }
 
@@ -137,12 +179,10 @@ pub(super) fn cache_check(
     let s = slots(ex, plan, kv, table)?;
     if s.len() > MAX_SLOTS {
         return Err(Error::Capacity(format!(
-            "Selection Cache: {} score passes (KV arenas) exceed {}",
-            s.len() - FIXED_SLOTS,
-            MAX_SLOTS - FIXED_SLOTS
+            "Selection Cache: {} gated dispatches (one score pass per KV arena) exceed {MAX_SLOTS}",
+            s.len()
         )));
     }
-    gate.score_slots = s.len() - FIXED_SLOTS;
     let mut words = vec![len as u32, s.len() as u32, threshold.to_bits(), 0];
     for i in 0..MAX_SLOTS {
         let g = s.get(i).copied().unwrap_or([0, 1, 1]);
@@ -156,6 +196,8 @@ pub(super) fn cache_check(
         Binding::from(&gate.counters),
     ];
     ex.rec.dispatch(&p, &words, &b, [1, 1, 1]);
+    gate.slots = s;
+    gate.next.set(0);
     Ok(())
 }
 
@@ -177,7 +219,9 @@ pub(super) fn score(
     gqa: GqaMap,
     scores: &mut GpuTensor,
     gate: Option<&GpuGate>,
+    prefilter: Option<&Prefilter<'_, GpuIds>>,
 ) -> Result<()> {
+    let slots = prefilter.map_or(n, |pf| pf.slots());
     let qh = check::ts(
         &kv.layout,
         layer,
@@ -185,27 +229,27 @@ pub(super) fn score(
         (q.rows, q.cols),
         begin,
         n,
+        slots,
         scores.rows * scores.cols,
     )?;
+    check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len)))?;
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::TOKENSELECT, "score", &[]);
-    let groups = ex.grid(n.div_ceil(64))?;
-    let arenas = kv.arenas_for(table, begin..begin + n);
-    if gate.is_some_and(|g| g.score_slots != arenas.len()) {
-        return Err(Error::InvalidOption(
-            "ts_score: gate was checked for another selection".into(),
-        ));
-    }
-    for (i, a) in arenas.into_iter().enumerate() {
+    let groups = ex.grid(slots.div_ceil(64))?;
+    for a in kv.arenas_for(table, begin..begin + n) {
         let b = [
             Binding::from(&q.buf),
             Binding::from(&kv.k[layer][a]),
             Binding::from(&pages),
             Binding::from(&scores.buf),
+            // Exact selection reads no block ids: any read-only buffer binds.
+            Binding::from(prefilter.map_or(&q.buf, |pf| &pf.blocks.buf)),
         ];
-        let mut prm = params(n, begin, qh, kv, a, 0, 0);
+        let mut prm = params(slots, begin, qh, kv, a, 0, 0);
         prm[10] = u32::from(gqa == GqaMap::Modulo);
-        launch(ex, &p, &prm, &b, groups, gate, i);
+        prm[11] = prefilter.map_or(0, |pf| pf.block) as u32;
+        prm[12] = n as u32;
+        launch(ex, &p, &prm, &b, groups, gate)?;
     }
     Ok(())
 }
@@ -221,14 +265,11 @@ pub(super) fn vote(
     if scores.rows * scores.cols < qh * n || votes.rows * votes.cols < n || qh == 0 {
         return shape_err("ts_vote", format!("{qh} heads x {n} candidates do not fit"));
     }
-    let base = gate.map(|g| g.score_slots).unwrap_or(0);
     let stats = ex.scratch("vote stats", (qh * 8) as u64)?;
-    let mut pr = [0u32; 12];
-    pr[0] = n as u32;
-    pr[2] = qh as u32;
+    let pr = plain_params(n, 0, qh, 0);
     let hs = ex.pipeline(shaders::TOKENSELECT, "head_stats", &[]);
     let b = [Binding::from(&scores.buf), Binding::from(&stats)];
-    launch(ex, &hs, &pr, &b, [qh as u32, 1, 1], gate, base);
+    launch(ex, &hs, &pr, &b, [qh as u32, 1, 1], gate)?;
     let v = ex.pipeline(shaders::TOKENSELECT, "vote", &[]);
     let groups = ex.grid(n.div_ceil(64))?;
     let b = [
@@ -236,10 +277,10 @@ pub(super) fn vote(
         Binding::from(&stats),
         Binding::from(&votes.buf),
     ];
-    launch(ex, &v, &pr, &b, groups, gate, base + 1);
-    Ok(())
+    launch(ex, &v, &pr, &b, groups, gate)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn top_k(
     ex: &mut GpuExecutor,
     votes: &GpuTensor,
@@ -248,57 +289,36 @@ pub(super) fn top_k(
     begin: usize,
     out: &mut GpuIds,
     gate: Option<&GpuGate>,
+    prefilter: Option<&Prefilter<'_, GpuIds>>,
 ) -> Result<()> {
     if votes.rows * votes.cols < n || k == 0 || k > n || out.len < k {
         return shape_err("ts_top_k", format!("top {k} of {n} into {} slots", out.len));
     }
-    let base = gate.map(|g| g.score_slots + 2).unwrap_or(0);
+    check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len)))?;
+    if prefilter.is_some_and(|pf| pf.slots() != n) {
+        return shape_err("ts_top_k", format!("{n} votes for the prefilter's slots"));
+    }
     let state = ex.scratch("radix state", 258 * 4)?;
-    let mut pr = [0u32; 12];
-    pr[0] = n as u32;
-    pr[1] = begin as u32;
-    pr[8] = k as u32;
+    let mut pr = plain_params(n, begin, 0, k);
+    pr[11] = prefilter.map_or(0, |pf| pf.block) as u32;
     let init = ex.pipeline(shaders::TOKENSELECT, "radix_init", &[]);
-    launch(
-        ex,
-        &init,
-        &pr,
-        &[Binding::from(&state)],
-        [1, 1, 1],
-        gate,
-        base,
-    );
+    launch(ex, &init, &pr, &[Binding::from(&state)], [1, 1, 1], gate)?;
     let hist = ex.pipeline(shaders::TOKENSELECT, "radix_hist", &[]);
     let pick = ex.pipeline(shaders::TOKENSELECT, "radix_pick", &[]);
     let wgs = radix_workgroups(n);
     for pass in 0..4u32 {
         pr[9] = pass;
         let hb = [Binding::from(&state), Binding::from(&votes.buf)];
-        launch(
-            ex,
-            &hist,
-            &pr,
-            &hb,
-            [wgs, 1, 1],
-            gate,
-            base + 1 + 2 * pass as usize,
-        );
-        launch(
-            ex,
-            &pick,
-            &pr,
-            &[Binding::from(&state)],
-            [1, 1, 1],
-            gate,
-            base + 2 + 2 * pass as usize,
-        );
+        launch(ex, &hist, &pr, &hb, [wgs, 1, 1], gate)?;
+        launch(ex, &pick, &pr, &[Binding::from(&state)], [1, 1, 1], gate)?;
     }
     let collect = ex.pipeline(shaders::TOKENSELECT, "radix_collect", &[]);
     let cb = [
         Binding::from(&state),
         Binding::from(&votes.buf),
         Binding::from(&out.buf),
+        // Exact selection reads no block ids: any read-only buffer binds.
+        Binding::from(prefilter.map_or(&votes.buf, |pf| &pf.blocks.buf)),
     ];
-    launch(ex, &collect, &pr, &cb, [1, 1, 1], gate, base + 9);
-    Ok(())
+    launch(ex, &collect, &pr, &cb, [1, 1, 1], gate)
 }

@@ -7,6 +7,8 @@ use crate::attention::{KvLayout, PageTable};
 pub struct RefBounds {
     /// Tokens per block.
     pub block: usize,
+    /// Keys rotated at their positions (Quest) or not (hierarchical TokenSelect).
+    pub rotated: bool,
     /// Layout of the cache the bounds describe.
     pub layout: KvLayout,
     /// Per layer.
@@ -15,11 +17,12 @@ pub struct RefBounds {
 
 impl RefBounds {
     /// Zeroed bounds for `layout`.
-    pub fn new(layout: &KvLayout, block: usize) -> Self {
+    pub fn new(layout: &KvLayout, block: usize, rotated: bool) -> Self {
         let n =
             layout.num_pages * layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim;
         Self {
             block,
+            rotated,
             layout: *layout,
             data: vec![vec![0.0; n]; layout.layers],
         }
@@ -57,7 +60,11 @@ pub(super) fn bounds(
                 let cs = &rope.cs[t.min(rope.max_pos - 1) * half..][..half];
                 for i in 0..half {
                     let (lo, hi) = (k[i], k[i + half]);
-                    let r = [lo * cs[i][0] - hi * cs[i][1], hi * cs[i][0] + lo * cs[i][1]];
+                    let r = if b.rotated {
+                        [lo * cs[i][0] - hi * cs[i][1], hi * cs[i][0] + lo * cs[i][1]]
+                    } else {
+                        [lo, hi]
+                    };
                     for (c, v) in [(i, r[0]), (i + half, r[1])] {
                         mx[c] = mx[c].max(v);
                         mn[c] = mn[c].min(v);
@@ -76,7 +83,7 @@ pub(super) fn scores(
     b: &RefBounds,
     layer: usize,
     table: &PageTable,
-    n_blocks: usize,
+    blocks: std::ops::Range<usize>,
     out: &mut RefTensor,
 ) {
     let d = b.layout.head_dim;
@@ -84,10 +91,10 @@ pub(super) fn scores(
     let group = qh / b.layout.kv_heads;
     for h in 0..qh {
         let qv = &q.data[h * d..(h + 1) * d];
-        for blk in 0..n_blocks {
+        for blk in blocks.clone() {
             let o = b.offset(table, blk, h / group);
             let m = &b.data[layer][o..o + 2 * d];
-            out.data[h * out.cols + blk] =
+            out.data[h * blocks.len() + blk - blocks.start] =
                 (0..d).map(|i| (qv[i] * m[i]).max(qv[i] * m[d + i])).sum();
         }
     }
@@ -99,7 +106,7 @@ pub(super) fn top_k(scores: &RefTensor, kv_heads: usize, n: usize, k: usize, out
         let row: Vec<f32> = (0..n)
             .map(|b| {
                 (g * group..(g + 1) * group)
-                    .map(|h| scores.data[h * scores.cols + b])
+                    .map(|h| scores.data[h * n + b])
                     .fold(0.0f32, |a, v| a + v)
             })
             .collect();
@@ -138,7 +145,7 @@ pub(super) fn token_scores(
                 s += qv[i] * (lo * cs[i][0] - hi * cs[i][1])
                     + qv[i + half] * (hi * cs[i][0] + lo * cs[i][1]);
             }
-            out.data[h * out.cols + t] = s;
+            out.data[h * n + t] = s;
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod tokenselect;
 
 use crate::attention::{KvLayout, PageTable};
 use crate::error::{Error, Result};
-use crate::ops::{check, GqaMap, KeyList, Ops, RopeConfig, SelectPlan};
+use crate::ops::{check, GqaMap, KeyList, Ops, Prefilter, RopeConfig, SelectPlan};
 use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -181,10 +181,15 @@ impl Ops for RefExecutor {
         })
     }
 
-    fn block_bounds(&mut self, layout: &KvLayout, block: usize) -> Result<Self::Bounds> {
+    fn block_bounds(
+        &mut self,
+        layout: &KvLayout,
+        block: usize,
+        rotated: bool,
+    ) -> Result<Self::Bounds> {
         layout.validate()?;
         check::bounds_block(layout, block)?;
-        Ok(block_sparse::RefBounds::new(layout, block))
+        Ok(block_sparse::RefBounds::new(layout, block, rotated))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -376,10 +381,12 @@ impl Ops for RefExecutor {
         gqa: GqaMap,
         scores: &mut RefTensor,
         gate: Option<&RefGate>,
+        prefilter: Option<&Prefilter<'_, Vec<u32>>>,
     ) -> Result<()> {
         if skipped(gate) {
             return Ok(());
         }
+        let slots = prefilter.map_or(n, |pf| pf.slots());
         check::ts(
             &kv.layout,
             layer,
@@ -387,9 +394,12 @@ impl Ops for RefExecutor {
             (q.rows, q.cols),
             begin,
             n,
+            slots,
             scores.data.len(),
         )?;
-        tokenselect::score(q, kv, layer, table, begin, n, gqa, &mut scores.data);
+        check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len())))?;
+        let tokens = tokenselect::slot_tokens(begin, n, prefilter);
+        tokenselect::score(q, kv, layer, table, &tokens, gqa, &mut scores.data);
         Ok(())
     }
 
@@ -422,6 +432,7 @@ impl Ops for RefExecutor {
         begin: usize,
         out: &mut Vec<u32>,
         gate: Option<&RefGate>,
+        prefilter: Option<&Prefilter<'_, Vec<u32>>>,
     ) -> Result<()> {
         if skipped(gate) {
             return Ok(());
@@ -432,8 +443,20 @@ impl Ops for RefExecutor {
                 format!("top {k} of {n} into {} slots", out.len()),
             );
         }
-        let sel = tokenselect::top_k(&votes.data[..n], k, begin);
-        out[..k].copy_from_slice(&sel);
+        check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len())))?;
+        if prefilter.is_some_and(|pf| pf.slots() != n) {
+            return crate::error::shape_err(
+                "ts_top_k",
+                format!("{n} votes for the prefilter's slots"),
+            );
+        }
+        let sel = tokenselect::top_k(&votes.data[..n], k, 0);
+        for (o, j) in out[..k].iter_mut().zip(sel) {
+            *o = match prefilter {
+                Some(pf) => tokenselect::slot_token(pf, j as usize) as u32,
+                None => begin as u32 + j,
+            };
+        }
         Ok(())
     }
 
@@ -722,19 +745,23 @@ impl Ops for RefExecutor {
         bounds: &Self::Bounds,
         layer: usize,
         table: &PageTable,
-        n_blocks: usize,
+        blocks: Range<usize>,
         out: &mut RefTensor,
+        gate: Option<&RefGate>,
     ) -> Result<()> {
+        if skipped(gate) {
+            return Ok(());
+        }
         check::block_scores(
             &bounds.layout,
             bounds.block,
             layer,
             table,
             (q.rows, q.cols),
-            n_blocks,
+            &blocks,
             (out.rows, out.cols),
         )?;
-        block_sparse::scores(q, bounds, layer, table, n_blocks, out);
+        block_sparse::scores(q, bounds, layer, table, blocks, out);
         Ok(())
     }
 

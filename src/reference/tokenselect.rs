@@ -2,32 +2,56 @@
 
 use super::{attention, dot, RefKv, RefRope, RefTensor};
 use crate::attention::PageTable;
-use crate::ops::{GqaMap, KeyList};
+use crate::ops::{GqaMap, KeyList, Prefilter, NO_SCORE};
 use rayon::prelude::*;
 use std::ops::Range;
 
-#[allow(clippy::too_many_arguments)]
+/// Token of slot `j` of a hierarchical selection.
+pub(super) fn slot_token(pf: &Prefilter<'_, Vec<u32>>, j: usize) -> usize {
+    pf.blocks[j / pf.block] as usize * pf.block + j % pf.block
+}
+
+/// The token of each score slot (None: outside `begin..begin + n`).
+pub(super) fn slot_tokens(
+    begin: usize,
+    n: usize,
+    pf: Option<&Prefilter<'_, Vec<u32>>>,
+) -> Vec<Option<usize>> {
+    match pf {
+        None => (begin..begin + n).map(Some).collect(),
+        Some(pf) => (0..pf.slots())
+            .map(|j| Some(slot_token(pf, j)).filter(|t| (begin..begin + n).contains(t)))
+            .collect(),
+    }
+}
+
+/// Scores of every slot (`tokens` from [`slot_tokens`]).
 pub(super) fn score(
     q: &RefTensor,
     kv: &RefKv,
     layer: usize,
     table: &PageTable,
-    begin: usize,
-    n: usize,
+    tokens: &[Option<usize>],
     gqa: GqaMap,
     scores: &mut [f32],
 ) {
     let d = kv.layout.head_dim;
     let qh = q.cols / d;
+    let n = tokens.len();
     scores[..qh * n]
         .par_chunks_mut(n)
         .enumerate()
         .for_each(|(h, row)| {
             let qv = &q.data[h * d..(h + 1) * d];
             let g = gqa.kv_head(h, qh, kv.layout.kv_heads);
-            for (j, s) in row.iter_mut().enumerate() {
-                let off = kv.offset(table, begin + j, g);
-                *s = dot(qv, &kv.k[layer][off..off + d]);
+            for (t, s) in tokens.iter().zip(row.iter_mut()) {
+                *s = match t {
+                    Some(t) => {
+                        let off = kv.offset(table, *t, g);
+                        dot(qv, &kv.k[layer][off..off + d])
+                    }
+                    None => NO_SCORE,
+                };
             }
         });
 }
@@ -41,9 +65,15 @@ pub(super) fn vote(scores: &[f32], qh: usize, n: usize, votes: &mut [f32]) {
         })
         .collect();
     votes[..n].par_iter_mut().enumerate().for_each(|(j, v)| {
-        *v = (0..qh)
+        let sum: f32 = (0..qh)
             .map(|h| (scores[h * n + j] - stats[h].0).exp() / stats[h].1)
             .sum();
+        // As the kernel: a floor for real candidates, 0 outside the range.
+        *v = if scores[j] <= NO_SCORE {
+            0.0
+        } else {
+            sum.max(1e-30)
+        };
     });
 }
 
