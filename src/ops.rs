@@ -718,7 +718,8 @@ pub mod check {
         Ok(())
     }
 
-    /// TokenSelect shapes: returns the query head count.
+    /// TokenSelect shapes (`slots` scores per head): returns the query head count.
+    #[allow(clippy::too_many_arguments)]
     pub fn ts(
         layout: &KvLayout,
         layer: usize,
