@@ -5,14 +5,19 @@
 // positions (so a query rotated at its own position bounds its real logits), or
 // with rotate = 0 of the unrotated keys (TokenSelect's rotation-free scores).
 // A block is recomputed from the cache as a whole, which keeps the bounds exact
-// after appends, partial blocks and speculative KV moves. One thread per
-// (block, KV head, channel pair i / i + D/2): the rotation mixes the pair. The
-// host dispatches once per arena; a pass writes only blocks of its pages.
-// Layout per arena: [page][kv_head][block in page][max D, min D] f32.
+// after appends, partial blocks and speculative KV moves. Stored as f16 (half
+// the reads of f32 when scoring), each widened by 2^-9 of its size plus 2^-23
+// before rounding so the stored max stays above every key and the min below.
+// One thread per (block, KV head, channels 2c and 2c + 1 with their rotation
+// partners D/2 + 2c, D/2 + 2c + 1): the rotation mixes each with its partner.
+// The host dispatches once per arena; a pass writes only blocks of its pages.
+// Layout per arena: [page][kv_head][block in page][max D/2 words, min D/2 words],
+// each word two f16 channels.
 //
 // scores: score[h][b] = sum_i max(q_i M_i, q_i m_i) for query head h against
 // its KV head's bounds of logical block b: an upper bound of q . k over the
-// block. One thread per (query head, block).
+// block. One thread per (block, KV head) scores the KV head's query heads, so
+// a block's bounds are read from memory once.
 struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
@@ -24,73 +29,84 @@ struct Params {
 
 @group(0) @binding(2) var<storage, read> k_arena: array<u32>;       // packed f16 pairs
 @group(0) @binding(3) var<storage, read> cs: array<vec2<f32>>;      // [max_pos, D/2] (cos, sin)
-@group(0) @binding(4) var<storage, read_write> bounds_w: array<f32>;
+@group(0) @binding(4) var<storage, read_write> bounds_w: array<u32>;
 
-fn half_at(base: u32, i: u32) -> f32 {
-    let w = unpack2x16float(k_arena[base + i / 2u]);
-    return select(w.x, w.y, (i & 1u) == 1u);
-}
-
-// Offset of the bounds of (page in arena, kv head, block in page).
+// Offset (in words) of the bounds of (page in arena, kv head, block in page).
 fn bounds_base(local_page: u32, h: u32, b_in_page: u32) -> u32 {
     let per_page = p.page_size / p.block;
-    return ((local_page * p.kv_heads + h) * per_page + b_in_page) * 2u * p.head_dim;
+    return ((local_page * p.kv_heads + h) * per_page + b_in_page) * p.head_dim;
+}
+
+fn widen(v: vec2<f32>, dir: f32) -> u32 {
+    let w = v + dir * (abs(v) * 0.001953125 + 1.1920929e-7);
+    return pack2x16float(clamp(w, vec2<f32>(-65504.0), vec2<f32>(65504.0)));
+}
+
+// Channels c and c + 1 (c even, < D/2) of a key and their partners, rotated at t.
+fn rotated(base: u32, c: u32, t: u32) -> vec4<f32> {
+    let half = p.head_dim / 2u;
+    let lo = unpack2x16float(k_arena[base + c / 2u]);
+    let hi = unpack2x16float(k_arena[base + (c + half) / 2u]);
+    if (p.rotate == 0u) { return vec4<f32>(lo, hi); }
+    let c0 = cs[min(t, p.max_pos - 1u) * half + c];
+    let c1 = cs[min(t, p.max_pos - 1u) * half + c + 1u];
+    let cosv = vec2<f32>(c0.x, c1.x);
+    let sinv = vec2<f32>(c0.y, c1.y);
+    return vec4<f32>(lo * cosv - hi * sinv, hi * cosv + lo * sinv);
 }
 
 @compute @workgroup_size(64)
 fn bounds(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let half = p.head_dim / 2u;
+    let quarter = p.head_dim / 4u;
     let idx = gid.y * nwg.x * 64u + gid.x;
-    if (idx >= p.n_blocks * p.kv_heads * half) { return; }
-    let i = idx % half;
-    let h = (idx / half) % p.kv_heads;
-    let b = p.first_block + idx / (half * p.kv_heads);
+    if (idx >= p.n_blocks * p.kv_heads * quarter) { return; }
+    let c = 2u * (idx % quarter);
+    let h = (idx / quarter) % p.kv_heads;
+    let b = p.first_block + idx / (quarter * p.kv_heads);
     let t0 = b * p.block;
     let t1 = min(t0 + p.block, p.seq_len);
     let page = pages[t0 / p.page_size];
     if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
     let local_page = page - p.arena_first_page;
-    var mx = vec2<f32>(-3.0e38);
-    var mn = vec2<f32>(3.0e38);
+    var mx = vec4<f32>(-3.0e38);
+    var mn = vec4<f32>(3.0e38);
     for (var t = t0; t < t1; t++) {
-        let base = ((local_page * p.kv_heads + h) * p.page_size + t % p.page_size) * half;
-        let lo = half_at(base, i);
-        let hi = half_at(base, i + half);
-        var r = vec2<f32>(lo, hi);
-        if (p.rotate == 1u) {
-            let c = cs[min(t, p.max_pos - 1u) * half + i];
-            r = vec2<f32>(lo * c.x - hi * c.y, hi * c.x + lo * c.y);
-        }
+        let base = ((local_page * p.kv_heads + h) * p.page_size + t % p.page_size) * (p.head_dim / 2u);
+        let r = rotated(base, c, t);
         mx = max(mx, r);
         mn = min(mn, r);
     }
     let o = bounds_base(local_page, h, (t0 % p.page_size) / p.block);
-    bounds_w[o + i] = mx.x;
-    bounds_w[o + i + half] = mx.y;
-    bounds_w[o + p.head_dim + i] = mn.x;
-    bounds_w[o + p.head_dim + i + half] = mn.y;
+    let half_w = p.head_dim / 2u;   // words of the max (and of the min)
+    bounds_w[o + c / 2u] = widen(mx.xy, 1.0);
+    bounds_w[o + (c + half_w) / 2u] = widen(mx.zw, 1.0);
+    bounds_w[o + half_w + c / 2u] = widen(mn.xy, -1.0);
+    bounds_w[o + half_w + (c + half_w) / 2u] = widen(mn.zw, -1.0);
 }
 
-@group(0) @binding(2) var<storage, read> q: array<f32>;              // [q_heads * D], rotated
-@group(0) @binding(3) var<storage, read> bounds_r: array<f32>;
+@group(0) @binding(2) var<storage, read> q: array<vec2<f32>>;        // [q_heads * D/2], rotated
+@group(0) @binding(3) var<storage, read> bounds_r: array<u32>;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;   // [q_heads, out_cols]
 
 @compute @workgroup_size(64)
 fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.y * nwg.x * 64u + gid.x;
-    if (idx >= p.n_blocks * p.q_heads) { return; }
+    if (idx >= p.n_blocks * p.kv_heads) { return; }
     let b = p.first_block + idx % p.n_blocks;
-    let h = idx / p.n_blocks;
+    let g = idx / p.n_blocks;
     let page = pages[(b * p.block) / p.page_size];
     if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
-    let kvh = h / (p.q_heads / p.kv_heads);
-    let o = bounds_base(page - p.arena_first_page, kvh, ((b * p.block) % p.page_size) / p.block);
-    var s = 0.0;
-    for (var i = 0u; i < p.head_dim; i++) {
-        let qi = q[h * p.head_dim + i];
-        s += max(qi * bounds_r[o + i], qi * bounds_r[o + p.head_dim + i]);
+    let o = bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block);
+    let half_w = p.head_dim / 2u;
+    let group = p.q_heads / p.kv_heads;
+    for (var h = g * group; h < (g + 1u) * group; h++) {
+        var s = vec2<f32>(0.0);
+        for (var w = 0u; w < half_w; w++) {
+            let qi = q[h * half_w + w];
+            s += max(qi * unpack2x16float(bounds_r[o + w]), qi * unpack2x16float(bounds_r[o + half_w + w]));
+        }
+        scores[h * p.out_cols + (b - p.first_block)] = s.x + s.y;
     }
-    scores[h * p.out_cols + (b - p.first_block)] = s;
 }
 
 // top_blocks: per KV head g (one workgroup each), the k blocks of 0..n_blocks with

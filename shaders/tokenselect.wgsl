@@ -169,8 +169,13 @@ var<workgroup> cnt_eq: array<u32, 256>;
 
 @compute @workgroup_size(256)
 fn radix_collect(@builtin(local_invocation_id) lid: vec3<u32>) {
-    let thr = atomicLoad(&state[0]);
-    let need_eq = atomicLoad(&state[1]);
+    collect(lid.x, atomicLoad(&state[0]), atomicLoad(&state[1]));
+}
+
+// Writes candidate j when its bits are above thr, or equal to it among the first
+// need_eq such (called by every thread of one workgroup).
+fn collect(tid: u32, thr: u32, need_eq: u32) {
+    let lid = vec3<u32>(tid, 0u, 0u);
     let per = (p.n + 255u) / 256u;
     let start = lid.x * per;
     let end = min(start + per, p.n);
@@ -215,6 +220,48 @@ fn radix_collect(@builtin(local_invocation_id) lid: vec3<u32>) {
             out++;
         }
     }
+}
+
+// The whole radix top-k in one workgroup, for up to a few tens of thousands of
+// candidates (hierarchical selection's stages): four passes with a workgroup
+// histogram, then the collect, in one dispatch instead of ten.
+var<workgroup> small_hist: array<atomic<u32>, 256>;
+var<workgroup> small_state: vec2<u32>;   // prefix, still needed
+
+@compute @workgroup_size(256)
+fn radix_small(@builtin(local_invocation_id) lid: vec3<u32>) {
+    if (lid.x == 0u) { small_state = vec2<u32>(0u, p.k); }
+    for (var pass_ = 0u; pass_ < 4u; pass_++) {
+        atomicStore(&small_hist[lid.x], 0u);
+        workgroupBarrier();
+        let shift = 24u - 8u * pass_;
+        let prefix = small_state.x;
+        for (var j = lid.x; j < p.n; j += 256u) {
+            let b = vr[j];
+            if (pass_ == 0u || (b >> (shift + 8u)) == (prefix >> (shift + 8u))) {
+                atomicAdd(&small_hist[(b >> shift) & 255u], 1u);
+            }
+        }
+        workgroupBarrier();
+        if (lid.x == 0u) {
+            var need = small_state.y;
+            var digit = 0u;
+            for (var d = 255i; d >= 0; d--) {
+                let c = atomicLoad(&small_hist[u32(d)]);
+                if (c >= need) { digit = u32(d); break; }
+                need -= c;
+            }
+            small_state = vec2<u32>(prefix | (digit << shift), need);
+        }
+        workgroupBarrier();
+    }
+    let st = workgroupUniformLoad(&small_state);
+    // The threshold lands in `state` as after the multi-pass version.
+    if (lid.x == 0u) {
+        atomicStore(&state[0], st.x);
+        atomicStore(&state[1], st.y);
+    }
+    collect(lid.x, st.x, st.y);
 }
 
 // ---- Selection Cache: compares the current fingerprint with the layer's cached one

@@ -91,15 +91,23 @@ fn selection_matches_reference() {
 #[test]
 fn radix_top_k_breaks_ties_by_index() {
     let mut ex = gpu();
-    // Many exact ties, zeros and a ragged length.
-    let n = 70_001;
-    let votes: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 * 0.25).collect();
-    for k in [1usize, 100, 5000, 8192] {
+    // Many exact ties, zeros and ragged lengths: one workgroup below 32K
+    // candidates, the multi-pass version above.
+    for (n, k) in [
+        (70_001usize, 1usize),
+        (70_001, 100),
+        (70_001, 5000),
+        (70_001, 8192),
+        (5_003, 1),
+        (5_003, 700),
+        (32_768, 32_768),
+    ] {
+        let votes: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 * 0.25).collect();
         let want = tokenselect::top_k(&votes, k, 5);
         let vg = ex.upload(&votes, 1, n).unwrap();
         let mut out = ex.ids(&vec![0u32; k]).unwrap();
         ex.ts_top_k(&vg, n, k, 5, &mut out, None, None).unwrap();
-        assert_eq!(ex.download_ids(&out).unwrap(), want, "k = {k}");
+        assert_eq!(ex.download_ids(&out).unwrap(), want, "n = {n}, k = {k}");
     }
 }
 

@@ -10,7 +10,8 @@ use crate::shaders;
 
 /// Block bounds on the device: `bufs[layer][arena]`, arenas holding the same
 /// pages as the KV cache's (a page's bounds take 4 / block of its K bytes, so
-/// they fit wherever the keys do).
+/// they fit wherever the keys do: per block and KV head D f16 maxima and D
+/// minima, against block x D keys of f16).
 pub struct GpuBounds {
     /// Tokens per block.
     pub block: usize,
@@ -35,7 +36,7 @@ pub(super) fn alloc(
     let per_arena = ex.kv_pages_per_arena(layout)?;
     let arenas = layout.num_pages.div_ceil(per_arena);
     let bounds_page =
-        (layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim * 4) as u64;
+        (layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim * 2) as u64;
     let bufs = (0..layout.layers)
         .map(|_| {
             (0..arenas)
@@ -107,7 +108,7 @@ pub(super) fn bounds(
     let n_blocks = tokens.end.div_ceil(b.block) - first;
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &[]);
-    let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 2).div_ceil(64))?;
+    let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 4).div_ceil(64))?;
     let span = first * b.block..tokens.end;
     for a in kv.arenas_for(table, span) {
         let mut words = params(
@@ -160,7 +161,7 @@ pub(super) fn scores(
     }
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "scores_main", &[]);
-    let groups = ex.grid((blocks.len() * qh).div_ceil(64))?;
+    let groups = ex.grid((blocks.len() * l.kv_heads).div_ceil(64))?;
     let span = blocks.start * b.block..blocks.end * b.block;
     for a in super::arenas_for(l.page_size, b.pages_per_arena, table, span) {
         let words = params(

@@ -70,6 +70,10 @@ fn plain_params(n: usize, begin: usize, qh: usize, k: usize) -> [u32; 16] {
     w
 }
 
+/// Candidates up to which one workgroup runs the whole top-k (`radix_small`):
+/// below this, nine dispatches cost more than the work they split.
+const SMALL_TOP_K: usize = 32768;
+
 fn radix_workgroups(n: usize) -> u32 {
     // Enough workgroups that each thread scans ~16 values.
     n.div_ceil(4096).clamp(1, 256) as u32
@@ -77,7 +81,8 @@ fn radix_workgroups(n: usize) -> u32 {
 
 /// The workgroup counts of every selection dispatch, in launch order: for a
 /// hierarchical selection block scores (one per arena), their vote (head_stats,
-/// vote) and top-k (radix_init, 4 x (radix_hist, radix_pick), radix_collect);
+/// vote) and top-k (radix_small up to SMALL_TOP_K candidates, else radix_init,
+/// 4 x (radix_hist, radix_pick), radix_collect);
 /// then the token scores (one per arena), vote and top-k.
 fn slots(
     ex: &GpuExecutor,
@@ -90,6 +95,9 @@ fn slots(
         v.push([plan.q_heads as u32, 1, 1]);
         v.push(ex.grid(n.div_ceil(64))?);
         v.push([1, 1, 1]);
+        if n <= SMALL_TOP_K {
+            return Ok(());
+        }
         for _ in 0..4 {
             v.push([radix_workgroups(n), 1, 1]);
             v.push([1, 1, 1]);
@@ -99,7 +107,7 @@ fn slots(
     };
     let mut n = plan.n;
     if let Some(pf) = plan.prefilter {
-        let groups = ex.grid((pf.n_blocks * plan.q_heads).div_ceil(64))?;
+        let groups = ex.grid((pf.n_blocks * kv.layout.kv_heads).div_ceil(64))?;
         let span = pf.first_block * pf.block..(pf.first_block + pf.n_blocks) * pf.block;
         v.extend(kv.arenas_for(table, span).iter().map(|_| groups));
         vote_top_k(&mut v, pf.n_blocks)?;
@@ -301,6 +309,18 @@ pub(super) fn top_k(
     let state = ex.scratch("radix state", 258 * 4)?;
     let mut pr = plain_params(n, begin, 0, k);
     pr[11] = prefilter.map_or(0, |pf| pf.block) as u32;
+    // Exact selection reads no block ids: any read-only buffer binds.
+    let blocks = prefilter.map_or(&votes.buf, |pf| &pf.blocks.buf);
+    if n <= SMALL_TOP_K {
+        let small = ex.pipeline(shaders::TOKENSELECT, "radix_small", &[]);
+        let b = [
+            Binding::from(&state),
+            Binding::from(&votes.buf),
+            Binding::from(&out.buf),
+            Binding::from(blocks),
+        ];
+        return launch(ex, &small, &pr, &b, [1, 1, 1], gate);
+    }
     let init = ex.pipeline(shaders::TOKENSELECT, "radix_init", &[]);
     launch(ex, &init, &pr, &[Binding::from(&state)], [1, 1, 1], gate)?;
     let hist = ex.pipeline(shaders::TOKENSELECT, "radix_hist", &[]);
@@ -317,8 +337,7 @@ pub(super) fn top_k(
         Binding::from(&state),
         Binding::from(&votes.buf),
         Binding::from(&out.buf),
-        // Exact selection reads no block ids: any read-only buffer binds.
-        Binding::from(prefilter.map_or(&votes.buf, |pf| &pf.blocks.buf)),
+        Binding::from(blocks),
     ];
     launch(ex, &collect, &pr, &cb, [1, 1, 1], gate)
 }

@@ -3,7 +3,8 @@
 use super::{RefKv, RefRope, RefTensor};
 use crate::attention::{KvLayout, PageTable};
 
-/// Bounds per layer: `[page][kv_head][block in page][max D, min D]`.
+/// Bounds per layer: `[page][kv_head][block in page][max D, min D]`, values
+/// rounded to f16 as the GPU stores them.
 pub struct RefBounds {
     /// Tokens per block.
     pub block: usize,
@@ -36,6 +37,13 @@ impl RefBounds {
         let per_page = l.page_size / self.block;
         ((page * l.kv_heads + h) * per_page + (t0 % l.page_size) / self.block) * 2 * l.head_dim
     }
+}
+
+/// A bound as stored (f16, as the kernel stores it): widened by 2^-9 of its
+/// size plus 2^-23 in direction `dir` first, so rounding keeps it a bound.
+fn widen(v: f32, dir: f32) -> f32 {
+    let w = v + dir * (v.abs() * 0.001953125 + 1.192_092_9e-7);
+    half::f16::from_f32(w.clamp(-65504.0, 65504.0)).to_f32()
 }
 
 pub(super) fn bounds(
@@ -72,8 +80,13 @@ pub(super) fn bounds(
                 }
             }
             let o = b.offset(table, blk, h);
-            b.data[layer][o..o + d].copy_from_slice(&mx);
-            b.data[layer][o + d..o + 2 * d].copy_from_slice(&mn);
+            for (dst, (v, dir)) in b.data[layer][o..o + 2 * d].iter_mut().zip(
+                mx.iter()
+                    .map(|v| (v, 1.0))
+                    .chain(mn.iter().map(|v| (v, -1.0))),
+            ) {
+                *dst = widen(*v, dir);
+            }
         }
     }
 }
