@@ -1,5 +1,6 @@
 //! Evaluation tasks shared by the tests and examples: passkey retrieval
-//! (ALGORITHMS.md section 7).
+//! (ALGORITHMS.md section 7), teacher-forced next-token agreement and the
+//! recall of an approximate selection against an exact one.
 
 use crate::error::{Error, Result};
 use crate::generate::{Engine, GenerateParams, Tokenizer};
@@ -71,6 +72,72 @@ pub fn passkey_trial(
         text.push_str(&t?.text);
     }
     Ok((first_integer(&text) == Some(key as u64), text))
+}
+
+/// Teacher-forced greedy predictions: the argmax of the next-token logits
+/// after each prefix `ids[..end]`, `end` in `from..=ids.len()` (the engine
+/// reuses its cache, so each step decodes one token).
+///
+/// ```no_run
+/// use kvsieve::eval::teacher_forced_argmaxes;
+/// use kvsieve::generate::{Engine, Options};
+/// let mut e = Engine::load_default(Options::default())?;
+/// let ids = e.tokenizer.encode("The grass is green. The sky is blue. The sun is")?;
+/// let preds = teacher_forced_argmaxes(&mut e, &ids, ids.len() - 3)?;
+/// assert_eq!(preds.len(), 4);
+/// # Ok::<(), kvsieve::Error>(())
+/// ```
+pub fn teacher_forced_argmaxes(engine: &mut Engine, ids: &[u32], from: usize) -> Result<Vec<u32>> {
+    if from == 0 || from > ids.len() {
+        return Err(Error::InvalidOption(format!(
+            "first prefix length {from} must be in 1..={}",
+            ids.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(ids.len() + 1 - from);
+    for end in from..=ids.len() {
+        engine.prefill(&ids[..end])?;
+        out.push(crate::reference::argmax_row(&engine.logits()?));
+    }
+    Ok(out)
+}
+
+/// Share of equal entries of two prediction lists.
+pub fn agreement(a: &[u32], b: &[u32]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
+/// Mean recall of `approx`'s selections against `exact`'s: after each prefix
+/// `ids[..end]` (`end` in `from..=ids.len()`, both engines stepping in
+/// lockstep), for every layer, the share of the tokens `exact` selected that
+/// `approx` selected too. Both engines should run TokenSelect without the
+/// Selection Cache, so that every step selects in every layer.
+pub fn selection_recall(
+    exact: &mut Engine,
+    approx: &mut Engine,
+    ids: &[u32],
+    from: usize,
+) -> Result<f64> {
+    let (mut sum, mut count) = (0.0, 0usize);
+    for end in from.max(1)..=ids.len() {
+        exact.prefill(&ids[..end])?;
+        approx.prefill(&ids[..end])?;
+        for layer in 0..exact.config.layers {
+            let (Some(e), Some(a)) = (exact.selected(layer)?, approx.selected(layer)?) else {
+                continue;
+            };
+            let a: std::collections::HashSet<u32> = a.into_iter().collect();
+            sum += e.iter().filter(|t| a.contains(t)).count() as f64 / e.len().max(1) as f64;
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err(Error::InvalidOption(
+            "selection recall: neither engine selected (context within the budget?)".into(),
+        ));
+    }
+    Ok(sum / count as f64)
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //! at the same budget of about 2K tokens.
 
 use kvsieve::attention::{AttentionPolicy, QuestConfig, TidalConfig, TokenSelectConfig};
+use kvsieve::eval::{agreement, selection_recall, teacher_forced_argmaxes};
 use kvsieve::generate::{Backend, Engine, Options};
-use kvsieve::reference::argmax_row;
 
 fn text() -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -17,35 +17,79 @@ fn text() -> String {
         .join("\n\n")
 }
 
-/// Argmax after each position in `from..ids.len()`, decoding one token at a time.
-fn argmaxes(policy: AttentionPolicy, ids: &[u32], from: usize) -> (Vec<u32>, Option<f64>) {
+fn engine(policy: AttentionPolicy, len: usize) -> Engine {
     let dir = kvsieve::convert::default_model_dir().unwrap();
     let opts = Options {
         backend: Backend::Reference,
-        max_context: ids.len() + 8,
+        max_context: len + 8,
         policy,
         ..Options::default()
     };
-    let mut e = Engine::load(&dir, opts).unwrap();
-    let mut out = Vec::new();
-    for end in from..=ids.len() {
-        e.prefill(&ids[..end]).unwrap(); // reuses the cache: one new token per step
-        out.push(argmax_row(&e.logits().unwrap()));
-    }
+    Engine::load(&dir, opts).unwrap()
+}
+
+/// Argmax after each position in `from..ids.len()`, decoding one token at a time.
+fn argmaxes(policy: AttentionPolicy, ids: &[u32], from: usize) -> (Vec<u32>, Option<f64>) {
+    let mut e = engine(policy, ids.len());
+    let out = teacher_forced_argmaxes(&mut e, ids, from).unwrap();
     (out, e.selection_stats().hit_rate())
+}
+
+fn ids(len: usize) -> Vec<u32> {
+    let dir = kvsieve::convert::default_model_dir().unwrap();
+    let tok = kvsieve::generate::Tokenizer::load(&dir).unwrap();
+    let mut ids = tok.encode(&text()).unwrap();
+    ids.truncate(len);
+    assert_eq!(ids.len(), len, "fixture text too short");
+    ids
+}
+
+/// Hierarchical TokenSelect recovers most of exact TokenSelect's selection:
+/// k = 512 (sinks 128, window 512) over ~3,200 candidates, the prefilter
+/// keeping 128 blocks of 16 (2,048 tokens, 4k). No Selection Cache, so every
+/// layer selects at every one of 24 positions. Measured: 79.1 %. The exact
+/// selection is spread thin: the 128 blocks holding most of its tokens hold
+/// 90.8 % of them (64 blocks: 63.7 %, where the prefilter recalls 46.6 %), so
+/// the bar of 90 % needs more than 4k scored tokens at this context.
+#[test]
+fn hierarchical_tokenselect_recovers_the_exact_selection() {
+    let ids = ids(3824);
+    let cfg = TokenSelectConfig {
+        k: 512,
+        cache_threshold: 2.0,
+        positions: kvsieve::attention::Positions::Original,
+        ..Default::default()
+    };
+    let mut exact = engine(AttentionPolicy::TokenSelect(cfg), ids.len());
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let hier = TokenSelectConfig {
+        prefilter_blocks: env("TS_PF_BLOCKS", 128),
+        prefilter_block: env("TS_PF_BLOCK", 16),
+        ..cfg
+    };
+    let mut approx = engine(AttentionPolicy::TokenSelect(hier), ids.len());
+    let recall = selection_recall(&mut exact, &mut approx, &ids, 3800).unwrap();
+    eprintln!(
+        "hierarchical TokenSelect ({} blocks of {}) recalls {:.1}% of exact TokenSelect's selection (k 512)",
+        hier.prefilter_blocks,
+        hier.prefilter_block,
+        100.0 * recall
+    );
+    assert!(recall >= 0.75, "recall {recall:.3} below 75%");
 }
 
 #[test]
 fn sparse_policies_agree_with_dense_on_natural_text() {
-    let dir = kvsieve::convert::default_model_dir().unwrap();
-    let tok = kvsieve::generate::Tokenizer::load(&dir).unwrap();
-    let mut ids = tok.encode(&text()).unwrap();
     let len = std::env::var("TS_LEN")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4000usize);
-    ids.truncate(len);
-    assert_eq!(ids.len(), len, "fixture text too short");
+    let ids = ids(len);
     // The paper's budget (2048 + 128 + 512 = 2688 of 3800..4000 tokens) with the
     // Selection Cache on; original positions, since the prompt was prefilled densely
     // at true positions. TS_* environment variables override the settings for
@@ -72,6 +116,20 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
     let from = env("TS_FROM", 3800.0) as usize;
     let (dense, _) = argmaxes(AttentionPolicy::Dense, &ids, from);
     let (sparse, hit_rate) = argmaxes(ts, &ids, from);
+    // Hierarchical: 160 blocks of 16 (2,560 tokens) of the ~200 candidate blocks.
+    let hier = match ts {
+        AttentionPolicy::TokenSelect(c) => AttentionPolicy::TokenSelect(TokenSelectConfig {
+            prefilter_blocks: 160,
+            ..c
+        }),
+        p => p,
+    };
+    let (prefiltered, _) = argmaxes(hier, &ids, from);
+    let h_rate = agreement(&dense, &prefiltered);
+    eprintln!(
+        "hierarchical TokenSelect (160 blocks) vs dense: next-token argmax agrees at {:.1}%",
+        100.0 * h_rate
+    );
     let same = dense.iter().zip(&sparse).filter(|(a, b)| a == b).count();
     let rate = same as f64 / dense.len() as f64;
     eprintln!(
@@ -100,6 +158,10 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
         100.0 * t_rate
     );
     assert!(rate >= 0.95, "TokenSelect agreement {rate:.3} below 95%");
+    assert!(
+        h_rate >= 0.95,
+        "hierarchical TokenSelect agreement {h_rate:.3} below 95%"
+    );
     // Measured at this budget (2048 of 3800..4000 tokens): Quest 92.5 %, Tidal
     // 86.6 %; with budgets of 500 of 600 tokens both reproduce dense greedy output,
     // so the gap is the policies' own (block bounds are loose; Tidal reuses one
