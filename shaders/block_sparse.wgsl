@@ -109,56 +109,27 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
 }
 
-// top_blocks: per KV head g (one workgroup each), the k blocks of 0..n_blocks with
-// the largest sum over g's query heads of scores[h][b] (the KV head's blocks
-// serve all of them; the sum found every passkey dense attention finds at 4K and
-// 8K, the max lost two), value descending, ties to the lower index: k rounds of
-// a workgroup argmax, each excluding what earlier rounds took. Written to
-// out[g * k + r].
-@group(0) @binding(1) var<storage, read> top_scores: array<f32>;     // [q_heads, out_cols]
-@group(0) @binding(2) var<storage, read_write> top_out: array<u32>;  // [kv_heads, k]
+// group_keys: per KV head g and block (or token) b, the sum over g's query
+// heads of scores[h][b] (the KV head's blocks serve all of them; the sum found
+// every passkey dense attention finds at 4K and 8K, the max lost two), as an
+// order-preserving u32 key for the radix top-k in tokenselect.wgsl (which then
+// runs once per KV head over keys[g * n_blocks..]).
+@group(0) @binding(1) var<storage, read> gk_scores: array<f32>;       // [q_heads, out_cols]
+@group(0) @binding(2) var<storage, read_write> gk_keys: array<u32>;   // [kv_heads, n_blocks]
 
-var<workgroup> red_v: array<f32, 256>;
-var<workgroup> red_i: array<u32, 256>;
-
-fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
-    return av > bv || (av == bv && ai < bi);
-}
-
-@compute @workgroup_size(256)
-fn top_blocks(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let tid = lid.x;
-    let g = wid.x;
+@compute @workgroup_size(64)
+fn group_keys(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.y * nwg.x * 64u + gid.x;
+    if (idx >= p.n_blocks * p.kv_heads) { return; }
+    let b = idx % p.n_blocks;
+    let g = idx / p.n_blocks;
     let group = p.q_heads / p.kv_heads;
-    let k = p.block;   // the number of blocks to keep travels in the block slot
-    var last_v = 3.0e38;
-    var last_i = 0xffffffffu;
-    for (var r = 0u; r < k; r++) {
-        var bv = -3.0e38;
-        var bi = 0xffffffffu;
-        for (var b = tid; b < p.n_blocks; b += 256u) {
-            var v = 0.0;
-            for (var h = g * group; h < (g + 1u) * group; h++) {
-                v += top_scores[h * p.out_cols + b];
-            }
-            let after = r == 0u || v < last_v || (v == last_v && b > last_i);
-            if (after && better(v, b, bv, bi)) { bv = v; bi = b; }
-        }
-        red_v[tid] = bv;
-        red_i[tid] = bi;
-        workgroupBarrier();
-        for (var s = 128u; s > 0u; s >>= 1u) {
-            if (tid < s && better(red_v[tid + s], red_i[tid + s], red_v[tid], red_i[tid])) {
-                red_v[tid] = red_v[tid + s];
-                red_i[tid] = red_i[tid + s];
-            }
-            workgroupBarrier();
-        }
-        last_v = red_v[0];
-        last_i = red_i[0];
-        if (tid == 0u) { top_out[g * k + r] = last_i; }
-        workgroupBarrier();
+    var v = 0.0;
+    for (var h = g * group; h < (g + 1u) * group; h++) {
+        v += gk_scores[h * p.out_cols + b];
     }
+    let bits = bitcast<u32>(v);
+    gk_keys[idx] = select(bits | 0x80000000u, ~bits, (bits & 0x80000000u) != 0u);
 }
 
 // token_scores (TidalDecode): scores[h][j] = q_h . k_j for tokens j of 0..n_blocks

@@ -11,7 +11,7 @@ struct Params {
     n: u32, begin: u32, q_heads: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
     k: u32, pass_: u32, modulo: u32, block: u32,
-    range_n: u32, _p1: u32, _p2: u32, _p3: u32,
+    range_n: u32, vbase: u32, obase: u32, _p3: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 const NO_SCORE: f32 = -3.0e38;
@@ -103,7 +103,9 @@ fn vote(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 // ---- radix top-k over the vote bits (votes are >= 0, so their u32 bits order like
-// the floats). state: [0] = prefix, [1] = still-needed count, [2..258) = histogram.
+// the floats; Quest's signed block scores come as order-preserving keys) of
+// vr[vbase..vbase + n], into selected[obase..obase + k].
+// state: [0] = prefix, [1] = still-needed count, [2..258) = histogram.
 @group(0) @binding(1) var<storage, read_write> state: array<atomic<u32>>;
 @group(0) @binding(2) var<storage, read> vr: array<u32>;              // votes as bits [n]
 var<workgroup> local_hist: array<atomic<u32>, 256>;
@@ -130,7 +132,7 @@ fn radix_hist(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
     let start = wid.x * per;
     let end = min(start + per, p.n);
     for (var j = start + lid.x; j < end; j += 256u) {
-        let b = vr[j];
+        let b = vr[p.vbase + j];
         // Higher digits (above shift + 8) must match the prefix found so far.
         let hi_ok = p.pass_ == 0u || (b >> (shift + 8u)) == (prefix >> (shift + 8u));
         if (hi_ok) { atomicAdd(&local_hist[(b >> shift) & 255u], 1u); }
@@ -182,7 +184,7 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
     var hi = 0u;
     var eq = 0u;
     for (var j = start; j < end; j++) {
-        let b = vr[j];
+        let b = vr[p.vbase + j];
         if (b > thr) { hi++; } else if (b == thr) { eq++; }
     }
     cnt_hi[lid.x] = hi;
@@ -207,7 +209,7 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
     // Output position = (hi before) + (taken eq before).
     var out = cnt_hi[lid.x] + min(eq_seen, need_eq);
     for (var j = start; j < end; j++) {
-        let b = vr[j];
+        let b = vr[p.vbase + j];
         var take = b > thr;
         if (b == thr) {
             take = eq_seen < need_eq;
@@ -216,7 +218,7 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
         if (take && out < p.k) {
             var t = p.begin + j;
             if (p.block > 0u) { t = collect_blocks[j / p.block] * p.block + j % p.block; }
-            selected[out] = t;
+            selected[p.obase + out] = t;
             out++;
         }
     }
@@ -237,7 +239,7 @@ fn radix_small(@builtin(local_invocation_id) lid: vec3<u32>) {
         let shift = 24u - 8u * pass_;
         let prefix = small_state.x;
         for (var j = lid.x; j < p.n; j += 256u) {
-            let b = vr[j];
+            let b = vr[p.vbase + j];
             if (pass_ == 0u || (b >> (shift + 8u)) == (prefix >> (shift + 8u))) {
                 atomicAdd(&small_hist[(b >> shift) & 255u], 1u);
             }

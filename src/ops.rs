@@ -553,7 +553,7 @@ pub trait Ops: Send {
     ) -> Result<()>;
     /// Quest block choice per KV head: the `k` blocks of `0..n` with the largest
     /// sum over the head's query heads of `scores[h * n + b]` (rows: query heads),
-    /// value descending, ties to the lower index, into `out[g * k..][..k]`.
+    /// ties to the lower index, as ascending block ids into `out[g * k..][..k]`.
     fn block_top_k(
         &mut self,
         scores: &Self::Tensor,

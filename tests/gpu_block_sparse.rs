@@ -123,6 +123,8 @@ fn top_blocks_match_reference() {
         (9usize, 3usize, 517usize, 13usize),
         (32, 8, 40, 40),
         (9, 3, 1, 1),
+        // Tidal's token choice: past 32K candidates the multi-pass radix top-k.
+        (9, 3, 40_000 + 3, 2048),
     ] {
         // Packed [qh, n] scores in a larger tensor.
         let cols = n + 3;

@@ -277,13 +277,17 @@ impl Recorder {
                             beginning_of_pass_write_index: Some(2 * pass_index as u32),
                             end_of_pass_write_index: Some(2 * pass_index as u32 + 1),
                         }),
-                        None => self.timestamps.as_ref().map(|(qs, _)| {
-                            wgpu::ComputePassTimestampWrites {
+                        // The first pass writes the start, the last the end; a pass
+                        // between them (copies split passes) writes nothing.
+                        None => self
+                            .timestamps
+                            .as_ref()
+                            .filter(|_| pass_index == 0 || pass_index + 1 == n_passes)
+                            .map(|(qs, _)| wgpu::ComputePassTimestampWrites {
                                 query_set: qs,
                                 beginning_of_pass_write_index: (pass_index == 0).then_some(0),
                                 end_of_pass_write_index: (pass_index + 1 == n_passes).then_some(1),
-                            }
-                        }),
+                            }),
                     };
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("kvsieve"),

@@ -1,6 +1,6 @@
 //! Quest block bounds and block scores (`block_sparse.wgsl`).
 
-use super::tokenselect::GpuGate;
+use super::tokenselect::{radix_top_k, GpuGate, RadixKeys};
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use crate::attention::{KvLayout, PageTable};
 use crate::error::Result;
@@ -196,15 +196,24 @@ pub(super) fn top_k(
     out: &mut GpuIds,
 ) -> Result<()> {
     check::block_top_k((scores.rows, scores.cols), kv_heads, n, k, out.len)?;
-    let p = ex.pipeline(shaders::BLOCK_SPARSE, "top_blocks", &[]);
+    let keys = ex.scratch("group keys", (kv_heads * n * 4) as u64)?;
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "group_keys", &[]);
     let mut words = [0u32; 16];
     words[1] = n as u32;
     words[3] = kv_heads as u32;
-    words[6] = k as u32;
     words[10] = scores.rows as u32;
     words[11] = n as u32;
-    let bind = [Binding::from(&scores.buf), Binding::from(&out.buf)];
-    ex.rec.dispatch(&p, &words, &bind, [kv_heads as u32, 1, 1]);
+    let bind = [Binding::from(&scores.buf), Binding::from(&keys)];
+    let groups = ex.grid((n * kv_heads).div_ceil(64))?;
+    ex.rec.dispatch(&p, &words, &bind, groups);
+    for g in 0..kv_heads {
+        let keys = RadixKeys {
+            keys: &keys,
+            base: g * n,
+            n,
+        };
+        radix_top_k(ex, keys, k, 0, (&out.buf, g * k), None, None)?;
+    }
     Ok(())
 }
 

@@ -306,17 +306,47 @@ pub(super) fn top_k(
     if prefilter.is_some_and(|pf| pf.slots() != n) {
         return shape_err("ts_top_k", format!("{n} votes for the prefilter's slots"));
     }
+    let keys = RadixKeys {
+        keys: &votes.buf,
+        base: 0,
+        n,
+    };
+    radix_top_k(ex, keys, k, begin, (&out.buf, 0), gate, prefilter)
+}
+
+/// `n` order-preserving u32 keys at word `base` of a buffer.
+pub(super) struct RadixKeys<'a> {
+    pub keys: &'a wgpu::Buffer,
+    pub base: usize,
+    pub n: usize,
+}
+
+/// The `k` largest keys (ties to the lower index), as `begin + j` or the
+/// prefilter's token of slot j, ascending, into `out.0` from word `out.1`.
+pub(super) fn radix_top_k(
+    ex: &mut GpuExecutor,
+    keys: RadixKeys<'_>,
+    k: usize,
+    begin: usize,
+    out: (&wgpu::Buffer, usize),
+    gate: Option<&GpuGate>,
+    prefilter: Option<&Prefilter<'_, GpuIds>>,
+) -> Result<()> {
+    let n = keys.n;
+    let votes_buf = keys.keys;
     let state = ex.scratch("radix state", 258 * 4)?;
     let mut pr = plain_params(n, begin, 0, k);
     pr[11] = prefilter.map_or(0, |pf| pf.block) as u32;
+    pr[13] = keys.base as u32;
+    pr[14] = out.1 as u32;
     // Exact selection reads no block ids: any read-only buffer binds.
-    let blocks = prefilter.map_or(&votes.buf, |pf| &pf.blocks.buf);
+    let blocks = prefilter.map_or(votes_buf, |pf| &pf.blocks.buf);
     if n <= SMALL_TOP_K {
         let small = ex.pipeline(shaders::TOKENSELECT, "radix_small", &[]);
         let b = [
             Binding::from(&state),
-            Binding::from(&votes.buf),
-            Binding::from(&out.buf),
+            Binding::from(votes_buf),
+            Binding::from(out.0),
             Binding::from(blocks),
         ];
         return launch(ex, &small, &pr, &b, [1, 1, 1], gate);
@@ -328,15 +358,15 @@ pub(super) fn top_k(
     let wgs = radix_workgroups(n);
     for pass in 0..4u32 {
         pr[9] = pass;
-        let hb = [Binding::from(&state), Binding::from(&votes.buf)];
+        let hb = [Binding::from(&state), Binding::from(votes_buf)];
         launch(ex, &hist, &pr, &hb, [wgs, 1, 1], gate)?;
         launch(ex, &pick, &pr, &[Binding::from(&state)], [1, 1, 1], gate)?;
     }
     let collect = ex.pipeline(shaders::TOKENSELECT, "radix_collect", &[]);
     let cb = [
         Binding::from(&state),
-        Binding::from(&votes.buf),
-        Binding::from(&out.buf),
+        Binding::from(votes_buf),
+        Binding::from(out.0),
         Binding::from(blocks),
     ];
     launch(ex, &collect, &pr, &cb, [1, 1, 1], gate)

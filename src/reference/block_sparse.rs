@@ -113,22 +113,33 @@ pub(super) fn scores(
     }
 }
 
+/// The order-preserving u32 key of a float (as `group_keys` writes it).
+fn ordered_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
 pub(super) fn top_k(scores: &RefTensor, kv_heads: usize, n: usize, k: usize, out: &mut [u32]) {
     let group = scores.rows / kv_heads;
     for g in 0..kv_heads {
-        let row: Vec<f32> = (0..n)
+        let keys: Vec<u32> = (0..n)
             .map(|b| {
-                (g * group..(g + 1) * group)
-                    .map(|h| scores.data[h * n + b])
-                    .fold(0.0f32, |a, v| a + v)
+                ordered_key(
+                    (g * group..(g + 1) * group)
+                        .map(|h| scores.data[h * n + b])
+                        .fold(0.0f32, |a, v| a + v),
+                )
             })
             .collect();
-        for (o, (b, _)) in out[g * k..(g + 1) * k]
-            .iter_mut()
-            .zip(super::top_k_row(&row, k))
-        {
-            *o = b;
-        }
+        let mut idx: Vec<u32> = (0..n as u32).collect();
+        idx.sort_by(|&a, &b| keys[b as usize].cmp(&keys[a as usize]).then(a.cmp(&b)));
+        idx.truncate(k);
+        idx.sort_unstable();
+        out[g * k..(g + 1) * k].copy_from_slice(&idx);
     }
 }
 

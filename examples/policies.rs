@@ -1,0 +1,403 @@
+//! One comparison of the attention policies at equal token budgets (about 2K
+//! tokens each), printed as a Markdown table and written as JSON (one object
+//! per policy):
+//! - passkey accuracy at each `--lens` over `--depths` (reference executor);
+//! - teacher-forced next-token agreement with dense over `--positions`
+//!   positions ending at `--agreement-len` tokens of the project's design
+//!   documents (reference executor);
+//! - decode attention per layer-step averaged over the default model's layers
+//!   on a synthetic cache (every layer's real policy code: Quest's and Tidal's
+//!   dense layers, TokenSelect selecting in every layer, its Selection Cache
+//!   off), as a speedup over dense, at each `--kernel-lens` (GPU executor,
+//!   GPU timestamps where the adapter has them);
+//! - end-to-end greedy decode tokens/s of the default model after a
+//!   `--decode-context`-token prompt (GPU executor).
+//!
+//! ```text
+//! cargo run --release --example policies -- --json policies.json
+//! ```
+
+use clap::Parser;
+use kvsieve::attention::{
+    Attention, AttentionPolicy, KvLayout, PageAllocator, QuestConfig, TidalConfig,
+    TokenSelectConfig,
+};
+use kvsieve::eval::{agreement, passkey_trial, teacher_forced_argmaxes};
+use kvsieve::generate::{Backend, Engine, GenerateParams, Options};
+use kvsieve::kernels::GpuExecutor;
+use kvsieve::model::ModelConfig;
+use kvsieve::ops::{Ops, RopeConfig};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Compare the attention policies: passkey, agreement, kernel speedup, decode tok/s"
+)]
+struct Args {
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Passkey prompt lengths (reference executor).
+    #[arg(long, value_delimiter = ',', default_value = "4096,8000")]
+    lens: Vec<usize>,
+    /// Passkey depths (share of the filler before the key).
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.6,0.3")]
+    depths: Vec<f64>,
+    /// Teacher-forced positions compared with dense.
+    #[arg(long, default_value_t = 200)]
+    positions: usize,
+    /// Tokens of text the agreement runs over (positions end here).
+    #[arg(long, default_value_t = 4000)]
+    agreement_len: usize,
+    /// Context lengths of the decode-attention timing (GPU executor).
+    #[arg(long, value_delimiter = ',', default_value = "32768,131072")]
+    kernel_lens: Vec<usize>,
+    /// Timed decode steps per policy and length (after one untimed step).
+    #[arg(long, default_value_t = 3)]
+    kernel_steps: usize,
+    /// Prompt length of the end-to-end decode measurement (0 skips it).
+    #[arg(long, default_value_t = 16384)]
+    decode_context: usize,
+    /// Tokens decoded in the end-to-end measurement.
+    #[arg(long, default_value_t = 8)]
+    decode_tokens: usize,
+    /// Skip the reference-executor columns (passkey, agreement).
+    #[arg(long)]
+    skip_quality: bool,
+}
+
+#[derive(Serialize, Default)]
+struct Row {
+    policy: String,
+    config: String,
+    /// Per length: keys found, trials (reference executor).
+    passkey: Vec<(usize, usize, usize)>,
+    /// Next-token agreement with dense (reference executor).
+    agreement: Option<f64>,
+    /// Per context length: mean decode attention ms per layer-step and the
+    /// speedup over dense (GPU executor).
+    kernel: Vec<(usize, f64, f64)>,
+    /// End-to-end decode tokens/s after `decode_context` prompt tokens (GPU).
+    decode_tps: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    reference_executor: String,
+    gpu_executor: String,
+    decode_context: usize,
+    rows: Vec<Row>,
+}
+
+fn policies() -> Vec<(&'static str, AttentionPolicy)> {
+    let ts = TokenSelectConfig::default();
+    vec![
+        ("dense", AttentionPolicy::Dense),
+        ("TokenSelect exact", AttentionPolicy::TokenSelect(ts)),
+        (
+            "TokenSelect hierarchical",
+            AttentionPolicy::TokenSelect(TokenSelectConfig {
+                prefilter_blocks: 160,
+                ..ts
+            }),
+        ),
+        (
+            "Quest",
+            AttentionPolicy::BlockSparse(QuestConfig::default()),
+        ),
+        ("Tidal", AttentionPolicy::Tidal(TidalConfig::default())),
+    ]
+}
+
+fn describe(p: &AttentionPolicy) -> String {
+    match p {
+        AttentionPolicy::Dense => "all tokens".into(),
+        AttentionPolicy::TokenSelect(c) if c.prefilter_blocks > 0 => format!(
+            "k {} + {} sinks + {} window; {} blocks of {}",
+            c.k, c.n_init, c.n_local, c.prefilter_blocks, c.prefilter_block
+        ),
+        AttentionPolicy::TokenSelect(c) => {
+            format!("k {} + {} sinks + {} window", c.k, c.n_init, c.n_local)
+        }
+        AttentionPolicy::BlockSparse(c) => format!(
+            "budget {}, blocks of {}, {} dense layers",
+            c.budget, c.block, c.dense_layers
+        ),
+        AttentionPolicy::Tidal(c) => format!(
+            "budget {}, selection layer {}, re-selection layer {}",
+            c.budget, c.selection_layer, c.reselection_layer
+        ),
+    }
+}
+
+fn text() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    ["design.md", "algorithms.md"]
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// `len` tokens of the fixture text, repeated as needed.
+fn text_ids(e: &Engine, len: usize) -> kvsieve::Result<Vec<u32>> {
+    let once = e.tokenizer.encode(&text())?;
+    if once.is_empty() {
+        return Err(kvsieve::Error::InvalidOption(
+            "tests/fixtures text is missing".into(),
+        ));
+    }
+    Ok(once.iter().copied().cycle().take(len).collect())
+}
+
+fn passkey_key(len: usize, depth: f64) -> u32 {
+    10007 + (len as u32 * 7 + (depth * 100.0) as u32 * 131) % 89989
+}
+
+/// Passkey and agreement columns on the reference executor.
+fn quality(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R<String> {
+    let max = args
+        .lens
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(args.agreement_len);
+    let opts = Options {
+        backend: Backend::Reference,
+        max_context: max + 16,
+        ..Options::default()
+    };
+    let mut e = Engine::load_default(opts)?;
+    let name = e.backend_name();
+    let ids = text_ids(&e, args.agreement_len)?;
+    let from = args.agreement_len.saturating_sub(args.positions).max(1);
+    let mut dense = Vec::new();
+    for (row, (label, policy)) in rows.iter_mut().zip(pols) {
+        e.set_policy(*policy)?;
+        for &len in &args.lens {
+            let mut found = 0;
+            // Latest key first: prompts share their tokens up to the earlier key.
+            let mut depths = args.depths.clone();
+            depths.sort_by(|a, b| b.total_cmp(a));
+            for &depth in &depths {
+                let (ok, text) = passkey_trial(&mut e, len, depth, passkey_key(len, depth))?;
+                eprintln!("passkey {label:>24} len {len:>5} depth {depth:.1}: {ok} ({text:?})");
+                found += usize::from(ok);
+            }
+            row.passkey.push((len, found, depths.len()));
+        }
+        e.reset();
+        let preds = teacher_forced_argmaxes(&mut e, &ids, from)?;
+        if dense.is_empty() {
+            dense = preds.clone();
+        }
+        row.agreement = Some(agreement(&dense, &preds));
+        eprintln!("agreement {label:>24}: {:.3}", agreement(&dense, &preds));
+    }
+    Ok(name)
+}
+
+/// Mean decode-attention time per layer-step of `policy` at `len` tokens:
+/// every layer of `cfg` through the policy's own code on a synthetic cache.
+fn layer_step_ms(
+    ex: &mut GpuExecutor,
+    cfg: &ModelConfig,
+    policy: AttentionPolicy,
+    len: usize,
+    steps: usize,
+) -> R<f64> {
+    let layout = KvLayout {
+        layers: cfg.layers,
+        kv_heads: cfg.kv_heads,
+        head_dim: cfg.head_dim,
+        page_size: 64,
+        num_pages: len.div_ceil(64),
+    };
+    let mut alloc = PageAllocator::new(&layout);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, len)?;
+    table.len = len;
+    let kv = ex.kv_cache(&layout)?;
+    let rope = ex.rope_table(&RopeConfig {
+        head_dim: cfg.head_dim,
+        theta: cfg.rope_theta,
+        scaling: None,
+        max_positions: len,
+    })?;
+    let qd = cfg.heads * cfg.head_dim;
+    let q0: Vec<f32> = (0..qd)
+        .map(|i| ((i * 7919) % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let q0 = ex.upload(&q0, 1, qd)?;
+    let mut q = ex.tensor(1, qd)?;
+    let mut out = ex.tensor(1, qd)?;
+    let pos = ex.ids(&[(len - 1) as u32])?;
+    let mut att = Attention::<GpuExecutor>::new(policy, &layout)?;
+    let mut total = Duration::ZERO;
+    for step in 0..=steps {
+        let t = Instant::now();
+        att.begin_step(ex, cfg, 1, len)?;
+        for layer in 0..cfg.layers {
+            ex.copy_rows(&q0, 0, &mut q, 0, 1)?;
+            att.layer(
+                ex,
+                cfg,
+                layer,
+                &mut q,
+                &pos,
+                &kv,
+                &table,
+                len - 1,
+                1,
+                &rope,
+                &mut out,
+            )?;
+        }
+        let r = ex.rec.submit()?;
+        // The first step builds block bounds over the whole cache: untimed.
+        if step > 0 {
+            total += match r.gpu_ns {
+                Some(ns) if ns > 0.0 => Duration::from_nanos(ns as u64),
+                _ => t.elapsed(),
+            };
+        }
+    }
+    Ok(total.as_secs_f64() * 1e3 / (steps * cfg.layers) as f64)
+}
+
+/// Kernel and end-to-end columns on the GPU executor.
+fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R<String> {
+    let dir = kvsieve::convert::default_model_dir()?;
+    let cfg = ModelConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    let mut ex = GpuExecutor::new()?;
+    let name = ex.name();
+    ex.rec.enable_timestamps();
+    for &len in &args.kernel_lens {
+        let mut dense_ms = 0.0;
+        for (row, (label, policy)) in rows.iter_mut().zip(pols) {
+            // TokenSelect selects in every layer: the Selection Cache is off.
+            let policy = match *policy {
+                AttentionPolicy::TokenSelect(c) => {
+                    AttentionPolicy::TokenSelect(TokenSelectConfig {
+                        cache_threshold: 2.0,
+                        ..c
+                    })
+                }
+                p => p,
+            };
+            let ms = layer_step_ms(&mut ex, &cfg, policy, len, args.kernel_steps)?;
+            if matches!(policy, AttentionPolicy::Dense) {
+                dense_ms = ms;
+            }
+            let speedup = dense_ms / ms;
+            eprintln!("kernel {label:>24} {len:>7}: {ms:.2} ms per layer-step ({speedup:.2}x)");
+            row.kernel.push((len, ms, speedup));
+        }
+    }
+    drop(ex);
+    if args.decode_context > 0 {
+        for (row, (label, policy)) in rows.iter_mut().zip(pols) {
+            let opts = Options {
+                backend: Backend::Gpu,
+                max_context: args.decode_context + args.decode_tokens + 16,
+                policy: *policy,
+                progress: true,
+                ..Options::default()
+            };
+            let mut e = Engine::load_default(opts)?;
+            let ids = text_ids(&e, args.decode_context)?;
+            let params = GenerateParams {
+                max_tokens: args.decode_tokens,
+                stop_at_eos: false,
+                ..Default::default()
+            };
+            for t in e.generate_ids(&ids, &params)? {
+                t?;
+            }
+            let tps = e.stats.decode_tps();
+            eprintln!(
+                "decode {label:>24}: {tps:.2} tok/s after {} prompt tokens (prefill {:.1} tok/s)",
+                args.decode_context,
+                e.stats.prefill_tps()
+            );
+            row.decode_tps = Some(tps);
+        }
+    }
+    Ok(name)
+}
+
+fn table(rep: &Report, args: &Args) -> String {
+    let mut s = String::new();
+    let mut head = vec!["policy".to_string(), "tokens attended".to_string()];
+    for &l in &args.lens {
+        head.push(format!("passkey {l} (ref)"));
+    }
+    head.push("agreement (ref)".into());
+    for &l in &args.kernel_lens {
+        head.push(format!("attention speedup {}K (GPU)", l / 1024));
+    }
+    head.push(format!("decode tok/s at {} (GPU)", args.decode_context));
+    s += &format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
+    for r in &rep.rows {
+        let mut cells = vec![r.policy.clone(), r.config.clone()];
+        for &l in &args.lens {
+            cells.push(match r.passkey.iter().find(|p| p.0 == l) {
+                Some((_, f, n)) => format!("{f}/{n}"),
+                None => "not run".into(),
+            });
+        }
+        cells.push(
+            r.agreement
+                .map_or("not run".into(), |a| format!("{:.1} %", 100.0 * a)),
+        );
+        for &l in &args.kernel_lens {
+            cells.push(match r.kernel.iter().find(|k| k.0 == l) {
+                Some((_, ms, x)) => format!("{x:.2}x ({ms:.2} ms)"),
+                None => "not run".into(),
+            });
+        }
+        cells.push(r.decode_tps.map_or("not run".into(), |t| format!("{t:.2}")));
+        s += &format!("| {} |\n", cells.join(" | "));
+    }
+    s += &format!(
+        "\nref: {}; GPU: {}\n",
+        rep.reference_executor, rep.gpu_executor
+    );
+    s
+}
+
+fn main() -> R<()> {
+    let args = Args::parse();
+    let pols = policies();
+    let mut rows: Vec<Row> = pols
+        .iter()
+        .map(|(n, p)| Row {
+            policy: n.to_string(),
+            config: describe(p),
+            ..Default::default()
+        })
+        .collect();
+    let reference_executor = if args.skip_quality {
+        "not run".into()
+    } else {
+        quality(&args, &mut rows, &pols)?
+    };
+    let gpu_executor = gpu_columns(&args, &mut rows, &pols)?;
+    let rep = Report {
+        reference_executor,
+        gpu_executor,
+        decode_context: args.decode_context,
+        rows,
+    };
+    println!("{}", table(&rep, &args));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rep)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
