@@ -653,37 +653,11 @@ impl<E: Ops> Attention<E> {
                 ops.rope(q, cfg.heads, positions, rope)?;
                 dense_attention(ops, q, kv, layer, table, start, seq_len, rope, out)
             }
-            Step::Decode(c, fp_pos, q_pos) => {
-                let cand = seq_len - c.n_init - c.n_local;
-                self.uncached_selections += query_select(
-                    ops,
-                    ts,
-                    pre.as_deref_mut(),
-                    c,
-                    cfg,
-                    layer,
-                    q,
-                    fp_pos,
-                    kv,
-                    table,
-                    cand,
-                    rope,
-                )?;
-                ops.rope(q, cfg.heads, q_pos, rope)?;
-                let list = KeyList {
-                    n_init: c.n_init,
-                    selected: &ts.selected[layer],
-                    n_selected: c.k,
-                    tail_start: seq_len - c.n_local,
-                    tail_len: c.n_local,
-                    compact: c.positions == Positions::Compact,
-                    block: 0,
-                };
-                ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
-            }
-            Step::TreeList(c, mask, fp_pos, q_pos) => {
-                // The root (row 0, logical index start) selects; its window holds
-                // the n_local - 1 tokens before it, the tree follows.
+            Step::Decode(c, fp_pos, q_pos) | Step::TreeList(c, _, fp_pos, q_pos) => {
+                // The query at `start` (a decode token, or a draft tree's root
+                // in row 0) selects. A decode window ends with the token itself;
+                // a tree's holds the n_local - 1 tokens before the root, the
+                // tree follows.
                 let cand = start + 1 - c.n_init - c.n_local;
                 self.uncached_selections += query_select(
                     ops,
@@ -700,16 +674,27 @@ impl<E: Ops> Attention<E> {
                     rope,
                 )?;
                 ops.rope(q, cfg.heads, q_pos, rope)?;
+                let tree = match &self.step {
+                    Step::TreeList(_, mask, ..) => Some(mask),
+                    _ => None,
+                };
                 let list = KeyList {
                     n_init: c.n_init,
                     selected: &ts.selected[layer],
                     n_selected: c.k,
                     tail_start: start + 1 - c.n_local,
-                    tail_len: c.n_local - 1,
+                    tail_len: c.n_local - usize::from(tree.is_some()),
                     compact: c.positions == Positions::Compact,
                     block: 0,
                 };
-                ops.attention_tree(q, kv, layer, table, start, mask, Some(&list), rope, out)
+                match tree {
+                    Some(mask) => {
+                        ops.attention_tree(q, kv, layer, table, start, mask, Some(&list), rope, out)
+                    }
+                    None => {
+                        ops.attention_decode_list(q, kv, layer, table, seq_len, &list, rope, out)
+                    }
+                }
             }
             Step::Prefill(c, subs, fp_pos, q_pos) => {
                 let Some(q_raw) = ts.q_raw.as_mut() else {
