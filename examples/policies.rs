@@ -11,7 +11,10 @@
 //!   off), as a speedup over dense, at each `--kernel-lens` (GPU executor,
 //!   GPU timestamps where the adapter has them);
 //! - end-to-end greedy decode tokens/s of the default model after a
-//!   `--decode-context`-token prompt (GPU executor).
+//!   `--decode-context`-token prompt (GPU executor). On a CPU Vulkan driver
+//!   the 16K-token prefill alone takes the better part of an hour per policy
+//!   (about 4 TFLOP at lavapipe's ~1.5 GFLOP/s); pass `--decode-context 0`
+//!   there to leave the column out.
 //!
 //! ```text
 //! cargo run --release --example policies -- --json policies.json
@@ -117,12 +120,13 @@ fn describe(p: &AttentionPolicy) -> String {
     match p {
         AttentionPolicy::Dense => "all tokens".into(),
         AttentionPolicy::TokenSelect(c) if c.prefilter_blocks > 0 => format!(
-            "k {} + {} sinks + {} window; {} blocks of {}",
-            c.k, c.n_init, c.n_local, c.prefilter_blocks, c.prefilter_block
+            "k {} + {} sinks + {} window, {:?} positions; {} blocks of {}",
+            c.k, c.n_init, c.n_local, c.positions, c.prefilter_blocks, c.prefilter_block
         ),
-        AttentionPolicy::TokenSelect(c) => {
-            format!("k {} + {} sinks + {} window", c.k, c.n_init, c.n_local)
-        }
+        AttentionPolicy::TokenSelect(c) => format!(
+            "k {} + {} sinks + {} window, {:?} positions",
+            c.k, c.n_init, c.n_local, c.positions
+        ),
         AttentionPolicy::BlockSparse(c) => format!(
             "budget {}, blocks of {}, {} dense layers",
             c.budget, c.block, c.dense_layers
@@ -341,7 +345,10 @@ fn table(rep: &Report, args: &Args) -> String {
     for &l in &args.kernel_lens {
         head.push(format!("attention speedup {}K (GPU)", l / 1024));
     }
-    head.push(format!("decode tok/s at {} (GPU)", args.decode_context));
+    head.push(match args.decode_context {
+        0 => "decode tok/s (GPU)".into(),
+        n => format!("decode tok/s at {n} (GPU)"),
+    });
     s += &format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
     for r in &rep.rows {
         let mut cells = vec![r.policy.clone(), r.config.clone()];
