@@ -864,56 +864,39 @@ fn select<E: Ops>(
     gated: bool,
 ) -> Result<()> {
     let gate = gated.then_some(&ts.gate);
-    let plan = prefilter_plan(c, pre.is_some(), cand);
-    let (Some(pre), Some(plan)) = (pre, plan) else {
-        ops.ts_score(
-            &ts.q_fp,
-            kv,
-            layer,
-            table,
-            c.n_init,
-            cand,
-            c.gqa_map,
-            &mut ts.scores,
-            gate,
-            None,
-        )?;
-        ops.ts_vote(&ts.scores, heads, cand, &mut ts.votes, gate)?;
-        return ops.ts_top_k(
-            &ts.votes,
-            cand,
-            c.k,
-            c.n_init,
-            &mut ts.selected[layer],
-            gate,
-            None,
-        );
+    let pre_on = pre.is_some();
+    let pf = match (pre, prefilter_plan(c, pre_on, cand)) {
+        (Some(pre), Some(plan)) => {
+            let blocks = plan.first_block..plan.first_block + plan.n_blocks;
+            ops.block_scores(
+                &ts.q_fp,
+                &pre.bounds,
+                layer,
+                table,
+                blocks,
+                &mut ts.scores,
+                gate,
+            )?;
+            ops.ts_vote(&ts.scores, heads, plan.n_blocks, &mut ts.votes, gate)?;
+            ops.ts_top_k(
+                &ts.votes,
+                plan.n_blocks,
+                plan.top,
+                plan.first_block,
+                &mut pre.blocks,
+                gate,
+                None,
+            )?;
+            let pre: &PrefilterBuffers<E> = pre;
+            Some(Prefilter {
+                blocks: &pre.blocks,
+                count: plan.top,
+                block: plan.block,
+            })
+        }
+        _ => None,
     };
-    let blocks = plan.first_block..plan.first_block + plan.n_blocks;
-    ops.block_scores(
-        &ts.q_fp,
-        &pre.bounds,
-        layer,
-        table,
-        blocks,
-        &mut ts.scores,
-        gate,
-    )?;
-    ops.ts_vote(&ts.scores, heads, plan.n_blocks, &mut ts.votes, gate)?;
-    ops.ts_top_k(
-        &ts.votes,
-        plan.n_blocks,
-        plan.top,
-        plan.first_block,
-        &mut pre.blocks,
-        gate,
-        None,
-    )?;
-    let pf = Prefilter {
-        blocks: &pre.blocks,
-        count: plan.top,
-        block: plan.block,
-    };
+    let slots = pf.as_ref().map_or(cand, |pf| pf.slots());
     ops.ts_score(
         &ts.q_fp,
         kv,
@@ -924,16 +907,16 @@ fn select<E: Ops>(
         c.gqa_map,
         &mut ts.scores,
         gate,
-        Some(&pf),
+        pf.as_ref(),
     )?;
-    ops.ts_vote(&ts.scores, heads, pf.slots(), &mut ts.votes, gate)?;
+    ops.ts_vote(&ts.scores, heads, slots, &mut ts.votes, gate)?;
     ops.ts_top_k(
         &ts.votes,
-        pf.slots(),
+        slots,
         c.k,
         c.n_init,
         &mut ts.selected[layer],
         gate,
-        Some(&pf),
+        pf.as_ref(),
     )
 }
