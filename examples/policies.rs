@@ -71,6 +71,10 @@ struct Args {
     /// Skip the reference-executor columns (passkey, agreement).
     #[arg(long)]
     skip_quality: bool,
+    /// Run only these policies (by row label, e.g. `dense,Quest`); dense
+    /// always runs, as the baseline of the speedup and agreement columns.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Serialize, Default)]
@@ -113,6 +117,13 @@ fn policies() -> Vec<(&'static str, AttentionPolicy)> {
             AttentionPolicy::BlockSparse(QuestConfig::default()),
         ),
         ("Tidal", AttentionPolicy::Tidal(TidalConfig::default())),
+        (
+            "Tidal re-selection 14",
+            AttentionPolicy::Tidal(TidalConfig {
+                reselection_layer: 14,
+                ..Default::default()
+            }),
+        ),
     ]
 }
 
@@ -380,7 +391,16 @@ fn table(rep: &Report, args: &Args) -> String {
 
 fn main() -> R<()> {
     let args = Args::parse();
-    let pols = policies();
+    let mut pols = policies();
+    if !args.only.is_empty() {
+        for name in &args.only {
+            if !pols.iter().any(|(n, _)| n == name) {
+                let known: Vec<_> = pols.iter().map(|(n, _)| *n).collect();
+                return Err(format!("--only: no policy {name:?} (known: {known:?})").into());
+            }
+        }
+        pols.retain(|(n, _)| *n == "dense" || args.only.iter().any(|o| o == n));
+    }
     let mut rows: Vec<Row> = pols
         .iter()
         .map(|(n, p)| Row {
