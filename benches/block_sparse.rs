@@ -8,6 +8,11 @@
 //! - `tidal_select`: the selection layer (dense attention, token scores, top
 //!   tokens per KV head).
 //!
+//! And Quest's block-sparse prefill (`sparse_prefill`): one sub-chunk of 64
+//! queries at the end of the cache, dense (flash attention over every earlier
+//! token) against Quest (mean query, block scores, top blocks per KV head,
+//! attention over those blocks plus the sub-chunk's own).
+//!
 //! On CPU adapters (lavapipe) the 32/8/128 shape is skipped unless
 //! `KVSIEVE_BENCH_FULL=1`.
 
@@ -123,6 +128,86 @@ fn benches(c: &mut Criterion) {
                 })
             });
         }
+    }
+    g.finish();
+    prefill_benches(c, &mut ex);
+}
+
+const SUB: usize = 64;
+
+fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
+    let mut g = c.benchmark_group("sparse_prefill");
+    g.sample_size(10)
+        .sampling_mode(criterion::SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let (qh, kh, d) = (9usize, 3usize, 64usize);
+    for len in [8192usize, 32768] {
+        let common::Cache { kv, table, rope } = match common::cache(ex, kh, d, len) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipping prefill at {len}: {e}");
+                continue;
+            }
+        };
+        let w = qh * d;
+        let qv: Vec<f32> = (0..SUB * w)
+            .map(|i| ((i * 7919) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        let q = ex.upload(&qv, SUB, w).unwrap();
+        let mut fp = ex.tensor(1, w).unwrap();
+        let mut out = ex.tensor(SUB, w).unwrap();
+        let mut bounds = ex.block_bounds(&kv.layout, BLOCK, true).unwrap();
+        ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)
+            .unwrap();
+        ex.flush().unwrap();
+        let q_start = len - SUB;
+        let before = q_start / BLOCK;
+        let top = BUDGET / BLOCK - 1;
+        let mut scores = ex.tensor(qh, before).unwrap();
+        let mut blocks = ex.ids(&vec![0u32; kh * top]).unwrap();
+        let id =
+            |what: &str| BenchmarkId::new(format!("h9kv3d64/{what}"), format!("{}k", len / 1024));
+        g.bench_function(id("dense"), |b| {
+            b.iter_custom(|it| {
+                timed(ex, it, |ex| {
+                    ex.attention_prefill(&q, &kv, 0, &table, q_start, len, &rope, &mut out)
+                        .unwrap()
+                })
+            })
+        });
+        g.bench_function(id("quest"), |b| {
+            b.iter_custom(|it| {
+                timed(ex, it, |ex| {
+                    ex.mean_rows(&q, 0..SUB, &mut fp).unwrap();
+                    ex.block_scores(&fp, &bounds, 0, &table, 0..before, &mut scores, None)
+                        .unwrap();
+                    ex.block_top_k(&scores, kh, before, top, &mut blocks)
+                        .unwrap();
+                    let list = KeyList {
+                        n_init: 0,
+                        selected: &blocks,
+                        n_selected: top * BLOCK,
+                        tail_start: before * BLOCK,
+                        tail_len: len - before * BLOCK,
+                        compact: false,
+                        block: BLOCK,
+                    };
+                    ex.attention_prefill_list(
+                        &q,
+                        &kv,
+                        0,
+                        &table,
+                        0..SUB,
+                        q_start,
+                        &list,
+                        &rope,
+                        &mut out,
+                    )
+                    .unwrap();
+                })
+            })
+        });
     }
     g.finish();
 }

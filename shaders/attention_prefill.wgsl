@@ -10,11 +10,14 @@
 // below that. The (m, l, acc) state is carried in `state` between passes; the last
 // pass writes the normalised output.
 //
-// List mode (sparse prefill, TokenSelect sub-chunks): the keys are ranks 0..kv_len of
-// [0, n_init) ++ sel[0..n_sel) ++ [tail_start, ...), as in attention_decode.wgsl; a
-// key's RoPE position is its rank (compact) or its logical index. Sinks and selected
-// tokens precede tail_start <= q_start, so causality only cuts the tail: query i sees
-// ranks up to last_rank(q_start + i). The queries are rows row0.. of `q` and `out`.
+// List mode (sparse prefill: TokenSelect and Quest sub-chunks): the keys are ranks
+// 0..kv_len of [0, n_init) ++ sel[0..n_sel) ++ [tail_start, ...), as in
+// attention_decode.wgsl; a key's RoPE position is its rank (compact) or its logical
+// index. With block > 0 (Quest) the selection is per KV head and holds blocks:
+// selected rank i of KV head g is token sel[g * blocks_per_head + i / block] *
+// block + i % block. Sinks and selected tokens precede tail_start <= q_start, so
+// causality only cuts the tail: query i sees ranks up to last_rank(q_start + i).
+// The queries are rows row0.. of `q` and `out`.
 //
 // Tree mode (speculative verification): the queries are the n_q nodes of a draft
 // tree whose keys sit at slots q_start + j; node i sees every token before q_start
@@ -31,7 +34,7 @@ struct Params {
     arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
     max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
     list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
-    compact: u32, _p0: u32, _p1: u32, _p2: u32,
+    compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
 }
 const DENSE: u32 = 0u;
 const LIST: u32 = 1u;
@@ -65,22 +68,28 @@ fn is_list() -> bool { return p.list_mode == LIST || p.list_mode == LIST_TREE; }
 // First rank of the tree nodes (tree modes).
 fn tree_rank() -> u32 { return select(p.q_start, p.kv_len - p.n_q, p.list_mode == LIST_TREE); }
 
-// Logical token index of rank r.
-fn logical(r: u32) -> u32 {
+// Logical token index of rank r for KV head kvh.
+fn logical(r: u32, kvh: u32) -> u32 {
     if (p.list_mode == LIST_TREE && r >= tree_rank()) { return p.q_start + r - tree_rank(); }
     if (!is_list() || r < p.n_init) { return r; }
-    if (r < p.n_init + p.n_sel) { return sel[r - p.n_init]; }
+    if (r < p.n_init + p.n_sel) {
+        let i = r - p.n_init;
+        if (p.block > 0u) {
+            return sel[kvh * p.blocks_per_head + i / p.block] * p.block + i % p.block;
+        }
+        return sel[i];
+    }
     return p.tail_start + (r - p.n_init - p.n_sel);
 }
 
-// RoPE position of rank r.
-fn position(r: u32) -> u32 {
+// RoPE position of rank r for KV head kvh.
+fn position(r: u32, kvh: u32) -> u32 {
     let t0 = tree_rank();
     if ((p.list_mode == TREE || p.list_mode == LIST_TREE) && r >= t0) {
         let base = select(p.q_start, t0, p.list_mode == LIST_TREE && p.compact == 1u);
         return min(base + tree[4u * p.n_q + r - t0], p.max_pos - 1u);
     }
-    let pos = select(logical(r), r, !is_list() || p.compact == 1u);
+    let pos = select(logical(r, kvh), r, !is_list() || p.compact == 1u);
     return min(pos, p.max_pos - 1u);
 }
 
@@ -137,7 +146,7 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
             var ok = false;
             var base = 0u;
             if (r < kv_end) {
-                let j = logical(r);
+                let j = logical(r, kvh);
                 let page = pages[j / p.page_size];
                 if (page >= p.arena_first_page && page < p.arena_first_page + p.arena_pages) {
                     ok = true;
@@ -147,7 +156,7 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
             }
             if (w == 0u) { ok_sh[t] = select(0u, 1u, ok); }
             if (ok) {
-                let pos = position(r);
+                let pos = position(r, kvh);
                 let lo = unpack4(k_arena[base + w]);
                 let hi = unpack4(k_arena[base + w + e8]);
                 // cos/sin of dims 4w..4w+3: two vec4s of (cos, sin, cos, sin)

@@ -437,7 +437,9 @@ pub trait Ops: Send {
     /// `rows.start + i` is the token at logical index `q_start + i`) over the keys of
     /// `list`, into the same rows of `out`. A query sees the list's keys up to its
     /// own logical index; the sinks and selected keys must precede `list.tail_start
-    /// <= q_start`, and the tail must end at the last query. Sparse prefill.
+    /// <= q_start`, and the tail must end at the last query. Sparse prefill:
+    /// TokenSelect's shared token lists, or Quest's blocks per KV head
+    /// (`list.block > 0`).
     fn attention_prefill_list(
         &mut self,
         q: &Self::Tensor,
@@ -799,9 +801,26 @@ pub mod check {
             seq_len,
             max_pos,
         )?;
+        // Quest lists: whole blocks, one row of block ids per KV head.
+        let capacity = match list.n_selected.checked_div(list.block) {
+            Some(per_head)
+                if !list.n_selected.is_multiple_of(list.block)
+                    || selected_capacity < layout.kv_heads * per_head
+                    || list.compact =>
+            {
+                return shape_err(
+                    op,
+                    format!(
+                        "{} selected tokens in blocks of {} for {} KV heads with {selected_capacity} slots (compact {})",
+                        list.n_selected, list.block, layout.kv_heads, list.compact
+                    ),
+                );
+            }
+            Some(_) => list.n_selected,
+            None => selected_capacity,
+        };
         if q.0 != out.0
-            || list.block != 0
-            || list.n_selected > selected_capacity
+            || list.n_selected > capacity
             || list.tail_start + list.tail_len != seq_len
             || list.tail_start > q_start
             || list.n_init > list.tail_start
@@ -907,25 +926,6 @@ pub mod check {
                 format!("{} query rows, expected 1", q.0),
             );
         }
-        // Quest lists: whole blocks, one row of block ids per KV head.
-        let mut flat = list.with_selected(list.selected);
-        let mut capacity = selected_capacity;
-        if let Some(per_head) = list.n_selected.checked_div(list.block) {
-            if !list.n_selected.is_multiple_of(list.block)
-                || selected_capacity < layout.kv_heads * per_head
-                || list.compact
-            {
-                return shape_err(
-                    "attention_decode_list",
-                    format!(
-                        "{} selected tokens in blocks of {} for {} KV heads with {selected_capacity} slots (compact {})",
-                        list.n_selected, list.block, layout.kv_heads, list.compact
-                    ),
-                );
-            }
-            flat.block = 0;
-            capacity = list.n_selected;
-        }
         attention_list(
             "attention_decode_list",
             layout,
@@ -935,8 +935,8 @@ pub mod check {
             out,
             &(0..1),
             seq_len.saturating_sub(1),
-            &flat,
-            capacity,
+            list,
+            selected_capacity,
             max_pos,
         )
     }

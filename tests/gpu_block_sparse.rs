@@ -85,6 +85,8 @@ fn block_bounds_and_scores_match_reference() {
     case(&mut ex, 9, 3, 64, 1000 + 13, 16, false);
     case(&mut ex, 32, 8, 128, 300, 8, true);
     case(&mut ex, 9, 3, 64, 5, 16, true);
+    // 10 query heads per KV head: scored 8 at a time, then 2.
+    case(&mut ex, 20, 2, 64, 400 + 9, 16, true);
     // Pages spread over many arenas.
     let mut ex = gpu().with_binding_limit(64 * 1024);
     case(&mut ex, 9, 3, 64, 2000 + 7, 16, true);
@@ -238,6 +240,127 @@ fn block_list_decode_matches_reference() {
                 1e-4,
             );
         }
+    }
+}
+
+/// Prefill attention of a chunk over per-KV-head block lists (Quest sub-chunks)
+/// on both executors: ragged chunk sizes, rows inside a larger query tensor, a
+/// window starting mid-chunk's block; and a list of every block is dense prefill.
+#[test]
+fn block_list_prefill_matches_reference() {
+    let mut ex = gpu();
+    for (qh, kh, d, len, block, m) in [
+        (9usize, 3usize, 64usize, 1000 + 13, 16usize, 37usize),
+        (32, 8, 128, 700, 8, 70),
+        (9, 3, 64, 300, 32, 5),
+    ] {
+        let mut f = fill(&mut ex, kh, d, len, 59);
+        let (rc, rg) = (
+            f.cpu.rope_table(&rope_cfg(d, len)).unwrap(),
+            ex.rope_table(&rope_cfg(d, len)).unwrap(),
+        );
+        // The chunk is the last m tokens; its window starts at its first block.
+        let q_start = len - m;
+        let tail = q_start / block;
+        let (r0, rows) = (3, m + 5);
+        let q = randn(&mut rng(60), rows * qh * d, 1.0);
+        let (qc, qg) = (
+            f.cpu.upload(&q, rows, qh * d).unwrap(),
+            ex.upload(&q, rows, qh * d).unwrap(),
+        );
+        let w = qh * d;
+        let run = |ex: &mut GpuExecutor, f: &mut Fixture, ids: &[u32], per_head: usize| {
+            let lc = KeyList {
+                n_init: 0,
+                selected: &ids.to_vec(),
+                n_selected: per_head * block,
+                tail_start: tail * block,
+                tail_len: len - tail * block,
+                compact: false,
+                block,
+            };
+            let mut oc = f.cpu.tensor(rows, w).unwrap();
+            f.cpu
+                .attention_prefill_list(
+                    &qc,
+                    &f.kvc,
+                    0,
+                    &f.table,
+                    r0..r0 + m,
+                    q_start,
+                    &lc,
+                    &rc,
+                    &mut oc,
+                )
+                .unwrap();
+            let sg = ex.ids(ids).unwrap();
+            let lg = lc.with_selected(&sg);
+            let mut og = ex.tensor(rows, w).unwrap();
+            ex.attention_prefill_list(
+                &qg,
+                &f.kvg,
+                0,
+                &f.table,
+                r0..r0 + m,
+                q_start,
+                &lg,
+                &rg,
+                &mut og,
+            )
+            .unwrap();
+            let g = ex.download(&og).unwrap();
+            (
+                oc.data[r0 * w..(r0 + m) * w].to_vec(),
+                g[r0 * w..(r0 + m) * w].to_vec(),
+            )
+        };
+        let per_head = 5.min(tail);
+        let ids: Vec<u32> = (0..kh)
+            .flat_map(|g| {
+                let mut b: Vec<u32> = (0..tail as u32)
+                    .filter(|b| (b * 7 + g as u32 * 3) % 4 != 1)
+                    .take(per_head)
+                    .collect();
+                b.sort_unstable();
+                b
+            })
+            .collect();
+        assert_eq!(ids.len(), kh * per_head);
+        let (c, g) = run(&mut ex, &mut f, &ids, per_head);
+        assert_close(
+            &format!("prefill block list {qh}/{kh}/{d}, chunk {m}"),
+            &g,
+            &c,
+            2e-5,
+            1e-3,
+        );
+        // Every block before the window: dense prefill of the chunk.
+        let all: Vec<u32> = (0..kh).flat_map(|_| 0..tail as u32).collect();
+        let (c, g) = run(&mut ex, &mut f, &all, tail);
+        let chunk = |q: &[f32]| q[r0 * w..(r0 + m) * w].to_vec();
+        let mut dc = f.cpu.tensor(m, w).unwrap();
+        let qd = f.cpu.upload(&chunk(&q), m, w).unwrap();
+        f.cpu
+            .attention_prefill(&qd, &f.kvc, 0, &f.table, q_start, len, &rc, &mut dc)
+            .unwrap();
+        assert_close(
+            "reference: all blocks = dense prefill",
+            &c,
+            &dc.data,
+            1e-5,
+            1e-4,
+        );
+        let qd = ex.upload(&chunk(&q), m, w).unwrap();
+        let mut dg = ex.tensor(m, w).unwrap();
+        ex.attention_prefill(&qd, &f.kvg, 0, &f.table, q_start, len, &rg, &mut dg)
+            .unwrap();
+        assert_close(
+            "gpu: all blocks = dense prefill",
+            &g,
+            &ex.download(&dg).unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
 }
 

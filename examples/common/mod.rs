@@ -39,6 +39,10 @@ pub struct ModelArgs {
     /// Quest: leading layers that stay dense.
     #[arg(long, default_value_t = 2)]
     pub dense_layers: usize,
+    /// Quest: block-sparse prefill, one block choice per this many prompt
+    /// tokens (scored with their mean query); 0 keeps prefill dense.
+    #[arg(long, default_value_t = 0)]
+    pub quest_prefill_subchunk: usize,
     /// TokenSelect: tokens selected per step.
     #[arg(long, default_value_t = 2048)]
     pub k: usize,
@@ -112,6 +116,7 @@ impl ModelArgs {
                 block: self.block,
                 budget: self.budget,
                 dense_layers: self.dense_layers,
+                prefill_subchunk: self.quest_prefill_subchunk,
             }),
             "tidal" => AttentionPolicy::Tidal(TidalConfig {
                 selection_layer: self.selection_layer,
