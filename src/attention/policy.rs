@@ -86,8 +86,8 @@ pub struct QuestConfig {
     pub dense_layers: usize,
     /// Block-sparse prefill (0: dense prefill, as in the paper): each sub-chunk
     /// of this many queries attends to its own blocks plus the budget / block - 1
-    /// best earlier blocks of each KV head, scored with the mean of its
-    /// (rotated) queries.
+    /// best earlier blocks of each KV head, each block scored by its largest
+    /// bound over the sub-chunk's queries.
     pub prefill_subchunk: usize,
 }
 
@@ -233,8 +233,6 @@ struct QuestBuffers<E: Ops> {
     valid: usize,
     /// First token whose block this step recomputes.
     from: usize,
-    /// `[1, q_heads * head_dim]`: a prefill sub-chunk's mean query.
-    fingerprint: E::Tensor,
 }
 
 /// Hierarchical TokenSelect state: unrotated key bounds and the chosen blocks.
@@ -523,7 +521,6 @@ impl<E: Ops> Attention<E> {
                 selected,
                 valid: 0,
                 from: 0,
-                fingerprint: ops.tensor(1, cfg.heads * cfg.head_dim)?,
             });
         }
         let Some(qb) = self.quest.as_mut() else {
@@ -653,7 +650,16 @@ impl<E: Ops> Attention<E> {
             // The query's own block is always attended; the top blocks come from
             // the whole blocks before it.
             let (top, last) = (c.budget / c.block - 1, (seq_len - 1) / c.block);
-            ops.block_scores(q, &qb.bounds, layer, table, 0..last, &mut qb.scores, None)?;
+            ops.block_scores(
+                q,
+                0..1,
+                &qb.bounds,
+                layer,
+                table,
+                0..last,
+                &mut qb.scores,
+                None,
+            )?;
             ops.block_top_k(&qb.scores, cfg.kv_heads, last, top, &mut qb.selected[layer])?;
             let list = KeyList {
                 n_init: 0,
@@ -896,6 +902,7 @@ fn select<E: Ops>(
             let blocks = plan.first_block..plan.first_block + plan.n_blocks;
             ops.block_scores(
                 &ts.q_fp,
+                0..1,
                 &pre.bounds,
                 layer,
                 table,
@@ -950,7 +957,8 @@ fn select<E: Ops>(
 /// Quest block-sparse prefill of the chunk's queries `0..n` (rotated; row i is
 /// the token at `start + i`): each sub-chunk of `sub` queries attends to its
 /// own blocks from the first one on, plus the budget / block - 1 best earlier
-/// blocks of each KV head by their bounds against the sub-chunk's mean query.
+/// blocks of each KV head by their bounds against the sub-chunk's queries (the
+/// largest over its rows, so a block that any query would rank high can win).
 /// A sub-chunk with no more earlier blocks than that attends to all of them.
 #[allow(clippy::too_many_arguments)]
 fn quest_prefill<E: Ops>(
@@ -977,14 +985,15 @@ fn quest_prefill<E: Ops>(
         let (n_selected, tail_start) = if before <= top {
             (0, 0)
         } else {
-            ops.mean_rows(q, rows.clone(), &mut qb.fingerprint)?;
             let scores = &mut qb.scores;
+            let blocks = 0..before;
             ops.block_scores(
-                &qb.fingerprint,
+                q,
+                rows.clone(),
                 &qb.bounds,
                 layer,
                 table,
-                0..before,
+                blocks,
                 scores,
                 None,
             )?;
