@@ -1111,6 +1111,7 @@ pub mod check {
     }
 
     /// Block scores: returns the query head count.
+    #[allow(clippy::too_many_arguments)]
     pub fn block_scores(
         layout: &KvLayout,
         block: usize,
