@@ -101,28 +101,18 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let o = bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block);
     let half_w = p.head_dim / 2u;
     let group = p.q_heads / p.kv_heads;
-    // Up to 8 query heads at a time share each unpacked bound word.
-    for (var h0 = g * group; h0 < (g + 1u) * group; h0 += 8u) {
-        let nh = min(8u, (g + 1u) * group - h0);
-        var best: array<f32, 8>;
-        for (var i = 0u; i < 8u; i++) { best[i] = -3.0e38; }
+    for (var h = g * group; h < (g + 1u) * group; h++) {
+        var best = -3.0e38;
         for (var r = p.row0; r < p.row0 + p.n_rows; r++) {
-            let qb = r * p.q_heads * half_w;
-            var s: array<vec2<f32>, 8>;
-            for (var i = 0u; i < 8u; i++) { s[i] = vec2<f32>(0.0); }
+            let qb = (r * p.q_heads + h) * half_w;
+            var s = vec2<f32>(0.0);
             for (var w = 0u; w < half_w; w++) {
-                let mx = unpack2x16float(bounds_r[o + w]);
-                let mn = unpack2x16float(bounds_r[o + half_w + w]);
-                for (var i = 0u; i < nh; i++) {
-                    let qi = q[qb + (h0 + i) * half_w + w];
-                    s[i] += max(qi * mx, qi * mn);
-                }
+                let qi = q[qb + w];
+                s += max(qi * unpack2x16float(bounds_r[o + w]), qi * unpack2x16float(bounds_r[o + half_w + w]));
             }
-            for (var i = 0u; i < nh; i++) { best[i] = max(best[i], s[i].x + s[i].y); }
+            best = max(best, s.x + s.y);
         }
-        for (var i = 0u; i < nh; i++) {
-            scores[(h0 + i) * p.out_cols + (b - p.first_block)] = best[i];
-        }
+        scores[h * p.out_cols + (b - p.first_block)] = best;
     }
 }
 
