@@ -10,8 +10,9 @@
 //!
 //! And Quest's block-sparse prefill (`sparse_prefill`): one sub-chunk of 64
 //! queries at the end of the cache, dense (flash attention over every earlier
-//! token) against Quest (block scores, the largest over the 64 queries, top
-//! blocks per KV head, attention over those blocks plus the sub-chunk's own).
+//! token) against Quest (the queries' mean, block scores, top blocks per KV
+//! head, attention over those blocks plus the window: the sub-chunk and the 64
+//! tokens before it).
 //!
 //! On CPU adapters (lavapipe) the 32/8/128 shape is skipped unless
 //! `KVSIEVE_BENCH_FULL=1`.
@@ -155,13 +156,15 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
             .map(|i| ((i * 7919) % 17) as f32 / 17.0 - 0.5)
             .collect();
         let q = ex.upload(&qv, SUB, w).unwrap();
+        let mut fp = ex.tensor(1, w).unwrap();
         let mut out = ex.tensor(SUB, w).unwrap();
         let mut bounds = ex.block_bounds(&kv.layout, BLOCK, true).unwrap();
         ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)
             .unwrap();
         ex.flush().unwrap();
         let q_start = len - SUB;
-        let before = q_start / BLOCK;
+        // The window: the sub-chunk and the SUB tokens before it.
+        let before = (q_start - SUB) / BLOCK;
         let top = BUDGET / BLOCK - 1;
         let mut scores = ex.tensor(qh, before).unwrap();
         let mut blocks = ex.ids(&vec![0u32; kh * top]).unwrap();
@@ -178,7 +181,8 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
         g.bench_function(id("quest"), |b| {
             b.iter_custom(|it| {
                 timed(ex, it, |ex| {
-                    ex.block_scores(&q, 0..SUB, &bounds, 0, &table, 0..before, &mut scores, None)
+                    ex.mean_rows(&q, 0..SUB, &mut fp).unwrap();
+                    ex.block_scores(&fp, 0..1, &bounds, 0, &table, 0..before, &mut scores, None)
                         .unwrap();
                     ex.block_top_k(&scores, kh, before, top, &mut blocks)
                         .unwrap();

@@ -116,6 +116,13 @@ fn policies() -> Vec<(&'static str, AttentionPolicy)> {
             "Quest",
             AttentionPolicy::BlockSparse(QuestConfig::default()),
         ),
+        (
+            "Quest blocks of 32",
+            AttentionPolicy::BlockSparse(QuestConfig {
+                block: 32,
+                ..Default::default()
+            }),
+        ),
         ("Tidal", AttentionPolicy::Tidal(TidalConfig::default())),
         (
             "Tidal re-selection 14",
@@ -139,8 +146,15 @@ fn describe(p: &AttentionPolicy) -> String {
             c.k, c.n_init, c.n_local, c.positions
         ),
         AttentionPolicy::BlockSparse(c) => format!(
-            "budget {}, blocks of {}, {} dense layers",
-            c.budget, c.block, c.dense_layers
+            "budget {}, blocks of {}, {} dense layers{}",
+            c.budget,
+            c.block,
+            c.dense_layers,
+            if c.prefill_subchunk > 0 {
+                format!(", sparse prefill per {}", c.prefill_subchunk)
+            } else {
+                String::new()
+            }
         ),
         AttentionPolicy::Tidal(c) => format!(
             "budget {}, selection layer {}, re-selection layer {}",

@@ -85,9 +85,9 @@ pub struct QuestConfig {
     /// Leading layers that stay dense.
     pub dense_layers: usize,
     /// Block-sparse prefill (0: dense prefill, as in the paper): each sub-chunk
-    /// of this many queries attends to its own blocks plus the budget / block - 1
-    /// best earlier blocks of each KV head, each block scored by its largest
-    /// bound over the sub-chunk's queries.
+    /// of this many queries attends to a window (itself and as many tokens
+    /// before it) plus the budget / block - 1 best earlier blocks of each KV
+    /// head, scored with the mean of its (rotated) queries.
     pub prefill_subchunk: usize,
 }
 
@@ -233,6 +233,8 @@ struct QuestBuffers<E: Ops> {
     valid: usize,
     /// First token whose block this step recomputes.
     from: usize,
+    /// `[1, q_heads * head_dim]`: a prefill sub-chunk's mean query.
+    fingerprint: E::Tensor,
 }
 
 /// Hierarchical TokenSelect state: unrotated key bounds and the chosen blocks.
@@ -521,6 +523,7 @@ impl<E: Ops> Attention<E> {
                 selected,
                 valid: 0,
                 from: 0,
+                fingerprint: ops.tensor(1, cfg.heads * cfg.head_dim)?,
             });
         }
         let Some(qb) = self.quest.as_mut() else {
@@ -955,11 +958,12 @@ fn select<E: Ops>(
 }
 
 /// Quest block-sparse prefill of the chunk's queries `0..n` (rotated; row i is
-/// the token at `start + i`): each sub-chunk of `sub` queries attends to its
-/// own blocks from the first one on, plus the budget / block - 1 best earlier
-/// blocks of each KV head by their bounds against the sub-chunk's queries (the
-/// largest over its rows, so a block that any query would rank high can win).
-/// A sub-chunk with no more earlier blocks than that attends to all of them.
+/// the token at `start + i`): each sub-chunk of `sub` queries attends to a
+/// window (its own blocks and the `sub` tokens before them) plus the budget /
+/// block - 1 best earlier blocks of each KV head, scored by their bounds
+/// against the sub-chunk's mean query (on the reference executor at 8K the
+/// mean kept one passkey of two where the largest bound over the rows kept
+/// none). A sub-chunk with no more earlier blocks than that attends to all.
 #[allow(clippy::too_many_arguments)]
 fn quest_prefill<E: Ops>(
     ops: &mut E,
@@ -980,23 +984,16 @@ fn quest_prefill<E: Ops>(
     for first in (0..n).step_by(sub) {
         let rows = first..(first + sub).min(n);
         let (q_start, end) = (start + first, start + rows.end);
-        // Whole blocks before the sub-chunk's first block.
-        let before = q_start / c.block;
+        // The window: the sub-chunk's own blocks and the `sub` tokens before it
+        // (a decode query's own block plays that part), so every query sees
+        // its recent context. The top blocks come from the whole blocks before.
+        let before = q_start.saturating_sub(sub) / c.block;
         let (n_selected, tail_start) = if before <= top {
             (0, 0)
         } else {
-            let scores = &mut qb.scores;
-            let blocks = 0..before;
-            ops.block_scores(
-                q,
-                rows.clone(),
-                &qb.bounds,
-                layer,
-                table,
-                blocks,
-                scores,
-                None,
-            )?;
+            ops.mean_rows(q, rows.clone(), &mut qb.fingerprint)?;
+            let (fp, scores) = (&qb.fingerprint, &mut qb.scores);
+            ops.block_scores(fp, 0..1, &qb.bounds, layer, table, 0..before, scores, None)?;
             ops.block_top_k(scores, cfg.kv_heads, before, top, &mut qb.selected[layer])?;
             (top * c.block, before * c.block)
         };
