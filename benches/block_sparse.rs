@@ -82,7 +82,7 @@ fn benches(c: &mut Criterion) {
                     timed(&mut ex, it, |ex| {
                         ex.kv_bounds(&kv, &mut bounds, 0, &table, len - 1..len, &rope)
                             .unwrap();
-                        ex.block_scores(&q, 0..1, &bounds, 0, &table, 0..last, &mut scores, None)
+                        ex.block_scores(&q, &bounds, 0, &table, 0..last, &mut scores, None)
                             .unwrap();
                         ex.block_top_k(&scores, kh, last, top, &mut blocks).unwrap();
                         let list = KeyList {
@@ -182,7 +182,7 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
             b.iter_custom(|it| {
                 timed(ex, it, |ex| {
                     ex.mean_rows(&q, 0..SUB, &mut fp).unwrap();
-                    ex.block_scores(&fp, 0..1, &bounds, 0, &table, 0..before, &mut scores, None)
+                    ex.block_scores(&fp, &bounds, 0, &table, 0..before, &mut scores, None)
                         .unwrap();
                     ex.block_top_k(&scores, kh, before, top, &mut blocks)
                         .unwrap();

@@ -164,7 +164,6 @@ fn hierarchical_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: u
     let nb = blocks.len();
     ex.block_scores(
         &s.q,
-        0..1,
         &s.bounds,
         0,
         &s.table,

@@ -16,15 +16,13 @@
 //
 // scores: score[h][b] = sum_i max(q_i M_i, q_i m_i) for query head h against
 // its KV head's bounds of logical block b: an upper bound of q . k over the
-// block; with several query rows (a Quest prefill sub-chunk) the largest over
-// the rows, a bound for every one of them. One thread per (block, KV head)
-// scores the KV head's query heads, so a block's bounds are read from memory
-// once.
+// block. One thread per (block, KV head) scores the KV head's query heads, so
+// a block's bounds are read from memory once.
 struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
     arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
-    rotate: u32, row0: u32, n_rows: u32, _p2: u32,
+    rotate: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> pages: array<u32>;
@@ -86,7 +84,7 @@ fn bounds(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     bounds_w[o + half_w + (c + half_w) / 2u] = widen(mn.zw, -1.0);
 }
 
-@group(0) @binding(2) var<storage, read> q: array<vec2<f32>>;        // [rows, q_heads * D/2], rotated
+@group(0) @binding(2) var<storage, read> q: array<vec2<f32>>;        // [q_heads * D/2], rotated
 @group(0) @binding(3) var<storage, read> bounds_r: array<u32>;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;   // [q_heads, out_cols]
 
@@ -102,17 +100,12 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let half_w = p.head_dim / 2u;
     let group = p.q_heads / p.kv_heads;
     for (var h = g * group; h < (g + 1u) * group; h++) {
-        var best = -3.0e38;
-        for (var r = p.row0; r < p.row0 + p.n_rows; r++) {
-            let qb = (r * p.q_heads + h) * half_w;
-            var s = vec2<f32>(0.0);
-            for (var w = 0u; w < half_w; w++) {
-                let qi = q[qb + w];
-                s += max(qi * unpack2x16float(bounds_r[o + w]), qi * unpack2x16float(bounds_r[o + half_w + w]));
-            }
-            best = max(best, s.x + s.y);
+        var s = vec2<f32>(0.0);
+        for (var w = 0u; w < half_w; w++) {
+            let qi = q[h * half_w + w];
+            s += max(qi * unpack2x16float(bounds_r[o + w]), qi * unpack2x16float(bounds_r[o + half_w + w]));
         }
-        scores[h * p.out_cols + (b - p.first_block)] = best;
+        scores[h * p.out_cols + (b - p.first_block)] = s.x + s.y;
     }
 }
 

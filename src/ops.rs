@@ -526,16 +526,13 @@ pub trait Ops: Send {
     ) -> Result<()>;
     /// Block scores: `out[h * n + b - blocks.start]` (`n` = `blocks.len()`,
     /// packed like [`Ops::ts_score`]'s) = sum over channels i of
-    /// max(q_i M_i, q_i m_i) for query head h of row r of `q` (`[_, q_heads *
-    /// D]`, rotated as the bounds' keys need) against its KV head's bounds of
-    /// logical block b, for `b` in `blocks`: an upper bound of q . k over the
-    /// block; the largest over the rows `rows` (one for a decode query, a
-    /// sub-chunk's for Quest's sparse prefill). Gated by the Selection Cache
-    /// like the TokenSelect ops (hierarchical selection).
+    /// max(q_i M_i, q_i m_i) for query head h (`q` `[1, q_heads * D]`, rotated
+    /// as the bounds' keys need) against its KV head's bounds of logical block
+    /// b, for `b` in `blocks`: an upper bound of q . k over the block. Gated by
+    /// the Selection Cache like the TokenSelect ops (hierarchical selection).
     fn block_scores(
         &mut self,
         q: &Self::Tensor,
-        rows: Range<usize>,
         bounds: &Self::Bounds,
         layer: usize,
         table: &PageTable,
@@ -1045,10 +1042,7 @@ pub mod check {
         out: (usize, usize),
         max_pos: usize,
     ) -> Result<usize> {
-        if q.0 != 1 {
-            return shape_err("token_scores", format!("{} query rows, expected 1", q.0));
-        }
-        let qh = block_scores(layout, 1, layer, table, q, &(0..1), &(0..n), out)?;
+        let qh = block_scores(layout, 1, layer, table, q, &(0..n), out)?;
         if n > max_pos {
             return Err(Error::Capacity(format!(
                 "token_scores: {n} tokens beyond the RoPE table's {max_pos}"
@@ -1111,21 +1105,18 @@ pub mod check {
     }
 
     /// Block scores: returns the query head count.
-    #[allow(clippy::too_many_arguments)]
     pub fn block_scores(
         layout: &KvLayout,
         block: usize,
         layer: usize,
         table: &PageTable,
         q: (usize, usize),
-        rows: &Range<usize>,
         blocks: &Range<usize>,
         out: (usize, usize),
     ) -> Result<usize> {
         let d = layout.head_dim;
         let qh = q.1 / d;
-        let bad = rows.is_empty()
-            || rows.end > q.0
+        let bad = q.0 != 1
             || !q.1.is_multiple_of(d)
             || qh == 0
             || !qh.is_multiple_of(layout.kv_heads)
@@ -1138,7 +1129,7 @@ pub mod check {
             return shape_err(
                 "block_scores",
                 format!(
-                    "q {q:?} rows {rows:?}, blocks {blocks:?} of {block} in {} pages, out {out:?}, layer {layer}",
+                    "q {q:?}, blocks {blocks:?} of {block} in {} pages, out {out:?}, layer {layer}",
                     table.pages.len()
                 ),
             );

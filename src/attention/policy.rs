@@ -653,16 +653,7 @@ impl<E: Ops> Attention<E> {
             // The query's own block is always attended; the top blocks come from
             // the whole blocks before it.
             let (top, last) = (c.budget / c.block - 1, (seq_len - 1) / c.block);
-            ops.block_scores(
-                q,
-                0..1,
-                &qb.bounds,
-                layer,
-                table,
-                0..last,
-                &mut qb.scores,
-                None,
-            )?;
+            ops.block_scores(q, &qb.bounds, layer, table, 0..last, &mut qb.scores, None)?;
             ops.block_top_k(&qb.scores, cfg.kv_heads, last, top, &mut qb.selected[layer])?;
             let list = KeyList {
                 n_init: 0,
@@ -905,7 +896,6 @@ fn select<E: Ops>(
             let blocks = plan.first_block..plan.first_block + plan.n_blocks;
             ops.block_scores(
                 &ts.q_fp,
-                0..1,
                 &pre.bounds,
                 layer,
                 table,
@@ -962,8 +952,9 @@ fn select<E: Ops>(
 /// window (its own blocks and the `sub` tokens before them) plus the budget /
 /// block - 1 best earlier blocks of each KV head, scored by their bounds
 /// against the sub-chunk's mean query (on the reference executor at 8K the
-/// mean kept one passkey of two where the largest bound over the rows kept
-/// none). A sub-chunk with no more earlier blocks than that attends to all.
+/// mean kept one passkey of two where the largest bound over the rows, tried
+/// too, kept none). A sub-chunk with no more earlier blocks than that attends
+/// to all.
 #[allow(clippy::too_many_arguments)]
 fn quest_prefill<E: Ops>(
     ops: &mut E,
@@ -993,7 +984,7 @@ fn quest_prefill<E: Ops>(
         } else {
             ops.mean_rows(q, rows.clone(), &mut qb.fingerprint)?;
             let (fp, scores) = (&qb.fingerprint, &mut qb.scores);
-            ops.block_scores(fp, 0..1, &qb.bounds, layer, table, 0..before, scores, None)?;
+            ops.block_scores(fp, &qb.bounds, layer, table, 0..before, scores, None)?;
             ops.block_top_k(scores, cfg.kv_heads, before, top, &mut qb.selected[layer])?;
             (top * c.block, before * c.block)
         };

@@ -139,7 +139,6 @@ pub(super) fn bounds(
 pub(super) fn scores(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    rows: std::ops::Range<usize>,
     b: &GpuBounds,
     layer: usize,
     table: &PageTable,
@@ -154,7 +153,6 @@ pub(super) fn scores(
         layer,
         table,
         (q.rows, q.cols),
-        &rows,
         &blocks,
         (out.rows, out.cols),
     )?;
@@ -166,7 +164,7 @@ pub(super) fn scores(
     let groups = ex.grid((blocks.len() * l.kv_heads).div_ceil(64))?;
     let span = blocks.start * b.block..blocks.end * b.block;
     for a in super::arenas_for(l.page_size, b.pages_per_arena, table, span) {
-        let mut words = params(
+        let words = params(
             &l,
             b.block,
             blocks.start,
@@ -178,8 +176,6 @@ pub(super) fn scores(
             qh,
             blocks.len(),
         );
-        words[13] = rows.start as u32;
-        words[14] = rows.len() as u32;
         let bind = [
             Binding::from(&pages),
             Binding::from(&q.buf),

@@ -744,7 +744,6 @@ impl Ops for GpuExecutor {
     fn block_scores(
         &mut self,
         q: &GpuTensor,
-        rows: Range<usize>,
         bounds: &Self::Bounds,
         layer: usize,
         table: &PageTable,
@@ -752,7 +751,7 @@ impl Ops for GpuExecutor {
         out: &mut GpuTensor,
         gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        block_sparse::scores(self, q, rows, bounds, layer, table, blocks, out, gate)
+        block_sparse::scores(self, q, bounds, layer, table, blocks, out, gate)
     }
 
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {

@@ -93,7 +93,6 @@ pub(super) fn bounds(
 
 pub(super) fn scores(
     q: &RefTensor,
-    rows: std::ops::Range<usize>,
     b: &RefBounds,
     layer: usize,
     table: &PageTable,
@@ -104,18 +103,12 @@ pub(super) fn scores(
     let qh = q.cols / d;
     let group = qh / b.layout.kv_heads;
     for h in 0..qh {
+        let qv = &q.data[h * d..(h + 1) * d];
         for blk in blocks.clone() {
             let o = b.offset(table, blk, h / group);
             let m = &b.data[layer][o..o + 2 * d];
-            out.data[h * blocks.len() + blk - blocks.start] = rows
-                .clone()
-                .map(|r| {
-                    let qv = &q.data[r * q.cols + h * d..][..d];
-                    (0..d)
-                        .map(|i| (qv[i] * m[i]).max(qv[i] * m[d + i]))
-                        .sum::<f32>()
-                })
-                .fold(f32::MIN, f32::max);
+            out.data[h * blocks.len() + blk - blocks.start] =
+                (0..d).map(|i| (qv[i] * m[i]).max(qv[i] * m[d + i])).sum();
         }
     }
 }

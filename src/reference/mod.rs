@@ -742,7 +742,6 @@ impl Ops for RefExecutor {
     fn block_scores(
         &mut self,
         q: &RefTensor,
-        rows: Range<usize>,
         bounds: &Self::Bounds,
         layer: usize,
         table: &PageTable,
@@ -759,11 +758,10 @@ impl Ops for RefExecutor {
             layer,
             table,
             (q.rows, q.cols),
-            &rows,
             &blocks,
             (out.rows, out.cols),
         )?;
-        block_sparse::scores(q, rows, bounds, layer, table, blocks, out);
+        block_sparse::scores(q, bounds, layer, table, blocks, out);
         Ok(())
     }
 
