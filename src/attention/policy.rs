@@ -91,6 +91,19 @@ pub struct QuestConfig {
     pub prefill_subchunk: usize,
 }
 
+impl QuestConfig {
+    /// Blocks chosen per KV head: the budget less the query's own block (decode)
+    /// or window (prefill sub-chunk).
+    ///
+    /// ```
+    /// use kvsieve::attention::QuestConfig;
+    /// assert_eq!(QuestConfig::default().top_blocks(), 2048 / 16 - 1);
+    /// ```
+    pub fn top_blocks(&self) -> usize {
+        self.budget / self.block - 1
+    }
+}
+
 impl Default for QuestConfig {
     fn default() -> Self {
         Self {
@@ -509,7 +522,7 @@ impl<E: Ops> Attention<E> {
         seq_len: usize,
     ) -> Result<()> {
         let start = seq_len - n;
-        let top = c.budget / c.block - 1;
+        let top = c.top_blocks();
         let last = (seq_len - 1) / c.block;
         if self.quest.is_none() {
             let mut selected = Vec::with_capacity(cfg.layers);
@@ -652,7 +665,7 @@ impl<E: Ops> Attention<E> {
             }
             // The query's own block is always attended; the top blocks come from
             // the whole blocks before it.
-            let (top, last) = (c.budget / c.block - 1, (seq_len - 1) / c.block);
+            let (top, last) = (c.top_blocks(), (seq_len - 1) / c.block);
             ops.block_scores(q, &qb.bounds, layer, table, 0..last, &mut qb.scores, None)?;
             ops.block_top_k(&qb.scores, cfg.kv_heads, last, top, &mut qb.selected[layer])?;
             let list = KeyList {
@@ -971,7 +984,7 @@ fn quest_prefill<E: Ops>(
     rope: &E::Rope,
     out: &mut E::Tensor,
 ) -> Result<()> {
-    let top = c.budget / c.block - 1;
+    let top = c.top_blocks();
     for first in (0..n).step_by(sub) {
         let rows = first..(first + sub).min(n);
         let (q_start, end) = (start + first, start + rows.end);
