@@ -1,8 +1,9 @@
 //! Quest and TidalDecode decode steps against dense decoding, per layer, on the
 //! adapter the library would choose (GPU timestamps when available), at equal
 //! token budgets (2048):
-//! - `quest`: the new token's block bounds, block scores, per-KV-head top
-//!   blocks, attention over those blocks plus the last one;
+//! - `quest`: the new token's block bounds, block scores summed over each KV
+//!   head's query heads, per-KV-head top blocks, attention over those blocks
+//!   plus the last one;
 //! - `tidal_sparse`: a layer after the selection layer (attention over the
 //!   chosen tokens plus the current one);
 //! - `tidal_select`: the selection layer (dense attention, token scores, top
@@ -64,7 +65,8 @@ fn benches(c: &mut Criterion) {
             ex.flush().unwrap();
             let last = (len - 1) / BLOCK;
             let top = BUDGET / BLOCK - 1;
-            let mut scores = ex.tensor(qh, last.max(len)).unwrap();
+            let mut scores = ex.tensor(qh, len).unwrap();
+            let mut group = ex.tensor(kh, last).unwrap();
             let mut blocks = ex.ids(&vec![0u32; kh * top]).unwrap();
             let mut tokens = ex.ids(&vec![0u32; kh * BUDGET]).unwrap();
             let id =
@@ -82,9 +84,9 @@ fn benches(c: &mut Criterion) {
                     timed(&mut ex, it, |ex| {
                         ex.kv_bounds(&kv, &mut bounds, 0, &table, len - 1..len, &rope)
                             .unwrap();
-                        ex.block_scores(&q, &bounds, 0, &table, 0..last, &mut scores, None)
+                        ex.block_group_scores(&q, &bounds, 0, &table, 0..last, &mut group)
                             .unwrap();
-                        ex.block_top_k(&scores, kh, last, top, &mut blocks).unwrap();
+                        ex.block_top_k(&group, kh, last, top, &mut blocks).unwrap();
                         let list = KeyList {
                             n_init: 0,
                             selected: &blocks,
@@ -166,7 +168,7 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
         // The window: the sub-chunk and the SUB tokens before it.
         let before = (q_start - SUB) / BLOCK;
         let top = BUDGET / BLOCK - 1;
-        let mut scores = ex.tensor(qh, before).unwrap();
+        let mut scores = ex.tensor(kh, before).unwrap();
         let mut blocks = ex.ids(&vec![0u32; kh * top]).unwrap();
         let id =
             |what: &str| BenchmarkId::new(format!("h9kv3d64/{what}"), format!("{}k", len / 1024));
@@ -182,7 +184,7 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
             b.iter_custom(|it| {
                 timed(ex, it, |ex| {
                     ex.mean_rows(&q, 0..SUB, &mut fp).unwrap();
-                    ex.block_scores(&fp, &bounds, 0, &table, 0..before, &mut scores, None)
+                    ex.block_group_scores(&fp, &bounds, 0, &table, 0..before, &mut scores)
                         .unwrap();
                     ex.block_top_k(&scores, kh, before, top, &mut blocks)
                         .unwrap();

@@ -109,6 +109,54 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
 }
 
+// group_query / group_scores: the sum over KV head g's query heads of their
+// block scores in one pass over the bounds. max(q M, q m) = max(q, 0) M +
+// min(q, 0) m, so sum_h sum_i max(q_hi M_i, q_hi m_i) = sum_i (P_i M_i + N_i m_i)
+// with P (N) the sum over the group of the queries' positive (negative) parts:
+// a block's bounds are read and multiplied once per KV head, not once per query
+// head. group_query writes gq[g * D/2 + w] = (P_2w, P_2w+1, N_2w, N_2w+1), one
+// thread per (KV head, word); group_scores writes scores[g][b], one thread per
+// (block, KV head).
+@group(0) @binding(1) var<storage, read> gq_in: array<vec2<f32>>;          // [q_heads * D/2], rotated
+@group(0) @binding(2) var<storage, read_write> gq_out: array<vec4<f32>>;   // [kv_heads * D/2]
+
+@compute @workgroup_size(64)
+fn group_query(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half_w = p.head_dim / 2u;
+    if (gid.x >= p.kv_heads * half_w) { return; }
+    let g = gid.x / half_w;
+    let w = gid.x % half_w;
+    let group = p.q_heads / p.kv_heads;
+    var pos = vec2<f32>(0.0);
+    var neg = vec2<f32>(0.0);
+    for (var h = g * group; h < (g + 1u) * group; h++) {
+        let qi = gq_in[h * half_w + w];
+        pos += max(qi, vec2<f32>(0.0));
+        neg += min(qi, vec2<f32>(0.0));
+    }
+    gq_out[gid.x] = vec4<f32>(pos, neg);
+}
+
+@group(0) @binding(2) var<storage, read> gq: array<vec4<f32>>;            // [kv_heads * D/2]
+
+@compute @workgroup_size(64)
+fn group_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.y * nwg.x * 64u + gid.x;
+    if (idx >= p.n_blocks * p.kv_heads) { return; }
+    let b = p.first_block + idx % p.n_blocks;
+    let g = idx / p.n_blocks;
+    let page = pages[(b * p.block) / p.page_size];
+    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    let o = bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block);
+    let half_w = p.head_dim / 2u;
+    var s = vec2<f32>(0.0);
+    for (var w = 0u; w < half_w; w++) {
+        let pn = gq[g * half_w + w];
+        s += pn.xy * unpack2x16float(bounds_r[o + w]) + pn.zw * unpack2x16float(bounds_r[o + half_w + w]);
+    }
+    scores[g * p.out_cols + (b - p.first_block)] = s.x + s.y;
+}
+
 // group_keys: per KV head g and block (or token) b, the sum over g's query
 // heads of scores[h][b] (the KV head's blocks serve all of them; the sum found
 // every passkey dense attention finds at 4K and 8K, the max lost two), as an

@@ -171,12 +171,13 @@ var<workgroup> cnt_eq: array<u32, 256>;
 
 @compute @workgroup_size(256)
 fn radix_collect(@builtin(local_invocation_id) lid: vec3<u32>) {
-    collect(lid.x, atomicLoad(&state[0]), atomicLoad(&state[1]));
+    collect(lid.x, atomicLoad(&state[0]), atomicLoad(&state[1]), p.vbase, p.obase);
 }
 
-// Writes candidate j when its bits are above thr, or equal to it among the first
-// need_eq such (called by every thread of one workgroup).
-fn collect(tid: u32, thr: u32, need_eq: u32) {
+// Writes candidate j of the keys at vbase when its bits are above thr, or equal
+// to it among the first need_eq such, into selected[obase..] (called by every
+// thread of one workgroup).
+fn collect(tid: u32, thr: u32, need_eq: u32, vbase: u32, obase: u32) {
     let lid = vec3<u32>(tid, 0u, 0u);
     let per = (p.n + 255u) / 256u;
     let start = lid.x * per;
@@ -184,7 +185,7 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
     var hi = 0u;
     var eq = 0u;
     for (var j = start; j < end; j++) {
-        let b = vr[p.vbase + j];
+        let b = vr[vbase + j];
         if (b > thr) { hi++; } else if (b == thr) { eq++; }
     }
     cnt_hi[lid.x] = hi;
@@ -209,7 +210,7 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
     // Output position = (hi before) + (taken eq before).
     var out = cnt_hi[lid.x] + min(eq_seen, need_eq);
     for (var j = start; j < end; j++) {
-        let b = vr[p.vbase + j];
+        let b = vr[vbase + j];
         var take = b > thr;
         if (b == thr) {
             take = eq_seen < need_eq;
@@ -218,7 +219,7 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
         if (take && out < p.k) {
             var t = p.begin + j;
             if (p.block > 0u) { t = collect_blocks[j / p.block] * p.block + j % p.block; }
-            selected[p.obase + out] = t;
+            selected[obase + out] = t;
             out++;
         }
     }
@@ -226,12 +227,15 @@ fn collect(tid: u32, thr: u32, need_eq: u32) {
 
 // The whole radix top-k in one workgroup, for up to a few tens of thousands of
 // candidates (hierarchical selection's stages): four passes with a workgroup
-// histogram, then the collect, in one dispatch instead of ten.
+// histogram, then the collect, in one dispatch instead of ten. Workgroup y
+// takes the y-th key array of a batch (Quest's KV heads): keys from
+// vbase + y * n, output from obase + y * k.
 var<workgroup> small_hist: array<atomic<u32>, 256>;
 var<workgroup> small_state: vec2<u32>;   // prefix, still needed
 
 @compute @workgroup_size(256)
-fn radix_small(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn radix_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let vbase = p.vbase + wid.y * p.n;
     if (lid.x == 0u) { small_state = vec2<u32>(0u, p.k); }
     for (var pass_ = 0u; pass_ < 4u; pass_++) {
         atomicStore(&small_hist[lid.x], 0u);
@@ -239,7 +243,7 @@ fn radix_small(@builtin(local_invocation_id) lid: vec3<u32>) {
         let shift = 24u - 8u * pass_;
         let prefix = small_state.x;
         for (var j = lid.x; j < p.n; j += 256u) {
-            let b = vr[p.vbase + j];
+            let b = vr[vbase + j];
             if (pass_ == 0u || (b >> (shift + 8u)) == (prefix >> (shift + 8u))) {
                 atomicAdd(&small_hist[(b >> shift) & 255u], 1u);
             }
@@ -259,11 +263,11 @@ fn radix_small(@builtin(local_invocation_id) lid: vec3<u32>) {
     }
     let st = workgroupUniformLoad(&small_state);
     // The threshold lands in `state` as after the multi-pass version.
-    if (lid.x == 0u) {
+    if (lid.x == 0u && wid.y == 0u) {
         atomicStore(&state[0], st.x);
         atomicStore(&state[1], st.y);
     }
-    collect(lid.x, st.x, st.y);
+    collect(lid.x, st.x, st.y, vbase, p.obase + wid.y * p.k);
 }
 
 // ---- Selection Cache: compares the current fingerprint with the layer's cached one

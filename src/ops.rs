@@ -540,6 +540,22 @@ pub trait Ops: Send {
         out: &mut Self::Tensor,
         gate: Option<&Self::Gate>,
     ) -> Result<()>;
+    /// Quest's block scores summed over each KV head's query heads, in one pass:
+    /// `out[g * n + b - blocks.start]` = sum over g's query heads h of
+    /// [`Ops::block_scores`]'s `h` row, computed as sum_i (P_i M_i + N_i m_i)
+    /// with P (N) the sum of the group's positive (negative) query parts (equal,
+    /// since max(q M, q m) = max(q, 0) M + min(q, 0) m). A block's bounds are read
+    /// once per KV head instead of once per query head; `out` has a row per KV
+    /// head, the form [`Ops::block_top_k`] takes with `kv_heads` rows.
+    fn block_group_scores(
+        &mut self,
+        q: &Self::Tensor,
+        bounds: &Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        blocks: Range<usize>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// TidalDecode scores: `out[h * n + t]` = q_h . k_t for tokens `0..n` of `layer`,
     /// keys rotated at their true positions (`q` `[1, q_heads * D]`, rotated),
     /// query head h against its KV head.
@@ -1114,6 +1130,33 @@ pub mod check {
         blocks: &Range<usize>,
         out: (usize, usize),
     ) -> Result<usize> {
+        block_score_shapes(layout, block, layer, table, q, blocks, out, false)
+    }
+
+    /// Group block scores (a row per KV head): returns the query head count.
+    pub fn block_group_scores(
+        layout: &KvLayout,
+        block: usize,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        blocks: &Range<usize>,
+        out: (usize, usize),
+    ) -> Result<usize> {
+        block_score_shapes(layout, block, layer, table, q, blocks, out, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_score_shapes(
+        layout: &KvLayout,
+        block: usize,
+        layer: usize,
+        table: &PageTable,
+        q: (usize, usize),
+        blocks: &Range<usize>,
+        out: (usize, usize),
+        per_kv_head: bool,
+    ) -> Result<usize> {
         let d = layout.head_dim;
         let qh = q.1 / d;
         let bad = q.0 != 1
@@ -1123,11 +1166,15 @@ pub mod check {
             || layer >= layout.layers
             || blocks.start > blocks.end
             || blocks.end * block > table.pages.len() * layout.page_size
-            || out.0 < qh
+            || out.0 < if per_kv_head { layout.kv_heads } else { qh }
             || out.1 < blocks.len();
         if bad {
             return shape_err(
-                "block_scores",
+                if per_kv_head {
+                    "block_group_scores"
+                } else {
+                    "block_scores"
+                },
                 format!(
                     "q {q:?}, blocks {blocks:?} of {block} in {} pages, out {out:?}, layer {layer}",
                     table.pages.len()

@@ -57,6 +57,32 @@ fn case(
         1e-3,
         1e-4,
     );
+    // Group scores: each KV head's row is the sum of its query heads' rows.
+    let mut gc = f.cpu.tensor(kh, nb + 5).unwrap();
+    f.cpu
+        .block_group_scores(&qc, &bc, 0, &f.table, first..end, &mut gc)
+        .unwrap();
+    let mut gg = ex.tensor(kh, nb + 5).unwrap();
+    ex.block_group_scores(&qg, &bg, 0, &f.table, first..end, &mut gg)
+        .unwrap();
+    let group = qh / kh;
+    let summed: Vec<f32> = (0..kh * nb)
+        .map(|i| {
+            let (g, b) = (i / nb, i % nb);
+            (g * group..(g + 1) * group)
+                .map(|h| sc.data[h * nb + b])
+                .sum()
+        })
+        .collect();
+    let what = format!("group scores {qh}/{kh}/{d}, {len} tokens, blocks of {block}");
+    assert_close(&what, &gc.data[..kh * nb], &summed, 1e-3, 1e-4);
+    assert_close(
+        &what,
+        &ex.download(&gg).unwrap()[..kh * nb],
+        &gc.data[..kh * nb],
+        1e-3,
+        1e-4,
+    );
     // The bound: q . k(t) <= score of t's block, for every key.
     let half = d / 2;
     for h in 0..qh {
@@ -115,6 +141,11 @@ fn bad_block_sizes_and_ranges_are_errors() {
     assert!(ex
         .block_scores(&q, &b, 0, &f.table, 1..20, &mut out, None)
         .is_err());
+    // Group scores want a row per KV head.
+    let mut out = ex.tensor(2, 7).unwrap();
+    assert!(ex
+        .block_group_scores(&q, &b, 0, &f.table, 0..7, &mut out)
+        .is_err());
 }
 
 #[test]
@@ -125,6 +156,8 @@ fn top_blocks_match_reference() {
         (9usize, 3usize, 517usize, 13usize),
         (32, 8, 40, 40),
         (9, 3, 1, 1),
+        // Quest's group scores: a row per KV head, one workgroup per head.
+        (3, 3, 8191, 127),
         // Tidal's token choice: past 32K candidates the multi-pass radix top-k.
         (9, 3, 40_000 + 3, 2048),
     ] {

@@ -237,7 +237,7 @@ impl SelectionStats {
 /// Quest state: block bounds, scores and each layer's chosen blocks.
 struct QuestBuffers<E: Ops> {
     bounds: E::Bounds,
-    /// `[q_heads, cap]` block scores.
+    /// `[kv_heads, cap]` block scores, summed over each KV head's query heads.
     scores: E::Tensor,
     cap: usize,
     /// Per layer: `[kv_heads, top]` block ids.
@@ -531,7 +531,7 @@ impl<E: Ops> Attention<E> {
             }
             self.quest = Some(QuestBuffers {
                 bounds: ops.block_bounds(&self.layout, c.block, true)?,
-                scores: ops.tensor(cfg.heads, 1024)?,
+                scores: ops.tensor(cfg.kv_heads, 1024)?,
                 cap: 1024,
                 selected,
                 valid: 0,
@@ -549,7 +549,7 @@ impl<E: Ops> Attention<E> {
         }
         if qb.cap < last {
             qb.cap = last.next_power_of_two();
-            qb.scores = ops.tensor(cfg.heads, qb.cap)?;
+            qb.scores = ops.tensor(cfg.kv_heads, qb.cap)?;
         }
         self.step = if n == 1 {
             Step::Quest
@@ -666,7 +666,7 @@ impl<E: Ops> Attention<E> {
             // The query's own block is always attended; the top blocks come from
             // the whole blocks before it.
             let (top, last) = (c.top_blocks(), (seq_len - 1) / c.block);
-            ops.block_scores(q, &qb.bounds, layer, table, 0..last, &mut qb.scores, None)?;
+            ops.block_group_scores(q, &qb.bounds, layer, table, 0..last, &mut qb.scores)?;
             ops.block_top_k(&qb.scores, cfg.kv_heads, last, top, &mut qb.selected[layer])?;
             let list = KeyList {
                 n_init: 0,
@@ -997,7 +997,7 @@ fn quest_prefill<E: Ops>(
         } else {
             ops.mean_rows(q, rows.clone(), &mut qb.fingerprint)?;
             let (fp, scores) = (&qb.fingerprint, &mut qb.scores);
-            ops.block_scores(fp, &qb.bounds, layer, table, 0..before, scores, None)?;
+            ops.block_group_scores(fp, &qb.bounds, layer, table, 0..before, scores)?;
             ops.block_top_k(scores, cfg.kv_heads, before, top, &mut qb.selected[layer])?;
             (top * c.block, before * c.block)
         };

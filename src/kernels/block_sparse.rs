@@ -187,6 +187,67 @@ pub(super) fn scores(
     Ok(())
 }
 
+/// The group's query parts (`group_query`), then one pass over the bounds
+/// (`group_scores`, one per arena).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn group_scores(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    b: &GpuBounds,
+    layer: usize,
+    table: &PageTable,
+    blocks: std::ops::Range<usize>,
+    out: &mut GpuTensor,
+) -> Result<()> {
+    let l = b.layout;
+    let qh = check::block_group_scores(
+        &l,
+        b.block,
+        layer,
+        table,
+        (q.rows, q.cols),
+        &blocks,
+        (out.rows, out.cols),
+    )?;
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
+    let words = |a: usize| {
+        params(
+            &l,
+            b.block,
+            blocks.start,
+            blocks.len(),
+            blocks.end * b.block,
+            a,
+            b.pages_per_arena,
+            0,
+            qh,
+            blocks.len(),
+        )
+    };
+    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
+    let n_words = l.kv_heads * l.head_dim / 2;
+    let groups = [n_words.div_ceil(64) as u32, 1, 1];
+    let bind = [Binding::from(&q.buf), Binding::from(&gq)];
+    ex.rec.dispatch(&prep, &words(0), &bind, groups);
+    let pages = ex.page_table(table);
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "group_scores", &[]);
+    let groups = ex.grid((blocks.len() * l.kv_heads).div_ceil(64))?;
+    let span = blocks.start * b.block..blocks.end * b.block;
+    for a in super::arenas_for(l.page_size, b.pages_per_arena, table, span) {
+        let bind = [
+            Binding::from(&pages),
+            Binding::from(&gq),
+            Binding::from(&b.bufs[layer][a]),
+            Binding::from(&out.buf),
+        ];
+        ex.rec.dispatch(&p, &words(a), &bind, groups);
+    }
+    Ok(())
+}
+
 pub(super) fn top_k(
     ex: &mut GpuExecutor,
     scores: &GpuTensor,
@@ -206,15 +267,13 @@ pub(super) fn top_k(
     let bind = [Binding::from(&scores.buf), Binding::from(&keys)];
     let groups = ex.grid((n * kv_heads).div_ceil(64))?;
     ex.rec.dispatch(&p, &words, &bind, groups);
-    for g in 0..kv_heads {
-        let keys = RadixKeys {
-            keys: &keys,
-            base: g * n,
-            n,
-        };
-        radix_top_k(ex, keys, k, 0, (&out.buf, g * k), None, None)?;
-    }
-    Ok(())
+    let keys = RadixKeys {
+        keys: &keys,
+        base: 0,
+        n,
+        batch: kv_heads,
+    };
+    radix_top_k(ex, keys, k, 0, (&out.buf, 0), None, None)
 }
 
 #[allow(clippy::too_many_arguments)]

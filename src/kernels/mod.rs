@@ -754,6 +754,18 @@ impl Ops for GpuExecutor {
         block_sparse::scores(self, q, bounds, layer, table, blocks, out, gate)
     }
 
+    fn block_group_scores(
+        &mut self,
+        q: &GpuTensor,
+        bounds: &Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        blocks: Range<usize>,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        block_sparse::group_scores(self, q, bounds, layer, table, blocks, out)
+    }
+
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {
         elementwise::mean_rows(self, x, rows, out)
     }

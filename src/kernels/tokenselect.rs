@@ -310,19 +310,25 @@ pub(super) fn top_k(
         keys: &votes.buf,
         base: 0,
         n,
+        batch: 1,
     };
     radix_top_k(ex, keys, k, begin, (&out.buf, 0), gate, prefilter)
 }
 
-/// `n` order-preserving u32 keys at word `base` of a buffer.
+/// `batch` arrays of `n` order-preserving u32 keys each, back to back from
+/// word `base` of a buffer.
 pub(super) struct RadixKeys<'a> {
     pub keys: &'a wgpu::Buffer,
     pub base: usize,
     pub n: usize,
+    pub batch: usize,
 }
 
 /// The `k` largest keys (ties to the lower index), as `begin + j` or the
-/// prefilter's token of slot j, ascending, into `out.0` from word `out.1`.
+/// prefilter's token of slot j, ascending, into `out.0` from word `out.1`; for
+/// each key array of a batch, its `k` after the previous array's. A batch of
+/// small arrays runs as one dispatch, a workgroup per array (lavapipe runs
+/// them on different cores).
 pub(super) fn radix_top_k(
     ex: &mut GpuExecutor,
     keys: RadixKeys<'_>,
@@ -349,24 +355,45 @@ pub(super) fn radix_top_k(
             Binding::from(out.0),
             Binding::from(blocks),
         ];
-        return launch(ex, &small, &pr, &b, [1, 1, 1], gate);
+        return launch(ex, &small, &pr, &b, [1, keys.batch as u32, 1], gate);
     }
+    for i in 0..keys.batch {
+        pr[13] = (keys.base + i * n) as u32;
+        pr[14] = (out.1 + i * k) as u32;
+        radix_passes(ex, &state, votes_buf, out.0, blocks, &pr, gate)?;
+    }
+    Ok(())
+}
+
+/// The multi-workgroup radix top-k of one key array (`pr` as `radix_top_k`
+/// fills it).
+fn radix_passes(
+    ex: &mut GpuExecutor,
+    state: &wgpu::Buffer,
+    votes_buf: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    blocks: &wgpu::Buffer,
+    pr: &[u32; 16],
+    gate: Option<&GpuGate>,
+) -> Result<()> {
+    let mut pr = *pr;
+    let n = pr[0] as usize;
     let init = ex.pipeline(shaders::TOKENSELECT, "radix_init", &[]);
-    launch(ex, &init, &pr, &[Binding::from(&state)], [1, 1, 1], gate)?;
+    launch(ex, &init, &pr, &[Binding::from(state)], [1, 1, 1], gate)?;
     let hist = ex.pipeline(shaders::TOKENSELECT, "radix_hist", &[]);
     let pick = ex.pipeline(shaders::TOKENSELECT, "radix_pick", &[]);
     let wgs = radix_workgroups(n);
     for pass in 0..4u32 {
         pr[9] = pass;
-        let hb = [Binding::from(&state), Binding::from(votes_buf)];
+        let hb = [Binding::from(state), Binding::from(votes_buf)];
         launch(ex, &hist, &pr, &hb, [wgs, 1, 1], gate)?;
-        launch(ex, &pick, &pr, &[Binding::from(&state)], [1, 1, 1], gate)?;
+        launch(ex, &pick, &pr, &[Binding::from(state)], [1, 1, 1], gate)?;
     }
     let collect = ex.pipeline(shaders::TOKENSELECT, "radix_collect", &[]);
     let cb = [
-        Binding::from(&state),
+        Binding::from(state),
         Binding::from(votes_buf),
-        Binding::from(out.0),
+        Binding::from(out),
         Binding::from(blocks),
     ];
     launch(ex, &collect, &pr, &cb, [1, 1, 1], gate)

@@ -113,6 +113,37 @@ pub(super) fn scores(
     }
 }
 
+/// As the GPU's `group_scores`: the group's positive and negative query parts
+/// against each block's maxima and minima.
+pub(super) fn group_scores(
+    q: &RefTensor,
+    b: &RefBounds,
+    layer: usize,
+    table: &PageTable,
+    blocks: std::ops::Range<usize>,
+    out: &mut RefTensor,
+) {
+    let d = b.layout.head_dim;
+    let kvh = b.layout.kv_heads;
+    let group = q.cols / d / kvh;
+    for g in 0..kvh {
+        let mut pos = vec![0.0f32; d];
+        let mut neg = vec![0.0f32; d];
+        for h in g * group..(g + 1) * group {
+            for (i, &v) in q.data[h * d..(h + 1) * d].iter().enumerate() {
+                pos[i] += v.max(0.0);
+                neg[i] += v.min(0.0);
+            }
+        }
+        for blk in blocks.clone() {
+            let o = b.offset(table, blk, g);
+            let m = &b.data[layer][o..o + 2 * d];
+            out.data[g * blocks.len() + blk - blocks.start] =
+                (0..d).map(|i| pos[i] * m[i] + neg[i] * m[d + i]).sum();
+        }
+    }
+}
+
 /// The order-preserving u32 key of a float (as `group_keys` writes it).
 fn ordered_key(v: f32) -> u32 {
     let b = v.to_bits();

@@ -765,6 +765,28 @@ impl Ops for RefExecutor {
         Ok(())
     }
 
+    fn block_group_scores(
+        &mut self,
+        q: &RefTensor,
+        bounds: &Self::Bounds,
+        layer: usize,
+        table: &PageTable,
+        blocks: Range<usize>,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        check::block_group_scores(
+            &bounds.layout,
+            bounds.block,
+            layer,
+            table,
+            (q.rows, q.cols),
+            &blocks,
+            (out.rows, out.cols),
+        )?;
+        block_sparse::group_scores(q, bounds, layer, table, blocks, out);
+        Ok(())
+    }
+
     fn mean_rows(&mut self, x: &RefTensor, rows: Range<usize>, out: &mut RefTensor) -> Result<()> {
         check::mean_rows((x.rows, x.cols), &rows, (out.rows, out.cols))?;
         let c = x.cols;
