@@ -158,6 +158,9 @@ fn selection(
 /// Hierarchical selection (as the policy runs it on a miss): block scores from
 /// the bounds, their soft vote, the top blocks, then score, vote and top-k over
 /// those blocks' tokens.
+/// The default `TokenSelectConfig::prefilter_spread`.
+const SPREAD: f32 = 0.25;
+
 fn hierarchical_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: usize) {
     let n = len - N_INIT - N_LOCAL;
     let blocks = N_INIT / BLOCK..(N_INIT + n).div_ceil(BLOCK);
@@ -168,6 +171,7 @@ fn hierarchical_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: u
         0,
         &s.table,
         blocks.clone(),
+        SPREAD,
         &mut s.scores,
         None,
     )

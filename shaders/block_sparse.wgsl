@@ -16,13 +16,12 @@
 //
 // scores: score[h][b] = sum_i max(q_i M_i, q_i m_i) for query head h against
 // its KV head's bounds of logical block b: an upper bound of q . k over the
-// block. One thread per (block, KV head) scores the KV head's query heads, so
-// a block's bounds are read from memory once.
+// block (head_scores and group_scores below).
 struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
     arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
-    rotate: u32, _p0: u32, _p1: u32, _p2: u32,
+    rotate: u32, alpha_bits: u32, _p1: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> pages: array<u32>;
@@ -84,39 +83,58 @@ fn bounds(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     bounds_w[o + half_w + (c + half_w) / 2u] = widen(mn.zw, -1.0);
 }
 
-@group(0) @binding(2) var<storage, read> q: array<vec2<f32>>;        // [q_heads * D/2], rotated
+// Block scores. With c = (M + m) / 2 and r = (M - m) / 2 a block's score for
+// query q is q . c + alpha |q| . r. alpha = 1 is Quest's bound
+// sum_i max(q_i M_i, q_i m_i); a smaller alpha ranks blocks by their centre
+// plus part of their spread (hierarchical TokenSelect).
+//
+// head_scores: scores[h][b] for every query head h; one thread per (block, KV
+// head) scores the KV head's query heads, so a block's bounds come from memory
+// once, and reads the query itself (two floats per word: on lavapipe the loads
+// cost more than the arithmetic).
+@group(0) @binding(2) var<storage, read> q: array<vec2<f32>>;            // [q_heads * D/2], rotated
 @group(0) @binding(3) var<storage, read> bounds_r: array<u32>;
-@group(0) @binding(4) var<storage, read_write> scores: array<f32>;   // [q_heads, out_cols]
+@group(0) @binding(4) var<storage, read_write> scores: array<f32>;       // [rows, out_cols]
+
+// Offset of the bounds of logical block b for KV head g, or none when another
+// arena holds the block.
+fn block_offset(b: u32, g: u32) -> i32 {
+    let page = pages[(b * p.block) / p.page_size];
+    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return -1; }
+    return i32(bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block));
+}
 
 @compute @workgroup_size(64)
-fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn head_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.y * nwg.x * 64u + gid.x;
     if (idx >= p.n_blocks * p.kv_heads) { return; }
     let b = p.first_block + idx % p.n_blocks;
     let g = idx / p.n_blocks;
-    let page = pages[(b * p.block) / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
-    let o = bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block);
+    let at = block_offset(b, g);
+    if (at < 0) { return; }
+    let o = u32(at);
     let half_w = p.head_dim / 2u;
     let group = p.q_heads / p.kv_heads;
+    let alpha = bitcast<f32>(p.alpha_bits);
     for (var h = g * group; h < (g + 1u) * group; h++) {
         var s = vec2<f32>(0.0);
         for (var w = 0u; w < half_w; w++) {
             let qi = q[h * half_w + w];
-            s += max(qi * unpack2x16float(bounds_r[o + w]), qi * unpack2x16float(bounds_r[o + half_w + w]));
+            let mx = unpack2x16float(bounds_r[o + w]);
+            let mn = unpack2x16float(bounds_r[o + half_w + w]);
+            s += qi * (mx + mn) + alpha * abs(qi) * (mx - mn);
         }
-        scores[h * p.out_cols + (b - p.first_block)] = s.x + s.y;
+        scores[h * p.out_cols + (b - p.first_block)] = 0.5 * (s.x + s.y);
     }
 }
 
-// group_query / group_scores: the sum over KV head g's query heads of their
-// block scores in one pass over the bounds. max(q M, q m) = max(q, 0) M +
-// min(q, 0) m, so sum_h sum_i max(q_hi M_i, q_hi m_i) = sum_i (P_i M_i + N_i m_i)
-// with P (N) the sum over the group of the queries' positive (negative) parts:
-// a block's bounds are read and multiplied once per KV head, not once per query
-// head. group_query writes gq[g * D/2 + w] = (P_2w, P_2w+1, N_2w, N_2w+1), one
-// thread per (KV head, word); group_scores writes scores[g][b], one thread per
-// (block, KV head).
+// group_query / group_scores (Quest): the bound summed over KV head g's query
+// heads in one pass. max(q M, q m) = max(q, 0) M + min(q, 0) m, so the sum is
+// sum_i (P_i M_i + N_i m_i) with P (N) the sum over the group of the queries'
+// positive (negative) parts: a block's bounds are read and multiplied once per
+// KV head, not once per query head. group_query writes
+// gq[g * D/2 + w] = (P_2w, P_2w+1, N_2w, N_2w+1), one thread per (KV head,
+// word); group_scores writes scores[g][b], one thread per (block, KV head).
 @group(0) @binding(1) var<storage, read> gq_in: array<vec2<f32>>;          // [q_heads * D/2], rotated
 @group(0) @binding(2) var<storage, read_write> gq_out: array<vec4<f32>>;   // [kv_heads * D/2]
 
@@ -145,9 +163,9 @@ fn group_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (idx >= p.n_blocks * p.kv_heads) { return; }
     let b = p.first_block + idx % p.n_blocks;
     let g = idx / p.n_blocks;
-    let page = pages[(b * p.block) / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
-    let o = bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block);
+    let at = block_offset(b, g);
+    if (at < 0) { return; }
+    let o = u32(at);
     let half_w = p.head_dim / 2u;
     var s = vec2<f32>(0.0);
     for (var w = 0u; w < half_w; w++) {

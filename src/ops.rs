@@ -525,11 +525,15 @@ pub trait Ops: Send {
         rope: &Self::Rope,
     ) -> Result<()>;
     /// Block scores: `out[h * n + b - blocks.start]` (`n` = `blocks.len()`,
-    /// packed like [`Ops::ts_score`]'s) = sum over channels i of
-    /// max(q_i M_i, q_i m_i) for query head h (`q` `[1, q_heads * D]`, rotated
-    /// as the bounds' keys need) against its KV head's bounds of logical block
-    /// b, for `b` in `blocks`: an upper bound of q . k over the block. Gated by
-    /// the Selection Cache like the TokenSelect ops (hierarchical selection).
+    /// packed like [`Ops::ts_score`]'s) = q . c + spread |q| . r for query head
+    /// h (`q` `[1, q_heads * D]`, rotated as the bounds' keys need) against its
+    /// KV head's bounds of logical block b, for `b` in `blocks`, with c = (M + m)
+    /// / 2 and r = (M - m) / 2 the centre and half-range of the block's keys per
+    /// channel. `spread` 1 gives sum_i max(q_i M_i, q_i m_i), an upper bound of
+    /// q . k over the block; a smaller `spread` (in 0..=1) ranks blocks by their
+    /// centre plus part of their spread. Gated by the Selection Cache like the
+    /// TokenSelect ops (hierarchical selection).
+    #[allow(clippy::too_many_arguments)]
     fn block_scores(
         &mut self,
         q: &Self::Tensor,
@@ -537,6 +541,7 @@ pub trait Ops: Send {
         layer: usize,
         table: &PageTable,
         blocks: Range<usize>,
+        spread: f32,
         out: &mut Self::Tensor,
         gate: Option<&Self::Gate>,
     ) -> Result<()>;
@@ -1058,7 +1063,7 @@ pub mod check {
         out: (usize, usize),
         max_pos: usize,
     ) -> Result<usize> {
-        let qh = block_scores(layout, 1, layer, table, q, &(0..n), out)?;
+        let qh = block_score_shapes(layout, 1, layer, table, q, &(0..n), out, false)?;
         if n > max_pos {
             return Err(Error::Capacity(format!(
                 "token_scores: {n} tokens beyond the RoPE table's {max_pos}"
@@ -1131,6 +1136,16 @@ pub mod check {
         out: (usize, usize),
     ) -> Result<usize> {
         block_score_shapes(layout, block, layer, table, q, blocks, out, false)
+    }
+
+    /// Block scores' spread: in 0..=1.
+    pub fn block_spread(spread: f32) -> Result<()> {
+        if !(0.0..=1.0).contains(&spread) {
+            return Err(Error::InvalidOption(format!(
+                "block_scores: spread {spread} outside 0..=1"
+            )));
+        }
+        Ok(())
     }
 
     /// Group block scores (a row per KV head): returns the query head count.

@@ -41,22 +41,33 @@ fn case(
     let nb = end - first;
     let q = randn(&mut rng(52), qh * d, 1.0);
     let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
-    let mut sc = f.cpu.tensor(qh, nb + 5).unwrap();
-    f.cpu
-        .block_scores(&qc, &bc, 0, &f.table, first..end, &mut sc, None)
-        .unwrap();
     let qg = ex.upload(&q, 1, qh * d).unwrap();
-    let mut sg = ex.tensor(qh, nb + 5).unwrap();
-    ex.block_scores(&qg, &bg, 0, &f.table, first..end, &mut sg, None)
-        .unwrap();
     let n = qh * nb;
-    assert_close(
-        &format!("block scores {qh}/{kh}/{d}, {len} tokens, blocks of {block}, rotated {rotated}"),
-        &ex.download(&sg).unwrap()[..n],
-        &sc.data[..n],
-        1e-3,
-        1e-4,
-    );
+    // Spread 1 (the bound, `sc` below), 0 (the block centres) and in between,
+    // which weighs the half-ranges linearly.
+    let mut by_spread = Vec::new();
+    for spread in [1.0, 0.0, 0.25] {
+        let mut sc = f.cpu.tensor(qh, nb + 5).unwrap();
+        f.cpu
+            .block_scores(&qc, &bc, 0, &f.table, first..end, spread, &mut sc, None)
+            .unwrap();
+        let mut sg = ex.tensor(qh, nb + 5).unwrap();
+        ex.block_scores(&qg, &bg, 0, &f.table, first..end, spread, &mut sg, None)
+            .unwrap();
+        assert_close(
+            &format!("block scores {qh}/{kh}/{d}, {len} tokens, blocks of {block}, rotated {rotated}, spread {spread}"),
+            &ex.download(&sg).unwrap()[..n],
+            &sc.data[..n],
+            1e-3,
+            1e-4,
+        );
+        by_spread.push(sc);
+    }
+    let mixed: Vec<f32> = (0..n)
+        .map(|i| 0.75 * by_spread[1].data[i] + 0.25 * by_spread[0].data[i])
+        .collect();
+    assert_close("spread 0.25", &by_spread[2].data[..n], &mixed, 1e-3, 1e-4);
+    let sc = by_spread.swap_remove(0);
     // Group scores: each KV head's row is the sum of its query heads' rows.
     let mut gc = f.cpu.tensor(kh, nb + 5).unwrap();
     f.cpu
@@ -136,10 +147,18 @@ fn bad_block_sizes_and_ranges_are_errors() {
     let q = ex.tensor(1, 9 * 64).unwrap();
     let mut out = ex.tensor(9, 3).unwrap();
     assert!(ex
-        .block_scores(&q, &b, 0, &f.table, 0..7, &mut out, None)
+        .block_scores(&q, &b, 0, &f.table, 0..7, 1.0, &mut out, None)
         .is_err());
     assert!(ex
-        .block_scores(&q, &b, 0, &f.table, 1..20, &mut out, None)
+        .block_scores(&q, &b, 0, &f.table, 1..20, 1.0, &mut out, None)
+        .is_err());
+    // Spread outside 0..=1.
+    let mut out = ex.tensor(9, 7).unwrap();
+    assert!(ex
+        .block_scores(&q, &b, 0, &f.table, 0..7, 1.0, &mut out, None)
+        .is_ok());
+    assert!(ex
+        .block_scores(&q, &b, 0, &f.table, 0..7, 1.5, &mut out, None)
         .is_err());
     // Group scores want a row per KV head.
     let mut out = ex.tensor(2, 7).unwrap();

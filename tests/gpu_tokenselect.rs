@@ -581,7 +581,7 @@ fn hierarchical<E: Ops>(
     let mut scores = ex.tensor(qh, cols).unwrap();
     let mut votes = ex.tensor(1, cols).unwrap();
     let mut ids = ex.ids(&vec![0u32; top]).unwrap();
-    ex.block_scores(q, bounds, 0, table, blocks.clone(), &mut scores, gate)
+    ex.block_scores(q, bounds, 0, table, blocks.clone(), 0.25, &mut scores, gate)
         .unwrap();
     ex.ts_vote(&scores, qh, nb, &mut votes, gate).unwrap();
     ex.ts_top_k(&votes, nb, top, blocks.start, &mut ids, gate, None)

@@ -307,6 +307,16 @@ fn bad_requests_get_named_errors() {
             .to_string();
         assert!(m.contains(word), "{m}");
     }
+    let spread = kvsieve::attention::TokenSelectConfig {
+        prefilter_blocks: 256,
+        prefilter_spread: 1.5,
+        ..Default::default()
+    };
+    let m = e
+        .set_policy(AttentionPolicy::TokenSelect(spread))
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("spread 1.5"), "{m}");
     // Speculation with a repetition penalty is refused by name.
     let bad = GenerateParams {
         speculate: kvsieve::speculative::Speculate::Lookup,

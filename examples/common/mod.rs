@@ -36,6 +36,10 @@ pub struct ModelArgs {
     /// key-bound soft vote) and vote only over their tokens (0 = exact).
     #[arg(long, default_value_t = 0)]
     pub prefilter_blocks: usize,
+    /// TokenSelect with --prefilter-blocks: how much of a block's key spread
+    /// its score counts (0..=1; 1 = Quest's upper bound).
+    #[arg(long, default_value_t = 0.25)]
+    pub prefilter_spread: f32,
     /// Quest: leading layers that stay dense.
     #[arg(long, default_value_t = 2)]
     pub dense_layers: usize,
@@ -111,6 +115,7 @@ impl ModelArgs {
                 gqa_map: self.gqa_map.parse()?,
                 prefilter_blocks: self.prefilter_blocks,
                 prefilter_block: self.block,
+                prefilter_spread: self.prefilter_spread,
             }),
             "quest" => AttentionPolicy::BlockSparse(QuestConfig {
                 block: self.block,

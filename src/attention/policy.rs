@@ -56,6 +56,13 @@ pub struct TokenSelectConfig {
     pub prefilter_blocks: usize,
     /// Tokens per block of the hierarchical selection.
     pub prefilter_block: usize,
+    /// How much of a block's spread its score counts (0..=1): the score is
+    /// q . c + spread |q| . r for the block's per-channel key centre c and
+    /// half-range r. 1 is the upper bound sum_i max(q_i M_i, q_i m_i), which
+    /// favours blocks of widely spread keys; on the default model 0.25 recovered
+    /// more of exact TokenSelect's selection (4K, k 512, 128 blocks: 81.7 %
+    /// against 79.1 %; 8K, k 128, 64 blocks: 47.0 % against 41.2 %).
+    pub prefilter_spread: f32,
 }
 
 impl Default for TokenSelectConfig {
@@ -70,6 +77,7 @@ impl Default for TokenSelectConfig {
             gqa_map: GqaMap::Grouped,
             prefilter_blocks: 0,
             prefilter_block: 16,
+            prefilter_spread: 0.25,
         }
     }
 }
@@ -202,6 +210,12 @@ impl AttentionPolicy {
                 return Err(Error::InvalidOption(format!(
                     "TokenSelect prefilter: {} blocks of {} tokens must hold k {} plus two blocks (blocks >= 4 tokens)",
                     c.prefilter_blocks, c.prefilter_block, c.k
+                )));
+            }
+            if !(0.0..=1.0).contains(&c.prefilter_spread) {
+                return Err(Error::InvalidOption(format!(
+                    "TokenSelect prefilter spread {} must be in 0..=1",
+                    c.prefilter_spread
                 )));
             }
             if !(c.cache_threshold >= -1.0) {
@@ -913,6 +927,7 @@ fn select<E: Ops>(
                 layer,
                 table,
                 blocks,
+                c.prefilter_spread,
                 &mut ts.scores,
                 gate,
             )?;

@@ -1,6 +1,6 @@
 //! Quest block bounds and block scores (`block_sparse.wgsl`).
 
-use super::tokenselect::{radix_top_k, GpuGate, RadixKeys};
+use super::tokenselect::{launch, radix_top_k, GpuGate, RadixKeys};
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use crate::attention::{KvLayout, PageTable};
 use crate::error::Result;
@@ -135,6 +135,18 @@ pub(super) fn bounds(
     Ok(())
 }
 
+/// What a block-scores call computes: per query head with `spread` weighting
+/// the half-ranges (hierarchical TokenSelect), or Quest's bound summed over
+/// each KV head's query heads.
+#[derive(Clone, Copy)]
+pub(super) enum ScoreRows {
+    PerHead { spread: f32 },
+    PerKvHead,
+}
+
+/// Per query head, one pass per arena (`head_scores`); or per KV head, the
+/// group's query parts (`group_query`) and then one pass per arena
+/// (`group_scores`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn scores(
     ex: &mut GpuExecutor,
@@ -143,28 +155,26 @@ pub(super) fn scores(
     layer: usize,
     table: &PageTable,
     blocks: std::ops::Range<usize>,
+    rows: ScoreRows,
     out: &mut GpuTensor,
     gate: Option<&GpuGate>,
 ) -> Result<()> {
     let l = b.layout;
-    let qh = check::block_scores(
-        &l,
-        b.block,
-        layer,
-        table,
-        (q.rows, q.cols),
-        &blocks,
-        (out.rows, out.cols),
-    )?;
+    let (q_shape, out_shape) = ((q.rows, q.cols), (out.rows, out.cols));
+    let qh = match rows {
+        ScoreRows::PerHead { spread } => {
+            check::block_spread(spread)?;
+            check::block_scores(&l, b.block, layer, table, q_shape, &blocks, out_shape)?
+        }
+        ScoreRows::PerKvHead => {
+            check::block_group_scores(&l, b.block, layer, table, q_shape, &blocks, out_shape)?
+        }
+    };
     if blocks.is_empty() {
         return Ok(());
     }
-    let pages = ex.page_table(table);
-    let p = ex.pipeline(shaders::BLOCK_SPARSE, "scores_main", &[]);
-    let groups = ex.grid((blocks.len() * l.kv_heads).div_ceil(64))?;
-    let span = blocks.start * b.block..blocks.end * b.block;
-    for a in super::arenas_for(l.page_size, b.pages_per_arena, table, span) {
-        let words = params(
+    let words = |a: usize| {
+        let mut w = params(
             &l,
             b.block,
             blocks.start,
@@ -176,74 +186,34 @@ pub(super) fn scores(
             qh,
             blocks.len(),
         );
-        let bind = [
-            Binding::from(&pages),
-            Binding::from(&q.buf),
-            Binding::from(&b.bufs[layer][a]),
-            Binding::from(&out.buf),
-        ];
-        super::tokenselect::launch(ex, &p, &words, &bind, groups, gate)?;
-    }
-    Ok(())
-}
-
-/// The group's query parts (`group_query`), then one pass over the bounds
-/// (`group_scores`, one per arena).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn group_scores(
-    ex: &mut GpuExecutor,
-    q: &GpuTensor,
-    b: &GpuBounds,
-    layer: usize,
-    table: &PageTable,
-    blocks: std::ops::Range<usize>,
-    out: &mut GpuTensor,
-) -> Result<()> {
-    let l = b.layout;
-    let qh = check::block_group_scores(
-        &l,
-        b.block,
-        layer,
-        table,
-        (q.rows, q.cols),
-        &blocks,
-        (out.rows, out.cols),
-    )?;
-    if blocks.is_empty() {
-        return Ok(());
-    }
-    let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
-    let words = |a: usize| {
-        params(
-            &l,
-            b.block,
-            blocks.start,
-            blocks.len(),
-            blocks.end * b.block,
-            a,
-            b.pages_per_arena,
-            0,
-            qh,
-            blocks.len(),
-        )
+        if let ScoreRows::PerHead { spread } = rows {
+            w[13] = spread.to_bits();
+        }
+        w
     };
-    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
-    let n_words = l.kv_heads * l.head_dim / 2;
-    let groups = [n_words.div_ceil(64) as u32, 1, 1];
-    let bind = [Binding::from(&q.buf), Binding::from(&gq)];
-    ex.rec.dispatch(&prep, &words(0), &bind, groups);
+    let (query, entry) = match rows {
+        ScoreRows::PerHead { .. } => (q.buf.clone(), "head_scores"),
+        ScoreRows::PerKvHead => {
+            let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
+            let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
+            let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
+            let bind = [Binding::from(&q.buf), Binding::from(&gq)];
+            ex.rec.dispatch(&prep, &words(0), &bind, groups);
+            (gq, "group_scores")
+        }
+    };
     let pages = ex.page_table(table);
-    let p = ex.pipeline(shaders::BLOCK_SPARSE, "group_scores", &[]);
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, entry, &[]);
     let groups = ex.grid((blocks.len() * l.kv_heads).div_ceil(64))?;
     let span = blocks.start * b.block..blocks.end * b.block;
     for a in super::arenas_for(l.page_size, b.pages_per_arena, table, span) {
         let bind = [
             Binding::from(&pages),
-            Binding::from(&gq),
+            Binding::from(&query),
             Binding::from(&b.bufs[layer][a]),
             Binding::from(&out.buf),
         ];
-        ex.rec.dispatch(&p, &words(a), &bind, groups);
+        launch(ex, &p, &words(a), &bind, groups, gate)?;
     }
     Ok(())
 }

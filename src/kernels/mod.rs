@@ -748,10 +748,12 @@ impl Ops for GpuExecutor {
         layer: usize,
         table: &PageTable,
         blocks: Range<usize>,
+        spread: f32,
         out: &mut GpuTensor,
         gate: Option<&tokenselect::GpuGate>,
     ) -> Result<()> {
-        block_sparse::scores(self, q, bounds, layer, table, blocks, out, gate)
+        let rows = block_sparse::ScoreRows::PerHead { spread };
+        block_sparse::scores(self, q, bounds, layer, table, blocks, rows, out, gate)
     }
 
     fn block_group_scores(
@@ -763,7 +765,8 @@ impl Ops for GpuExecutor {
         blocks: Range<usize>,
         out: &mut GpuTensor,
     ) -> Result<()> {
-        block_sparse::group_scores(self, q, bounds, layer, table, blocks, out)
+        let rows = block_sparse::ScoreRows::PerKvHead;
+        block_sparse::scores(self, q, bounds, layer, table, blocks, rows, out, None)
     }
 
     fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {

@@ -97,24 +97,16 @@ pub(super) fn scores(
     layer: usize,
     table: &PageTable,
     blocks: std::ops::Range<usize>,
+    spread: f32,
     out: &mut RefTensor,
 ) {
     let d = b.layout.head_dim;
     let qh = q.cols / d;
-    let group = qh / b.layout.kv_heads;
-    for h in 0..qh {
-        let qv = &q.data[h * d..(h + 1) * d];
-        for blk in blocks.clone() {
-            let o = b.offset(table, blk, h / group);
-            let m = &b.data[layer][o..o + 2 * d];
-            out.data[h * blocks.len() + blk - blocks.start] =
-                (0..d).map(|i| (qv[i] * m[i]).max(qv[i] * m[d + i])).sum();
-        }
-    }
+    part_scores(q, b, layer, table, blocks, qh, spread, out);
 }
 
-/// As the GPU's `group_scores`: the group's positive and negative query parts
-/// against each block's maxima and minima.
+/// As the GPU's `part_scores` with a row per KV head: the group's summed query
+/// parts against each block's maxima and minima (Quest's bound, summed).
 pub(super) fn group_scores(
     q: &RefTensor,
     b: &RefBounds,
@@ -123,22 +115,39 @@ pub(super) fn group_scores(
     blocks: std::ops::Range<usize>,
     out: &mut RefTensor,
 ) {
+    part_scores(q, b, layer, table, blocks, b.layout.kv_heads, 1.0, out);
+}
+
+/// `out[r][b]` = sum_i (P_i M_i + N_i m_i), P = (q + a |q|) / 2 and
+/// N = (q - a |q|) / 2 summed over row r's query heads (`rows` rows, each a
+/// run of consecutive heads of one KV head).
+#[allow(clippy::too_many_arguments)]
+fn part_scores(
+    q: &RefTensor,
+    b: &RefBounds,
+    layer: usize,
+    table: &PageTable,
+    blocks: std::ops::Range<usize>,
+    rows: usize,
+    alpha: f32,
+    out: &mut RefTensor,
+) {
     let d = b.layout.head_dim;
-    let kvh = b.layout.kv_heads;
-    let group = q.cols / d / kvh;
-    for g in 0..kvh {
+    let span = q.cols / d / rows;
+    let per_kv = rows / b.layout.kv_heads;
+    for r in 0..rows {
         let mut pos = vec![0.0f32; d];
         let mut neg = vec![0.0f32; d];
-        for h in g * group..(g + 1) * group {
+        for h in r * span..(r + 1) * span {
             for (i, &v) in q.data[h * d..(h + 1) * d].iter().enumerate() {
-                pos[i] += v.max(0.0);
-                neg[i] += v.min(0.0);
+                pos[i] += 0.5 * (v + alpha * v.abs());
+                neg[i] += 0.5 * (v - alpha * v.abs());
             }
         }
         for blk in blocks.clone() {
-            let o = b.offset(table, blk, g);
+            let o = b.offset(table, blk, r / per_kv);
             let m = &b.data[layer][o..o + 2 * d];
-            out.data[g * blocks.len() + blk - blocks.start] =
+            out.data[r * blocks.len() + blk - blocks.start] =
                 (0..d).map(|i| pos[i] * m[i] + neg[i] * m[d + i]).sum();
         }
     }

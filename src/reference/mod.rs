@@ -746,6 +746,7 @@ impl Ops for RefExecutor {
         layer: usize,
         table: &PageTable,
         blocks: Range<usize>,
+        spread: f32,
         out: &mut RefTensor,
         gate: Option<&RefGate>,
     ) -> Result<()> {
@@ -761,7 +762,8 @@ impl Ops for RefExecutor {
             &blocks,
             (out.rows, out.cols),
         )?;
-        block_sparse::scores(q, bounds, layer, table, blocks, out);
+        check::block_spread(spread)?;
+        block_sparse::scores(q, bounds, layer, table, blocks, spread, out);
         Ok(())
     }
 
