@@ -6,8 +6,8 @@
 //!   plus the last one;
 //! - `tidal_sparse`: a layer after the selection layer (attention over the
 //!   chosen tokens plus the current one);
-//! - `tidal_select`: the selection layer (dense attention, token scores, top
-//!   tokens per KV head).
+//! - `tidal_select`: the selection layer (dense attention, token scores summed
+//!   over each KV head's query heads, top tokens per KV head).
 //!
 //! And Quest's block-sparse prefill (`sparse_prefill`): one sub-chunk of 64
 //! queries at the end of the cache, dense (flash attention over every earlier
@@ -65,7 +65,7 @@ fn benches(c: &mut Criterion) {
             ex.flush().unwrap();
             let last = (len - 1) / BLOCK;
             let top = BUDGET / BLOCK - 1;
-            let mut scores = ex.tensor(qh, len).unwrap();
+            let mut scores = ex.tensor(kh, len).unwrap();
             let mut group = ex.tensor(kh, last).unwrap();
             let mut blocks = ex.ids(&vec![0u32; kh * top]).unwrap();
             let mut tokens = ex.ids(&vec![0u32; kh * BUDGET]).unwrap();

@@ -198,38 +198,57 @@ fn group_keys(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     gk_keys[idx] = select(bits | 0x80000000u, ~bits, (bits & 0x80000000u) != 0u);
 }
 
-// token_scores (TidalDecode): scores[h][j] = q_h . k_j for tokens j of 0..n_blocks
-// (here a token count), keys rotated at their true positions, query head h
-// against its KV head. One thread per (query head, token); a pass per arena.
-@group(0) @binding(2) var<storage, read> ts_q: array<f32>;             // [q_heads * D], rotated
+// token_scores (TidalDecode): scores[g][t] = sum over KV head g's query heads h
+// of q_h . k_t for tokens t of 0..n_blocks (here a token count), keys rotated at
+// their true positions. The sum is (sum_h q_h) . k_t, so query_sum first adds
+// each group's rotated queries (one thread per (KV head, channel pair)) and
+// token_scores rotates each key once and dots it with its group's sum (one
+// thread per (token, KV head)); a pass per arena.
+@group(0) @binding(1) var<storage, read> qs_in: array<vec2<f32>>;          // [q_heads * D/2], rotated
+@group(0) @binding(2) var<storage, read_write> qs_out: array<vec2<f32>>;   // [kv_heads * D/2]
+
+@compute @workgroup_size(64)
+fn query_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half_w = p.head_dim / 2u;
+    if (gid.x >= p.kv_heads * half_w) { return; }
+    let g = gid.x / half_w;
+    let w = gid.x % half_w;
+    let group = p.q_heads / p.kv_heads;
+    var sum = vec2<f32>(0.0);
+    for (var h = g * group; h < (g + 1u) * group; h++) {
+        sum += qs_in[h * half_w + w];
+    }
+    qs_out[gid.x] = sum;
+}
+
+@group(0) @binding(2) var<storage, read> ts_q: array<vec2<f32>>;       // [kv_heads * D/2]
 @group(0) @binding(3) var<storage, read> ts_k: array<u32>;             // packed f16 pairs
 @group(0) @binding(4) var<storage, read> ts_cs: array<vec2<f32>>;
-@group(0) @binding(5) var<storage, read_write> ts_out: array<f32>;     // [q_heads, out_cols]
-
-fn k_half(base: u32, i: u32) -> f32 {
-    let w = unpack2x16float(ts_k[base + i / 2u]);
-    return select(w.x, w.y, (i & 1u) == 1u);
-}
+@group(0) @binding(5) var<storage, read_write> ts_out: array<f32>;     // [kv_heads, out_cols]
 
 @compute @workgroup_size(64)
 fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.y * nwg.x * 64u + gid.x;
-    if (idx >= p.n_blocks * p.q_heads) { return; }
+    if (idx >= p.n_blocks * p.kv_heads) { return; }
     let t = idx % p.n_blocks;
-    let h = idx / p.n_blocks;
+    let g = idx / p.n_blocks;
     let page = pages[t / p.page_size];
     if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
-    let kvh = h / (p.q_heads / p.kv_heads);
     let half = p.head_dim / 2u;
-    let base = (((page - p.arena_first_page) * p.kv_heads + kvh) * p.page_size + t % p.page_size) * half;
-    let pos = min(t, p.max_pos - 1u);
-    var s = 0.0;
-    for (var i = 0u; i < half; i++) {
-        let lo = k_half(base, i);
-        let hi = k_half(base, i + half);
-        let c = ts_cs[pos * half + i];
-        s += ts_q[h * p.head_dim + i] * (lo * c.x - hi * c.y)
-           + ts_q[h * p.head_dim + i + half] * (hi * c.x + lo * c.y);
+    let quarter = p.head_dim / 4u;
+    // Words: channels 2c, 2c + 1 at base + c, their partners at base + quarter + c.
+    let base = (((page - p.arena_first_page) * p.kv_heads + g) * p.page_size + t % p.page_size) * half;
+    let cs0 = min(t, p.max_pos - 1u) * half;
+    var s = vec2<f32>(0.0);
+    for (var c = 0u; c < quarter; c++) {
+        let lo = unpack2x16float(ts_k[base + c]);
+        let hi = unpack2x16float(ts_k[base + quarter + c]);
+        let a = ts_cs[cs0 + 2u * c];
+        let b = ts_cs[cs0 + 2u * c + 1u];
+        let cosv = vec2<f32>(a.x, b.x);
+        let sinv = vec2<f32>(a.y, b.y);
+        s += ts_q[g * half + c] * (lo * cosv - hi * sinv)
+           + ts_q[g * half + quarter + c] * (hi * cosv + lo * sinv);
     }
-    ts_out[h * p.out_cols + t] = s;
+    ts_out[g * p.out_cols + t] = s.x + s.y;
 }

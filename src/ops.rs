@@ -561,9 +561,11 @@ pub trait Ops: Send {
         blocks: Range<usize>,
         out: &mut Self::Tensor,
     ) -> Result<()>;
-    /// TidalDecode scores: `out[h * n + t]` = q_h . k_t for tokens `0..n` of `layer`,
-    /// keys rotated at their true positions (`q` `[1, q_heads * D]`, rotated),
-    /// query head h against its KV head.
+    /// TidalDecode scores: `out[g * n + t]` = sum over KV head g's query heads h
+    /// of q_h . k_t for tokens `0..n` of `layer`, keys rotated at their true
+    /// positions (`q` `[1, q_heads * D]`, rotated); computed as (sum_h q_h) . k_t,
+    /// one pass over the keys per KV head. `out` has a row per KV head, the form
+    /// [`Ops::block_top_k`] takes with `kv_heads` rows.
     fn token_scores(
         &mut self,
         q: &Self::Tensor,
@@ -1052,8 +1054,8 @@ pub mod check {
         Ok(())
     }
 
-    /// Token scores: blocks of one token, all inside the RoPE table; returns the
-    /// query head count.
+    /// Token scores: blocks of one token, a row per KV head, all inside the RoPE
+    /// table; returns the query head count.
     pub fn token_scores(
         layout: &KvLayout,
         layer: usize,
@@ -1063,7 +1065,7 @@ pub mod check {
         out: (usize, usize),
         max_pos: usize,
     ) -> Result<usize> {
-        let qh = block_score_shapes(layout, 1, layer, table, q, &(0..n), out, false)?;
+        let qh = block_score_shapes(layout, 1, layer, table, q, &(0..n), out, true)?;
         if n > max_pos {
             return Err(Error::Capacity(format!(
                 "token_scores: {n} tokens beyond the RoPE table's {max_pos}"

@@ -433,11 +433,11 @@ fn token_scores_match_reference() {
             f.cpu.upload(&q, 1, qh * d).unwrap(),
             ex.upload(&q, 1, qh * d).unwrap(),
         );
-        let mut sc = f.cpu.tensor(qh, n + 2).unwrap();
+        let mut sc = f.cpu.tensor(kh, n + 2).unwrap();
         f.cpu
             .token_scores(&qc, &f.kvc, 0, &f.table, n, &rc, &mut sc)
             .unwrap();
-        let mut sg = ex.tensor(qh, n + 2).unwrap();
+        let mut sg = ex.tensor(kh, n + 2).unwrap();
         ex.token_scores(&qg, &f.kvg, 0, &f.table, n, &rg, &mut sg)
             .unwrap();
         assert_close(
@@ -447,14 +447,21 @@ fn token_scores_match_reference() {
             1e-3,
             1e-4,
         );
-        let half = d / 2;
-        for h in [0, qh - 1] {
+        // Each KV head's row: its query heads' dot products with the rotated key.
+        let (half, group) = (d / 2, qh / kh);
+        for g in [0, kh - 1] {
             for t in [0, n / 2, n - 1] {
-                let off = f.kvc.offset(&f.table, t, h / (qh / kh));
+                let off = f.kvc.offset(&f.table, t, g);
                 let mut k = f.kvc.k[0][off..off + d].to_vec();
                 kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
-                let want = dot(&q[h * d..(h + 1) * d], &k);
-                assert!((sc.data[h * n + t] - want).abs() < 1e-3);
+                let want: f32 = (g * group..(g + 1) * group)
+                    .map(|h| dot(&q[h * d..(h + 1) * d], &k))
+                    .sum();
+                let got = sc.data[g * n + t];
+                assert!(
+                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
             }
         }
     }

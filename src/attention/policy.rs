@@ -277,7 +277,7 @@ struct PrefilterBuffers<E: Ops> {
 
 /// Tidal state: token scores and the chosen positions passed layer to layer.
 struct TidalBuffers<E: Ops> {
-    /// `[q_heads, cap]` token scores.
+    /// `[kv_heads, cap]` token scores, summed over each KV head's query heads.
     scores: E::Tensor,
     cap: usize,
     /// `[kv_heads, budget]` token indices.
@@ -445,7 +445,7 @@ impl<E: Ops> Attention<E> {
                 if self.tidal.as_ref().is_none_or(|t| t.cap < seq_len) {
                     let cap = seq_len.next_power_of_two().max(1024);
                     self.tidal = Some(TidalBuffers {
-                        scores: ops.tensor(cfg.heads, cap)?,
+                        scores: ops.tensor(cfg.kv_heads, cap)?,
                         cap,
                         selected: ops.ids(&vec![0u32; cfg.kv_heads * c.budget])?,
                     });

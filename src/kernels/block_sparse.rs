@@ -270,19 +270,24 @@ pub(super) fn token_scores(
     if n == 0 {
         return Ok(());
     }
+    let sum = ex.scratch("query sum", (l.kv_heads * l.head_dim * 4) as u64)?;
+    let words = |a| params(&l, 1, 0, n, n, a, kv.pages_per_arena, rope.max_pos, qh, n);
+    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "query_sum", &[]);
+    let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
+    let bind = [Binding::from(&q.buf), Binding::from(&sum)];
+    ex.rec.dispatch(&prep, &words(0), &bind, groups);
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
-    let groups = ex.grid((n * qh).div_ceil(64))?;
+    let groups = ex.grid((n * l.kv_heads).div_ceil(64))?;
     for a in kv.arenas_for(table, 0..n) {
-        let words = params(&l, 1, 0, n, n, a, kv.pages_per_arena, rope.max_pos, qh, n);
         let bind = [
             Binding::from(&pages),
-            Binding::from(&q.buf),
+            Binding::from(&sum),
             Binding::from(&kv.k[layer][a]),
             Binding::from(&rope.buf),
             Binding::from(&out.buf),
         ];
-        ex.rec.dispatch(&p, &words, &bind, groups);
+        ex.rec.dispatch(&p, &words(a), &bind, groups);
     }
     Ok(())
 }

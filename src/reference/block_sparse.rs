@@ -194,22 +194,27 @@ pub(super) fn token_scores(
 ) {
     let d = kv.layout.head_dim;
     let half = d / 2;
-    let qh = q.cols / d;
-    let group = qh / kv.layout.kv_heads;
-    for h in 0..qh {
-        let qv = &q.data[h * d..(h + 1) * d];
+    let kvh = kv.layout.kv_heads;
+    let group = q.cols / d / kvh;
+    for g in 0..kvh {
+        // The group's summed query: (sum_h q_h) . k = sum_h q_h . k.
+        let mut qv = vec![0.0f32; d];
+        for h in g * group..(g + 1) * group {
+            for (a, b) in qv.iter_mut().zip(&q.data[h * d..(h + 1) * d]) {
+                *a += b;
+            }
+        }
         for t in 0..n {
-            let off = kv.offset(table, t, h / group);
+            let off = kv.offset(table, t, g);
             let k = &kv.k[layer][off..off + d];
             let cs = &rope.cs[t.min(rope.max_pos - 1) * half..][..half];
-            // The shader's order: one pair of channels per step.
             let mut s = 0.0f32;
             for i in 0..half {
                 let (lo, hi) = (k[i], k[i + half]);
                 s += qv[i] * (lo * cs[i][0] - hi * cs[i][1])
                     + qv[i + half] * (hi * cs[i][0] + lo * cs[i][1]);
             }
-            out.data[h * n + t] = s;
+            out.data[g * n + t] = s;
         }
     }
 }
