@@ -128,8 +128,9 @@ fn head_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
 }
 
-// group_query / group_scores (Quest): the bound summed over KV head g's query
-// heads in one pass. max(q M, q m) = max(q, 0) M + min(q, 0) m, so the sum is
+// group_query / group_scores (Quest; Tidal's token_scores use group_query too):
+// the bound summed over KV head g's query heads in one pass.
+// max(q M, q m) = max(q, 0) M + min(q, 0) m, so the sum is
 // sum_i (P_i M_i + N_i m_i) with P (N) the sum over the group of the queries'
 // positive (negative) parts: a block's bounds are read and multiplied once per
 // KV head, not once per query head. group_query writes
@@ -200,28 +201,10 @@ fn group_keys(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 
 // token_scores (TidalDecode): scores[g][t] = sum over KV head g's query heads h
 // of q_h . k_t for tokens t of 0..n_blocks (here a token count), keys rotated at
-// their true positions. The sum is (sum_h q_h) . k_t, so query_sum first adds
-// each group's rotated queries (one thread per (KV head, channel pair)) and
-// token_scores rotates each key once and dots it with its group's sum (one
-// thread per (token, KV head)); a pass per arena.
-@group(0) @binding(1) var<storage, read> qs_in: array<vec2<f32>>;          // [q_heads * D/2], rotated
-@group(0) @binding(2) var<storage, read_write> qs_out: array<vec2<f32>>;   // [kv_heads * D/2]
-
-@compute @workgroup_size(64)
-fn query_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let half_w = p.head_dim / 2u;
-    if (gid.x >= p.kv_heads * half_w) { return; }
-    let g = gid.x / half_w;
-    let w = gid.x % half_w;
-    let group = p.q_heads / p.kv_heads;
-    var sum = vec2<f32>(0.0);
-    for (var h = g * group; h < (g + 1u) * group; h++) {
-        sum += qs_in[h * half_w + w];
-    }
-    qs_out[gid.x] = sum;
-}
-
-@group(0) @binding(2) var<storage, read> ts_q: array<vec2<f32>>;       // [kv_heads * D/2]
+// their true positions. The sum is (sum_h q_h) . k_t = (P + N) . k_t with
+// group_query's parts, so each key is rotated once and dotted with its group's
+// summed query (one thread per (token, KV head)); a pass per arena.
+@group(0) @binding(2) var<storage, read> ts_q: array<vec4<f32>>;       // group_query's [kv_heads * D/2]
 @group(0) @binding(3) var<storage, read> ts_k: array<u32>;             // packed f16 pairs
 @group(0) @binding(4) var<storage, read> ts_cs: array<vec2<f32>>;
 @group(0) @binding(5) var<storage, read_write> ts_out: array<f32>;     // [kv_heads, out_cols]
@@ -247,8 +230,10 @@ fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         let b = ts_cs[cs0 + 2u * c + 1u];
         let cosv = vec2<f32>(a.x, b.x);
         let sinv = vec2<f32>(a.y, b.y);
-        s += ts_q[g * half + c] * (lo * cosv - hi * sinv)
-           + ts_q[g * half + quarter + c] * (hi * cosv + lo * sinv);
+        let q_lo = ts_q[g * half + c];
+        let q_hi = ts_q[g * half + quarter + c];
+        s += (q_lo.xy + q_lo.zw) * (lo * cosv - hi * sinv)
+           + (q_hi.xy + q_hi.zw) * (hi * cosv + lo * sinv);
     }
     ts_out[g * p.out_cols + t] = s.x + s.y;
 }

@@ -193,14 +193,7 @@ pub(super) fn scores(
     };
     let (query, entry) = match rows {
         ScoreRows::PerHead { .. } => (q.buf.clone(), "head_scores"),
-        ScoreRows::PerKvHead => {
-            let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
-            let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
-            let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
-            let bind = [Binding::from(&q.buf), Binding::from(&gq)];
-            ex.rec.dispatch(&prep, &words(0), &bind, groups);
-            (gq, "group_scores")
-        }
+        ScoreRows::PerKvHead => (group_query(ex, q, &l, &words(0))?, "group_scores"),
     };
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, entry, &[]);
@@ -216,6 +209,22 @@ pub(super) fn scores(
         launch(ex, &p, &words(a), &bind, groups, gate)?;
     }
     Ok(())
+}
+
+/// Each KV head's query parts (`group_query`): the sums over its query heads
+/// of their positive and negative parts, into a scratch buffer.
+fn group_query(
+    ex: &mut GpuExecutor,
+    q: &GpuTensor,
+    l: &KvLayout,
+    words: &[u32; 16],
+) -> Result<wgpu::Buffer> {
+    let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
+    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
+    let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
+    let bind = [Binding::from(&q.buf), Binding::from(&gq)];
+    ex.rec.dispatch(&prep, words, &bind, groups);
+    Ok(gq)
 }
 
 pub(super) fn top_k(
@@ -270,12 +279,8 @@ pub(super) fn token_scores(
     if n == 0 {
         return Ok(());
     }
-    let sum = ex.scratch("query sum", (l.kv_heads * l.head_dim * 4) as u64)?;
     let words = |a| params(&l, 1, 0, n, n, a, kv.pages_per_arena, rope.max_pos, qh, n);
-    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "query_sum", &[]);
-    let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
-    let bind = [Binding::from(&q.buf), Binding::from(&sum)];
-    ex.rec.dispatch(&prep, &words(0), &bind, groups);
+    let sum = group_query(ex, q, &l, &words(0))?;
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
     let groups = ex.grid((n * l.kv_heads).div_ceil(64))?;
