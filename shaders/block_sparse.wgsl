@@ -21,7 +21,7 @@ struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
     arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
-    rotate: u32, alpha_bits: u32, _p1: u32, _p2: u32,
+    rotate: u32, alpha_bits: u32, sum_only: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> pages: array<u32>;
@@ -133,11 +133,14 @@ fn head_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 // max(q M, q m) = max(q, 0) M + min(q, 0) m, so the sum is
 // sum_i (P_i M_i + N_i m_i) with P (N) the sum over the group of the queries'
 // positive (negative) parts: a block's bounds are read and multiplied once per
-// KV head, not once per query head. group_query writes
-// gq[g * D/2 + w] = (P_2w, P_2w+1, N_2w, N_2w+1), one thread per (KV head,
-// word); group_scores writes scores[g][b], one thread per (block, KV head).
+// KV head, not once per query head. group_query writes, one thread per (KV
+// head, word), gq[g * D/2 + w] = (P_2w, P_2w+1, N_2w, N_2w+1) as vec4s, or
+// with sum_only the group's summed query P + N as vec2s (token_scores: on
+// lavapipe at 128K a Tidal selection layer took 1.34x dense reading the sums,
+// 1.45x reading the parts); group_scores writes
+// scores[g][b], one thread per (block, KV head).
 @group(0) @binding(1) var<storage, read> gq_in: array<vec2<f32>>;          // [q_heads * D/2], rotated
-@group(0) @binding(2) var<storage, read_write> gq_out: array<vec4<f32>>;   // [kv_heads * D/2]
+@group(0) @binding(2) var<storage, read_write> gq_out: array<f32>;         // [kv_heads * D/2] vec4s or vec2s
 
 @compute @workgroup_size(64)
 fn group_query(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -153,7 +156,16 @@ fn group_query(@builtin(global_invocation_id) gid: vec3<u32>) {
         pos += max(qi, vec2<f32>(0.0));
         neg += min(qi, vec2<f32>(0.0));
     }
-    gq_out[gid.x] = vec4<f32>(pos, neg);
+    if (p.sum_only == 1u) {
+        let q = pos + neg;
+        gq_out[2u * gid.x] = q.x;
+        gq_out[2u * gid.x + 1u] = q.y;
+    } else {
+        gq_out[4u * gid.x] = pos.x;
+        gq_out[4u * gid.x + 1u] = pos.y;
+        gq_out[4u * gid.x + 2u] = neg.x;
+        gq_out[4u * gid.x + 3u] = neg.y;
+    }
 }
 
 @group(0) @binding(2) var<storage, read> gq: array<vec4<f32>>;            // [kv_heads * D/2]
@@ -201,10 +213,10 @@ fn group_keys(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 
 // token_scores (TidalDecode): scores[g][t] = sum over KV head g's query heads h
 // of q_h . k_t for tokens t of 0..n_blocks (here a token count), keys rotated at
-// their true positions. The sum is (sum_h q_h) . k_t = (P + N) . k_t with
-// group_query's parts, so each key is rotated once and dotted with its group's
-// summed query (one thread per (token, KV head)); a pass per arena.
-@group(0) @binding(2) var<storage, read> ts_q: array<vec4<f32>>;       // group_query's [kv_heads * D/2]
+// their true positions. The sum is (sum_h q_h) . k_t, so group_query (sum_only)
+// adds each group's queries and each key is rotated once and dotted with its
+// group's sum (one thread per (token, KV head)); a pass per arena.
+@group(0) @binding(2) var<storage, read> ts_q: array<vec2<f32>>;       // [kv_heads * D/2] summed queries
 @group(0) @binding(3) var<storage, read> ts_k: array<u32>;             // packed f16 pairs
 @group(0) @binding(4) var<storage, read> ts_cs: array<vec2<f32>>;
 @group(0) @binding(5) var<storage, read_write> ts_out: array<f32>;     // [kv_heads, out_cols]
@@ -230,10 +242,8 @@ fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         let b = ts_cs[cs0 + 2u * c + 1u];
         let cosv = vec2<f32>(a.x, b.x);
         let sinv = vec2<f32>(a.y, b.y);
-        let q_lo = ts_q[g * half + c];
-        let q_hi = ts_q[g * half + quarter + c];
-        s += (q_lo.xy + q_lo.zw) * (lo * cosv - hi * sinv)
-           + (q_hi.xy + q_hi.zw) * (hi * cosv + lo * sinv);
+        s += ts_q[g * half + c] * (lo * cosv - hi * sinv)
+           + ts_q[g * half + quarter + c] * (hi * cosv + lo * sinv);
     }
     ts_out[g * p.out_cols + t] = s.x + s.y;
 }

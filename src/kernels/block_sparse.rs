@@ -193,7 +193,7 @@ pub(super) fn scores(
     };
     let (query, entry) = match rows {
         ScoreRows::PerHead { .. } => (q.buf.clone(), "head_scores"),
-        ScoreRows::PerKvHead => (group_query(ex, q, &l, &words(0))?, "group_scores"),
+        ScoreRows::PerKvHead => (group_query(ex, q, &l, &words(0), false)?, "group_scores"),
     };
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, entry, &[]);
@@ -212,18 +212,22 @@ pub(super) fn scores(
 }
 
 /// Each KV head's query parts (`group_query`): the sums over its query heads
-/// of their positive and negative parts, into a scratch buffer.
+/// of their positive and negative parts, or (`sum_only`) of the queries, into
+/// a scratch buffer.
 fn group_query(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
     l: &KvLayout,
     words: &[u32; 16],
+    sum_only: bool,
 ) -> Result<wgpu::Buffer> {
     let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
     let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
     let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
     let bind = [Binding::from(&q.buf), Binding::from(&gq)];
-    ex.rec.dispatch(&prep, words, &bind, groups);
+    let mut words = *words;
+    words[14] = u32::from(sum_only);
+    ex.rec.dispatch(&prep, &words, &bind, groups);
     Ok(gq)
 }
 
@@ -280,7 +284,7 @@ pub(super) fn token_scores(
         return Ok(());
     }
     let words = |a| params(&l, 1, 0, n, n, a, kv.pages_per_arena, rope.max_pos, qh, n);
-    let sum = group_query(ex, q, &l, &words(0))?;
+    let sum = group_query(ex, q, &l, &words(0), true)?;
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
     let groups = ex.grid((n * l.kv_heads).div_ceil(64))?;
