@@ -104,15 +104,25 @@ fn block_offset(b: u32, g: u32) -> i32 {
     return i32(bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block));
 }
 
-@compute @workgroup_size(64)
-fn head_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+// A block-scoring thread: its block b, KV head g and the offset o of their
+// bounds; o < 0 when it has none (past the end, or another arena's block).
+struct BlockThread { b: u32, g: u32, o: i32 }
+
+fn block_thread(gid: vec3<u32>, nwg: vec3<u32>) -> BlockThread {
     let idx = gid.y * nwg.x * 64u + gid.x;
-    if (idx >= p.n_blocks * p.kv_heads) { return; }
+    if (idx >= p.n_blocks * p.kv_heads) { return BlockThread(0u, 0u, -1); }
     let b = p.first_block + idx % p.n_blocks;
     let g = idx / p.n_blocks;
-    let at = block_offset(b, g);
-    if (at < 0) { return; }
-    let o = u32(at);
+    return BlockThread(b, g, block_offset(b, g));
+}
+
+@compute @workgroup_size(64)
+fn head_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let th = block_thread(gid, nwg);
+    if (th.o < 0) { return; }
+    let b = th.b;
+    let g = th.g;
+    let o = u32(th.o);
     let half_w = p.head_dim / 2u;
     let group = p.q_heads / p.kv_heads;
     let alpha = bitcast<f32>(p.alpha_bits);
@@ -172,13 +182,11 @@ fn group_query(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 @compute @workgroup_size(64)
 fn group_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.y * nwg.x * 64u + gid.x;
-    if (idx >= p.n_blocks * p.kv_heads) { return; }
-    let b = p.first_block + idx % p.n_blocks;
-    let g = idx / p.n_blocks;
-    let at = block_offset(b, g);
-    if (at < 0) { return; }
-    let o = u32(at);
+    let th = block_thread(gid, nwg);
+    if (th.o < 0) { return; }
+    let b = th.b;
+    let g = th.g;
+    let o = u32(th.o);
     let half_w = p.head_dim / 2u;
     var s = vec2<f32>(0.0);
     for (var w = 0u; w < half_w; w++) {
