@@ -105,8 +105,9 @@ pub(super) fn scores(
     part_scores(q, b, layer, table, blocks, qh, spread, out);
 }
 
-/// As the GPU's `part_scores` with a row per KV head: the group's summed query
-/// parts against each block's maxima and minima (Quest's bound, summed).
+/// As the GPU's `group_query` and `group_scores`: a row per KV head, the
+/// group's summed query parts against each block's maxima and minima (Quest's
+/// bound, summed).
 pub(super) fn group_scores(
     q: &RefTensor,
     b: &RefBounds,
