@@ -8,15 +8,11 @@ struct Params { rows: u32, cols: u32, _p0: u32, _p1: u32 }
 var<workgroup> best_v: array<f32, 256>;
 var<workgroup> best_i: array<u32, 256>;
 
-fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
-    return v > bv || (v == bv && i < bi);
-}
-
 @compute @workgroup_size(256)
 fn argmax(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let row = wid.x;
     if (row >= p.rows) { return; }
-    var bv = -3.0e38;
+    var bv = NEG;
     var bi = 0xffffffffu;
     for (var j = lid.x; j < p.cols; j += 256u) {
         let v = x[row * p.cols + j];

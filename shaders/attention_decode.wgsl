@@ -34,7 +34,6 @@ struct Params {
 const TILE: u32 = 64u;
 const MAX_G: u32 = 8u;
 const MAX_D: u32 = 128u;
-const NEG: f32 = -3.0e38;
 const NONE: u32 = 0xffffffffu;
 
 var<workgroup> q_sh: array<f32, 1024>;        // MAX_G * MAX_D
@@ -64,9 +63,9 @@ fn position(r: u32, kvh: u32) -> u32 {
 fn key_base(r: u32, kvh: u32) -> u32 {
     let j = logical(r, kvh);
     let page = pages[j / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return NONE; }
+    if (!in_arena(page, p.arena_first_page, p.arena_pages)) { return NONE; }
     let local_page = page - p.arena_first_page;
-    return ((local_page * p.kv_heads + kvh) * p.page_size + j % p.page_size) * (p.head_dim / 2u);
+    return kv_row(local_page, p.kv_heads, kvh, p.page_size, j % p.page_size) * (p.head_dim / 2u);
 }
 
 @compute @workgroup_size(64)

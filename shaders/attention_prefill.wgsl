@@ -53,7 +53,6 @@ const LIST_TREE: u32 = 3u;
 
 const TK: u32 = 16u;
 const MAX_D4: u32 = 32u;  // head_dim <= 128
-const NEG: f32 = -3.0e38;
 
 var<workgroup> k_sh: array<vec4<f32>, 512>;   // TK * MAX_D4
 var<workgroup> v_sh: array<vec4<f32>, 512>;
@@ -148,10 +147,9 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
             if (r < kv_end) {
                 let j = logical(r, kvh);
                 let page = pages[j / p.page_size];
-                if (page >= p.arena_first_page && page < p.arena_first_page + p.arena_pages) {
+                if (in_arena(page, p.arena_first_page, p.arena_pages)) {
                     ok = true;
-                    base = (((page - p.arena_first_page) * p.kv_heads + kvh) * p.page_size
-                            + j % p.page_size) * d4;
+                    base = kv_row(page - p.arena_first_page, p.kv_heads, kvh, p.page_size, j % p.page_size) * d4;
                 }
             }
             if (w == 0u) { ok_sh[t] = select(0u, 1u, ok); }

@@ -65,12 +65,12 @@ fn bounds(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let t0 = b * p.block;
     let t1 = min(t0 + p.block, p.seq_len);
     let page = pages[t0 / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    if (!in_arena(page, p.arena_first_page, p.arena_pages)) { return; }
     let local_page = page - p.arena_first_page;
-    var mx = vec4<f32>(-3.0e38);
-    var mn = vec4<f32>(3.0e38);
+    var mx = vec4<f32>(NEG);
+    var mn = vec4<f32>(-NEG);
     for (var t = t0; t < t1; t++) {
-        let base = ((local_page * p.kv_heads + h) * p.page_size + t % p.page_size) * (p.head_dim / 2u);
+        let base = kv_row(local_page, p.kv_heads, h, p.page_size, t % p.page_size) * (p.head_dim / 2u);
         let r = rotated(base, c, t);
         mx = max(mx, r);
         mn = min(mn, r);
@@ -100,7 +100,7 @@ fn bounds(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 // arena holds the block.
 fn block_offset(b: u32, g: u32) -> i32 {
     let page = pages[(b * p.block) / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return -1; }
+    if (!in_arena(page, p.arena_first_page, p.arena_pages)) { return -1; }
     return i32(bounds_base(page - p.arena_first_page, g, ((b * p.block) % p.page_size) / p.block));
 }
 
@@ -236,11 +236,11 @@ fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let t = idx % p.n_blocks;
     let g = idx / p.n_blocks;
     let page = pages[t / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    if (!in_arena(page, p.arena_first_page, p.arena_pages)) { return; }
     let half = p.head_dim / 2u;
     let quarter = p.head_dim / 4u;
     // Words: channels 2c, 2c + 1 at base + c, their partners at base + quarter + c.
-    let base = (((page - p.arena_first_page) * p.kv_heads + g) * p.page_size + t % p.page_size) * half;
+    let base = kv_row(page - p.arena_first_page, p.kv_heads, g, p.page_size, t % p.page_size) * half;
     let cs0 = min(t, p.max_pos - 1u) * half;
     var s = vec2<f32>(0.0);
     for (var c = 0u; c < quarter; c++) {

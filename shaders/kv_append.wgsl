@@ -22,10 +22,10 @@ fn kv_append(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let t = idx / (p.words * p.kv_heads);
     let logical = p.start + t;
     let page = pages[logical / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    if (!in_arena(page, p.arena_first_page, p.arena_pages)) { return; }
     let local_page = page - p.arena_first_page;
     let slot = logical % p.page_size;
-    let dst = ((local_page * p.kv_heads + h) * p.page_size + slot) * p.words + w;
+    let dst = kv_row(local_page, p.kv_heads, h, p.page_size, slot) * p.words + w;
     k_arena[dst] = pack2x16float(k_new[idx]);
     v_arena[dst] = pack2x16float(v_new[idx]);
 }

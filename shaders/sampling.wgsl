@@ -22,10 +22,6 @@ fn penalize(@builtin(global_invocation_id) gid: vec3<u32>) {
 var<workgroup> best_v: array<f32, 256>;
 var<workgroup> best_i: array<u32, 256>;
 
-fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
-    return v > bv || (v == bv && i < bi);
-}
-
 // k rounds of a workgroup argmax; each round excludes the ids already taken
 // (v < last value, or equal value with a larger index), so ties resolve by index
 // like the reference, and the logits are not modified.
@@ -35,7 +31,7 @@ fn top_k(@builtin(local_invocation_id) lid: vec3<u32>) {
     var last_i = 0xffffffffu;
     var started = false;
     for (var r = 0u; r < p.k; r++) {
-        var bv = -3.0e38;
+        var bv = NEG;
         var bi = 0xffffffffu;
         for (var j = lid.x; j < p.cols; j += 256u) {
             let v = logits[j];

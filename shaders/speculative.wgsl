@@ -29,7 +29,6 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 
 const NONE: u32 = 0xffffffffu;
-const NEG: f32 = -3.0e38;
 
 @group(0) @binding(1) var<storage, read> adj_r: array<u32>;     // [vocab, 8]
 @group(0) @binding(2) var<storage, read> plan: array<u32>;      // [n, 3]
@@ -56,10 +55,6 @@ var<workgroup> red_v: array<f32, 256>;
 var<workgroup> red_i: array<u32, 256>;
 var<workgroup> red_t: array<u32, 256>;
 var<workgroup> skip_sh: u32;
-
-fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
-    return av > bv || (av == bv && ai < bi);
-}
 
 @compute @workgroup_size(256)
 fn adj_update(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {

@@ -14,7 +14,7 @@ struct Params {
     range_n: u32, vbase: u32, obase: u32, _p3: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
-const NO_SCORE: f32 = -3.0e38;
+const NO_SCORE: f32 = NEG;
 
 // ---- score: s[h, j] = q_h . K[begin + j, g(h)], unscaled; thread per candidate.
 // g(h) = h / group, or h mod kv_heads when `modulo` is set.
@@ -37,11 +37,11 @@ fn score(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         }
     }
     let page = pages[t / p.page_size];
-    if (page < p.arena_first_page || page >= p.arena_first_page + p.arena_pages) { return; }
+    if (!in_arena(page, p.arena_first_page, p.arena_pages)) { return; }
     let d4 = p.head_dim / 4u;
     let group = p.q_heads / p.kv_heads;
     for (var g = 0u; g < p.kv_heads; g++) {
-        let base = (((page - p.arena_first_page) * p.kv_heads + g) * p.page_size + t % p.page_size) * d4;
+        let base = kv_row(page - p.arena_first_page, p.kv_heads, g, p.page_size, t % p.page_size) * d4;
         for (var hh = 0u; hh < group; hh++) {
             let h = select(g * group + hh, hh * p.kv_heads + g, p.modulo == 1u);
             var acc = vec4<f32>(0.0);
@@ -62,7 +62,7 @@ var<workgroup> red: array<f32, 256>;
 @compute @workgroup_size(256)
 fn head_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let h = wid.x;
-    var m = -3.0e38;
+    var m = NEG;
     for (var j = lid.x; j < p.n; j += 256u) { m = max(m, s_in[h * p.n + j]); }
     red[lid.x] = m;
     workgroupBarrier();

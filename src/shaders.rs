@@ -1,55 +1,149 @@
 //! WGSL sources, one file per kernel family, compiled into the crate.
+//!
+//! Shared WGSL lives once in `shaders/lib/` and is composed into each kernel
+//! at build time: a shader's [`Shader::source`] is its library files, in the
+//! order listed, followed by its own file (`concat!` of `include_str!`s, so
+//! the composition costs nothing at run time and naga validates exactly the
+//! text the device compiles). Library functions take what they need as
+//! arguments, so they do not depend on the names of a kernel's globals.
 
 /// A WGSL source file by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shader {
     /// File name under `shaders/`.
     pub name: &'static str,
-    /// WGSL text.
+    /// WGSL text: the library files it uses, then the file itself.
     pub source: &'static str,
+    /// The `shaders/lib/` files composed in front of it, in order.
+    pub lib: &'static [&'static str],
 }
 
 macro_rules! shaders {
-    ($($id:ident => $file:literal),* $(,)?) => {
+    (lib { $($lid:ident => $lfile:literal),* $(,)? }
+     $($id:ident => $file:literal [$($dep:ident),*]),* $(,)?) => {
+        /// `shaders/lib/` files by name, for the composition below.
+        mod lib_files {
+            $(pub const $lid: &str = $lfile;)*
+        }
+        /// Every library file (each used by at least one shader; a unit test checks).
+        pub const LIB: &[&str] = &[$($lfile),*];
         $(
             #[doc = concat!("`shaders/", $file, "`")]
-            pub const $id: Shader = Shader { name: $file, source: include_str!(concat!("../shaders/", $file)) };
+            pub const $id: Shader = Shader {
+                name: $file,
+                source: concat!(
+                    $(shaders!(@lib $dep),)*
+                    include_str!(concat!("../shaders/", $file))
+                ),
+                lib: &[$(lib_files::$dep),*],
+            };
         )*
         /// Every shader of the crate (validated by a unit test).
         pub const ALL: &[Shader] = &[$($id),*];
     };
+    (@lib ORDER) => { include_str!("../shaders/lib/order.wgsl") };
+    (@lib PAGED_KV) => { include_str!("../shaders/lib/paged_kv.wgsl") };
 }
 
 shaders! {
-    COPY => "copy.wgsl",
-    MATMUL_SMALL => "matmul_small.wgsl",
-    MATMUL_TILED => "matmul_tiled.wgsl",
-    RMSNORM => "rmsnorm.wgsl",
-    ROPE => "rope.wgsl",
-    ELEMENTWISE => "elementwise.wgsl",
-    EMBEDDING => "embedding.wgsl",
-    ARGMAX => "argmax.wgsl",
-    KV_APPEND => "kv_append.wgsl",
-    ATTENTION_DECODE => "attention_decode.wgsl",
-    ATTENTION_PREFILL => "attention_prefill.wgsl",
-    SAMPLING => "sampling.wgsl",
-    TOKENSELECT => "tokenselect.wgsl",
-    SPECULATIVE => "speculative.wgsl",
-    BLOCK_SPARSE => "block_sparse.wgsl",
+    lib {
+        ORDER => "order.wgsl",
+        PAGED_KV => "paged_kv.wgsl",
+    }
+    COPY => "copy.wgsl" [],
+    MATMUL_SMALL => "matmul_small.wgsl" [],
+    MATMUL_TILED => "matmul_tiled.wgsl" [],
+    RMSNORM => "rmsnorm.wgsl" [],
+    ROPE => "rope.wgsl" [],
+    ELEMENTWISE => "elementwise.wgsl" [],
+    EMBEDDING => "embedding.wgsl" [],
+    ARGMAX => "argmax.wgsl" [ORDER],
+    KV_APPEND => "kv_append.wgsl" [PAGED_KV],
+    ATTENTION_DECODE => "attention_decode.wgsl" [ORDER, PAGED_KV],
+    ATTENTION_PREFILL => "attention_prefill.wgsl" [ORDER, PAGED_KV],
+    SAMPLING => "sampling.wgsl" [ORDER],
+    TOKENSELECT => "tokenselect.wgsl" [ORDER, PAGED_KV],
+    SPECULATIVE => "speculative.wgsl" [ORDER],
+    BLOCK_SPARSE => "block_sparse.wgsl" [ORDER, PAGED_KV],
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Parses and validates every shader with naga; needs no GPU.
-    #[test]
-    fn naga_validates_every_shader() {
-        let on_disk = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders"))
-            .expect("shaders/ exists")
+    fn wgsl_files(dir: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("shader folder exists")
             .filter_map(|e| e.ok())
             .filter(|e| e.path().extension().is_some_and(|x| x == "wgsl"))
-            .count();
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every file in `shaders/lib/` is listed, used by some shader, and
+    /// composed into that shader's text.
+    #[test]
+    fn library_files_are_listed_and_composed() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/lib");
+        let mut listed: Vec<String> = LIB.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(
+            wgsl_files(dir),
+            listed,
+            "shaders/lib/ and shaders::LIB differ"
+        );
+        for lib in LIB {
+            let text = std::fs::read_to_string(format!("{dir}/{lib}")).unwrap();
+            let users: Vec<_> = ALL.iter().filter(|s| s.lib.contains(lib)).collect();
+            assert!(!users.is_empty(), "{lib} is used by no shader");
+            for s in users {
+                assert!(
+                    s.source.contains(&text),
+                    "{} does not compose {lib}",
+                    s.name
+                );
+            }
+        }
+        for s in ALL {
+            let own = std::fs::read_to_string(format!("{dir}/../{}", s.name)).unwrap();
+            assert!(
+                s.source.ends_with(&own),
+                "{} must end with its own file",
+                s.name
+            );
+        }
+    }
+
+    /// A shared function is defined once, in the library: no kernel file
+    /// defines a function or constant of the same name again.
+    #[test]
+    fn kernels_do_not_redefine_library_items() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
+        for lib in LIB {
+            let text = std::fs::read_to_string(format!("{dir}/lib/{lib}")).unwrap();
+            let names: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("fn ").or_else(|| l.strip_prefix("const ")))
+                .filter_map(|l| l.split(['(', ':', ' ']).next())
+                .collect();
+            assert!(!names.is_empty(), "{lib} defines nothing");
+            for s in ALL {
+                let own = std::fs::read_to_string(format!("{dir}/{}", s.name)).unwrap();
+                for n in &names {
+                    for def in [format!("fn {n}("), format!("const {n}:")] {
+                        assert!(!own.contains(&def), "{} redefines {n} of lib/{lib}", s.name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parses and validates every shader as composed with naga; needs no GPU.
+    #[test]
+    fn naga_validates_every_shader() {
+        let on_disk = wgsl_files(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders")).len();
         assert_eq!(
             on_disk,
             ALL.len(),

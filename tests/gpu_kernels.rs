@@ -498,6 +498,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
     let shader = Shader {
         name: "loop probe",
         source: Box::leak(src.to_string().into_boxed_str()),
+        lib: &[],
     };
     let (pipeline, buf) = {
         let _gl = ctx.gl_guard();
