@@ -1,5 +1,6 @@
 //! Row-wise argmax (`argmax.wgsl`): greedy sampling reads back 4 bytes per row.
 
+use super::params::ArgmaxParams;
 use super::{GpuExecutor, GpuIds, GpuTensor};
 use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
@@ -10,10 +11,15 @@ pub(super) fn argmax(ex: &mut GpuExecutor, x: &GpuTensor, out: &mut GpuIds) -> R
         return shape_err("argmax", format!("{} outputs for {} rows", out.len, x.rows));
     }
     let p = ex.pipeline(shaders::ARGMAX, "argmax", &[]);
-    let params = [x.rows as u32, x.cols as u32, 0, 0];
+    let params = ArgmaxParams {
+        rows: x.rows as u32,
+        cols: x.cols as u32,
+        _p0: 0,
+        _p1: 0,
+    };
     ex.rec.dispatch(
         &p,
-        &params,
+        params.words(),
         &[Binding::from(&x.buf), Binding::from(&out.buf)],
         [x.rows as u32, 1, 1],
     );

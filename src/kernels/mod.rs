@@ -12,6 +12,7 @@ mod elementwise;
 mod embedding;
 mod kv_append;
 mod matmul;
+pub mod params;
 mod rmsnorm;
 mod rope;
 mod sampling;

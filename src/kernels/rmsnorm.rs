@@ -1,5 +1,6 @@
 //! RMSNorm (`rmsnorm.wgsl`): one workgroup per row.
 
+use super::params::RmsNormParams;
 use super::{GpuExecutor, GpuTensor, GpuWeight};
 use crate::error::Result;
 use crate::gpu::Binding;
@@ -16,10 +17,15 @@ pub(super) fn rms_norm(
     check::rms_norm((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols), eps)?;
     let p = ex.pipeline(shaders::RMSNORM, "rmsnorm", &[]);
     let groups = ex.grid(x.rows)?;
-    let params = [x.rows as u32, x.cols as u32, eps.to_bits(), 0];
+    let params = RmsNormParams {
+        rows: x.rows as u32,
+        cols: x.cols as u32,
+        eps,
+        _p0: 0,
+    };
     ex.rec.dispatch(
         &p,
-        &params,
+        params.words(),
         &[
             Binding::from(&x.buf),
             Binding::from(&w.chunks[0].buffer),

@@ -1,5 +1,6 @@
 //! Rotary embedding of queries (`rope.wgsl`); keys are rotated inside attention.
 
+use super::params::RopeParams;
 use super::{GpuExecutor, GpuIds, GpuRope, GpuTensor};
 use crate::error::Result;
 use crate::gpu::Binding;
@@ -18,10 +19,15 @@ pub(super) fn rope(
     let n = x.rows * heads * rope.half;
     let p = ex.pipeline(shaders::ROPE, "rope", &[]);
     let groups = ex.grid(n.div_ceil(64))?;
-    let params = [x.rows as u32, heads as u32, d as u32, rope.max_pos as u32];
+    let params = RopeParams {
+        rows: x.rows as u32,
+        heads: heads as u32,
+        head_dim: d as u32,
+        max_pos: rope.max_pos as u32,
+    };
     ex.rec.dispatch(
         &p,
-        &params,
+        params.words(),
         &[
             Binding::from(&x.buf),
             Binding::from(&pos.buf),

@@ -1,6 +1,7 @@
 //! Repetition penalty and top-k selection (`sampling.wgsl`): a sampling step reads
 //! back k candidates, never the whole vocabulary.
 
+use super::params::SamplingParams;
 use super::{GpuExecutor, GpuTensor};
 use crate::error::Result;
 use crate::gpu::{buffer, Binding};
@@ -21,10 +22,15 @@ pub(super) fn penalize(
         buffer::storage_init(&ex.ctx.device, bytemuck::cast_slice(ids), "penalty ids")?
     };
     let p = ex.pipeline(shaders::SAMPLING, "penalize", &[]);
-    let params = [logits.cols as u32, ids.len() as u32, penalty.to_bits(), 0];
+    let params = SamplingParams {
+        cols: logits.cols as u32,
+        n: ids.len() as u32,
+        penalty,
+        k: 0,
+    };
     ex.rec.dispatch(
         &p,
-        &params,
+        params.words(),
         &[Binding::from(&logits.buf), Binding::from(&id_buf)],
         [ids.len().div_ceil(64) as u32, 1, 1],
     );
@@ -36,10 +42,15 @@ pub(super) fn top_k(ex: &mut GpuExecutor, logits: &GpuTensor, k: usize) -> Resul
     let vals = ex.scratch("top-k values", 64 * 4)?;
     let ids = ex.scratch("top-k ids", 64 * 4)?;
     let p = ex.pipeline(shaders::SAMPLING, "top_k", &[]);
-    let params = [logits.cols as u32, 0, 0, k as u32];
+    let params = SamplingParams {
+        cols: logits.cols as u32,
+        n: 0,
+        penalty: 0.0,
+        k: k as u32,
+    };
     ex.rec.dispatch(
         &p,
-        &params,
+        params.words(),
         &[
             Binding::from(&logits.buf),
             Binding::from(&vals),

@@ -1,0 +1,160 @@
+//! Typed kernel parameters: one `#[repr(C)]` Pod struct per WGSL uniform block,
+//! written by field name. [`LAYOUTS`] records each struct's shader, WGSL struct
+//! name, size and field offsets, and a unit test checks them against the
+//! struct naga reports for the composed shader, so a Rust struct and its WGSL
+//! twin cannot drift apart by field order.
+//!
+//! Kernels not yet moved here still pass positional word arrays (see
+//! docs/ARCHITECTURE.md, "Kernel parameters").
+
+use crate::shaders::{self, Shader};
+
+/// The WGSL scalar type of a parameter field.
+pub trait WgslScalar {
+    /// `u32`, `i32` or `f32`.
+    const WGSL: &'static str;
+}
+impl WgslScalar for u32 {
+    const WGSL: &'static str = "u32";
+}
+impl WgslScalar for i32 {
+    const WGSL: &'static str = "i32";
+}
+impl WgslScalar for f32 {
+    const WGSL: &'static str = "f32";
+}
+
+/// A parameter struct's layout as Rust lays it out.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Rust type name.
+    pub rust: &'static str,
+    /// The shader whose uniform block it fills.
+    pub shader: Shader,
+    /// The WGSL struct's name in that shader.
+    pub wgsl: &'static str,
+    /// Bytes.
+    pub size: usize,
+    /// (field name, byte offset, WGSL scalar type), in order.
+    pub fields: &'static [(&'static str, usize, &'static str)],
+}
+
+macro_rules! kernel_params {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident for $shader:ident :: $wgsl:literal { $($(#[$fdoc:meta])* $f:ident: $t:ty),* $(,)? }
+    )*) => {
+        $(
+            $(#[$doc])*
+            #[repr(C)]
+            #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+            pub struct $name { $($(#[$fdoc])* pub $f: $t),* }
+
+            impl $name {
+                /// The uniform block's words, as the recorder takes them.
+                pub fn words(&self) -> &[u32] {
+                    bytemuck::cast_slice(std::slice::from_ref(self))
+                }
+            }
+        )*
+        /// Every parameter struct, for the layout test.
+        pub const LAYOUTS: &[Layout] = &[$(Layout {
+            rust: stringify!($name),
+            shader: shaders::$shader,
+            wgsl: $wgsl,
+            size: std::mem::size_of::<$name>(),
+            fields: &[$((stringify!($f), std::mem::offset_of!($name, $f), <$t as WgslScalar>::WGSL)),*],
+        }),*];
+    };
+}
+
+kernel_params! {
+    /// `copy.wgsl`: `n` words.
+    CopyParams for COPY::"Params" { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+    /// `elementwise.wgsl`: `n` elements (swiglu, add) or columns (add_bias, mean_rows).
+    ElementwiseParams for ELEMENTWISE::"Params" { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+    /// `rmsnorm.wgsl`.
+    RmsNormParams for RMSNORM::"Params" { rows: u32, cols: u32, eps: f32, _p0: u32 }
+    /// `rope.wgsl`.
+    RopeParams for ROPE::"Params" { rows: u32, heads: u32, head_dim: u32, max_pos: u32 }
+    /// `argmax.wgsl`.
+    ArgmaxParams for ARGMAX::"Params" { rows: u32, cols: u32, _p0: u32, _p1: u32 }
+    /// `sampling.wgsl`: `n` penalised ids, `k` candidates.
+    SamplingParams for SAMPLING::"Params" { cols: u32, n: u32, penalty: f32, k: u32 }
+    /// `embedding.wgsl`: one chunk of the table (rows `row_start..row_start + rows`).
+    EmbeddingParams for EMBEDDING::"Params" { tokens: u32, words: u32, row_start: u32, rows: u32 }
+    /// `matmul_small.wgsl`: one row chunk of W, its output columns from `n_offset`.
+    MatmulSmallParams for MATMUL_SMALL::"Params" {
+        m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u32, _p1: u32, _p2: u32,
+    }
+    /// `matmul_tiled.wgsl`: as [`MatmulSmallParams`].
+    MatmulTiledParams for MATMUL_TILED::"Params" {
+        m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u32, _p1: u32, _p2: u32,
+    }
+    /// `kv_append.wgsl`: one arena's pass.
+    KvAppendParams for KV_APPEND::"Params" {
+        tokens: u32, start: u32, kv_heads: u32, words: u32,
+        page_size: u32, arena_first_page: u32, arena_pages: u32, _p0: u32,
+    }
+    /// `attention_decode.wgsl::decode_reduce`.
+    DecodeReduceParams for ATTENTION_DECODE::"ReduceParams" {
+        q_heads: u32, head_dim: u32, n_splits: u32, _p0: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use naga::{ScalarKind, TypeInner};
+
+    /// Each Rust struct matches the WGSL struct of the composed shader: same
+    /// field names, offsets and scalar types in the same order, same size.
+    #[test]
+    fn rust_params_match_wgsl_structs() {
+        for l in LAYOUTS {
+            let module = naga::front::wgsl::parse_str(l.shader.source)
+                .unwrap_or_else(|e| panic!("{}: {}", l.shader.name, e));
+            let (members, span) = module
+                .types
+                .iter()
+                .find_map(|(_, t)| match (&t.name, &t.inner) {
+                    (Some(n), TypeInner::Struct { members, span }) if n == l.wgsl => {
+                        Some((members.clone(), *span))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{} has no struct {}", l.shader.name, l.wgsl));
+            let wgsl: Vec<(String, usize, &str)> = members
+                .iter()
+                .map(|m| {
+                    let kind = match module.types[m.ty].inner {
+                        TypeInner::Scalar(s) if s.width == 4 => match s.kind {
+                            ScalarKind::Uint => "u32",
+                            ScalarKind::Sint => "i32",
+                            ScalarKind::Float => "f32",
+                            _ => "other",
+                        },
+                        _ => "other",
+                    };
+                    (m.name.clone().unwrap_or_default(), m.offset as usize, kind)
+                })
+                .collect();
+            let rust: Vec<(String, usize, &str)> = l
+                .fields
+                .iter()
+                .map(|&(n, o, k)| (n.to_string(), o, k))
+                .collect();
+            assert_eq!(rust, wgsl, "{} vs {}::{}", l.rust, l.shader.name, l.wgsl);
+            assert_eq!(l.size, span as usize, "{} size", l.rust);
+        }
+    }
+
+    /// Every struct is registered once.
+    #[test]
+    fn layouts_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for l in LAYOUTS {
+            assert!(seen.insert((l.shader.name, l.wgsl)), "{} twice", l.wgsl);
+        }
+    }
+}
