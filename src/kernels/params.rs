@@ -4,8 +4,9 @@
 //! struct naga reports for the composed shader, so a Rust struct and its WGSL
 //! twin cannot drift apart by field order.
 //!
-//! Kernels not yet moved here still pass positional word arrays (see
-//! docs/ARCHITECTURE.md, "Kernel parameters").
+//! Kernels not yet moved to their struct (tokenselect, block_sparse, the
+//! attention Params, speculative, and the callers of the registered matmul,
+//! embedding, copy, elementwise and kv_append structs) still pass word arrays.
 
 use crate::shaders::{self, Shader};
 
