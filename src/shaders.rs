@@ -19,12 +19,8 @@ pub struct Shader {
 }
 
 macro_rules! shaders {
-    (lib { $($lid:ident => $lfile:literal),* $(,)? }
-     $($id:ident => $file:literal [$($dep:ident),*]),* $(,)?) => {
-        /// `shaders/lib/` files by name, for the composition below.
-        mod lib_files {
-            $(pub const $lid: &str = $lfile;)*
-        }
+    (lib [$($lfile:literal),* $(,)?]
+     $($id:ident => $file:literal [$($dep:literal),*]),* $(,)?) => {
         /// Every library file (each used by at least one shader; a unit test checks).
         pub const LIB: &[&str] = &[$($lfile),*];
         $(
@@ -32,24 +28,19 @@ macro_rules! shaders {
             pub const $id: Shader = Shader {
                 name: $file,
                 source: concat!(
-                    $(shaders!(@lib $dep),)*
+                    $(include_str!(concat!("../shaders/lib/", $dep)),)*
                     include_str!(concat!("../shaders/", $file))
                 ),
-                lib: &[$(lib_files::$dep),*],
+                lib: &[$($dep),*],
             };
         )*
         /// Every shader of the crate (validated by a unit test).
         pub const ALL: &[Shader] = &[$($id),*];
     };
-    (@lib ORDER) => { include_str!("../shaders/lib/order.wgsl") };
-    (@lib PAGED_KV) => { include_str!("../shaders/lib/paged_kv.wgsl") };
 }
 
 shaders! {
-    lib {
-        ORDER => "order.wgsl",
-        PAGED_KV => "paged_kv.wgsl",
-    }
+    lib ["order.wgsl", "paged_kv.wgsl"]
     COPY => "copy.wgsl" [],
     MATMUL_SMALL => "matmul_small.wgsl" [],
     MATMUL_TILED => "matmul_tiled.wgsl" [],
@@ -57,14 +48,14 @@ shaders! {
     ROPE => "rope.wgsl" [],
     ELEMENTWISE => "elementwise.wgsl" [],
     EMBEDDING => "embedding.wgsl" [],
-    ARGMAX => "argmax.wgsl" [ORDER],
-    KV_APPEND => "kv_append.wgsl" [PAGED_KV],
-    ATTENTION_DECODE => "attention_decode.wgsl" [ORDER, PAGED_KV],
-    ATTENTION_PREFILL => "attention_prefill.wgsl" [ORDER, PAGED_KV],
-    SAMPLING => "sampling.wgsl" [ORDER],
-    TOKENSELECT => "tokenselect.wgsl" [ORDER, PAGED_KV],
-    SPECULATIVE => "speculative.wgsl" [ORDER],
-    BLOCK_SPARSE => "block_sparse.wgsl" [ORDER, PAGED_KV],
+    ARGMAX => "argmax.wgsl" ["order.wgsl"],
+    KV_APPEND => "kv_append.wgsl" ["paged_kv.wgsl"],
+    ATTENTION_DECODE => "attention_decode.wgsl" ["order.wgsl", "paged_kv.wgsl"],
+    ATTENTION_PREFILL => "attention_prefill.wgsl" ["order.wgsl", "paged_kv.wgsl"],
+    SAMPLING => "sampling.wgsl" ["order.wgsl"],
+    TOKENSELECT => "tokenselect.wgsl" ["order.wgsl", "paged_kv.wgsl"],
+    SPECULATIVE => "speculative.wgsl" ["order.wgsl"],
+    BLOCK_SPARSE => "block_sparse.wgsl" ["order.wgsl", "paged_kv.wgsl"],
 }
 
 #[cfg(test)]
