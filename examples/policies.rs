@@ -22,7 +22,7 @@
 
 use clap::Parser;
 use kvsieve::attention::{
-    Attention, AttentionPolicy, KvLayout, PageAllocator, QuestConfig, TidalConfig,
+    Attention, AttentionPolicy, KvLayout, LayerInput, PageAllocator, QuestConfig, TidalConfig,
     TokenSelectConfig,
 };
 use kvsieve::eval::{agreement, passkey_trial, teacher_forced_argmaxes};
@@ -114,11 +114,11 @@ fn policies() -> Vec<(&'static str, AttentionPolicy)> {
         ),
         (
             "Quest",
-            AttentionPolicy::BlockSparse(QuestConfig::default()),
+            AttentionPolicy::Quest(QuestConfig::default()),
         ),
         (
             "Quest blocks of 32",
-            AttentionPolicy::BlockSparse(QuestConfig {
+            AttentionPolicy::Quest(QuestConfig {
                 block: 32,
                 ..Default::default()
             }),
@@ -145,7 +145,7 @@ fn describe(p: &AttentionPolicy) -> String {
             "k {} + {} sinks + {} window, {:?} positions",
             c.k, c.n_init, c.n_local, c.positions
         ),
-        AttentionPolicy::BlockSparse(c) => format!(
+        AttentionPolicy::Quest(c) => format!(
             "budget {}, blocks of {}, {} dense layers{}",
             c.budget,
             c.block,
@@ -266,26 +266,24 @@ fn layer_step_ms(
     let mut q = ex.tensor(1, qd)?;
     let mut out = ex.tensor(1, qd)?;
     let pos = ex.ids(&[(len - 1) as u32])?;
-    let mut att = Attention::<GpuExecutor>::new(policy, &layout)?;
+    let mut att = Attention::<GpuExecutor>::new(policy, &layout, cfg.heads)?;
     let mut total = Duration::ZERO;
     for step in 0..=steps {
         let t = Instant::now();
-        att.begin_step(ex, cfg, 1, len)?;
+        att.begin_step(ex, 1, len)?;
         for layer in 0..cfg.layers {
             ex.copy_rows(&q0, 0, &mut q, 0, 1)?;
-            att.layer(
-                ex,
-                cfg,
+            let input = LayerInput {
                 layer,
-                &mut q,
-                &pos,
-                &kv,
-                &table,
-                len - 1,
-                1,
-                &rope,
-                &mut out,
-            )?;
+                q_heads: cfg.heads,
+                positions: &pos,
+                kv: &kv,
+                table: &table,
+                start: len - 1,
+                n: 1,
+                rope: &rope,
+            };
+            att.layer(ex, &input, &mut q, &mut out)?;
         }
         let r = ex.rec.submit()?;
         // The first step builds block bounds over the whole cache: untimed.

@@ -27,6 +27,44 @@ pub enum Error {
     /// The GPU reported an error (validation, out of memory, lost device).
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's contents are malformed or unsupported.
+    #[error("{}: {msg}", path.display())]
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the field.
+        msg: String,
+    },
+    /// An invariant of kvsieve itself broke (a bug, not the caller's mistake).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A format error in `path`.
+    pub fn format(path: impl Into<std::path::PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
 }
 
 /// Result alias used throughout the crate.

@@ -19,10 +19,12 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gpu;
+pub mod kv;
 pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod reference;
+pub mod sampling;
 pub mod shaders;
 pub mod speculative;
 

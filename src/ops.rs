@@ -21,7 +21,7 @@
 //! assert_eq!(ops.download(&y).unwrap(), vec![10.0, 10.0]);
 //! ```
 
-use crate::attention::{KvLayout, PageTable};
+use crate::kv::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use half::f16;
 use std::ops::Range;
@@ -249,12 +249,15 @@ impl<I> Prefilter<'_, I> {
     }
 }
 
+/// Most nodes a draft tree may hold (the ancestor sets are 4 u32 words).
+pub const MAX_NODES: usize = 128;
+
 /// The score of a hierarchical selection's slot outside the candidate range.
 pub const NO_SCORE: f32 = -3.0e38;
 
 /// The operations the model and policies use; see the module docs for conventions.
 #[allow(clippy::too_many_arguments)]
-pub trait Ops: Send {
+pub trait Ops: Send + 'static {
     /// f32 matrix `[rows, cols]` on the executor.
     type Tensor: Send;
     /// u32 vector (token ids, positions).
@@ -455,7 +458,7 @@ pub trait Ops: Send {
     /// Tree attention for speculative verification: the rows of `q` are the nodes of
     /// a draft tree (rotated by the caller), node j's keys and values at slot
     /// `prefix_len + j`. Node i sees the prefix and its ancestors, itself included.
-    /// `tree` holds [`crate::speculative::DraftTree::mask`]. The prefix is the
+    /// `tree` holds [`crate::sampling::DraftTree::mask`]. The prefix is the
     /// first `prefix_len` tokens, or with `list` its ranks (TokenSelect: sinks,
     /// the root's selection and the window up to `prefix_len`). Node j's key is
     /// rotated at base + depth(j), base being `prefix_len` or, for a compact list,
@@ -474,7 +477,7 @@ pub trait Ops: Send {
         out: &mut Self::Tensor,
     ) -> Result<()>;
     /// Fills a draft tree's tokens into `out[..n]` from its plan (`n` triples
-    /// parent, rank, token; [`crate::speculative::DraftTree::plan`]): a node with a
+    /// parent, rank, token; [`crate::sampling::DraftTree::plan`]): a node with a
     /// rank takes `adj[token of its parent * 8 + rank]` (Token Recycling).
     fn spec_draft(
         &mut self,
@@ -493,11 +496,11 @@ pub trait Ops: Send {
         tokens: &Self::Ids,
     ) -> Result<()>;
     /// Acceptance of a verify step (ALGORITHMS.md section 4): walks the tree given
-    /// by `links` ([`crate::speculative::DraftTree::links`]) and the node `tokens`
+    /// by `links` ([`crate::sampling::DraftTree::links`]) and the node `tokens`
     /// with the target distribution of each node's `logits` row (`[n, vocab]`),
     /// accepting child x with probability p(x) / (mass left) and sampling the bonus
     /// from the residual; greedy when `params.top_k` is 1. Writes `trials`
-    /// independent results of [`crate::speculative::accept_stride`]`(depth)` words
+    /// independent results of [`crate::sampling::accept_stride`]`(depth)` words
     /// each (`[len, bonus, path nodes.., path tokens..]`), `depth` being the
     /// longest path. Only these words are read back.
     #[allow(clippy::too_many_arguments)]
@@ -506,7 +509,7 @@ pub trait Ops: Send {
         logits: &Self::Tensor,
         tokens: &Self::Ids,
         links: &Self::Ids,
-        params: &crate::speculative::AcceptParams,
+        params: &crate::sampling::AcceptParams,
         depth: usize,
         trials: usize,
         out: &mut Self::Ids,
@@ -907,13 +910,13 @@ pub mod check {
                 )));
             }
         }
-        if n > crate::speculative::MAX_NODES || tree_words != 5 * n {
+        if n > MAX_NODES || tree_words != 5 * n {
             return shape_err(
                 "attention_tree",
                 format!(
                     "{n} tree nodes with a mask of {tree_words} words (need {} and at most {} nodes)",
                     5 * n,
-                    crate::speculative::MAX_NODES
+                    MAX_NODES
                 ),
             );
         }
@@ -1004,13 +1007,13 @@ pub mod check {
         logits: (usize, usize),
         tokens: usize,
         links: usize,
-        params: &crate::speculative::AcceptParams,
+        params: &crate::sampling::AcceptParams,
         depth: usize,
         trials: usize,
         out: usize,
     ) -> Result<()> {
         let (n, vocab) = logits;
-        if n == 0 || n > crate::speculative::MAX_NODES || tokens < n || links < 2 * n {
+        if n == 0 || n > MAX_NODES || tokens < n || links < 2 * n {
             return shape_err(
                 "spec_accept",
                 format!("{n} nodes with {tokens} tokens and {links} link words"),
@@ -1022,7 +1025,7 @@ pub mod check {
                 format!("path depth {depth} of {n} nodes, {trials} trials"),
             );
         }
-        if trials > 65_535 || out < trials * crate::speculative::accept_stride(depth) {
+        if trials > 65_535 || out < trials * crate::sampling::accept_stride(depth) {
             return shape_err(
                 "spec_accept",
                 format!("{out} output words for {trials} trials of depth {depth}"),

@@ -141,7 +141,7 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
         100.0 * hit_rate.unwrap_or(0.0)
     );
     // Quest at the paper's budget of 2048 tokens (blocks of 16, layers 0 and 1 dense).
-    let quest = AttentionPolicy::BlockSparse(QuestConfig::default());
+    let quest = AttentionPolicy::Quest(QuestConfig::default());
     let (blocks, _) = argmaxes(quest, &ids, from);
     let q_same = dense.iter().zip(&blocks).filter(|(a, b)| a == b).count();
     let q_rate = q_same as f64 / dense.len() as f64;

@@ -454,7 +454,7 @@ fn policy_run(
 fn quest_decisions_agree_across_executors() {
     use kvsieve::attention::{AttentionPolicy, QuestConfig};
     let run = policy_run;
-    let quest = AttentionPolicy::BlockSparse(QuestConfig {
+    let quest = AttentionPolicy::Quest(QuestConfig {
         block: 16,
         budget: 64,
         dense_layers: 2,
@@ -469,7 +469,7 @@ fn quest_decisions_agree_across_executors() {
         let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
         assert!(same + 1 >= a.len(), "layer {l}: blocks {a:?} vs {b:?}");
     }
-    let covering = AttentionPolicy::BlockSparse(QuestConfig {
+    let covering = AttentionPolicy::Quest(QuestConfig {
         budget: 1024,
         ..QuestConfig::default()
     });
@@ -488,7 +488,7 @@ fn quest_decisions_agree_across_executors() {
 #[test]
 fn quest_sparse_prefill_agrees_across_executors() {
     use kvsieve::attention::{AttentionPolicy, QuestConfig};
-    let quest = AttentionPolicy::BlockSparse(QuestConfig {
+    let quest = AttentionPolicy::Quest(QuestConfig {
         budget: 64,
         prefill_subchunk: 64,
         ..QuestConfig::default()
@@ -509,7 +509,7 @@ fn quest_sparse_prefill_agrees_across_executors() {
         cpu, dense,
         "a 64-token budget over 600 tokens changes nothing"
     );
-    let covering = AttentionPolicy::BlockSparse(QuestConfig {
+    let covering = AttentionPolicy::Quest(QuestConfig {
         budget: 1024,
         prefill_subchunk: 64,
         ..QuestConfig::default()

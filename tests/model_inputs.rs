@@ -302,7 +302,7 @@ fn bad_requests_get_named_errors() {
         ),
     ] {
         let m = e
-            .set_policy(AttentionPolicy::BlockSparse(c))
+            .set_policy(AttentionPolicy::Quest(c))
             .unwrap_err()
             .to_string();
         assert!(m.contains(word), "{m}");

@@ -73,7 +73,7 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     lens.push(EXTRAPOLATED);
     let sparse = run(&mut e, ts, "tokenselect", &lens);
     let long = [TRAINED[1]];
-    let quest = AttentionPolicy::BlockSparse(QuestConfig::default());
+    let quest = AttentionPolicy::Quest(QuestConfig::default());
     let blocks = run(&mut e, quest, "quest", &long);
     let hier = AttentionPolicy::TokenSelect(TokenSelectConfig {
         prefilter_blocks: 256,

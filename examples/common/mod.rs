@@ -117,7 +117,7 @@ impl ModelArgs {
                 prefilter_block: self.block,
                 prefilter_spread: self.prefilter_spread,
             }),
-            "quest" => AttentionPolicy::BlockSparse(QuestConfig {
+            "quest" => AttentionPolicy::Quest(QuestConfig {
                 block: self.block,
                 budget: self.budget,
                 dense_layers: self.dense_layers,

@@ -1,6 +1,7 @@
-//! `Dense`: the reference policy every sparse policy is measured against.
+//! `Dense`: the reference policy every sparse policy is measured against, and
+//! the dense paths the sparse policies fall back to.
 
-use super::PageTable;
+use super::{LayerInput, PageTable, PolicyState, Step};
 use crate::error::Result;
 use crate::ops::Ops;
 
@@ -23,5 +24,86 @@ pub fn dense_attention<E: Ops>(
         ops.attention_decode(q, kv, layer, table, kv_len, rope, out)
     } else {
         ops.attention_prefill(q, kv, layer, table, q_start, kv_len, rope, out)
+    }
+}
+
+/// Rotates `q` at its true positions and attends densely to the whole cache.
+pub(crate) fn rotate_and_attend<E: Ops>(
+    ops: &mut E,
+    a: &LayerInput<'_, E>,
+    q: &mut E::Tensor,
+    out: &mut E::Tensor,
+) -> Result<()> {
+    rotate(ops, a, q)?;
+    attend(ops, a, q, out)
+}
+
+/// Rotates `q` at its true positions.
+pub(crate) fn rotate<E: Ops>(ops: &mut E, a: &LayerInput<'_, E>, q: &mut E::Tensor) -> Result<()> {
+    ops.rope(q, a.q_heads, a.positions, a.rope)
+}
+
+/// Dense attention of rotated queries over the whole cache.
+pub(crate) fn attend<E: Ops>(
+    ops: &mut E,
+    a: &LayerInput<'_, E>,
+    q: &E::Tensor,
+    out: &mut E::Tensor,
+) -> Result<()> {
+    dense_attention(ops, q, a.kv, a.layer, a.table, a.start, a.seq_len(), a.rope, out)
+}
+
+/// Dense tree attention of a draft tree's nodes (`mask` uploaded), rotated at
+/// their true positions.
+pub(crate) fn tree<E: Ops>(
+    ops: &mut E,
+    a: &LayerInput<'_, E>,
+    mask: &E::Ids,
+    q: &mut E::Tensor,
+    out: &mut E::Tensor,
+) -> Result<()> {
+    rotate(ops, a, q)?;
+    ops.attention_tree(q, a.kv, a.layer, a.table, a.start, mask, None, a.rope, out)
+}
+
+/// Dense attention for every step; draft trees get tree attention.
+pub struct Dense<E: Ops> {
+    /// The current draft tree's mask, when the step verifies one.
+    tree: Option<E::Ids>,
+}
+
+impl<E: Ops> Dense<E> {
+    /// Dense state.
+    pub fn new() -> Self {
+        Self { tree: None }
+    }
+}
+
+impl<E: Ops> Default for Dense<E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<E: Ops> PolicyState<E> for Dense<E> {
+    fn begin(&mut self, ops: &mut E, step: Step<'_>) -> Result<()> {
+        self.tree = match step {
+            Step::Tree { mask, .. } => Some(ops.ids(mask)?),
+            Step::Tokens { .. } => None,
+        };
+        Ok(())
+    }
+
+    fn layer(
+        &mut self,
+        ops: &mut E,
+        a: &LayerInput<'_, E>,
+        q: &mut E::Tensor,
+        out: &mut E::Tensor,
+    ) -> Result<()> {
+        match &self.tree {
+            Some(mask) => tree(ops, a, mask, q, out),
+            None => rotate_and_attend(ops, a, q, out),
+        }
     }
 }

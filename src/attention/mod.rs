@@ -1,13 +1,246 @@
-//! The attention engine: KV cache bookkeeping and attention policies.
+//! Attention policies and the per-session state they keep.
+//!
+//! Each policy lives in its own file: its public config, the config's checks and
+//! a [`PolicyState`] that runs on the [`Ops`] interface. [`Attention`] holds the
+//! state of the configured policy (built by one `match` in [`Attention::new`]);
+//! the model calls [`Attention::begin`] once per forward and
+//! [`Attention::layer`] with each layer's raw (unrotated) queries, which the
+//! policy rotates before it attends.
+//!
+//! A new policy is one file here (config, checks, state) and one arm in each of
+//! the two matches below ([`AttentionPolicy::validate`] and [`Attention::new`]).
 
 pub mod dense;
-pub mod kv_cache;
-pub mod policy;
+pub mod prefilter;
+pub mod quest;
+pub mod selection_cache;
+pub mod tidal;
+pub mod tokenselect;
 
+pub use crate::kv::{KvLayout, PageAllocator, PageTable};
 pub use crate::ops::GqaMap;
 pub use dense::dense_attention;
-pub use kv_cache::{KvLayout, PageAllocator, PageTable};
-pub use policy::{
-    Attention, AttentionPolicy, Positions, QuestConfig, SelectionStats, TidalConfig,
-    TokenSelectConfig,
-};
+pub use quest::QuestConfig;
+pub use tidal::TidalConfig;
+pub use tokenselect::{Positions, TokenSelectConfig};
+
+use crate::error::Result;
+use crate::ops::Ops;
+
+/// Which attention runs.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum AttentionPolicy {
+    /// Full causal attention (the reference).
+    #[default]
+    Dense,
+    /// TokenSelect: per-head token-level selection with soft voting, in decode
+    /// steps and in prefill sub-chunks, with the Selection Cache and the
+    /// optional hierarchical prefilter.
+    TokenSelect(TokenSelectConfig),
+    /// Quest: per-block key bounds, the best blocks of each KV head by their
+    /// upper-bound score, block-sparse decode (and optionally prefill).
+    Quest(QuestConfig),
+    /// TidalDecode: dense attention plus a top-budget token choice per KV head in
+    /// the selection layers, the chosen positions reused by the layers after them
+    /// (decode; prefill stays dense).
+    Tidal(TidalConfig),
+}
+
+impl AttentionPolicy {
+    /// Checks the values, naming the bad one.
+    ///
+    /// ```
+    /// use kvsieve::attention::{AttentionPolicy, QuestConfig};
+    /// let bad = AttentionPolicy::Quest(QuestConfig { block: 2, ..Default::default() });
+    /// assert!(bad.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            AttentionPolicy::Dense => Ok(()),
+            AttentionPolicy::TokenSelect(c) => c.validate(),
+            AttentionPolicy::Quest(c) => c.validate(),
+            AttentionPolicy::Tidal(c) => c.validate(),
+        }
+    }
+}
+
+/// Selection counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SelectionStats {
+    /// Layer-steps that ran a selection.
+    pub selections: u64,
+    /// Layer-steps that reused the cached selection.
+    pub cache_hits: u64,
+    /// Prefill sub-chunk selections (layer by sub-chunk; not part of the hit rate).
+    pub prefill_selections: u64,
+}
+
+impl SelectionStats {
+    /// Share of sparse decode layer-steps served by the Selection Cache.
+    ///
+    /// ```
+    /// let s = kvsieve::attention::SelectionStats { selections: 1, cache_hits: 3, ..Default::default() };
+    /// assert_eq!(s.hit_rate(), Some(0.75));
+    /// ```
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.selections + self.cache_hits;
+        (n > 0).then(|| self.cache_hits as f64 / n as f64)
+    }
+}
+
+/// What a forward does, announced to the policy before its layers run.
+#[derive(Clone, Copy, Debug)]
+pub enum Step<'a> {
+    /// `n` new tokens ending at `seq_len` (a prefill chunk, or one decode token).
+    Tokens {
+        /// New tokens.
+        n: usize,
+        /// Tokens in the cache after this step.
+        seq_len: usize,
+    },
+    /// The nodes of a draft tree (speculative verification), `mask` from
+    /// [`crate::speculative::DraftTree::mask`], whose root is the token at
+    /// logical index `start`.
+    Tree {
+        /// The tree's mask words.
+        mask: &'a [u32],
+        /// Logical index of the root.
+        start: usize,
+    },
+}
+
+/// One layer's inputs to attention, other than the queries and the output.
+pub struct LayerInput<'a, E: Ops> {
+    /// Layer index.
+    pub layer: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// True RoPE positions of the step's tokens.
+    pub positions: &'a E::Ids,
+    /// The KV cache, the step's keys and values already appended.
+    pub kv: &'a E::Kv,
+    /// The sequence's page table.
+    pub table: &'a PageTable,
+    /// Logical index of the step's first token.
+    pub start: usize,
+    /// Tokens in the step.
+    pub n: usize,
+    /// The RoPE table.
+    pub rope: &'a E::Rope,
+}
+
+impl<E: Ops> LayerInput<'_, E> {
+    /// Tokens cached once this step's are in.
+    pub fn seq_len(&self) -> usize {
+        self.start + self.n
+    }
+}
+
+/// The per-session state of one policy.
+pub trait PolicyState<E: Ops> {
+    /// Prepares the layers of one forward.
+    fn begin(&mut self, ops: &mut E, step: Step<'_>) -> Result<()>;
+    /// Attention of one layer: rotates the raw queries `q` and writes `out`.
+    fn layer(
+        &mut self,
+        ops: &mut E,
+        a: &LayerInput<'_, E>,
+        q: &mut E::Tensor,
+        out: &mut E::Tensor,
+    ) -> Result<()>;
+    /// Selections run and Selection Cache hits so far.
+    fn stats(&mut self, _ops: &mut E) -> Result<SelectionStats> {
+        Ok(SelectionStats::default())
+    }
+    /// The selection of `layer` from the last sparse step, as the policy keeps it.
+    fn selected(&mut self, _ops: &mut E, _layer: usize) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+}
+
+/// Sizes a policy's buffers follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// The KV cache the policy serves.
+    pub layout: KvLayout,
+    /// Query heads.
+    pub q_heads: usize,
+}
+
+impl AttentionShape {
+    /// Values in one row of queries.
+    pub fn q_dim(&self) -> usize {
+        self.q_heads * self.layout.head_dim
+    }
+}
+
+/// A policy and its state for one session.
+pub struct Attention<E: Ops> {
+    /// The policy.
+    pub policy: AttentionPolicy,
+    /// The sizes the policy serves.
+    pub shape: AttentionShape,
+    state: Box<dyn PolicyState<E> + Send>,
+}
+
+impl<E: Ops> Attention<E> {
+    /// State for `policy` over caches of `layout` and queries of `q_heads` heads.
+    pub fn new(policy: AttentionPolicy, layout: &KvLayout, q_heads: usize) -> Result<Self> {
+        policy.validate()?;
+        let shape = AttentionShape {
+            layout: *layout,
+            q_heads,
+        };
+        let state: Box<dyn PolicyState<E> + Send> = match policy {
+            AttentionPolicy::Dense => Box::new(dense::Dense::new()),
+            AttentionPolicy::TokenSelect(c) => Box::new(tokenselect::TokenSelect::new(c, shape)?),
+            AttentionPolicy::Quest(c) => Box::new(quest::Quest::new(c, shape)?),
+            AttentionPolicy::Tidal(c) => Box::new(tidal::Tidal::new(c, shape)),
+        };
+        Ok(Self {
+            policy,
+            shape,
+            state,
+        })
+    }
+
+    /// The KV cache layout the policy serves.
+    pub fn layout(&self) -> &KvLayout {
+        &self.shape.layout
+    }
+
+    /// Prepares a step (called once per forward, before the layers).
+    pub fn begin(&mut self, ops: &mut E, step: Step<'_>) -> Result<()> {
+        self.state.begin(ops, step)
+    }
+
+    /// Prepares a step of `n` tokens ending at `seq_len`.
+    pub fn begin_step(&mut self, ops: &mut E, n: usize, seq_len: usize) -> Result<()> {
+        self.begin(ops, Step::Tokens { n, seq_len })
+    }
+
+    /// Attention of one layer for raw queries `q` (rotated here) of the step's
+    /// tokens, whose keys are already in the cache.
+    pub fn layer(
+        &mut self,
+        ops: &mut E,
+        a: &LayerInput<'_, E>,
+        q: &mut E::Tensor,
+        out: &mut E::Tensor,
+    ) -> Result<()> {
+        self.state.layer(ops, a, q, out)
+    }
+
+    /// Selections run and Selection Cache hits so far (reads the device counters).
+    pub fn stats(&mut self, ops: &mut E) -> Result<SelectionStats> {
+        self.state.stats(ops)
+    }
+
+    /// The selection of `layer` from the last sparse step (for tests and tools):
+    /// TokenSelect's token ids; Quest's chosen block ids, `[kv_heads, top]`;
+    /// Tidal's token ids in use, `[kv_heads, budget]`, for layers past the
+    /// selection layer.
+    pub fn selected(&mut self, ops: &mut E, layer: usize) -> Result<Option<Vec<u32>>> {
+        self.state.selected(ops, layer)
+    }
+}

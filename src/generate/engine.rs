@@ -416,11 +416,11 @@ impl Engine {
         let mut calibration = Duration::ZERO;
         let tree_size = match (params.speculate, params.tree_size) {
             (Speculate::Off, _) => 0,
-            (_, TreeSize::Fixed(n)) if (1..=crate::speculative::MAX_NODES).contains(&n) => n,
+            (_, TreeSize::Fixed(n)) if (1..=crate::ops::MAX_NODES).contains(&n) => n,
             (_, TreeSize::Fixed(n)) => {
                 return Err(Error::InvalidOption(format!(
                     "tree size {n} must be in 1..={}",
-                    crate::speculative::MAX_NODES
+                    crate::ops::MAX_NODES
                 )))
             }
             (spec, TreeSize::Auto) => {

@@ -2,11 +2,13 @@
 //! chunked prefill, and one device step per token.
 
 use super::sampler::Sampler;
-use crate::attention::{Attention, AttentionPolicy, KvLayout, PageAllocator, PageTable};
+use crate::attention::{Attention, AttentionPolicy};
+use crate::kv::{KvLayout, PageAllocator, PageTable};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Workspace};
 use crate::ops::Ops;
-use crate::speculative::{accept_stride, AcceptParams, Accepted, DraftTree};
+use crate::sampling::{accept_stride, AcceptParams};
+use crate::speculative::{Accepted, DraftTree};
 use std::collections::HashMap;
 
 /// A verify workspace and its per-node argmax and token buffers.
@@ -68,6 +70,7 @@ impl<E: Ops> Session<E> {
             num_pages: max_context.div_ceil(page_size),
         };
         let kv = ops.kv_cache(&layout)?;
+        let attention = Attention::new(policy, &layout, c.heads)?;
         let alloc = PageAllocator::new(&layout);
         let table = alloc.new_sequence();
         Ok(Self {
@@ -84,14 +87,15 @@ impl<E: Ops> Session<E> {
             argmax_out: None,
             chunk,
             max_context,
-            attention: Attention::new(policy, &layout)?,
+            attention,
         })
     }
 
     /// Switches the attention policy; a different policy drops the cache.
     pub fn set_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
         if policy != self.attention.policy {
-            self.attention = Attention::new(policy, &self.attention.layout)?;
+            let shape = self.attention.shape;
+            self.attention = Attention::new(policy, &shape.layout, shape.q_heads)?;
             self.truncate(0);
         }
         Ok(())

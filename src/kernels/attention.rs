@@ -4,7 +4,7 @@
 //! with one pass per arena, the online-softmax state carried between passes.
 
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use crate::attention::PageTable;
+use crate::kv::PageTable;
 use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
 use crate::ops::{check, KeyList};

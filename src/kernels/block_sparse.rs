@@ -2,7 +2,7 @@
 
 use super::tokenselect::{launch, radix_top_k, GpuGate, RadixKeys};
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use crate::attention::{KvLayout, PageTable};
+use crate::kv::{KvLayout, PageTable};
 use crate::error::Result;
 use crate::gpu::{buffer, Binding};
 use crate::ops::check;

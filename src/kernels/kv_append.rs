@@ -2,7 +2,7 @@
 //! committing accepted draft tokens (buffer copies).
 
 use super::{GpuExecutor, GpuKv, GpuTensor};
-use crate::attention::PageTable;
+use crate::kv::PageTable;
 use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;

@@ -19,7 +19,7 @@ mod sampling;
 mod speculative;
 mod tokenselect;
 
-use crate::attention::{KvLayout, PageTable};
+use crate::kv::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
 use crate::gpu::{GpuContext, PipelineCache, Recorder};
@@ -698,7 +698,7 @@ impl Ops for GpuExecutor {
         logits: &GpuTensor,
         tokens: &GpuIds,
         links: &GpuIds,
-        params: &crate::speculative::AcceptParams,
+        params: &crate::sampling::AcceptParams,
         depth: usize,
         trials: usize,
         out: &mut GpuIds,

@@ -6,7 +6,7 @@ use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
-use crate::speculative::AcceptParams;
+use crate::sampling::AcceptParams;
 
 pub(super) fn draft(
     ex: &mut GpuExecutor,
@@ -15,7 +15,7 @@ pub(super) fn draft(
     n: usize,
     out: &mut GpuIds,
 ) -> Result<()> {
-    if n == 0 || n > crate::speculative::MAX_NODES || plan.len < 3 * n || out.len < n {
+    if n == 0 || n > crate::ops::MAX_NODES || plan.len < 3 * n || out.len < n {
         return shape_err(
             "spec_draft",
             format!(
@@ -45,7 +45,7 @@ pub(super) fn adj_update(
     tokens: &GpuIds,
 ) -> Result<()> {
     let (n, vocab) = (logits.rows, logits.cols);
-    if adj.len != vocab * 8 || tokens.len < n || n > crate::speculative::MAX_NODES {
+    if adj.len != vocab * 8 || tokens.len < n || n > crate::ops::MAX_NODES {
         return shape_err(
             "spec_adj_update",
             format!(

@@ -5,7 +5,7 @@
 //! zero workgroups on a hit.
 
 use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor};
-use crate::attention::PageTable;
+use crate::kv::PageTable;
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{buffer, Binding, Pipeline};
 use crate::ops::{check, GqaMap, Prefilter, SelectPlan};

@@ -3,7 +3,8 @@
 
 use super::config::ModelConfig;
 use super::weights::Weights;
-use crate::attention::{Attention, PageTable};
+use crate::attention::{Attention, LayerInput, Step};
+use crate::kv::PageTable;
 use crate::error::Result;
 use crate::ops::Ops;
 
@@ -201,8 +202,8 @@ impl<E: Ops> Llama<E> {
         let c = &self.cfg;
         ops.embed(tokens, &self.embed, &mut ws.x)?;
         match tree {
-            Some(mask) => attn.begin_tree(ops, c, mask, start)?,
-            None => attn.begin_step(ops, c, n, start + n)?,
+            Some(mask) => attn.begin(ops, Step::Tree { mask, start })?,
+            None => attn.begin(ops, Step::Tokens { n, seq_len: start + n })?,
         }
         for (i, l) in self.layers.iter().enumerate() {
             ops.rms_norm(&ws.x, &l.in_norm, c.eps, &mut ws.h)?;
@@ -215,19 +216,17 @@ impl<E: Ops> Llama<E> {
                 ops.add_bias(&mut ws.v, bv)?;
             }
             ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
-            attn.layer(
-                ops,
-                c,
-                i,
-                &mut ws.q,
+            let input = LayerInput {
+                layer: i,
+                q_heads: c.heads,
                 positions,
                 kv,
                 table,
                 start,
                 n,
-                &self.rope,
-                &mut ws.attn,
-            )?;
+                rope: &self.rope,
+            };
+            attn.layer(ops, &input, &mut ws.q, &mut ws.attn)?;
             ops.matmul(&ws.attn, &l.o, &mut ws.o)?;
             ops.add(&mut ws.x, &ws.o)?;
             ops.rms_norm(&ws.x, &l.post_norm, c.eps, &mut ws.h)?;

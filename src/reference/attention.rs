@@ -1,7 +1,7 @@
 //! Dense causal attention on the CPU: keys rotated at their positions, f32 softmax.
 
 use super::{rotate, RefKv, RefRope, RefTensor};
-use crate::attention::PageTable;
+use crate::kv::PageTable;
 use crate::ops::KeyList;
 use rayon::prelude::*;
 

@@ -1,7 +1,7 @@
 //! Quest block bounds and scores on the CPU (twin of `block_sparse.wgsl`).
 
 use super::{RefKv, RefRope, RefTensor};
-use crate::attention::{KvLayout, PageTable};
+use crate::kv::{KvLayout, PageTable};
 
 /// Bounds per layer: `[page][kv_head][block in page][max D, min D]`, values
 /// rounded to f16 as the GPU stores them.

@@ -8,7 +8,7 @@ pub mod block_sparse;
 mod speculative;
 pub mod tokenselect;
 
-use crate::attention::{KvLayout, PageTable};
+use crate::kv::{KvLayout, PageTable};
 use crate::error::{Error, Result};
 use crate::ops::{check, GqaMap, KeyList, Ops, Prefilter, RopeConfig, SelectPlan};
 use half::f16;
@@ -594,7 +594,7 @@ impl Ops for RefExecutor {
         n: usize,
         out: &mut Vec<u32>,
     ) -> Result<()> {
-        if n == 0 || n > crate::speculative::MAX_NODES || plan.len() < 3 * n || out.len() < n {
+        if n == 0 || n > crate::ops::MAX_NODES || plan.len() < 3 * n || out.len() < n {
             return crate::error::shape_err(
                 "spec_draft",
                 format!(
@@ -623,7 +623,7 @@ impl Ops for RefExecutor {
         tokens: &Vec<u32>,
     ) -> Result<()> {
         let (n, vocab) = (logits.rows, logits.cols);
-        if adj.len() != vocab * 8 || tokens.len() < n || n > crate::speculative::MAX_NODES {
+        if adj.len() != vocab * 8 || tokens.len() < n || n > crate::ops::MAX_NODES {
             return crate::error::shape_err(
                 "spec_adj_update",
                 format!(
@@ -655,7 +655,7 @@ impl Ops for RefExecutor {
         logits: &RefTensor,
         tokens: &Vec<u32>,
         links: &Vec<u32>,
-        params: &crate::speculative::AcceptParams,
+        params: &crate::sampling::AcceptParams,
         depth: usize,
         trials: usize,
         out: &mut Vec<u32>,
@@ -670,7 +670,7 @@ impl Ops for RefExecutor {
             trials,
             out.len(),
         )?;
-        let stride = crate::speculative::accept_stride(depth);
+        let stride = crate::sampling::accept_stride(depth);
         let (toks, links) = (&tokens[..n], &links[..2 * n]);
         out[..trials * stride]
             .par_chunks_mut(stride)
@@ -1070,7 +1070,7 @@ pub fn argmax_row(row: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::PageAllocator;
+    use crate::kv::PageAllocator;
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed

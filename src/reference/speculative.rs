@@ -3,7 +3,7 @@
 //! rounding of the probabilities.
 
 use super::top_k_row;
-use crate::speculative::{accept_stride, uniform01, AcceptParams};
+use crate::sampling::{accept_stride, target_distribution, uniform01, AcceptParams};
 
 const NONE: u32 = u32::MAX;
 
@@ -23,21 +23,8 @@ pub fn accept_trial(
     let (mut cur, mut len, mut draw) = (0usize, 1usize, 0u32);
     loop {
         let cand = top_k_row(&logits[cur * vocab..(cur + 1) * vocab], prm.top_k);
-        let t = prm.temperature.max(1e-6);
-        let top = cand.first().map_or(0.0, |c| c.1);
-        let mut probs: Vec<f32> = cand.iter().map(|c| ((c.1 - top) / t).exp()).collect();
-        let z: f32 = probs.iter().sum();
-        let mut keep = probs.len();
-        let mut acc = 0.0f32;
-        for (r, pr) in probs.iter_mut().enumerate() {
-            *pr /= z;
-            acc += *pr;
-            if acc >= prm.top_p {
-                keep = r + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
+        let mut probs = target_distribution(&cand, prm.temperature, prm.top_p);
+        let keep = probs.len();
         let mut mass: f32 = probs.iter().sum();
         let mut next = None;
         let mut c = links[cur];

@@ -1,7 +1,7 @@
 //! TokenSelect on the CPU: scoring, soft vote, top-k and attention over a key list.
 
 use super::{attention, dot, RefKv, RefRope, RefTensor};
-use crate::attention::PageTable;
+use crate::kv::PageTable;
 use crate::ops::{GqaMap, KeyList, Prefilter, NO_SCORE};
 use rayon::prelude::*;
 use std::ops::Range;

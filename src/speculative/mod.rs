@@ -4,8 +4,8 @@
 
 use crate::error::{Error, Result};
 
-/// Most nodes a draft tree may hold (the ancestor sets are 4 u32 words).
-pub const MAX_NODES: usize = 128;
+pub use crate::ops::MAX_NODES;
+pub use crate::sampling::{accept_stride, pcg, uniform01, AcceptParams};
 
 /// A draft tree: a token per node and each node's parent. A node may instead
 /// name a rank: its token is then `adj[token of its parent][rank]`, filled on the
@@ -482,63 +482,6 @@ impl Speculate {
     }
 }
 
-/// How a verify step accepts draft tokens: the target distribution (the plain
-/// sampler's: top-k, temperature, nucleus; `top_k` 1 is greedy) and the seed of
-/// its random draws.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AcceptParams {
-    /// Candidates of the target distribution (1..=64; 1 = greedy).
-    pub top_k: usize,
-    /// Softmax temperature (ignored when `top_k` is 1).
-    pub temperature: f32,
-    /// Nucleus threshold in (0, 1].
-    pub top_p: f32,
-    /// Seed of this step's draws.
-    pub seed: u64,
-}
-
-impl AcceptParams {
-    /// Greedy acceptance: the longest path of argmax matches, then the argmax.
-    pub fn greedy() -> Self {
-        Self {
-            top_k: 1,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-
-    /// The rule matching plain sampling with `p` (greedy when `p` is).
-    pub fn from_sampling(p: &crate::generate::SamplingParams, seed: u64) -> Self {
-        Self {
-            top_k: if p.greedy() { 1 } else { p.top_k },
-            temperature: p.temperature,
-            top_p: p.top_p,
-            seed,
-        }
-    }
-
-    /// The uniform parameter words of `speculative.wgsl`'s accept kernel.
-    pub fn words(&self, n: usize, vocab: usize, depth: usize) -> [u32; 8] {
-        [
-            n as u32,
-            vocab as u32,
-            self.top_k as u32,
-            depth as u32,
-            self.temperature.to_bits(),
-            self.top_p.to_bits(),
-            self.seed as u32,
-            (self.seed >> 32) as u32,
-        ]
-    }
-}
-
-/// Output words per trial of [`crate::ops::Ops::spec_accept`] for trees whose
-/// longest path has `depth` nodes.
-pub fn accept_stride(depth: usize) -> usize {
-    2 + 2 * depth
-}
-
 /// One verify step's decision, parsed from the accept kernel's words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
@@ -572,21 +515,6 @@ impl Accepted {
         out.push(self.bonus);
         out
     }
-}
-
-/// PCG hash (O'Neill), as in `speculative.wgsl`.
-pub fn pcg(v: u32) -> u32 {
-    let state = v.wrapping_mul(747796405).wrapping_add(2891336453);
-    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277803737);
-    (word >> 22) ^ word
-}
-
-/// Draw `draw` of trial `trial`: uniform in [0, 1) with 24 bits, as in
-/// `speculative.wgsl`.
-pub fn uniform01(seed: u64, trial: u32, draw: u32) -> f32 {
-    // Nested hashes: nearby seeds and trials give unrelated streams.
-    let h = pcg(pcg(pcg(pcg(seed as u32) ^ (seed >> 32) as u32) ^ trial) ^ draw);
-    (h >> 8) as f32 / 16777216.0
 }
 
 /// Greedy acceptance (ALGORITHMS.md section 4): from the root, follow the child

@@ -1,5 +1,6 @@
-//! Paged KV cache bookkeeping shared by both executors: fixed-size pages handed out
-//! by an allocator, and a page table per sequence. The executors own the storage
+//! The paged KV cache's bookkeeping, below the ops interface and shared by both
+//! executors: fixed-size pages handed out by an allocator, and a page table per
+//! sequence. The executors own the storage
 //! (arena buffers on the GPU, vectors on the CPU) and index it through the table.
 
 use crate::error::{Error, Result};
