@@ -23,6 +23,7 @@ pub mod kv;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+mod progress;
 pub mod reference;
 pub mod sampling;
 pub mod shaders;

@@ -252,6 +252,13 @@ impl<I> Prefilter<'_, I> {
 /// Most nodes a draft tree may hold (the ancestor sets are 4 u32 words).
 pub const MAX_NODES: usize = 128;
 
+/// Whether node `j` of a draft tree is node `i` or one of its ancestors, read
+/// from the tree mask [`Ops::attention_tree`] takes (4 ancestor words per node,
+/// then the depths).
+pub fn tree_sees(mask: &[u32], i: usize, j: usize) -> bool {
+    (mask[4 * i + j / 32] >> (j % 32)) & 1 == 1
+}
+
 /// The score of a hierarchical selection's slot outside the candidate range.
 pub const NO_SCORE: f32 = -3.0e38;
 
@@ -458,7 +465,7 @@ pub trait Ops: Send + 'static {
     /// Tree attention for speculative verification: the rows of `q` are the nodes of
     /// a draft tree (rotated by the caller), node j's keys and values at slot
     /// `prefix_len + j`. Node i sees the prefix and its ancestors, itself included.
-    /// `tree` holds [`crate::sampling::DraftTree::mask`]. The prefix is the
+    /// `tree` holds [`crate::speculative::DraftTree::mask`]. The prefix is the
     /// first `prefix_len` tokens, or with `list` its ranks (TokenSelect: sinks,
     /// the root's selection and the window up to `prefix_len`). Node j's key is
     /// rotated at base + depth(j), base being `prefix_len` or, for a compact list,
@@ -477,7 +484,7 @@ pub trait Ops: Send + 'static {
         out: &mut Self::Tensor,
     ) -> Result<()>;
     /// Fills a draft tree's tokens into `out[..n]` from its plan (`n` triples
-    /// parent, rank, token; [`crate::sampling::DraftTree::plan`]): a node with a
+    /// parent, rank, token; [`crate::speculative::DraftTree::plan`]): a node with a
     /// rank takes `adj[token of its parent * 8 + rank]` (Token Recycling).
     fn spec_draft(
         &mut self,
@@ -496,7 +503,7 @@ pub trait Ops: Send + 'static {
         tokens: &Self::Ids,
     ) -> Result<()>;
     /// Acceptance of a verify step (ALGORITHMS.md section 4): walks the tree given
-    /// by `links` ([`crate::sampling::DraftTree::links`]) and the node `tokens`
+    /// by `links` ([`crate::speculative::DraftTree::links`]) and the node `tokens`
     /// with the target distribution of each node's `logits` row (`[n, vocab]`),
     /// accepting child x with probability p(x) / (mass left) and sampling the bonus
     /// from the residual; greedy when `params.top_k` is 1. Writes `trials`

