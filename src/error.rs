@@ -2,6 +2,11 @@
 //! operation and the offending value instead of panicking.
 
 /// Errors returned by kvsieve.
+///
+/// ```
+/// let e = "spin".parse::<kvsieve::Speculate>().unwrap_err();
+/// assert!(matches!(e, kvsieve::Error::InvalidOption(_)));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Tensor shapes do not fit the operation.

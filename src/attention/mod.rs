@@ -28,6 +28,12 @@ use crate::error::Result;
 use crate::ops::Ops;
 
 /// Which attention runs.
+///
+/// ```
+/// use kvsieve::{AttentionPolicy, QuestConfig};
+/// let p = AttentionPolicy::Quest(QuestConfig { budget: 1024, ..Default::default() });
+/// assert!(p.validate().is_ok());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum AttentionPolicy {
     /// Full causal attention (the reference).

@@ -9,6 +9,11 @@ use crate::error::{Error, Result};
 use crate::ops::{KeyList, Ops};
 
 /// Quest parameters (docs/ALGORITHMS.md section 2); defaults are the paper's.
+///
+/// ```
+/// let c = kvsieve::QuestConfig { block: 2, ..Default::default() };
+/// assert!(c.validate().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuestConfig {
     /// Tokens per block (divides the page size; at least 4).

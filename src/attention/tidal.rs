@@ -12,6 +12,11 @@ use crate::ops::{KeyList, Ops};
 /// layers as the paper does for a 32-layer model (2 and 13). The right
 /// re-selection layer depends on the model (docs/RESULTS.md has the default
 /// model's passkey figures by layer).
+///
+/// ```
+/// let c = kvsieve::TidalConfig { reselection_layer: 14, ..Default::default() };
+/// assert!(c.validate().is_ok());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TidalConfig {
     /// The layer that selects (layers before it are dense).

@@ -36,6 +36,12 @@ impl std::str::FromStr for Positions {
 }
 
 /// TokenSelect parameters (docs/ALGORITHMS.md section 1); defaults are the paper's.
+///
+/// ```
+/// use kvsieve::{Positions, TokenSelectConfig};
+/// let c = TokenSelectConfig { k: 512, positions: Positions::Original, ..Default::default() };
+/// assert!(c.validate().is_ok());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenSelectConfig {
     /// Tokens selected per step.

@@ -37,6 +37,17 @@ impl std::str::FromStr for Backend {
 }
 
 /// Load-time options.
+///
+/// ```
+/// use kvsieve::{AttentionPolicy, Backend, Options, TokenSelectConfig};
+/// let opts = Options {
+///     backend: Backend::Reference,
+///     max_context: 8192,
+///     policy: AttentionPolicy::TokenSelect(TokenSelectConfig::default()),
+///     ..Options::default()
+/// };
+/// assert!(opts.policy.validate().is_ok());
+/// ```
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Executor.
@@ -67,6 +78,13 @@ impl Default for Options {
 }
 
 /// What `generate` and `chat` do.
+///
+/// ```
+/// use kvsieve::{GenerateParams, Speculate};
+/// let mut p = GenerateParams { max_tokens: 64, speculate: Speculate::Both, ..Default::default() };
+/// p.sampling.temperature = 0.7;
+/// assert!(p.sampling.validate().is_ok());
+/// ```
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
     /// Sampling.
@@ -96,6 +114,12 @@ impl Default for GenerateParams {
 }
 
 /// Throughput counters since the engine was loaded (or reset).
+///
+/// ```
+/// use std::time::Duration;
+/// let s = kvsieve::Stats { decode_tokens: 50, decode_time: Duration::from_secs(2), ..Default::default() };
+/// assert_eq!(s.decode_tps(), 25.0);
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     /// Prompt tokens run through prefill.
@@ -475,6 +499,16 @@ impl Engine {
 }
 
 /// One generated token and the text it completes.
+///
+/// ```no_run
+/// # use kvsieve::{Engine, GenerateParams, Options};
+/// # let mut engine = Engine::load(&kvsieve::convert::default_model_dir()?, Options::default())?;
+/// for tok in engine.generate("Once upon a time", &GenerateParams::default())? {
+///     let tok: kvsieve::Token = tok?;
+///     print!("{}", tok.text);
+/// }
+/// # Ok::<(), kvsieve::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Token {
     /// Token id.

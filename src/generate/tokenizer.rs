@@ -6,6 +6,11 @@ use serde::Serialize;
 use std::path::Path;
 
 /// One chat message.
+///
+/// ```
+/// let m = kvsieve::Message::new("user", "Hello");
+/// assert_eq!((m.role.as_str(), m.content.as_str()), ("user", "Hello"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Message {
     /// "system", "user" or "assistant".

@@ -63,7 +63,7 @@ pub struct GpuWeight {
 /// RoPE (cos, sin) table on the GPU.
 #[derive(Clone, Debug)]
 pub struct GpuRope {
-    /// `[max_pos, half]` of vec2<f32>.
+    /// `[max_pos, half]` of `vec2<f32>`.
     pub buf: wgpu::Buffer,
     /// head_dim / 2.
     pub half: usize,

@@ -43,7 +43,16 @@ struct Raw {
     attention_bias: Option<bool>,
 }
 
-/// The model hyper-parameters kvsieve uses.
+/// The model hyper-parameters kvsieve uses, read from a Hugging Face
+/// `config.json` ([`ModelConfig::from_json`]) or from GGUF metadata.
+///
+/// ```no_run
+/// let dir = kvsieve::convert::default_model_dir()?;
+/// let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+/// let cfg = kvsieve::ModelConfig::from_json(&text)?;
+/// println!("{} layers, {} heads", cfg.layers, cfg.heads);
+/// # Ok::<(), kvsieve::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     /// Architecture.

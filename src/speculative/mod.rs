@@ -328,6 +328,12 @@ impl Drafter for Combined {
 }
 
 /// Which drafter speculative decoding uses.
+///
+/// ```
+/// let s: kvsieve::Speculate = "both".parse()?;
+/// assert_eq!(s, kvsieve::Speculate::Both);
+/// # Ok::<(), kvsieve::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Speculate {
     /// Plain decoding.
