@@ -1,5 +1,5 @@
 //! Evaluation tasks shared by the tests and examples: passkey retrieval
-//! (ALGORITHMS.md section 7), teacher-forced next-token agreement and the
+//! (docs/ALGORITHMS.md section 7), teacher-forced next-token agreement and the
 //! recall of an approximate selection against an exact one.
 
 use crate::error::{Error, Result};

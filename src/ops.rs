@@ -502,7 +502,7 @@ pub trait Ops: Send + 'static {
         logits: &Self::Tensor,
         tokens: &Self::Ids,
     ) -> Result<()>;
-    /// Acceptance of a verify step (ALGORITHMS.md section 4): walks the tree given
+    /// Acceptance of a verify step (docs/ALGORITHMS.md section 4): walks the tree given
     /// by `links` ([`crate::speculative::DraftTree::links`]) and the node `tokens`
     /// with the target distribution of each node's `logits` row (`[n, vocab]`),
     /// accepting child x with probability p(x) / (mass left) and sampling the bonus

@@ -1,4 +1,4 @@
-//! Passkey retrieval (ALGORITHMS.md section 7) on the reference executor, which
+//! Passkey retrieval (docs/ALGORITHMS.md section 7) on the reference executor, which
 //! takes the same decisions as the GPU one (see model_default.rs): within the
 //! trained context (8K for the default model) TokenSelect finds every key dense
 //! finds, and at 16K, twice the trained context, TokenSelect with compact

@@ -1,4 +1,4 @@
-//! Speculative decoding: draft trees and their attention masks (ALGORITHMS.md
+//! Speculative decoding: draft trees and their attention masks (docs/ALGORITHMS.md
 //! section 4). Node 0 is the root (the last accepted token, not yet in the cache);
 //! nodes are sorted so that every parent precedes its children.
 
@@ -165,7 +165,7 @@ pub trait Drafter: Send {
     fn draft(&mut self, context: &[u32], root: u32, max_nodes: usize) -> Result<DraftTree>;
 }
 
-/// Prompt lookup (ALGORITHMS.md section 6): for n = 3 down to 1, the most recent
+/// Prompt lookup (docs/ALGORITHMS.md section 6): for n = 3 down to 1, the most recent
 /// earlier occurrence of the last n tokens; the tokens that followed it become a
 /// chain of up to `max_chain` drafts.
 #[derive(Clone, Debug)]
@@ -266,7 +266,7 @@ pub fn template(n: usize, levels: Option<&[usize]>) -> Vec<(usize, u8)> {
     nodes
 }
 
-/// Token Recycling (ALGORITHMS.md section 5): a static template whose tokens the
+/// Token Recycling (docs/ALGORITHMS.md section 5): a static template whose tokens the
 /// device fills from the adjacency matrix (the last verify's top-8 successors of
 /// every token seen).
 #[derive(Clone, Debug)]
@@ -523,7 +523,7 @@ impl Accepted {
     }
 }
 
-/// Greedy acceptance (ALGORITHMS.md section 4): from the root, follow the child
+/// Greedy acceptance (docs/ALGORITHMS.md section 4): from the root, follow the child
 /// whose token is the model's argmax at the current node (`best[node]`), while
 /// one exists. Returns the path's nodes, root first; the bonus token is
 /// `best[path.last()]`.
