@@ -667,6 +667,34 @@ pub mod check {
         if y != (x.0, w.0) {
             return shape_err("matmul", format!("y is {y:?}, expected ({}, {})", x.0, w.0));
         }
+        // The GPU kernels read activations as vec4 and weights as f16 pairs.
+        if !x.1.is_multiple_of(4) {
+            return shape_err("matmul", format!("in-dim {} must be a multiple of 4", x.1));
+        }
+        Ok(())
+    }
+
+    /// A weight of `len` f16 values as `[rows, cols]`; rows are packed in pairs
+    /// of f16 on the GPU, so `cols` must be even.
+    pub fn weight(len: usize, rows: usize, cols: usize) -> Result<()> {
+        if len != rows * cols {
+            return shape_err("weight", format!("{len} values for ({rows}, {cols})"));
+        }
+        if !cols.is_multiple_of(2) {
+            return shape_err(
+                "weight",
+                format!("{cols} columns: f16 rows are packed in pairs, need an even count"),
+            );
+        }
+        Ok(())
+    }
+
+    /// TokenSelect's soft vote over `n` candidates of `q_heads` heads, with
+    /// `scores` and `votes` holding that many values.
+    pub fn ts_vote(scores: usize, votes: usize, q_heads: usize, n: usize) -> Result<()> {
+        if q_heads == 0 || scores < q_heads * n || votes < n {
+            return shape_err("ts_vote", format!("{q_heads} heads x {n} candidates do not fit"));
+        }
         Ok(())
     }
 

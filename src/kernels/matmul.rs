@@ -4,7 +4,7 @@
 //! across bindings are processed chunk by chunk, each writing its column range.
 
 use super::{GpuExecutor, GpuTensor, GpuWeight};
-use crate::error::{shape_err, Result};
+use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
@@ -16,12 +16,6 @@ pub(super) fn matmul(
     y: &mut GpuTensor,
 ) -> Result<()> {
     check::matmul((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols))?;
-    if !x.cols.is_multiple_of(4) {
-        return shape_err(
-            "matmul",
-            format!("in-dim {} must be a multiple of 4 on the GPU", x.cols),
-        );
-    }
     let (m, k4) = (x.rows, x.cols / 4);
     if m == 0 || w.rows == 0 {
         return Ok(());

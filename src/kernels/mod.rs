@@ -385,18 +385,7 @@ impl Ops for GpuExecutor {
     fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<GpuWeight> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
-        if data.len() != rows * cols {
-            return shape_err(
-                "weight",
-                format!("{} values for ({rows}, {cols})", data.len()),
-            );
-        }
-        if !cols.is_multiple_of(2) {
-            return shape_err(
-                "weight",
-                format!("{cols} columns: f16 rows are packed in pairs, need an even count"),
-            );
-        }
+        crate::ops::check::weight(data.len(), rows, cols)?;
         let device = &self.ctx.device;
         let row_bytes = cols as u64 * 2;
         let chunks =

@@ -270,9 +270,7 @@ pub(super) fn vote(
     votes: &mut GpuTensor,
     gate: Option<&GpuGate>,
 ) -> Result<()> {
-    if scores.rows * scores.cols < qh * n || votes.rows * votes.cols < n || qh == 0 {
-        return shape_err("ts_vote", format!("{qh} heads x {n} candidates do not fit"));
-    }
+    check::ts_vote(scores.rows * scores.cols, votes.rows * votes.cols, qh, n)?;
     let stats = ex.scratch("vote stats", (qh * 8) as u64)?;
     let pr = plain_params(n, 0, qh, 0);
     let hs = ex.pipeline(shaders::TOKENSELECT, "head_stats", &[]);
