@@ -21,8 +21,11 @@ fn h(n: usize) -> Vec<f16> {
     vec![f16::from_f32(0.5); n]
 }
 
+/// One op call with bad shapes.
+type Case<E> = Box<dyn Fn(&mut E) -> kvsieve::Result<()>>;
+
 /// Bad-shape cases, generic over the executor.
-fn cases<E: Ops>() -> Vec<(&'static str, Box<dyn Fn(&mut E) -> kvsieve::Result<()>>)> {
+fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
     vec![
         (
             "matmul inner dims",
