@@ -20,7 +20,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops};
+use kvsieve::ops::{KeyList, Ops, Selection};
 use std::time::Duration;
 
 mod common;
@@ -94,7 +94,7 @@ fn benches(c: &mut Criterion) {
                             tail_start: last * BLOCK,
                             tail_len: len - last * BLOCK,
                             compact: false,
-                            block: BLOCK,
+                            selection: Selection::KvHeadBlocks(BLOCK),
                         };
                         ex.attention_decode_list(&q, &kv, 0, &table, len, &list, &rope, &mut out)
                             .unwrap();
@@ -111,7 +111,7 @@ fn benches(c: &mut Criterion) {
                             tail_start: len - 1,
                             tail_len: 1,
                             compact: false,
-                            block: 1,
+                            selection: Selection::KvHeadTokens,
                         };
                         ex.attention_decode_list(&q, &kv, 0, &table, len, &list, &rope, &mut out)
                             .unwrap();
@@ -195,7 +195,7 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
                         tail_start: before * BLOCK,
                         tail_len: len - before * BLOCK,
                         compact: false,
-                        block: BLOCK,
+                        selection: Selection::KvHeadBlocks(BLOCK),
                     };
                     ex.attention_prefill_list(
                         &q,

@@ -16,7 +16,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::attention::PageTable;
 use kvsieve::kernels::{GpuBounds, GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use kvsieve::ops::{GqaMap, KeyList, Ops, Prefilter, SelectPlan};
+use kvsieve::ops::{GqaMap, KeyList, Ops, Prefilter, SelectPlan, Selection};
 use std::time::Duration;
 
 mod common;
@@ -122,7 +122,7 @@ fn sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
         tail_start: len - N_LOCAL,
         tail_len: N_LOCAL,
         compact: true,
-        block: 0,
+        selection: Selection::Shared,
     };
     ex.attention_decode_list(&s.q, &s.kv, 0, &s.table, len, &list, &s.rope, &mut s.out)
         .unwrap();
@@ -246,7 +246,7 @@ fn prefill_sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
         tail_start: q_start + 1 - N_LOCAL,
         tail_len: N_LOCAL - 1 + CHUNK,
         compact: true,
-        block: 0,
+        selection: Selection::Shared,
     };
     ex.attention_prefill_list(
         &s.qp,

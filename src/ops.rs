@@ -131,11 +131,33 @@ pub struct KeyList<'a, I> {
     pub tail_len: usize,
     /// Rank positions (TokenSelect's compact mode) instead of logical ones.
     pub compact: bool,
-    /// 0: `selected` holds token indices shared by every head. B > 0 (Quest):
-    /// `selected` holds `n_selected / B` block indices per KV head
-    /// (`[kv_heads, n_selected / B]`), and selected rank i of KV head g is token
+    /// What `selected` holds.
+    pub selection: Selection,
+}
+
+/// What a [`KeyList`]'s `selected` buffer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// Token indices shared by every head (TokenSelect).
+    Shared,
+    /// `[kv_heads, n_selected]` token indices, a list per KV head (Tidal).
+    KvHeadTokens,
+    /// `[kv_heads, n_selected / B]` block indices of B tokens per KV head
+    /// (Quest): selected rank i of KV head g is token
     /// `selected[g * n_selected / B + i / B] * B + i % B`.
-    pub block: usize,
+    KvHeadBlocks(usize),
+}
+
+impl Selection {
+    /// The kernels' word for it: 0 shared, else tokens per block of a KV
+    /// head's list (1 for tokens).
+    pub fn block(self) -> usize {
+        match self {
+            Selection::Shared => 0,
+            Selection::KvHeadTokens => 1,
+            Selection::KvHeadBlocks(b) => b,
+        }
+    }
 }
 
 impl<I> KeyList<'_, I> {
@@ -158,7 +180,7 @@ impl<I> KeyList<'_, I> {
             tail_start: self.tail_start,
             tail_len: self.tail_len,
             compact: self.compact,
-            block: self.block,
+            selection: self.selection,
         }
     }
 }
@@ -449,7 +471,7 @@ pub trait Ops: Send + 'static {
     /// own logical index; the sinks and selected keys must precede `list.tail_start
     /// <= q_start`, and the tail must end at the last query. Sparse prefill:
     /// TokenSelect's shared token lists, or Quest's blocks per KV head
-    /// (`list.block > 0`).
+    /// (per-KV-head selections).
     fn attention_prefill_list(
         &mut self,
         q: &Self::Tensor,
@@ -863,9 +885,9 @@ pub mod check {
             max_pos,
         )?;
         // Quest lists: whole blocks, one row of block ids per KV head.
-        let capacity = match list.n_selected.checked_div(list.block) {
+        let capacity = match list.n_selected.checked_div(list.selection.block()) {
             Some(per_head)
-                if !list.n_selected.is_multiple_of(list.block)
+                if !list.n_selected.is_multiple_of(list.selection.block())
                     || selected_capacity < layout.kv_heads * per_head
                     || list.compact =>
             {
@@ -873,7 +895,7 @@ pub mod check {
                     op,
                     format!(
                         "{} selected tokens in blocks of {} for {} KV heads with {selected_capacity} slots (compact {})",
-                        list.n_selected, list.block, layout.kv_heads, list.compact
+                        list.n_selected, list.selection.block(), layout.kv_heads, list.compact
                     ),
                 );
             }
@@ -923,7 +945,7 @@ pub mod check {
         let n = q.0;
         if let Some((li, capacity)) = list {
             if li.n_selected > capacity
-                || li.block != 0
+                || li.selection != Selection::Shared
                 || li.tail_start + li.tail_len != prefix_len
                 || li.n_init > li.tail_start
             {

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops};
+use kvsieve::ops::{KeyList, Ops, Selection};
 use kvsieve::reference::{dot, RefExecutor};
 
 /// Bounds built in two updates (the second continues a partial block), scores
@@ -253,7 +253,7 @@ fn block_list_decode_matches_reference() {
                     tail_start: last * block,
                     tail_len: len - last * block,
                     compact: false,
-                    block,
+                    selection: Selection::KvHeadBlocks(block),
                 };
                 let mut oc = f.cpu.tensor(1, qh * d).unwrap();
                 f.cpu
@@ -329,7 +329,7 @@ fn block_list_prefill_matches_reference() {
                 tail_start: tail * block,
                 tail_len: len - tail * block,
                 compact: false,
-                block,
+                selection: Selection::KvHeadBlocks(block),
             };
             let mut oc = f.cpu.tensor(rows, w).unwrap();
             f.cpu

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops};
+use kvsieve::ops::{KeyList, Ops, Selection};
 use kvsieve::reference::RefExecutor;
 use kvsieve::speculative::{accept_stride, greedy_path, AcceptParams, Accepted, DraftTree};
 use rand::Rng;
@@ -60,7 +60,7 @@ fn tree_case(
             tail_start: prefix - n_local,
             tail_len: n_local,
             compact,
-            block: 0,
+            selection: Selection::Shared,
         };
         (lc.with_selected(&sel), lc.with_selected(&sg))
     });
@@ -168,7 +168,7 @@ fn a_full_list_tree_is_dense_tree_attention() {
         tail_start: prefix - 30,
         tail_len: 30,
         compact: false,
-        block: 0,
+        selection: Selection::Shared,
     };
     let sg = ex.ids(&sel).unwrap();
     let lg = lc.with_selected(&sg);

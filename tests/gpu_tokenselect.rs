@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use kvsieve::attention::dense_attention;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{GqaMap, KeyList, Ops};
+use kvsieve::ops::{GqaMap, KeyList, Ops, Selection};
 use kvsieve::reference::{tokenselect, RefExecutor, RefTensor};
 
 /// Scores and votes agree; the GPU's selection equals the reference's except where
@@ -149,7 +149,7 @@ fn list_attention(
         tail_start: len - n_local,
         tail_len: n_local,
         compact,
-        block: 0,
+        selection: Selection::Shared,
     };
     f.cpu
         .attention_decode_list(&qc, &f.kvc, 0, &f.table, len, &list_c, &rc, &mut oc)
@@ -164,7 +164,7 @@ fn list_attention(
         tail_start: len - n_local,
         tail_len: n_local,
         compact,
-        block: 0,
+        selection: Selection::Shared,
     };
     ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list_g, &rg, &mut og)
         .unwrap();
@@ -219,7 +219,7 @@ fn a_list_covering_everything_is_dense_attention() {
             tail_start: len - 50,
             tail_len: 50,
             compact,
-            block: 0,
+            selection: Selection::Shared,
         };
         let mut out = ex.tensor(1, qh * d).unwrap();
         ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list, &rg, &mut out)
@@ -276,7 +276,7 @@ fn prefill_list(
         tail_start,
         tail_len: len - tail_start,
         compact,
-        block: 0,
+        selection: Selection::Shared,
     };
     f.cpu
         .attention_prefill_list(
@@ -356,7 +356,7 @@ fn a_full_prefill_list_is_dense_prefill() {
         tail_start: 0,
         tail_len: len,
         compact: false,
-        block: 0,
+        selection: Selection::Shared,
     };
     let qc = f.cpu.upload(&q, n, qh * d).unwrap();
     let (mut dc, mut lc) = (

@@ -6,7 +6,7 @@
 use super::dense;
 use super::{AttentionShape, LayerInput, PolicyState, Step};
 use crate::error::{Error, Result};
-use crate::ops::{KeyList, Ops};
+use crate::ops::{KeyList, Ops, Selection};
 
 /// Quest parameters (docs/ALGORITHMS.md section 2); defaults are the paper's.
 ///
@@ -199,7 +199,11 @@ impl<E: Ops> Quest<E> {
                 tail_start,
                 tail_len: end - tail_start,
                 compact: false,
-                block: if n_selected > 0 { c.block } else { 0 },
+                selection: if n_selected > 0 {
+                    Selection::KvHeadBlocks(c.block)
+                } else {
+                    Selection::Shared
+                },
             };
             let (kv, table) = (a.kv, a.table);
             ops.attention_prefill_list(q, kv, a.layer, table, rows, q_start, &list, a.rope, out)?;
@@ -226,7 +230,7 @@ impl<E: Ops> Quest<E> {
             tail_start: last * c.block,
             tail_len: seq_len - last * c.block,
             compact: false,
-            block: c.block,
+            selection: Selection::KvHeadBlocks(c.block),
         };
         ops.attention_decode_list(q, a.kv, a.layer, a.table, seq_len, &list, a.rope, out)
     }

@@ -6,7 +6,7 @@
 use super::dense;
 use super::{AttentionShape, LayerInput, PolicyState, Step};
 use crate::error::{Error, Result};
-use crate::ops::{KeyList, Ops};
+use crate::ops::{KeyList, Ops, Selection};
 
 /// TidalDecode parameters (docs/ALGORITHMS.md section 3). The defaults place the
 /// layers as the paper does for a 32-layer model (2 and 13). The right
@@ -138,7 +138,7 @@ impl<E: Ops> PolicyState<E> for Tidal<E> {
                     tail_start: seq_len - 1,
                     tail_len: 1,
                     compact: false,
-                    block: 1,
+                    selection: Selection::KvHeadTokens,
                 };
                 ops.attention_decode_list(q, a.kv, a.layer, a.table, seq_len, &list, a.rope, out)
             }

@@ -9,7 +9,7 @@ use super::prefilter::{self, HierarchicalPrefilter};
 use super::selection_cache::SelectionCache;
 use super::{AttentionShape, LayerInput, PolicyState, SelectionStats, Step};
 use crate::error::{Error, Result};
-use crate::ops::{GqaMap, KeyList, Ops, SelectPlan};
+use crate::ops::{GqaMap, KeyList, Ops, SelectPlan, Selection};
 
 /// RoPE positions of selected keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -149,7 +149,7 @@ impl TokenSelectConfig {
             tail_start: at + 1 - self.n_local,
             tail_len,
             compact: self.positions == Positions::Compact,
-            block: 0,
+            selection: Selection::Shared,
         }
     }
 }
@@ -487,7 +487,7 @@ impl<E: Ops> TokenSelect<E> {
                     tail_start: 0,
                     tail_len: at + m,
                     compact: false,
-                    block: 0,
+                    selection: Selection::Shared,
                 }
             };
             let rows = sub.rows.clone();

@@ -94,13 +94,13 @@ pub fn top_k(votes: &[f32], k: usize, begin: usize) -> Vec<u32> {
 /// for KV head `kvh` (which matters only for per-head block lists).
 pub fn list_keys(list: &KeyList<'_, Vec<u32>>, kvh: usize) -> Vec<(usize, usize)> {
     let mut keys = Vec::with_capacity(list.len());
-    let per_head = list.n_selected / list.block.max(1);
+    let per_head = list.n_selected / list.selection.block().max(1);
     for r in 0..list.len() {
         let logical = if r < list.n_init {
             r
         } else if r < list.n_init + list.n_selected {
             let i = r - list.n_init;
-            match list.block {
+            match list.selection.block() {
                 0 => list.selected[i] as usize,
                 b => list.selected[kvh * per_head + i / b] as usize * b + i % b,
             }
