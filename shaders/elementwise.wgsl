@@ -1,6 +1,8 @@
 // Elementwise ops of the transformer block: SwiGLU, the residual add, bias add,
 // and the row mean of a TokenSelect prefill sub-chunk.
-struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+// n: elements (swiglu, add, add_bias) or columns (mean_rows); cols: the row
+// length (add_bias); row0, rows: the rows averaged (mean_rows).
+struct Params { n: u32, cols: u32, row0: u32, rows: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;   // gate (swiglu) or accumulator (add)
 @group(0) @binding(2) var<storage, read> b: array<f32>;         // up (swiglu) or addend (add)
@@ -33,7 +35,7 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
     if (i >= p.n) { return; }
-    let c = i % p._p0;   // _p0 holds the row length
+    let c = i % p.cols;
     let pair = unpack2x16float(bias[c / 2u]);
     a[i] = a[i] + select(pair.x, pair.y, (c & 1u) == 1u);
 }
@@ -45,6 +47,6 @@ fn mean_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let c = linear_id(gid, nwg);
     if (c >= p.n) { return; }
     var acc = 0.0;
-    for (var r = 0u; r < p._p1; r++) { acc += b[(p._p0 + r) * p.n + c]; }
-    a[c] = acc / f32(p._p1);
+    for (var r = 0u; r < p.rows; r++) { acc += b[(p.row0 + r) * p.n + c]; }
+    a[c] = acc / f32(p.rows);
 }

@@ -211,7 +211,13 @@ fn decode_impl(
     let r = ex.pipeline(shaders::ATTENTION_DECODE, "decode_reduce", &[]);
     ex.rec.dispatch(
         &r,
-        &[qh as u32, d as u32, n_splits as u32, 0],
+        super::params::DecodeReduceParams {
+            q_heads: qh as u32,
+            head_dim: d as u32,
+            n_splits: n_splits as u32,
+            _p0: 0,
+        }
+        .words(),
         &[Binding::from(&part), Binding::from(&out.buf)],
         [qh as u32, 1, 1],
     );

@@ -23,7 +23,11 @@ pub fn copy_buffer(
     let groups = ex.grid(n.div_ceil(64))?;
     ex.rec.dispatch(
         &p,
-        &[n as u32, 0, 0, 0],
+        super::params::CopyParams {
+            n: n as u32,
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .words(),
         &[Binding::from(src), Binding::from(dst)],
         groups,
     );

@@ -1,10 +1,12 @@
 //! SwiGLU, residual add, bias add and row mean (`elementwise.wgsl`).
 
+use super::params::ElementwiseParams;
 use super::{GpuExecutor, GpuTensor};
 use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
+use bytemuck::Zeroable;
 
 pub(super) fn binary(
     ex: &mut GpuExecutor,
@@ -18,7 +20,7 @@ pub(super) fn binary(
     let groups = ex.grid(n.div_ceil(64))?;
     ex.rec.dispatch(
         &p,
-        &[n as u32, 0, 0, 0],
+        ElementwiseParams { n: n as u32, ..Zeroable::zeroed() }.words(),
         &[Binding::from(&a.buf), Binding::from(&b.buf)],
         groups,
     );
@@ -36,7 +38,7 @@ pub(super) fn add_bias(
     let groups = ex.grid(n.div_ceil(64))?;
     ex.rec.dispatch(
         &p,
-        &[n as u32, x.cols as u32, 0, 0],
+        ElementwiseParams { n: n as u32, cols: x.cols as u32, ..Zeroable::zeroed() }.words(),
         &[Binding::from(&x.buf), Binding::from(&bias.chunks[0].buffer)],
         groups,
     );
@@ -54,7 +56,13 @@ pub(super) fn mean_rows(
     let groups = ex.grid(x.cols.div_ceil(64))?;
     ex.rec.dispatch(
         &p,
-        &[x.cols as u32, rows.start as u32, rows.len() as u32, 0],
+        ElementwiseParams {
+            n: x.cols as u32,
+            cols: 0,
+            row0: rows.start as u32,
+            rows: rows.len() as u32,
+        }
+        .words(),
         &[Binding::from(&out.buf), Binding::from(&x.buf)],
         groups,
     );

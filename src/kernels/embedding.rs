@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
+use super::params::EmbeddingParams;
 
 pub(super) fn embed(
     ex: &mut GpuExecutor,
@@ -17,15 +18,15 @@ pub(super) fn embed(
     let p = ex.pipeline(shaders::EMBEDDING, "embedding", &[]);
     let groups = ex.grid((ids.len * words).div_ceil(64))?;
     for chunk in &table.chunks {
-        let params = [
-            ids.len as u32,
-            words as u32,
-            chunk.row_start as u32,
-            chunk.rows as u32,
-        ];
+        let params = EmbeddingParams {
+            tokens: ids.len as u32,
+            words: words as u32,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+        };
         ex.rec.dispatch(
             &p,
-            &params,
+            params.words(),
             &[
                 Binding::from(&ids.buf),
                 Binding::from(&chunk.buffer),

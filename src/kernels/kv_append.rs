@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
+use super::params::KvAppendParams;
 
 pub(super) fn kv_append(
     ex: &mut GpuExecutor,
@@ -30,16 +31,16 @@ pub(super) fn kv_append(
     for a in kv.arenas_for(table, start..start + k.rows) {
         let (ka, va) = (&kv.k[layer][a], &kv.v[layer][a]);
         let lo = (a * kv.pages_per_arena) as u32;
-        let params = [
-            k.rows as u32,
-            start as u32,
-            l.kv_heads as u32,
-            words as u32,
-            l.page_size as u32,
-            lo,
-            kv.pages_per_arena as u32,
-            0,
-        ];
+        let params = KvAppendParams {
+            tokens: k.rows as u32,
+            start: start as u32,
+            kv_heads: l.kv_heads as u32,
+            words: words as u32,
+            page_size: l.page_size as u32,
+            arena_first_page: lo,
+            arena_pages: kv.pages_per_arena as u32,
+            _p0: 0,
+        };
         let b = [
             Binding::from(&k.buf),
             Binding::from(&v.buf),
@@ -47,7 +48,7 @@ pub(super) fn kv_append(
             Binding::from(ka),
             Binding::from(va),
         ];
-        ex.rec.dispatch(&p, &params, &b, groups);
+        ex.rec.dispatch(&p, params.words(), &b, groups);
     }
     Ok(())
 }

@@ -8,6 +8,8 @@ use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
+use super::params::MatmulSmallParams;
+use bytemuck::Zeroable;
 
 pub(super) fn matmul(
     ex: &mut GpuExecutor,
@@ -30,16 +32,16 @@ pub(super) fn matmul(
             .loop_limit
             .is_none_or(|l| (k4 * (1 + m)) as u64 + 1000 < l);
     for chunk in &w.chunks {
-        let params = [
-            m as u32,
-            k4 as u32,
-            chunk.rows as u32,
-            chunk.row_start as u32,
-            y.cols as u32,
-            0,
-            0,
-            0,
-        ];
+        // The tiled kernel's block has the same layout (the layout test checks both).
+        let params = MatmulSmallParams {
+            m: m as u32,
+            k4: k4 as u32,
+            rows: chunk.rows as u32,
+            n_offset: chunk.row_start as u32,
+            y_stride: y.cols as u32,
+            ..Zeroable::zeroed()
+        };
+        let params = params.words();
         let bindings = [
             Binding::from(&x.buf),
             Binding::from(&chunk.buffer),
@@ -60,7 +62,7 @@ pub(super) fn matmul(
                 &[("ROWS_WG", wg as f64)],
             );
             let groups = ex.grid(threads.div_ceil(wg))?;
-            ex.rec.dispatch(&p, &params, &bindings, groups);
+            ex.rec.dispatch(&p, params, &bindings, groups);
         } else if small && !ex.tuning.per_thread_kernels {
             // M * ROWS partial sums per thread must fit the kernel's 64 registers.
             let rows = if m == 1 {
@@ -74,7 +76,7 @@ pub(super) fn matmul(
                 &[("ROWS", rows as f64)],
             );
             let groups = ex.grid(chunk.rows.div_ceil(rows as usize))?;
-            ex.rec.dispatch(&p, &params, &bindings, groups);
+            ex.rec.dispatch(&p, params, &bindings, groups);
         } else {
             let (wx, wy) = ex.tuning.tiled_wg;
             let p = ex.pipeline(
@@ -84,7 +86,7 @@ pub(super) fn matmul(
             );
             let gx = chunk.rows.div_ceil(4 * wx as usize) as u32;
             let gy = m.div_ceil(4 * wy as usize) as u32;
-            ex.rec.dispatch(&p, &params, &bindings, [gx, gy, 1]);
+            ex.rec.dispatch(&p, params, &bindings, [gx, gy, 1]);
         }
     }
     Ok(())

@@ -5,8 +5,7 @@
 //! twin cannot drift apart by field order.
 //!
 //! Kernels not yet moved to their struct (tokenselect, block_sparse, the
-//! attention Params, speculative, and the callers of the registered matmul,
-//! embedding, copy, elementwise and kv_append structs) still pass word arrays.
+//! attention Params and speculative) still pass word arrays.
 
 use crate::shaders::{self, Shader};
 
@@ -72,8 +71,10 @@ macro_rules! kernel_params {
 kernel_params! {
     /// `copy.wgsl`: `n` words.
     CopyParams for COPY::"Params" { n: u32, _p0: u32, _p1: u32, _p2: u32 }
-    /// `elementwise.wgsl`: `n` elements (swiglu, add) or columns (add_bias, mean_rows).
-    ElementwiseParams for ELEMENTWISE::"Params" { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+    /// `elementwise.wgsl`: `n` elements (swiglu, add, add_bias) or columns
+    /// (mean_rows); `cols` the row length (add_bias); `row0..row0 + rows` the
+    /// rows averaged (mean_rows).
+    ElementwiseParams for ELEMENTWISE::"Params" { n: u32, cols: u32, row0: u32, rows: u32 }
     /// `rmsnorm.wgsl`.
     RmsNormParams for RMSNORM::"Params" { rows: u32, cols: u32, eps: f32, _p0: u32 }
     /// `rope.wgsl`.
