@@ -112,10 +112,7 @@ fn policies() -> Vec<(&'static str, AttentionPolicy)> {
                 ..ts
             }),
         ),
-        (
-            "Quest",
-            AttentionPolicy::Quest(QuestConfig::default()),
-        ),
+        ("Quest", AttentionPolicy::Quest(QuestConfig::default())),
         (
             "Quest blocks of 32",
             AttentionPolicy::Quest(QuestConfig {

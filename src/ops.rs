@@ -21,8 +21,8 @@
 //! assert_eq!(ops.download(&y).unwrap(), vec![10.0, 10.0]);
 //! ```
 
-use crate::kv::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
+use crate::kv::{KvLayout, PageTable};
 use half::f16;
 use std::ops::Range;
 
@@ -715,7 +715,10 @@ pub mod check {
     /// `scores` and `votes` holding that many values.
     pub fn ts_vote(scores: usize, votes: usize, q_heads: usize, n: usize) -> Result<()> {
         if q_heads == 0 || scores < q_heads * n || votes < n {
-            return shape_err("ts_vote", format!("{q_heads} heads x {n} candidates do not fit"));
+            return shape_err(
+                "ts_vote",
+                format!("{q_heads} heads x {n} candidates do not fit"),
+            );
         }
         Ok(())
     }

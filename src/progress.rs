@@ -15,4 +15,3 @@ pub(crate) fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
-

@@ -51,8 +51,14 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
                 ex.matmul(&x, &w, &mut y)
             }),
         ),
-        ("weight odd columns", Box::new(|ex: &mut E| ex.weight(&h(3 * 5), 3, 5).map(|_| ()))),
-        ("weight value count", Box::new(|ex: &mut E| ex.weight(&h(7), 2, 4).map(|_| ()))),
+        (
+            "weight odd columns",
+            Box::new(|ex: &mut E| ex.weight(&h(3 * 5), 3, 5).map(|_| ())),
+        ),
+        (
+            "weight value count",
+            Box::new(|ex: &mut E| ex.weight(&h(7), 2, 4).map(|_| ())),
+        ),
         (
             "ts_vote zero heads",
             Box::new(|ex: &mut E| {

@@ -14,20 +14,38 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("sampling", &["error"]),
     ("ops", &["error", "kv", "sampling"]),
     ("gpu", &["error", "shaders"]),
-    ("kernels", &["error", "gpu", "kv", "ops", "sampling", "shaders"]),
+    (
+        "kernels",
+        &["error", "gpu", "kv", "ops", "sampling", "shaders"],
+    ),
     ("reference", &["error", "kv", "ops", "sampling"]),
     ("attention", &["error", "kv", "ops"]),
     ("convert", &["error", "progress"]),
-    ("model", &["error", "kv", "ops", "attention", "convert", "progress"]),
+    (
+        "model",
+        &["error", "kv", "ops", "attention", "convert", "progress"],
+    ),
     ("speculative", &["error", "ops", "sampling"]),
     (
         "generate",
         &[
-            "error", "kv", "ops", "sampling", "gpu", "kernels", "reference", "attention",
-            "convert", "model", "speculative",
+            "error",
+            "kv",
+            "ops",
+            "sampling",
+            "gpu",
+            "kernels",
+            "reference",
+            "attention",
+            "convert",
+            "model",
+            "speculative",
         ],
     ),
-    ("eval", &["error", "generate", "reference", "attention", "ops"]),
+    (
+        "eval",
+        &["error", "generate", "reference", "attention", "ops"],
+    ),
 ];
 
 fn sources(p: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -70,7 +88,9 @@ fn modules_use_only_lower_layers() {
             continue;
         }
         let Some((_, allowed)) = LAYERS.iter().find(|(m, _)| *m == name) else {
-            panic!("src/{name} is not placed in a layer: add it to LAYERS and docs/ARCHITECTURE.md");
+            panic!(
+                "src/{name} is not placed in a layer: add it to LAYERS and docs/ARCHITECTURE.md"
+            );
         };
         seen.insert(name.clone());
         let mut files = Vec::new();
@@ -84,7 +104,11 @@ fn modules_use_only_lower_layers() {
             }
         }
     }
-    assert!(bad.is_empty(), "dependencies that reach up or sideways:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "dependencies that reach up or sideways:\n{}",
+        bad.join("\n")
+    );
     assert_eq!(seen.len(), LAYERS.len(), "LAYERS names a module src/ lacks");
 }
 

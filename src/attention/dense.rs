@@ -50,7 +50,17 @@ pub(crate) fn attend<E: Ops>(
     q: &E::Tensor,
     out: &mut E::Tensor,
 ) -> Result<()> {
-    dense_attention(ops, q, a.kv, a.layer, a.table, a.start, a.seq_len(), a.rope, out)
+    dense_attention(
+        ops,
+        q,
+        a.kv,
+        a.layer,
+        a.table,
+        a.start,
+        a.seq_len(),
+        a.rope,
+        out,
+    )
 }
 
 /// Dense tree attention of a draft tree's nodes (`mask` uploaded), rotated at

@@ -71,7 +71,16 @@ impl<E: Ops> HierarchicalPrefilter<E> {
         };
         let blocks = plan.first_block..plan.first_block + plan.n_blocks;
         let spread = c.prefilter_spread;
-        ops.block_scores(fp, &self.bounds, a.layer, a.table, blocks, spread, scores, gate)?;
+        ops.block_scores(
+            fp,
+            &self.bounds,
+            a.layer,
+            a.table,
+            blocks,
+            spread,
+            scores,
+            gate,
+        )?;
         ops.ts_vote(scores, a.q_heads, plan.n_blocks, votes, gate)?;
         let (n, top, first) = (plan.n_blocks, plan.top, plan.first_block);
         ops.ts_top_k(votes, n, top, first, &mut self.blocks, gate, None)?;

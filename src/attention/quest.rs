@@ -213,7 +213,13 @@ impl<E: Ops> Quest<E> {
 
     /// A decode query: its own block is always attended; the top blocks come
     /// from the whole blocks before it.
-    fn decode(&mut self, ops: &mut E, a: &LayerInput<'_, E>, q: &E::Tensor, out: &mut E::Tensor) -> Result<()> {
+    fn decode(
+        &mut self,
+        ops: &mut E,
+        a: &LayerInput<'_, E>,
+        q: &E::Tensor,
+        out: &mut E::Tensor,
+    ) -> Result<()> {
         let (c, kv_heads) = (self.c, self.shape.layout.kv_heads);
         let Some(buf) = self.buf.as_mut() else {
             return Err(Error::Internal("Quest buffers missing".into()));

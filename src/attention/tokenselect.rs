@@ -391,7 +391,8 @@ impl<E: Ops> TokenSelect<E> {
                 k: c.k,
                 prefilter: self.pre.as_ref().and_then(|_| prefilter::plan(&c, cand)),
             };
-            buf.cache.check(ops, &buf.q_fp, c.cache_threshold, &plan, a.kv, a.table)?;
+            buf.cache
+                .check(ops, &buf.q_fp, c.cache_threshold, &plan, a.kv, a.table)?;
         } else {
             self.uncached_selections += 1;
         }
@@ -431,11 +432,30 @@ impl<E: Ops> TokenSelect<E> {
         match tree {
             Some(mask) => {
                 let list = c.list(sel, a.start, c.n_local - 1);
-                ops.attention_tree(q, a.kv, a.layer, a.table, a.start, mask, Some(&list), a.rope, out)
+                ops.attention_tree(
+                    q,
+                    a.kv,
+                    a.layer,
+                    a.table,
+                    a.start,
+                    mask,
+                    Some(&list),
+                    a.rope,
+                    out,
+                )
             }
             None => {
                 let list = c.list(sel, a.start, c.n_local);
-                ops.attention_decode_list(q, a.kv, a.layer, a.table, a.seq_len(), &list, a.rope, out)
+                ops.attention_decode_list(
+                    q,
+                    a.kv,
+                    a.layer,
+                    a.table,
+                    a.seq_len(),
+                    &list,
+                    a.rope,
+                    out,
+                )
             }
         }
     }
@@ -458,7 +478,9 @@ impl<E: Ops> TokenSelect<E> {
             return Err(Error::Internal("TokenSelect buffers missing".into()));
         };
         let Some(q_raw) = buf.q_raw.as_mut() else {
-            return Err(Error::Internal("TokenSelect raw-query buffer missing".into()));
+            return Err(Error::Internal(
+                "TokenSelect raw-query buffer missing".into(),
+            ));
         };
         ops.copy_rows(q, 0, q_raw, 0, a.n)?;
         ops.rope(q, a.q_heads, q_pos.get(a), a.rope)?;
@@ -467,7 +489,9 @@ impl<E: Ops> TokenSelect<E> {
             let m = sub.rows.len();
             if sub.sparse {
                 let Some(q_raw) = buf.q_raw.as_ref() else {
-                    return Err(Error::Internal("TokenSelect raw-query buffer missing".into()));
+                    return Err(Error::Internal(
+                        "TokenSelect raw-query buffer missing".into(),
+                    ));
                 };
                 ops.mean_rows(q_raw, sub.rows.clone(), &mut buf.q_fp)?;
                 ops.rope(&mut buf.q_fp, a.q_heads, &buf.fp_pos, a.rope)?;
@@ -519,7 +543,18 @@ fn select<E: Ops>(
     let slots = pf.as_ref().map_or(cand, |pf| pf.slots());
     let (kv, layer, table) = (a.kv, a.layer, a.table);
     let map = c.gqa_map;
-    ops.ts_score(fp, kv, layer, table, c.n_init, cand, map, scores, gate, pf.as_ref())?;
+    ops.ts_score(
+        fp,
+        kv,
+        layer,
+        table,
+        c.n_init,
+        cand,
+        map,
+        scores,
+        gate,
+        pf.as_ref(),
+    )?;
     ops.ts_vote(scores, a.q_heads, slots, votes, gate)?;
     let selected = &mut buf.selected[layer];
     ops.ts_top_k(votes, slots, c.k, c.n_init, selected, gate, pf.as_ref())

@@ -2,8 +2,8 @@
 //! selects the top candidates on the device; only those come back here.
 
 use crate::error::{Error, Result};
-pub use crate::sampling::SamplingParams;
 use crate::sampling::target_distribution;
+pub use crate::sampling::SamplingParams;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Seeded sampler state.

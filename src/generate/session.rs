@@ -3,8 +3,8 @@
 
 use super::sampler::Sampler;
 use crate::attention::{Attention, AttentionPolicy};
-use crate::kv::{KvLayout, PageAllocator, PageTable};
 use crate::error::{Error, Result};
+use crate::kv::{KvLayout, PageAllocator, PageTable};
 use crate::model::{Llama, Workspace};
 use crate::ops::Ops;
 use crate::sampling::{accept_stride, AcceptParams};

@@ -4,9 +4,9 @@
 //! with one pass per arena, the online-softmax state carried between passes.
 
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use crate::kv::PageTable;
 use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
+use crate::kv::PageTable;
 use crate::ops::{check, KeyList};
 use crate::shaders;
 use std::ops::Range;

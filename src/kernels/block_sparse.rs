@@ -2,9 +2,9 @@
 
 use super::tokenselect::{launch, radix_top_k, GpuGate, RadixKeys};
 use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use crate::kv::{KvLayout, PageTable};
 use crate::error::Result;
 use crate::gpu::{buffer, Binding};
+use crate::kv::{KvLayout, PageTable};
 use crate::ops::check;
 use crate::shaders;
 

@@ -20,7 +20,11 @@ pub(super) fn binary(
     let groups = ex.grid(n.div_ceil(64))?;
     ex.rec.dispatch(
         &p,
-        ElementwiseParams { n: n as u32, ..Zeroable::zeroed() }.words(),
+        ElementwiseParams {
+            n: n as u32,
+            ..Zeroable::zeroed()
+        }
+        .words(),
         &[Binding::from(&a.buf), Binding::from(&b.buf)],
         groups,
     );
@@ -38,7 +42,12 @@ pub(super) fn add_bias(
     let groups = ex.grid(n.div_ceil(64))?;
     ex.rec.dispatch(
         &p,
-        ElementwiseParams { n: n as u32, cols: x.cols as u32, ..Zeroable::zeroed() }.words(),
+        ElementwiseParams {
+            n: n as u32,
+            cols: x.cols as u32,
+            ..Zeroable::zeroed()
+        }
+        .words(),
         &[Binding::from(&x.buf), Binding::from(&bias.chunks[0].buffer)],
         groups,
     );

@@ -1,11 +1,11 @@
 //! Embedding gather (`embedding.wgsl`), one dispatch per chunk of the table.
 
+use super::params::EmbeddingParams;
 use super::{GpuExecutor, GpuIds, GpuTensor, GpuWeight};
 use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
-use super::params::EmbeddingParams;
 
 pub(super) fn embed(
     ex: &mut GpuExecutor,

@@ -1,13 +1,13 @@
 //! KV append (`kv_append.wgsl`): one pass per arena buffer; KV moves for
 //! committing accepted draft tokens (buffer copies).
 
+use super::params::KvAppendParams;
 use super::{GpuExecutor, GpuKv, GpuTensor};
-use crate::kv::PageTable;
 use crate::error::Result;
 use crate::gpu::Binding;
+use crate::kv::PageTable;
 use crate::ops::check;
 use crate::shaders;
-use super::params::KvAppendParams;
 
 pub(super) fn kv_append(
     ex: &mut GpuExecutor,

@@ -3,12 +3,12 @@
 //! drivers), `matmul_tiled.wgsl` for prefill (and 2..=16 rows on CPU drivers). Weights split
 //! across bindings are processed chunk by chunk, each writing its column range.
 
+use super::params::MatmulSmallParams;
 use super::{GpuExecutor, GpuTensor, GpuWeight};
 use crate::error::Result;
 use crate::gpu::Binding;
 use crate::ops::check;
 use crate::shaders;
-use super::params::MatmulSmallParams;
 use bytemuck::Zeroable;
 
 pub(super) fn matmul(

@@ -19,10 +19,10 @@ mod sampling;
 mod speculative;
 mod tokenselect;
 
-use crate::kv::{KvLayout, PageTable};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
 use crate::gpu::{GpuContext, PipelineCache, Recorder};
+use crate::kv::{KvLayout, PageTable};
 use crate::ops::{GqaMap, KeyList, Ops, Prefilter, RopeConfig};
 use half::f16;
 use std::collections::HashMap;

@@ -5,8 +5,8 @@ use super::{GpuExecutor, GpuIds, GpuTensor};
 use crate::error::{shape_err, Result};
 use crate::gpu::Binding;
 use crate::ops::check;
-use crate::shaders;
 use crate::sampling::AcceptParams;
+use crate::shaders;
 
 pub(super) fn draft(
     ex: &mut GpuExecutor,

@@ -5,9 +5,9 @@
 //! zero workgroups on a hit.
 
 use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor};
-use crate::kv::PageTable;
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{buffer, Binding, Pipeline};
+use crate::kv::PageTable;
 use crate::ops::{check, GqaMap, Prefilter, SelectPlan};
 use crate::shaders;
 use std::cell::Cell;

@@ -4,8 +4,8 @@
 use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::attention::{Attention, LayerInput, Step};
-use crate::kv::PageTable;
 use crate::error::Result;
+use crate::kv::PageTable;
 use crate::ops::Ops;
 
 struct Layer<E: Ops> {
@@ -203,7 +203,13 @@ impl<E: Ops> Llama<E> {
         ops.embed(tokens, &self.embed, &mut ws.x)?;
         match tree {
             Some(mask) => attn.begin(ops, Step::Tree { mask, start })?,
-            None => attn.begin(ops, Step::Tokens { n, seq_len: start + n })?,
+            None => attn.begin(
+                ops,
+                Step::Tokens {
+                    n,
+                    seq_len: start + n,
+                },
+            )?,
         }
         for (i, l) in self.layers.iter().enumerate() {
             ops.rms_norm(&ws.x, &l.in_norm, c.eps, &mut ws.h)?;

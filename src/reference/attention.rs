@@ -91,8 +91,7 @@ pub(super) fn tree(
     };
     keys.extend((0..n).map(|j| (prefix_len + j, base + mask[4 * n + j] as usize)));
     let heads = gather(kv, layer, table, &keys, rope);
-    let sees =
-        |i: usize, r: usize| r < before || crate::ops::tree_sees(mask, i, r - before);
+    let sees = |i: usize, r: usize| r < before || crate::ops::tree_sees(mask, i, r - before);
     let d = kv.layout.head_dim;
     let visible = |i: usize| before + i + 1;
     attend(

@@ -8,8 +8,8 @@ pub mod block_sparse;
 mod speculative;
 pub mod tokenselect;
 
-use crate::kv::{KvLayout, PageTable};
 use crate::error::{Error, Result};
+use crate::kv::{KvLayout, PageTable};
 use crate::ops::{check, GqaMap, KeyList, Ops, Prefilter, RopeConfig, SelectPlan};
 use half::f16;
 use rayon::prelude::*;
