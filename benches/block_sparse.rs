@@ -20,7 +20,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops, Selection};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::{KeyList, Selection};
 use std::time::Duration;
 
 mod common;
@@ -60,7 +61,7 @@ fn benches(c: &mut Criterion) {
             let q = ex.upload(&vec![0.1; qh * d], 1, qh * d).unwrap();
             let mut out = ex.tensor(1, qh * d).unwrap();
             let mut bounds = ex.block_bounds(&kv.layout, BLOCK, true).unwrap();
-            ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)
+            ex.kv_bounds(&KvView::new(&kv, 0, &table, &rope), &mut bounds, 0..len)
                 .unwrap();
             ex.flush().unwrap();
             let last = (len - 1) / BLOCK;
@@ -74,7 +75,7 @@ fn benches(c: &mut Criterion) {
             g.bench_function(id("dense"), |b| {
                 b.iter_custom(|it| {
                     timed(&mut ex, it, |ex| {
-                        ex.attention_decode(&q, &kv, 0, &table, len, &rope, &mut out)
+                        ex.attention_decode(&q, &KvView::new(&kv, 0, &table, &rope), len, &mut out)
                             .unwrap()
                     })
                 })
@@ -82,8 +83,12 @@ fn benches(c: &mut Criterion) {
             g.bench_function(id("quest"), |b| {
                 b.iter_custom(|it| {
                     timed(&mut ex, it, |ex| {
-                        ex.kv_bounds(&kv, &mut bounds, 0, &table, len - 1..len, &rope)
-                            .unwrap();
+                        ex.kv_bounds(
+                            &KvView::new(&kv, 0, &table, &rope),
+                            &mut bounds,
+                            len - 1..len,
+                        )
+                        .unwrap();
                         ex.block_group_scores(&q, &bounds, 0, &table, 0..last, &mut group)
                             .unwrap();
                         ex.block_top_k(&group, kh, last, top, &mut blocks).unwrap();
@@ -96,8 +101,14 @@ fn benches(c: &mut Criterion) {
                             compact: false,
                             selection: Selection::KvHeadBlocks(BLOCK),
                         };
-                        ex.attention_decode_list(&q, &kv, 0, &table, len, &list, &rope, &mut out)
-                            .unwrap();
+                        ex.attention_decode_list(
+                            &q,
+                            &KvView::new(&kv, 0, &table, &rope),
+                            len,
+                            &list,
+                            &mut out,
+                        )
+                        .unwrap();
                     })
                 })
             });
@@ -113,18 +124,29 @@ fn benches(c: &mut Criterion) {
                             compact: false,
                             selection: Selection::KvHeadTokens,
                         };
-                        ex.attention_decode_list(&q, &kv, 0, &table, len, &list, &rope, &mut out)
-                            .unwrap();
+                        ex.attention_decode_list(
+                            &q,
+                            &KvView::new(&kv, 0, &table, &rope),
+                            len,
+                            &list,
+                            &mut out,
+                        )
+                        .unwrap();
                     })
                 })
             });
             g.bench_function(id("tidal_select"), |b| {
                 b.iter_custom(|it| {
                     timed(&mut ex, it, |ex| {
-                        ex.attention_decode(&q, &kv, 0, &table, len, &rope, &mut out)
+                        ex.attention_decode(&q, &KvView::new(&kv, 0, &table, &rope), len, &mut out)
                             .unwrap();
-                        ex.token_scores(&q, &kv, 0, &table, len - 1, &rope, &mut scores)
-                            .unwrap();
+                        ex.token_scores(
+                            &q,
+                            &KvView::new(&kv, 0, &table, &rope),
+                            len - 1,
+                            &mut scores,
+                        )
+                        .unwrap();
                         ex.block_top_k(&scores, kh, len - 1, BUDGET, &mut tokens)
                             .unwrap();
                     })
@@ -161,7 +183,7 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
         let mut fp = ex.tensor(1, w).unwrap();
         let mut out = ex.tensor(SUB, w).unwrap();
         let mut bounds = ex.block_bounds(&kv.layout, BLOCK, true).unwrap();
-        ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)
+        ex.kv_bounds(&KvView::new(&kv, 0, &table, &rope), &mut bounds, 0..len)
             .unwrap();
         ex.flush().unwrap();
         let q_start = len - SUB;
@@ -175,8 +197,14 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
         g.bench_function(id("dense"), |b| {
             b.iter_custom(|it| {
                 timed(ex, it, |ex| {
-                    ex.attention_prefill(&q, &kv, 0, &table, q_start, len, &rope, &mut out)
-                        .unwrap()
+                    ex.attention_prefill(
+                        &q,
+                        &KvView::new(&kv, 0, &table, &rope),
+                        q_start,
+                        len,
+                        &mut out,
+                    )
+                    .unwrap()
                 })
             })
         });
@@ -199,13 +227,10 @@ fn prefill_benches(c: &mut Criterion, ex: &mut GpuExecutor) {
                     };
                     ex.attention_prefill_list(
                         &q,
-                        &kv,
-                        0,
-                        &table,
+                        &KvView::new(&kv, 0, &table, &rope),
                         0..SUB,
                         q_start,
                         &list,
-                        &rope,
                         &mut out,
                     )
                     .unwrap();

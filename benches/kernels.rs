@@ -11,7 +11,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use kvsieve::kernels::{copy_buffer, GpuExecutor};
-use kvsieve::ops::Ops;
+use kvsieve::ops::prelude::*;
 use std::time::Duration;
 
 mod common;
@@ -111,8 +111,13 @@ fn bench_decode(c: &mut Criterion, ex: &mut GpuExecutor) {
             g.bench_function(BenchmarkId::new(name, format!("{}k", len / 1024)), |b| {
                 b.iter_custom(|iters| {
                     timed(ex, iters, |ex| {
-                        ex.attention_decode(&q, &cc.kv, 0, &cc.table, len, &cc.rope, &mut out)
-                            .unwrap()
+                        ex.attention_decode(
+                            &q,
+                            &KvView::new(&cc.kv, 0, &cc.table, &cc.rope),
+                            len,
+                            &mut out,
+                        )
+                        .unwrap()
                     })
                 })
             });
@@ -149,12 +154,9 @@ fn bench_prefill(c: &mut Criterion, ex: &mut GpuExecutor) {
                     timed(ex, iters, |ex| {
                         ex.attention_prefill(
                             &q,
-                            &cc.kv,
-                            0,
-                            &cc.table,
+                            &KvView::new(&cc.kv, 0, &cc.table, &cc.rope),
                             len - chunk,
                             len,
-                            &cc.rope,
                             &mut out,
                         )
                         .unwrap()

@@ -16,7 +16,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvsieve::attention::PageTable;
 use kvsieve::kernels::{GpuBounds, GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use kvsieve::ops::{GqaMap, KeyList, Ops, Prefilter, SelectPlan, Selection};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::{GqaMap, KeyList, Prefilter, SelectPlan, Selection};
 use std::time::Duration;
 
 mod common;
@@ -87,7 +88,7 @@ fn setup(
     let outp = ex.tensor(CHUNK, qh * d).unwrap();
     let fp = ex.tensor(1, qh * d).unwrap();
     let mut bounds = ex.block_bounds(&kv.layout, BLOCK, false)?;
-    ex.kv_bounds(&kv, &mut bounds, 0, &table, 0..len, &rope)?;
+    ex.kv_bounds(&KvView::new(&kv, 0, &table, &rope), &mut bounds, 0..len)?;
     let blocks = ex.ids(&vec![0u32; PREFILTER_BLOCKS])?;
     Ok(Setup {
         kv,
@@ -124,8 +125,14 @@ fn sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
         compact: true,
         selection: Selection::Shared,
     };
-    ex.attention_decode_list(&s.q, &s.kv, 0, &s.table, len, &list, &s.rope, &mut s.out)
-        .unwrap();
+    ex.attention_decode_list(
+        &s.q,
+        &KvView::new(&s.kv, 0, &s.table, &s.rope),
+        len,
+        &list,
+        &mut s.out,
+    )
+    .unwrap();
 }
 
 fn selection(
@@ -138,9 +145,7 @@ fn selection(
     let n = len - N_INIT - N_LOCAL;
     ex.ts_score(
         &s.q,
-        &s.kv,
-        0,
-        &s.table,
+        &KvView::new(&s.kv, 0, &s.table, &s.rope),
         N_INIT,
         n,
         GqaMap::Grouped,
@@ -194,9 +199,7 @@ fn hierarchical_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: u
     };
     ex.ts_score(
         &s.q,
-        &s.kv,
-        0,
-        &s.table,
+        &KvView::new(&s.kv, 0, &s.table, &s.rope),
         N_INIT,
         n,
         GqaMap::Grouped,
@@ -220,9 +223,7 @@ fn prefill_selection(ex: &mut GpuExecutor, s: &mut Setup, qh: usize, len: usize)
     ex.mean_rows(&s.qp, 0..CHUNK, &mut s.fp).unwrap();
     ex.ts_score(
         &s.fp,
-        &s.kv,
-        0,
-        &s.table,
+        &KvView::new(&s.kv, 0, &s.table, &s.rope),
         N_INIT,
         n,
         GqaMap::Grouped,
@@ -250,13 +251,10 @@ fn prefill_sparse_attention(ex: &mut GpuExecutor, s: &mut Setup, len: usize) {
     };
     ex.attention_prefill_list(
         &s.qp,
-        &s.kv,
-        0,
-        &s.table,
+        &KvView::new(&s.kv, 0, &s.table, &s.rope),
         0..CHUNK,
         q_start,
         &list,
-        &s.rope,
         &mut s.outp,
     )
     .unwrap();
@@ -296,12 +294,9 @@ fn prefill_benches(c: &mut Criterion) {
                     timed(&mut ex, it, |ex| {
                         ex.attention_prefill(
                             &s.qp,
-                            &s.kv,
-                            0,
-                            &s.table,
+                            &KvView::new(&s.kv, 0, &s.table, &s.rope),
                             len - CHUNK,
                             len,
-                            &s.rope,
                             &mut s.outp,
                         )
                         .unwrap()
@@ -353,8 +348,13 @@ fn benches(c: &mut Criterion) {
             g.bench_function(id("dense"), |b| {
                 b.iter_custom(|it| {
                     timed(&mut ex, it, |ex| {
-                        ex.attention_decode(&s.q, &s.kv, 0, &s.table, len, &s.rope, &mut s.out)
-                            .unwrap()
+                        ex.attention_decode(
+                            &s.q,
+                            &KvView::new(&s.kv, 0, &s.table, &s.rope),
+                            len,
+                            &mut s.out,
+                        )
+                        .unwrap()
                     })
                 })
             });
@@ -401,8 +401,7 @@ fn benches(c: &mut Criterion) {
                             &mut s.cached,
                             0.9,
                             &plan,
-                            &s.kv,
-                            &s.table,
+                            &KvView::new(&s.kv, 0, &s.table, &s.rope),
                             &mut gate,
                         )
                         .unwrap();

@@ -6,7 +6,8 @@
 
 use kvsieve::attention::{dense_attention, KvLayout, PageAllocator};
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{Ops, RopeConfig};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::RopeConfig;
 use kvsieve::reference::RefExecutor;
 
 fn main() -> kvsieve::Result<()> {
@@ -52,10 +53,24 @@ fn main() -> kvsieve::Result<()> {
     let (qg, qc) = (gpu.upload(&q, 1, qh * d)?, cpu.upload(&q, 1, qh * d)?);
     let (mut og, mut oc) = (gpu.tensor(1, qh * d)?, cpu.tensor(1, qh * d)?);
     let t = std::time::Instant::now();
-    dense_attention(&mut gpu, &qg, &kv_g, 0, &table, len - 1, len, &rg, &mut og)?;
+    dense_attention(
+        &mut gpu,
+        &qg,
+        &KvView::new(&kv_g, 0, &table, &rg),
+        len - 1,
+        len,
+        &mut og,
+    )?;
     let got = gpu.download(&og)?;
     let gpu_ms = t.elapsed().as_secs_f64() * 1e3;
-    dense_attention(&mut cpu, &qc, &kv_c, 0, &table, len - 1, len, &rc, &mut oc)?;
+    dense_attention(
+        &mut cpu,
+        &qc,
+        &KvView::new(&kv_c, 0, &table, &rc),
+        len - 1,
+        len,
+        &mut oc,
+    )?;
     let err = got
         .iter()
         .zip(&oc.data)

@@ -29,7 +29,8 @@ use kvsieve::eval::{agreement, passkey_trial, teacher_forced_argmaxes};
 use kvsieve::generate::{Backend, Engine, GenerateParams, Options};
 use kvsieve::kernels::GpuExecutor;
 use kvsieve::model::ModelConfig;
-use kvsieve::ops::{Ops, RopeConfig};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::RopeConfig;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -271,14 +272,11 @@ fn layer_step_ms(
         for layer in 0..cfg.layers {
             ex.copy_rows(&q0, 0, &mut q, 0, 1)?;
             let input = LayerInput {
-                layer,
+                cache: KvView::new(&kv, layer, &table, &rope),
                 q_heads: cfg.heads,
                 positions: &pos,
-                kv: &kv,
-                table: &table,
                 start: len - 1,
                 n: 1,
-                rope: &rope,
             };
             att.layer(ex, &input, &mut q, &mut out)?;
         }

@@ -21,7 +21,7 @@ struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
     arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
-    rotate: u32, alpha_bits: u32, sum_only: u32, _p2: u32,
+    rotate: u32, alpha: f32, sum_only: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> pages: array<u32>;
@@ -125,7 +125,7 @@ fn head_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let o = u32(th.o);
     let half_w = p.head_dim / 2u;
     let group = p.q_heads / p.kv_heads;
-    let alpha = bitcast<f32>(p.alpha_bits);
+    let alpha = p.alpha;
     for (var h = g * group; h < (g + 1u) * group; h++) {
         var s = vec2<f32>(0.0);
         for (var w = 0u; w < half_w; w++) {

@@ -104,23 +104,9 @@ impl AcceptParams {
             seed,
         }
     }
-
-    /// The uniform parameter words of `speculative.wgsl`'s accept kernel.
-    pub fn words(&self, n: usize, vocab: usize, depth: usize) -> [u32; 8] {
-        [
-            n as u32,
-            vocab as u32,
-            self.top_k as u32,
-            depth as u32,
-            self.temperature.to_bits(),
-            self.top_p.to_bits(),
-            self.seed as u32,
-            (self.seed >> 32) as u32,
-        ]
-    }
 }
 
-/// Output words per trial of [`crate::ops::Ops::spec_accept`] for trees whose
+/// Output words per trial of [`crate::ops::SpeculationOps::spec_accept`] for trees whose
 /// longest path has `depth` nodes.
 pub fn accept_stride(depth: usize) -> usize {
     2 + 2 * depth

@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops, Selection};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::{KeyList, Selection};
 use kvsieve::reference::{dot, RefExecutor};
 
 /// Bounds built in two updates (the second continues a partial block), scores
@@ -31,9 +32,13 @@ fn case(
     let cut = len / 2 + 3;
     for range in [0..cut, cut..len] {
         f.cpu
-            .kv_bounds(&f.kvc, &mut bc, 0, &f.table, range.clone(), &rc)
+            .kv_bounds(
+                &KvView::new(&f.kvc, 0, &f.table, &rc),
+                &mut bc,
+                range.clone(),
+            )
             .unwrap();
-        ex.kv_bounds(&f.kvg, &mut bg, 0, &f.table, range, &rg)
+        ex.kv_bounds(&KvView::new(&f.kvg, 0, &f.table, &rg), &mut bg, range)
             .unwrap();
     }
     let end = len.div_ceil(block);
@@ -139,10 +144,10 @@ fn bad_block_sizes_and_ranges_are_errors() {
     let mut b = ex.block_bounds(&f.layout, 16, true).unwrap();
     let rope = ex.rope_table(&rope_cfg(64, 100)).unwrap();
     assert!(ex
-        .kv_bounds(&f.kvg, &mut b, 1, &f.table, 0..10, &rope)
+        .kv_bounds(&KvView::new(&f.kvg, 1, &f.table, &rope), &mut b, 0..10)
         .is_err());
     assert!(ex
-        .kv_bounds(&f.kvg, &mut b, 0, &f.table, 0..10_000, &rope)
+        .kv_bounds(&KvView::new(&f.kvg, 0, &f.table, &rope), &mut b, 0..10_000)
         .is_err());
     let q = ex.tensor(1, 9 * 64).unwrap();
     let mut out = ex.tensor(9, 3).unwrap();
@@ -257,13 +262,25 @@ fn block_list_decode_matches_reference() {
                 };
                 let mut oc = f.cpu.tensor(1, qh * d).unwrap();
                 f.cpu
-                    .attention_decode_list(&qc, &f.kvc, 0, &f.table, len, &lc, &rc, &mut oc)
+                    .attention_decode_list(
+                        &qc,
+                        &KvView::new(&f.kvc, 0, &f.table, &rc),
+                        len,
+                        &lc,
+                        &mut oc,
+                    )
                     .unwrap();
                 let sg = ex.ids(ids).unwrap();
                 let lg = lc.with_selected(&sg);
                 let mut og = ex.tensor(1, qh * d).unwrap();
-                ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &lg, &rg, &mut og)
-                    .unwrap();
+                ex.attention_decode_list(
+                    &qg,
+                    &KvView::new(&f.kvg, 0, &f.table, &rg),
+                    len,
+                    &lg,
+                    &mut og,
+                )
+                .unwrap();
                 (oc.data, ex.download(&og).unwrap())
             };
             // Different blocks per KV head, in no particular order.
@@ -277,11 +294,11 @@ fn block_list_decode_matches_reference() {
             let all: Vec<u32> = (0..kh).flat_map(|_| 0..last as u32).collect();
             let (c, g) = run(&mut ex, &mut f, &all, last);
             let mut dense = ex.tensor(1, qh * d).unwrap();
-            ex.attention_decode(&qg, &f.kvg, 0, &f.table, len, &rg, &mut dense)
+            ex.attention_decode(&qg, &KvView::new(&f.kvg, 0, &f.table, &rg), len, &mut dense)
                 .unwrap();
             let mut dc = f.cpu.tensor(1, qh * d).unwrap();
             f.cpu
-                .attention_decode(&qc, &f.kvc, 0, &f.table, len, &rc, &mut dc)
+                .attention_decode(&qc, &KvView::new(&f.kvc, 0, &f.table, &rc), len, &mut dc)
                 .unwrap();
             assert_close("reference: all blocks = dense", &c, &dc.data, 1e-5, 1e-4);
             assert_close(
@@ -335,13 +352,10 @@ fn block_list_prefill_matches_reference() {
             f.cpu
                 .attention_prefill_list(
                     &qc,
-                    &f.kvc,
-                    0,
-                    &f.table,
+                    &KvView::new(&f.kvc, 0, &f.table, &rc),
                     r0..r0 + m,
                     q_start,
                     &lc,
-                    &rc,
                     &mut oc,
                 )
                 .unwrap();
@@ -350,13 +364,10 @@ fn block_list_prefill_matches_reference() {
             let mut og = ex.tensor(rows, w).unwrap();
             ex.attention_prefill_list(
                 &qg,
-                &f.kvg,
-                0,
-                &f.table,
+                &KvView::new(&f.kvg, 0, &f.table, &rg),
                 r0..r0 + m,
                 q_start,
                 &lg,
-                &rg,
                 &mut og,
             )
             .unwrap();
@@ -393,7 +404,13 @@ fn block_list_prefill_matches_reference() {
         let mut dc = f.cpu.tensor(m, w).unwrap();
         let qd = f.cpu.upload(&chunk(&q), m, w).unwrap();
         f.cpu
-            .attention_prefill(&qd, &f.kvc, 0, &f.table, q_start, len, &rc, &mut dc)
+            .attention_prefill(
+                &qd,
+                &KvView::new(&f.kvc, 0, &f.table, &rc),
+                q_start,
+                len,
+                &mut dc,
+            )
             .unwrap();
         assert_close(
             "reference: all blocks = dense prefill",
@@ -404,8 +421,14 @@ fn block_list_prefill_matches_reference() {
         );
         let qd = ex.upload(&chunk(&q), m, w).unwrap();
         let mut dg = ex.tensor(m, w).unwrap();
-        ex.attention_prefill(&qd, &f.kvg, 0, &f.table, q_start, len, &rg, &mut dg)
-            .unwrap();
+        ex.attention_prefill(
+            &qd,
+            &KvView::new(&f.kvg, 0, &f.table, &rg),
+            q_start,
+            len,
+            &mut dg,
+        )
+        .unwrap();
         assert_close(
             "gpu: all blocks = dense prefill",
             &g,
@@ -435,10 +458,10 @@ fn token_scores_match_reference() {
         );
         let mut sc = f.cpu.tensor(kh, n + 2).unwrap();
         f.cpu
-            .token_scores(&qc, &f.kvc, 0, &f.table, n, &rc, &mut sc)
+            .token_scores(&qc, &KvView::new(&f.kvc, 0, &f.table, &rc), n, &mut sc)
             .unwrap();
         let mut sg = ex.tensor(kh, n + 2).unwrap();
-        ex.token_scores(&qg, &f.kvg, 0, &f.table, n, &rg, &mut sg)
+        ex.token_scores(&qg, &KvView::new(&f.kvg, 0, &f.table, &rg), n, &mut sg)
             .unwrap();
         assert_close(
             &format!("token scores {qh}/{kh}/{d}"),

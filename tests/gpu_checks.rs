@@ -5,7 +5,7 @@
 mod common;
 
 use half::f16;
-use kvsieve::ops::Ops;
+use kvsieve::ops::prelude::*;
 use kvsieve::reference::RefExecutor;
 use kvsieve::Error;
 

@@ -8,7 +8,8 @@ use common::*;
 use half::f16;
 use kvsieve::attention::{dense_attention, KvLayout, PageAllocator};
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{Llama3Scaling, Ops, RopeConfig};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::{Llama3Scaling, RopeConfig};
 use kvsieve::reference::RefExecutor;
 use kvsieve::Error;
 
@@ -313,12 +314,25 @@ fn check_attention(
     let qc = cpu.upload(&q, n_q, q_heads * d).unwrap();
     let mut oc = cpu.tensor(n_q, q_heads * d).unwrap();
     dense_attention(
-        &mut cpu, &qc, &kvc, layer, &table, q_start, kv_len, &rc, &mut oc,
+        &mut cpu,
+        &qc,
+        &KvView::new(&kvc, layer, &table, &rc),
+        q_start,
+        kv_len,
+        &mut oc,
     )
     .unwrap();
     let qg = ex.upload(&q, n_q, q_heads * d).unwrap();
     let mut og = ex.tensor(n_q, q_heads * d).unwrap();
-    dense_attention(ex, &qg, &kvg, layer, &table, q_start, kv_len, &rg, &mut og).unwrap();
+    dense_attention(
+        ex,
+        &qg,
+        &KvView::new(&kvg, layer, &table, &rg),
+        q_start,
+        kv_len,
+        &mut og,
+    )
+    .unwrap();
     let got = ex.download(&og).unwrap();
     // Outputs are convex combinations of f16 values in [-1, 1]; f32 online softmax
     // in another order differs by a few ulps of the exp sums.
@@ -423,17 +437,17 @@ fn attention_rejects_bad_input() {
     let mut o = ex.tensor(1, 3 * 16).unwrap();
     // 3 query heads over 2 KV heads is not a whole group.
     assert!(matches!(
-        ex.attention_decode(&q, &kv, 0, &t, 5, &rope, &mut o),
+        ex.attention_decode(&q, &KvView::new(&kv, 0, &t, &rope), 5, &mut o),
         Err(Error::Shape { .. })
     ));
     let q = ex.tensor(1, 4 * 16).unwrap();
     let mut o = ex.tensor(1, 4 * 16).unwrap();
     // More keys than reserved pages, and a layer that does not exist.
     assert!(ex
-        .attention_decode(&q, &kv, 0, &t, 25, &rope, &mut o)
+        .attention_decode(&q, &KvView::new(&kv, 0, &t, &rope), 25, &mut o)
         .is_err());
     assert!(ex
-        .attention_decode(&q, &kv, 1, &t, 5, &rope, &mut o)
+        .attention_decode(&q, &KvView::new(&kv, 1, &t, &rope), 5, &mut o)
         .is_err());
     // The pool is exhausted: a typed capacity error, and nothing changes.
     assert!(matches!(

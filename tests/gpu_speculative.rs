@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{KeyList, Ops, Selection};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::{KeyList, Selection};
 use kvsieve::reference::RefExecutor;
 use kvsieve::speculative::{accept_stride, greedy_path, AcceptParams, Accepted, DraftTree};
 use rand::Rng;
@@ -69,13 +70,10 @@ fn tree_case(
     f.cpu
         .attention_tree(
             &qc,
-            &f.kvc,
-            0,
-            &f.table,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
             prefix,
             &mask,
             lists.as_ref().map(|l| &l.0),
-            &rc,
             &mut oc,
         )
         .unwrap();
@@ -84,13 +82,10 @@ fn tree_case(
     let mut og = ex.tensor(n, qh * d).unwrap();
     ex.attention_tree(
         &qg,
-        &f.kvg,
-        0,
-        &f.table,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
         prefix,
         &mg,
         lists.as_ref().map(|l| &l.1),
-        &rg,
         &mut og,
     )
     .unwrap();
@@ -180,18 +175,22 @@ fn a_full_list_tree_is_dense_tree_attention() {
     f.cpu
         .attention_tree(
             &qc,
-            &f.kvc,
-            0,
-            &f.table,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
             prefix,
             &mask,
             Some(&lc),
-            &rc,
             &mut a,
         )
         .unwrap();
     f.cpu
-        .attention_tree(&qc, &f.kvc, 0, &f.table, prefix, &mask, None, &rc, &mut b)
+        .attention_tree(
+            &qc,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
+            prefix,
+            &mask,
+            None,
+            &mut b,
+        )
         .unwrap();
     assert_close(
         "reference: full list = dense tree",
@@ -204,18 +203,22 @@ fn a_full_list_tree_is_dense_tree_attention() {
     let (mut ga, mut gb) = (ex.tensor(n, qh * d).unwrap(), ex.tensor(n, qh * d).unwrap());
     ex.attention_tree(
         &qg,
-        &f.kvg,
-        0,
-        &f.table,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
         prefix,
         &mg,
         Some(&lg),
-        &rg,
         &mut ga,
     )
     .unwrap();
-    ex.attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &mg, None, &rg, &mut gb)
-        .unwrap();
+    ex.attention_tree(
+        &qg,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
+        prefix,
+        &mg,
+        None,
+        &mut gb,
+    )
+    .unwrap();
     assert_close(
         "gpu: full list = dense tree",
         &ex.download(&ga).unwrap(),
@@ -227,13 +230,10 @@ fn a_full_list_tree_is_dense_tree_attention() {
     assert!(ex
         .attention_tree(
             &qg,
-            &f.kvg,
-            0,
-            &f.table,
+            &KvView::new(&f.kvg, 0, &f.table, &rg),
             prefix,
             &mg,
             Some(&bad),
-            &rg,
             &mut ga
         )
         .is_err());
@@ -255,10 +255,23 @@ fn a_chain_tree_is_causal_prefill() {
     let qg = ex.upload(&q, n, qh * d).unwrap();
     let (mut a, mut b) = (ex.tensor(n, qh * d).unwrap(), ex.tensor(n, qh * d).unwrap());
     let mg = ex.ids(&chain.mask().unwrap()).unwrap();
-    ex.attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &mg, None, &rg, &mut a)
-        .unwrap();
-    ex.attention_prefill(&qg, &f.kvg, 0, &f.table, prefix, len, &rg, &mut b)
-        .unwrap();
+    ex.attention_tree(
+        &qg,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
+        prefix,
+        &mg,
+        None,
+        &mut a,
+    )
+    .unwrap();
+    ex.attention_prefill(
+        &qg,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
+        prefix,
+        len,
+        &mut b,
+    )
+    .unwrap();
     assert_close(
         "chain = causal",
         &ex.download(&a).unwrap(),
@@ -269,7 +282,14 @@ fn a_chain_tree_is_causal_prefill() {
     // A mask of the wrong size is an error, not a panic.
     let short = ex.ids(&[0u32; 7]).unwrap();
     assert!(ex
-        .attention_tree(&qg, &f.kvg, 0, &f.table, prefix, &short, None, &rg, &mut a)
+        .attention_tree(
+            &qg,
+            &KvView::new(&f.kvg, 0, &f.table, &rg),
+            prefix,
+            &short,
+            None,
+            &mut a
+        )
         .is_err());
     let _ = &mut f.cpu;
 }
@@ -373,10 +393,20 @@ fn kv_move_matches_reference() {
             ex.tensor(1, 9 * d).unwrap(),
         );
         f.cpu
-            .attention_decode(&qc, &f.kvc, 0, &f.table, dst + 1, &rc, &mut oc)
+            .attention_decode(
+                &qc,
+                &KvView::new(&f.kvc, 0, &f.table, &rc),
+                dst + 1,
+                &mut oc,
+            )
             .unwrap();
-        ex.attention_decode(&qg, &f.kvg, 0, &f.table, dst + 1, &rg, &mut og)
-            .unwrap();
+        ex.attention_decode(
+            &qg,
+            &KvView::new(&f.kvg, 0, &f.table, &rg),
+            dst + 1,
+            &mut og,
+        )
+        .unwrap();
         assert_close(
             &format!("after the moves, keys 0..={dst}"),
             &ex.download(&og).unwrap(),

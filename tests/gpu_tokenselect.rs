@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use kvsieve::attention::dense_attention;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{GqaMap, KeyList, Ops, Selection};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::{GqaMap, KeyList, Selection};
 use kvsieve::reference::{tokenselect, RefExecutor, RefTensor};
 
 /// Scores and votes agree; the GPU's selection equals the reference's except where
@@ -29,7 +30,16 @@ fn check_selection(
     let qc = f.cpu.upload(&q, 1, qh * d).unwrap();
     let mut sc = f.cpu.tensor(qh, n).unwrap();
     f.cpu
-        .ts_score(&qc, &f.kvc, 0, &f.table, begin, n, gqa, &mut sc, None, None)
+        .ts_score(
+            &qc,
+            &KvView::new(&f.kvc, 0, &f.table, &f.ropec),
+            begin,
+            n,
+            gqa,
+            &mut sc,
+            None,
+            None,
+        )
         .unwrap();
     let mut vc = f.cpu.tensor(1, n).unwrap();
     f.cpu.ts_vote(&sc, qh, n, &mut vc, None).unwrap();
@@ -40,8 +50,17 @@ fn check_selection(
 
     let qg = ex.upload(&q, 1, qh * d).unwrap();
     let mut sg = ex.tensor(qh, n).unwrap();
-    ex.ts_score(&qg, &f.kvg, 0, &f.table, begin, n, gqa, &mut sg, None, None)
-        .unwrap();
+    ex.ts_score(
+        &qg,
+        &KvView::new(&f.kvg, 0, &f.table, &f.ropeg),
+        begin,
+        n,
+        gqa,
+        &mut sg,
+        None,
+        None,
+    )
+    .unwrap();
     assert_close("ts_score", &ex.download(&sg).unwrap(), &sc.data, 1e-4, 1e-5);
     let mut vg = ex.tensor(1, n).unwrap();
     ex.ts_vote(&sg, qh, n, &mut vg, None).unwrap();
@@ -152,7 +171,13 @@ fn list_attention(
         selection: Selection::Shared,
     };
     f.cpu
-        .attention_decode_list(&qc, &f.kvc, 0, &f.table, len, &list_c, &rc, &mut oc)
+        .attention_decode_list(
+            &qc,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
+            len,
+            &list_c,
+            &mut oc,
+        )
         .unwrap();
     let sg = ex.ids(&sel).unwrap();
     let qg = ex.upload(&q, 1, qh * d).unwrap();
@@ -166,8 +191,14 @@ fn list_attention(
         compact,
         selection: Selection::Shared,
     };
-    ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list_g, &rg, &mut og)
-        .unwrap();
+    ex.attention_decode_list(
+        &qg,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
+        len,
+        &list_g,
+        &mut og,
+    )
+    .unwrap();
     assert_close(
         &format!("list attention compact={compact}"),
         &ex.download(&og).unwrap(),
@@ -199,12 +230,9 @@ fn a_list_covering_everything_is_dense_attention() {
     dense_attention(
         &mut ex,
         &qg,
-        &f.kvg,
-        0,
-        &f.table,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
         len - 1,
         len,
-        &rg,
         &mut dense,
     )
     .unwrap();
@@ -222,8 +250,14 @@ fn a_list_covering_everything_is_dense_attention() {
             selection: Selection::Shared,
         };
         let mut out = ex.tensor(1, qh * d).unwrap();
-        ex.attention_decode_list(&qg, &f.kvg, 0, &f.table, len, &list, &rg, &mut out)
-            .unwrap();
+        ex.attention_decode_list(
+            &qg,
+            &KvView::new(&f.kvg, 0, &f.table, &rg),
+            len,
+            &list,
+            &mut out,
+        )
+        .unwrap();
         // The list is 0..len in order, so ranks equal positions either way.
         assert_close(
             "full list = dense",
@@ -281,13 +315,10 @@ fn prefill_list(
     f.cpu
         .attention_prefill_list(
             &qc,
-            &f.kvc,
-            0,
-            &f.table,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
             r0..r0 + m,
             q_start,
             &list_c,
-            &rc,
             &mut oc,
         )
         .unwrap();
@@ -297,13 +328,10 @@ fn prefill_list(
     let list_g = list_c.with_selected(&sg);
     ex.attention_prefill_list(
         &qg,
-        &f.kvg,
-        0,
-        &f.table,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
         r0..r0 + m,
         q_start,
         &list_g,
-        &rg,
         &mut og,
     )
     .unwrap();
@@ -364,18 +392,21 @@ fn a_full_prefill_list_is_dense_prefill() {
         f.cpu.tensor(n, qh * d).unwrap(),
     );
     f.cpu
-        .attention_prefill(&qc, &f.kvc, 0, &f.table, q_start, len, &rc, &mut dc)
+        .attention_prefill(
+            &qc,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
+            q_start,
+            len,
+            &mut dc,
+        )
         .unwrap();
     f.cpu
         .attention_prefill_list(
             &qc,
-            &f.kvc,
-            0,
-            &f.table,
+            &KvView::new(&f.kvc, 0, &f.table, &rc),
             0..n,
             q_start,
             &list_c,
-            &rc,
             &mut lc,
         )
         .unwrap();
@@ -389,18 +420,21 @@ fn a_full_prefill_list_is_dense_prefill() {
     let sg = ex.ids(&[0]).unwrap();
     let qg = ex.upload(&q, n, qh * d).unwrap();
     let (mut dg, mut lg) = (ex.tensor(n, qh * d).unwrap(), ex.tensor(n, qh * d).unwrap());
-    ex.attention_prefill(&qg, &f.kvg, 0, &f.table, q_start, len, &rg, &mut dg)
-        .unwrap();
+    ex.attention_prefill(
+        &qg,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
+        q_start,
+        len,
+        &mut dg,
+    )
+    .unwrap();
     let list_g = list_c.with_selected(&sg);
     ex.attention_prefill_list(
         &qg,
-        &f.kvg,
-        0,
-        &f.table,
+        &KvView::new(&f.kvg, 0, &f.table, &rg),
         0..n,
         q_start,
         &list_g,
-        &rg,
         &mut lg,
     )
     .unwrap();
@@ -417,7 +451,14 @@ fn a_full_prefill_list_is_dense_prefill() {
         ..list_g
     };
     assert!(ex
-        .attention_prefill_list(&qg, &f.kvg, 0, &f.table, 0..n, q_start, &bad, &rg, &mut lg)
+        .attention_prefill_list(
+            &qg,
+            &KvView::new(&f.kvg, 0, &f.table, &rg),
+            0..n,
+            q_start,
+            &bad,
+            &mut lg
+        )
         .is_err());
 }
 
@@ -490,14 +531,19 @@ fn selection_cache_decisions_agree() {
     for (step, q) in queries.iter().enumerate() {
         let qc = f.cpu.upload(q, 1, qh * d).unwrap();
         f.cpu
-            .ts_cache_check(&qc, &mut cached_c, 0.9, &plan, &f.kvc, &f.table, &mut gc)
+            .ts_cache_check(
+                &qc,
+                &mut cached_c,
+                0.9,
+                &plan,
+                &KvView::new(&f.kvc, 0, &f.table, &f.ropec),
+                &mut gc,
+            )
             .unwrap();
         f.cpu
             .ts_score(
                 &qc,
-                &f.kvc,
-                0,
-                &f.table,
+                &KvView::new(&f.kvc, 0, &f.table, &f.ropec),
                 begin,
                 n,
                 GqaMap::Grouped,
@@ -511,13 +557,18 @@ fn selection_cache_decisions_agree() {
             .ts_top_k(&vc, n, k, begin, &mut selc, Some(&gc), None)
             .unwrap();
         let qg = ex.upload(q, 1, qh * d).unwrap();
-        ex.ts_cache_check(&qg, &mut cached_g, 0.9, &plan, &f.kvg, &f.table, &mut gg)
-            .unwrap();
+        ex.ts_cache_check(
+            &qg,
+            &mut cached_g,
+            0.9,
+            &plan,
+            &KvView::new(&f.kvg, 0, &f.table, &f.ropeg),
+            &mut gg,
+        )
+        .unwrap();
         ex.ts_score(
             &qg,
-            &f.kvg,
-            0,
-            &f.table,
+            &KvView::new(&f.kvg, 0, &f.table, &f.ropeg),
             begin,
             n,
             GqaMap::Grouped,
@@ -566,8 +617,7 @@ struct Hier {
 fn hierarchical<E: Ops>(
     ex: &mut E,
     q: &E::Tensor,
-    kv: &E::Kv,
-    table: &kvsieve::attention::PageTable,
+    cache: &KvView<'_, E>,
     bounds: &E::Bounds,
     (qh, begin, n, k): (usize, usize, usize, usize),
     (top, block): (usize, usize),
@@ -581,8 +631,17 @@ fn hierarchical<E: Ops>(
     let mut scores = ex.tensor(qh, cols).unwrap();
     let mut votes = ex.tensor(1, cols).unwrap();
     let mut ids = ex.ids(&vec![0u32; top]).unwrap();
-    ex.block_scores(q, bounds, 0, table, blocks.clone(), 0.25, &mut scores, gate)
-        .unwrap();
+    ex.block_scores(
+        q,
+        bounds,
+        0,
+        cache.table,
+        blocks.clone(),
+        0.25,
+        &mut scores,
+        gate,
+    )
+    .unwrap();
     ex.ts_vote(&scores, qh, nb, &mut votes, gate).unwrap();
     ex.ts_top_k(&votes, nb, top, blocks.start, &mut ids, gate, None)
         .unwrap();
@@ -598,9 +657,7 @@ fn hierarchical<E: Ops>(
     let mut sel = ex.ids(&vec![0u32; k]).unwrap();
     ex.ts_score(
         q,
-        kv,
-        0,
-        table,
+        cache,
         begin,
         n,
         GqaMap::Grouped,
@@ -685,9 +742,9 @@ fn hierarchical_selection_matches_reference() {
         let mut bc = f.cpu.block_bounds(&f.layout, block, false).unwrap();
         let mut bg = ex.block_bounds(&f.layout, block, false).unwrap();
         f.cpu
-            .kv_bounds(&f.kvc, &mut bc, 0, &f.table, 0..len, &rc)
+            .kv_bounds(&KvView::new(&f.kvc, 0, &f.table, &rc), &mut bc, 0..len)
             .unwrap();
-        ex.kv_bounds(&f.kvg, &mut bg, 0, &f.table, 0..len, &rg)
+        ex.kv_bounds(&KvView::new(&f.kvg, 0, &f.table, &rg), &mut bg, 0..len)
             .unwrap();
         let q = randn(&mut rng(72), qh * d, 1.0);
         let (qc, qg) = (
@@ -698,8 +755,7 @@ fn hierarchical_selection_matches_reference() {
         let c = hierarchical(
             &mut f.cpu,
             &qc,
-            &f.kvc,
-            &f.table,
+            &KvView::new(&f.kvc, 0, &f.table, &f.ropec),
             &bc,
             shape,
             (top, block),
@@ -709,8 +765,7 @@ fn hierarchical_selection_matches_reference() {
         let g = hierarchical(
             &mut ex,
             &qg,
-            &f.kvg,
-            &f.table,
+            &KvView::new(&f.kvg, 0, &f.table, &f.ropeg),
             &bg,
             shape,
             (top, block),
@@ -736,8 +791,7 @@ fn hierarchical_selection_matches_reference() {
         let c = hierarchical(
             &mut f.cpu,
             &qc,
-            &f.kvc,
-            &f.table,
+            &KvView::new(&f.kvc, 0, &f.table, &f.ropec),
             &bc,
             shape,
             (top, block),
@@ -794,13 +848,19 @@ fn hierarchical_selection_matches_reference() {
         let mut gate = ex.ts_gate().unwrap();
         let mut cached = ex.tensor(1, qh * d + 1).unwrap();
         for step in 0..2 {
-            ex.ts_cache_check(&qg, &mut cached, 0.9, &plan, &f.kvg, &f.table, &mut gate)
-                .unwrap();
+            ex.ts_cache_check(
+                &qg,
+                &mut cached,
+                0.9,
+                &plan,
+                &KvView::new(&f.kvg, 0, &f.table, &f.ropeg),
+                &mut gate,
+            )
+            .unwrap();
             let gated = hierarchical(
                 &mut ex,
                 &qg,
-                &f.kvg,
-                &f.table,
+                &KvView::new(&f.kvg, 0, &f.table, &f.ropeg),
                 &bg,
                 shape,
                 (top, block),

@@ -2,7 +2,8 @@
 
 use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
 use kvsieve::kernels::{GpuExecutor, GpuKv, GpuRope};
-use kvsieve::ops::{Ops, RopeConfig};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::RopeConfig;
 use std::time::{Duration, Instant};
 
 /// Runs `record` (which records one instance of the work) `iters` times, one

@@ -1,29 +1,25 @@
 //! `Dense`: the reference policy every sparse policy is measured against, and
 //! the dense paths the sparse policies fall back to.
 
-use super::{LayerInput, PageTable, PolicyState, Step};
+use super::{LayerInput, PolicyState, Step};
 use crate::error::Result;
-use crate::ops::Ops;
+use crate::ops::{KvView, Ops};
 
 /// Causal dense attention of `q` (rows = queries starting at logical position
 /// `q_start`) over the first `kv_len` cached tokens: split-KV flash decoding for a
 /// single query, flash attention for a chunk.
-#[allow(clippy::too_many_arguments)]
 pub fn dense_attention<E: Ops>(
     ops: &mut E,
     q: &E::Tensor,
-    kv: &E::Kv,
-    layer: usize,
-    table: &PageTable,
+    cache: &KvView<'_, E>,
     q_start: usize,
     kv_len: usize,
-    rope: &E::Rope,
     out: &mut E::Tensor,
 ) -> Result<()> {
     if E::rows(q) == 1 && q_start + 1 == kv_len {
-        ops.attention_decode(q, kv, layer, table, kv_len, rope, out)
+        ops.attention_decode(q, cache, kv_len, out)
     } else {
-        ops.attention_prefill(q, kv, layer, table, q_start, kv_len, rope, out)
+        ops.attention_prefill(q, cache, q_start, kv_len, out)
     }
 }
 
@@ -40,7 +36,7 @@ pub(crate) fn rotate_and_attend<E: Ops>(
 
 /// Rotates `q` at its true positions.
 pub(crate) fn rotate<E: Ops>(ops: &mut E, a: &LayerInput<'_, E>, q: &mut E::Tensor) -> Result<()> {
-    ops.rope(q, a.q_heads, a.positions, a.rope)
+    ops.rope(q, a.q_heads, a.positions, a.cache.rope)
 }
 
 /// Dense attention of rotated queries over the whole cache.
@@ -50,17 +46,7 @@ pub(crate) fn attend<E: Ops>(
     q: &E::Tensor,
     out: &mut E::Tensor,
 ) -> Result<()> {
-    dense_attention(
-        ops,
-        q,
-        a.kv,
-        a.layer,
-        a.table,
-        a.start,
-        a.seq_len(),
-        a.rope,
-        out,
-    )
+    dense_attention(ops, q, &a.cache, a.start, a.seq_len(), out)
 }
 
 /// Dense tree attention of a draft tree's nodes (`mask` uploaded), rotated at
@@ -73,7 +59,7 @@ pub(crate) fn tree<E: Ops>(
     out: &mut E::Tensor,
 ) -> Result<()> {
     rotate(ops, a, q)?;
-    ops.attention_tree(q, a.kv, a.layer, a.table, a.start, mask, None, a.rope, out)
+    ops.attention_tree(q, &a.cache, a.start, mask, None, out)
 }
 
 /// Dense attention for every step; draft trees get tree attention.

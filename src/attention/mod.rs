@@ -25,7 +25,7 @@ pub use tidal::TidalConfig;
 pub use tokenselect::{Positions, TokenSelectConfig};
 
 use crate::error::Result;
-use crate::ops::Ops;
+use crate::ops::{KvView, Ops};
 
 /// Which attention runs.
 ///
@@ -117,22 +117,17 @@ pub enum Step<'a> {
 
 /// One layer's inputs to attention, other than the queries and the output.
 pub struct LayerInput<'a, E: Ops> {
-    /// Layer index.
-    pub layer: usize,
+    /// The layer of the KV cache, the step's keys and values already
+    /// appended, with the sequence's page table and the RoPE table.
+    pub cache: KvView<'a, E>,
     /// Query heads.
     pub q_heads: usize,
     /// True RoPE positions of the step's tokens.
     pub positions: &'a E::Ids,
-    /// The KV cache, the step's keys and values already appended.
-    pub kv: &'a E::Kv,
-    /// The sequence's page table.
-    pub table: &'a PageTable,
     /// Logical index of the step's first token.
     pub start: usize,
     /// Tokens in the step.
     pub n: usize,
-    /// The RoPE table.
-    pub rope: &'a E::Rope,
 }
 
 impl<E: Ops> LayerInput<'_, E> {

@@ -47,7 +47,7 @@ impl<E: Ops> HierarchicalPrefilter<E> {
     /// selecting or not).
     pub fn update_bounds(&mut self, ops: &mut E, a: &LayerInput<'_, E>) -> Result<()> {
         let range = self.from..a.seq_len();
-        ops.kv_bounds(a.kv, &mut self.bounds, a.layer, a.table, range, a.rope)
+        ops.kv_bounds(&a.cache, &mut self.bounds, range)
     }
 
     /// The block stage over `cand` candidates from `n_init`, when there are
@@ -74,8 +74,8 @@ impl<E: Ops> HierarchicalPrefilter<E> {
         ops.block_scores(
             fp,
             &self.bounds,
-            a.layer,
-            a.table,
+            a.cache.layer,
+            a.cache.table,
             blocks,
             spread,
             scores,

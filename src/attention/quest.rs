@@ -187,14 +187,21 @@ impl<E: Ops> Quest<E> {
             } else {
                 ops.mean_rows(q, rows.clone(), &mut buf.fingerprint)?;
                 let (fp, scores) = (&buf.fingerprint, &mut buf.scores);
-                ops.block_group_scores(fp, &buf.bounds, a.layer, a.table, 0..before, scores)?;
-                let sel = &mut buf.selected[a.layer];
+                ops.block_group_scores(
+                    fp,
+                    &buf.bounds,
+                    a.cache.layer,
+                    a.cache.table,
+                    0..before,
+                    scores,
+                )?;
+                let sel = &mut buf.selected[a.cache.layer];
                 ops.block_top_k(scores, kv_heads, before, top, sel)?;
                 (top * c.block, before * c.block)
             };
             let list = KeyList {
                 n_init: 0,
-                selected: &buf.selected[a.layer],
+                selected: &buf.selected[a.cache.layer],
                 n_selected,
                 tail_start,
                 tail_len: end - tail_start,
@@ -205,8 +212,7 @@ impl<E: Ops> Quest<E> {
                     Selection::Shared
                 },
             };
-            let (kv, table) = (a.kv, a.table);
-            ops.attention_prefill_list(q, kv, a.layer, table, rows, q_start, &list, a.rope, out)?;
+            ops.attention_prefill_list(q, &a.cache, rows, q_start, &list, out)?;
         }
         Ok(())
     }
@@ -226,19 +232,26 @@ impl<E: Ops> Quest<E> {
         };
         let seq_len = a.seq_len();
         let (top, last) = (c.top_blocks(), (seq_len - 1) / c.block);
-        let sel = &mut buf.selected[a.layer];
-        ops.block_group_scores(q, &buf.bounds, a.layer, a.table, 0..last, &mut buf.scores)?;
+        let sel = &mut buf.selected[a.cache.layer];
+        ops.block_group_scores(
+            q,
+            &buf.bounds,
+            a.cache.layer,
+            a.cache.table,
+            0..last,
+            &mut buf.scores,
+        )?;
         ops.block_top_k(&buf.scores, kv_heads, last, top, sel)?;
         let list = KeyList {
             n_init: 0,
-            selected: &buf.selected[a.layer],
+            selected: &buf.selected[a.cache.layer],
             n_selected: top * c.block,
             tail_start: last * c.block,
             tail_len: seq_len - last * c.block,
             compact: false,
             selection: Selection::KvHeadBlocks(c.block),
         };
-        ops.attention_decode_list(q, a.kv, a.layer, a.table, seq_len, &list, a.rope, out)
+        ops.attention_decode_list(q, &a.cache, seq_len, &list, out)
     }
 }
 
@@ -268,7 +281,7 @@ impl<E: Ops> PolicyState<E> for Quest<E> {
             return dense::tree(ops, a, mask, q, out);
         }
         dense::rotate(ops, a, q)?;
-        if a.layer < self.c.dense_layers {
+        if a.cache.layer < self.c.dense_layers {
             return dense::attend(ops, a, q, out);
         }
         let Some(buf) = self.buf.as_mut() else {
@@ -276,7 +289,7 @@ impl<E: Ops> PolicyState<E> for Quest<E> {
             return dense::attend(ops, a, q, out);
         };
         let range = self.from..a.seq_len();
-        ops.kv_bounds(a.kv, &mut buf.bounds, a.layer, a.table, range, a.rope)?;
+        ops.kv_bounds(&a.cache, &mut buf.bounds, range)?;
         match self.mode {
             Mode::Prefill(sub) => self.prefill(ops, a, sub, q, out),
             Mode::Decode => self.decode(ops, a, q, out),

@@ -4,8 +4,8 @@
 //! the device; on a hit the gated selection ops run zero workgroups.
 
 use crate::error::Result;
-use crate::kv::PageTable;
-use crate::ops::{Ops, SelectPlan};
+
+use crate::ops::{KvView, Ops, SelectPlan};
 
 /// Per-layer cached fingerprints and the device-side gate.
 pub struct SelectionCache<E: Ops> {
@@ -47,11 +47,10 @@ impl<E: Ops> SelectionCache<E> {
         fp: &E::Tensor,
         threshold: f32,
         plan: &SelectPlan,
-        kv: &E::Kv,
-        table: &PageTable,
+        cache: &KvView<'_, E>,
     ) -> Result<()> {
         let cached = &mut self.cached[plan.layer];
-        ops.ts_cache_check(fp, cached, threshold, plan, kv, table, &mut self.gate)
+        ops.ts_cache_check(fp, cached, threshold, plan, cache, &mut self.gate)
     }
 
     /// Hits and misses counted on the device so far.

@@ -120,14 +120,14 @@ impl<E: Ops> PolicyState<E> for Tidal<E> {
         let c = self.c;
         match (&self.mode, self.buf.as_mut()) {
             (Mode::Tree(mask), _) => dense::tree(ops, a, mask, q, out),
-            (Mode::Decode, Some(b)) if a.layer >= c.selection_layer => {
+            (Mode::Decode, Some(b)) if a.cache.layer >= c.selection_layer => {
                 dense::rotate(ops, a, q)?;
                 let seq_len = a.seq_len();
-                if a.layer == c.selection_layer || a.layer == c.reselection_layer {
+                if a.cache.layer == c.selection_layer || a.cache.layer == c.reselection_layer {
                     // Full attention here, and the top-budget tokens before the
                     // current one per KV head.
                     let (n, kv_heads) = (seq_len - 1, self.shape.layout.kv_heads);
-                    ops.token_scores(q, a.kv, a.layer, a.table, n, a.rope, &mut b.scores)?;
+                    ops.token_scores(q, &a.cache, n, &mut b.scores)?;
                     ops.block_top_k(&b.scores, kv_heads, n, c.budget, &mut b.selected)?;
                     return dense::attend(ops, a, q, out);
                 }
@@ -140,7 +140,7 @@ impl<E: Ops> PolicyState<E> for Tidal<E> {
                     compact: false,
                     selection: Selection::KvHeadTokens,
                 };
-                ops.attention_decode_list(q, a.kv, a.layer, a.table, seq_len, &list, a.rope, out)
+                ops.attention_decode_list(q, &a.cache, seq_len, &list, out)
             }
             _ => dense::rotate_and_attend(ops, a, q, out),
         }

@@ -380,11 +380,11 @@ impl<E: Ops> TokenSelect<E> {
             return Err(Error::Internal("TokenSelect buffers missing".into()));
         };
         ops.copy_rows(q, 0, &mut buf.q_fp, 0, 1)?;
-        ops.rope(&mut buf.q_fp, a.q_heads, &buf.fp_pos, a.rope)?;
+        ops.rope(&mut buf.q_fp, a.q_heads, &buf.fp_pos, a.cache.rope)?;
         let gated = c.cache_threshold <= 1.0;
         if gated {
             let plan = SelectPlan {
-                layer: a.layer,
+                layer: a.cache.layer,
                 q_heads: a.q_heads,
                 begin: c.n_init,
                 n: cand,
@@ -392,7 +392,7 @@ impl<E: Ops> TokenSelect<E> {
                 prefilter: self.pre.as_ref().and_then(|_| prefilter::plan(&c, cand)),
             };
             buf.cache
-                .check(ops, &buf.q_fp, c.cache_threshold, &plan, a.kv, a.table)?;
+                .check(ops, &buf.q_fp, c.cache_threshold, &plan, &a.cache)?;
         } else {
             self.uncached_selections += 1;
         }
@@ -427,35 +427,16 @@ impl<E: Ops> TokenSelect<E> {
             Mode::TreeList(mask, p) => (p.get(a), Some(mask)),
             _ => return Err(Error::Internal("TokenSelect mode changed".into())),
         };
-        ops.rope(q, a.q_heads, pos, a.rope)?;
-        let sel = &buf.selected[a.layer];
+        ops.rope(q, a.q_heads, pos, a.cache.rope)?;
+        let sel = &buf.selected[a.cache.layer];
         match tree {
             Some(mask) => {
                 let list = c.list(sel, a.start, c.n_local - 1);
-                ops.attention_tree(
-                    q,
-                    a.kv,
-                    a.layer,
-                    a.table,
-                    a.start,
-                    mask,
-                    Some(&list),
-                    a.rope,
-                    out,
-                )
+                ops.attention_tree(q, &a.cache, a.start, mask, Some(&list), out)
             }
             None => {
                 let list = c.list(sel, a.start, c.n_local);
-                ops.attention_decode_list(
-                    q,
-                    a.kv,
-                    a.layer,
-                    a.table,
-                    a.seq_len(),
-                    &list,
-                    a.rope,
-                    out,
-                )
+                ops.attention_decode_list(q, &a.cache, a.seq_len(), &list, out)
             }
         }
     }
@@ -483,7 +464,7 @@ impl<E: Ops> TokenSelect<E> {
             ));
         };
         ops.copy_rows(q, 0, q_raw, 0, a.n)?;
-        ops.rope(q, a.q_heads, q_pos.get(a), a.rope)?;
+        ops.rope(q, a.q_heads, q_pos.get(a), a.cache.rope)?;
         for sub in subs {
             let at = a.start + sub.rows.start;
             let m = sub.rows.len();
@@ -494,12 +475,12 @@ impl<E: Ops> TokenSelect<E> {
                     ));
                 };
                 ops.mean_rows(q_raw, sub.rows.clone(), &mut buf.q_fp)?;
-                ops.rope(&mut buf.q_fp, a.q_heads, &buf.fp_pos, a.rope)?;
+                ops.rope(&mut buf.q_fp, a.q_heads, &buf.fp_pos, a.cache.rope)?;
                 let cand = at + 1 - c.n_init - c.n_local;
                 select(ops, &c, buf, self.pre.as_mut(), a, cand, false)?;
                 self.prefill_selections += 1;
             }
-            let sel = &buf.selected[a.layer];
+            let sel = &buf.selected[a.cache.layer];
             let list = if sub.sparse {
                 c.list(sel, at, c.n_local - 1 + m)
             } else {
@@ -515,7 +496,7 @@ impl<E: Ops> TokenSelect<E> {
                 }
             };
             let rows = sub.rows.clone();
-            ops.attention_prefill_list(q, a.kv, a.layer, a.table, rows, at, &list, a.rope, out)?;
+            ops.attention_prefill_list(q, &a.cache, rows, at, &list, out)?;
         }
         Ok(())
     }
@@ -541,22 +522,10 @@ fn select<E: Ops>(
         None => None,
     };
     let slots = pf.as_ref().map_or(cand, |pf| pf.slots());
-    let (kv, layer, table) = (a.kv, a.layer, a.table);
-    let map = c.gqa_map;
-    ops.ts_score(
-        fp,
-        kv,
-        layer,
-        table,
-        c.n_init,
-        cand,
-        map,
-        scores,
-        gate,
-        pf.as_ref(),
-    )?;
+    let (n_init, map) = (c.n_init, c.gqa_map);
+    ops.ts_score(fp, &a.cache, n_init, cand, map, scores, gate, pf.as_ref())?;
     ops.ts_vote(scores, a.q_heads, slots, votes, gate)?;
-    let selected = &mut buf.selected[layer];
+    let selected = &mut buf.selected[a.cache.layer];
     ops.ts_top_k(votes, slots, c.k, c.n_init, selected, gate, pf.as_ref())
 }
 

@@ -3,11 +3,11 @@
 //! (`attention_prefill.wgsl`). A cache spanning several arena buffers is handled
 //! with one pass per arena, the online-softmax state carried between passes.
 
-use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
-use crate::error::{shape_err, Result};
+use super::params::{AttentionDecodeParams, AttentionPrefillParams, DecodeReduceParams};
+use super::{GpuExecutor, GpuIds, GpuTensor, GpuView};
+use crate::error::Result;
 use crate::gpu::Binding;
-use crate::kv::PageTable;
-use crate::ops::{check, KeyList};
+use crate::ops::KeyList;
 use crate::shaders;
 use std::ops::Range;
 
@@ -71,95 +71,44 @@ pub(crate) fn prefill_keys_per_pass(ex: &GpuExecutor, head_dim: usize) -> usize 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn decode(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     kv_len: usize,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    if q.rows != 1 {
-        return shape_err(
-            "attention_decode",
-            format!("{} query rows, expected 1", q.rows),
-        );
-    }
-    let l = kv.layout;
-    let q_start = kv_len.saturating_sub(1);
-    let dims = ((q.rows, q.cols), (out.rows, out.cols));
-    let qh = check::attention(
-        "attention_decode",
-        &l,
-        layer,
-        table,
-        dims.0,
-        dims.1,
-        q_start,
-        kv_len,
-        rope.max_pos,
-    )?;
-    decode_impl(ex, q, kv, layer, table, qh, kv_len, kv_len, None, rope, out)
+    decode_impl(ex, q, cache, kv_len, kv_len, None, out)
 }
 
-/// Sparse decode over a key list (TokenSelect): the same kernels in list mode.
-#[allow(clippy::too_many_arguments)]
+/// Sparse decode over a key list (TokenSelect, Quest, Tidal): the same
+/// kernels in list mode.
 pub(super) fn decode_list(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     seq_len: usize,
     list: &KeyList<'_, GpuIds>,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let qh = check::attention_decode_list(
-        &kv.layout,
-        layer,
-        table,
-        (q.rows, q.cols),
-        (out.rows, out.cols),
-        seq_len,
-        list,
-        list.selected.len,
-        rope.max_pos,
-    )?;
-    decode_impl(
-        ex,
-        q,
-        kv,
-        layer,
-        table,
-        qh,
-        list.len(),
-        seq_len,
-        Some(list),
-        rope,
-        out,
-    )
+    decode_impl(ex, q, cache, list.len(), seq_len, Some(list), out)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Split-KV decoding over ranks `0..ranks` (the first tokens, or the ranks of
+/// `list`) of a sequence of `seq_len` tokens.
 fn decode_impl(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
-    qh: usize,
+    cache: &GpuView<'_>,
     ranks: usize,
     seq_len: usize,
     list: Option<&KeyList<'_, GpuIds>>,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
+    let (kv, rope) = (cache.kv, cache.rope);
     let l = kv.layout;
     let d = l.head_dim;
+    let qh = q.cols / d;
     let split = decode_split(ex, ranks, l.kv_heads, d, qh / l.kv_heads);
     let n_splits = ranks.div_ceil(split);
     let part = ex.scratch("decode partials", (qh * n_splits * (d + 2) * 4) as u64)?;
@@ -167,7 +116,7 @@ fn decode_impl(
         Some(li) => li.selected.buf.clone(),
         None => ex.scratch("no selection", 16)?,
     };
-    let pages = ex.page_table(table);
+    let pages = ex.page_table(cache.table);
     let lanes = ex.tuning.per_thread_kernels;
     let entry = if lanes {
         "decode_lanes"
@@ -180,38 +129,45 @@ fn decode_impl(
     } else {
         [n_splits as u32, l.kv_heads as u32, 1]
     };
-    let scale = 1.0f32 / (d as f32).sqrt();
-    for (i, &a) in kv.arenas_for(table, 0..seq_len).iter().enumerate() {
-        let mut params = vec![
-            ranks as u32,
-            qh as u32,
-            l.kv_heads as u32,
-            d as u32,
-            l.page_size as u32,
-            split as u32,
-            n_splits as u32,
-            (a * kv.pages_per_arena) as u32,
-            kv.pages_per_arena as u32,
-            u32::from(i == 0),
-            scale.to_bits(),
-            rope.max_pos as u32,
-        ];
-        params.extend(list_params(list, 1));
+    let lw = ListWords::new(list, 1);
+    for (i, &a) in kv.arenas_for(cache.table, 0..seq_len).iter().enumerate() {
+        let params = AttentionDecodeParams {
+            kv_len: ranks as u32,
+            q_heads: qh as u32,
+            kv_heads: l.kv_heads as u32,
+            head_dim: d as u32,
+            page_size: l.page_size as u32,
+            split_len: split as u32,
+            n_splits: n_splits as u32,
+            arena_first_page: (a * kv.pages_per_arena) as u32,
+            arena_pages: kv.pages_per_arena as u32,
+            first_pass: u32::from(i == 0),
+            scale: 1.0 / (d as f32).sqrt(),
+            max_pos: rope.max_pos as u32,
+            list_mode: lw.mode,
+            n_init: lw.n_init,
+            n_sel: lw.n_sel,
+            tail_start: lw.tail_start,
+            compact: lw.compact,
+            block: lw.block,
+            blocks_per_head: lw.blocks_per_head,
+            _p2: 0,
+        };
         let b = [
             Binding::from(&q.buf),
-            Binding::from(&kv.k[layer][a]),
-            Binding::from(&kv.v[layer][a]),
+            Binding::from(&kv.k[cache.layer][a]),
+            Binding::from(&kv.v[cache.layer][a]),
             Binding::from(&pages),
             Binding::from(&rope.buf),
             Binding::from(&part),
             Binding::from(&sel),
         ];
-        ex.rec.dispatch(&p, &params, &b, groups);
+        ex.rec.dispatch(&p, params.words(), &b, groups);
     }
     let r = ex.pipeline(shaders::ATTENTION_DECODE, "decode_reduce", &[]);
     ex.rec.dispatch(
         &r,
-        super::params::DecodeReduceParams {
+        DecodeReduceParams {
             q_heads: qh as u32,
             head_dim: d as u32,
             n_splits: n_splits as u32,
@@ -224,155 +180,97 @@ fn decode_impl(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn prefill(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     q_start: usize,
     kv_len: usize,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let qh = check::attention(
-        "attention_prefill",
-        &kv.layout,
-        layer,
-        table,
-        (q.rows, q.cols),
-        (out.rows, out.cols),
-        q_start,
-        kv_len,
-        rope.max_pos,
-    )?;
     let rows = 0..q.rows;
-    prefill_impl(
-        ex,
-        q,
-        kv,
-        layer,
-        table,
-        qh,
-        rows,
-        q_start,
-        kv_len,
-        kv_len,
-        Keys::Dense,
-        rope,
-        out,
-    )
+    let keys = Ranks {
+        ranks: kv_len,
+        seq_len: kv_len,
+        keys: Keys::Dense,
+    };
+    prefill_impl(ex, q, cache, rows, q_start, keys, out)
 }
 
-/// Sparse prefill over a key list (TokenSelect sub-chunks): the same kernel in list mode.
-#[allow(clippy::too_many_arguments)]
+/// Sparse prefill over a key list (TokenSelect sub-chunks, Quest): the same
+/// kernel in list mode.
 pub(super) fn prefill_list(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     rows: Range<usize>,
     q_start: usize,
     list: &KeyList<'_, GpuIds>,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let qh = check::attention_list(
-        "attention_prefill_list",
-        &kv.layout,
-        layer,
-        table,
-        (q.rows, q.cols),
-        (out.rows, out.cols),
-        &rows,
-        q_start,
-        list,
-        list.selected.len,
-        rope.max_pos,
-    )?;
-    let seq_len = q_start + rows.len();
-    prefill_impl(
-        ex,
-        q,
-        kv,
-        layer,
-        table,
-        qh,
-        rows,
-        q_start,
-        list.len(),
-        seq_len,
-        Keys::List(list),
-        rope,
-        out,
-    )
+    let keys = Ranks {
+        ranks: list.len(),
+        seq_len: q_start + rows.len(),
+        keys: Keys::List(list),
+    };
+    prefill_impl(ex, q, cache, rows, q_start, keys, out)
 }
 
 /// Tree attention for speculative verification: the prefill kernel in tree mode.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn tree(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     prefix_len: usize,
     mask: &GpuIds,
     list: Option<&KeyList<'_, GpuIds>>,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
-    let qh = check::attention_tree(
-        &kv.layout,
-        layer,
-        table,
-        (q.rows, q.cols),
-        (out.rows, out.cols),
-        prefix_len,
-        mask.len,
-        list.map(|li| (li, li.selected.len)),
-        rope.max_pos,
-    )?;
     let seq_len = prefix_len + q.rows;
-    let (ranks, keys) = match list {
-        Some(li) => (li.len() + q.rows, Keys::TreeList(li, mask)),
-        None => (seq_len, Keys::Tree(mask)),
+    let keys = match list {
+        Some(li) => Ranks {
+            ranks: li.len() + q.rows,
+            seq_len,
+            keys: Keys::TreeList(li, mask),
+        },
+        None => Ranks {
+            ranks: seq_len,
+            seq_len,
+            keys: Keys::Tree(mask),
+        },
     };
-    prefill_impl(
-        ex,
-        q,
-        kv,
-        layer,
-        table,
-        qh,
-        0..q.rows,
-        prefix_len,
-        ranks,
-        seq_len,
-        keys,
-        rope,
-        out,
-    )
+    prefill_impl(ex, q, cache, 0..q.rows, prefix_len, keys, out)
 }
 
-/// The key-list words both attention shaders share after their own parameters:
-/// mode (0 dense, 1 list, 3 list then tree), sinks, selected count, window
-/// start, compact, block size and blocks per KV head (Quest lists), padding.
-fn list_params(list: Option<&KeyList<'_, GpuIds>>, mode: u32) -> [u32; 8] {
-    match list {
-        Some(li) => [
-            mode,
-            li.n_init as u32,
-            li.n_selected as u32,
-            li.tail_start as u32,
-            u32::from(li.compact),
-            li.selection.block() as u32,
-            (li.n_selected / li.selection.block().max(1)) as u32,
-            0,
-        ],
-        None => [0; 8],
+/// The key-list fields both attention shaders share after their own
+/// parameters: mode (0 dense, 1 list, 2 tree, 3 list then tree), sinks,
+/// selected count, window start, compact, block size and blocks per KV head
+/// (Quest lists).
+#[derive(Default)]
+struct ListWords {
+    mode: u32,
+    n_init: u32,
+    n_sel: u32,
+    tail_start: u32,
+    compact: u32,
+    block: u32,
+    blocks_per_head: u32,
+}
+
+impl ListWords {
+    fn new(list: Option<&KeyList<'_, GpuIds>>, mode: u32) -> Self {
+        match list {
+            Some(li) => Self {
+                mode,
+                n_init: li.n_init as u32,
+                n_sel: li.n_selected as u32,
+                tail_start: li.tail_start as u32,
+                compact: u32::from(li.compact),
+                block: li.selection.block() as u32,
+                blocks_per_head: (li.n_selected / li.selection.block().max(1)) as u32,
+            },
+            None => Self::default(),
+        }
     }
 }
 
@@ -389,26 +287,34 @@ enum Keys<'a> {
     TreeList(&'a KeyList<'a, GpuIds>, &'a GpuIds),
 }
 
-/// Passes of `attention_prefill.wgsl` over ranks `0..ranks` (the first `ranks`
-/// tokens, or the ranks of `list`) for query rows `rows` at logical `q_start..`.
-#[allow(clippy::too_many_arguments)]
+/// The keys of a prefill: `ranks` of them (the first tokens, or the ranks of
+/// a list) in a sequence of `seq_len` tokens.
+struct Ranks<'a> {
+    ranks: usize,
+    seq_len: usize,
+    keys: Keys<'a>,
+}
+
+/// Passes of `attention_prefill.wgsl` over the ranks of `keys` for query rows
+/// `rows` at logical `q_start..`.
 fn prefill_impl(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
-    qh: usize,
+    cache: &GpuView<'_>,
     rows: Range<usize>,
     q_start: usize,
-    ranks: usize,
-    seq_len: usize,
-    keys: Keys<'_>,
-    rope: &GpuRope,
+    keys: Ranks<'_>,
     out: &mut GpuTensor,
 ) -> Result<()> {
+    let (kv, rope) = (cache.kv, cache.rope);
+    let Ranks {
+        ranks,
+        seq_len,
+        keys,
+    } = keys;
     let l = kv.layout;
     let d = l.head_dim;
+    let qh = q.cols / d;
     let n_q = rows.len();
     // Passes over (rank range, arena) pairs that hold keys of that range; a list
     // may point anywhere before the tail, so it visits every arena of the sequence.
@@ -424,7 +330,7 @@ fn prefill_impl(
         } else {
             begin..stop
         };
-        let arenas = kv.arenas_for(table, tokens);
+        let arenas = kv.arenas_for(cache.table, tokens);
         passes.extend(arenas.into_iter().map(|a| (begin, stop, a)));
         begin = stop;
     }
@@ -442,39 +348,48 @@ fn prefill_impl(
         Keys::TreeList(li, mask) => (li.selected.buf.clone(), mask.buf.clone()),
         Keys::Dense => (none.clone(), none),
     };
-    let pages = ex.page_table(table);
+    let pages = ex.page_table(cache.table);
     let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
-    let scale = 1.0f32 / (d as f32).sqrt();
-    let list_params = match keys {
-        Keys::Tree(_) => [2, 0, 0, 0, 0, 0, 0, 0],
-        Keys::List(li) => list_params(Some(li), 1),
-        Keys::TreeList(li, _) => list_params(Some(li), 3),
-        Keys::Dense => list_params(None, 0),
+    let lw = match keys {
+        Keys::Tree(_) => ListWords {
+            mode: 2,
+            ..ListWords::default()
+        },
+        Keys::List(li) => ListWords::new(Some(li), 1),
+        Keys::TreeList(li, _) => ListWords::new(Some(li), 3),
+        Keys::Dense => ListWords::default(),
     };
     for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
-        let mut params = vec![
-            n_q as u32,
-            q_start as u32,
-            ranks as u32,
-            qh as u32,
-            l.kv_heads as u32,
-            d as u32,
-            l.page_size as u32,
-            (a * kv.pages_per_arena) as u32,
-            kv.pages_per_arena as u32,
-            u32::from(i == 0),
-            u32::from(i + 1 == passes.len()),
-            scale.to_bits(),
-            rope.max_pos as u32,
-            kv_begin as u32,
-            kv_stop as u32,
-            rows.start as u32,
-        ];
-        params.extend(list_params);
+        let params = AttentionPrefillParams {
+            n_q: n_q as u32,
+            q_start: q_start as u32,
+            kv_len: ranks as u32,
+            q_heads: qh as u32,
+            kv_heads: l.kv_heads as u32,
+            head_dim: d as u32,
+            page_size: l.page_size as u32,
+            arena_first_page: (a * kv.pages_per_arena) as u32,
+            arena_pages: kv.pages_per_arena as u32,
+            first_pass: u32::from(i == 0),
+            last_pass: u32::from(i + 1 == passes.len()),
+            scale: 1.0 / (d as f32).sqrt(),
+            max_pos: rope.max_pos as u32,
+            kv_begin: kv_begin as u32,
+            kv_stop: kv_stop as u32,
+            row0: rows.start as u32,
+            list_mode: lw.mode,
+            n_init: lw.n_init,
+            n_sel: lw.n_sel,
+            tail_start: lw.tail_start,
+            compact: lw.compact,
+            block: lw.block,
+            blocks_per_head: lw.blocks_per_head,
+            _p2: 0,
+        };
         let b = [
             Binding::from(&q.buf),
-            Binding::from(&kv.k[layer][a]),
-            Binding::from(&kv.v[layer][a]),
+            Binding::from(&kv.k[cache.layer][a]),
+            Binding::from(&kv.v[cache.layer][a]),
             Binding::from(&pages),
             Binding::from(&rope.buf),
             Binding::from(&state),
@@ -482,8 +397,8 @@ fn prefill_impl(
             Binding::from(&sel),
             Binding::from(&tree),
         ];
-        ex.rec
-            .dispatch(&p, &params, &b, [n_q.div_ceil(64) as u32, qh as u32, 1]);
+        let groups = [n_q.div_ceil(64) as u32, qh as u32, 1];
+        ex.rec.dispatch(&p, params.words(), &b, groups);
     }
     Ok(())
 }

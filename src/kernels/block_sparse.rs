@@ -1,12 +1,14 @@
 //! Quest block bounds and block scores (`block_sparse.wgsl`).
 
+use super::params::BlockSparseParams;
 use super::tokenselect::{launch, radix_top_k, GpuGate, RadixKeys};
-use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
+use super::{GpuExecutor, GpuIds, GpuTensor, GpuView};
 use crate::error::Result;
 use crate::gpu::{buffer, Binding};
 use crate::kv::{KvLayout, PageTable};
-use crate::ops::check;
 use crate::shaders;
+use bytemuck::Zeroable;
+use std::ops::Range;
 
 /// Block bounds on the device: `bufs[layer][arena]`, arenas holding the same
 /// pages as the KV cache's (a page's bounds take 4 / block of its K bytes, so
@@ -31,8 +33,6 @@ pub(super) fn alloc(
     block: usize,
     rotated: bool,
 ) -> Result<GpuBounds> {
-    layout.validate()?;
-    check::bounds_block(layout, block)?;
     let per_arena = ex.kv_pages_per_arena(layout)?;
     let arenas = layout.num_pages.div_ceil(per_arena);
     let bounds_page =
@@ -56,51 +56,37 @@ pub(super) fn alloc(
     })
 }
 
-/// The uniform words every entry point shares (`rotate` comes after them).
-#[allow(clippy::too_many_arguments)]
+/// The fields every entry point shares: blocks `blocks` of `block` tokens in
+/// a sequence of `seq_len`, over arena `arena.0` of `arena.1` pages.
 fn params(
     l: &KvLayout,
     block: usize,
-    first_block: usize,
-    n_blocks: usize,
+    blocks: Range<usize>,
     seq_len: usize,
-    arena: usize,
-    pages_per_arena: usize,
-    max_pos: usize,
-    q_heads: usize,
-    out_cols: usize,
-) -> [u32; 16] {
-    [
-        first_block as u32,
-        n_blocks as u32,
-        seq_len as u32,
-        l.kv_heads as u32,
-        l.head_dim as u32,
-        l.page_size as u32,
-        block as u32,
-        (arena * pages_per_arena) as u32,
-        pages_per_arena as u32,
-        max_pos as u32,
-        q_heads as u32,
-        out_cols as u32,
-        0,
-        0,
-        0,
-        0,
-    ]
+    arena: (usize, usize),
+) -> BlockSparseParams {
+    BlockSparseParams {
+        first_block: blocks.start as u32,
+        n_blocks: blocks.len() as u32,
+        seq_len: seq_len as u32,
+        kv_heads: l.kv_heads as u32,
+        head_dim: l.head_dim as u32,
+        page_size: l.page_size as u32,
+        block: block as u32,
+        arena_first_page: (arena.0 * arena.1) as u32,
+        arena_pages: arena.1 as u32,
+        ..Zeroable::zeroed()
+    }
 }
 
 pub(super) fn bounds(
     ex: &mut GpuExecutor,
-    kv: &GpuKv,
+    cache: &GpuView<'_>,
     b: &mut GpuBounds,
-    layer: usize,
-    table: &PageTable,
-    tokens: std::ops::Range<usize>,
-    rope: &GpuRope,
+    tokens: Range<usize>,
 ) -> Result<()> {
+    let (kv, rope, layer, table) = (cache.kv, cache.rope, cache.layer, cache.table);
     let l = kv.layout;
-    check::kv_bounds(&l, layer, table, &tokens, rope.max_pos)?;
     if tokens.is_empty() {
         return Ok(());
     }
@@ -111,26 +97,24 @@ pub(super) fn bounds(
     let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 4).div_ceil(64))?;
     let span = first * b.block..tokens.end;
     for a in kv.arenas_for(table, span) {
-        let mut words = params(
-            &l,
-            b.block,
-            first,
-            n_blocks,
-            tokens.end,
-            a,
-            kv.pages_per_arena,
-            rope.max_pos,
-            0,
-            0,
-        );
-        words[12] = u32::from(b.rotated);
+        let words = BlockSparseParams {
+            max_pos: rope.max_pos as u32,
+            rotate: u32::from(b.rotated),
+            ..params(
+                &l,
+                b.block,
+                first..first + n_blocks,
+                tokens.end,
+                (a, kv.pages_per_arena),
+            )
+        };
         let bind = [
             Binding::from(&pages),
             Binding::from(&kv.k[layer][a]),
             Binding::from(&rope.buf),
             Binding::from(&b.bufs[layer][a]),
         ];
-        ex.rec.dispatch(&p, &words, &bind, groups);
+        ex.rec.dispatch(&p, words.words(), &bind, groups);
     }
     Ok(())
 }
@@ -144,56 +128,53 @@ pub(super) enum ScoreRows {
     PerKvHead,
 }
 
+/// Bounds of one layer of a sequence.
+pub(super) struct BoundsAt<'a> {
+    pub bounds: &'a GpuBounds,
+    pub layer: usize,
+    pub table: &'a PageTable,
+}
+
 /// Per query head, one pass per arena (`head_scores`); or per KV head, the
 /// group's query parts (`group_query`) and then one pass per arena
 /// (`group_scores`).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn scores(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    b: &GpuBounds,
-    layer: usize,
-    table: &PageTable,
-    blocks: std::ops::Range<usize>,
+    at: BoundsAt<'_>,
+    blocks: Range<usize>,
     rows: ScoreRows,
     out: &mut GpuTensor,
     gate: Option<&GpuGate>,
 ) -> Result<()> {
+    let BoundsAt {
+        bounds: b,
+        layer,
+        table,
+    } = at;
     let l = b.layout;
-    let (q_shape, out_shape) = ((q.rows, q.cols), (out.rows, out.cols));
-    let qh = match rows {
-        ScoreRows::PerHead { spread } => {
-            check::block_spread(spread)?;
-            check::block_scores(&l, b.block, layer, table, q_shape, &blocks, out_shape)?
-        }
-        ScoreRows::PerKvHead => {
-            check::block_group_scores(&l, b.block, layer, table, q_shape, &blocks, out_shape)?
-        }
-    };
+    let qh = q.cols / l.head_dim;
     if blocks.is_empty() {
         return Ok(());
     }
-    let words = |a: usize| {
-        let mut w = params(
+    let words = |a: usize| BlockSparseParams {
+        q_heads: qh as u32,
+        out_cols: blocks.len() as u32,
+        alpha: match rows {
+            ScoreRows::PerHead { spread } => spread,
+            ScoreRows::PerKvHead => 0.0,
+        },
+        ..params(
             &l,
             b.block,
-            blocks.start,
-            blocks.len(),
+            blocks.clone(),
             blocks.end * b.block,
-            a,
-            b.pages_per_arena,
-            0,
-            qh,
-            blocks.len(),
-        );
-        if let ScoreRows::PerHead { spread } = rows {
-            w[13] = spread.to_bits();
-        }
-        w
+            (a, b.pages_per_arena),
+        )
     };
     let (query, entry) = match rows {
         ScoreRows::PerHead { .. } => (q.buf.clone(), "head_scores"),
-        ScoreRows::PerKvHead => (group_query(ex, q, &l, &words(0), false)?, "group_scores"),
+        ScoreRows::PerKvHead => (group_query(ex, q, &l, words(0), false)?, "group_scores"),
     };
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, entry, &[]);
@@ -206,7 +187,7 @@ pub(super) fn scores(
             Binding::from(&b.bufs[layer][a]),
             Binding::from(&out.buf),
         ];
-        launch(ex, &p, &words(a), &bind, groups, gate)?;
+        launch(ex, &p, words(a).words(), &bind, groups, gate)?;
     }
     Ok(())
 }
@@ -218,16 +199,18 @@ fn group_query(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
     l: &KvLayout,
-    words: &[u32; 16],
+    words: BlockSparseParams,
     sum_only: bool,
 ) -> Result<wgpu::Buffer> {
     let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
     let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
     let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
     let bind = [Binding::from(&q.buf), Binding::from(&gq)];
-    let mut words = *words;
-    words[14] = u32::from(sum_only);
-    ex.rec.dispatch(&prep, &words, &bind, groups);
+    let words = BlockSparseParams {
+        sum_only: u32::from(sum_only),
+        ..words
+    };
+    ex.rec.dispatch(&prep, words.words(), &bind, groups);
     Ok(gq)
 }
 
@@ -239,17 +222,18 @@ pub(super) fn top_k(
     k: usize,
     out: &mut GpuIds,
 ) -> Result<()> {
-    check::block_top_k((scores.rows, scores.cols), kv_heads, n, k, out.len)?;
     let keys = ex.scratch("group keys", (kv_heads * n * 4) as u64)?;
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "group_keys", &[]);
-    let mut words = [0u32; 16];
-    words[1] = n as u32;
-    words[3] = kv_heads as u32;
-    words[10] = scores.rows as u32;
-    words[11] = n as u32;
+    let words = BlockSparseParams {
+        n_blocks: n as u32,
+        kv_heads: kv_heads as u32,
+        q_heads: scores.rows as u32,
+        out_cols: n as u32,
+        ..Zeroable::zeroed()
+    };
     let bind = [Binding::from(&scores.buf), Binding::from(&keys)];
     let groups = ex.grid((n * kv_heads).div_ceil(64))?;
-    ex.rec.dispatch(&p, &words, &bind, groups);
+    ex.rec.dispatch(&p, words.words(), &bind, groups);
     let keys = RadixKeys {
         keys: &keys,
         base: 0,
@@ -259,32 +243,26 @@ pub(super) fn top_k(
     radix_top_k(ex, keys, k, 0, (&out.buf, 0), None, None)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn token_scores(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     n: usize,
-    rope: &GpuRope,
     out: &mut GpuTensor,
 ) -> Result<()> {
+    let (kv, rope, layer, table) = (cache.kv, cache.rope, cache.layer, cache.table);
     let l = kv.layout;
-    let qh = check::token_scores(
-        &l,
-        layer,
-        table,
-        (q.rows, q.cols),
-        n,
-        (out.rows, out.cols),
-        rope.max_pos,
-    )?;
+    let qh = q.cols / l.head_dim;
     if n == 0 {
         return Ok(());
     }
-    let words = |a| params(&l, 1, 0, n, n, a, kv.pages_per_arena, rope.max_pos, qh, n);
-    let sum = group_query(ex, q, &l, &words(0), true)?;
+    let words = |a| BlockSparseParams {
+        max_pos: rope.max_pos as u32,
+        q_heads: qh as u32,
+        out_cols: n as u32,
+        ..params(&l, 1, 0..n, n, (a, kv.pages_per_arena))
+    };
+    let sum = group_query(ex, q, &l, words(0), true)?;
     let pages = ex.page_table(table);
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
     let groups = ex.grid((n * l.kv_heads).div_ceil(64))?;
@@ -296,7 +274,7 @@ pub(super) fn token_scores(
             Binding::from(&rope.buf),
             Binding::from(&out.buf),
         ];
-        ex.rec.dispatch(&p, &words(a), &bind, groups);
+        ex.rec.dispatch(&p, words(a).words(), &bind, groups);
     }
     Ok(())
 }

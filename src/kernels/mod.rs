@@ -1,7 +1,7 @@
 //! The GPU executor: one module per shader family, each with shape checks and the
 //! dispatch of its WGSL kernel. All dispatches go into the executor's
 //! [`Recorder`] and reach the GPU in one submit when results are read back (or on
-//! [`Ops::flush`]).
+//! [`crate::ops::Executor::flush`]).
 
 mod argmax;
 mod attention;
@@ -19,11 +19,15 @@ mod sampling;
 mod speculative;
 mod tokenselect;
 
-use crate::error::{shape_err, Error, Result};
+use crate::error::{Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
 use crate::gpu::{GpuContext, PipelineCache, Recorder};
 use crate::kv::{KvLayout, PageTable};
-use crate::ops::{GqaMap, KeyList, Ops, Prefilter, RopeConfig};
+use crate::ops::{
+    Executor, GqaMap, KeyList, KvOps, KvView, Limits, Prefilter, RopeConfig, SelectPlan,
+    SelectionOps, SpeculationOps, TensorOps,
+};
+use crate::sampling::AcceptParams;
 use half::f16;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -297,17 +301,6 @@ impl GpuExecutor {
         self.page_tables.remove(&table.id());
     }
 
-    fn check_tensor(&self, rows: usize, cols: usize) -> Result<u64> {
-        let bytes = rows as u64 * cols as u64 * 4;
-        if bytes > self.ctx.max_binding() {
-            return Err(Error::Capacity(format!(
-                "tensor ({rows}, {cols}) of {bytes} bytes exceeds the storage binding limit of {}",
-                self.ctx.max_binding()
-            )));
-        }
-        Ok(bytes)
-    }
-
     /// Submits recorded work and reads back `bytes` of `buf`.
     pub fn read_bytes(&mut self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         if bytes == 0 {
@@ -320,7 +313,7 @@ impl GpuExecutor {
     }
 }
 
-impl Ops for GpuExecutor {
+impl Executor for GpuExecutor {
     type Tensor = GpuTensor;
     type Ids = GpuIds;
     type Weight = GpuWeight;
@@ -333,41 +326,76 @@ impl Ops for GpuExecutor {
         format!("gpu ({}, {:?})", self.ctx.info.name, self.ctx.info.backend)
     }
 
+    fn limits(&self) -> Limits {
+        Limits {
+            max_buffer_bytes: self.ctx.max_binding(),
+        }
+    }
+
     fn dims(t: &GpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
 
-    fn tensor(&mut self, rows: usize, cols: usize) -> Result<GpuTensor> {
+    fn ids_len(ids: &GpuIds) -> usize {
+        ids.len
+    }
+
+    fn weight_dims(w: &GpuWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn rope_dims(rope: &GpuRope) -> (usize, usize) {
+        (rope.max_pos, rope.half * 2)
+    }
+
+    fn kv_layout(kv: &GpuKv) -> &KvLayout {
+        &kv.layout
+    }
+
+    fn bounds_layout(b: &GpuBounds) -> (&KvLayout, usize) {
+        (&b.layout, b.block)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.rec.submit().map(|_| ())
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.rec.set_profiling(on);
+    }
+
+    fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
+        std::mem::take(&mut self.rec.profile)
+            .into_iter()
+            .map(|(k, (n, ns))| (k, n, ns))
+            .collect()
+    }
+}
+
+impl TensorOps for GpuExecutor {
+    fn run_tensor(&mut self, rows: usize, cols: usize) -> Result<GpuTensor> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
-        let bytes = self.check_tensor(rows, cols)?;
         Ok(GpuTensor {
-            buf: buffer::storage(&self.ctx.device, bytes, "tensor"),
+            buf: buffer::storage(&self.ctx.device, (rows * cols * 4) as u64, "tensor"),
             rows,
             cols,
         })
     }
 
-    fn upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<GpuTensor> {
+    fn run_upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<GpuTensor> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
-        if data.len() != rows * cols {
-            return shape_err(
-                "upload",
-                format!("{} values for ({rows}, {cols})", data.len()),
-            );
-        }
-        self.check_tensor(rows, cols)?;
         let buf = buffer::storage_init(&self.ctx.device, bytemuck::cast_slice(data), "tensor")?;
         Ok(GpuTensor { buf, rows, cols })
     }
 
-    fn download(&mut self, t: &GpuTensor) -> Result<Vec<f32>> {
+    fn run_download(&mut self, t: &GpuTensor) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(&t.buf, (t.rows * t.cols * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    fn ids(&mut self, data: &[u32]) -> Result<GpuIds> {
+    fn run_ids(&mut self, data: &[u32]) -> Result<GpuIds> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
         let buf = buffer::storage_init(&self.ctx.device, bytemuck::cast_slice(data), "ids")?;
@@ -377,15 +405,14 @@ impl Ops for GpuExecutor {
         })
     }
 
-    fn download_ids(&mut self, ids: &GpuIds) -> Result<Vec<u32>> {
+    fn run_download_ids(&mut self, ids: &GpuIds) -> Result<Vec<u32>> {
         let bytes = self.read_bytes(&ids.buf, (ids.len * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<GpuWeight> {
+    fn run_weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<GpuWeight> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
-        crate::ops::check::weight(data.len(), rows, cols)?;
         let device = &self.ctx.device;
         let row_bytes = cols as u64 * 2;
         let chunks =
@@ -399,17 +426,10 @@ impl Ops for GpuExecutor {
         Ok(GpuWeight { chunks, rows, cols })
     }
 
-    fn rope_table(&mut self, cfg: &RopeConfig) -> Result<GpuRope> {
+    fn run_rope_table(&mut self, cfg: &RopeConfig) -> Result<GpuRope> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
         let t = cfg.table()?;
-        let bytes = t.len() as u64 * 8;
-        if bytes > self.ctx.max_binding() {
-            return Err(Error::Capacity(format!(
-                "RoPE table for {} positions ({bytes} bytes) exceeds the storage binding limit",
-                cfg.max_positions
-            )));
-        }
         let buf = buffer::storage_init(&self.ctx.device, bytemuck::cast_slice(&t), "rope table")?;
         Ok(GpuRope {
             buf,
@@ -418,10 +438,93 @@ impl Ops for GpuExecutor {
         })
     }
 
-    fn kv_cache(&mut self, layout: &KvLayout) -> Result<GpuKv> {
+    fn run_matmul(&mut self, x: &GpuTensor, w: &GpuWeight, y: &mut GpuTensor) -> Result<()> {
+        matmul::matmul(self, x, w, y)
+    }
+
+    fn run_rms_norm(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        eps: f32,
+        y: &mut GpuTensor,
+    ) -> Result<()> {
+        rmsnorm::rms_norm(self, x, w, eps, y)
+    }
+
+    fn run_rope(
+        &mut self,
+        x: &mut GpuTensor,
+        heads: usize,
+        positions: &GpuIds,
+        rope: &GpuRope,
+    ) -> Result<()> {
+        rope::rope(self, x, heads, positions, rope)
+    }
+
+    fn run_swiglu(&mut self, gate: &mut GpuTensor, up: &GpuTensor) -> Result<()> {
+        elementwise::binary(self, "swiglu", gate, up)
+    }
+
+    fn run_add(&mut self, acc: &mut GpuTensor, x: &GpuTensor) -> Result<()> {
+        elementwise::binary(self, "add", acc, x)
+    }
+
+    fn run_embed(&mut self, ids: &GpuIds, table: &GpuWeight, out: &mut GpuTensor) -> Result<()> {
+        embedding::embed(self, ids, table, out)
+    }
+
+    fn run_add_bias(&mut self, x: &mut GpuTensor, bias: &GpuWeight) -> Result<()> {
+        elementwise::add_bias(self, x, bias)
+    }
+
+    fn run_copy_rows(
+        &mut self,
+        src: &GpuTensor,
+        src_row: usize,
+        dst: &mut GpuTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let c = (src.cols * 4) as u64;
+        if rows > 0 && c > 0 {
+            self.rec.copy(
+                &src.buf,
+                src_row as u64 * c,
+                &dst.buf,
+                dst_row as u64 * c,
+                rows as u64 * c,
+            );
+        }
+        Ok(())
+    }
+
+    fn run_mean_rows(
+        &mut self,
+        x: &GpuTensor,
+        rows: Range<usize>,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        elementwise::mean_rows(self, x, rows, out)
+    }
+
+    fn run_argmax(&mut self, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {
+        argmax::argmax(self, x, out)
+    }
+
+    fn run_penalize(&mut self, logits: &mut GpuTensor, ids: &[u32], penalty: f32) -> Result<()> {
+        sampling::penalize(self, logits, ids, penalty)
+    }
+
+    fn run_top_k(&mut self, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
+        sampling::top_k(self, logits, k)
+    }
+}
+
+impl KvOps for GpuExecutor {
+    fn run_kv_cache(&mut self, layout: &KvLayout) -> Result<GpuKv> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
-        layout.validate()?;
         let page_bytes = layout.page_elems() as u64 * 2;
         let per_arena = self.kv_pages_per_arena(layout)?;
         let arenas = layout.num_pages.div_ceil(per_arena);
@@ -454,329 +557,7 @@ impl Ops for GpuExecutor {
         })
     }
 
-    fn block_bounds(
-        &mut self,
-        layout: &KvLayout,
-        block: usize,
-        rotated: bool,
-    ) -> Result<Self::Bounds> {
-        let ctx = self.ctx.clone();
-        let _gl = ctx.gl_guard();
-        block_sparse::alloc(self, layout, block, rotated)
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        self.rec.submit().map(|_| ())
-    }
-
-    fn set_profiling(&mut self, on: bool) {
-        self.rec.set_profiling(on);
-    }
-
-    fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
-        std::mem::take(&mut self.rec.profile)
-            .into_iter()
-            .map(|(k, (n, ns))| (k, n, ns))
-            .collect()
-    }
-
-    fn matmul(&mut self, x: &GpuTensor, w: &GpuWeight, y: &mut GpuTensor) -> Result<()> {
-        matmul::matmul(self, x, w, y)
-    }
-
-    fn rms_norm(
-        &mut self,
-        x: &GpuTensor,
-        w: &GpuWeight,
-        eps: f32,
-        y: &mut GpuTensor,
-    ) -> Result<()> {
-        rmsnorm::rms_norm(self, x, w, eps, y)
-    }
-
-    fn rope(
-        &mut self,
-        x: &mut GpuTensor,
-        heads: usize,
-        positions: &GpuIds,
-        rope: &GpuRope,
-    ) -> Result<()> {
-        rope::rope(self, x, heads, positions, rope)
-    }
-
-    fn swiglu(&mut self, gate: &mut GpuTensor, up: &GpuTensor) -> Result<()> {
-        elementwise::binary(self, "swiglu", gate, up)
-    }
-
-    fn add(&mut self, acc: &mut GpuTensor, x: &GpuTensor) -> Result<()> {
-        elementwise::binary(self, "add", acc, x)
-    }
-
-    fn embed(&mut self, ids: &GpuIds, table: &GpuWeight, out: &mut GpuTensor) -> Result<()> {
-        embedding::embed(self, ids, table, out)
-    }
-
-    fn add_bias(&mut self, x: &mut GpuTensor, bias: &GpuWeight) -> Result<()> {
-        elementwise::add_bias(self, x, bias)
-    }
-
-    fn copy_rows(
-        &mut self,
-        src: &GpuTensor,
-        src_row: usize,
-        dst: &mut GpuTensor,
-        dst_row: usize,
-        rows: usize,
-    ) -> Result<()> {
-        crate::ops::check::copy_rows(
-            (src.rows, src.cols),
-            src_row,
-            (dst.rows, dst.cols),
-            dst_row,
-            rows,
-        )?;
-        let c = (src.cols * 4) as u64;
-        if rows > 0 && c > 0 {
-            self.rec.copy(
-                &src.buf,
-                src_row as u64 * c,
-                &dst.buf,
-                dst_row as u64 * c,
-                rows as u64 * c,
-            );
-        }
-        Ok(())
-    }
-
-    fn penalize(&mut self, logits: &mut GpuTensor, ids: &[u32], penalty: f32) -> Result<()> {
-        sampling::penalize(self, logits, ids, penalty)
-    }
-
-    fn top_k(&mut self, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
-        sampling::top_k(self, logits, k)
-    }
-
-    fn ts_gate(&mut self) -> Result<tokenselect::GpuGate> {
-        tokenselect::new_gate(self)
-    }
-
-    fn ts_cache_check(
-        &mut self,
-        fp: &GpuTensor,
-        cached: &mut GpuTensor,
-        threshold: f32,
-        plan: &crate::ops::SelectPlan,
-        kv: &GpuKv,
-        table: &PageTable,
-        gate: &mut tokenselect::GpuGate,
-    ) -> Result<()> {
-        tokenselect::cache_check(self, fp, cached, threshold, plan, kv, table, gate)
-    }
-
-    fn ts_gate_counts(&mut self, gate: &tokenselect::GpuGate) -> Result<(u64, u64)> {
-        tokenselect::gate_counts(self, gate)
-    }
-
-    fn ts_score(
-        &mut self,
-        q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
-        table: &PageTable,
-        begin: usize,
-        n: usize,
-        gqa: GqaMap,
-        scores: &mut GpuTensor,
-        gate: Option<&tokenselect::GpuGate>,
-        prefilter: Option<&Prefilter<'_, GpuIds>>,
-    ) -> Result<()> {
-        tokenselect::score(
-            self, q, kv, layer, table, begin, n, gqa, scores, gate, prefilter,
-        )
-    }
-
-    fn ts_vote(
-        &mut self,
-        scores: &GpuTensor,
-        q_heads: usize,
-        n: usize,
-        votes: &mut GpuTensor,
-        gate: Option<&tokenselect::GpuGate>,
-    ) -> Result<()> {
-        tokenselect::vote(self, scores, q_heads, n, votes, gate)
-    }
-
-    fn ts_top_k(
-        &mut self,
-        votes: &GpuTensor,
-        n: usize,
-        k: usize,
-        begin: usize,
-        out: &mut GpuIds,
-        gate: Option<&tokenselect::GpuGate>,
-        prefilter: Option<&Prefilter<'_, GpuIds>>,
-    ) -> Result<()> {
-        tokenselect::top_k(self, votes, n, k, begin, out, gate, prefilter)
-    }
-
-    fn attention_decode_list(
-        &mut self,
-        q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
-        table: &PageTable,
-        seq_len: usize,
-        list: &KeyList<'_, GpuIds>,
-        rope: &GpuRope,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        attention::decode_list(self, q, kv, layer, table, seq_len, list, rope, out)
-    }
-
-    fn attention_prefill_list(
-        &mut self,
-        q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
-        table: &PageTable,
-        rows: Range<usize>,
-        q_start: usize,
-        list: &KeyList<'_, GpuIds>,
-        rope: &GpuRope,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        attention::prefill_list(self, q, kv, layer, table, rows, q_start, list, rope, out)
-    }
-
-    fn attention_tree(
-        &mut self,
-        q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
-        table: &PageTable,
-        prefix_len: usize,
-        tree: &GpuIds,
-        list: Option<&KeyList<'_, GpuIds>>,
-        rope: &GpuRope,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        attention::tree(self, q, kv, layer, table, prefix_len, tree, list, rope, out)
-    }
-
-    fn spec_draft(
-        &mut self,
-        adj: &GpuIds,
-        plan: &GpuIds,
-        n: usize,
-        out: &mut GpuIds,
-    ) -> Result<()> {
-        speculative::draft(self, adj, plan, n, out)
-    }
-
-    fn spec_adj_update(
-        &mut self,
-        adj: &mut GpuIds,
-        logits: &GpuTensor,
-        tokens: &GpuIds,
-    ) -> Result<()> {
-        speculative::adj_update(self, adj, logits, tokens)
-    }
-
-    fn spec_accept(
-        &mut self,
-        logits: &GpuTensor,
-        tokens: &GpuIds,
-        links: &GpuIds,
-        params: &crate::sampling::AcceptParams,
-        depth: usize,
-        trials: usize,
-        out: &mut GpuIds,
-    ) -> Result<()> {
-        speculative::accept(self, logits, tokens, links, params, depth, trials, out)
-    }
-
-    fn token_scores(
-        &mut self,
-        q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
-        table: &PageTable,
-        n: usize,
-        rope: &GpuRope,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        block_sparse::token_scores(self, q, kv, layer, table, n, rope, out)
-    }
-
-    fn block_top_k(
-        &mut self,
-        scores: &GpuTensor,
-        kv_heads: usize,
-        n: usize,
-        k: usize,
-        out: &mut GpuIds,
-    ) -> Result<()> {
-        block_sparse::top_k(self, scores, kv_heads, n, k, out)
-    }
-
-    fn kv_bounds(
-        &mut self,
-        kv: &GpuKv,
-        bounds: &mut Self::Bounds,
-        layer: usize,
-        table: &PageTable,
-        tokens: Range<usize>,
-        rope: &GpuRope,
-    ) -> Result<()> {
-        block_sparse::bounds(self, kv, bounds, layer, table, tokens, rope)
-    }
-
-    fn block_scores(
-        &mut self,
-        q: &GpuTensor,
-        bounds: &Self::Bounds,
-        layer: usize,
-        table: &PageTable,
-        blocks: Range<usize>,
-        spread: f32,
-        out: &mut GpuTensor,
-        gate: Option<&tokenselect::GpuGate>,
-    ) -> Result<()> {
-        let rows = block_sparse::ScoreRows::PerHead { spread };
-        block_sparse::scores(self, q, bounds, layer, table, blocks, rows, out, gate)
-    }
-
-    fn block_group_scores(
-        &mut self,
-        q: &GpuTensor,
-        bounds: &Self::Bounds,
-        layer: usize,
-        table: &PageTable,
-        blocks: Range<usize>,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        let rows = block_sparse::ScoreRows::PerKvHead;
-        block_sparse::scores(self, q, bounds, layer, table, blocks, rows, out, None)
-    }
-
-    fn mean_rows(&mut self, x: &GpuTensor, rows: Range<usize>, out: &mut GpuTensor) -> Result<()> {
-        elementwise::mean_rows(self, x, rows, out)
-    }
-
-    fn argmax(&mut self, x: &GpuTensor, out: &mut GpuIds) -> Result<()> {
-        argmax::argmax(self, x, out)
-    }
-
-    fn kv_move(
-        &mut self,
-        kv: &mut GpuKv,
-        table: &PageTable,
-        moves: &[(usize, usize)],
-    ) -> Result<()> {
-        kv_append::kv_move(self, kv, table, moves)
-    }
-
-    fn kv_append(
+    fn run_kv_append(
         &mut self,
         kv: &mut GpuKv,
         layer: usize,
@@ -788,33 +569,250 @@ impl Ops for GpuExecutor {
         kv_append::kv_append(self, kv, layer, table, start, k, v)
     }
 
-    fn attention_prefill(
+    fn run_kv_move(
         &mut self,
-        q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
+        kv: &mut GpuKv,
         table: &PageTable,
-        q_start: usize,
-        kv_len: usize,
-        rope: &GpuRope,
-        out: &mut GpuTensor,
+        moves: &[(usize, usize)],
     ) -> Result<()> {
-        attention::prefill(self, q, kv, layer, table, q_start, kv_len, rope, out)
+        kv_append::kv_move(self, kv, table, moves)
     }
 
-    fn attention_decode(
+    fn run_attention_prefill(
         &mut self,
         q: &GpuTensor,
-        kv: &GpuKv,
-        layer: usize,
-        table: &PageTable,
+        cache: &GpuView<'_>,
+        q_start: usize,
         kv_len: usize,
-        rope: &GpuRope,
         out: &mut GpuTensor,
     ) -> Result<()> {
-        attention::decode(self, q, kv, layer, table, kv_len, rope, out)
+        attention::prefill(self, q, cache, q_start, kv_len, out)
+    }
+
+    fn run_attention_decode(
+        &mut self,
+        q: &GpuTensor,
+        cache: &GpuView<'_>,
+        kv_len: usize,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::decode(self, q, cache, kv_len, out)
+    }
+
+    fn run_attention_decode_list(
+        &mut self,
+        q: &GpuTensor,
+        cache: &GpuView<'_>,
+        seq_len: usize,
+        list: &KeyList<'_, GpuIds>,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::decode_list(self, q, cache, seq_len, list, out)
+    }
+
+    fn run_attention_prefill_list(
+        &mut self,
+        q: &GpuTensor,
+        cache: &GpuView<'_>,
+        rows: Range<usize>,
+        q_start: usize,
+        list: &KeyList<'_, GpuIds>,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::prefill_list(self, q, cache, rows, q_start, list, out)
+    }
+
+    fn run_attention_tree(
+        &mut self,
+        q: &GpuTensor,
+        cache: &GpuView<'_>,
+        prefix_len: usize,
+        tree: &GpuIds,
+        list: Option<&KeyList<'_, GpuIds>>,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        attention::tree(self, q, cache, prefix_len, tree, list, out)
     }
 }
+
+impl SelectionOps for GpuExecutor {
+    fn run_ts_gate(&mut self) -> Result<GpuGate> {
+        tokenselect::new_gate(self)
+    }
+
+    fn run_ts_cache_check(
+        &mut self,
+        fp: &GpuTensor,
+        cached: &mut GpuTensor,
+        threshold: f32,
+        plan: &SelectPlan,
+        cache: &GpuView<'_>,
+        gate: &mut GpuGate,
+    ) -> Result<()> {
+        tokenselect::cache_check(self, fp, cached, threshold, plan, cache, gate)
+    }
+
+    fn run_ts_gate_counts(&mut self, gate: &GpuGate) -> Result<(u64, u64)> {
+        tokenselect::gate_counts(self, gate)
+    }
+
+    fn run_ts_score(
+        &mut self,
+        q: &GpuTensor,
+        cache: &GpuView<'_>,
+        begin: usize,
+        n: usize,
+        gqa: GqaMap,
+        scores: &mut GpuTensor,
+        gate: Option<&GpuGate>,
+        prefilter: Option<&Prefilter<'_, GpuIds>>,
+    ) -> Result<()> {
+        let c = tokenselect::Candidates { begin, n, gqa };
+        tokenselect::score(self, q, cache, c, scores, gate, prefilter)
+    }
+
+    fn run_ts_vote(
+        &mut self,
+        scores: &GpuTensor,
+        q_heads: usize,
+        n: usize,
+        votes: &mut GpuTensor,
+        gate: Option<&GpuGate>,
+    ) -> Result<()> {
+        tokenselect::vote(self, scores, q_heads, n, votes, gate)
+    }
+
+    fn run_ts_top_k(
+        &mut self,
+        votes: &GpuTensor,
+        n: usize,
+        k: usize,
+        begin: usize,
+        out: &mut GpuIds,
+        gate: Option<&GpuGate>,
+        prefilter: Option<&Prefilter<'_, GpuIds>>,
+    ) -> Result<()> {
+        let pick = tokenselect::Pick { n, k, begin };
+        tokenselect::top_k(self, votes, pick, out, gate, prefilter)
+    }
+
+    fn run_block_bounds(
+        &mut self,
+        layout: &KvLayout,
+        block: usize,
+        rotated: bool,
+    ) -> Result<GpuBounds> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        block_sparse::alloc(self, layout, block, rotated)
+    }
+
+    fn run_kv_bounds(
+        &mut self,
+        cache: &GpuView<'_>,
+        bounds: &mut GpuBounds,
+        tokens: Range<usize>,
+    ) -> Result<()> {
+        block_sparse::bounds(self, cache, bounds, tokens)
+    }
+
+    fn run_block_scores(
+        &mut self,
+        q: &GpuTensor,
+        bounds: &GpuBounds,
+        layer: usize,
+        table: &PageTable,
+        blocks: Range<usize>,
+        spread: f32,
+        out: &mut GpuTensor,
+        gate: Option<&GpuGate>,
+    ) -> Result<()> {
+        let rows = block_sparse::ScoreRows::PerHead { spread };
+        let at = block_sparse::BoundsAt {
+            bounds,
+            layer,
+            table,
+        };
+        block_sparse::scores(self, q, at, blocks, rows, out, gate)
+    }
+
+    fn run_block_group_scores(
+        &mut self,
+        q: &GpuTensor,
+        bounds: &GpuBounds,
+        layer: usize,
+        table: &PageTable,
+        blocks: Range<usize>,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        let rows = block_sparse::ScoreRows::PerKvHead;
+        let at = block_sparse::BoundsAt {
+            bounds,
+            layer,
+            table,
+        };
+        block_sparse::scores(self, q, at, blocks, rows, out, None)
+    }
+
+    fn run_token_scores(
+        &mut self,
+        q: &GpuTensor,
+        cache: &GpuView<'_>,
+        n: usize,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        block_sparse::token_scores(self, q, cache, n, out)
+    }
+
+    fn run_block_top_k(
+        &mut self,
+        scores: &GpuTensor,
+        kv_heads: usize,
+        n: usize,
+        k: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        block_sparse::top_k(self, scores, kv_heads, n, k, out)
+    }
+}
+
+impl SpeculationOps for GpuExecutor {
+    fn run_spec_draft(
+        &mut self,
+        adj: &GpuIds,
+        plan: &GpuIds,
+        n: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        speculative::draft(self, adj, plan, n, out)
+    }
+
+    fn run_spec_adj_update(
+        &mut self,
+        adj: &mut GpuIds,
+        logits: &GpuTensor,
+        tokens: &GpuIds,
+    ) -> Result<()> {
+        speculative::adj_update(self, adj, logits, tokens)
+    }
+
+    fn run_spec_accept(
+        &mut self,
+        logits: &GpuTensor,
+        tokens: &GpuIds,
+        links: &GpuIds,
+        params: &AcceptParams,
+        depth: usize,
+        trials: usize,
+        out: &mut GpuIds,
+    ) -> Result<()> {
+        let walk = speculative::Walk { depth, trials };
+        speculative::accept(self, logits, tokens, links, params, walk, out)
+    }
+}
+
+/// One layer of a GPU KV cache as the ops read it.
+pub(crate) type GpuView<'a> = KvView<'a, GpuExecutor>;
 
 pub use copy::copy_buffer;
 pub use tokenselect::GpuGate;

@@ -4,8 +4,6 @@
 //! struct naga reports for the composed shader, so a Rust struct and its WGSL
 //! twin cannot drift apart by field order.
 //!
-//! Kernels not yet moved to their struct (tokenselect, block_sparse, the
-//! attention Params and speculative) still pass word arrays.
 
 use crate::shaders::{self, Shader};
 
@@ -22,6 +20,10 @@ impl WgslScalar for i32 {
 }
 impl WgslScalar for f32 {
     const WGSL: &'static str = "f32";
+}
+/// The Selection Cache check's indirect-argument slots.
+impl WgslScalar for [[u32; 4]; 48] {
+    const WGSL: &'static str = "array<vec4<u32>, 48>";
 }
 
 /// A parameter struct's layout as Rust lays it out.
@@ -47,7 +49,7 @@ macro_rules! kernel_params {
         $(
             $(#[$doc])*
             #[repr(C)]
-            #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+            #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
             pub struct $name { $($(#[$fdoc])* pub $f: $t),* }
 
             impl $name {
@@ -98,6 +100,56 @@ kernel_params! {
         tokens: u32, start: u32, kv_heads: u32, words: u32,
         page_size: u32, arena_first_page: u32, arena_pages: u32, _p0: u32,
     }
+    /// `attention_decode.wgsl`: one arena's pass of split-KV decoding over
+    /// `kv_len` ranks; the list fields as [`AttentionPrefillParams`]'s.
+    AttentionDecodeParams for ATTENTION_DECODE::"Params" {
+        kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
+        page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
+        arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
+        list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
+        compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
+    }
+    /// `attention_prefill.wgsl`: one pass over ranks `kv_begin..kv_stop` of one
+    /// arena for `n_q` query rows from `row0` at logical `q_start`. `list_mode`:
+    /// 0 dense, 1 key list, 2 draft tree, 3 key list then tree.
+    AttentionPrefillParams for ATTENTION_PREFILL::"Params" {
+        n_q: u32, q_start: u32, kv_len: u32, q_heads: u32,
+        kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
+        arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
+        max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
+        list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
+        compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
+    }
+    /// `tokenselect.wgsl`: scoring (one arena), vote and radix top-k passes.
+    /// `modulo` selects the GQA map, `block` the prefilter's tokens per block
+    /// (0: exact), `range_n` the candidates, `vbase`/`obase` the word offsets of
+    /// a batch's keys and outputs.
+    TokenSelectParams for TOKENSELECT::"Params" {
+        n: u32, begin: u32, q_heads: u32, kv_heads: u32,
+        head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
+        k: u32, pass_: u32, modulo: u32, block: u32,
+        range_n: u32, vbase: u32, obase: u32, _p3: u32,
+    }
+    /// `tokenselect.wgsl::cache_check`: the fingerprint's length, the gated
+    /// dispatches' workgroup counts (`args[i].xyz`, `slots` of them).
+    CacheParams for TOKENSELECT::"CacheParams" {
+        len: u32, slots: u32, threshold: f32, _p0: u32, args: [[u32; 4]; 48],
+    }
+    /// `block_sparse.wgsl`: bounds updates, block scores and token scores over
+    /// one arena; `alpha` the spread, `rotate` whether keys are rotated,
+    /// `sum_only` a row per KV head.
+    BlockSparseParams for BLOCK_SPARSE::"Params" {
+        first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
+        head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
+        arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
+        rotate: u32, alpha: f32, sum_only: u32, _p2: u32,
+    }
+    /// `speculative.wgsl`: draft and adj_update read `n` and `vocab`; accept
+    /// all (`k` the top-k of the target distribution, the seed in two words).
+    SpeculativeParams for SPECULATIVE::"Params" {
+        n: u32, vocab: u32, k: u32, depth: u32,
+        temperature: f32, top_p: f32, seed_lo: u32, seed_hi: u32,
+    }
     /// `attention_decode.wgsl::decode_reduce`.
     DecodeReduceParams for ATTENTION_DECODE::"ReduceParams" {
         q_heads: u32, head_dim: u32, n_splits: u32, _p0: u32,
@@ -136,6 +188,21 @@ mod tests {
                             ScalarKind::Float => "f32",
                             _ => "other",
                         },
+                        TypeInner::Array {
+                            base,
+                            size: naga::ArraySize::Constant(n),
+                            ..
+                        } if n.get() == 48
+                            && matches!(
+                                module.types[base].inner,
+                                TypeInner::Vector {
+                                    size: naga::VectorSize::Quad,
+                                    scalar: naga::Scalar::U32
+                                }
+                            ) =>
+                        {
+                            "array<vec4<u32>, 48>"
+                        }
                         _ => "other",
                     };
                     (m.name.clone().unwrap_or_default(), m.offset as usize, kind)

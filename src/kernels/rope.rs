@@ -4,7 +4,6 @@ use super::params::RopeParams;
 use super::{GpuExecutor, GpuIds, GpuRope, GpuTensor};
 use crate::error::Result;
 use crate::gpu::Binding;
-use crate::ops::check;
 use crate::shaders;
 
 pub(super) fn rope(
@@ -15,7 +14,6 @@ pub(super) fn rope(
     rope: &GpuRope,
 ) -> Result<()> {
     let d = rope.half * 2;
-    check::rope((x.rows, x.cols), heads, d, pos.len)?;
     let n = x.rows * heads * rope.half;
     let p = ex.pipeline(shaders::ROPE, "rope", &[]);
     let groups = ex.grid(n.div_ceil(64))?;

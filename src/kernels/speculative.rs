@@ -1,12 +1,19 @@
 //! Token Recycling (`speculative.wgsl`): draft-tree token fill from the adjacency
 //! matrix, its update from the verify forward's logits, and acceptance.
 
+use super::params::SpeculativeParams;
 use super::{GpuExecutor, GpuIds, GpuTensor};
-use crate::error::{shape_err, Result};
+use crate::error::Result;
 use crate::gpu::Binding;
-use crate::ops::check;
 use crate::sampling::AcceptParams;
 use crate::shaders;
+use bytemuck::Zeroable;
+
+/// The walk of an acceptance: the longest path and independent trials.
+pub(super) struct Walk {
+    pub depth: usize,
+    pub trials: usize,
+}
 
 pub(super) fn draft(
     ex: &mut GpuExecutor,
@@ -15,19 +22,15 @@ pub(super) fn draft(
     n: usize,
     out: &mut GpuIds,
 ) -> Result<()> {
-    if n == 0 || n > crate::ops::MAX_NODES || plan.len < 3 * n || out.len < n {
-        return shape_err(
-            "spec_draft",
-            format!(
-                "{n} nodes, plan of {} words, output of {}",
-                plan.len, out.len
-            ),
-        );
-    }
     let p = ex.pipeline(shaders::SPECULATIVE, "draft", &[]);
+    let params = SpeculativeParams {
+        n: n as u32,
+        vocab: (adj.len / 8) as u32,
+        ..Zeroable::zeroed()
+    };
     ex.rec.dispatch(
         &p,
-        &[n as u32, (adj.len / 8) as u32, 0, 0, 0, 0, 0, 0],
+        params.words(),
         &[
             Binding::from(&adj.buf),
             Binding::from(&plan.buf),
@@ -45,19 +48,15 @@ pub(super) fn adj_update(
     tokens: &GpuIds,
 ) -> Result<()> {
     let (n, vocab) = (logits.rows, logits.cols);
-    if adj.len != vocab * 8 || tokens.len < n || n > crate::ops::MAX_NODES {
-        return shape_err(
-            "spec_adj_update",
-            format!(
-                "adjacency of {} for a vocabulary of {vocab}, {} tokens for {n} rows",
-                adj.len, tokens.len
-            ),
-        );
-    }
     let p = ex.pipeline(shaders::SPECULATIVE, "adj_update", &[]);
+    let params = SpeculativeParams {
+        n: n as u32,
+        vocab: vocab as u32,
+        ..Zeroable::zeroed()
+    };
     ex.rec.dispatch(
         &p,
-        &[n as u32, vocab as u32, 0, 0, 0, 0, 0, 0],
+        params.words(),
         &[
             Binding::from(&adj.buf),
             Binding::from(&logits.buf),
@@ -68,38 +67,36 @@ pub(super) fn adj_update(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn accept(
     ex: &mut GpuExecutor,
     logits: &GpuTensor,
     tokens: &GpuIds,
     links: &GpuIds,
-    params: &AcceptParams,
-    depth: usize,
-    trials: usize,
+    a: &AcceptParams,
+    walk: Walk,
     out: &mut GpuIds,
 ) -> Result<()> {
-    let (n, vocab) = (logits.rows, logits.cols);
-    check::spec_accept(
-        (n, vocab),
-        tokens.len,
-        links.len,
-        params,
-        depth,
-        trials,
-        out.len,
-    )?;
     let p = ex.pipeline(shaders::SPECULATIVE, "accept", &[]);
+    let params = SpeculativeParams {
+        n: logits.rows as u32,
+        vocab: logits.cols as u32,
+        k: a.top_k as u32,
+        depth: walk.depth as u32,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed_lo: a.seed as u32,
+        seed_hi: (a.seed >> 32) as u32,
+    };
     ex.rec.dispatch(
         &p,
-        &params.words(n, vocab, depth),
+        params.words(),
         &[
             Binding::from(&logits.buf),
             Binding::from(&tokens.buf),
             Binding::from(&links.buf),
             Binding::from(&out.buf),
         ],
-        [trials as u32, 1, 1],
+        [walk.trials as u32, 1, 1],
     );
     Ok(())
 }

@@ -4,12 +4,14 @@
 //! and the Selection Cache check that turns those dispatches into indirect ones with
 //! zero workgroups on a hit.
 
-use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor};
-use crate::error::{shape_err, Error, Result};
+use super::params::{CacheParams, TokenSelectParams};
+use super::{GpuExecutor, GpuIds, GpuKv, GpuTensor, GpuView};
+use crate::error::{Error, Result};
 use crate::gpu::{buffer, Binding, Pipeline};
 use crate::kv::PageTable;
-use crate::ops::{check, GqaMap, Prefilter, SelectPlan};
+use crate::ops::{GqaMap, Prefilter, SelectPlan};
 use crate::shaders;
+use bytemuck::Zeroable;
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -29,45 +31,38 @@ pub struct GpuGate {
     next: Cell<usize>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn params(
-    n: usize,
-    begin: usize,
-    qh: usize,
-    kv: &GpuKv,
-    arena: usize,
-    k: usize,
-    pass: u32,
-) -> [u32; 16] {
-    let l = kv.layout;
-    [
-        n as u32,
-        begin as u32,
-        qh as u32,
-        l.kv_heads as u32,
-        l.head_dim as u32,
-        l.page_size as u32,
-        (arena * kv.pages_per_arena) as u32,
-        kv.pages_per_arena as u32,
-        k as u32,
-        pass,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]
+/// Parameters of a pass over `n` slots from candidate `begin` with `qh`
+/// query heads, reading arena `arena` of `kv` (0 where no KV is read).
+fn params(n: usize, begin: usize, qh: usize, kv: Option<(&GpuKv, usize)>) -> TokenSelectParams {
+    let mut p = TokenSelectParams {
+        n: n as u32,
+        begin: begin as u32,
+        q_heads: qh as u32,
+        ..Zeroable::zeroed()
+    };
+    if let Some((kv, arena)) = kv {
+        let l = kv.layout;
+        p.kv_heads = l.kv_heads as u32;
+        p.head_dim = l.head_dim as u32;
+        p.page_size = l.page_size as u32;
+        p.arena_first_page = (arena * kv.pages_per_arena) as u32;
+        p.arena_pages = kv.pages_per_arena as u32;
+    }
+    p
 }
 
-/// Words of the vote and top-k passes (no KV cache involved).
-fn plain_params(n: usize, begin: usize, qh: usize, k: usize) -> [u32; 16] {
-    let mut w = [0u32; 16];
-    w[0] = n as u32;
-    w[1] = begin as u32;
-    w[2] = qh as u32;
-    w[8] = k as u32;
-    w
+/// Which candidates a TokenSelect scoring pass covers.
+pub(super) struct Candidates {
+    pub begin: usize,
+    pub n: usize,
+    pub gqa: GqaMap,
+}
+
+/// A top-k: the `k` best of `n` votes, reported from token `begin`.
+pub(super) struct Pick {
+    pub n: usize,
+    pub k: usize,
+    pub begin: usize,
 }
 
 /// Candidates up to which one workgroup runs the whole top-k (`radix_small`):
@@ -166,35 +161,31 @@ pub(super) fn new_gate(ex: &mut GpuExecutor) -> Result<GpuGate> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn cache_check(
     ex: &mut GpuExecutor,
     fp: &GpuTensor,
     cached: &mut GpuTensor,
     threshold: f32,
     plan: &SelectPlan,
-    kv: &GpuKv,
-    table: &PageTable,
+    cache: &GpuView<'_>,
     gate: &mut GpuGate,
 ) -> Result<()> {
-    let len = fp.rows * fp.cols;
-    if cached.rows * cached.cols != len + 1 {
-        return shape_err(
-            "ts_cache_check",
-            format!("cache holds {} values for {len}", cached.rows * cached.cols),
-        );
-    }
-    let s = slots(ex, plan, kv, table)?;
+    let s = slots(ex, plan, cache.kv, cache.table)?;
     if s.len() > MAX_SLOTS {
         return Err(Error::Capacity(format!(
             "Selection Cache: {} gated dispatches (one score pass per KV arena) exceed {MAX_SLOTS}",
             s.len()
         )));
     }
-    let mut words = vec![len as u32, s.len() as u32, threshold.to_bits(), 0];
-    for i in 0..MAX_SLOTS {
-        let g = s.get(i).copied().unwrap_or([0, 1, 1]);
-        words.extend([g[0], g[1], g[2], 0]);
+    let mut params = CacheParams {
+        len: (fp.rows * fp.cols) as u32,
+        slots: s.len() as u32,
+        threshold,
+        _p0: 0,
+        args: [[0, 1, 1, 0]; MAX_SLOTS],
+    };
+    for (a, g) in params.args.iter_mut().zip(&s) {
+        *a = [g[0], g[1], g[2], 0];
     }
     let p = ex.pipeline(shaders::TOKENSELECT, "cache_check", &[]);
     let b = [
@@ -203,7 +194,7 @@ pub(super) fn cache_check(
         Binding::from(&gate.args),
         Binding::from(&gate.counters),
     ];
-    ex.rec.dispatch(&p, &words, &b, [1, 1, 1]);
+    ex.rec.dispatch(&p, params.words(), &b, [1, 1, 1]);
     gate.slots = s;
     gate.next.set(0);
     Ok(())
@@ -215,49 +206,37 @@ pub(super) fn gate_counts(ex: &mut GpuExecutor, gate: &GpuGate) -> Result<(u64, 
     Ok((c[0] as u64, c[1] as u64))
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn score(
     ex: &mut GpuExecutor,
     q: &GpuTensor,
-    kv: &GpuKv,
-    layer: usize,
-    table: &PageTable,
-    begin: usize,
-    n: usize,
-    gqa: GqaMap,
+    cache: &GpuView<'_>,
+    c: Candidates,
     scores: &mut GpuTensor,
     gate: Option<&GpuGate>,
     prefilter: Option<&Prefilter<'_, GpuIds>>,
 ) -> Result<()> {
-    let slots = prefilter.map_or(n, |pf| pf.slots());
-    let qh = check::ts(
-        &kv.layout,
-        layer,
-        table,
-        (q.rows, q.cols),
-        begin,
-        n,
-        slots,
-        scores.rows * scores.cols,
-    )?;
-    check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len)))?;
-    let pages = ex.page_table(table);
+    let kv = cache.kv;
+    let slots = prefilter.map_or(c.n, |pf| pf.slots());
+    let qh = q.cols / kv.layout.head_dim;
+    let pages = ex.page_table(cache.table);
     let p = ex.pipeline(shaders::TOKENSELECT, "score", &[]);
     let groups = ex.grid(slots.div_ceil(64))?;
-    for a in kv.arenas_for(table, begin..begin + n) {
+    for a in kv.arenas_for(cache.table, c.begin..c.begin + c.n) {
         let b = [
             Binding::from(&q.buf),
-            Binding::from(&kv.k[layer][a]),
+            Binding::from(&kv.k[cache.layer][a]),
             Binding::from(&pages),
             Binding::from(&scores.buf),
             // Exact selection reads no block ids: any read-only buffer binds.
             Binding::from(prefilter.map_or(&q.buf, |pf| &pf.blocks.buf)),
         ];
-        let mut prm = params(slots, begin, qh, kv, a, 0, 0);
-        prm[10] = u32::from(gqa == GqaMap::Modulo);
-        prm[11] = prefilter.map_or(0, |pf| pf.block) as u32;
-        prm[12] = n as u32;
-        launch(ex, &p, &prm, &b, groups, gate)?;
+        let prm = TokenSelectParams {
+            modulo: u32::from(c.gqa == GqaMap::Modulo),
+            block: prefilter.map_or(0, |pf| pf.block) as u32,
+            range_n: c.n as u32,
+            ..params(slots, c.begin, qh, Some((kv, a)))
+        };
+        launch(ex, &p, prm.words(), &b, groups, gate)?;
     }
     Ok(())
 }
@@ -270,12 +249,11 @@ pub(super) fn vote(
     votes: &mut GpuTensor,
     gate: Option<&GpuGate>,
 ) -> Result<()> {
-    check::ts_vote(scores.rows * scores.cols, votes.rows * votes.cols, qh, n)?;
     let stats = ex.scratch("vote stats", (qh * 8) as u64)?;
-    let pr = plain_params(n, 0, qh, 0);
+    let pr = params(n, 0, qh, None);
     let hs = ex.pipeline(shaders::TOKENSELECT, "head_stats", &[]);
     let b = [Binding::from(&scores.buf), Binding::from(&stats)];
-    launch(ex, &hs, &pr, &b, [qh as u32, 1, 1], gate)?;
+    launch(ex, &hs, pr.words(), &b, [qh as u32, 1, 1], gate)?;
     let v = ex.pipeline(shaders::TOKENSELECT, "vote", &[]);
     let groups = ex.grid(n.div_ceil(64))?;
     let b = [
@@ -283,34 +261,25 @@ pub(super) fn vote(
         Binding::from(&stats),
         Binding::from(&votes.buf),
     ];
-    launch(ex, &v, &pr, &b, groups, gate)
+    launch(ex, &v, pr.words(), &b, groups, gate)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn top_k(
     ex: &mut GpuExecutor,
     votes: &GpuTensor,
-    n: usize,
-    k: usize,
-    begin: usize,
+    pick: Pick,
     out: &mut GpuIds,
     gate: Option<&GpuGate>,
     prefilter: Option<&Prefilter<'_, GpuIds>>,
 ) -> Result<()> {
-    if votes.rows * votes.cols < n || k == 0 || k > n || out.len < k {
-        return shape_err("ts_top_k", format!("top {k} of {n} into {} slots", out.len));
-    }
-    check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len)))?;
-    if prefilter.is_some_and(|pf| pf.slots() != n) {
-        return shape_err("ts_top_k", format!("{n} votes for the prefilter's slots"));
-    }
     let keys = RadixKeys {
         keys: &votes.buf,
         base: 0,
-        n,
+        n: pick.n,
         batch: 1,
     };
-    radix_top_k(ex, keys, k, begin, (&out.buf, 0), gate, prefilter)
+    let to = (&out.buf, 0);
+    radix_top_k(ex, keys, pick.k, pick.begin, to, gate, prefilter)
 }
 
 /// `batch` arrays of `n` order-preserving u32 keys each, back to back from
@@ -339,10 +308,13 @@ pub(super) fn radix_top_k(
     let n = keys.n;
     let votes_buf = keys.keys;
     let state = ex.scratch("radix state", 258 * 4)?;
-    let mut pr = plain_params(n, begin, 0, k);
-    pr[11] = prefilter.map_or(0, |pf| pf.block) as u32;
-    pr[13] = keys.base as u32;
-    pr[14] = out.1 as u32;
+    let mut pr = TokenSelectParams {
+        k: k as u32,
+        block: prefilter.map_or(0, |pf| pf.block) as u32,
+        vbase: keys.base as u32,
+        obase: out.1 as u32,
+        ..params(n, begin, 0, None)
+    };
     // Exact selection reads no block ids: any read-only buffer binds.
     let blocks = prefilter.map_or(votes_buf, |pf| &pf.blocks.buf);
     if n <= SMALL_TOP_K {
@@ -353,11 +325,11 @@ pub(super) fn radix_top_k(
             Binding::from(out.0),
             Binding::from(blocks),
         ];
-        return launch(ex, &small, &pr, &b, [1, keys.batch as u32, 1], gate);
+        return launch(ex, &small, pr.words(), &b, [1, keys.batch as u32, 1], gate);
     }
     for i in 0..keys.batch {
-        pr[13] = (keys.base + i * n) as u32;
-        pr[14] = (out.1 + i * k) as u32;
+        pr.vbase = (keys.base + i * n) as u32;
+        pr.obase = (out.1 + i * k) as u32;
         radix_passes(ex, &state, votes_buf, out.0, blocks, &pr, gate)?;
     }
     Ok(())
@@ -371,21 +343,35 @@ fn radix_passes(
     votes_buf: &wgpu::Buffer,
     out: &wgpu::Buffer,
     blocks: &wgpu::Buffer,
-    pr: &[u32; 16],
+    pr: &TokenSelectParams,
     gate: Option<&GpuGate>,
 ) -> Result<()> {
     let mut pr = *pr;
-    let n = pr[0] as usize;
+    let n = pr.n as usize;
     let init = ex.pipeline(shaders::TOKENSELECT, "radix_init", &[]);
-    launch(ex, &init, &pr, &[Binding::from(state)], [1, 1, 1], gate)?;
+    launch(
+        ex,
+        &init,
+        pr.words(),
+        &[Binding::from(state)],
+        [1, 1, 1],
+        gate,
+    )?;
     let hist = ex.pipeline(shaders::TOKENSELECT, "radix_hist", &[]);
     let pick = ex.pipeline(shaders::TOKENSELECT, "radix_pick", &[]);
     let wgs = radix_workgroups(n);
     for pass in 0..4u32 {
-        pr[9] = pass;
+        pr.pass_ = pass;
         let hb = [Binding::from(state), Binding::from(votes_buf)];
-        launch(ex, &hist, &pr, &hb, [wgs, 1, 1], gate)?;
-        launch(ex, &pick, &pr, &[Binding::from(state)], [1, 1, 1], gate)?;
+        launch(ex, &hist, pr.words(), &hb, [wgs, 1, 1], gate)?;
+        launch(
+            ex,
+            &pick,
+            pr.words(),
+            &[Binding::from(state)],
+            [1, 1, 1],
+            gate,
+        )?;
     }
     let collect = ex.pipeline(shaders::TOKENSELECT, "radix_collect", &[]);
     let cb = [
@@ -394,5 +380,5 @@ fn radix_passes(
         Binding::from(out),
         Binding::from(blocks),
     ];
-    launch(ex, &collect, &pr, &cb, [1, 1, 1], gate)
+    launch(ex, &collect, pr.words(), &cb, [1, 1, 1], gate)
 }

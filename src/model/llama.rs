@@ -6,7 +6,7 @@ use super::weights::Weights;
 use crate::attention::{Attention, LayerInput, Step};
 use crate::error::Result;
 use crate::kv::PageTable;
-use crate::ops::Ops;
+use crate::ops::{KvView, Ops};
 
 struct Layer<E: Ops> {
     in_norm: E::Weight,
@@ -223,14 +223,16 @@ impl<E: Ops> Llama<E> {
             }
             ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
             let input = LayerInput {
-                layer: i,
+                cache: KvView {
+                    kv,
+                    layer: i,
+                    table,
+                    rope: &self.rope,
+                },
                 q_heads: c.heads,
                 positions,
-                kv,
-                table,
                 start,
                 n,
-                rope: &self.rope,
             };
             attn.layer(ops, &input, &mut ws.q, &mut ws.attn)?;
             ops.matmul(&ws.attn, &l.o, &mut ws.o)?;

@@ -5,15 +5,16 @@
 
 mod attention;
 pub mod block_sparse;
+mod kv;
+mod selection;
 mod speculative;
+mod tensor;
 pub mod tokenselect;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kv::{KvLayout, PageTable};
-use crate::ops::{check, GqaMap, KeyList, Ops, Prefilter, RopeConfig, SelectPlan};
+use crate::ops::{Executor, KvView, Limits};
 use half::f16;
-use rayon::prelude::*;
-use std::ops::Range;
 
 /// f32 matrix `[rows, cols]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,7 +99,7 @@ fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
-impl Ops for RefExecutor {
+impl Executor for RefExecutor {
     type Tensor = RefTensor;
     type Ids = Vec<u32>;
     type Weight = RefWeight;
@@ -111,816 +112,43 @@ impl Ops for RefExecutor {
         "reference (CPU f32)".into()
     }
 
+    fn limits(&self) -> Limits {
+        Limits {
+            max_buffer_bytes: u64::MAX,
+        }
+    }
+
     fn dims(t: &RefTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
 
-    fn tensor(&mut self, rows: usize, cols: usize) -> Result<RefTensor> {
-        Ok(RefTensor {
-            data: vec![0.0; rows * cols],
-            rows,
-            cols,
-        })
+    fn ids_len(ids: &Vec<u32>) -> usize {
+        ids.len()
     }
 
-    fn upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<RefTensor> {
-        if data.len() != rows * cols {
-            return crate::error::shape_err(
-                "upload",
-                format!("{} values for ({rows}, {cols})", data.len()),
-            );
-        }
-        Ok(RefTensor {
-            data: data.to_vec(),
-            rows,
-            cols,
-        })
+    fn weight_dims(w: &RefWeight) -> (usize, usize) {
+        (w.rows, w.cols)
     }
 
-    fn download(&mut self, t: &RefTensor) -> Result<Vec<f32>> {
-        Ok(t.data.clone())
+    fn rope_dims(rope: &RefRope) -> (usize, usize) {
+        (rope.max_pos, rope.half * 2)
     }
 
-    fn ids(&mut self, data: &[u32]) -> Result<Vec<u32>> {
-        Ok(data.to_vec())
+    fn kv_layout(kv: &RefKv) -> &KvLayout {
+        &kv.layout
     }
 
-    fn download_ids(&mut self, ids: &Vec<u32>) -> Result<Vec<u32>> {
-        Ok(ids.clone())
-    }
-
-    fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<RefWeight> {
-        check::weight(data.len(), rows, cols)?;
-        Ok(RefWeight {
-            data: data.iter().map(|h| h.to_f32()).collect(),
-            rows,
-            cols,
-        })
-    }
-
-    fn rope_table(&mut self, cfg: &RopeConfig) -> Result<RefRope> {
-        Ok(RefRope {
-            cs: cfg.table()?,
-            half: cfg.head_dim / 2,
-            max_pos: cfg.max_positions,
-        })
-    }
-
-    fn kv_cache(&mut self, layout: &KvLayout) -> Result<RefKv> {
-        layout.validate()?;
-        let n = layout.num_pages * layout.page_elems();
-        Ok(RefKv {
-            layout: *layout,
-            k: vec![vec![0.0; n]; layout.layers],
-            v: vec![vec![0.0; n]; layout.layers],
-        })
-    }
-
-    fn block_bounds(
-        &mut self,
-        layout: &KvLayout,
-        block: usize,
-        rotated: bool,
-    ) -> Result<Self::Bounds> {
-        layout.validate()?;
-        check::bounds_block(layout, block)?;
-        Ok(block_sparse::RefBounds::new(layout, block, rotated))
+    fn bounds_layout(b: &block_sparse::RefBounds) -> (&KvLayout, usize) {
+        (&b.layout, b.block)
     }
 
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }
-
-    fn matmul(&mut self, x: &RefTensor, w: &RefWeight, y: &mut RefTensor) -> Result<()> {
-        check::matmul((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols))?;
-        let (m, k, n) = (x.rows, x.cols, w.rows);
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if m <= SMALL_M {
-            // Few rows (decode, verify trees): one pass over the weights, each
-            // weight row reused from L1 for every x row. sgemm would repack the
-            // whole weight matrix per call, which costs ~5x a GEMV at m = 2.
-            let xs: Vec<&[f32]> = x.data.chunks(k).collect();
-            let mut yt = vec![0.0f32; n * m];
-            yt.par_chunks_mut(256 * m).enumerate().for_each(|(c, out)| {
-                for (i, o) in out.chunks_mut(m).enumerate() {
-                    let r = c * 256 + i;
-                    dot_rows(&xs, &w.data[r * k..(r + 1) * k], o);
-                }
-            });
-            if m == 1 {
-                y.data.copy_from_slice(&yt);
-            } else {
-                for (r, row) in yt.chunks(m).enumerate() {
-                    for (i, &v) in row.iter().enumerate() {
-                        y.data[i * n + r] = v;
-                    }
-                }
-            }
-            return Ok(());
-        }
-        // SAFETY: the pointers and strides describe x [m,k], W^T [k,n] (W is [n,k]
-        // row-major) and y [m,n], all within their vectors (shapes checked above).
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                x.data.as_ptr(),
-                k as isize,
-                1,
-                w.data.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                y.data.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
-        Ok(())
-    }
-
-    fn rms_norm(
-        &mut self,
-        x: &RefTensor,
-        w: &RefWeight,
-        eps: f32,
-        y: &mut RefTensor,
-    ) -> Result<()> {
-        check::rms_norm((x.rows, x.cols), (w.rows, w.cols), (y.rows, y.cols), eps)?;
-        let c = x.cols;
-        if c == 0 {
-            return Ok(());
-        }
-        y.data
-            .par_chunks_mut(c)
-            .zip(x.data.par_chunks(c))
-            .for_each(|(yr, xr)| {
-                let ss: f32 = xr.iter().map(|v| v * v).sum();
-                let inv = 1.0 / (ss / c as f32 + eps).sqrt();
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(&w.data) {
-                    *o = v * inv * g;
-                }
-            });
-        Ok(())
-    }
-
-    fn rope(
-        &mut self,
-        x: &mut RefTensor,
-        heads: usize,
-        positions: &Vec<u32>,
-        rope: &RefRope,
-    ) -> Result<()> {
-        let d = rope.half * 2;
-        check::rope((x.rows, x.cols), heads, d, positions.len())?;
-        if x.cols == 0 {
-            return Ok(());
-        }
-        let cols = x.cols;
-        x.data
-            .par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let p = (positions[r] as usize).min(rope.max_pos - 1);
-                let cs = &rope.cs[p * rope.half..(p + 1) * rope.half];
-                for h in 0..heads {
-                    rotate(&mut row[h * d..(h + 1) * d], cs);
-                }
-            });
-        Ok(())
-    }
-
-    fn swiglu(&mut self, gate: &mut RefTensor, up: &RefTensor) -> Result<()> {
-        check::same("swiglu", (gate.rows, gate.cols), (up.rows, up.cols))?;
-        gate.data.par_iter_mut().zip(&up.data).for_each(|(g, &u)| {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        });
-        Ok(())
-    }
-
-    fn add(&mut self, acc: &mut RefTensor, x: &RefTensor) -> Result<()> {
-        check::same("add", (acc.rows, acc.cols), (x.rows, x.cols))?;
-        acc.data.iter_mut().zip(&x.data).for_each(|(a, &b)| *a += b);
-        Ok(())
-    }
-
-    fn embed(&mut self, ids: &Vec<u32>, table: &RefWeight, out: &mut RefTensor) -> Result<()> {
-        check::embed(ids.len(), (table.rows, table.cols), (out.rows, out.cols))?;
-        check::token_ids(ids, table.rows)?;
-        let c = table.cols;
-        for (t, &id) in ids.iter().enumerate() {
-            out.data[t * c..(t + 1) * c]
-                .copy_from_slice(&table.data[id as usize * c..(id as usize + 1) * c]);
-        }
-        Ok(())
-    }
-
-    fn add_bias(&mut self, x: &mut RefTensor, bias: &RefWeight) -> Result<()> {
-        check::add_bias((x.rows, x.cols), (bias.rows, bias.cols))?;
-        if x.cols == 0 {
-            return Ok(());
-        }
-        for row in x.data.chunks_mut(x.cols) {
-            row.iter_mut().zip(&bias.data).for_each(|(a, b)| *a += b);
-        }
-        Ok(())
-    }
-
-    fn copy_rows(
-        &mut self,
-        src: &RefTensor,
-        src_row: usize,
-        dst: &mut RefTensor,
-        dst_row: usize,
-        rows: usize,
-    ) -> Result<()> {
-        check::copy_rows(
-            (src.rows, src.cols),
-            src_row,
-            (dst.rows, dst.cols),
-            dst_row,
-            rows,
-        )?;
-        let c = src.cols;
-        dst.data[dst_row * c..(dst_row + rows) * c]
-            .copy_from_slice(&src.data[src_row * c..(src_row + rows) * c]);
-        Ok(())
-    }
-
-    fn penalize(&mut self, logits: &mut RefTensor, ids: &[u32], penalty: f32) -> Result<()> {
-        for &t in ids {
-            if let Some(l) = logits.data[..logits.cols].get_mut(t as usize) {
-                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
-            }
-        }
-        Ok(())
-    }
-
-    fn top_k(&mut self, logits: &RefTensor, k: usize) -> Result<Vec<(u32, f32)>> {
-        check::top_k((logits.rows, logits.cols), k)?;
-        Ok(top_k_row(&logits.data[..logits.cols], k))
-    }
-
-    fn ts_score(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        begin: usize,
-        n: usize,
-        gqa: GqaMap,
-        scores: &mut RefTensor,
-        gate: Option<&RefGate>,
-        prefilter: Option<&Prefilter<'_, Vec<u32>>>,
-    ) -> Result<()> {
-        if skipped(gate) {
-            return Ok(());
-        }
-        let slots = prefilter.map_or(n, |pf| pf.slots());
-        check::ts(
-            &kv.layout,
-            layer,
-            table,
-            (q.rows, q.cols),
-            begin,
-            n,
-            slots,
-            scores.data.len(),
-        )?;
-        check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len())))?;
-        let tokens = tokenselect::slot_tokens(begin, n, prefilter);
-        tokenselect::score(q, kv, layer, table, &tokens, gqa, &mut scores.data);
-        Ok(())
-    }
-
-    fn ts_vote(
-        &mut self,
-        scores: &RefTensor,
-        q_heads: usize,
-        n: usize,
-        votes: &mut RefTensor,
-        gate: Option<&RefGate>,
-    ) -> Result<()> {
-        check::ts_vote(scores.data.len(), votes.data.len(), q_heads, n)?;
-        if skipped(gate) {
-            return Ok(());
-        }
-        tokenselect::vote(&scores.data, q_heads, n, &mut votes.data);
-        Ok(())
-    }
-
-    fn ts_top_k(
-        &mut self,
-        votes: &RefTensor,
-        n: usize,
-        k: usize,
-        begin: usize,
-        out: &mut Vec<u32>,
-        gate: Option<&RefGate>,
-        prefilter: Option<&Prefilter<'_, Vec<u32>>>,
-    ) -> Result<()> {
-        if skipped(gate) {
-            return Ok(());
-        }
-        if votes.data.len() < n || k == 0 || k > n || out.len() < k {
-            return crate::error::shape_err(
-                "ts_top_k",
-                format!("top {k} of {n} into {} slots", out.len()),
-            );
-        }
-        check::prefilter(prefilter.map(|pf| (pf.count, pf.block, pf.blocks.len())))?;
-        if prefilter.is_some_and(|pf| pf.slots() != n) {
-            return crate::error::shape_err(
-                "ts_top_k",
-                format!("{n} votes for the prefilter's slots"),
-            );
-        }
-        let sel = tokenselect::top_k(&votes.data[..n], k, 0);
-        for (o, j) in out[..k].iter_mut().zip(sel) {
-            *o = match prefilter {
-                Some(pf) => tokenselect::slot_token(pf, j as usize) as u32,
-                None => begin as u32 + j,
-            };
-        }
-        Ok(())
-    }
-
-    fn ts_gate(&mut self) -> Result<RefGate> {
-        Ok(RefGate::default())
-    }
-
-    fn ts_cache_check(
-        &mut self,
-        fp: &RefTensor,
-        cached: &mut RefTensor,
-        threshold: f32,
-        _plan: &SelectPlan,
-        _kv: &RefKv,
-        _table: &PageTable,
-        gate: &mut RefGate,
-    ) -> Result<()> {
-        let len = fp.data.len();
-        if cached.data.len() != len + 1 {
-            return crate::error::shape_err(
-                "ts_cache_check",
-                format!("cache holds {} values for {len}", cached.data.len()),
-            );
-        }
-        // Same arithmetic as the kernel: f32 sums of products, cosine with a floor.
-        let (mut ab, mut aa, mut bb) = (0.0f32, 0.0f32, 0.0f32);
-        for (a, b) in fp.data.iter().zip(&cached.data) {
-            ab += a * b;
-            aa += a * a;
-            bb += b * b;
-        }
-        let cos = ab / (aa * bb).sqrt().max(1e-30);
-        gate.hit = cached.data[len] == 1.0 && cos >= threshold;
-        if gate.hit {
-            gate.hits += 1;
-        } else {
-            gate.misses += 1;
-            cached.data[..len].copy_from_slice(&fp.data);
-            cached.data[len] = 1.0;
-        }
-        Ok(())
-    }
-
-    fn ts_gate_counts(&mut self, gate: &RefGate) -> Result<(u64, u64)> {
-        Ok((gate.hits, gate.misses))
-    }
-
-    fn attention_decode_list(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        seq_len: usize,
-        list: &KeyList<'_, Vec<u32>>,
-        rope: &RefRope,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        check::attention_decode_list(
-            &kv.layout,
-            layer,
-            table,
-            (q.rows, q.cols),
-            (out.rows, out.cols),
-            seq_len,
-            list,
-            list.selected.len(),
-            rope.max_pos,
-        )?;
-        let q_start = seq_len - 1;
-        tokenselect::attention_list(q, kv, layer, table, 0..1, q_start, list, rope, out);
-        Ok(())
-    }
-
-    fn attention_prefill_list(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        rows: Range<usize>,
-        q_start: usize,
-        list: &KeyList<'_, Vec<u32>>,
-        rope: &RefRope,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        check::attention_list(
-            "attention_prefill_list",
-            &kv.layout,
-            layer,
-            table,
-            (q.rows, q.cols),
-            (out.rows, out.cols),
-            &rows,
-            q_start,
-            list,
-            list.selected.len(),
-            rope.max_pos,
-        )?;
-        tokenselect::attention_list(q, kv, layer, table, rows, q_start, list, rope, out);
-        Ok(())
-    }
-
-    fn attention_tree(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        prefix_len: usize,
-        tree: &Vec<u32>,
-        list: Option<&KeyList<'_, Vec<u32>>>,
-        rope: &RefRope,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        check::attention_tree(
-            &kv.layout,
-            layer,
-            table,
-            (q.rows, q.cols),
-            (out.rows, out.cols),
-            prefix_len,
-            tree.len(),
-            list.map(|li| (li, li.selected.len())),
-            rope.max_pos,
-        )?;
-        attention::tree(q, kv, layer, table, prefix_len, tree, list, rope, out);
-        Ok(())
-    }
-
-    fn spec_draft(
-        &mut self,
-        adj: &Vec<u32>,
-        plan: &Vec<u32>,
-        n: usize,
-        out: &mut Vec<u32>,
-    ) -> Result<()> {
-        if n == 0 || n > crate::ops::MAX_NODES || plan.len() < 3 * n || out.len() < n {
-            return crate::error::shape_err(
-                "spec_draft",
-                format!(
-                    "{n} nodes, plan of {} words, output of {}",
-                    plan.len(),
-                    out.len()
-                ),
-            );
-        }
-        for i in 0..n {
-            let (parent, rank, token) = (plan[3 * i], plan[3 * i + 1], plan[3 * i + 2]);
-            out[i] = if parent != u32::MAX && rank != u32::MAX {
-                let at = out[parent as usize] as usize * 8 + rank as usize;
-                adj.get(at).copied().unwrap_or(0)
-            } else {
-                token
-            };
-        }
-        Ok(())
-    }
-
-    fn spec_adj_update(
-        &mut self,
-        adj: &mut Vec<u32>,
-        logits: &RefTensor,
-        tokens: &Vec<u32>,
-    ) -> Result<()> {
-        let (n, vocab) = (logits.rows, logits.cols);
-        if adj.len() != vocab * 8 || tokens.len() < n || n > crate::ops::MAX_NODES {
-            return crate::error::shape_err(
-                "spec_adj_update",
-                format!(
-                    "adjacency of {} for a vocabulary of {vocab}, {} tokens for {n} rows",
-                    adj.len(),
-                    tokens.len()
-                ),
-            );
-        }
-        // The last node of a repeated token wins, so earlier duplicates skip.
-        let rows: Vec<usize> = (0..n)
-            .filter(|&i| !tokens[i + 1..n].contains(&tokens[i]) && (tokens[i] as usize) < vocab)
-            .collect();
-        let tops: Vec<Vec<(u32, f32)>> = rows
-            .par_iter()
-            .map(|&i| top_k_row(&logits.data[i * vocab..(i + 1) * vocab], 8))
-            .collect();
-        for (&i, top) in rows.iter().zip(&tops) {
-            let tok = tokens[i] as usize;
-            for (r, &(b, _)) in top.iter().enumerate() {
-                adj[tok * 8 + r] = b;
-            }
-        }
-        Ok(())
-    }
-
-    fn spec_accept(
-        &mut self,
-        logits: &RefTensor,
-        tokens: &Vec<u32>,
-        links: &Vec<u32>,
-        params: &crate::sampling::AcceptParams,
-        depth: usize,
-        trials: usize,
-        out: &mut Vec<u32>,
-    ) -> Result<()> {
-        let (n, vocab) = (logits.rows, logits.cols);
-        check::spec_accept(
-            (n, vocab),
-            tokens.len(),
-            links.len(),
-            params,
-            depth,
-            trials,
-            out.len(),
-        )?;
-        let stride = crate::sampling::accept_stride(depth);
-        let (toks, links) = (&tokens[..n], &links[..2 * n]);
-        out[..trials * stride]
-            .par_chunks_mut(stride)
-            .enumerate()
-            .for_each(|(t, o)| {
-                o.copy_from_slice(&speculative::accept_trial(
-                    &logits.data,
-                    vocab,
-                    toks,
-                    links,
-                    params,
-                    depth,
-                    t as u32,
-                ))
-            });
-        Ok(())
-    }
-
-    fn token_scores(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        n: usize,
-        rope: &RefRope,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        check::token_scores(
-            &kv.layout,
-            layer,
-            table,
-            (q.rows, q.cols),
-            n,
-            (out.rows, out.cols),
-            rope.max_pos,
-        )?;
-        block_sparse::token_scores(q, kv, layer, table, n, rope, out);
-        Ok(())
-    }
-
-    fn block_top_k(
-        &mut self,
-        scores: &RefTensor,
-        kv_heads: usize,
-        n: usize,
-        k: usize,
-        out: &mut Vec<u32>,
-    ) -> Result<()> {
-        check::block_top_k((scores.rows, scores.cols), kv_heads, n, k, out.len())?;
-        block_sparse::top_k(scores, kv_heads, n, k, out);
-        Ok(())
-    }
-
-    fn kv_bounds(
-        &mut self,
-        kv: &RefKv,
-        bounds: &mut Self::Bounds,
-        layer: usize,
-        table: &PageTable,
-        tokens: Range<usize>,
-        rope: &RefRope,
-    ) -> Result<()> {
-        check::kv_bounds(&kv.layout, layer, table, &tokens, rope.max_pos)?;
-        block_sparse::bounds(kv, bounds, layer, table, tokens, rope);
-        Ok(())
-    }
-
-    fn block_scores(
-        &mut self,
-        q: &RefTensor,
-        bounds: &Self::Bounds,
-        layer: usize,
-        table: &PageTable,
-        blocks: Range<usize>,
-        spread: f32,
-        out: &mut RefTensor,
-        gate: Option<&RefGate>,
-    ) -> Result<()> {
-        if skipped(gate) {
-            return Ok(());
-        }
-        check::block_scores(
-            &bounds.layout,
-            bounds.block,
-            layer,
-            table,
-            (q.rows, q.cols),
-            &blocks,
-            (out.rows, out.cols),
-        )?;
-        check::block_spread(spread)?;
-        block_sparse::scores(q, bounds, layer, table, blocks, spread, out);
-        Ok(())
-    }
-
-    fn block_group_scores(
-        &mut self,
-        q: &RefTensor,
-        bounds: &Self::Bounds,
-        layer: usize,
-        table: &PageTable,
-        blocks: Range<usize>,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        check::block_group_scores(
-            &bounds.layout,
-            bounds.block,
-            layer,
-            table,
-            (q.rows, q.cols),
-            &blocks,
-            (out.rows, out.cols),
-        )?;
-        block_sparse::group_scores(q, bounds, layer, table, blocks, out);
-        Ok(())
-    }
-
-    fn mean_rows(&mut self, x: &RefTensor, rows: Range<usize>, out: &mut RefTensor) -> Result<()> {
-        check::mean_rows((x.rows, x.cols), &rows, (out.rows, out.cols))?;
-        let c = x.cols;
-        let o = &mut out.data[..c];
-        o.iter_mut().for_each(|v| *v = 0.0);
-        for r in rows.clone() {
-            for (v, xv) in o.iter_mut().zip(&x.data[r * c..(r + 1) * c]) {
-                *v += xv;
-            }
-        }
-        let inv = rows.len() as f32;
-        o.iter_mut().for_each(|v| *v /= inv);
-        Ok(())
-    }
-
-    fn argmax(&mut self, x: &RefTensor, out: &mut Vec<u32>) -> Result<()> {
-        if out.len() < x.rows {
-            return crate::error::shape_err(
-                "argmax",
-                format!("{} outputs for {} rows", out.len(), x.rows),
-            );
-        }
-        for (r, o) in out.iter_mut().take(x.rows).enumerate() {
-            *o = argmax_row(&x.data[r * x.cols..(r + 1) * x.cols]);
-        }
-        Ok(())
-    }
-
-    fn kv_move(
-        &mut self,
-        kv: &mut RefKv,
-        table: &PageTable,
-        moves: &[(usize, usize)],
-    ) -> Result<()> {
-        check::kv_move(&kv.layout, table, moves)?;
-        let (hk, d) = (kv.layout.kv_heads, kv.layout.head_dim);
-        for &(src, dst) in moves {
-            for h in 0..hk {
-                let (a, b) = (kv.offset(table, src, h), kv.offset(table, dst, h));
-                for layer in 0..kv.layout.layers {
-                    kv.k[layer].copy_within(a..a + d, b);
-                    kv.v[layer].copy_within(a..a + d, b);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn kv_append(
-        &mut self,
-        kv: &mut RefKv,
-        layer: usize,
-        table: &PageTable,
-        start: usize,
-        k: &RefTensor,
-        v: &RefTensor,
-    ) -> Result<()> {
-        check::kv_append(
-            &kv.layout,
-            layer,
-            table,
-            start,
-            (k.rows, k.cols),
-            (v.rows, v.cols),
-        )?;
-        let (hk, d) = (kv.layout.kv_heads, kv.layout.head_dim);
-        for t in 0..k.rows {
-            for h in 0..hk {
-                let off = kv.offset(table, start + t, h);
-                let src = (t * hk + h) * d;
-                for i in 0..d {
-                    kv.k[layer][off + i] = round_f16(k.data[src + i]);
-                    kv.v[layer][off + i] = round_f16(v.data[src + i]);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn attention_prefill(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        q_start: usize,
-        kv_len: usize,
-        rope: &RefRope,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        let dims = ((q.rows, q.cols), (out.rows, out.cols));
-        check::attention(
-            "attention_prefill",
-            &kv.layout,
-            layer,
-            table,
-            dims.0,
-            dims.1,
-            q_start,
-            kv_len,
-            rope.max_pos,
-        )?;
-        attention::dense(q, kv, layer, table, q_start, kv_len, rope, out);
-        Ok(())
-    }
-
-    fn attention_decode(
-        &mut self,
-        q: &RefTensor,
-        kv: &RefKv,
-        layer: usize,
-        table: &PageTable,
-        kv_len: usize,
-        rope: &RefRope,
-        out: &mut RefTensor,
-    ) -> Result<()> {
-        let dims = ((q.rows, q.cols), (out.rows, out.cols));
-        if q.rows != 1 {
-            return crate::error::shape_err(
-                "attention_decode",
-                format!("{} query rows, expected 1", q.rows),
-            );
-        }
-        let q_start = kv_len.checked_sub(1).ok_or_else(|| Error::Shape {
-            op: "attention_decode",
-            msg: "kv_len is 0".into(),
-        })?;
-        check::attention(
-            "attention_decode",
-            &kv.layout,
-            layer,
-            table,
-            dims.0,
-            dims.1,
-            q_start,
-            kv_len,
-            rope.max_pos,
-        )?;
-        attention::dense(q, kv, layer, table, q_start, kv_len, rope, out);
-        Ok(())
-    }
 }
+
+/// One layer of a reference KV cache as the ops read it.
+pub(crate) type RefView<'a> = KvView<'a, RefExecutor>;
 
 /// f32 dot product with 8 independent accumulators (lets LLVM vectorise), on
 /// AVX2 when the CPU has it (same summation order, so the same result).
@@ -1061,6 +289,8 @@ pub fn argmax_row(row: &[f32]) -> u32 {
 mod tests {
     use super::*;
     use crate::kv::PageAllocator;
+    use crate::ops::prelude::*;
+    use crate::ops::RopeConfig;
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
@@ -1167,8 +397,14 @@ mod tests {
         let q: Vec<f32> = (0..n_q * qh * d).map(|_| lcg(&mut s)).collect();
         let qt = ex.upload(&q, n_q, qh * d).unwrap();
         let mut out = ex.tensor(n_q, qh * d).unwrap();
-        ex.attention_prefill(&qt, &kv, 0, &t, len - n_q, len, &rope, &mut out)
-            .unwrap();
+        ex.attention_prefill(
+            &qt,
+            &KvView::new(&kv, 0, &t, &rope),
+            len - n_q,
+            len,
+            &mut out,
+        )
+        .unwrap();
         for i in 0..n_q {
             for h in 0..qh {
                 let g = h / (qh / kh);
@@ -1202,7 +438,7 @@ mod tests {
         // Decode of the last query equals the last prefill row.
         let q_last = ex.upload(&q[(n_q - 1) * qh * d..], 1, qh * d).unwrap();
         let mut o1 = ex.tensor(1, qh * d).unwrap();
-        ex.attention_decode(&q_last, &kv, 0, &t, len, &rope, &mut o1)
+        ex.attention_decode(&q_last, &KvView::new(&kv, 0, &t, &rope), len, &mut o1)
             .unwrap();
         assert_eq!(o1.data, out.data[(n_q - 1) * qh * d..].to_vec());
     }

@@ -2,8 +2,11 @@
 //! order, the same draws, so both executors take the same decisions up to
 //! rounding of the probabilities.
 
-use super::top_k_row;
+use super::{top_k_row, RefExecutor, RefTensor};
+use crate::error::Result;
+use crate::ops::SpeculationOps;
 use crate::sampling::{accept_stride, target_distribution, uniform01, AcceptParams};
+use rayon::prelude::*;
 
 const NONE: u32 = u32::MAX;
 
@@ -70,5 +73,80 @@ pub fn accept_trial(
                 return out;
             }
         }
+    }
+}
+
+impl SpeculationOps for RefExecutor {
+    fn run_spec_draft(
+        &mut self,
+        adj: &Vec<u32>,
+        plan: &Vec<u32>,
+        n: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        for i in 0..n {
+            let (parent, rank, token) = (plan[3 * i], plan[3 * i + 1], plan[3 * i + 2]);
+            out[i] = if parent != u32::MAX && rank != u32::MAX {
+                let at = out[parent as usize] as usize * 8 + rank as usize;
+                adj.get(at).copied().unwrap_or(0)
+            } else {
+                token
+            };
+        }
+        Ok(())
+    }
+
+    fn run_spec_adj_update(
+        &mut self,
+        adj: &mut Vec<u32>,
+        logits: &RefTensor,
+        tokens: &Vec<u32>,
+    ) -> Result<()> {
+        let (n, vocab) = (logits.rows, logits.cols);
+        // The last node of a repeated token wins, so earlier duplicates skip.
+        let rows: Vec<usize> = (0..n)
+            .filter(|&i| !tokens[i + 1..n].contains(&tokens[i]) && (tokens[i] as usize) < vocab)
+            .collect();
+        let tops: Vec<Vec<(u32, f32)>> = rows
+            .par_iter()
+            .map(|&i| top_k_row(&logits.data[i * vocab..(i + 1) * vocab], 8))
+            .collect();
+        for (&i, top) in rows.iter().zip(&tops) {
+            let tok = tokens[i] as usize;
+            for (r, &(b, _)) in top.iter().enumerate() {
+                adj[tok * 8 + r] = b;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_spec_accept(
+        &mut self,
+        logits: &RefTensor,
+        tokens: &Vec<u32>,
+        links: &Vec<u32>,
+        params: &AcceptParams,
+        depth: usize,
+        trials: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let (n, vocab) = (logits.rows, logits.cols);
+        let stride = accept_stride(depth);
+        let (toks, links) = (&tokens[..n], &links[..2 * n]);
+        out[..trials * stride]
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(t, o)| {
+                o.copy_from_slice(&accept_trial(
+                    &logits.data,
+                    vocab,
+                    toks,
+                    links,
+                    params,
+                    depth,
+                    t as u32,
+                ))
+            });
+        Ok(())
     }
 }

@@ -7,7 +7,8 @@ use half::f16;
 use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
 use kvsieve::gpu::GpuContext;
 use kvsieve::kernels::GpuExecutor;
-use kvsieve::ops::{Ops, RopeConfig};
+use kvsieve::ops::prelude::*;
+use kvsieve::ops::RopeConfig;
 use kvsieve::reference::{RefExecutor, RefKv};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
@@ -99,6 +100,9 @@ pub struct Fixture {
     pub kvg: kvsieve::kernels::GpuKv,
     pub table: PageTable,
     pub layout: KvLayout,
+    /// RoPE tables for `len` positions.
+    pub ropec: kvsieve::reference::RefRope,
+    pub ropeg: kvsieve::kernels::GpuRope,
 }
 
 pub fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u64) -> Fixture {
@@ -135,12 +139,16 @@ pub fn fill(ex: &mut GpuExecutor, kv_heads: usize, d: usize, len: usize, seed: u
         ex.flush().unwrap();
         start += n;
     }
+    let ropec = cpu.rope_table(&rope_cfg(d, len)).unwrap();
+    let ropeg = ex.rope_table(&rope_cfg(d, len)).unwrap();
     Fixture {
         cpu,
         kvc,
         kvg,
         table,
         layout,
+        ropec,
+        ropeg,
     }
 }
 

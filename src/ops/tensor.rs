@@ -1,0 +1,240 @@
+//! Tensor ops: activations, ids and weights, and the dense layer ops
+//! (matmul, norms, RoPE, elementwise, gathers, sampling helpers).
+
+use super::{check, Executor, RopeConfig};
+use crate::error::{shape_err, Error, Result};
+use half::f16;
+use std::ops::Range;
+
+/// Tensor ops. Callers use the checked methods; executors implement the
+/// `run_*` methods, which may assume the checks passed.
+pub trait TensorOps: Executor {
+    /// A zeroed tensor.
+    fn tensor(&mut self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        fits(self, "tensor", rows as u64 * cols as u64 * 4)?;
+        self.run_tensor(rows, cols)
+    }
+    /// A tensor holding `data` (row-major).
+    fn upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
+        if data.len() != rows * cols {
+            return shape_err(
+                "upload",
+                format!("{} values for ({rows}, {cols})", data.len()),
+            );
+        }
+        fits(self, "tensor", data.len() as u64 * 4)?;
+        self.run_upload(data, rows, cols)
+    }
+    /// Reads a tensor back (finishes pending work first).
+    fn download(&mut self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        self.run_download(t)
+    }
+    /// An id vector holding `data`.
+    fn ids(&mut self, data: &[u32]) -> Result<Self::Ids> {
+        fits(self, "id vector", data.len() as u64 * 4)?;
+        self.run_ids(data)
+    }
+    /// Reads ids back (finishes pending work first).
+    fn download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>> {
+        self.run_download_ids(ids)
+    }
+    /// A weight matrix from f16 data `[rows, cols]` (`cols` even).
+    fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<Self::Weight> {
+        check::weight(data.len(), rows, cols)?;
+        self.run_weight(data, rows, cols)
+    }
+    /// A RoPE table.
+    fn rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope> {
+        cfg.validate()?;
+        let bytes = cfg.max_positions as u64 * (cfg.head_dim / 2) as u64 * 8;
+        if bytes > self.limits().max_buffer_bytes {
+            return Err(Error::Capacity(format!(
+                "RoPE table for {} positions ({bytes} bytes) exceeds the buffer limit of {}",
+                cfg.max_positions,
+                self.limits().max_buffer_bytes
+            )));
+        }
+        self.run_rope_table(cfg)
+    }
+
+    /// `y = x W^T`: x `[m, k]`, W `[n, k]`, y `[m, n]`; k a multiple of 4.
+    fn matmul(&mut self, x: &Self::Tensor, w: &Self::Weight, y: &mut Self::Tensor) -> Result<()> {
+        check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
+        self.run_matmul(x, w, y)
+    }
+    /// RMSNorm of each row with weight `w` `[1, cols]`.
+    fn rms_norm(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
+        check::rms_norm(Self::dims(x), Self::weight_dims(w), Self::dims(y), eps)?;
+        self.run_rms_norm(x, w, eps, y)
+    }
+    /// Rotates `x` `[rows, heads * head_dim]` in place; row r at `positions[r]`.
+    fn rope(
+        &mut self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        positions: &Self::Ids,
+        rope: &Self::Rope,
+    ) -> Result<()> {
+        let head_dim = Self::rope_dims(rope).1;
+        check::rope(Self::dims(x), heads, head_dim, Self::ids_len(positions))?;
+        self.run_rope(x, heads, positions, rope)
+    }
+    /// `gate = silu(gate) * up`.
+    fn swiglu(&mut self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<()> {
+        check::same("swiglu", Self::dims(gate), Self::dims(up))?;
+        self.run_swiglu(gate, up)
+    }
+    /// `acc += x`.
+    fn add(&mut self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()> {
+        check::same("add", Self::dims(acc), Self::dims(x))?;
+        self.run_add(acc, x)
+    }
+    /// `out[t] = table[ids[t]]`.
+    fn embed(
+        &mut self,
+        ids: &Self::Ids,
+        table: &Self::Weight,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        check::embed(
+            Self::ids_len(ids),
+            Self::weight_dims(table),
+            Self::dims(out),
+        )?;
+        self.run_embed(ids, table, out)
+    }
+    /// `x[r, :] += bias` for every row; `bias` is `[1, cols]`.
+    fn add_bias(&mut self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> {
+        check::add_bias(Self::dims(x), Self::weight_dims(bias))?;
+        self.run_add_bias(x, bias)
+    }
+    /// Copies `rows` rows of `src` starting at `src_row` into `dst` at `dst_row`.
+    fn copy_rows(
+        &mut self,
+        src: &Self::Tensor,
+        src_row: usize,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        check::copy_rows(Self::dims(src), src_row, Self::dims(dst), dst_row, rows)?;
+        self.run_copy_rows(src, src_row, dst, dst_row, rows)
+    }
+    /// `out[0, :]` = mean of rows `rows` of `x` (TokenSelect's prefill fingerprint).
+    fn mean_rows(
+        &mut self,
+        x: &Self::Tensor,
+        rows: Range<usize>,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        check::mean_rows(Self::dims(x), &rows, Self::dims(out))?;
+        self.run_mean_rows(x, rows, out)
+    }
+    /// Row-wise argmax (ties to the lowest index) into `out[0..rows]`.
+    fn argmax(&mut self, x: &Self::Tensor, out: &mut Self::Ids) -> Result<()> {
+        check::argmax(Self::dims(x), Self::ids_len(out))?;
+        self.run_argmax(x, out)
+    }
+    /// Repetition penalty on row 0 of `logits` for the given distinct token
+    /// ids (ids outside the vocabulary are ignored).
+    fn penalize(&mut self, logits: &mut Self::Tensor, ids: &[u32], penalty: f32) -> Result<()> {
+        check::penalize(Self::dims(logits), penalty)?;
+        self.run_penalize(logits, ids, penalty)
+    }
+    /// The `k` (1..=64) largest values of row 0 with their ids, descending (ties to the
+    /// lower id). Only these are read back.
+    fn top_k(&mut self, logits: &Self::Tensor, k: usize) -> Result<Vec<(u32, f32)>> {
+        check::top_k(Self::dims(logits), k)?;
+        self.run_top_k(logits, k)
+    }
+
+    /// [`TensorOps::tensor`], checked.
+    fn run_tensor(&mut self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// [`TensorOps::upload`], checked.
+    fn run_upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// [`TensorOps::download`].
+    fn run_download(&mut self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// [`TensorOps::ids`], checked.
+    fn run_ids(&mut self, data: &[u32]) -> Result<Self::Ids>;
+    /// [`TensorOps::download_ids`].
+    fn run_download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>>;
+    /// [`TensorOps::weight`], checked.
+    fn run_weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<Self::Weight>;
+    /// [`TensorOps::rope_table`], checked.
+    fn run_rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope>;
+    /// [`TensorOps::matmul`], checked.
+    fn run_matmul(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// [`TensorOps::rms_norm`], checked.
+    fn run_rms_norm(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// [`TensorOps::rope`], checked.
+    fn run_rope(
+        &mut self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        positions: &Self::Ids,
+        rope: &Self::Rope,
+    ) -> Result<()>;
+    /// [`TensorOps::swiglu`], checked.
+    fn run_swiglu(&mut self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<()>;
+    /// [`TensorOps::add`], checked.
+    fn run_add(&mut self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+    /// [`TensorOps::embed`], checked.
+    fn run_embed(
+        &mut self,
+        ids: &Self::Ids,
+        table: &Self::Weight,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// [`TensorOps::add_bias`], checked.
+    fn run_add_bias(&mut self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
+    /// [`TensorOps::copy_rows`], checked.
+    fn run_copy_rows(
+        &mut self,
+        src: &Self::Tensor,
+        src_row: usize,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()>;
+    /// [`TensorOps::mean_rows`], checked.
+    fn run_mean_rows(
+        &mut self,
+        x: &Self::Tensor,
+        rows: Range<usize>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// [`TensorOps::argmax`], checked.
+    fn run_argmax(&mut self, x: &Self::Tensor, out: &mut Self::Ids) -> Result<()>;
+    /// [`TensorOps::penalize`], checked.
+    fn run_penalize(&mut self, logits: &mut Self::Tensor, ids: &[u32], penalty: f32) -> Result<()>;
+    /// [`TensorOps::top_k`], checked.
+    fn run_top_k(&mut self, logits: &Self::Tensor, k: usize) -> Result<Vec<(u32, f32)>>;
+}
+
+/// A buffer of `bytes` within the executor's limit.
+fn fits<E: Executor>(ex: &E, what: &str, bytes: u64) -> Result<()> {
+    let max = ex.limits().max_buffer_bytes;
+    if bytes > max {
+        return Err(Error::Capacity(format!(
+            "{what} of {bytes} bytes exceeds the buffer limit of {max}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The reference's tensor ops: f32 on the CPU, GEMM through `matrixmultiply`.
+
+use super::{
+    argmax_row, dot_rows, rotate, top_k_row, RefExecutor, RefRope, RefTensor, RefWeight, SMALL_M,
+};
+use crate::error::Result;
+use crate::ops::{check, RopeConfig, TensorOps};
+use half::f16;
+use rayon::prelude::*;
+use std::ops::Range;
+
+impl TensorOps for RefExecutor {
+    fn run_tensor(&mut self, rows: usize, cols: usize) -> Result<RefTensor> {
+        Ok(RefTensor {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        })
+    }
+
+    fn run_upload(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<RefTensor> {
+        Ok(RefTensor {
+            data: data.to_vec(),
+            rows,
+            cols,
+        })
+    }
+
+    fn run_download(&mut self, t: &RefTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn run_ids(&mut self, data: &[u32]) -> Result<Vec<u32>> {
+        Ok(data.to_vec())
+    }
+
+    fn run_download_ids(&mut self, ids: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(ids.clone())
+    }
+
+    fn run_weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<RefWeight> {
+        Ok(RefWeight {
+            data: data.iter().map(|h| h.to_f32()).collect(),
+            rows,
+            cols,
+        })
+    }
+
+    fn run_rope_table(&mut self, cfg: &RopeConfig) -> Result<RefRope> {
+        Ok(RefRope {
+            cs: cfg.table()?,
+            half: cfg.head_dim / 2,
+            max_pos: cfg.max_positions,
+        })
+    }
+
+    fn run_matmul(&mut self, x: &RefTensor, w: &RefWeight, y: &mut RefTensor) -> Result<()> {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if m <= SMALL_M {
+            // Few rows (decode, verify trees): one pass over the weights, each
+            // weight row reused from L1 for every x row. sgemm would repack the
+            // whole weight matrix per call, which costs ~5x a GEMV at m = 2.
+            let xs: Vec<&[f32]> = x.data.chunks(k).collect();
+            let mut yt = vec![0.0f32; n * m];
+            yt.par_chunks_mut(256 * m).enumerate().for_each(|(c, out)| {
+                for (i, o) in out.chunks_mut(m).enumerate() {
+                    let r = c * 256 + i;
+                    dot_rows(&xs, &w.data[r * k..(r + 1) * k], o);
+                }
+            });
+            if m == 1 {
+                y.data.copy_from_slice(&yt);
+            } else {
+                for (r, row) in yt.chunks(m).enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        y.data[i * n + r] = v;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        // SAFETY: the pointers and strides describe x [m,k], W^T [k,n] (W is [n,k]
+        // row-major) and y [m,n], all within their vectors (shapes checked above).
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                x.data.as_ptr(),
+                k as isize,
+                1,
+                w.data.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                y.data.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+        Ok(())
+    }
+
+    fn run_rms_norm(
+        &mut self,
+        x: &RefTensor,
+        w: &RefWeight,
+        eps: f32,
+        y: &mut RefTensor,
+    ) -> Result<()> {
+        let c = x.cols;
+        if c == 0 {
+            return Ok(());
+        }
+        y.data
+            .par_chunks_mut(c)
+            .zip(x.data.par_chunks(c))
+            .for_each(|(yr, xr)| {
+                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let inv = 1.0 / (ss / c as f32 + eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(&w.data) {
+                    *o = v * inv * g;
+                }
+            });
+        Ok(())
+    }
+
+    fn run_rope(
+        &mut self,
+        x: &mut RefTensor,
+        heads: usize,
+        positions: &Vec<u32>,
+        rope: &RefRope,
+    ) -> Result<()> {
+        let d = rope.half * 2;
+        if x.cols == 0 {
+            return Ok(());
+        }
+        let cols = x.cols;
+        x.data
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let p = (positions[r] as usize).min(rope.max_pos - 1);
+                let cs = &rope.cs[p * rope.half..(p + 1) * rope.half];
+                for h in 0..heads {
+                    rotate(&mut row[h * d..(h + 1) * d], cs);
+                }
+            });
+        Ok(())
+    }
+
+    fn run_swiglu(&mut self, gate: &mut RefTensor, up: &RefTensor) -> Result<()> {
+        gate.data.par_iter_mut().zip(&up.data).for_each(|(g, &u)| {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        });
+        Ok(())
+    }
+
+    fn run_add(&mut self, acc: &mut RefTensor, x: &RefTensor) -> Result<()> {
+        acc.data.iter_mut().zip(&x.data).for_each(|(a, &b)| *a += b);
+        Ok(())
+    }
+
+    fn run_embed(&mut self, ids: &Vec<u32>, table: &RefWeight, out: &mut RefTensor) -> Result<()> {
+        // Ids are data, not shape: the front cannot see a device's copy, so
+        // the GPU gathers nothing for an id outside the table (the engine
+        // checks ids before upload) and the reference refuses it here.
+        check::token_ids(ids, table.rows)?;
+        let c = table.cols;
+        for (t, &id) in ids.iter().enumerate() {
+            out.data[t * c..(t + 1) * c]
+                .copy_from_slice(&table.data[id as usize * c..(id as usize + 1) * c]);
+        }
+        Ok(())
+    }
+
+    fn run_add_bias(&mut self, x: &mut RefTensor, bias: &RefWeight) -> Result<()> {
+        if x.cols == 0 {
+            return Ok(());
+        }
+        for row in x.data.chunks_mut(x.cols) {
+            row.iter_mut().zip(&bias.data).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn run_copy_rows(
+        &mut self,
+        src: &RefTensor,
+        src_row: usize,
+        dst: &mut RefTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let c = src.cols;
+        dst.data[dst_row * c..(dst_row + rows) * c]
+            .copy_from_slice(&src.data[src_row * c..(src_row + rows) * c]);
+        Ok(())
+    }
+
+    fn run_mean_rows(
+        &mut self,
+        x: &RefTensor,
+        rows: Range<usize>,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        let c = x.cols;
+        let o = &mut out.data[..c];
+        o.iter_mut().for_each(|v| *v = 0.0);
+        for r in rows.clone() {
+            for (v, xv) in o.iter_mut().zip(&x.data[r * c..(r + 1) * c]) {
+                *v += xv;
+            }
+        }
+        let inv = rows.len() as f32;
+        o.iter_mut().for_each(|v| *v /= inv);
+        Ok(())
+    }
+
+    fn run_argmax(&mut self, x: &RefTensor, out: &mut Vec<u32>) -> Result<()> {
+        for (r, o) in out.iter_mut().take(x.rows).enumerate() {
+            *o = argmax_row(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(())
+    }
+
+    fn run_penalize(&mut self, logits: &mut RefTensor, ids: &[u32], penalty: f32) -> Result<()> {
+        for &t in ids {
+            if let Some(l) = logits.data[..logits.cols].get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
+        Ok(())
+    }
+
+    fn run_top_k(&mut self, logits: &RefTensor, k: usize) -> Result<Vec<(u32, f32)>> {
+        Ok(top_k_row(&logits.data[..logits.cols], k))
+    }
+}
