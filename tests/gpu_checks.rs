@@ -1,19 +1,80 @@
 //! A caller's mistake is the same typed error on either executor: each case
-//! drives one op with bad shapes on the GPU and on the reference and compares
-//! the errors (the checks live once, in `ops::check`).
+//! drives one op with bad shapes or options on the GPU and on the reference
+//! and compares the errors (the checks run once, in the ops front). Every
+//! checked op has at least one case (`every_op_has_a_case`).
 
 mod common;
 
 use half::f16;
+use kvsieve::kv::{KvLayout, PageAllocator, PageTable};
 use kvsieve::ops::prelude::*;
+use kvsieve::ops::{GqaMap, KeyList, Prefilter, RopeConfig, SelectPlan, Selection};
 use kvsieve::reference::RefExecutor;
+use kvsieve::sampling::AcceptParams;
 use kvsieve::Error;
 
 /// The error `case` returns on executor `E`, rendered.
-fn err<E: Ops>(ex: &mut E, case: &dyn Fn(&mut E) -> kvsieve::Result<()>) -> String {
+fn err<E: Ops>(ex: &mut E, name: &str, case: &dyn Fn(&mut E) -> kvsieve::Result<()>) -> String {
     match case(ex) {
-        Err(e @ Error::Shape { .. }) => e.to_string(),
-        other => panic!("{}: expected a shape error, got {other:?}", ex.name()),
+        Err(e @ (Error::Shape { .. } | Error::InvalidOption(_) | Error::Capacity(_))) => {
+            e.to_string()
+        }
+        other => panic!(
+            "{name} on {}: expected a typed error, got {other:?}",
+            ex.name()
+        ),
+    }
+}
+
+const LAYOUT: KvLayout = KvLayout {
+    layers: 1,
+    kv_heads: 2,
+    head_dim: 8,
+    page_size: 16,
+    num_pages: 4,
+};
+
+/// A one-layer cache with 32 tokens reserved, and a RoPE table of 64 positions.
+struct Cache<E: Ops> {
+    kv: E::Kv,
+    table: PageTable,
+    rope: E::Rope,
+}
+
+fn cache<E: Ops>(ex: &mut E) -> kvsieve::Result<Cache<E>> {
+    let mut alloc = PageAllocator::new(&LAYOUT);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, 32)?;
+    table.len = 32;
+    let rope = ex.rope_table(&RopeConfig {
+        head_dim: 8,
+        theta: 10000.0,
+        scaling: None,
+        max_positions: 64,
+    })?;
+    Ok(Cache {
+        kv: ex.kv_cache(&LAYOUT)?,
+        table,
+        rope,
+    })
+}
+
+impl<E: Ops> Cache<E> {
+    fn view(&self, layer: usize) -> KvView<'_, E> {
+        KvView::new(&self.kv, layer, &self.table, &self.rope)
+    }
+}
+
+/// A list of 2 sinks, `n_sel` selected and a window from `tail_start` to `end`.
+fn list<I>(sel: &I, n_sel: usize, tail_start: usize, end: usize) -> KeyList<'_, I> {
+    KeyList {
+        n_init: 2,
+        selected: sel,
+        n_selected: n_sel,
+        tail_start,
+        tail_len: end - tail_start,
+        compact: false,
+        selection: Selection::Shared,
     }
 }
 
@@ -99,7 +160,386 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
                 ex.copy_rows(&x, 1, &mut y, 0, 2)
             }),
         ),
+        (
+            "upload value count",
+            Box::new(|ex: &mut E| ex.upload(&[1.0; 5], 2, 3).map(|_| ())),
+        ),
+        (
+            "rope_table odd head dim",
+            Box::new(|ex: &mut E| {
+                let cfg = RopeConfig {
+                    head_dim: 7,
+                    theta: 10000.0,
+                    scaling: None,
+                    max_positions: 8,
+                };
+                ex.rope_table(&cfg).map(|_| ())
+            }),
+        ),
+        (
+            "rope positions too few",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let mut x = ex.tensor(3, 16)?;
+                let pos = ex.ids(&[0, 1])?;
+                ex.rope(&mut x, 2, &pos, &c.rope)
+            }),
+        ),
+        (
+            "swiglu shapes",
+            Box::new(|ex: &mut E| {
+                let x = ex.tensor(2, 8)?;
+                let mut y = ex.tensor(2, 4)?;
+                ex.swiglu(&mut y, &x)
+            }),
+        ),
+        (
+            "embed output rows",
+            Box::new(|ex: &mut E| {
+                let (ids, t) = (ex.ids(&[0, 1, 2])?, ex.weight(&h(4 * 8), 4, 8)?);
+                let mut out = ex.tensor(2, 8)?;
+                ex.embed(&ids, &t, &mut out)
+            }),
+        ),
+        (
+            "add_bias width",
+            Box::new(|ex: &mut E| {
+                let b = ex.weight(&h(6), 1, 6)?;
+                let mut x = ex.tensor(2, 8)?;
+                ex.add_bias(&mut x, &b)
+            }),
+        ),
+        (
+            "mean_rows range",
+            Box::new(|ex: &mut E| {
+                let x = ex.tensor(2, 8)?;
+                let mut y = ex.tensor(1, 8)?;
+                ex.mean_rows(&x, 1..3, &mut y)
+            }),
+        ),
+        (
+            "argmax outputs",
+            Box::new(|ex: &mut E| {
+                let x = ex.tensor(3, 8)?;
+                let mut ids = ex.ids(&[0, 0])?;
+                ex.argmax(&x, &mut ids)
+            }),
+        ),
+        (
+            "penalize zero penalty",
+            Box::new(|ex: &mut E| {
+                let mut x = ex.tensor(1, 8)?;
+                ex.penalize(&mut x, &[1, 2], 0.0)
+            }),
+        ),
+        (
+            "top_k over 64",
+            Box::new(|ex: &mut E| {
+                let x = ex.tensor(1, 128)?;
+                ex.top_k(&x, 65).map(|_| ())
+            }),
+        ),
+        (
+            "kv_cache head dim",
+            Box::new(|ex: &mut E| {
+                let bad = KvLayout {
+                    head_dim: 12,
+                    ..LAYOUT
+                };
+                ex.kv_cache(&bad).map(|_| ())
+            }),
+        ),
+        (
+            "kv_append width",
+            Box::new(|ex: &mut E| {
+                let mut c = cache(ex)?;
+                let (k, v) = (ex.tensor(4, 8)?, ex.tensor(4, 8)?);
+                ex.kv_append(&mut c.kv, 0, &c.table, 0, &k, &v)
+            }),
+        ),
+        (
+            "kv_move outside the pages",
+            Box::new(|ex: &mut E| {
+                let mut c = cache(ex)?;
+                ex.kv_move(&mut c.kv, &c.table, &[(1, 40)])
+            }),
+        ),
+        (
+            "attention_prefill layer",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let q = ex.tensor(4, 32)?;
+                let mut out = ex.tensor(4, 32)?;
+                ex.attention_prefill(&q, &c.view(1), 0, 8, &mut out)
+            }),
+        ),
+        (
+            "attention_decode two rows",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let q = ex.tensor(2, 32)?;
+                let mut out = ex.tensor(2, 32)?;
+                ex.attention_decode(&q, &c.view(0), 8, &mut out)
+            }),
+        ),
+        (
+            "attention_decode_list window",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let (q, sel) = (ex.tensor(1, 32)?, ex.ids(&[4, 5])?);
+                let mut out = ex.tensor(1, 32)?;
+                let l = list(&sel, 2, 10, 19);
+                ex.attention_decode_list(&q, &c.view(0), 20, &l, &mut out)
+            }),
+        ),
+        (
+            "attention_prefill_list selected over capacity",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let (q, sel) = (ex.tensor(4, 32)?, ex.ids(&[4, 5])?);
+                let mut out = ex.tensor(4, 32)?;
+                let l = list(&sel, 3, 10, 20);
+                ex.attention_prefill_list(&q, &c.view(0), 0..4, 16, &l, &mut out)
+            }),
+        ),
+        (
+            "attention_tree mask words",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let (q, mask) = (ex.tensor(3, 32)?, ex.ids(&[0; 10])?);
+                let mut out = ex.tensor(3, 32)?;
+                ex.attention_tree(&q, &c.view(0), 8, &mask, None, &mut out)
+            }),
+        ),
+        (
+            "ts_cache_check cache length",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let fp = ex.tensor(1, 32)?;
+                let mut cached = ex.tensor(1, 32)?;
+                let mut gate = ex.ts_gate()?;
+                let plan = SelectPlan {
+                    layer: 0,
+                    q_heads: 4,
+                    begin: 2,
+                    n: 16,
+                    k: 4,
+                    prefilter: None,
+                };
+                ex.ts_cache_check(&fp, &mut cached, 0.9, &plan, &c.view(0), &mut gate)?;
+                ex.ts_gate_counts(&gate).map(|_| ())
+            }),
+        ),
+        (
+            "ts_score candidates outside the sequence",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let q = ex.tensor(1, 32)?;
+                let mut s = ex.tensor(4, 64)?;
+                let map = GqaMap::Grouped;
+                ex.ts_score(&q, &c.view(0), 30, 40, map, &mut s, None, None)
+            }),
+        ),
+        (
+            "ts_top_k k over n",
+            Box::new(|ex: &mut E| {
+                let v = ex.tensor(1, 16)?;
+                let mut out = ex.ids(&[0; 32])?;
+                ex.ts_top_k(&v, 16, 17, 0, &mut out, None, None)
+            }),
+        ),
+        (
+            "ts_top_k prefilter slots",
+            Box::new(|ex: &mut E| {
+                let v = ex.tensor(1, 16)?;
+                let (mut out, blocks) = (ex.ids(&[0; 4])?, ex.ids(&[0, 1])?);
+                let pf = Prefilter {
+                    blocks: &blocks,
+                    count: 2,
+                    block: 4,
+                };
+                ex.ts_top_k(&v, 16, 4, 0, &mut out, None, Some(&pf))
+            }),
+        ),
+        (
+            "block_bounds block size",
+            Box::new(|ex: &mut E| ex.block_bounds(&LAYOUT, 3, true).map(|_| ())),
+        ),
+        (
+            "kv_bounds tokens past the pages",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let mut b = ex.block_bounds(&LAYOUT, 4, true)?;
+                ex.kv_bounds(&c.view(0), &mut b, 0..40)
+            }),
+        ),
+        (
+            "block_scores spread",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let b = ex.block_bounds(&LAYOUT, 4, false)?;
+                let q = ex.tensor(1, 32)?;
+                let mut out = ex.tensor(4, 8)?;
+                ex.block_scores(&q, &b, 0, &c.table, 0..8, 1.5, &mut out, None)
+            }),
+        ),
+        (
+            "block_scores output rows",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let b = ex.block_bounds(&LAYOUT, 4, false)?;
+                let q = ex.tensor(1, 32)?;
+                let mut out = ex.tensor(2, 8)?;
+                ex.block_scores(&q, &b, 0, &c.table, 0..8, 0.5, &mut out, None)
+            }),
+        ),
+        (
+            "block_group_scores blocks past the pages",
+            Box::new(|ex: &mut E| {
+                let c = cache(ex)?;
+                let b = ex.block_bounds(&LAYOUT, 4, true)?;
+                let q = ex.tensor(1, 32)?;
+                let mut out = ex.tensor(2, 16)?;
+                ex.block_group_scores(&q, &b, 0, &c.table, 0..9, &mut out)
+            }),
+        ),
+        (
+            "token_scores beyond the RoPE table",
+            Box::new(|ex: &mut E| {
+                let mut c = cache(ex)?;
+                let mut alloc = PageAllocator::new(&LAYOUT);
+                c.table = alloc.new_sequence();
+                alloc.reserve(&mut c.table, 64)?;
+                let rope = ex.rope_table(&RopeConfig {
+                    head_dim: 8,
+                    theta: 10000.0,
+                    scaling: None,
+                    max_positions: 16,
+                })?;
+                let q = ex.tensor(1, 32)?;
+                let mut out = ex.tensor(2, 32)?;
+                let view = KvView::new(&c.kv, 0, &c.table, &rope);
+                ex.token_scores(&q, &view, 32, &mut out)
+            }),
+        ),
+        (
+            "block_top_k k over n",
+            Box::new(|ex: &mut E| {
+                let s = ex.tensor(4, 8)?;
+                let mut out = ex.ids(&[0; 32])?;
+                ex.block_top_k(&s, 2, 8, 9, &mut out)
+            }),
+        ),
+        (
+            "spec_draft plan words",
+            Box::new(|ex: &mut E| {
+                let (adj, plan) = (ex.ids(&[0; 64])?, ex.ids(&[0; 5])?);
+                let mut out = ex.ids(&[0; 2])?;
+                ex.spec_draft(&adj, &plan, 2, &mut out)
+            }),
+        ),
+        (
+            "spec_adj_update adjacency size",
+            Box::new(|ex: &mut E| {
+                let mut adj = ex.ids(&[0; 60])?;
+                let (logits, tokens) = (ex.tensor(2, 8)?, ex.ids(&[1, 2])?);
+                ex.spec_adj_update(&mut adj, &logits, &tokens)
+            }),
+        ),
+        (
+            "spec_accept links",
+            Box::new(|ex: &mut E| {
+                let logits = ex.tensor(3, 8)?;
+                let (tokens, links) = (ex.ids(&[0; 3])?, ex.ids(&[0; 4])?);
+                let mut out = ex.ids(&[0; 64])?;
+                let p = AcceptParams::greedy();
+                ex.spec_accept(&logits, &tokens, &links, &p, 2, 1, &mut out)
+            }),
+        ),
     ]
+}
+
+/// Every checked op of the four families (`tensor`, `ids`, `download`,
+/// `download_ids`, `ts_gate` and `ts_gate_counts` take nothing a caller can
+/// get wrong; `ts_gate_counts` runs in the `ts_cache_check` case).
+const CHECKED_OPS: &[&str] = &[
+    "upload",
+    "weight",
+    "rope_table",
+    "matmul",
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "add",
+    "embed",
+    "add_bias",
+    "copy_rows",
+    "mean_rows",
+    "argmax",
+    "penalize",
+    "top_k",
+    "kv_cache",
+    "kv_append",
+    "kv_move",
+    "attention_prefill",
+    "attention_decode",
+    "attention_decode_list",
+    "attention_prefill_list",
+    "attention_tree",
+    "ts_cache_check",
+    "ts_score",
+    "ts_vote",
+    "ts_top_k",
+    "block_bounds",
+    "kv_bounds",
+    "block_scores",
+    "block_group_scores",
+    "token_scores",
+    "block_top_k",
+    "spec_draft",
+    "spec_adj_update",
+    "spec_accept",
+];
+
+#[test]
+fn every_op_has_a_case() {
+    let names: Vec<&str> = cases::<RefExecutor>()
+        .iter()
+        .map(|(n, _)| n.split(' ').next().unwrap())
+        .collect();
+    for op in CHECKED_OPS {
+        assert!(names.contains(op), "no bad-input case for {op}");
+    }
+    // Every provided method of the family traits is listed (or exempt).
+    let files = [
+        include_str!("../src/ops/tensor.rs"),
+        include_str!("../src/ops/kv.rs"),
+        include_str!("../src/ops/selection.rs"),
+        include_str!("../src/ops/speculation.rs"),
+    ];
+    // The trait's methods: from `pub trait` on (helpers after it are free functions).
+    let src: String = files
+        .iter()
+        .map(|f| &f[f.find("\npub trait").expect("a family trait")..])
+        .collect();
+    let exempt = [
+        "tensor",
+        "ids",
+        "download",
+        "download_ids",
+        "ts_gate",
+        "ts_gate_counts",
+    ];
+    for line in src.lines() {
+        let Some(rest) = line.strip_prefix("    fn ") else {
+            continue;
+        };
+        let name = rest.split(['(', '<']).next().unwrap();
+        if name.starts_with("run_") || exempt.contains(&name) {
+            continue;
+        }
+        assert!(CHECKED_OPS.contains(&name), "{name} is not in CHECKED_OPS");
+    }
 }
 
 #[test]
@@ -108,8 +548,8 @@ fn bad_shapes_are_the_same_error_on_both_executors() {
     let mut cpu = RefExecutor::new();
     let (g, c) = (cases(), cases());
     for ((name, on_gpu), (_, on_cpu)) in g.iter().zip(c.iter()) {
-        let a = err(&mut gpu, on_gpu.as_ref());
-        let b = err(&mut cpu, on_cpu.as_ref());
+        let a = err(&mut gpu, name, on_gpu.as_ref());
+        let b = err(&mut cpu, name, on_cpu.as_ref());
         assert_eq!(a, b, "{name}: the executors disagree");
     }
 }
