@@ -165,7 +165,7 @@ fn main() -> kvsieve::Result<()> {
             "decode_kernel_profile": prof.iter().map(|(k, d, ns)| serde_json::json!({"kernel": k, "dispatches": d, "ns": ns})).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap_or_default())
-            .map_err(|e| kvsieve::Error::InvalidOption(format!("{}: {e}", path.display())))?;
+            .map_err(|e| kvsieve::Error::io(&path, e))?;
     }
     Ok(())
 }

@@ -78,13 +78,12 @@ fn main() -> kvsieve::Result<()> {
         Some(d) => Engine::load(d, opts)?,
         None => Engine::load_default(opts)?,
     };
-    let text = std::fs::read_to_string(&cli.prompts).map_err(|err| {
-        kvsieve::Error::InvalidOption(format!("{}: {err}", cli.prompts.display()))
-    })?;
+    let text = std::fs::read_to_string(&cli.prompts)
+        .map_err(|err| kvsieve::Error::io(&cli.prompts, err))?;
     let mut prompts = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|err| kvsieve::Error::InvalidOption(format!("prompt line: {err}")))?;
+            .map_err(|err| kvsieve::Error::format(&cli.prompts, format!("prompt line: {err}")))?;
         let cat = v["category"].as_str().unwrap_or("?").to_string();
         let turn = v["turns"][0].as_str().unwrap_or("").to_string();
         prompts.push((cat, turn));
@@ -179,7 +178,7 @@ fn main() -> kvsieve::Result<()> {
             "results": rows, "verify_curve": curve, "auto_tree": auto,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap_or_default())
-            .map_err(|err| kvsieve::Error::InvalidOption(format!("{}: {err}", path.display())))?;
+            .map_err(|err| kvsieve::Error::io(path, err))?;
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A file's contents are malformed or unsupported.
-    #[error("{}: {msg}", path.display())]
+    #[error("{}", in_file(path, msg))]
     Format {
         /// The file.
         path: std::path::PathBuf,
@@ -63,12 +63,37 @@ impl Error {
         }
     }
 
+    /// A format error of a file not yet named (a parser of bytes); the caller
+    /// names it with [`Error::in_file`].
+    pub(crate) fn malformed(msg: impl Into<String>) -> Self {
+        Self::format("", msg)
+    }
+
+    /// Names the file of a format error raised without one.
+    pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::Format { path: p, msg } if p.as_os_str().is_empty() => Error::Format {
+                path: path.to_path_buf(),
+                msg,
+            },
+            other => other,
+        }
+    }
+
     /// A format error in `path`.
     pub fn format(path: impl Into<std::path::PathBuf>, msg: impl Into<String>) -> Self {
         Error::Format {
             path: path.into(),
             msg: msg.into(),
         }
+    }
+}
+
+fn in_file(path: &std::path::Path, msg: &str) -> String {
+    if path.as_os_str().is_empty() {
+        msg.to_string()
+    } else {
+        format!("{}: {msg}", path.display())
     }
 }
 

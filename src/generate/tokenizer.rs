@@ -53,18 +53,16 @@ impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(Error::InvalidOption(format!("{}: missing", path.display())));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
-            Error::InvalidOption(format!("{}: malformed tokenizer: {e}", path.display()))
-        })?;
+        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&text)
+            .map_err(|e| Error::format(&path, format!("malformed tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| {
-                Error::InvalidOption(format!("{}: malformed: {e}", cfg_path.display()))
-            })?,
-            Err(_) => serde_json::Value::Null,
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| Error::format(&cfg_path, format!("malformed: {e}")))?,
+            // Optional: without it there is no chat template or special tokens.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(e) => return Err(Error::io(&cfg_path, e)),
         };
         Ok(Self {
             inner,
@@ -114,11 +112,12 @@ impl Tokenizer {
                 ))
             },
         );
-        env.add_template("chat", tpl)
-            .map_err(|e| Error::InvalidOption(format!("chat template: {e}")))?;
-        let t = env
-            .get_template("chat")
-            .map_err(|e| Error::InvalidOption(format!("chat template: {e}")))?;
+        // A template that does not parse is a defect of the model's files.
+        let bad = |e: minijinja::Error| {
+            Error::format("tokenizer_config.json", format!("chat_template: {e}"))
+        };
+        env.add_template("chat", tpl).map_err(bad)?;
+        let t = env.get_template("chat").map_err(bad)?;
         t.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

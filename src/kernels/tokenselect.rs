@@ -131,7 +131,7 @@ pub(super) fn launch(
         Some(g) => {
             let slot = g.next.get();
             if g.slots.get(slot) != Some(&groups) {
-                return Err(Error::InvalidOption(
+                return Err(Error::Internal(
                     "selection op does not match the plan of its Selection Cache check".into(),
                 ));
             }

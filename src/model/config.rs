@@ -89,25 +89,17 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
 }
 
-fn bad(path: &Path, msg: impl std::fmt::Display) -> Error {
-    Error::InvalidOption(format!("{}: {msg}", path.display()))
-}
-
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
-        Self::from_json(&text).map_err(|e| match e {
-            Error::InvalidOption(m) => bad(path, m),
-            other => other,
-        })
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|e| e.in_file(path))
     }
 
     /// Parses and validates config JSON text.
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: Raw = serde_json::from_str(text)
-            .map_err(|e| Error::InvalidOption(format!("malformed config: {e}")))?;
+            .map_err(|e| Error::malformed(format!("malformed config: {e}")))?;
         let archs = raw.architectures.unwrap_or_default();
         let arch = match archs.first().map(String::as_str) {
             Some("LlamaForCausalLM") => Arch::Llama,
@@ -118,16 +110,16 @@ impl ModelConfig {
                     "architecture {other} is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
                 )))
             }
-            None => return Err(Error::InvalidOption("config has no \"architectures\"".into())),
+            None => return Err(Error::malformed("config has no \"architectures\"")),
         };
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 || raw.vocab_size == 0 {
-            return Err(Error::InvalidOption("a size in config is zero".into()));
+            return Err(Error::malformed("a size in config is zero"));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(Error::InvalidOption(format!(
+            return Err(Error::malformed(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
@@ -147,7 +139,7 @@ impl ModelConfig {
                 let f = |k: &str| {
                     v.get(k)
                         .and_then(|x| x.as_f64())
-                        .ok_or_else(|| Error::InvalidOption(format!("rope_scaling.{k} missing")))
+                        .ok_or_else(|| Error::malformed(format!("rope_scaling.{k} missing")))
                 };
                 Some(Llama3Scaling {
                     factor: f("factor")?,

@@ -9,13 +9,15 @@ use std::path::{Path, PathBuf};
 
 /// The tensors of a model directory.
 pub struct Weights {
+    /// The model directory (named in errors).
+    dir: PathBuf,
     maps: Vec<(PathBuf, memmap2::Mmap)>,
     /// tensor name -> index into `maps`
     index: HashMap<String, usize>,
 }
 
 fn err(path: &Path, msg: impl std::fmt::Display) -> Error {
-    Error::InvalidOption(format!("{}: {msg}", path.display()))
+    Error::format(path, msg.to_string())
 }
 
 impl Weights {
@@ -26,7 +28,8 @@ impl Weights {
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| err(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| err(&index_path, format!("malformed: {e}")))?;
             let map = v
@@ -49,9 +52,9 @@ impl Weights {
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for path in files {
-            let f = std::fs::File::open(&path).map_err(|e| err(&path, e))?;
+            let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: read-only mapping of a file we do not modify.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| err(&path, e))?;
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
             let names = safetensors::SafeTensors::read_metadata(&map)
                 .map_err(|e| err(&path, format!("corrupted safetensors header: {e}")))?
                 .1
@@ -63,7 +66,11 @@ impl Weights {
             }
             maps.push((path, map));
         }
-        Ok(Self { maps, index })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            maps,
+            index,
+        })
     }
 
     /// True when the checkpoint holds `name`.
@@ -76,7 +83,7 @@ impl Weights {
         let &i = self
             .index
             .get(name)
-            .ok_or_else(|| Error::InvalidOption(format!("tensor {name} is missing")))?;
+            .ok_or_else(|| Error::format(&self.dir, format!("tensor {name} is missing")))?;
         let (path, map) = &self.maps[i];
         let st = safetensors::SafeTensors::deserialize(map)
             .map_err(|e| err(path, format!("corrupted safetensors: {e}")))?;
