@@ -43,21 +43,18 @@ var<workgroup> alpha_sh: array<f32, 8>;
 
 // Logical token index of rank r for KV head kvh.
 fn logical(r: u32, kvh: u32) -> u32 {
-    if (p.list_mode == 0u || r < p.n_init) { return r; }
-    if (r < p.n_init + p.n_sel) {
-        let i = r - p.n_init;
-        if (p.block > 0u) {
-            return sel[kvh * p.blocks_per_head + i / p.block] * p.block + i % p.block;
-        }
-        return sel[i];
-    }
-    return p.tail_start + (r - p.n_init - p.n_sel);
+    if (p.list_mode == 0u) { return r; }
+    let l = KeyListView(p.n_init, p.n_sel, p.tail_start, p.block, p.blocks_per_head);
+    let w = key_list_word(l, r, kvh);
+    var word = 0u;
+    if (w != NO_WORD) { word = sel[w]; }
+    return key_list_logical(l, r, word);
 }
 
 // RoPE position of rank r for KV head kvh.
 fn position(r: u32, kvh: u32) -> u32 {
     let pos = select(logical(r, kvh), r, p.list_mode == 0u || p.compact == 1u);
-    return min(pos, p.max_pos - 1u);
+    return rope_row(pos, p.max_pos);
 }
 
 fn key_base(r: u32, kvh: u32) -> u32 {
@@ -124,8 +121,9 @@ fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
                 let hi = unpack2x16float(k_arena[base + w + quarter]);
                 let c0 = cs[pos * half + 2u * w];
                 let c1 = cs[pos * half + 2u * w + 1u];
-                let r_lo = vec2<f32>(lo.x * c0.x - hi.x * c0.y, lo.y * c1.x - hi.y * c1.y);
-                let r_hi = vec2<f32>(hi.x * c0.x + lo.x * c0.y, hi.y * c1.x + lo.y * c1.y);
+                let rk = rotate2(lo, hi, vec2<f32>(c0.x, c1.x), vec2<f32>(c0.y, c1.y));
+                let r_lo = rk.lo;
+                let r_hi = rk.hi;
                 for (var g = 0u; g < g_count; g++) {
                     let qb = g * d + 2u * w;
                     sc[g] += q_sh[qb] * r_lo.x + q_sh[qb + 1u] * r_lo.y
@@ -242,7 +240,8 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             let c3 = cs[pos * half + 4u * w + 3u];
             let c = vec4<f32>(c01.x, c1.x, c2.x, c3.x);
             let s = vec4<f32>(c01.y, c1.y, c2.y, c3.y);
-            s4 += qv[w] * (lo * c - hi * s) + qv[w + e8] * (hi * c + lo * s);
+            let rk = rotate4(lo, hi, c, s);
+            s4 += qv[w] * rk.lo + qv[w + e8] * rk.hi;
         }
         let sc = s4.x + s4.y + s4.z + s4.w;
         let m_new = max(m, sc);

@@ -70,15 +70,12 @@ fn tree_rank() -> u32 { return select(p.q_start, p.kv_len - p.n_q, p.list_mode =
 // Logical token index of rank r for KV head kvh.
 fn logical(r: u32, kvh: u32) -> u32 {
     if (p.list_mode == LIST_TREE && r >= tree_rank()) { return p.q_start + r - tree_rank(); }
-    if (!is_list() || r < p.n_init) { return r; }
-    if (r < p.n_init + p.n_sel) {
-        let i = r - p.n_init;
-        if (p.block > 0u) {
-            return sel[kvh * p.blocks_per_head + i / p.block] * p.block + i % p.block;
-        }
-        return sel[i];
-    }
-    return p.tail_start + (r - p.n_init - p.n_sel);
+    if (!is_list()) { return r; }
+    let l = KeyListView(p.n_init, p.n_sel, p.tail_start, p.block, p.blocks_per_head);
+    let w = key_list_word(l, r, kvh);
+    var word = 0u;
+    if (w != NO_WORD) { word = sel[w]; }
+    return key_list_logical(l, r, word);
 }
 
 // RoPE position of rank r for KV head kvh.
@@ -86,10 +83,10 @@ fn position(r: u32, kvh: u32) -> u32 {
     let t0 = tree_rank();
     if ((p.list_mode == TREE || p.list_mode == LIST_TREE) && r >= t0) {
         let base = select(p.q_start, t0, p.list_mode == LIST_TREE && p.compact == 1u);
-        return min(base + tree[4u * p.n_q + r - t0], p.max_pos - 1u);
+        return rope_row(base + tree[4u * p.n_q + r - t0], p.max_pos);
     }
     let pos = select(logical(r, kvh), r, !is_list() || p.compact == 1u);
-    return min(pos, p.max_pos - 1u);
+    return rope_row(pos, p.max_pos);
 }
 
 // Tree modes: whether node i sees the key at rank r (ancestors only).
@@ -162,8 +159,9 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                 let c23 = cs[(pos * p.head_dim / 2u + 4u * w) / 2u + 1u];
                 let c = vec4<f32>(c01.x, c01.z, c23.x, c23.z);
                 let s = vec4<f32>(c01.y, c01.w, c23.y, c23.w);
-                k_sh[t * MAX_D4 + w] = lo * c - hi * s;
-                k_sh[t * MAX_D4 + w + e8] = hi * c + lo * s;
+                let rk = rotate4(lo, hi, c, s);
+                k_sh[t * MAX_D4 + w] = rk.lo;
+                k_sh[t * MAX_D4 + w + e8] = rk.hi;
                 v_sh[t * MAX_D4 + w] = unpack4(v_arena[base + w]);
                 v_sh[t * MAX_D4 + w + e8] = unpack4(v_arena[base + w + e8]);
             }

@@ -40,22 +40,22 @@ macro_rules! shaders {
 }
 
 shaders! {
-    lib ["order.wgsl", "paged_kv.wgsl"]
+    lib ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"]
     COPY => "copy.wgsl" [],
     MATMUL_SMALL => "matmul_small.wgsl" [],
     MATMUL_TILED => "matmul_tiled.wgsl" [],
     RMSNORM => "rmsnorm.wgsl" [],
-    ROPE => "rope.wgsl" [],
+    ROPE => "rope.wgsl" ["rotary.wgsl"],
     ELEMENTWISE => "elementwise.wgsl" [],
     EMBEDDING => "embedding.wgsl" [],
     ARGMAX => "argmax.wgsl" ["order.wgsl"],
     KV_APPEND => "kv_append.wgsl" ["paged_kv.wgsl"],
-    ATTENTION_DECODE => "attention_decode.wgsl" ["order.wgsl", "paged_kv.wgsl"],
-    ATTENTION_PREFILL => "attention_prefill.wgsl" ["order.wgsl", "paged_kv.wgsl"],
+    ATTENTION_DECODE => "attention_decode.wgsl" ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"],
+    ATTENTION_PREFILL => "attention_prefill.wgsl" ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"],
     SAMPLING => "sampling.wgsl" ["order.wgsl"],
     TOKENSELECT => "tokenselect.wgsl" ["order.wgsl", "paged_kv.wgsl"],
     SPECULATIVE => "speculative.wgsl" ["order.wgsl"],
-    BLOCK_SPARSE => "block_sparse.wgsl" ["order.wgsl", "paged_kv.wgsl"],
+    BLOCK_SPARSE => "block_sparse.wgsl" ["order.wgsl", "paged_kv.wgsl", "rotary.wgsl"],
 }
 
 #[cfg(test)]
