@@ -54,6 +54,8 @@ shaders! {
     ATTENTION_PREFILL => "attention_prefill.wgsl" ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"],
     SAMPLING => "sampling.wgsl" ["order.wgsl"],
     TOKENSELECT => "tokenselect.wgsl" ["order.wgsl", "paged_kv.wgsl"],
+    TOPK => "topk.wgsl" [],
+    GATE => "gate.wgsl" [],
     SPECULATIVE => "speculative.wgsl" ["order.wgsl"],
     BLOCK_SPARSE => "block_sparse.wgsl" ["order.wgsl", "paged_kv.wgsl", "rotary.wgsl"],
 }

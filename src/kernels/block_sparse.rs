@@ -1,7 +1,8 @@
 //! Quest block bounds and block scores (`block_sparse.wgsl`).
 
+use super::gate::{launch, GpuGate};
 use super::params::BlockSparseParams;
-use super::tokenselect::{launch, radix_top_k, GpuGate, RadixKeys};
+use super::topk::{radix_top_k, RadixKeys};
 use super::{GpuExecutor, GpuIds, GpuTensor, GpuView};
 use crate::error::Result;
 use crate::gpu::{buffer, Binding};

@@ -10,6 +10,7 @@ pub use block_sparse::GpuBounds;
 mod copy;
 mod elementwise;
 mod embedding;
+mod gate;
 mod kv_append;
 mod matmul;
 pub mod params;
@@ -18,6 +19,7 @@ mod rope;
 mod sampling;
 mod speculative;
 mod tokenselect;
+mod topk;
 
 use crate::error::{Error, Result};
 use crate::gpu::buffer::{self, RowChunk};
@@ -319,7 +321,7 @@ impl Executor for GpuExecutor {
     type Weight = GpuWeight;
     type Rope = GpuRope;
     type Kv = GpuKv;
-    type Gate = tokenselect::GpuGate;
+    type Gate = gate::GpuGate;
     type Bounds = block_sparse::GpuBounds;
 
     fn name(&self) -> String {
@@ -637,7 +639,7 @@ impl KvOps for GpuExecutor {
 
 impl SelectionOps for GpuExecutor {
     fn run_ts_gate(&mut self) -> Result<GpuGate> {
-        tokenselect::new_gate(self)
+        gate::new_gate(self)
     }
 
     fn run_ts_cache_check(
@@ -649,11 +651,11 @@ impl SelectionOps for GpuExecutor {
         cache: &GpuView<'_>,
         gate: &mut GpuGate,
     ) -> Result<()> {
-        tokenselect::cache_check(self, fp, cached, threshold, plan, cache, gate)
+        gate::cache_check(self, fp, cached, threshold, plan, cache, gate)
     }
 
     fn run_ts_gate_counts(&mut self, gate: &GpuGate) -> Result<(u64, u64)> {
-        tokenselect::gate_counts(self, gate)
+        gate::gate_counts(self, gate)
     }
 
     fn run_ts_score(
@@ -815,4 +817,4 @@ impl SpeculationOps for GpuExecutor {
 pub(crate) type GpuView<'a> = KvView<'a, GpuExecutor>;
 
 pub use copy::copy_buffer;
-pub use tokenselect::GpuGate;
+pub use gate::GpuGate;

@@ -120,19 +120,23 @@ kernel_params! {
         list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
         compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
     }
-    /// `tokenselect.wgsl`: scoring (one arena), vote and radix top-k passes.
+    /// `tokenselect.wgsl`: scoring (one arena) and the vote over `n` slots.
     /// `modulo` selects the GQA map, `block` the prefilter's tokens per block
-    /// (0: exact), `range_n` the candidates, `vbase`/`obase` the word offsets of
-    /// a batch's keys and outputs.
+    /// (0: exact), `range_n` the candidates.
     TokenSelectParams for TOKENSELECT::"Params" {
         n: u32, begin: u32, q_heads: u32, kv_heads: u32,
         head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-        k: u32, pass_: u32, modulo: u32, block: u32,
-        range_n: u32, vbase: u32, obase: u32, _p3: u32,
+        modulo: u32, block: u32, range_n: u32, _p0: u32,
     }
-    /// `tokenselect.wgsl::cache_check`: the fingerprint's length, the gated
-    /// dispatches' workgroup counts (`args[i].xyz`, `slots` of them).
-    CacheParams for TOKENSELECT::"CacheParams" {
+    /// `topk.wgsl`: the `k` best of `n` keys from word `vbase`, written from
+    /// word `obase` as `begin + j` or (`block` > 0) a prefilter slot's token;
+    /// `pass_` the radix digit of a multi-pass selection.
+    TopKParams for TOPK::"Params" {
+        n: u32, begin: u32, k: u32, pass_: u32, block: u32, vbase: u32, obase: u32, _p0: u32,
+    }
+    /// `gate.wgsl`: the fingerprint's length, the gated dispatches' workgroup
+    /// counts (`args[i].xyz`, `slots` of them).
+    GateParams for GATE::"GateParams" {
         len: u32, slots: u32, threshold: f32, _p0: u32, args: [[u32; 4]; 48],
     }
     /// `block_sparse.wgsl`: bounds updates, block scores and token scores over
