@@ -19,9 +19,13 @@ struct Params {
     kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
     page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
-    list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
-    compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
+    _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+    _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
 }
+// Fixed per pipeline, so the key loop does not branch on them: list mode (0
+// dense, 1 key list) and compact positions (list mode only).
+override LIST_MODE: u32 = 0u;
+override COMPACT: bool = false;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;              // [q_heads * D], rotated
 @group(0) @binding(2) var<storage, read> k_arena: array<u32>;
@@ -43,7 +47,7 @@ var<workgroup> alpha_sh: array<f32, 8>;
 
 // Logical token index of rank r for KV head kvh.
 fn logical(r: u32, kvh: u32) -> u32 {
-    if (p.list_mode == 0u) { return r; }
+    if (LIST_MODE == 0u) { return r; }
     let l = KeyListView(p.n_init, p.n_sel, p.tail_start, p.block, p.blocks_per_head);
     let w = key_list_word(l, r, kvh);
     var word = 0u;
@@ -53,7 +57,7 @@ fn logical(r: u32, kvh: u32) -> u32 {
 
 // RoPE position of rank r for KV head kvh.
 fn position(r: u32, kvh: u32) -> u32 {
-    let pos = select(logical(r, kvh), r, p.list_mode == 0u || p.compact == 1u);
+    let pos = select(logical(r, kvh), r, LIST_MODE == 0u || COMPACT);
     return rope_row(pos, p.max_pos);
 }
 

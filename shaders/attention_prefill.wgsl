@@ -33,9 +33,13 @@ struct Params {
     kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
     max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
-    list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
-    compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
+    _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+    _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
 }
+// Fixed per pipeline, so the key loop does not branch on them: the mode below
+// and compact positions (list modes only).
+override LIST_MODE: u32 = 0u;
+override COMPACT: bool = false;
 const DENSE: u32 = 0u;
 const LIST: u32 = 1u;
 const TREE: u32 = 2u;
@@ -62,14 +66,14 @@ fn unpack4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 
-fn is_list() -> bool { return p.list_mode == LIST || p.list_mode == LIST_TREE; }
+fn is_list() -> bool { return LIST_MODE == LIST || LIST_MODE == LIST_TREE; }
 
 // First rank of the tree nodes (tree modes).
-fn tree_rank() -> u32 { return select(p.q_start, p.kv_len - p.n_q, p.list_mode == LIST_TREE); }
+fn tree_rank() -> u32 { return select(p.q_start, p.kv_len - p.n_q, LIST_MODE == LIST_TREE); }
 
 // Logical token index of rank r for KV head kvh.
 fn logical(r: u32, kvh: u32) -> u32 {
-    if (p.list_mode == LIST_TREE && r >= tree_rank()) { return p.q_start + r - tree_rank(); }
+    if (LIST_MODE == LIST_TREE && r >= tree_rank()) { return p.q_start + r - tree_rank(); }
     if (!is_list()) { return r; }
     let l = KeyListView(p.n_init, p.n_sel, p.tail_start, p.block, p.blocks_per_head);
     let w = key_list_word(l, r, kvh);
@@ -81,25 +85,25 @@ fn logical(r: u32, kvh: u32) -> u32 {
 // RoPE position of rank r for KV head kvh.
 fn position(r: u32, kvh: u32) -> u32 {
     let t0 = tree_rank();
-    if ((p.list_mode == TREE || p.list_mode == LIST_TREE) && r >= t0) {
-        let base = select(p.q_start, t0, p.list_mode == LIST_TREE && p.compact == 1u);
+    if ((LIST_MODE == TREE || LIST_MODE == LIST_TREE) && r >= t0) {
+        let base = select(p.q_start, t0, LIST_MODE == LIST_TREE && COMPACT);
         return rope_row(base + tree[4u * p.n_q + r - t0], p.max_pos);
     }
-    let pos = select(logical(r, kvh), r, !is_list() || p.compact == 1u);
+    let pos = select(logical(r, kvh), r, !is_list() || COMPACT);
     return rope_row(pos, p.max_pos);
 }
 
 // Tree modes: whether node i sees the key at rank r (ancestors only).
 fn tree_visible(i: u32, r: u32) -> bool {
-    if ((p.list_mode != TREE && p.list_mode != LIST_TREE) || r < tree_rank()) { return true; }
+    if ((LIST_MODE != TREE && LIST_MODE != LIST_TREE) || r < tree_rank()) { return true; }
     let j = r - tree_rank();
     return ((tree[4u * i + j / 32u] >> (j % 32u)) & 1u) == 1u;
 }
 
 // Last rank a query at logical index t may see.
 fn last_rank(t: u32) -> u32 {
-    if (p.list_mode == LIST_TREE) { return tree_rank() + (t - p.q_start); }
-    if (p.list_mode != LIST) { return t; }
+    if (LIST_MODE == LIST_TREE) { return tree_rank() + (t - p.q_start); }
+    if (LIST_MODE != LIST) { return t; }
     return p.n_init + p.n_sel + (t - p.tail_start);
 }
 

@@ -21,8 +21,12 @@ struct Params {
     first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
     arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
-    rotate: u32, alpha: f32, sum_only: u32, _p2: u32,
+    _p0: u32, alpha: f32, _p1: u32, _p2: u32,
 }
+// Fixed per pipeline: whether the cache holds keys before RoPE (bounds rotate
+// them), and whether group_query writes only the summed query (token_scores).
+override ROTATE: bool = true;
+override SUM_ONLY: bool = false;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> pages: array<u32>;
 
@@ -46,7 +50,7 @@ fn rotated(base: u32, c: u32, t: u32) -> vec4<f32> {
     let half = p.head_dim / 2u;
     let lo = unpack2x16float(k_arena[base + c / 2u]);
     let hi = unpack2x16float(k_arena[base + (c + half) / 2u]);
-    if (p.rotate == 0u) { return vec4<f32>(lo, hi); }
+    if (!ROTATE) { return vec4<f32>(lo, hi); }
     let row = rope_row(t, p.max_pos) * half;
     let c0 = cs[row + c];
     let c1 = cs[row + c + 1u];
@@ -166,7 +170,7 @@ fn group_query(@builtin(global_invocation_id) gid: vec3<u32>) {
         pos += max(qi, vec2<f32>(0.0));
         neg += min(qi, vec2<f32>(0.0));
     }
-    if (p.sum_only == 1u) {
+    if (SUM_ONLY) {
         let q = pos + neg;
         gq_out[2u * gid.x] = q.x;
         gq_out[2u * gid.x + 1u] = q.y;

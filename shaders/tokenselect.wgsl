@@ -10,8 +10,10 @@
 struct Params {
     n: u32, begin: u32, q_heads: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-    modulo: u32, block: u32, range_n: u32, _p0: u32,
+    _p1: u32, block: u32, range_n: u32, _p0: u32,
 }
+// The GQA map, fixed per pipeline (see below).
+override GQA_MODULO: bool = false;
 @group(0) @binding(0) var<uniform> p: Params;
 const NO_SCORE: f32 = NEG;
 
@@ -42,7 +44,7 @@ fn score(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     for (var g = 0u; g < p.kv_heads; g++) {
         let base = kv_row(page - p.arena_first_page, p.kv_heads, g, p.page_size, t % p.page_size) * d4;
         for (var hh = 0u; hh < group; hh++) {
-            let h = select(g * group + hh, hh * p.kv_heads + g, p.modulo == 1u);
+            let h = select(g * group + hh, hh * p.kv_heads + g, GQA_MODULO);
             var acc = vec4<f32>(0.0);
             for (var i = 0u; i < d4; i++) {
                 let kw = k_arena[base + i];

@@ -123,13 +123,13 @@ fn decode_impl(
     } else {
         "decode_partial"
     };
-    let p = ex.pipeline(shaders::ATTENTION_DECODE, entry, &[]);
+    let lw = ListWords::new(list, 1);
+    let p = ex.pipeline(shaders::ATTENTION_DECODE, entry, &lw.constants());
     let groups = if lanes {
         ex.grid((qh * n_splits).div_ceil(64))?
     } else {
         [n_splits as u32, l.kv_heads as u32, 1]
     };
-    let lw = ListWords::new(list, 1);
     for (i, &a) in kv.arenas_for(cache.table, 0..seq_len).iter().enumerate() {
         let params = AttentionDecodeParams {
             kv_len: ranks as u32,
@@ -144,11 +144,11 @@ fn decode_impl(
             first_pass: u32::from(i == 0),
             scale: 1.0 / (d as f32).sqrt(),
             max_pos: rope.max_pos as u32,
-            list_mode: lw.mode,
+            _p0: 0,
             n_init: lw.n_init,
             n_sel: lw.n_sel,
             tail_start: lw.tail_start,
-            compact: lw.compact,
+            _p1: 0,
             block: lw.block,
             blocks_per_head: lw.blocks_per_head,
             _p2: 0,
@@ -243,16 +243,17 @@ pub(super) fn tree(
 }
 
 /// The key-list fields both attention shaders share after their own
-/// parameters: mode (0 dense, 1 list, 2 tree, 3 list then tree), sinks,
-/// selected count, window start, compact, block size and blocks per KV head
-/// (Quest lists).
+/// parameters: sinks, selected count, window start, block size and blocks per
+/// KV head (Quest lists); and the two override constants that specialise the
+/// pipeline: mode (0 dense, 1 list, 2 tree, 3 list then tree) and compact
+/// positions.
 #[derive(Default)]
 struct ListWords {
     mode: u32,
     n_init: u32,
     n_sel: u32,
     tail_start: u32,
-    compact: u32,
+    compact: bool,
     block: u32,
     blocks_per_head: u32,
 }
@@ -265,12 +266,22 @@ impl ListWords {
                 n_init: li.n_init as u32,
                 n_sel: li.n_selected as u32,
                 tail_start: li.tail_start as u32,
-                compact: u32::from(li.compact),
+                compact: li.compact,
                 block: li.selection.block() as u32,
                 blocks_per_head: (li.n_selected / li.selection.block().max(1)) as u32,
             },
             None => Self::default(),
         }
+    }
+
+    /// `LIST_MODE` and `COMPACT`; compact only matters in list modes, so dense
+    /// and tree passes share one pipeline whatever the list says.
+    fn constants(&self) -> [(&'static str, f64); 2] {
+        let compact = self.compact && (self.mode == 1 || self.mode == 3);
+        [
+            ("LIST_MODE", f64::from(self.mode)),
+            ("COMPACT", f64::from(u8::from(compact))),
+        ]
     }
 }
 
@@ -349,7 +360,6 @@ fn prefill_impl(
         Keys::Dense => (none.clone(), none),
     };
     let pages = ex.page_table(cache.table);
-    let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &[]);
     let lw = match keys {
         Keys::Tree(_) => ListWords {
             mode: 2,
@@ -359,6 +369,7 @@ fn prefill_impl(
         Keys::TreeList(li, _) => ListWords::new(Some(li), 3),
         Keys::Dense => ListWords::default(),
     };
+    let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &lw.constants());
     for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
         let params = AttentionPrefillParams {
             n_q: n_q as u32,
@@ -377,11 +388,11 @@ fn prefill_impl(
             kv_begin: kv_begin as u32,
             kv_stop: kv_stop as u32,
             row0: rows.start as u32,
-            list_mode: lw.mode,
+            _p0: 0,
             n_init: lw.n_init,
             n_sel: lw.n_sel,
             tail_start: lw.tail_start,
-            compact: lw.compact,
+            _p1: 0,
             block: lw.block,
             blocks_per_head: lw.blocks_per_head,
             _p2: 0,

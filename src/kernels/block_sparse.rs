@@ -94,13 +94,13 @@ pub(super) fn bounds(
     let first = tokens.start / b.block;
     let n_blocks = tokens.end.div_ceil(b.block) - first;
     let pages = ex.page_table(table);
-    let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &[]);
+    let rotate = f64::from(u8::from(b.rotated));
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &[("ROTATE", rotate)]);
     let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 4).div_ceil(64))?;
     let span = first * b.block..tokens.end;
     for a in kv.arenas_for(table, span) {
         let words = BlockSparseParams {
             max_pos: rope.max_pos as u32,
-            rotate: u32::from(b.rotated),
             ..params(
                 &l,
                 b.block,
@@ -204,13 +204,10 @@ fn group_query(
     sum_only: bool,
 ) -> Result<wgpu::Buffer> {
     let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
-    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[]);
+    let sum_only = f64::from(u8::from(sum_only));
+    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[("SUM_ONLY", sum_only)]);
     let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
     let bind = [Binding::from(&q.buf), Binding::from(&gq)];
-    let words = BlockSparseParams {
-        sum_only: u32::from(sum_only),
-        ..words
-    };
     ex.rec.dispatch(&prep, words.words(), &bind, groups);
     Ok(gq)
 }

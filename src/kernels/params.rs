@@ -106,27 +106,27 @@ kernel_params! {
         kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
         page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
         arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
-        list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
-        compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
+        _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+        _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
     }
     /// `attention_prefill.wgsl`: one pass over ranks `kv_begin..kv_stop` of one
-    /// arena for `n_q` query rows from `row0` at logical `q_start`. `list_mode`:
-    /// 0 dense, 1 key list, 2 draft tree, 3 key list then tree.
+    /// arena for `n_q` query rows from `row0` at logical `q_start` (the mode and
+    /// compact positions are override constants).
     AttentionPrefillParams for ATTENTION_PREFILL::"Params" {
         n_q: u32, q_start: u32, kv_len: u32, q_heads: u32,
         kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
         arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
         max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
-        list_mode: u32, n_init: u32, n_sel: u32, tail_start: u32,
-        compact: u32, block: u32, blocks_per_head: u32, _p2: u32,
+        _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+        _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
     }
     /// `tokenselect.wgsl`: scoring (one arena) and the vote over `n` slots.
-    /// `modulo` selects the GQA map, `block` the prefilter's tokens per block
+    /// `block` the prefilter's tokens per block
     /// (0: exact), `range_n` the candidates.
     TokenSelectParams for TOKENSELECT::"Params" {
         n: u32, begin: u32, q_heads: u32, kv_heads: u32,
         head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-        modulo: u32, block: u32, range_n: u32, _p0: u32,
+        _p1: u32, block: u32, range_n: u32, _p0: u32,
     }
     /// `topk.wgsl`: the `k` best of `n` keys from word `vbase`, written from
     /// word `obase` as `begin + j` or (`block` > 0) a prefilter slot's token;
@@ -140,13 +140,13 @@ kernel_params! {
         len: u32, slots: u32, threshold: f32, _p0: u32, args: [[u32; 4]; 48],
     }
     /// `block_sparse.wgsl`: bounds updates, block scores and token scores over
-    /// one arena; `alpha` the spread, `rotate` whether keys are rotated,
-    /// `sum_only` a row per KV head.
+    /// one arena; `alpha` the spread (rotation and sum-only are override
+    /// constants).
     BlockSparseParams for BLOCK_SPARSE::"Params" {
         first_block: u32, n_blocks: u32, seq_len: u32, kv_heads: u32,
         head_dim: u32, page_size: u32, block: u32, arena_first_page: u32,
         arena_pages: u32, max_pos: u32, q_heads: u32, out_cols: u32,
-        rotate: u32, alpha: f32, sum_only: u32, _p2: u32,
+        _p0: u32, alpha: f32, _p1: u32, _p2: u32,
     }
     /// `speculative.wgsl`: draft and adj_update read `n` and `vocab`; accept
     /// all (`k` the top-k of the target distribution, the seed in two words).

@@ -59,7 +59,8 @@ pub(super) fn score(
     let slots = prefilter.map_or(c.n, |pf| pf.slots());
     let qh = q.cols / kv.layout.head_dim;
     let pages = ex.page_table(cache.table);
-    let p = ex.pipeline(shaders::TOKENSELECT, "score", &[]);
+    let modulo = f64::from(u8::from(c.gqa == GqaMap::Modulo));
+    let p = ex.pipeline(shaders::TOKENSELECT, "score", &[("GQA_MODULO", modulo)]);
     let groups = ex.grid(slots.div_ceil(64))?;
     for a in kv.arenas_for(cache.table, c.begin..c.begin + c.n) {
         let b = [
@@ -71,7 +72,6 @@ pub(super) fn score(
             Binding::from(prefilter.map_or(&q.buf, |pf| &pf.blocks.buf)),
         ];
         let prm = TokenSelectParams {
-            modulo: u32::from(c.gqa == GqaMap::Modulo),
             block: prefilter.map_or(0, |pf| pf.block) as u32,
             range_n: c.n as u32,
             ..params(slots, c.begin, qh, Some((kv, a)))
