@@ -10,7 +10,7 @@
 struct Params {
     n: u32, begin: u32, q_heads: u32, kv_heads: u32,
     head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-    _p1: u32, block: u32, range_n: u32, _p0: u32,
+    _p0: u32, block: u32, range_n: u32, _p1: u32,
 }
 // The GQA map, fixed per pipeline (see below).
 override GQA_MODULO: bool = false;

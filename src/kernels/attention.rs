@@ -280,7 +280,7 @@ impl ListWords {
         let compact = self.compact && (self.mode == 1 || self.mode == 3);
         [
             ("LIST_MODE", f64::from(self.mode)),
-            ("COMPACT", f64::from(u8::from(compact))),
+            ("COMPACT", super::flag(compact)),
         ]
     }
 }

@@ -94,8 +94,8 @@ pub(super) fn bounds(
     let first = tokens.start / b.block;
     let n_blocks = tokens.end.div_ceil(b.block) - first;
     let pages = ex.page_table(table);
-    let rotate = f64::from(u8::from(b.rotated));
-    let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &[("ROTATE", rotate)]);
+    let rotate = [("ROTATE", super::flag(b.rotated))];
+    let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &rotate);
     let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 4).div_ceil(64))?;
     let span = first * b.block..tokens.end;
     for a in kv.arenas_for(table, span) {
@@ -204,8 +204,8 @@ fn group_query(
     sum_only: bool,
 ) -> Result<wgpu::Buffer> {
     let gq = ex.scratch("group query", (l.kv_heads * l.head_dim * 8) as u64)?;
-    let sum_only = f64::from(u8::from(sum_only));
-    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &[("SUM_ONLY", sum_only)]);
+    let sum_only = [("SUM_ONLY", super::flag(sum_only))];
+    let prep = ex.pipeline(shaders::BLOCK_SPARSE, "group_query", &sum_only);
     let groups = [(l.kv_heads * l.head_dim / 2).div_ceil(64) as u32, 1, 1];
     let bind = [Binding::from(&q.buf), Binding::from(&gq)];
     ex.rec.dispatch(&prep, words.words(), &bind, groups);

@@ -111,6 +111,11 @@ fn arenas_for(
     used
 }
 
+/// A bool override constant's value: wgpu takes every override as an f64.
+fn flag(on: bool) -> f64 {
+    f64::from(u8::from(on))
+}
+
 /// Mesa's CPU drivers share llvmpipe's JIT and its loop limiter.
 fn llvmpipe(info: &wgpu::AdapterInfo) -> bool {
     let n = info.name.to_ascii_lowercase();

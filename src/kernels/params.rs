@@ -121,12 +121,12 @@ kernel_params! {
         _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
     }
     /// `tokenselect.wgsl`: scoring (one arena) and the vote over `n` slots.
-    /// `block` the prefilter's tokens per block
-    /// (0: exact), `range_n` the candidates.
+    /// `block` the prefilter's tokens per block (0: exact), `range_n` the
+    /// candidates (the GQA map is an override constant).
     TokenSelectParams for TOKENSELECT::"Params" {
         n: u32, begin: u32, q_heads: u32, kv_heads: u32,
         head_dim: u32, page_size: u32, arena_first_page: u32, arena_pages: u32,
-        _p1: u32, block: u32, range_n: u32, _p0: u32,
+        _p0: u32, block: u32, range_n: u32, _p1: u32,
     }
     /// `topk.wgsl`: the `k` best of `n` keys from word `vbase`, written from
     /// word `obase` as `begin + j` or (`block` > 0) a prefilter slot's token;

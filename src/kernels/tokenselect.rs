@@ -59,8 +59,8 @@ pub(super) fn score(
     let slots = prefilter.map_or(c.n, |pf| pf.slots());
     let qh = q.cols / kv.layout.head_dim;
     let pages = ex.page_table(cache.table);
-    let modulo = f64::from(u8::from(c.gqa == GqaMap::Modulo));
-    let p = ex.pipeline(shaders::TOKENSELECT, "score", &[("GQA_MODULO", modulo)]);
+    let modulo = [("GQA_MODULO", super::flag(c.gqa == GqaMap::Modulo))];
+    let p = ex.pipeline(shaders::TOKENSELECT, "score", &modulo);
     let groups = ex.grid(slots.div_ceil(64))?;
     for a in kv.arenas_for(cache.table, c.begin..c.begin + c.n) {
         let b = [
