@@ -53,6 +53,7 @@ pub mod kv;
 pub mod model;
 pub mod ops;
 mod progress;
+pub mod quant;
 pub mod reference;
 pub mod sampling;
 pub mod shaders;

@@ -1,8 +1,8 @@
-//! A GGUF (v2/v3) reader: metadata, tensor directory, and dequantization of the
-//! tensor types llama.cpp models commonly use (F32, F16, BF16, Q4_0, Q4_1, Q8_0).
+//! A GGUF (v2/v3) reader over the file's bytes: metadata, tensor directory, and
+//! each tensor's stored bytes and type ([`crate::quant`] decodes them).
 
 use crate::error::{Error, Result};
-use half::{bf16, f16};
+use crate::quant::{self, DType};
 use std::collections::BTreeMap;
 
 /// A metadata value.
@@ -45,47 +45,6 @@ impl Value {
         match self {
             Value::Str(s) => Some(s),
             _ => None,
-        }
-    }
-}
-
-/// GGML tensor types this reader can dequantize.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GgmlType {
-    /// 0
-    F32,
-    /// 1
-    F16,
-    /// 2
-    Q4_0,
-    /// 3
-    Q4_1,
-    /// 8
-    Q8_0,
-    /// 30
-    BF16,
-}
-
-impl GgmlType {
-    fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            8 => Self::Q8_0,
-            30 => Self::BF16,
-            _ => return None,
-        })
-    }
-    /// (elements per block, bytes per block)
-    fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::BF16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q8_0 => (32, 34),
         }
     }
 }
@@ -266,60 +225,46 @@ impl<'a> Gguf<'a> {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// Dequantizes a tensor to f32 (values computed exactly as ggml: `d * q + m` in f32).
-    pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
-        let ty = GgmlType::from_id(t.type_id).ok_or_else(|| {
+    /// A tensor's stored type and bytes, checked against the file: a supported
+    /// type, a whole number of blocks, data inside the file.
+    pub fn raw(&self, t: &TensorInfo) -> Result<(DType, &'a [u8])> {
+        let ty = DType::from_ggml(t.type_id).ok_or_else(|| {
             Error::Unsupported(format!(
-                "tensor {}: GGML type {} is not supported",
+                "tensor {}: GGML type {} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
+                 Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
                 t.name, t.type_id
             ))
         })?;
-        let n = t.elements() as usize;
-        let (per, bytes) = ty.block();
-        if !n.is_multiple_of(per) {
-            return Err(bad(&format!("tensor {} size {n} for block {per}", t.name)));
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(&format!("tensor {} dimensions {:?}", t.name, t.dims)))?;
+        let size = ty.bytes_for(n).ok_or_else(|| {
+            bad(&format!(
+                "tensor {} size: {n} values are not whole {ty} blocks",
+                t.name
+            ))
+        })?;
+        let start = (self.data_start as u64).checked_add(t.offset);
+        let end = start.and_then(|s| s.checked_add(size));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= self.bytes.len() as u64 => {
+                Ok((ty, &self.bytes[s as usize..e as usize]))
+            }
+            _ => Err(Error::malformed(format!(
+                "GGUF truncated: tensor {} ({size} bytes at offset {}) runs past the end of the file",
+                t.name, t.offset
+            ))),
         }
-        let size = n / per * bytes;
-        let start = self.data_start + t.offset as usize;
-        let raw = self
-            .bytes
-            .get(start..start + size)
-            .ok_or_else(|| Error::malformed(format!("GGUF truncated in tensor {}", t.name)))?;
-        let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let mut out = Vec::with_capacity(n);
-        match ty {
-            GgmlType::F32 => out.extend(
-                raw.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            ),
-            GgmlType::F16 => out.extend(raw.chunks_exact(2).map(h)),
-            GgmlType::BF16 => out.extend(
-                raw.chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
-            GgmlType::Q4_0 => {
-                for blk in raw.chunks_exact(18) {
-                    let d = h(&blk[0..2]);
-                    let qs = &blk[2..18];
-                    out.extend(qs.iter().map(|&q| ((q & 0xF) as i32 - 8) as f32 * d));
-                    out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-                }
-            }
-            GgmlType::Q4_1 => {
-                for blk in raw.chunks_exact(20) {
-                    let (d, m) = (h(&blk[0..2]), h(&blk[2..4]));
-                    let qs = &blk[4..20];
-                    out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
-                    out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-                }
-            }
-            GgmlType::Q8_0 => {
-                for blk in raw.chunks_exact(34) {
-                    let d = h(&blk[0..2]);
-                    out.extend(blk[2..34].iter().map(|&q| q as i8 as f32 * d));
-                }
-            }
-        }
+    }
+
+    /// Dequantizes a tensor to f32 (values computed exactly as ggml's
+    /// `dequantize_row_*`).
+    pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
+        let (ty, raw) = self.raw(t)?;
+        let mut out = vec![0.0; raw.len() / ty.block().1 * ty.block().0];
+        quant::dequantize(ty, raw, &mut out)?;
         Ok(out)
     }
 }
@@ -327,6 +272,7 @@ impl<'a> Gguf<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     /// Builds a GGUF holding one tensor of each supported type.
     fn build(tensors: &[(&str, u32, Vec<u64>, Vec<u8>)]) -> Vec<u8> {
@@ -422,12 +368,12 @@ mod tests {
             g.dequantize(g.tensor("a").unwrap()).is_err(),
             "data past the end"
         );
-        let f = build(&[("q", 12, vec![256], vec![0; 144])]);
+        let f = build(&[("q", 9, vec![32], vec![0; 36])]);
         let g = Gguf::parse(&f).unwrap();
         let e = g
             .dequantize(g.tensor("q").unwrap())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("GGML type 12"), "{e}");
+        assert!(e.contains("tensor q: GGML type 9"), "{e}");
     }
 }
