@@ -40,14 +40,15 @@ macro_rules! shaders {
 }
 
 shaders! {
-    lib ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"]
+    lib ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl", "quant.wgsl"]
     COPY => "copy.wgsl" [],
     MATMUL_SMALL => "matmul_small.wgsl" [],
     MATMUL_TILED => "matmul_tiled.wgsl" [],
+    MATMUL_QUANT => "matmul_quant.wgsl" ["quant.wgsl"],
     RMSNORM => "rmsnorm.wgsl" [],
     ROPE => "rope.wgsl" ["rotary.wgsl"],
     ELEMENTWISE => "elementwise.wgsl" [],
-    EMBEDDING => "embedding.wgsl" [],
+    EMBEDDING => "embedding.wgsl" ["quant.wgsl"],
     ARGMAX => "argmax.wgsl" ["order.wgsl"],
     KV_APPEND => "kv_append.wgsl" ["paged_kv.wgsl"],
     ATTENTION_DECODE => "attention_decode.wgsl" ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"],

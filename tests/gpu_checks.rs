@@ -9,6 +9,7 @@ use half::f16;
 use kvsieve::kv::{KvLayout, PageAllocator, PageTable};
 use kvsieve::ops::prelude::*;
 use kvsieve::ops::{GqaMap, KeyList, Prefilter, RopeConfig, SelectPlan, Selection};
+use kvsieve::quant::DType;
 use kvsieve::reference::RefExecutor;
 use kvsieve::sampling::AcceptParams;
 use kvsieve::Error;
@@ -119,6 +120,14 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
         (
             "weight value count",
             Box::new(|ex: &mut E| ex.weight(&h(7), 2, 4).map(|_| ())),
+        ),
+        (
+            "weight_raw ragged blocks",
+            Box::new(|ex: &mut E| ex.weight_raw(DType::Q4_0, &[0; 36], 2, 48).map(|_| ())),
+        ),
+        (
+            "weight_raw byte count",
+            Box::new(|ex: &mut E| ex.weight_raw(DType::Q4_K, &[0; 200], 1, 256).map(|_| ())),
         ),
         (
             "ts_vote zero heads",
@@ -465,6 +474,7 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
 const CHECKED_OPS: &[&str] = &[
     "upload",
     "weight",
+    "weight_raw",
     "rope_table",
     "matmul",
     "rms_norm",

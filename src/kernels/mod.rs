@@ -15,6 +15,7 @@ mod kv_append;
 mod matmul;
 mod ops_impl;
 pub mod params;
+pub mod quant;
 mod rmsnorm;
 mod rope;
 mod sampling;
@@ -50,9 +51,12 @@ pub struct GpuIds {
     pub len: usize,
 }
 
-/// f16 matrix split by rows into chunks that each fit one storage binding.
+/// Weight matrix split by rows into chunks that each fit one storage binding:
+/// f16 rows, or a quantized type's planes ([`quant`]) per chunk.
 #[derive(Clone, Debug)]
 pub struct GpuWeight {
+    /// How the chunks store values: F16, or a quantized kernel type.
+    pub dtype: crate::quant::DType,
     /// The chunks, in row order.
     pub chunks: Vec<RowChunk>,
     /// Rows.

@@ -3,6 +3,7 @@
 //! of the op's shader family or primitive. The ops front has checked the
 //! arguments before any of these runs.
 
+use super::quant;
 use super::{
     argmax, attention, block_sparse, buffer, elementwise, embedding, gate, kv_append, matmul,
     rmsnorm, rope, sampling, speculative, tokenselect, GpuBounds, GpuExecutor, GpuGate, GpuIds,
@@ -14,6 +15,7 @@ use crate::ops::{
     Executor, GqaMap, KeyList, KvOps, Limits, Prefilter, RopeConfig, SelectPlan, SelectionOps,
     SpeculationOps, TensorOps,
 };
+use crate::quant::DType;
 use crate::sampling::AcceptParams;
 use half::f16;
 use std::ops::Range;
@@ -115,20 +117,64 @@ impl TensorOps for GpuExecutor {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    fn run_weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<GpuWeight> {
+    fn run_weight(
+        &mut self,
+        dtype: DType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<GpuWeight> {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
         let device = &self.ctx.device;
-        let row_bytes = cols as u64 * 2;
-        let chunks =
-            buffer::chunk_rows(rows, row_bytes, self.max_binding, "weight", |start, n| {
+        if rows > 1 && quant::kernel_type(dtype).is_some() {
+            // Quantized matrix: each chunk's blocks repacked into its planes
+            // (one padding half per chunk at most).
+            let row_bytes = dtype.bytes_for(cols as u64).unwrap_or(0);
+            let limit = self.max_binding.saturating_sub(4);
+            let chunks = buffer::chunk_rows(rows, row_bytes, limit, "weight", |start, n| {
+                let rb = row_bytes as usize;
+                let words = quant::repack(dtype, &bytes[start * rb..(start + n) * rb]);
+                buffer::storage_init(device, bytemuck::cast_slice(&words), "weight")
+            })?;
+            return Ok(GpuWeight {
+                dtype,
+                chunks,
+                rows,
+                cols,
+            });
+        }
+        // f16 rows: as stored, or decoded (float types, vectors, and the types
+        // without a kernel yet) and rounded to f16.
+        let decoded: Vec<f16>;
+        let data: &[u8] = if dtype == DType::F16 {
+            bytes
+        } else {
+            let mut v = vec![0.0f32; rows * cols];
+            crate::quant::dequantize(dtype, bytes, &mut v)?;
+            decoded = v.into_iter().map(f16::from_f32).collect();
+            bytemuck::cast_slice(&decoded)
+        };
+        let row_bytes = cols * 2;
+        let chunks = buffer::chunk_rows(
+            rows,
+            row_bytes as u64,
+            self.max_binding,
+            "weight",
+            |start, n| {
                 buffer::storage_init(
                     device,
-                    bytemuck::cast_slice(&data[start * cols..(start + n) * cols]),
+                    &data[start * row_bytes..(start + n) * row_bytes],
                     "weight",
                 )
-            })?;
-        Ok(GpuWeight { chunks, rows, cols })
+            },
+        )?;
+        Ok(GpuWeight {
+            dtype: DType::F16,
+            chunks,
+            rows,
+            cols,
+        })
     }
 
     fn run_rope_table(&mut self, cfg: &RopeConfig) -> Result<GpuRope> {

@@ -85,8 +85,16 @@ kernel_params! {
     ArgmaxParams for ARGMAX::"Params" { rows: u32, cols: u32, _p0: u32, _p1: u32 }
     /// `sampling.wgsl`: `n` penalised ids, `k` candidates.
     SamplingParams for SAMPLING::"Params" { cols: u32, n: u32, penalty: f32, k: u32 }
-    /// `embedding.wgsl`: one chunk of the table (rows `row_start..row_start + rows`).
-    EmbeddingParams for EMBEDDING::"Params" { tokens: u32, words: u32, row_start: u32, rows: u32 }
+    /// `embedding.wgsl`: one chunk of the table (rows `row_start..row_start + rows`);
+    /// a quantized table's planes as [`QMatmulParams`]'.
+    EmbeddingParams for EMBEDDING::"Params" {
+        tokens: u32, words: u32, row_start: u32, rows: u32, qh_off: u32, sc_off: u32, _p0: u32, _p1: u32,
+    }
+    /// `matmul_quant.wgsl`: as [`MatmulSmallParams`], with the word offsets of
+    /// the chunk's qh and scale planes.
+    QMatmulParams for MATMUL_QUANT::"Params" {
+        m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, _p0: u32,
+    }
     /// `matmul_small.wgsl`: one row chunk of W, its output columns from `n_offset`.
     MatmulSmallParams for MATMUL_SMALL::"Params" {
         m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u32, _p1: u32, _p2: u32,

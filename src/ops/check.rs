@@ -5,6 +5,7 @@
 use super::{KeyList, Selection, MAX_NODES};
 use crate::error::{shape_err, Error, Result};
 use crate::kv::{KvLayout, PageTable};
+use crate::quant::DType;
 use std::ops::Range;
 
 /// `y = x W^T`.
@@ -25,11 +26,21 @@ pub fn matmul(x: (usize, usize), w: (usize, usize), y: (usize, usize)) -> Result
     Ok(())
 }
 
-/// A weight of `len` f16 values as `[rows, cols]`; rows are packed in pairs
-/// of f16 on the GPU, so `cols` must be even.
-pub fn weight(len: usize, rows: usize, cols: usize) -> Result<()> {
-    if len != rows * cols {
-        return shape_err("weight", format!("{len} values for ({rows}, {cols})"));
+/// A weight of `bytes` bytes of `dtype` as `[rows, cols]`: rows of whole
+/// blocks; f16 rows are packed in pairs on the GPU, so `cols` must be even.
+pub fn weight(dtype: DType, bytes: u64, rows: usize, cols: usize) -> Result<()> {
+    let per = dtype.block().0;
+    let Some(row_bytes) = dtype.bytes_for(cols as u64) else {
+        return shape_err(
+            "weight",
+            format!("{cols} columns are not whole {dtype} blocks of {per}"),
+        );
+    };
+    if Some(bytes) != row_bytes.checked_mul(rows as u64) {
+        return shape_err(
+            "weight",
+            format!("{bytes} bytes of {dtype} for ({rows}, {cols})"),
+        );
     }
     if !cols.is_multiple_of(2) {
         return shape_err(

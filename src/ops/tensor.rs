@@ -3,6 +3,7 @@
 
 use super::{check, Executor, RopeConfig};
 use crate::error::{shape_err, Error, Result};
+use crate::quant::DType;
 use half::f16;
 use std::ops::Range;
 
@@ -40,8 +41,23 @@ pub trait TensorOps: Executor {
     }
     /// A weight matrix from f16 data `[rows, cols]` (`cols` even).
     fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<Self::Weight> {
-        check::weight(data.len(), rows, cols)?;
-        self.run_weight(data, rows, cols)
+        check::weight(DType::F16, data.len() as u64 * 2, rows, cols)?;
+        self.run_weight(DType::F16, bytemuck::cast_slice(data), rows, cols)
+    }
+    /// A weight matrix `[rows, cols]` in its stored type: `bytes` holds `rows`
+    /// rows of `cols` values, each row whole blocks of `dtype` (GGUF layout).
+    /// Quantized matrices stay quantized; F32 and BF16 values are rounded to
+    /// f16 on both executors (the kernels read f16).
+    fn weight_raw(
+        &mut self,
+        dtype: DType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Weight> {
+        check::weight(dtype, bytes.len() as u64, rows, cols)?;
+        fits(self, "weight", bytes.len() as u64)?;
+        self.run_weight(dtype, bytes, rows, cols)
     }
     /// A RoPE table.
     fn rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope> {
@@ -164,8 +180,14 @@ pub trait TensorOps: Executor {
     fn run_ids(&mut self, data: &[u32]) -> Result<Self::Ids>;
     /// [`TensorOps::download_ids`].
     fn run_download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>>;
-    /// [`TensorOps::weight`], checked.
-    fn run_weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<Self::Weight>;
+    /// [`TensorOps::weight_raw`], checked.
+    fn run_weight(
+        &mut self,
+        dtype: DType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Weight>;
     /// [`TensorOps::rope_table`], checked.
     fn run_rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope>;
     /// [`TensorOps::matmul`], checked.

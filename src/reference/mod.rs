@@ -27,15 +27,32 @@ pub struct RefTensor {
     pub cols: usize,
 }
 
-/// Weight matrix held as f32 (exact f16 values).
+/// Weight matrix: f32 values (exact f16 values) or, for a quantized matrix,
+/// its blocks, decoded a row at a time as the ops read them.
 #[derive(Clone, Debug)]
 pub struct RefWeight {
-    /// Row-major values.
+    /// Row-major values (empty when `blocks` holds the matrix).
     pub data: Vec<f32>,
+    /// A quantized matrix's type and rows of blocks.
+    pub blocks: Option<(crate::quant::DType, Vec<u8>)>,
     /// Rows (`out`).
     pub rows: usize,
     /// Columns (`in`).
     pub cols: usize,
+}
+
+impl RefWeight {
+    /// Row `r` as f32 into `out` (`cols` values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        match &self.blocks {
+            None => out.copy_from_slice(&self.data[r * self.cols..(r + 1) * self.cols]),
+            Some((t, b)) => {
+                let rb = b.len() / self.rows.max(1);
+                // Sizes were checked when the weight was made.
+                let _ = crate::quant::dequantize(*t, &b[r * rb..(r + 1) * rb], out);
+            }
+        }
+    }
 }
 
 /// RoPE table `[max_pos, head_dim / 2]` of (cos, sin).

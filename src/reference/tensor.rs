@@ -5,6 +5,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::ops::{check, RopeConfig, TensorOps};
+use crate::quant::DType;
 use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -38,9 +39,32 @@ impl TensorOps for RefExecutor {
         Ok(ids.clone())
     }
 
-    fn run_weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<RefWeight> {
+    fn run_weight(
+        &mut self,
+        dtype: DType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<RefWeight> {
+        // Quantized matrices stay as blocks; vectors (norms, biases) and float
+        // types become f32 of f16 values, as the GPU stores them.
+        if dtype.is_quantized() && rows > 1 {
+            return Ok(RefWeight {
+                data: Vec::new(),
+                blocks: Some((dtype, bytes.to_vec())),
+                rows,
+                cols,
+            });
+        }
+        let mut data = vec![0.0; rows * cols];
+        crate::quant::dequantize(dtype, bytes, &mut data)?;
+        if dtype != DType::F16 {
+            data.iter_mut()
+                .for_each(|v| *v = f16::from_f32(*v).to_f32());
+        }
         Ok(RefWeight {
-            data: data.iter().map(|h| h.to_f32()).collect(),
+            data,
+            blocks: None,
             rows,
             cols,
         })
@@ -66,9 +90,19 @@ impl TensorOps for RefExecutor {
             let xs: Vec<&[f32]> = x.data.chunks(k).collect();
             let mut yt = vec![0.0f32; n * m];
             yt.par_chunks_mut(256 * m).enumerate().for_each(|(c, out)| {
+                let mut row = if w.blocks.is_some() {
+                    vec![0.0; k]
+                } else {
+                    Vec::new()
+                };
                 for (i, o) in out.chunks_mut(m).enumerate() {
                     let r = c * 256 + i;
-                    dot_rows(&xs, &w.data[r * k..(r + 1) * k], o);
+                    if w.blocks.is_some() {
+                        w.row_into(r, &mut row);
+                        dot_rows(&xs, &row, o);
+                    } else {
+                        dot_rows(&xs, &w.data[r * k..(r + 1) * k], o);
+                    }
                 }
             });
             if m == 1 {
@@ -82,25 +116,21 @@ impl TensorOps for RefExecutor {
             }
             return Ok(());
         }
-        // SAFETY: the pointers and strides describe x [m,k], W^T [k,n] (W is [n,k]
-        // row-major) and y [m,n], all within their vectors (shapes checked above).
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                x.data.as_ptr(),
-                k as isize,
-                1,
-                w.data.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                y.data.as_mut_ptr(),
-                n as isize,
-                1,
-            );
+        if w.blocks.is_none() {
+            sgemm_cols(&x.data, m, k, &w.data, n, 0, &mut y.data, n);
+            return Ok(());
+        }
+        // A quantized matrix: decode a panel of rows at a time (never the whole
+        // matrix), each panel filling its columns of y.
+        const PANEL: usize = 512;
+        let mut panel = vec![0.0f32; PANEL.min(n) * k];
+        for r0 in (0..n).step_by(PANEL) {
+            let rows = PANEL.min(n - r0);
+            panel[..rows * k]
+                .par_chunks_mut(k)
+                .enumerate()
+                .for_each(|(i, row)| w.row_into(r0 + i, row));
+            sgemm_cols(&x.data, m, k, &panel[..rows * k], rows, r0, &mut y.data, n);
         }
         Ok(())
     }
@@ -173,8 +203,7 @@ impl TensorOps for RefExecutor {
         check::token_ids(ids, table.rows)?;
         let c = table.cols;
         for (t, &id) in ids.iter().enumerate() {
-            out.data[t * c..(t + 1) * c]
-                .copy_from_slice(&table.data[id as usize * c..(id as usize + 1) * c]);
+            table.row_into(id as usize, &mut out.data[t * c..(t + 1) * c]);
         }
         Ok(())
     }
@@ -240,5 +269,42 @@ impl TensorOps for RefExecutor {
 
     fn run_top_k(&mut self, logits: &RefTensor, k: usize) -> Result<Vec<(u32, f32)>> {
         Ok(top_k_row(&logits.data[..logits.cols], k))
+    }
+}
+
+/// `y[:, col0..col0 + n] = x W^T` for x `[m, k]` and W `[n, k]` (row-major),
+/// y `[m, y_cols]`.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_cols(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    col0: usize,
+    y: &mut [f32],
+    y_cols: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && col0 + n <= y_cols && y.len() >= m * y_cols);
+    // SAFETY: the pointers and strides describe x [m,k], W^T [k,n] (W is [n,k]
+    // row-major) and the [m, n] block of y at column col0 with row stride
+    // y_cols, all within their slices (asserted above).
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            y.as_mut_ptr().add(col0),
+            y_cols as isize,
+            1,
+        );
     }
 }

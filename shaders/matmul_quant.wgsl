@@ -1,0 +1,127 @@
+// y[m, n_offset + n] = sum_k x[m, k] * W[n, k] with W quantized (lib/quant.wgsl's
+// planes), dequantized in the kernel, 8 values at a time. Three paths as for f16
+// weights: qmatmul_rows (CPU drivers, a thread per 4 weight rows, no barriers),
+// qmatmul_small (1..=16 rows on GPUs: a workgroup per ROWS weight rows, threads
+// striding over K, one reduction) and qmatmul_tiled (prefill: 4x4 register tiles,
+// the weights dequantized into the tile).
+struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, _p0: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
+@group(0) @binding(2) var<storage, read> w: array<u32>;         // planes of one row chunk
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
+
+override QTYPE: u32 = 1u;
+
+// Group gi (values 8gi..8gi+7) of weight row `row`.
+fn wgroup(row: u32, gi: u32) -> W8 {
+    let rb = row * (p.k4 / 8u) + gi / 4u;
+    let g = gi % 4u;
+    let a = q_addr(QTYPE, rb, g, p.qh_off, p.sc_off);
+    return q_decode(QTYPE, w[a.x], w[a.y], w[a.z], w[a.w], rb, g);
+}
+
+fn dot8(m: u32, gi: u32, v: W8) -> f32 {
+    return dot(x[m * p.k4 + 2u * gi], v.lo) + dot(x[m * p.k4 + 2u * gi + 1u], v.hi);
+}
+
+override ROWS_WG: u32 = 64u;
+
+@compute @workgroup_size(ROWS_WG)
+fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.y * nwg.x * ROWS_WG + gid.x;
+    let n0 = t * 4u;
+    if (n0 >= p.rows) { return; }
+    var acc: array<vec4<f32>, 16>;
+    for (var m = 0u; m < 16u; m++) { acc[m] = vec4<f32>(0.0); }
+    let last = p.rows - 1u;
+    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    let groups = p.k4 / 2u;
+    for (var gi = 0u; gi < groups; gi++) {
+        let w0 = wgroup(r.x, gi);
+        let w1 = wgroup(r.y, gi);
+        let w2 = wgroup(r.z, gi);
+        let w3 = wgroup(r.w, gi);
+        for (var m = 0u; m < p.m; m++) {
+            let xa = x[m * p.k4 + 2u * gi];
+            let xb = x[m * p.k4 + 2u * gi + 1u];
+            acc[m] += vec4<f32>(dot(xa, w0.lo) + dot(xb, w0.hi), dot(xa, w1.lo) + dot(xb, w1.hi),
+                                dot(xa, w2.lo) + dot(xb, w2.hi), dot(xa, w3.lo) + dot(xb, w3.hi));
+        }
+    }
+    for (var m = 0u; m < p.m; m++) {
+        let base = m * p.y_stride + p.n_offset + n0;
+        for (var jj = 0u; jj < 4u; jj++) {
+            if (n0 + jj < p.rows) { y[base + jj] = acc[m][jj]; }
+        }
+    }
+}
+
+const WG: u32 = 64u;
+const MAX_ACC: u32 = 64u;   // M * ROWS (checked on the host)
+override ROWS: u32 = 4u;
+var<workgroup> red: array<f32, 4096>;
+
+@compute @workgroup_size(64)
+fn qmatmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let tid = lid.x;
+    let row0 = (wid.y * nwg.x + wid.x) * ROWS;
+    if (row0 >= p.rows) { return; }
+    var acc: array<f32, 64>;
+    for (var i = 0u; i < MAX_ACC; i++) { acc[i] = 0.0; }
+    let groups = p.k4 / 2u;
+    for (var gi = tid; gi < groups; gi += WG) {
+        for (var r = 0u; r < ROWS; r++) {
+            let v = wgroup(min(row0 + r, p.rows - 1u), gi);
+            for (var m = 0u; m < p.m; m++) { acc[m * ROWS + r] += dot8(m, gi, v); }
+        }
+    }
+    let n_out = p.m * ROWS;
+    for (var o = 0u; o < n_out; o++) { red[o * WG + tid] = acc[o]; }
+    workgroupBarrier();
+    if (tid < n_out) {
+        var s = 0.0;
+        for (var t = 0u; t < WG; t++) { s += red[tid * WG + t]; }
+        let m = tid / ROWS;
+        let r = tid % ROWS;
+        if (row0 + r < p.rows) { y[m * p.y_stride + p.n_offset + row0 + r] = s; }
+    }
+}
+
+override WG_X: u32 = 8u;
+override WG_Y: u32 = 8u;
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n0 = gid.x * 4u;
+    let m0 = gid.y * 4u;
+    if (n0 >= p.rows || m0 >= p.m) { return; }
+    var acc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
+    let last = p.rows - 1u;
+    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    var xr: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) { xr[i] = min(m0 + i, p.m - 1u) * p.k4; }
+    let groups = p.k4 / 2u;
+    for (var gi = 0u; gi < groups; gi++) {
+        let w0 = wgroup(r.x, gi);
+        let w1 = wgroup(r.y, gi);
+        let w2 = wgroup(r.z, gi);
+        let w3 = wgroup(r.w, gi);
+        for (var i = 0u; i < 4u; i++) {
+            let xa = x[xr[i] + 2u * gi];
+            let xb = x[xr[i] + 2u * gi + 1u];
+            acc[i] += vec4<f32>(dot(xa, w0.lo) + dot(xb, w0.hi), dot(xa, w1.lo) + dot(xb, w1.hi),
+                                dot(xa, w2.lo) + dot(xb, w2.hi), dot(xa, w3.lo) + dot(xb, w3.hi));
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + i;
+        if (m < p.m) {
+            let base = m * p.y_stride + p.n_offset + n0;
+            for (var jj = 0u; jj < 4u; jj++) {
+                if (n0 + jj < p.rows) { y[base + jj] = acc[i][jj]; }
+            }
+        }
+    }
+}

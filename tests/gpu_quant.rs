@@ -1,0 +1,160 @@
+//! Quantized weights: every type the GPU keeps quantized, through every matmul
+//! path (1 row, 2..16 rows, prefill tiles) and the embedding gather, against the
+//! reference executor (ggml's dequantization, then f32 dot products), with
+//! ragged row counts, the legacy types' inner sizes 576 and 1536, and tensors
+//! split across bindings. The K types (decoded to f16 on the GPU for now) are
+//! checked on the same paths.
+
+mod common;
+
+use common::*;
+use half::f16;
+use kvsieve::kernels::GpuExecutor;
+use kvsieve::ops::prelude::*;
+use kvsieve::quant::DType;
+use kvsieve::reference::RefExecutor;
+use rand::Rng;
+
+/// `rows` rows of `cols` random values of `t`: random bits with finite scales.
+fn random_blocks(seed: u64, t: DType, rows: usize, cols: usize) -> Vec<u8> {
+    let mut r = rng(seed);
+    let (per, bytes) = t.block();
+    let n = rows * cols / per;
+    let mut raw: Vec<u8> = (0..n * bytes).map(|_| r.gen()).collect();
+    // K types multiply by 6-bit sub-block scales too: keep their weights near the legacy ones.
+    let amp = if per == 256 { 0.004 } else { 0.1 };
+    let mut scale = |b: &mut [u8]| {
+        b.copy_from_slice(&f16::from_f32((r.gen::<f32>() - 0.5) * amp).to_le_bytes())
+    };
+    for b in raw.chunks_exact_mut(bytes) {
+        match t {
+            DType::Q6_K => scale(&mut b[208..210]),
+            DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => {
+                scale(&mut b[0..2]);
+                scale(&mut b[2..4]);
+            }
+            _ => scale(&mut b[0..2]),
+        }
+    }
+    raw
+}
+
+fn check(ex: &mut GpuExecutor, t: DType, m: usize, n: usize, k: usize, seed: u64) {
+    let raw = random_blocks(seed, t, n, k);
+    let x = randn(&mut rng(seed + 1000), m * k, 1.0);
+    let mut cpu = RefExecutor::new();
+    let (xc, wc) = (
+        cpu.upload(&x, m, k).unwrap(),
+        cpu.weight_raw(t, &raw, n, k).unwrap(),
+    );
+    let mut yc = cpu.tensor(m, n).unwrap();
+    cpu.matmul(&xc, &wc, &mut yc).unwrap();
+    let (xg, wg) = (
+        ex.upload(&x, m, k).unwrap(),
+        ex.weight_raw(t, &raw, n, k).unwrap(),
+    );
+    let mut yg = ex.tensor(m, n).unwrap();
+    ex.matmul(&xg, &wg, &mut yg).unwrap();
+    let got = ex.download(&yg).unwrap();
+    // Weights up to ~1.6 (|d| <= 0.05, |q| <= 32; K types |d sc| <= 0.13), f32 sums in another order;
+    // the K types are rounded to f16 on the GPU (relative 2^-11 per weight).
+    let (atol, rtol) = if t.block().0 == 256 {
+        (2e-3 * (k as f32).sqrt(), 2e-3)
+    } else {
+        (5e-5 * (k as f32).sqrt(), 1e-4)
+    };
+    assert_close(
+        &format!("{t} matmul m={m} n={n} k={k} chunks={}", wg.chunks.len()),
+        &got,
+        &yc.data,
+        atol,
+        rtol,
+    );
+}
+
+const LEGACY: [DType; 5] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+];
+
+#[test]
+fn quantized_matmul_every_type_and_path() {
+    let mut seed = 1;
+    for mut ex in gpu_variants() {
+        for t in LEGACY {
+            for &m in &[1usize, 2, 7, 16, 17, 40] {
+                for &(n, k) in &[(67usize, 576usize), (13, 1536)] {
+                    check(&mut ex, t, m, n, k, seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn k_types_on_every_path() {
+    let mut ex = gpu();
+    for (i, t) in [DType::Q4_K, DType::Q5_K, DType::Q6_K]
+        .into_iter()
+        .enumerate()
+    {
+        for &m in &[1usize, 5, 20] {
+            check(&mut ex, t, m, 9, 512, 500 + i as u64 * 10 + m as u64);
+        }
+    }
+}
+
+#[test]
+fn quantized_weight_split_across_bindings() {
+    // 2 KiB bindings: a 61 x 1536 Q4_1 matrix (960 bytes a row) takes 31 chunks.
+    for mut ex in [gpu().with_binding_limit(2048), {
+        let mut e = gpu().with_binding_limit(2048);
+        e.tuning.per_thread_kernels = !e.tuning.per_thread_kernels;
+        e
+    }] {
+        for (i, t) in [DType::Q4_1, DType::Q8_0, DType::Q5_0]
+            .into_iter()
+            .enumerate()
+        {
+            let w = ex
+                .weight_raw(t, &random_blocks(9, t, 61, 1536), 61, 1536)
+                .unwrap();
+            assert!(w.chunks.len() > 1, "{t} was not split");
+            for &m in &[1usize, 3, 33] {
+                check(&mut ex, t, m, 61, 1536, 700 + 10 * i as u64 + m as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_embedding_gather() {
+    let (vocab, hidden) = (301usize, 576usize);
+    let ids: Vec<u32> = vec![0, 300, 17, 150, 17, 263, 299, 1];
+    for t in LEGACY.into_iter().chain([DType::Q6_K]) {
+        let hidden = if t.block().0 == 256 { 512 } else { hidden };
+        let raw = random_blocks(31, t, vocab, hidden);
+        let mut cpu = RefExecutor::new();
+        let tc = cpu.weight_raw(t, &raw, vocab, hidden).unwrap();
+        let mut oc = cpu.tensor(ids.len(), hidden).unwrap();
+        cpu.embed(&ids, &tc, &mut oc).unwrap();
+        for mut ex in [gpu(), gpu().with_binding_limit(4096)] {
+            let tg = ex.weight_raw(t, &raw, vocab, hidden).unwrap();
+            let mut og = ex.tensor(ids.len(), hidden).unwrap();
+            let ig = ex.ids(&ids).unwrap();
+            ex.embed(&ig, &tg, &mut og).unwrap();
+            let tol = if t.block().0 == 256 { 1e-3 } else { 1e-6 };
+            assert_close(
+                &format!("{t} embedding, {} chunks", tg.chunks.len()),
+                &ex.download(&og).unwrap(),
+                &oc.data,
+                tol,
+                tol,
+            );
+        }
+    }
+}
