@@ -156,6 +156,42 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// [`Gguf::raw`] over a file's bytes and data offset (for holders of the
+/// mapping that do not keep the parsed metadata).
+pub fn tensor_bytes<'b>(
+    bytes: &'b [u8],
+    data_start: usize,
+    t: &TensorInfo,
+) -> Result<(DType, &'b [u8])> {
+    let ty = DType::from_ggml(t.type_id).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "tensor {}: GGML type {} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
+             Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
+            t.name, t.type_id
+        ))
+    })?;
+    let n = t
+        .dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(&format!("tensor {} dimensions {:?}", t.name, t.dims)))?;
+    let size = ty.bytes_for(n).ok_or_else(|| {
+        bad(&format!(
+            "tensor {} size: {n} values are not whole {ty} blocks",
+            t.name
+        ))
+    })?;
+    let start = (data_start as u64).checked_add(t.offset);
+    let end = start.and_then(|s| s.checked_add(size));
+    match (start, end) {
+        (Some(s), Some(e)) if e <= bytes.len() as u64 => Ok((ty, &bytes[s as usize..e as usize])),
+        _ => Err(Error::malformed(format!(
+            "GGUF truncated: tensor {} ({size} bytes at offset {}) runs past the end of the file",
+            t.name, t.offset
+        ))),
+    }
+}
+
 fn bad(what: &str) -> Error {
     Error::malformed(format!("malformed GGUF: bad {what}"))
 }
@@ -215,6 +251,11 @@ impl<'a> Gguf<'a> {
         })
     }
 
+    /// Byte offset of the data section in the file.
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
     /// A metadata value by key.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.meta.get(key)
@@ -228,35 +269,7 @@ impl<'a> Gguf<'a> {
     /// A tensor's stored type and bytes, checked against the file: a supported
     /// type, a whole number of blocks, data inside the file.
     pub fn raw(&self, t: &TensorInfo) -> Result<(DType, &'a [u8])> {
-        let ty = DType::from_ggml(t.type_id).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "tensor {}: GGML type {} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
-                 Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
-                t.name, t.type_id
-            ))
-        })?;
-        let n = t
-            .dims
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad(&format!("tensor {} dimensions {:?}", t.name, t.dims)))?;
-        let size = ty.bytes_for(n).ok_or_else(|| {
-            bad(&format!(
-                "tensor {} size: {n} values are not whole {ty} blocks",
-                t.name
-            ))
-        })?;
-        let start = (self.data_start as u64).checked_add(t.offset);
-        let end = start.and_then(|s| s.checked_add(size));
-        match (start, end) {
-            (Some(s), Some(e)) if e <= self.bytes.len() as u64 => {
-                Ok((ty, &self.bytes[s as usize..e as usize]))
-            }
-            _ => Err(Error::malformed(format!(
-                "GGUF truncated: tensor {} ({size} bytes at offset {}) runs past the end of the file",
-                t.name, t.offset
-            ))),
-        }
+        tensor_bytes(self.bytes, self.data_start, t)
     }
 
     /// Dequantizes a tensor to f32 (values computed exactly as ggml's

@@ -3,7 +3,7 @@
 //! model.safetensors, tokenizer.json, tokenizer_config.json with the chat template).
 
 pub mod gguf;
-mod tokenizer;
+pub(crate) mod tokenizer;
 
 use crate::error::{Error, Result};
 use gguf::{Gguf, Value};
@@ -110,7 +110,7 @@ fn meta_u64(g: &Gguf, key: &str) -> Result<u64> {
 }
 
 /// Hugging Face name of a GGUF tensor.
-fn hf_name(name: &str) -> Option<String> {
+pub fn hf_name(name: &str) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -165,51 +165,60 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> R
     Ok(out)
 }
 
-/// Converts a Llama-architecture GGUF into a Hugging Face model directory.
-pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
-    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(gguf_path, e))?;
-    // SAFETY: the file is opened read-only and not modified while mapped.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(gguf_path, e))?;
-    let in_file = |e: Error| e.in_file(gguf_path);
-    let g = Gguf::parse(&map).map_err(in_file)?;
+/// GGUF architectures this crate runs: (GGUF name, Hugging Face class).
+pub const ARCHITECTURES: &[(&str, &str)] =
+    &[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")];
+
+/// A Hugging Face `config.json` value from a GGUF file's metadata.
+pub fn config_json(g: &Gguf) -> Result<serde_json::Value> {
     let arch = g
         .get("general.architecture")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if arch != "llama" {
+    let Some(&(_, class)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
         return Err(Error::Unsupported(format!(
-            "{}: GGUF architecture {arch:?} is not supported (llama only)",
-            gguf_path.display()
+            "GGUF architecture {arch:?} is not supported ({})",
+            ARCHITECTURES
+                .iter()
+                .map(|a| a.0)
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
-    }
-    let heads = meta_u64(&g, "llama.attention.head_count").map_err(in_file)? as usize;
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let heads = meta_u64(g, &key("attention.head_count"))? as usize;
     let kv_heads = g
-        .get("llama.attention.head_count_kv")
+        .get(&key("attention.head_count_kv"))
         .and_then(Value::as_u64)
         .unwrap_or(heads as u64) as usize;
-    let hidden = meta_u64(&g, "llama.embedding_length").map_err(in_file)? as usize;
-    let layers = meta_u64(&g, "llama.block_count").map_err(in_file)? as usize;
-    let ffn = meta_u64(&g, "llama.feed_forward_length").map_err(in_file)? as usize;
-    let ctx = meta_u64(&g, "llama.context_length").map_err(in_file)? as usize;
+    let hidden = meta_u64(g, &key("embedding_length"))? as usize;
+    let layers = meta_u64(g, &key("block_count"))? as usize;
+    let ffn = meta_u64(g, &key("feed_forward_length"))? as usize;
+    let ctx = meta_u64(g, &key("context_length"))? as usize;
     let theta = g
-        .get("llama.rope.freq_base")
+        .get(&key("rope.freq_base"))
         .and_then(Value::as_f64)
         .unwrap_or(10000.0);
     let eps = g
-        .get("llama.attention.layer_norm_rms_epsilon")
+        .get(&key("attention.layer_norm_rms_epsilon"))
         .and_then(Value::as_f64)
         .unwrap_or(1e-5);
+    if heads == 0 {
+        return Err(Error::malformed(format!(
+            "GGUF metadata {arch}.attention.head_count is 0"
+        )));
+    }
     let head_dim = g
-        .get("llama.rope.dimension_count")
+        .get(&key("rope.dimension_count"))
         .and_then(Value::as_u64)
         .map(|v| v as usize)
         .unwrap_or(hidden / heads);
     let tokens = match g.get("tokenizer.ggml.tokens") {
         Some(Value::Array(a)) => a.len(),
-        _ => return Err(Error::format(gguf_path, "no tokenizer.ggml.tokens")),
+        _ => return Err(Error::malformed("GGUF has no tokenizer.ggml.tokens")),
     };
     let vocab = g
-        .get("llama.vocab_size")
+        .get(&key("vocab_size"))
         .and_then(Value::as_u64)
         .map(|v| v as usize)
         .unwrap_or(tokens);
@@ -219,7 +228,48 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
         .get("tokenizer.ggml.padding_token_id")
         .and_then(Value::as_u64);
     let tied = g.tensor("output.weight").is_none();
+    Ok(json!({
+        "architectures": [class],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "rope_scaling": null,
+        "attention_bias": arch == "qwen2",
+        "mlp_bias": false,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float16",
+    }))
+}
 
+/// Converts a Llama-architecture GGUF into a Hugging Face model directory.
+pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
+    let file = std::fs::File::open(gguf_path).map_err(|e| io_err(gguf_path, e))?;
+    // SAFETY: the file is opened read-only and not modified while mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(gguf_path, e))?;
+    let in_file = |e: Error| e.in_file(gguf_path);
+    let g = Gguf::parse(&map).map_err(in_file)?;
+    let config = config_json(&g).map_err(in_file)?;
+    let geti = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
+    let (heads, kv_heads) = (geti("num_attention_heads"), geti("num_key_value_heads"));
+    if config["model_type"] != "llama" {
+        return Err(Error::Unsupported(format!(
+            "{}: converting GGUF architecture {} (llama only; load the file directly)",
+            gguf_path.display(),
+            config["model_type"]
+        )));
+    }
     std::fs::create_dir_all(out_dir).map_err(|e| io_err(out_dir, e))?;
     // Tensors: dequantize to f32, undo the Q/K permutation, round to f16 (nearest even).
     let bar = crate::progress::bar(g.tensors.len() as u64, "convert");
@@ -263,30 +313,6 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path) -> Result<()> {
     safetensors::serialize_to_file(views, Some(meta), &st_path)
         .map_err(|e| Error::io(&st_path, std::io::Error::other(e)))?;
 
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": ffn,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": ctx,
-        "rms_norm_eps": eps,
-        "rope_theta": theta,
-        "rope_scaling": null,
-        "attention_bias": false,
-        "mlp_bias": false,
-        "vocab_size": vocab,
-        "tie_word_embeddings": tied,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-        "torch_dtype": "float16",
-        "source_gguf": gguf_path.file_name().map(|n| n.to_string_lossy().into_owned()),
-    });
     write_json(&out_dir.join("config.json"), &config)?;
     let (tok, tok_cfg) = tokenizer::from_gguf(&g).map_err(in_file)?;
     write_json(&out_dir.join("tokenizer.json"), &tok)?;

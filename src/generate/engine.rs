@@ -6,7 +6,7 @@ use super::session::Session;
 use super::tokenizer::{Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::kernels::GpuExecutor;
-use crate::model::{Llama, ModelConfig, Weights};
+use crate::model::{GgufModel, Llama, ModelConfig, TensorSource, Weights};
 use crate::ops::Ops;
 use crate::reference::RefExecutor;
 use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate, TreeSize};
@@ -219,7 +219,7 @@ impl<E: Ops> Runner for Session<E> {
 /// Loads the model onto `ops` and wraps it in a session.
 fn runner<E: Ops + 'static>(
     mut ops: E,
-    weights: &Weights,
+    weights: &dyn TensorSource,
     config: &ModelConfig,
     max_context: usize,
     opts: &Options,
@@ -265,21 +265,26 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    pub fn load(dir: &Path, opts: Options) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = Tokenizer::load(dir)?;
-        let weights = Weights::open(dir)?;
+    /// Loads a model: a Hugging Face directory (config.json, safetensors,
+    /// tokenizer.json) or a GGUF file (read in place; weights keep their types).
+    pub fn load(path: &Path, opts: Options) -> Result<Self> {
+        let (weights, config, tokenizer): (Box<dyn TensorSource>, _, _) = if path.is_file() {
+            let (g, config, tokenizer) = GgufModel::open(path)?;
+            (Box::new(g), config, tokenizer)
+        } else {
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let tokenizer = Tokenizer::load(path)?;
+            (Box::new(Weights::open(path)?), config, tokenizer)
+        };
+        let weights = weights.as_ref();
         let max_context = if opts.max_context == 0 {
             config.max_positions
         } else {
             opts.max_context
         };
         let runner = match opts.backend {
-            Backend::Gpu => runner(GpuExecutor::new()?, &weights, &config, max_context, &opts)?,
-            Backend::Reference => {
-                runner(RefExecutor::new(), &weights, &config, max_context, &opts)?
-            }
+            Backend::Gpu => runner(GpuExecutor::new()?, weights, &config, max_context, &opts)?,
+            Backend::Reference => runner(RefExecutor::new(), weights, &config, max_context, &opts)?,
         };
         Ok(Self {
             config,

@@ -54,8 +54,6 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&text)
-            .map_err(|e| Error::format(&path, format!("malformed tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
             Ok(t) => serde_json::from_str(&t)
@@ -64,6 +62,14 @@ impl Tokenizer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
             Err(e) => return Err(Error::io(&cfg_path, e)),
         };
+        Self::from_parts(&text, &cfg).map_err(|e| e.in_file(&path))
+    }
+
+    /// A tokenizer from `tokenizer.json` text and `tokenizer_config.json`'s
+    /// value (chat template, special tokens; `Null` for none).
+    pub fn from_parts(tokenizer_json: &[u8], cfg: &serde_json::Value) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| Error::malformed(format!("malformed tokenizer: {e}")))?;
         Ok(Self {
             inner,
             template: cfg

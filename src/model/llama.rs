@@ -2,7 +2,7 @@
 //! chunked prefill and decode share one code path; logits only for the last row.
 
 use super::config::ModelConfig;
-use super::weights::Weights;
+use super::source::TensorSource;
 use crate::attention::{Attention, LayerInput, Step};
 use crate::error::Result;
 use crate::kv::PageTable;
@@ -93,11 +93,12 @@ impl<E: Ops> Workspace<E> {
 }
 
 impl<E: Ops> Llama<E> {
-    /// Loads the weights of `cfg` from `w` onto the executor. `max_positions` sizes
-    /// the RoPE table (the longest context this model will run).
+    /// Loads the weights of `cfg` from `w` onto the executor, each in its stored
+    /// type. `max_positions` sizes the RoPE table (the longest context this model
+    /// will run).
     pub fn load(
         ops: &mut E,
-        w: &Weights,
+        w: &dyn TensorSource,
         cfg: ModelConfig,
         max_positions: usize,
         progress: bool,
@@ -111,15 +112,13 @@ impl<E: Ops> Llama<E> {
         );
         let bar = progress.then(|| crate::progress::bar(cfg.layers as u64 + 2, "load"));
         let mat = |ops: &mut E, name: &str, rows: usize, cols: usize| -> Result<E::Weight> {
-            let data = w.f16(
-                name,
-                &if rows == 1 {
-                    vec![cols]
-                } else {
-                    vec![rows, cols]
-                },
-            )?;
-            ops.weight(&data, rows, cols)
+            let shape = if rows == 1 {
+                vec![cols]
+            } else {
+                vec![rows, cols]
+            };
+            let t = w.tensor(name, &shape)?;
+            ops.weight_raw(t.dtype, &t.bytes, rows, cols)
         };
         let embed = mat(ops, "model.embed_tokens.weight", v, h)?;
         let lm_head = if cfg.tied_embeddings || !w.has("lm_head.weight") {

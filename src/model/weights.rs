@@ -1,9 +1,8 @@
 //! Safetensors checkpoints (one file or sharded with `model.safetensors.index.json`),
-//! memory-mapped; f32, bf16 and f16 tensors are converted to f16 on load, and each
-//! tensor's shape is checked against what the config implies.
+//! memory-mapped; f32, bf16 and f16 tensors are handed out as stored.
 
 use crate::error::{Error, Result};
-use half::{bf16, f16};
+use crate::quant::DType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -78,8 +77,8 @@ impl Weights {
         self.index.contains_key(name)
     }
 
-    /// A tensor as f16, checking its shape.
-    pub fn f16(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+    /// A tensor's stored type, shape and bytes (borrowed from the mapping).
+    pub fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
         let &i = self
             .index
             .get(name)
@@ -90,34 +89,20 @@ impl Weights {
         let t = st
             .tensor(name)
             .map_err(|e| err(path, format!("{name}: {e}")))?;
-        if t.shape() != shape {
-            return Err(Error::Shape {
-                op: "load",
-                msg: format!(
-                    "tensor {name} has shape {:?}, the config implies {shape:?}",
-                    t.shape()
-                ),
-            });
-        }
-        let b = t.data();
-        Ok(match t.dtype() {
-            safetensors::Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-            safetensors::Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32()))
-                .collect(),
-            safetensors::Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
+        let dtype = match t.dtype() {
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F32 => DType::F32,
             other => {
                 return Err(Error::Unsupported(format!(
                     "tensor {name}: dtype {other:?} (f32, bf16, f16 supported)"
                 )))
             }
-        })
+        };
+        let shape = t.shape().to_vec();
+        // The view borrows `map`; re-slice it from the mapping itself.
+        let data = t.data();
+        let off = data.as_ptr() as usize - map.as_ptr() as usize;
+        Ok((dtype, shape, &map[off..off + data.len()]))
     }
 }
