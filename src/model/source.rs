@@ -144,7 +144,7 @@ impl TensorSource for GgufModel {
         let rows = got[0];
         let row_bytes = bytes.len() / rows.max(1);
         let per = rows / heads;
-        if per * heads != rows || per % 2 != 0 {
+        if per * heads != rows || !per.is_multiple_of(2) {
             return Err(Error::format(
                 &self.path,
                 format!("tensor {name}: {rows} rows do not split into {heads} heads of even size"),
