@@ -13,7 +13,7 @@ use std::time::Instant;
 
 #[derive(Parser, Debug)]
 struct Cli {
-    /// Model directory (default: the default model).
+    /// Model directory or GGUF file (default: the default model).
     #[arg(long)]
     model: Option<PathBuf>,
     /// gpu or reference.
@@ -92,18 +92,13 @@ fn main() -> kvsieve::Result<()> {
     };
     let n = e.generate_ids(&prompt, &params)?.count();
     let s = e.stats.clone();
-    // Bytes read per decode token: every weight matrix (f16) plus the KV cache.
-    let (h, q, kv, i, l) = (
-        c.hidden,
-        c.heads * c.head_dim,
-        c.kv_heads * c.head_dim,
-        c.intermediate,
-        c.layers,
-    );
-    let weight_bytes = 2 * (l * (h * q + 2 * h * kv + q * h + 3 * h * i) + c.vocab * h);
+    // Bytes read per decode token: every weight matrix as stored plus the KV cache.
+    let (kv, l) = (c.kv_heads * c.head_dim, c.layers);
+    let (weight_bytes, weight_read) = e.weight_bytes();
+    let weight_read = weight_read as usize;
     let mean_ctx = cli.prompt_tokens + cli.decode_tokens / 2;
     let kv_bytes = 2 * 2 * l * kv * mean_ctx;
-    let bytes_per_token = (weight_bytes + kv_bytes) as f64;
+    let bytes_per_token = (weight_read + kv_bytes) as f64;
     let decode_bw = bytes_per_token * s.decode_tps();
     let copy_bw = if backend == Backend::Gpu {
         Some(copy_bandwidth()?)
@@ -123,14 +118,15 @@ fn main() -> kvsieve::Result<()> {
     prof.sort_by(|a, b| b.2.total_cmp(&a.2));
     let total_ns: f64 = prof.iter().map(|p| p.2).sum();
 
-    println!("| model | executor | prompt | prefill tok/s | decode tok/s | decode GB/s | copy GB/s | decode / copy |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| model | executor | weights MB | prompt | prefill tok/s | decode tok/s | decode GB/s | copy GB/s | decode / copy |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} L{} H{} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {} |",
+        "| {} L{} H{} | {} | {:.1} | {} | {:.1} | {:.2} | {:.2} | {} | {} |",
         c.arch_name(),
         c.layers,
         c.hidden,
         e.backend_name(),
+        weight_bytes as f64 / 1e6,
         prompt.len(),
         s.prefill_tps(),
         s.decode_tps(),
@@ -160,7 +156,7 @@ fn main() -> kvsieve::Result<()> {
         let j = serde_json::json!({
             "model": c.arch_name(), "executor": e.backend_name(), "prompt_tokens": prompt.len(),
             "generated_tokens": n, "prefill_tokens_per_s": s.prefill_tps(), "decode_tokens_per_s": s.decode_tps(),
-            "bytes_per_decode_token": bytes_per_token, "decode_bytes_per_s": decode_bw,
+            "bytes_per_decode_token": bytes_per_token, "weight_bytes": weight_bytes, "decode_bytes_per_s": decode_bw,
             "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),
             "decode_kernel_profile": prof.iter().map(|(k, d, ns)| serde_json::json!({"kernel": k, "dispatches": d, "ns": ns})).collect::<Vec<_>>(),
         });

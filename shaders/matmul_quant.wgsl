@@ -3,7 +3,7 @@
 // weights: qmatmul_rows (CPU drivers, a thread per 4 weight rows, no barriers),
 // qmatmul_small (1..=16 rows on GPUs: a workgroup per ROWS weight rows, threads
 // striding over K, one reduction) and qmatmul_tiled (prefill: 4x4 register tiles,
-// the weights dequantized into the tile).
+// the weights dequantized into the tile). qmatmul_rows serves M = 1 only.
 struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, _p0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
@@ -26,33 +26,42 @@ fn dot8(m: u32, gi: u32, v: W8) -> f32 {
 
 override ROWS_WG: u32 = 64u;
 
+// One row of x (decode on CPU drivers): a block at a time, the block's x
+// values and their sum loaded once for 4 weight rows, and each row's scale
+// applied once per block (d * sum(q x) + c * sum(x)) rather than per weight.
 @compute @workgroup_size(ROWS_WG)
 fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
     let n0 = t * 4u;
     if (n0 >= p.rows) { return; }
-    var acc: array<vec4<f32>, 16>;
-    for (var m = 0u; m < 16u; m++) { acc[m] = vec4<f32>(0.0); }
     let last = p.rows - 1u;
     let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
-    let groups = p.k4 / 2u;
-    for (var gi = 0u; gi < groups; gi++) {
-        let w0 = wgroup(r.x, gi);
-        let w1 = wgroup(r.y, gi);
-        let w2 = wgroup(r.z, gi);
-        let w3 = wgroup(r.w, gi);
-        for (var m = 0u; m < p.m; m++) {
-            let xa = x[m * p.k4 + 2u * gi];
-            let xb = x[m * p.k4 + 2u * gi + 1u];
-            acc[m] += vec4<f32>(dot(xa, w0.lo) + dot(xb, w0.hi), dot(xa, w1.lo) + dot(xb, w1.hi),
-                                dot(xa, w2.lo) + dot(xb, w2.hi), dot(xa, w3.lo) + dot(xb, w3.hi));
+    let nb = p.k4 / 8u;
+    var acc = vec4<f32>(0.0);
+    var xs: array<vec4<f32>, 8>;
+    for (var b = 0u; b < nb; b++) {
+        var xsum = vec4<f32>(0.0);
+        for (var j = 0u; j < 8u; j++) {
+            xs[j] = x[8u * b + j];
+            xsum += xs[j];
+        }
+        let sx = xsum.x + xsum.y + xsum.z + xsum.w;
+        for (var i = 0u; i < 4u; i++) {
+            let rb = r[i] * nb + b;
+            var dq = 0.0;
+            var sc = 0u;
+            for (var g = 0u; g < 4u; g++) {
+                let a = q_addr(QTYPE, rb, g, p.qh_off, p.sc_off);
+                let v = q_values(QTYPE, w[a.x], w[a.y], w[a.z], g);
+                dq += dot(xs[2u * g], v.lo) + dot(xs[2u * g + 1u], v.hi);
+                sc = a.w;
+            }
+            let s = q_scale(QTYPE, w[sc], rb);
+            acc[i] += s.x * dq + s.y * sx;
         }
     }
-    for (var m = 0u; m < p.m; m++) {
-        let base = m * p.y_stride + p.n_offset + n0;
-        for (var jj = 0u; jj < 4u; jj++) {
-            if (n0 + jj < p.rows) { y[base + jj] = acc[m][jj]; }
-        }
+    for (var jj = 0u; jj < 4u; jj++) {
+        if (n0 + jj < p.rows) { y[p.n_offset + n0 + jj] = acc[jj]; }
     }
 }
 

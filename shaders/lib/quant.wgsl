@@ -43,24 +43,40 @@ fn q_i8x4(w: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(w) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u));
 }
 
-// Group g of a block from its loaded words (rb picks the f16 of a shared scale word).
-fn q_decode(qt: u32, q0: u32, q1: u32, qh: u32, sc: u32, rb: u32, g: u32) -> W8 {
+// A block's scale as (d, c): every weight of the block is d * q + c for its
+// integer value q (q_values); c is the min, or -d * the offset of the signed types.
+fn q_scale(qt: u32, sc: u32, rb: u32) -> vec2<f32> {
     let s = unpack2x16float(sc);
-    if (qt == Q_8_0) {
-        let d = s[rb & 1u];
-        return W8(q_i8x4(q0) * d, q_i8x4(q1) * d);
-    }
+    if (qt == Q_4_1 || qt == Q_5_1) { return s; }
+    let d = s[rb & 1u];
+    if (qt == Q_4_0) { return vec2<f32>(d, -8.0 * d); }
+    if (qt == Q_5_0) { return vec2<f32>(d, -16.0 * d); }
+    return vec2<f32>(d, 0.0);
+}
+
+// Group g's integer values, unscaled.
+fn q_values(qt: u32, q0: u32, q1: u32, qh: u32, g: u32) -> W8 {
+    if (qt == Q_8_0) { return W8(q_i8x4(q0), q_i8x4(q1)); }
     var v = q_nibbles(q0);
     if (qt == Q_5_0 || qt == Q_5_1) {
         let b = vec4<u32>(qh >> (8u * g)) >> vec4<u32>(0u, 1u, 2u, 3u);
         v.lo += vec4<f32>((b & vec4<u32>(1u)) * 16u);
         v.hi += vec4<f32>(((b >> vec4<u32>(4u)) & vec4<u32>(1u)) * 16u);
     }
+    return v;
+}
+
+// Group g of a block from its loaded words, dequantized as ggml does:
+// d * (q - offset), or d * q + m (rb picks the f16 of a shared scale word).
+fn q_decode(qt: u32, q0: u32, q1: u32, qh: u32, sc: u32, rb: u32, g: u32) -> W8 {
+    let v = q_values(qt, q0, q1, qh, g);
+    let s = unpack2x16float(sc);
     if (qt == Q_4_1 || qt == Q_5_1) {
         return W8(v.lo * s.x + s.y, v.hi * s.x + s.y);
     }
     let d = s[rb & 1u];
-    var off = 8.0;
+    var off = 0.0;
+    if (qt == Q_4_0) { off = 8.0; }
     if (qt == Q_5_0) { off = 16.0; }
     return W8((v.lo - off) * d, (v.hi - off) * d);
 }

@@ -167,6 +167,7 @@ trait Runner: Send {
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32>;
     fn truncate(&mut self, len: usize);
     fn cached(&self) -> &[u32];
+    fn weight_bytes(&self) -> (u64, u64);
     fn logits(&mut self) -> Result<Vec<f32>>;
     fn name(&self) -> String;
     fn selection_stats(&mut self) -> crate::attention::SelectionStats;
@@ -189,6 +190,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn cached(&self) -> &[u32] {
         &self.tokens
+    }
+    fn weight_bytes(&self) -> (u64, u64) {
+        (self.model.weight_bytes, self.model.weight_bytes_per_token)
     }
     fn logits(&mut self) -> Result<Vec<f32>> {
         Session::logits(self)
@@ -299,6 +303,12 @@ impl Engine {
     pub fn load_default(opts: Options) -> Result<Self> {
         let dir = crate::convert::default_model_dir()?;
         Self::load(&dir, opts)
+    }
+
+    /// Bytes the weights take on the executor, and the bytes of weights one
+    /// decode step reads.
+    pub fn weight_bytes(&self) -> (u64, u64) {
+        self.runner.weight_bytes()
     }
 
     /// Executor name.

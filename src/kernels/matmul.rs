@@ -106,13 +106,14 @@ fn matmul_quant(
 ) -> Result<()> {
     let (m, k4) = (x.rows, x.cols / 4);
     let blocks_per_row = x.cols / 32;
-    // The per-thread loop runs K/8 groups, each with 4 weight groups and M dot pairs.
+    // The per-thread kernel (one row of x) runs K/32 blocks of 8 x loads and
+    // 4 x 4 weight groups.
     let per_thread = ex.tuning.per_thread_kernels
         && m == 1
         && ex
             .tuning
             .loop_limit
-            .is_none_or(|l| (k4 / 2 * (4 + m)) as u64 + 1000 < l);
+            .is_none_or(|l| (blocks_per_row * 24) as u64 + 1000 < l);
     let small = m <= ex.tuning.small_max_rows && !ex.tuning.per_thread_kernels;
     let qt = ("QTYPE", qtype as f64);
     for chunk in &w.chunks {

@@ -51,6 +51,10 @@ impl Executor for GpuExecutor {
         (w.rows, w.cols)
     }
 
+    fn weight_bytes(w: &GpuWeight) -> u64 {
+        w.chunks.iter().map(|c| c.buffer.size()).sum()
+    }
+
     fn rope_dims(rope: &GpuRope) -> (usize, usize) {
         (rope.max_pos, rope.half * 2)
     }

@@ -31,6 +31,11 @@ pub struct Llama<E: Ops> {
     layers: Vec<Layer<E>>,
     /// RoPE table covering the context.
     pub rope: E::Rope,
+    /// Bytes the weights take on the executor.
+    pub weight_bytes: u64,
+    /// Bytes of weights one decode step reads (every matrix once; the
+    /// embedding table only for the LM head when tied).
+    pub weight_bytes_per_token: u64,
 }
 
 /// Activation buffers for a chunk of `rows` tokens, reused across layers.
@@ -162,6 +167,29 @@ impl<E: Ops> Llama<E> {
             b.finish_and_clear();
         }
         let rope = ops.rope_table(&cfg.rope(max_positions))?;
+        let b = |w: &E::Weight| E::weight_bytes(w);
+        let per_layer: u64 = layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.in_norm,
+                    &l.q,
+                    &l.k,
+                    &l.v,
+                    &l.o,
+                    &l.post_norm,
+                    &l.gate,
+                    &l.up,
+                    &l.down,
+                ]
+                .into_iter()
+                .map(b)
+                .sum::<u64>()
+                    + l.bias.iter().flatten().map(b).sum::<u64>()
+            })
+            .sum();
+        let head = b(lm_head.as_ref().unwrap_or(&embed)) + b(&norm);
+        let weight_bytes = per_layer + head + lm_head.as_ref().map_or(0, |_| b(&embed));
         Ok(Self {
             cfg,
             embed,
@@ -169,6 +197,8 @@ impl<E: Ops> Llama<E> {
             norm,
             layers,
             rope,
+            weight_bytes,
+            weight_bytes_per_token: per_layer + head,
         })
     }
 

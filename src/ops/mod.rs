@@ -99,6 +99,8 @@ pub trait Executor: Sized + Send + 'static {
     fn ids_len(ids: &Self::Ids) -> usize;
     /// Rows and columns of a weight.
     fn weight_dims(w: &Self::Weight) -> (usize, usize);
+    /// Bytes a weight takes in the executor's memory.
+    fn weight_bytes(w: &Self::Weight) -> u64;
     /// Positions a RoPE table covers, and its head dimension.
     fn rope_dims(rope: &Self::Rope) -> (usize, usize);
     /// The layout of a KV cache.

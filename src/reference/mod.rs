@@ -147,6 +147,10 @@ impl Executor for RefExecutor {
         (w.rows, w.cols)
     }
 
+    fn weight_bytes(w: &RefWeight) -> u64 {
+        w.blocks.as_ref().map_or(w.data.len() * 4, |b| b.1.len()) as u64
+    }
+
     fn rope_dims(rope: &RefRope) -> (usize, usize) {
         (rope.max_pos, rope.half * 2)
     }
