@@ -8,22 +8,31 @@ use std::path::Path;
 /// Module and the modules it may use. Lower layers first.
 const LAYERS: &[(&str, &[&str])] = &[
     ("error", &[]),
+    ("quant", &["error"]),
     ("shaders", &[]),
     ("progress", &[]),
     ("kv", &["error"]),
     ("sampling", &["error"]),
-    ("ops", &["error", "kv", "sampling"]),
+    ("ops", &["error", "kv", "quant", "sampling"]),
     ("gpu", &["error", "shaders"]),
     (
         "kernels",
-        &["error", "gpu", "kv", "ops", "sampling", "shaders"],
+        &["error", "gpu", "kv", "ops", "quant", "sampling", "shaders"],
     ),
-    ("reference", &["error", "kv", "ops", "sampling"]),
+    ("reference", &["error", "kv", "ops", "quant", "sampling"]),
     ("attention", &["error", "kv", "ops"]),
-    ("convert", &["error", "progress"]),
+    ("convert", &["error", "progress", "quant"]),
     (
         "model",
-        &["error", "kv", "ops", "attention", "convert", "progress"],
+        &[
+            "error",
+            "kv",
+            "ops",
+            "attention",
+            "convert",
+            "progress",
+            "quant",
+        ],
     ),
     ("speculative", &["error", "ops", "sampling"]),
     (

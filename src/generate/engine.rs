@@ -273,7 +273,9 @@ impl Engine {
     /// tokenizer.json) or a GGUF file (read in place; weights keep their types).
     pub fn load(path: &Path, opts: Options) -> Result<Self> {
         let (weights, config, tokenizer): (Box<dyn TensorSource>, _, _) = if path.is_file() {
-            let (g, config, tokenizer) = GgufModel::open(path)?;
+            let (g, config, (tok, tok_cfg)) = GgufModel::open(path)?;
+            let tokenizer = Tokenizer::from_parts(tok.to_string().as_bytes(), &tok_cfg)
+                .map_err(|e| e.in_file(path))?;
             (Box::new(g), config, tokenizer)
         } else {
             let config = ModelConfig::from_file(&path.join("config.json"))?;

@@ -8,7 +8,6 @@ use super::weights::Weights;
 use super::ModelConfig;
 use crate::convert::gguf::{self, Gguf, TensorInfo};
 use crate::error::{Error, Result};
-use crate::generate::Tokenizer;
 use crate::quant::DType;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -58,6 +57,9 @@ impl TensorSource for Weights {
     }
 }
 
+/// A tokenizer as `tokenizer.json` and `tokenizer_config.json` values.
+pub type TokenizerParts = (serde_json::Value, serde_json::Value);
+
 /// A GGUF model file, memory-mapped and read in place.
 pub struct GgufModel {
     path: PathBuf,
@@ -72,9 +74,10 @@ pub struct GgufModel {
 }
 
 impl GgufModel {
-    /// Maps and parses `path`: the tensor source, and the config and tokenizer
-    /// (with chat template) its metadata describe.
-    pub fn open(path: &Path) -> Result<(Self, ModelConfig, Tokenizer)> {
+    /// Maps and parses `path`: the tensor source, the config its metadata
+    /// describe, and its tokenizer as `tokenizer.json` and
+    /// `tokenizer_config.json` values (chat template, special tokens).
+    pub fn open(path: &Path) -> Result<(Self, ModelConfig, TokenizerParts)> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only mapping of a file we do not modify.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -86,9 +89,7 @@ impl GgufModel {
             let g = Gguf::parse(&map).map_err(named)?;
             let cfg_json = crate::convert::config_json(&g).map_err(named)?;
             let config = ModelConfig::from_json(&cfg_json.to_string()).map_err(named)?;
-            let (tok, tok_cfg) = crate::convert::tokenizer::from_gguf(&g).map_err(named)?;
-            let tokenizer =
-                Tokenizer::from_parts(tok.to_string().as_bytes(), &tok_cfg).map_err(named)?;
+            let tokenizer = crate::convert::tokenizer::from_gguf(&g).map_err(named)?;
             let mut tensors = HashMap::new();
             for t in &g.tensors {
                 // Tensors without a Hugging Face name (rope frequency tables and the
