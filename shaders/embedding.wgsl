@@ -1,7 +1,7 @@
 // Embedding gather: out[t, :] = table[ids[t], :] for the ids that fall in this chunk of
 // the table. Tables larger than one storage binding are split by rows; the host
 // dispatches once per chunk and each chunk writes only its own rows.
-struct Params { tokens: u32, words: u32, row_start: u32, rows: u32, qh_off: u32, sc_off: u32, _p0: u32, _p1: u32 }
+struct Params { tokens: u32, words: u32, row_start: u32, rows: u32, qh_off: u32, sc_off: u32, ks_off: u32, _p0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<u32>;        // [rows, H/2] packed f16
@@ -22,6 +22,8 @@ fn embedding(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 // 8 values, dequantized as the matmul kernels do.
 override QTYPE: u32 = 1u;
 
+fn q_load(i: u32) -> u32 { return table[i]; }
+
 @compute @workgroup_size(64)
 fn embedding_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let groups = p.words / 4u;
@@ -31,10 +33,8 @@ fn embedding_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let gi = idx % groups;
     let id = ids[t];
     if (id < p.row_start || id >= p.row_start + p.rows) { return; }
-    let rb = (id - p.row_start) * (groups / 4u) + gi / 4u;
-    let g = gi % 4u;
-    let a = q_addr(QTYPE, rb, g, p.qh_off, p.sc_off);
-    let v = q_decode(QTYPE, table[a.x], table[a.y], table[a.z], table[a.w], rb, g);
+    let rb0 = (id - p.row_start) * (8u * groups / q_block(QTYPE));
+    let v = q_group(QTYPE, rb0, gi, vec3<u32>(p.qh_off, p.sc_off, p.ks_off));
     let o = t * p.words + 4u * gi;
     out[o] = v.lo.xy;
     out[o + 1u] = v.lo.zw;

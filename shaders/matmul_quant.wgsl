@@ -3,8 +3,9 @@
 // weights: qmatmul_rows (CPU drivers, a thread per 4 weight rows, no barriers),
 // qmatmul_small (1..=16 rows on GPUs: a workgroup per ROWS weight rows, threads
 // striding over K, one reduction) and qmatmul_tiled (prefill: 4x4 register tiles,
-// the weights dequantized into the tile). qmatmul_rows serves M = 1 only.
-struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, _p0: u32 }
+// the weights dequantized into the tile). qmatmul_rows (32-value types) and
+// qmatmul_rows_g (any type) serve M = 1 only.
+struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, ks_off: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<u32>;         // planes of one row chunk
@@ -12,12 +13,13 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off
 
 override QTYPE: u32 = 1u;
 
+fn q_load(i: u32) -> u32 { return w[i]; }
+
+fn planes() -> vec3<u32> { return vec3<u32>(p.qh_off, p.sc_off, p.ks_off); }
+
 // Group gi (values 8gi..8gi+7) of weight row `row`.
 fn wgroup(row: u32, gi: u32) -> W8 {
-    let rb = row * (p.k4 / 8u) + gi / 4u;
-    let g = gi % 4u;
-    let a = q_addr(QTYPE, rb, g, p.qh_off, p.sc_off);
-    return q_decode(QTYPE, w[a.x], w[a.y], w[a.z], w[a.w], rb, g);
+    return q_group(QTYPE, row * (4u * p.k4 / q_block(QTYPE)), gi, planes());
 }
 
 fn dot8(m: u32, gi: u32, v: W8) -> f32 {
@@ -26,9 +28,9 @@ fn dot8(m: u32, gi: u32, v: W8) -> f32 {
 
 override ROWS_WG: u32 = 64u;
 
-// One row of x (decode on CPU drivers): a block at a time, the block's x
-// values and their sum loaded once for 4 weight rows, and each row's scale
-// applied once per block (d * sum(q x) + c * sum(x)) rather than per weight.
+// One row of x (decode on CPU drivers), 32-value types: a block at a time, the
+// block's x values and their sum loaded once for 4 weight rows, each row's
+// scale applied once per block (d * sum(q x) + c * sum(x)).
 @compute @workgroup_size(ROWS_WG)
 fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
@@ -37,6 +39,7 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let last = p.rows - 1u;
     let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
     let nb = p.k4 / 8u;
+    let o = planes();
     var acc = vec4<f32>(0.0);
     var xs: array<vec4<f32>, 8>;
     for (var b = 0u; b < nb; b++) {
@@ -49,15 +52,35 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         for (var i = 0u; i < 4u; i++) {
             let rb = r[i] * nb + b;
             var dq = 0.0;
-            var sc = 0u;
             for (var g = 0u; g < 4u; g++) {
-                let a = q_addr(QTYPE, rb, g, p.qh_off, p.sc_off);
-                let v = q_values(QTYPE, w[a.x], w[a.y], w[a.z], g);
+                let v = q_values(QTYPE, rb, g, o);
                 dq += dot(xs[2u * g], v.lo) + dot(xs[2u * g + 1u], v.hi);
-                sc = a.w;
             }
-            let s = q_scale(QTYPE, w[sc], rb);
+            let s = q_scale(QTYPE, rb, o);
             acc[i] += s.x * dq + s.y * sx;
+        }
+    }
+    for (var jj = 0u; jj < 4u; jj++) {
+        if (n0 + jj < p.rows) { y[p.n_offset + n0 + jj] = acc[jj]; }
+    }
+}
+
+// One row of x, any type: 8 dequantized values at a time for 4 weight rows.
+@compute @workgroup_size(ROWS_WG)
+fn qmatmul_rows_g(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.y * nwg.x * ROWS_WG + gid.x;
+    let n0 = t * 4u;
+    if (n0 >= p.rows) { return; }
+    let last = p.rows - 1u;
+    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    var acc = vec4<f32>(0.0);
+    let groups = p.k4 / 2u;
+    for (var gi = 0u; gi < groups; gi++) {
+        let xa = x[2u * gi];
+        let xb = x[2u * gi + 1u];
+        for (var i = 0u; i < 4u; i++) {
+            let v = wgroup(r[i], gi);
+            acc[i] += dot(xa, v.lo) + dot(xb, v.hi);
         }
     }
     for (var jj = 0u; jj < 4u; jj++) {

@@ -1,9 +1,8 @@
 //! Quantized weights: every type the GPU keeps quantized, through every matmul
 //! path (1 row, 2..16 rows, prefill tiles) and the embedding gather, against the
 //! reference executor (ggml's dequantization, then f32 dot products), with
-//! ragged row counts, the legacy types' inner sizes 576 and 1536, and tensors
-//! split across bindings. The K types (decoded to f16 on the GPU for now) are
-//! checked on the same paths.
+//! ragged row counts, the legacy types' inner sizes 576 and 1536, the K types'
+//! 2048 and 14336, and tensors split across bindings.
 
 mod common;
 
@@ -56,13 +55,9 @@ fn check(ex: &mut GpuExecutor, t: DType, m: usize, n: usize, k: usize, seed: u64
     let mut yg = ex.tensor(m, n).unwrap();
     ex.matmul(&xg, &wg, &mut yg).unwrap();
     let got = ex.download(&yg).unwrap();
-    // Weights up to ~1.6 (|d| <= 0.05, |q| <= 32; K types |d sc| <= 0.13), f32 sums in another order;
-    // the K types are rounded to f16 on the GPU (relative 2^-11 per weight).
-    let (atol, rtol) = if t.block().0 == 256 {
-        (2e-3 * (k as f32).sqrt(), 2e-3)
-    } else {
-        (5e-5 * (k as f32).sqrt(), 1e-4)
-    };
+    // Weights up to ~1.6 (|d| <= 0.05, |q| <= 32; K types |d sc| <= 0.13),
+    // dequantized exactly, summed in f32 in another order.
+    let (atol, rtol) = (5e-5 * (k as f32).sqrt(), 1e-4);
     assert_close(
         &format!("{t} matmul m={m} n={n} k={k} chunks={}", wg.chunks.len()),
         &got,
@@ -97,13 +92,15 @@ fn quantized_matmul_every_type_and_path() {
 
 #[test]
 fn k_types_on_every_path() {
-    let mut ex = gpu();
-    for (i, t) in [DType::Q4_K, DType::Q5_K, DType::Q6_K]
-        .into_iter()
-        .enumerate()
-    {
-        for &m in &[1usize, 5, 20] {
-            check(&mut ex, t, m, 9, 512, 500 + i as u64 * 10 + m as u64);
+    let mut seed = 500;
+    for mut ex in gpu_variants() {
+        for t in [DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+            for &m in &[1usize, 5, 16, 20] {
+                for &(n, k) in &[(9usize, 2048usize), (3, 14336)] {
+                    check(&mut ex, t, m, n, k, seed);
+                    seed += 1;
+                }
+            }
         }
     }
 }
@@ -116,7 +113,7 @@ fn quantized_weight_split_across_bindings() {
         e.tuning.per_thread_kernels = !e.tuning.per_thread_kernels;
         e
     }] {
-        for (i, t) in [DType::Q4_1, DType::Q8_0, DType::Q5_0]
+        for (i, t) in [DType::Q4_1, DType::Q8_0, DType::Q5_0, DType::Q6_K]
             .into_iter()
             .enumerate()
         {
@@ -135,7 +132,10 @@ fn quantized_weight_split_across_bindings() {
 fn quantized_embedding_gather() {
     let (vocab, hidden) = (301usize, 576usize);
     let ids: Vec<u32> = vec![0, 300, 17, 150, 17, 263, 299, 1];
-    for t in LEGACY.into_iter().chain([DType::Q6_K]) {
+    for t in LEGACY
+        .into_iter()
+        .chain([DType::Q4_K, DType::Q5_K, DType::Q6_K])
+    {
         let hidden = if t.block().0 == 256 { 512 } else { hidden };
         let raw = random_blocks(31, t, vocab, hidden);
         let mut cpu = RefExecutor::new();
@@ -147,7 +147,7 @@ fn quantized_embedding_gather() {
             let mut og = ex.tensor(ids.len(), hidden).unwrap();
             let ig = ex.ids(&ids).unwrap();
             ex.embed(&ig, &tg, &mut og).unwrap();
-            let tol = if t.block().0 == 256 { 1e-3 } else { 1e-6 };
+            let tol = 1e-6;
             assert_close(
                 &format!("{t} embedding, {} chunks", tg.chunks.len()),
                 &ex.download(&og).unwrap(),

@@ -25,7 +25,8 @@ pub(super) fn embed(
     };
     let groups = ex.grid((ids.len * words / per_thread).div_ceil(64))?;
     for chunk in &table.chunks {
-        let (qh_off, sc_off, _) = quant::planes(table.dtype, chunk.rows * table.cols / 32);
+        let blocks = chunk.rows * table.cols / table.dtype.block().0;
+        let [qh_off, sc_off, ks_off, _] = quant::planes(table.dtype, blocks);
         let params = EmbeddingParams {
             tokens: ids.len as u32,
             words: words as u32,
@@ -33,6 +34,7 @@ pub(super) fn embed(
             rows: chunk.rows as u32,
             qh_off: qh_off as u32,
             sc_off: sc_off as u32,
+            ks_off: ks_off as u32,
             ..bytemuck::Zeroable::zeroed()
         };
         ex.rec.dispatch(

@@ -105,7 +105,8 @@ fn matmul_quant(
     qtype: u32,
 ) -> Result<()> {
     let (m, k4) = (x.rows, x.cols / 4);
-    let blocks_per_row = x.cols / 32;
+    let blocks_per_row = x.cols / w.dtype.block().0;
+    let k_type = w.dtype.block().0 == 256;
     // The per-thread kernel (one row of x) runs K/32 blocks of 8 x loads and
     // 4 x 4 weight groups.
     let per_thread = ex.tuning.per_thread_kernels
@@ -113,11 +114,11 @@ fn matmul_quant(
         && ex
             .tuning
             .loop_limit
-            .is_none_or(|l| (blocks_per_row * 24) as u64 + 1000 < l);
+            .is_none_or(|l| (x.cols / 32 * 24) as u64 + 1000 < l);
     let small = m <= ex.tuning.small_max_rows && !ex.tuning.per_thread_kernels;
     let qt = ("QTYPE", qtype as f64);
     for chunk in &w.chunks {
-        let (qh_off, sc_off, _) = quant::planes(w.dtype, chunk.rows * blocks_per_row);
+        let [qh_off, sc_off, ks_off, _] = quant::planes(w.dtype, chunk.rows * blocks_per_row);
         let params = QMatmulParams {
             m: m as u32,
             k4: k4 as u32,
@@ -126,7 +127,7 @@ fn matmul_quant(
             y_stride: y.cols as u32,
             qh_off: qh_off as u32,
             sc_off: sc_off as u32,
-            ..Zeroable::zeroed()
+            ks_off: ks_off as u32,
         };
         let params = params.words();
         let bindings = [
@@ -140,7 +141,11 @@ fn matmul_quant(
             let wg = (threads / want).clamp(8, 64).next_power_of_two().min(64);
             let p = ex.pipeline(
                 shaders::MATMUL_QUANT,
-                "qmatmul_rows",
+                if k_type {
+                    "qmatmul_rows_g"
+                } else {
+                    "qmatmul_rows"
+                },
                 &[qt, ("ROWS_WG", wg as f64)],
             );
             let groups = ex.grid(threads.div_ceil(wg))?;

@@ -148,8 +148,8 @@ impl TensorOps for GpuExecutor {
                 cols,
             });
         }
-        // f16 rows: as stored, or decoded (float types, vectors, and the types
-        // without a kernel yet) and rounded to f16.
+        // f16 rows: as stored, or decoded and rounded to f16 (F32 and BF16, and
+        // quantized vectors, which only norms and biases would be).
         let decoded: Vec<f16>;
         let data: &[u8] = if dtype == DType::F16 {
             bytes

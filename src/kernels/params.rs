@@ -88,12 +88,12 @@ kernel_params! {
     /// `embedding.wgsl`: one chunk of the table (rows `row_start..row_start + rows`);
     /// a quantized table's planes as [`QMatmulParams`]'.
     EmbeddingParams for EMBEDDING::"Params" {
-        tokens: u32, words: u32, row_start: u32, rows: u32, qh_off: u32, sc_off: u32, _p0: u32, _p1: u32,
+        tokens: u32, words: u32, row_start: u32, rows: u32, qh_off: u32, sc_off: u32, ks_off: u32, _p0: u32,
     }
     /// `matmul_quant.wgsl`: as [`MatmulSmallParams`], with the word offsets of
-    /// the chunk's qh and scale planes.
+    /// the chunk's planes (`lib/quant.wgsl`).
     QMatmulParams for MATMUL_QUANT::"Params" {
-        m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, _p0: u32,
+        m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, ks_off: u32,
     }
     /// `matmul_small.wgsl`: one row chunk of W, its output columns from `n_offset`.
     MatmulSmallParams for MATMUL_SMALL::"Params" {
