@@ -168,9 +168,107 @@ fn bench_prefill(c: &mut Criterion, ex: &mut GpuExecutor) {
     g.finish();
 }
 
+/// Seconds per call of `f`, best of 5 runs of 4 calls (GPU timestamps when present).
+fn seconds(ex: &mut GpuExecutor, mut f: impl FnMut(&mut GpuExecutor)) -> f64 {
+    f(ex);
+    (0..5)
+        .map(|_| timed(ex, 4, &mut f).as_secs_f64() / 4.0)
+        .fold(f64::MAX, f64::min)
+}
+
+/// Quantized GEMV (one row of x, decode) for every weight type at the issue's
+/// shapes: criterion's GiB/s over the bytes read (weights as stored, x, y), then
+/// a table of GB/s and the fraction of the copy kernel's bandwidth from one
+/// same-run measurement (stdout, and `target/qgemv.json`).
+fn bench_qgemv(c: &mut Criterion, ex: &mut GpuExecutor) {
+    use kvsieve::quant::DType;
+    let mut g = c.benchmark_group("qgemv");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    // (k, n): in-dim x out-dim.
+    let shapes = [
+        (576usize, 1536usize),
+        (1536, 576),
+        (576, 49152),
+        (4096, 14336),
+    ];
+    let types = [
+        DType::F16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+    ];
+    let bytes = 64u64 << 20;
+    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src");
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst");
+    let copy_bw =
+        2.0 * bytes as f64 / seconds(ex, |ex| copy_buffer(ex, &src, &dst, bytes).unwrap());
+    let mut rows = Vec::new();
+    for (k, n) in shapes {
+        let x = ex.upload(&vec![0.5; k], 1, k).unwrap();
+        let mut y = ex.tensor(1, n).unwrap();
+        for t in types {
+            if !k.is_multiple_of(t.block().0) {
+                continue; // K types need rows of whole 256-value blocks
+            }
+            // Weights from the reference quantizer where there is one, else zero
+            // blocks (the kernels' cost does not depend on the values).
+            let f = vec![0.01f32; n * k];
+            let mut raw = Vec::new();
+            match t {
+                DType::F16 => raw.extend(f.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
+                DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                    kvsieve::quant::quantize(t, &f, &mut raw).unwrap()
+                }
+                _ => raw.resize(t.bytes_for((n * k) as u64).unwrap() as usize, 0),
+            }
+            let w = ex.weight_raw(t, &raw, n, k).unwrap();
+            drop(raw);
+            let read = t.bytes_for((n * k) as u64).unwrap() + (k * 4 + n * 4) as u64;
+            g.throughput(Throughput::Bytes(read));
+            g.bench_function(BenchmarkId::new(format!("{k}x{n}"), t.name()), |b| {
+                b.iter_custom(|iters| timed(ex, iters, |ex| ex.matmul(&x, &w, &mut y).unwrap()))
+            });
+            let bw = read as f64 / seconds(ex, |ex| ex.matmul(&x, &w, &mut y).unwrap());
+            let gflops = 2.0 * (n * k) as f64 * bw / read as f64 / 1e9;
+            rows.push((format!("{k}x{n}"), t.name(), bw, gflops));
+        }
+    }
+    g.finish();
+    println!("\nqgemv: copy kernel {:.2} GB/s", copy_bw / 1e9);
+    println!("| shape (in x out) | type | GB/s read | fraction of copy | GFLOP/s |");
+    println!("|---|---|---|---|---|");
+    for (shape, t, bw, gf) in &rows {
+        println!(
+            "| {shape} | {t} | {:.2} | {:.2} | {gf:.1} |",
+            bw / 1e9,
+            bw / copy_bw
+        );
+    }
+    let json = serde_json::json!({
+        "adapter": ex.ctx.describe(),
+        "copy_bytes_per_s": copy_bw,
+        "qgemv": rows.iter().map(|(s, t, bw, gf)| serde_json::json!({
+            "shape": s, "type": t, "bytes_per_s": bw, "fraction_of_copy": bw / copy_bw, "gflops": gf,
+        })).collect::<Vec<_>>(),
+    });
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/qgemv.json");
+    let _ = std::fs::write(
+        path,
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    );
+}
+
 fn benches(c: &mut Criterion) {
     let mut ex = executor();
     bench_copy(c, &mut ex);
+    bench_qgemv(c, &mut ex);
     bench_matmul(c, &mut ex);
     bench_decode(c, &mut ex);
     bench_prefill(c, &mut ex);

@@ -4,7 +4,7 @@
 // qmatmul_small (1..=16 rows on GPUs: a workgroup per ROWS weight rows, threads
 // striding over K, one reduction) and qmatmul_tiled (prefill: 4x4 register tiles,
 // the weights dequantized into the tile). qmatmul_rows (32-value types) and
-// qmatmul_rows_g (any type) serve M = 1 only.
+// qmatmul_rows_k (K types) serve M = 1 only.
 struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, ks_off: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
@@ -65,22 +65,33 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     }
 }
 
-// One row of x, any type: 8 dequantized values at a time for 4 weight rows.
+// One row of x, K types: a 32-value sub-block at a time, its x values and
+// their half sums loaded once for 4 weight rows (q_k_dot32).
 @compute @workgroup_size(ROWS_WG)
-fn qmatmul_rows_g(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
     let n0 = t * 4u;
     if (n0 >= p.rows) { return; }
     let last = p.rows - 1u;
     let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    let nb = p.k4 / 64u;
+    let o = planes();
     var acc = vec4<f32>(0.0);
-    let groups = p.k4 / 2u;
-    for (var gi = 0u; gi < groups; gi++) {
-        let xa = x[2u * gi];
-        let xb = x[2u * gi + 1u];
-        for (var i = 0u; i < 4u; i++) {
-            let v = wgroup(r[i], gi);
-            acc[i] += dot(xa, v.lo) + dot(xb, v.hi);
+    var xs: array<vec4<f32>, 8>;
+    for (var b = 0u; b < nb; b++) {
+        for (var j = 0u; j < 8u; j++) {
+            var s0 = vec4<f32>(0.0);
+            var s1 = vec4<f32>(0.0);
+            for (var i = 0u; i < 4u; i++) {
+                xs[i] = x[64u * b + 8u * j + i];
+                xs[i + 4u] = x[64u * b + 8u * j + i + 4u];
+                s0 += xs[i];
+                s1 += xs[i + 4u];
+            }
+            let s16 = vec2<f32>(s0.x + s0.y + s0.z + s0.w, s1.x + s1.y + s1.z + s1.w);
+            for (var i = 0u; i < 4u; i++) {
+                acc[i] += q_k_dot32(QTYPE, r[i] * nb + b, j, xs, s16, o);
+            }
         }
     }
     for (var jj = 0u; jj < 4u; jj++) {

@@ -130,3 +130,38 @@ fn q_group(qt: u32, rb0: u32, gi: u32, o: vec3<u32>) -> W8 {
     let m1 = dd.y * sm.y;
     return W8(d1 * v.lo - m1, d1 * v.hi - m1);
 }
+
+// K types, one row of x: the dot of 32 x values (sub-block j of block rb, as
+// 8 vec4 and the sums of their two 16-value halves) with that sub-block's
+// weights, each scale and min applied once per sub-block rather than per weight.
+fn q_k_dot32(qt: u32, rb: u32, j: u32, xs: array<vec4<f32>, 8>, s16: vec2<f32>, o: vec3<u32>) -> f32 {
+    var h0 = 0.0;
+    var h1 = 0.0;
+    for (var g = 0u; g < 4u; g++) {
+        let gg = 4u * j + g;
+        var v = q_nibbles(q_load(rb * 32u + gg));
+        if (qt == Q_5_K) {
+            let h = q_bits16(q_load(o.x + rb * 8u + j) >> (8u * g));
+            v.lo += h.lo;
+            v.hi += h.hi;
+        }
+        if (qt == Q_6_K) {
+            let hw = q_load(o.x + rb * 16u + gg / 2u) >> (16u * (gg % 2u));
+            let s = vec4<u32>(0u, 2u, 4u, 6u);
+            v.lo += vec4<f32>(((vec4<u32>(hw) >> s) & vec4<u32>(3u)) * 16u);
+            v.hi += vec4<f32>(((vec4<u32>(hw) >> (s + vec4<u32>(8u))) & vec4<u32>(3u)) * 16u);
+        }
+        let t = dot(xs[2u * g], v.lo) + dot(xs[2u * g + 1u], v.hi);
+        if (g < 2u) { h0 += t; } else { h1 += t; }
+    }
+    if (qt == Q_6_K) {
+        let d = q_half(o.y, rb);
+        let sw = q_load(o.z + rb * 4u + j / 2u) >> (16u * (j % 2u));
+        let sc0 = f32(bitcast<i32>(sw << 24u) >> 24u);
+        let sc1 = f32(bitcast<i32>(sw << 16u) >> 24u);
+        return d * sc0 * (h0 - 32.0 * s16.x) + d * sc1 * (h1 - 32.0 * s16.y);
+    }
+    let dd = unpack2x16float(q_load(o.y + rb));
+    let sm = q_scale_min_k4(o.z + rb * 3u, j);
+    return dd.x * sm.x * (h0 + h1) - dd.y * sm.y * (s16.x + s16.y);
+}

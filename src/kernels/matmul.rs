@@ -142,7 +142,7 @@ fn matmul_quant(
             let p = ex.pipeline(
                 shaders::MATMUL_QUANT,
                 if k_type {
-                    "qmatmul_rows_g"
+                    "qmatmul_rows_k"
                 } else {
                     "qmatmul_rows"
                 },
