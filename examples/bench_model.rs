@@ -28,6 +28,9 @@ struct Cli {
     /// Decode steps timed per kernel.
     #[arg(long, default_value_t = 8)]
     profile_steps: usize,
+    /// Quantize float weight matrices at load: off, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "off")]
+    quantize: String,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -61,6 +64,12 @@ fn main() -> kvsieve::Result<()> {
         backend,
         max_context: cli.prompt_tokens + cli.decode_tokens + 64,
         progress: true,
+        quantize: match cli.quantize.as_str() {
+            "off" => None,
+            s => Some(kvsieve::quant::DType::parse(s).ok_or_else(|| {
+                kvsieve::Error::InvalidOption(format!("--quantize {s:?}: off, q8_0, q4_0 or q4_1"))
+            })?),
+        },
         ..Default::default()
     };
     let mut e = match &cli.model {

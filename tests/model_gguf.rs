@@ -118,3 +118,44 @@ fn gguf_direct_same_tokens_on_both_executors() {
         "GPU and reference greedy tokens from the Q4_1 file"
     );
 }
+
+/// `--quantize q8_0` on the f16 directory: the same greedy tokens as the f16
+/// model on most public prompts, and on both executors.
+#[test]
+fn quantize_at_load_q8_0() {
+    let dir = kvsieve::convert::default_model_dir().unwrap();
+    let load_q = |backend| {
+        let opts = Options {
+            backend,
+            max_context: 1024,
+            quantize: Some(kvsieve::quant::DType::Q8_0),
+            ..Options::default()
+        };
+        Engine::load(&dir, opts).unwrap_or_else(|e| panic!("load: {e}"))
+    };
+    let mut e = load_q(Backend::Reference);
+    let (bytes, _) = e.weight_bytes();
+    assert!(bytes < 150_000_000, "Q8_0 weights take {bytes} bytes");
+    let fx = fixture();
+    let mut long = 0;
+    for r in fx["results"].as_array().unwrap() {
+        let want = ids(&r["greedy_ids"]);
+        let got = greedy(&mut e, &ids(&r["prompt_ids"]), 16.min(want.len()));
+        if got.iter().zip(&want).take_while(|(a, b)| a == b).count() >= 16 {
+            long += 1;
+        }
+    }
+    assert!(
+        long >= 3,
+        "Q8_0 matched the f16 model for 16 tokens on only {long} of 4 prompts"
+    );
+    let prompt = ids(&fx["results"][1]["prompt_ids"]);
+    let cpu = greedy(&mut e, &prompt, 12);
+    assert_eq!(greedy(&mut load_q(Backend::Gpu), &prompt, 12), cpu);
+    let bad = Options {
+        quantize: Some(kvsieve::quant::DType::Q4_K),
+        ..Options::default()
+    };
+    let err = Engine::load(&dir, bad).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("Q4_K"), "{err}");
+}

@@ -98,6 +98,19 @@ pub struct ModelArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Quantize float weight matrices at load: off, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "off")]
+    pub quantize: String,
+}
+
+/// `--quantize`: off, or a weight type.
+pub fn quantize_arg(s: &str) -> kvsieve::Result<Option<kvsieve::quant::DType>> {
+    if s == "off" {
+        return Ok(None);
+    }
+    kvsieve::quant::DType::parse(s).map(Some).ok_or_else(|| {
+        kvsieve::Error::InvalidOption(format!("--quantize {s:?}: off, q8_0, q4_0 or q4_1"))
+    })
 }
 
 impl ModelArgs {
@@ -139,6 +152,7 @@ impl ModelArgs {
             backend: self.backend.parse::<Backend>()?,
             max_context: self.max_context,
             progress: true,
+            quantize: quantize_arg(&self.quantize)?,
             ..Options::default()
         };
         match &self.model {

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::kernels::GpuExecutor;
 use crate::model::{GgufModel, Llama, ModelConfig, TensorSource, Weights};
 use crate::ops::Ops;
+use crate::quant::DType;
 use crate::reference::RefExecutor;
 use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate, TreeSize};
 use std::path::Path;
@@ -62,6 +63,9 @@ pub struct Options {
     pub progress: bool,
     /// Attention policy.
     pub policy: crate::attention::AttentionPolicy,
+    /// Quantize float weight matrices at load (Q8_0, Q4_0 or Q4_1, ggml's
+    /// reference quantizers); `None` keeps each tensor's stored type.
+    pub quantize: Option<crate::quant::DType>,
 }
 
 impl Default for Options {
@@ -73,6 +77,7 @@ impl Default for Options {
             page_size: 64,
             progress: false,
             policy: Default::default(),
+            quantize: None,
         }
     }
 }
@@ -234,6 +239,7 @@ fn runner<E: Ops + 'static>(
         config.clone(),
         max_context,
         opts.progress,
+        opts.quantize,
     )?;
     Ok(Box::new(Session::new(
         ops,
@@ -272,6 +278,13 @@ impl Engine {
     /// Loads a model: a Hugging Face directory (config.json, safetensors,
     /// tokenizer.json) or a GGUF file (read in place; weights keep their types).
     pub fn load(path: &Path, opts: Options) -> Result<Self> {
+        if let Some(q) = opts.quantize {
+            if !matches!(q, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
+                return Err(Error::InvalidOption(format!(
+                    "quantize to {q}: q8_0, q4_0 or q4_1"
+                )));
+            }
+        }
         let (weights, config, tokenizer): (Box<dyn TensorSource>, _, _) = if path.is_file() {
             let (g, config, (tok, tok_cfg)) = GgufModel::open(path)?;
             let tokenizer = Tokenizer::from_parts(tok.to_string().as_bytes(), &tok_cfg)

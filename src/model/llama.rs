@@ -7,6 +7,7 @@ use crate::attention::{Attention, LayerInput, Step};
 use crate::error::Result;
 use crate::kv::PageTable;
 use crate::ops::{KvView, Ops};
+use crate::quant::DType;
 
 struct Layer<E: Ops> {
     in_norm: E::Weight,
@@ -99,14 +100,15 @@ impl<E: Ops> Workspace<E> {
 
 impl<E: Ops> Llama<E> {
     /// Loads the weights of `cfg` from `w` onto the executor, each in its stored
-    /// type. `max_positions` sizes the RoPE table (the longest context this model
-    /// will run).
+    /// type, or float matrices quantized to `quantize`. `max_positions` sizes the
+    /// RoPE table (the longest context this model will run).
     pub fn load(
         ops: &mut E,
         w: &dyn TensorSource,
         cfg: ModelConfig,
         max_positions: usize,
         progress: bool,
+        quantize: Option<DType>,
     ) -> Result<Self> {
         let (h, qd, kd, inter, v) = (
             cfg.hidden,
@@ -123,7 +125,19 @@ impl<E: Ops> Llama<E> {
                 vec![rows, cols]
             };
             let t = w.tensor(name, &shape)?;
-            ops.weight_raw(t.dtype, &t.bytes, rows, cols)
+            match quantize {
+                // Float matrices of whole 32-value rows; vectors and stored
+                // quantized tensors keep their type.
+                Some(q) if rows > 1 && !t.dtype.is_quantized() && cols.is_multiple_of(32) => {
+                    let mut f = vec![0.0f32; rows * cols];
+                    crate::quant::dequantize(t.dtype, &t.bytes, &mut f)?;
+                    let mut b =
+                        Vec::with_capacity(q.bytes_for(f.len() as u64).unwrap_or(0) as usize);
+                    crate::quant::quantize(q, &f, &mut b)?;
+                    ops.weight_raw(q, &b, rows, cols)
+                }
+                _ => ops.weight_raw(t.dtype, &t.bytes, rows, cols),
+            }
         };
         let embed = mat(ops, "model.embed_tokens.weight", v, h)?;
         let lm_head = if cfg.tied_embeddings || !w.has("lm_head.weight") {
