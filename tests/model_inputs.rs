@@ -74,7 +74,8 @@ fn config(arch: &str) -> serde_json::Value {
     })
 }
 
-fn tensors(qkv_bias: bool) -> Vec<(String, Vec<usize>)> {
+fn tensors(arch: &str) -> Vec<(String, Vec<usize>)> {
+    let qkv_bias = arch == "Qwen2ForCausalLM";
     let t = &TINY;
     let (qd, kd) = (t.heads * t.head_dim, t.kv_heads * t.head_dim);
     let mut v = vec![
@@ -96,6 +97,10 @@ fn tensors(qkv_bias: bool) -> Vec<(String, Vec<usize>)> {
         v.push((p("mlp.gate_proj.weight"), vec![t.inter, t.hidden]));
         v.push((p("mlp.up_proj.weight"), vec![t.inter, t.hidden]));
         v.push((p("mlp.down_proj.weight"), vec![t.hidden, t.inter]));
+        if arch == "Qwen3ForCausalLM" {
+            v.push((p("self_attn.q_norm.weight"), vec![t.head_dim]));
+            v.push((p("self_attn.k_norm.weight"), vec![t.head_dim]));
+        }
         if qkv_bias {
             v.push((p("self_attn.q_proj.bias"), vec![qd]));
             v.push((p("self_attn.k_proj.bias"), vec![kd]));
@@ -115,11 +120,10 @@ fn write_model(
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), config(arch).to_string()).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
-    let mut list: Vec<(String, Vec<usize>, safetensors::Dtype)> =
-        tensors(arch == "Qwen2ForCausalLM")
-            .into_iter()
-            .map(|(n, s)| (n, s, safetensors::Dtype::F16))
-            .collect();
+    let mut list: Vec<(String, Vec<usize>, safetensors::Dtype)> = tensors(arch)
+        .into_iter()
+        .map(|(n, s)| (n, s, safetensors::Dtype::F16))
+        .collect();
     edit(&mut list);
     let mut seed = 12345u64;
     let data: Vec<Vec<u8>> = list
@@ -417,4 +421,373 @@ fn qwen2_biases_and_untied_head_agree_across_executors() {
         .map(|t| t.unwrap().id)
         .collect();
     assert_eq!(a, c, "same seed, same tokens");
+}
+
+/// Logits of prefixes of `prompt` agree across the executors.
+fn logits_agree(cpu: &mut Engine, gpu: &mut Engine, prompt: &[u32], tol: f32) {
+    for n in [1usize, 9, prompt.len()] {
+        cpu.prefill(&prompt[..n]).unwrap();
+        gpu.prefill(&prompt[..n]).unwrap();
+        let (a, b) = (cpu.logits().unwrap(), gpu.logits().unwrap());
+        let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < tol * scale,
+            "prefix {n}: logits differ by {worst} (scale {scale})"
+        );
+    }
+}
+
+fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let params = GenerateParams {
+        max_tokens: n,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    e.generate_ids(prompt, &params)
+        .unwrap()
+        .map(|t| t.unwrap().id)
+        .collect()
+}
+
+#[test]
+fn qwen3_qk_norm_agrees_across_executors() {
+    let d = write_model("qwen3", "Qwen3ForCausalLM", |_| {});
+    let mut cpu = load(&d, Backend::Reference).unwrap();
+    let mut gpu = load(&d, Backend::Gpu).unwrap();
+    assert_eq!(cpu.config.arch_name(), "Qwen3ForCausalLM");
+    let prompt: Vec<u32> = (0..70).map(|i| 3 + (i * 37) % 250).collect();
+    logits_agree(&mut cpu, &mut gpu, &prompt, 1e-4);
+    assert_eq!(greedy(&mut cpu, &prompt, 8), greedy(&mut gpu, &prompt, 8));
+    // Missing per-head norms are named.
+    let d = write_model("qwen3-nonorm", "Qwen3ForCausalLM", |l| {
+        l.retain(|(n, _, _)| !n.ends_with("k_norm.weight"))
+    });
+    let e = err_text(load(&d, Backend::Reference));
+    assert!(e.contains("k_norm"), "{e}");
+}
+
+/// GGUF writer for synthetic models: metadata (strings, u32, f32, arrays of
+/// strings or i32) and tensors (ggml dimension order), 32-byte aligned.
+struct GgufWriter {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    fn new() -> Self {
+        Self {
+            kv: Vec::new(),
+            n_kv: 0,
+            tensors: Vec::new(),
+        }
+    }
+    fn s(b: &mut Vec<u8>, x: &str) {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    }
+    fn key(&mut self, k: &str, ty: u32) {
+        Self::s(&mut self.kv, k);
+        self.kv.extend(ty.to_le_bytes());
+        self.n_kv += 1;
+    }
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k, 8);
+        Self::s(&mut self.kv, v);
+    }
+    fn u32(&mut self, k: &str, v: u32) {
+        self.key(k, 4);
+        self.kv.extend(v.to_le_bytes());
+    }
+    fn f32(&mut self, k: &str, v: f32) {
+        self.key(k, 6);
+        self.kv.extend(v.to_le_bytes());
+    }
+    fn strs(&mut self, k: &str, v: &[String]) {
+        self.key(k, 9);
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            Self::s(&mut self.kv, x);
+        }
+    }
+    fn i32s(&mut self, k: &str, v: &[i32]) {
+        self.key(k, 9);
+        self.kv.extend(5u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            self.kv.extend(x.to_le_bytes());
+        }
+    }
+    /// A tensor of HF shape `[rows, cols]` (or `[cols]`) stored as GGML type `ty`.
+    fn tensor(&mut self, name: &str, shape: &[usize], ty: u32, data: Vec<u8>) {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push((name.into(), dims, ty, data));
+    }
+    fn finish(self) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((self.tensors.len() as u64).to_le_bytes());
+        b.extend(self.n_kv.to_le_bytes());
+        b.extend(&self.kv);
+        let mut off = 0u64;
+        for (n, dims, ty, data) in &self.tensors {
+            Self::s(&mut b, n);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(off.to_le_bytes());
+            off += (data.len() as u64).div_ceil(32) * 32;
+        }
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        for (_, _, _, data) in &self.tensors {
+            b.extend(data);
+            b.resize(b.len().div_ceil(32) * 32, 0);
+        }
+        b
+    }
+}
+
+/// GGML type ids.
+const F32: u32 = 0;
+const Q4_0: u32 = 2;
+const Q4_1: u32 = 3;
+const Q5_0: u32 = 6;
+const Q5_1: u32 = 7;
+const Q8_0: u32 = 8;
+const Q4_K: u32 = 12;
+const Q5_K: u32 = 13;
+const Q6_K: u32 = 14;
+
+/// `n` values of GGML type `ty` from a seeded generator: random bits with small
+/// finite scales for the quantized types.
+fn gguf_data(ty: u32, n: usize, seed: &mut u64, norm: bool) -> Vec<u8> {
+    let mut next = || {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    };
+    if ty == F32 {
+        return (0..n)
+            .flat_map(|_| {
+                let r = (next() % 1000) as f32 / 1000.0 - 0.5;
+                (if norm { 1.0 + 0.1 * r } else { 0.3 * r }).to_le_bytes()
+            })
+            .collect();
+    }
+    let dt = kvsieve::quant::DType::from_ggml(ty).unwrap();
+    let (per, bytes) = dt.block();
+    let mut raw: Vec<u8> = (0..n / per * bytes).map(|_| next() as u8).collect();
+    let amp = if per == 256 { 0.002 } else { 0.04 };
+    let mut scale = |b: &mut [u8], next: &mut dyn FnMut() -> u32| {
+        let v = ((next() % 1000) as f32 / 1000.0 - 0.5) * amp;
+        b.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    };
+    for b in raw.chunks_exact_mut(bytes) {
+        match ty {
+            Q6_K => scale(&mut b[208..210], &mut next),
+            Q4_1 | Q5_1 | Q4_K | Q5_K => {
+                scale(&mut b[0..2], &mut next);
+                scale(&mut b[2..4], &mut next);
+            }
+            _ => scale(&mut b[0..2], &mut next),
+        }
+    }
+    raw
+}
+
+/// Writes a synthetic GGUF model (`llama` or `qwen3`) whose matrices mix the
+/// types a Q4_K_M file holds (and the other legacy ones): hidden 256,
+/// intermediate 512, 2 layers, head dim 64, 300 tokens.
+fn write_gguf(name: &str, arch: &str, edit: impl FnOnce(&mut GgufWriter)) -> PathBuf {
+    let (hidden, inter, layers, heads, kv_heads, hd, vocab) =
+        (256usize, 512usize, 2usize, 4usize, 2usize, 64usize, VOCAB);
+    let mut w = GgufWriter::new();
+    w.str("general.architecture", arch);
+    let k = |s: &str| format!("{arch}.{s}");
+    w.u32(&k("context_length"), 256);
+    w.u32(&k("embedding_length"), hidden as u32);
+    w.u32(&k("feed_forward_length"), inter as u32);
+    w.u32(&k("block_count"), layers as u32);
+    w.u32(&k("attention.head_count"), heads as u32);
+    w.u32(&k("attention.head_count_kv"), kv_heads as u32);
+    w.u32(&k("attention.key_length"), hd as u32);
+    w.f32(&k("attention.layer_norm_rms_epsilon"), 1e-6);
+    w.f32(&k("rope.freq_base"), 10000.0);
+    w.u32(&k("vocab_size"), vocab as u32);
+    let tok = tokenizer_json();
+    let mut tokens: Vec<(u64, String)> = tok["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(s, i)| (i.as_u64().unwrap(), s.clone()))
+        .collect();
+    tokens.sort();
+    let tokens: Vec<String> = tokens.into_iter().map(|t| t.1).collect();
+    let types: Vec<i32> = (0..tokens.len())
+        .map(|i| if i < 3 { 3 } else { 1 })
+        .collect();
+    w.str("tokenizer.ggml.model", "gpt2");
+    w.str("tokenizer.ggml.pre", "default");
+    w.strs("tokenizer.ggml.tokens", &tokens);
+    w.i32s("tokenizer.ggml.token_type", &types);
+    w.strs("tokenizer.ggml.merges", &[]);
+    w.u32("tokenizer.ggml.bos_token_id", 1);
+    w.u32("tokenizer.ggml.eos_token_id", 2);
+    w.str(
+        "tokenizer.chat_template",
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+    );
+    let mut seed = 99u64;
+    let mut t = |w: &mut GgufWriter, name: &str, shape: &[usize], ty: u32| {
+        let n = shape.iter().product();
+        let data = gguf_data(ty, n, &mut seed, name.contains("norm"));
+        w.tensor(name, shape, ty, data);
+    };
+    // A Q8_0 embedding (tied: also the LM head) as the default model has; a
+    // Q6_K output would be a separate tensor.
+    t(&mut w, "token_embd.weight", &[vocab, hidden], Q8_0);
+    t(&mut w, "output_norm.weight", &[hidden], F32);
+    let (qd, kd) = (heads * hd, kv_heads * hd);
+    for i in 0..layers {
+        // Layer 0 as a Q4_K_M file (Q4_K, Q6_K for v and down, Q5_K for one);
+        // layer 1 the legacy types.
+        let ty = |k: u32, legacy: u32| if i == 0 { k } else { legacy };
+        let p = |s: &str| format!("blk.{i}.{s}");
+        t(&mut w, &p("attn_norm.weight"), &[hidden], F32);
+        t(&mut w, &p("ffn_norm.weight"), &[hidden], F32);
+        t(&mut w, &p("attn_q.weight"), &[qd, hidden], ty(Q4_K, Q4_0));
+        t(&mut w, &p("attn_k.weight"), &[kd, hidden], ty(Q4_K, Q4_1));
+        t(&mut w, &p("attn_v.weight"), &[kd, hidden], ty(Q6_K, Q5_0));
+        t(
+            &mut w,
+            &p("attn_output.weight"),
+            &[hidden, qd],
+            ty(Q4_K, Q5_1),
+        );
+        t(
+            &mut w,
+            &p("ffn_gate.weight"),
+            &[inter, hidden],
+            ty(Q5_K, Q8_0),
+        );
+        t(
+            &mut w,
+            &p("ffn_up.weight"),
+            &[inter, hidden],
+            ty(Q4_K, Q4_1),
+        );
+        t(
+            &mut w,
+            &p("ffn_down.weight"),
+            &[hidden, inter],
+            ty(Q6_K, Q5_0),
+        );
+        if arch == "qwen3" {
+            t(&mut w, &p("attn_q_norm.weight"), &[hd], F32);
+            t(&mut w, &p("attn_k_norm.weight"), &[hd], F32);
+        }
+    }
+    edit(&mut w);
+    let path =
+        std::env::temp_dir().join(format!("kvsieve-test-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, w.finish()).unwrap();
+    path
+}
+
+#[test]
+fn synthetic_gguf_models_agree_across_executors() {
+    for arch in ["llama", "qwen3"] {
+        let path = write_gguf(&format!("mixed-{arch}"), arch, |_| {});
+        let mut cpu = load(&path, Backend::Reference).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let mut gpu = load(&path, Backend::Gpu).unwrap();
+        // Weights stay quantized: about the file's size, not 2 bytes a value.
+        let file = std::fs::metadata(&path).unwrap().len();
+        let (bytes, _) = gpu.weight_bytes();
+        assert!(
+            bytes <= file,
+            "{arch}: {bytes} bytes of weights for a {file}-byte file"
+        );
+        let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 250).collect();
+        logits_agree(&mut cpu, &mut gpu, &prompt, 1e-4);
+        assert_eq!(
+            greedy(&mut cpu, &prompt, 8),
+            greedy(&mut gpu, &prompt, 8),
+            "{arch}"
+        );
+        let chat = cpu
+            .tokenizer
+            .render_chat(&[kvsieve::generate::Message::new("user", "hi")], false)
+            .unwrap();
+        assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n");
+    }
+}
+
+#[test]
+fn bad_gguf_files_get_named_errors() {
+    let err = |path: &Path| err_text(load(path, Backend::Reference));
+    let ok = write_gguf("bad-ok", "llama", |_| {});
+    let bytes = std::fs::read(&ok).unwrap();
+    let at = |name: &str, b: Vec<u8>| {
+        let p =
+            std::env::temp_dir().join(format!("kvsieve-test-{}-{name}.gguf", std::process::id()));
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    // Bad magic, bad version, a truncated header, data running past the end.
+    let mut b = bytes.clone();
+    b[0] = b'X';
+    assert!(err(&at("magic", b)).contains("magic"));
+    let mut b = bytes.clone();
+    b[4] = 9;
+    assert!(err(&at("version", b)).contains("version 9"));
+    assert!(err(&at("header", bytes[..200].to_vec())).contains("truncated"));
+    let e = err(&at("data", bytes[..bytes.len() - 4096].to_vec()));
+    assert!(e.contains("past the end"), "{e}");
+    // A tensor count far larger than the file.
+    let mut b = bytes.clone();
+    b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let e = err(&at("count", b));
+    assert!(e.contains("truncated") || e.contains("malformed GGUF"), "{e}");
+    // An architecture that is not supported, named.
+    let gpt2 = write_gguf("bad-arch", "gpt2", |_| {});
+    let e = err(&gpt2);
+    assert!(e.contains("\"gpt2\"") && e.contains("not supported"), "{e}");
+    // An unsupported tensor type, naming the tensor and the type.
+    let p = write_gguf("bad-type", "llama", |w| {
+        let t = w
+            .tensors
+            .iter_mut()
+            .find(|t| t.0 == "blk.1.attn_q.weight")
+            .unwrap();
+        t.2 = 9; // Q8_1
+    });
+    let e = err(&p);
+    assert!(
+        e.contains("blk.1.attn_q.weight") && e.contains("type 9"),
+        "{e}"
+    );
+    // A shape that disagrees with the metadata.
+    let p = write_gguf("bad-shape", "llama", |w| {
+        let t = w
+            .tensors
+            .iter_mut()
+            .find(|t| t.0 == "blk.0.ffn_up.weight")
+            .unwrap();
+        t.1 = vec![256, 256];
+        t.3.truncate(t.3.len() / 2);
+    });
+    let e = err(&p);
+    assert!(
+        e.contains("mlp.up_proj.weight") && e.contains("shape"),
+        "{e}"
+    );
 }

@@ -132,6 +132,8 @@ pub fn hf_name(name: &str) -> Option<String> {
         "attn_q.bias" => "self_attn.q_proj.bias",
         "attn_k.bias" => "self_attn.k_proj.bias",
         "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
@@ -166,8 +168,11 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> R
 }
 
 /// GGUF architectures this crate runs: (GGUF name, Hugging Face class).
-pub const ARCHITECTURES: &[(&str, &str)] =
-    &[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")];
+pub const ARCHITECTURES: &[(&str, &str)] = &[
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+];
 
 /// A Hugging Face `config.json` value from a GGUF file's metadata.
 pub fn config_json(g: &Gguf) -> Result<serde_json::Value> {
@@ -209,7 +214,8 @@ pub fn config_json(g: &Gguf) -> Result<serde_json::Value> {
         )));
     }
     let head_dim = g
-        .get(&key("rope.dimension_count"))
+        .get(&key("attention.key_length"))
+        .or_else(|| g.get(&key("rope.dimension_count")))
         .and_then(Value::as_u64)
         .map(|v| v as usize)
         .unwrap_or(hidden / heads);

@@ -1,4 +1,4 @@
-//! RMSNorm (`rmsnorm.wgsl`): one workgroup per row.
+//! RMSNorm (`rmsnorm.wgsl`): one workgroup per row (per head for per-head norms).
 
 use super::params::RmsNormParams;
 use super::{GpuExecutor, GpuTensor, GpuWeight};
@@ -14,10 +14,12 @@ pub(super) fn rms_norm(
     y: &mut GpuTensor,
 ) -> Result<()> {
     let p = ex.pipeline(shaders::RMSNORM, "rmsnorm", &[]);
-    let groups = ex.grid(x.rows)?;
+    // Per-head norms are rows of the weight's length.
+    let rows = x.rows * (x.cols / w.cols.max(1));
+    let groups = ex.grid(rows)?;
     let params = RmsNormParams {
-        rows: x.rows as u32,
-        cols: x.cols as u32,
+        rows: rows as u32,
+        cols: w.cols as u32,
         eps,
         _p0: 0,
     };

@@ -1,4 +1,4 @@
-//! `config.json` of Llama-family checkpoints (Llama, Mistral, Qwen2).
+//! `config.json` of Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3).
 
 use crate::error::{Error, Result};
 use crate::ops::{Llama3Scaling, RopeConfig};
@@ -14,6 +14,8 @@ pub enum Arch {
     Mistral,
     /// `Qwen2ForCausalLM` (biases on q, k, v).
     Qwen2,
+    /// `Qwen3ForCausalLM` (per-head RMSNorm on q and k before RoPE, no biases).
+    Qwen3,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +89,8 @@ pub struct ModelConfig {
     pub eos: Vec<u32>,
     /// Biases on q, k, v projections.
     pub qkv_bias: bool,
+    /// RMSNorm of each head of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
@@ -105,9 +109,10 @@ impl ModelConfig {
             Some("LlamaForCausalLM") => Arch::Llama,
             Some("MistralForCausalLM") => Arch::Mistral,
             Some("Qwen2ForCausalLM") => Arch::Qwen2,
+            Some("Qwen3ForCausalLM") => Arch::Qwen3,
             Some(other) => {
                 return Err(Error::Unsupported(format!(
-                    "architecture {other} is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+                    "architecture {other} is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
                 )))
             }
             None => return Err(Error::malformed("config has no \"architectures\"")),
@@ -171,6 +176,7 @@ impl ModelConfig {
             bos: ids(raw.bos_token_id).first().copied(),
             eos: ids(raw.eos_token_id),
             qkv_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
         })
     }
 
@@ -180,6 +186,7 @@ impl ModelConfig {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 

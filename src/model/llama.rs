@@ -1,4 +1,4 @@
-//! The Llama-family forward (Llama, Mistral, Qwen2), written once against [`Ops`]:
+//! The Llama-family forward (Llama, Mistral, Qwen2, Qwen3), written once against [`Ops`]:
 //! chunked prefill and decode share one code path; logits only for the last row.
 
 use super::config::ModelConfig;
@@ -15,6 +15,8 @@ struct Layer<E: Ops> {
     k: E::Weight,
     v: E::Weight,
     bias: Option<[E::Weight; 3]>,
+    /// Per-head RMSNorm weights of q and k (Qwen3).
+    qk_norm: Option<[E::Weight; 2]>,
     o: E::Weight,
     post_norm: E::Weight,
     gate: E::Weight,
@@ -53,6 +55,8 @@ pub struct Workspace<E: Ops> {
     up: E::Tensor,
     last: E::Tensor,
     last_norm: E::Tensor,
+    /// Normed q and k (per-head norms), swapped with `q` and `k`.
+    qk_normed: Option<(E::Tensor, E::Tensor)>,
     /// Logits of the last row `[1, vocab]`.
     pub logits: E::Tensor,
     /// Verify workspaces: normed rows and logits of every row `[rows, vocab]`.
@@ -80,6 +84,11 @@ impl<E: Ops> Workspace<E> {
             up: ops.tensor(rows, cfg.intermediate)?,
             last: ops.tensor(1, hd)?,
             last_norm: ops.tensor(1, hd)?,
+            qk_normed: if cfg.qk_norm {
+                Some((ops.tensor(rows, qd)?, ops.tensor(rows, kd)?))
+            } else {
+                None
+            },
             logits: ops.tensor(1, cfg.vocab)?,
             all_logits: None,
         })
@@ -161,7 +170,17 @@ impl<E: Ops> Llama<E> {
             } else {
                 None
             };
+            let qk_norm = if cfg.qk_norm {
+                let hd = cfg.head_dim;
+                Some([
+                    mat(ops, &p("self_attn.q_norm.weight"), 1, hd)?,
+                    mat(ops, &p("self_attn.k_norm.weight"), 1, hd)?,
+                ])
+            } else {
+                None
+            };
             layers.push(Layer {
+                qk_norm,
                 in_norm: mat(ops, &p("input_layernorm.weight"), 1, h)?,
                 q: mat(ops, &p("self_attn.q_proj.weight"), qd, h)?,
                 k: mat(ops, &p("self_attn.k_proj.weight"), kd, h)?,
@@ -263,6 +282,12 @@ impl<E: Ops> Llama<E> {
                 ops.add_bias(&mut ws.q, bq)?;
                 ops.add_bias(&mut ws.k, bk)?;
                 ops.add_bias(&mut ws.v, bv)?;
+            }
+            if let (Some([qn, kn]), Some((qt, kt))) = (&l.qk_norm, ws.qk_normed.as_mut()) {
+                ops.rms_norm(&ws.q, qn, c.eps, qt)?;
+                ops.rms_norm(&ws.k, kn, c.eps, kt)?;
+                std::mem::swap(&mut ws.q, qt);
+                std::mem::swap(&mut ws.k, kt);
             }
             ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
             let input = LayerInput {

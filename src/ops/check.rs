@@ -74,10 +74,14 @@ pub fn same(op: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()
 /// RMSNorm.
 pub fn rms_norm(x: (usize, usize), w: (usize, usize), y: (usize, usize), eps: f32) -> Result<()> {
     same("rms_norm", x, y)?;
-    if w != (1, x.1) {
+    // A weight of a row's length, or of a segment's (per-head norms).
+    if w.0 != 1 || w.1 == 0 || !x.1.is_multiple_of(w.1) {
         return shape_err(
             "rms_norm",
-            format!("weight is {w:?}, expected (1, {})", x.1),
+            format!(
+                "weight is {w:?}, expected (1, {}) or (1, a divisor of it)",
+                x.1
+            ),
         );
     }
     if !(eps >= 0.0) {

@@ -78,7 +78,8 @@ pub trait TensorOps: Executor {
         check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
         self.run_matmul(x, w, y)
     }
-    /// RMSNorm of each row with weight `w` `[1, cols]`.
+    /// RMSNorm of each row with weight `w` `[1, cols]`, or of each segment of
+    /// `w`'s length (`[1, head_dim]`: per-head norms).
     fn rms_norm(
         &mut self,
         x: &Self::Tensor,

@@ -142,7 +142,7 @@ impl TensorOps for RefExecutor {
         eps: f32,
         y: &mut RefTensor,
     ) -> Result<()> {
-        let c = x.cols;
+        let c = w.cols;
         if c == 0 {
             return Ok(());
         }
