@@ -148,7 +148,7 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
         (
             "rms_norm weight width",
             Box::new(|ex: &mut E| {
-                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(4), 1, 4)?);
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(6), 1, 6)?);
                 let mut y = ex.tensor(2, 8)?;
                 ex.rms_norm(&x, &w, 1e-5, &mut y)
             }),

@@ -587,7 +587,7 @@ fn gguf_data(ty: u32, n: usize, seed: &mut u64, norm: bool) -> Vec<u8> {
     let (per, bytes) = dt.block();
     let mut raw: Vec<u8> = (0..n / per * bytes).map(|_| next() as u8).collect();
     let amp = if per == 256 { 0.002 } else { 0.04 };
-    let mut scale = |b: &mut [u8], next: &mut dyn FnMut() -> u32| {
+    let scale = |b: &mut [u8], next: &mut dyn FnMut() -> u32| {
         let v = ((next() % 1000) as f32 / 1000.0 - 0.5) * amp;
         b.copy_from_slice(&f16::from_f32(v).to_le_bytes());
     };
