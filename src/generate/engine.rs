@@ -314,10 +314,11 @@ impl Engine {
         })
     }
 
-    /// Loads the default model (SmolLM2-135M-Instruct), fetching it on first use.
+    /// Loads the default model (SmolLM2-135M-Instruct) as shipped, Q4_1 weights
+    /// with a Q8_0 embedding, fetching the GGUF file on first use.
     pub fn load_default(opts: Options) -> Result<Self> {
-        let dir = crate::convert::default_model_dir()?;
-        Self::load(&dir, opts)
+        let path = crate::convert::default_model_gguf()?;
+        Self::load(&path, opts)
     }
 
     /// Bytes the weights take on the executor, and the bytes of weights one
