@@ -756,7 +756,10 @@ fn bad_gguf_files_get_named_errors() {
     let mut b = bytes.clone();
     b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     let e = err(&at("count", b));
-    assert!(e.contains("truncated") || e.contains("malformed GGUF"), "{e}");
+    assert!(
+        e.contains("truncated") || e.contains("malformed GGUF"),
+        "{e}"
+    );
     // An architecture that is not supported, named.
     let gpt2 = write_gguf("bad-arch", "gpt2", |_| {});
     let e = err(&gpt2);

@@ -61,13 +61,7 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
         .get("tokenizer.ggml.pre")
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    // SmolLM's pre-tokenizer splits digits one by one before byte-level BPE.
-    let pre_tokenizer = match pre {
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true}, byte_level]}),
-        _ => byte_level,
-    };
+    let pre_tokenizer = pre_tokenizer(pre)?;
     let tok = json!({
         "version": "1.0",
         "truncation": null,
@@ -111,4 +105,66 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
         "chat_template": g.get("tokenizer.chat_template").and_then(Value::as_str),
     });
     Ok((tok, cfg))
+}
+
+/// The pre-tokenizer (tokenizer.json form) that `tokenizer.ggml.pre` names.
+fn pre_tokenizer(pre: &str) -> Result<Json> {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    // The split before byte-level BPE, as llama.cpp's `tokenizer.ggml.pre` names it
+    // (regexes from llama.cpp's llama-vocab.cpp and the models' tokenizer.json).
+    let split = |pattern: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+    };
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre {
+        // GPT-2's split (the byte-level pre-tokenizer's own regex).
+        "default" | "gpt2" => byte_level,
+        // SmolLM's pre-tokenizer splits digits one by one before byte-level BPE.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "llama-bpe" | "llama3" => split(LLAMA3),
+        "qwen2" => split(QWEN2),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "GGUF pre-tokenizer {other:?} (tokenizer.ggml.pre) is not supported \
+                 (default, gpt2, smollm, llama-bpe, qwen2)"
+            )))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(pre: &str, text: &str) -> Vec<String> {
+        let p: tokenizers::PreTokenizerWrapper =
+            serde_json::from_value(pre_tokenizer(pre).unwrap()).unwrap();
+        use tokenizers::PreTokenizer;
+        let mut s = tokenizers::PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        s.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(t, _, _)| t.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn pre_tokenizers_by_name() {
+        // Llama 3 groups digits in threes, Qwen2 and SmolLM one by one, GPT-2 not at all.
+        assert_eq!(split("llama-bpe", "x 12345"), ["x", "Ġ", "123", "45"]);
+        assert_eq!(split("qwen2", "12345"), ["1", "2", "3", "4", "5"]);
+        assert_eq!(split("smollm", "123"), ["1", "2", "3"]);
+        assert_eq!(split("gpt2", "I'm 123"), ["I", "'m", "Ġ123"]);
+        assert!(pre_tokenizer("falcon")
+            .unwrap_err()
+            .to_string()
+            .contains("falcon"));
+    }
 }
