@@ -516,6 +516,14 @@ impl GgufWriter {
             Self::s(&mut self.kv, x);
         }
     }
+    fn f32s(&mut self, k: &str, v: &[f32]) {
+        self.key(k, 9);
+        self.kv.extend(6u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            self.kv.extend(x.to_le_bytes());
+        }
+    }
     fn i32s(&mut self, k: &str, v: &[i32]) {
         self.key(k, 9);
         self.kv.extend(5u32.to_le_bytes());
@@ -608,6 +616,59 @@ fn gguf_data(ty: u32, n: usize, seed: &mut u64, norm: bool) -> Vec<u8> {
 /// types a Q4_K_M file holds (and the other legacy ones): hidden 256,
 /// intermediate 512, 2 layers, head dim 64, 300 tokens.
 fn write_gguf(name: &str, arch: &str, edit: impl FnOnce(&mut GgufWriter)) -> PathBuf {
+    write_gguf_vocab(name, arch, false, edit)
+}
+
+/// A SentencePiece vocabulary of `n` pieces: specials, 256 byte tokens, the
+/// pieces of "hello world" with scores favouring whole words, filler.
+fn spm_vocab(n: usize) -> (Vec<String>, Vec<f32>, Vec<i32>) {
+    let mut t: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+    ];
+    t.extend((0..256).map(|b| (format!("<0x{b:02X}>"), 0.0, 6)));
+    for (p, s) in [
+        ("\u{2581}", -1.0),
+        ("h", -2.0),
+        ("e", -2.0),
+        ("l", -2.0),
+        ("o", -2.0),
+        ("w", -2.0),
+        ("r", -2.0),
+        ("d", -2.0),
+        ("\u{2581}h", -3.0),
+        ("\u{2581}he", -4.0),
+        ("ll", -3.5),
+        ("llo", -5.0),
+        ("\u{2581}hello", -6.0),
+        ("\u{2581}w", -3.0),
+        ("or", -3.0),
+        ("ld", -3.0),
+        ("\u{2581}wor", -7.0),
+        ("\u{2581}world", -8.0),
+    ] {
+        t.push((p.into(), s, 1));
+    }
+    let mut i = 0;
+    while t.len() < n {
+        t.push((format!("\u{2581}filler{i}"), -50.0, 1));
+        i += 1;
+    }
+    (
+        t.iter().map(|x| x.0.clone()).collect(),
+        t.iter().map(|x| x.1).collect(),
+        t.iter().map(|x| x.2).collect(),
+    )
+}
+
+/// [`write_gguf`] with a SentencePiece (`llama`) vocabulary when `spm`.
+fn write_gguf_vocab(
+    name: &str,
+    arch: &str,
+    spm: bool,
+    edit: impl FnOnce(&mut GgufWriter),
+) -> PathBuf {
     let (hidden, inter, layers, heads, kv_heads, hd, vocab) =
         (256usize, 512usize, 2usize, 4usize, 2usize, 64usize, VOCAB);
     let mut w = GgufWriter::new();
@@ -635,11 +696,20 @@ fn write_gguf(name: &str, arch: &str, edit: impl FnOnce(&mut GgufWriter)) -> Pat
     let types: Vec<i32> = (0..tokens.len())
         .map(|i| if i < 3 { 3 } else { 1 })
         .collect();
-    w.str("tokenizer.ggml.model", "gpt2");
-    w.str("tokenizer.ggml.pre", "default");
-    w.strs("tokenizer.ggml.tokens", &tokens);
-    w.i32s("tokenizer.ggml.token_type", &types);
-    w.strs("tokenizer.ggml.merges", &[]);
+    if spm {
+        let (tokens, scores, types) = spm_vocab(vocab);
+        w.str("tokenizer.ggml.model", "llama");
+        w.strs("tokenizer.ggml.tokens", &tokens);
+        w.f32s("tokenizer.ggml.scores", &scores);
+        w.i32s("tokenizer.ggml.token_type", &types);
+        w.u32("tokenizer.ggml.unknown_token_id", 0);
+    } else {
+        w.str("tokenizer.ggml.model", "gpt2");
+        w.str("tokenizer.ggml.pre", "default");
+        w.strs("tokenizer.ggml.tokens", &tokens);
+        w.i32s("tokenizer.ggml.token_type", &types);
+        w.strs("tokenizer.ggml.merges", &[]);
+    }
     w.u32("tokenizer.ggml.bos_token_id", 1);
     w.u32("tokenizer.ggml.eos_token_id", 2);
     w.str(
@@ -793,4 +863,28 @@ fn bad_gguf_files_get_named_errors() {
         e.contains("mlp.up_proj.weight") && e.contains("shape"),
         "{e}"
     );
+}
+
+#[test]
+fn sentencepiece_vocabulary_from_gguf() {
+    let path = write_gguf_vocab("spm", "llama", true, |_| {});
+    let e = load(&path, Backend::Reference).unwrap();
+    let (tokens, _, _) = spm_vocab(VOCAB);
+    let id = |p: &str| tokens.iter().position(|t| t == p).unwrap() as u32;
+    let t = &e.tokenizer;
+    // Whole words merge by score; a space prefix is added, as SentencePiece does.
+    assert_eq!(
+        t.encode("hello world").unwrap(),
+        [id("\u{2581}hello"), id("\u{2581}world")]
+    );
+    assert_eq!(
+        t.decode(&t.encode("hello world").unwrap()).unwrap(),
+        "hello world"
+    );
+    // Characters outside the vocabulary fall back to their UTF-8 bytes.
+    let ids = t.encode("h\u{e9}").unwrap();
+    assert_eq!(ids, [id("\u{2581}h"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(t.decode(&ids).unwrap(), "h\u{e9}");
+    // Control tokens in the text are recognised.
+    assert_eq!(t.encode("<s>").unwrap()[0], id("<s>"));
 }

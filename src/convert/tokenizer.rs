@@ -25,9 +25,13 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
         .unwrap_or("");
+    if model == "llama" {
+        return sentencepiece(g);
+    }
     if model != "gpt2" {
         return Err(Error::Unsupported(format!(
-            "GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" only)"
+            "GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" or \
+             SentencePiece \"llama\")"
         )));
     }
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
@@ -77,6 +81,12 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
             "vocab": vocab, "merges": merges,
         }
     });
+    let cfg = tokenizer_config(g, &tokens, "GPT2Tokenizer");
+    Ok((tok, cfg))
+}
+
+/// `tokenizer_config.json`: special tokens by name and the chat template.
+fn tokenizer_config(g: &Gguf, tokens: &[String], class: &str) -> Json {
     let name = |key: &str| -> Json {
         g.get(key)
             .and_then(Value::as_u64)
@@ -92,7 +102,7 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
         .get("llama.context_length")
         .and_then(Value::as_u64)
         .unwrap_or(2048);
-    let cfg = json!({
+    json!({
         "add_bos_token": add_bos,
         "add_eos_token": false,
         "bos_token": name("tokenizer.ggml.bos_token_id"),
@@ -101,10 +111,115 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
         "pad_token": name("tokenizer.ggml.padding_token_id"),
         "model_max_length": ctx,
         "clean_up_tokenization_spaces": false,
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": class,
         "chat_template": g.get("tokenizer.chat_template").and_then(Value::as_str),
+    })
+}
+
+fn token_types(g: &Gguf, n: usize) -> Vec<i64> {
+    match g.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::I(i) => *i,
+                Value::U(u) => *u as i64,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![1; n],
+    }
+}
+
+/// A SentencePiece (`llama`) vocabulary as Hugging Face's LlamaConverter writes
+/// it: BPE with byte fallback over "▁"-marked pieces, the merges recovered from
+/// the pieces' scores (as transformers' SentencePieceExtractor does: every split
+/// of a piece into two pieces, ordered by the merged piece's score).
+fn sentencepiece(g: &Gguf) -> Result<(Json, Json)> {
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores") {
+        Some(Value::Array(a)) if a.len() == tokens.len() => {
+            a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect()
+        }
+        _ => {
+            return Err(Error::malformed(
+                "GGUF tokenizer.ggml.scores missing or of the wrong length",
+            ))
+        }
+    };
+    let types = token_types(g, tokens.len());
+    let index: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(usize, usize, usize)> = Vec::new(); // (left, right, merged)
+    for (m, piece) in tokens.iter().enumerate() {
+        let mut local: Vec<(usize, usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*index.get(l)?, *index.get(r)?, m))
+            })
+            .collect();
+        local.sort();
+        merges.extend(local);
+    }
+    // Stable: ties keep the piece order, as Python's sorted does.
+    merges.sort_by(|a, b| scores[b.2].total_cmp(&scores[a.2]));
+    let mut vocab = Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+    }
+    let added: Vec<Json> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(2) | Some(3) | Some(4)))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types[i] != 4})
+        })
+        .collect();
+    let unk = g
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Value::as_u64)
+        .and_then(|i| tokens.get(i as usize))
+        .cloned();
+    let prefix = !matches!(
+        g.get("tokenizer.ggml.add_space_prefix"),
+        Some(Value::Bool(false))
+    );
+    let mut norm =
+        vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    let mut dec = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|&(l, r, _)| json!([tokens[l], tokens[r]]))
+        .collect();
+    let tok = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": norm},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": dec},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        }
     });
-    Ok((tok, cfg))
+    Ok((tok, tokenizer_config(g, &tokens, "LlamaTokenizer")))
 }
 
 /// The pre-tokenizer (tokenizer.json form) that `tokenizer.ggml.pre` names.
