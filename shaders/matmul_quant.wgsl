@@ -8,12 +8,12 @@
 struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, ks_off: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
-@group(0) @binding(2) var<storage, read> w: array<u32>;         // planes of one row chunk
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;   // planes of one row chunk (16-byte padded)
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
 
 override QTYPE: u32 = 1u;
 
-fn q_load(i: u32) -> u32 { return w[i]; }
+fn q_load(i: u32) -> u32 { return w[i / 4u][i % 4u]; }
 
 fn planes() -> vec3<u32> { return vec3<u32>(p.qh_off, p.sc_off, p.ks_off); }
 
@@ -51,10 +51,29 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         let sx = xsum.x + xsum.y + xsum.z + xsum.w;
         for (var i = 0u; i < 4u; i++) {
             let rb = r[i] * nb + b;
+            // The block's values in 16-byte loads (a quarter of the loads of
+            // q_values' word at a time; measured 10-20 % faster on lavapipe).
             var dq = 0.0;
-            for (var g = 0u; g < 4u; g++) {
-                let v = q_values(QTYPE, rb, g, o);
-                dq += dot(xs[2u * g], v.lo) + dot(xs[2u * g + 1u], v.hi);
+            if (QTYPE == Q_8_0) {
+                let qa = w[2u * rb];
+                let qb = w[2u * rb + 1u];
+                let q = array<u32, 8>(qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w);
+                for (var g = 0u; g < 4u; g++) {
+                    dq += dot(xs[2u * g], q_i8x4(q[2u * g])) + dot(xs[2u * g + 1u], q_i8x4(q[2u * g + 1u]));
+                }
+            } else {
+                let qv = w[rb];
+                var qh = 0u;
+                if (QTYPE == Q_5_0 || QTYPE == Q_5_1) { qh = q_load(o.x + rb); }
+                for (var g = 0u; g < 4u; g++) {
+                    var v = q_nibbles(qv[g]);
+                    if (QTYPE == Q_5_0 || QTYPE == Q_5_1) {
+                        let h = q_bits16(qh >> (8u * g));
+                        v.lo += h.lo;
+                        v.hi += h.hi;
+                    }
+                    dq += dot(xs[2u * g], v.lo) + dot(xs[2u * g + 1u], v.hi);
+                }
             }
             let s = q_scale(QTYPE, rb, o);
             acc[i] += s.x * dq + s.y * sx;
@@ -90,7 +109,8 @@ fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             }
             let s16 = vec2<f32>(s0.x + s0.y + s0.z + s0.w, s1.x + s1.y + s1.z + s1.w);
             for (var i = 0u; i < 4u; i++) {
-                acc[i] += q_k_dot32(QTYPE, r[i] * nb + b, j, xs, s16, o);
+                let rb = r[i] * nb + b;
+                acc[i] += q_k_dot32(QTYPE, rb, j, w[rb * 8u + j], xs, s16, o);
             }
         }
     }

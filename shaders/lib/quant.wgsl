@@ -133,13 +133,14 @@ fn q_group(qt: u32, rb0: u32, gi: u32, o: vec3<u32>) -> W8 {
 
 // K types, one row of x: the dot of 32 x values (sub-block j of block rb, as
 // 8 vec4 and the sums of their two 16-value halves) with that sub-block's
-// weights, each scale and min applied once per sub-block rather than per weight.
-fn q_k_dot32(qt: u32, rb: u32, j: u32, xs: array<vec4<f32>, 8>, s16: vec2<f32>, o: vec3<u32>) -> f32 {
+// weights (qs: its 4 words of nibbles, loaded by the caller in one piece),
+// each scale and min applied once per sub-block rather than per weight.
+fn q_k_dot32(qt: u32, rb: u32, j: u32, qs: vec4<u32>, xs: array<vec4<f32>, 8>, s16: vec2<f32>, o: vec3<u32>) -> f32 {
     var h0 = 0.0;
     var h1 = 0.0;
     for (var g = 0u; g < 4u; g++) {
         let gg = 4u * j + g;
-        var v = q_nibbles(q_load(rb * 32u + gg));
+        var v = q_nibbles(qs[g]);
         if (qt == Q_5_K) {
             let h = q_bits16(q_load(o.x + rb * 8u + j) >> (8u * g));
             v.lo += h.lo;
