@@ -48,6 +48,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "attention",
             "convert",
             "model",
+            "quant",
             "speculative",
         ],
     ),
