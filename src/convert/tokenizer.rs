@@ -36,17 +36,7 @@ pub fn from_gguf(g: &Gguf) -> Result<(Json, Json)> {
     }
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     let merges = strings(g, "tokenizer.ggml.merges")?;
-    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| match v {
-                Value::I(i) => *i,
-                Value::U(u) => *u as i64,
-                _ => 1,
-            })
-            .collect(),
-        _ => vec![1; tokens.len()],
-    };
+    let types = token_types(g, tokens.len());
     let mut vocab = Map::new();
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert(t.clone(), json!(i));
