@@ -9,8 +9,12 @@ use super::quant;
 use super::{GpuExecutor, GpuTensor, GpuWeight};
 use crate::error::Result;
 use crate::gpu::Binding;
+use crate::quant::DType;
 use crate::shaders;
 use bytemuck::Zeroable;
+
+/// Rows of x the quantized per-thread kernels take (`MAX_M` in matmul_quant.wgsl).
+const QUANT_ROWS_M: usize = 16;
 
 pub(super) fn matmul(
     ex: &mut GpuExecutor,
@@ -23,16 +27,23 @@ pub(super) fn matmul(
         return Ok(());
     }
     let qtype = quant::kernel_type(w.dtype);
-    // Per-thread kernel (one row of x): its loop iterations must stay under the
-    // loop limit. f16: K/4 steps of 1 + M loads; quantized: K/32 blocks of 8 x
-    // loads and 4 x 4 weight groups. (Measured on lavapipe: it beats the tiled
-    // kernel for 1 row, loses from 4 rows.)
+    // Per-thread kernels: their loop iterations must stay under the loop limit.
+    // f16 (one row of x): K/4 steps of 1 + M loads; quantized one row: K/32
+    // blocks of 8 x loads and 4 x 4 weight groups; quantized 2..=QUANT_ROWS_M rows
+    // (Q8_0, Q4_0, Q4_1; qmatmul_rows_m): per block 4 x 4 groups and 4 scales,
+    // then per row of x 8 loads and 4 dots. (Measured on lavapipe: for f16 the
+    // per-thread kernel beats the tiled one for 1 row and loses from 4; the
+    // quantized multi-row one decodes each weight once for all rows, where the
+    // tiled kernel decodes it once per 4 rows.)
+    let multi_row =
+        m > 1 && m <= QUANT_ROWS_M && matches!(w.dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1);
     let iterations = match qtype {
         None => k4 * (1 + m),
+        Some(_) if multi_row => x.cols / 32 * (20 + 12 * m),
         Some(_) => x.cols / 32 * 24,
     };
     let per_thread = ex.tuning.per_thread_kernels
-        && m == 1
+        && (m == 1 || multi_row)
         && ex
             .tuning
             .loop_limit
@@ -94,6 +105,7 @@ pub(super) fn matmul(
             let (shader, entry) = match qtype {
                 None if k4 % 2 == 0 => (shaders::MATMUL_SMALL, "matmul_rows8"),
                 None => (shaders::MATMUL_SMALL, "matmul_rows"),
+                Some(_) if m > 1 => (shaders::MATMUL_QUANT, "qmatmul_rows_m"),
                 Some(_) if w.dtype.block().0 == 256 => (shaders::MATMUL_QUANT, "qmatmul_rows_k"),
                 Some(_) => (shaders::MATMUL_QUANT, "qmatmul_rows"),
             };
