@@ -11,18 +11,18 @@
 // pass writes the normalised output.
 //
 // List mode (sparse prefill: TokenSelect and Quest sub-chunks): the keys are ranks
-// 0..kv_len of [0, n_init) ++ sel[0..n_sel) ++ [tail_start, ...), as in
+// 0..kv_len of [0, n_init) ++ keys[0..n_sel) ++ [tail_start, ...), as in
 // attention_decode.wgsl; a key's RoPE position is its rank (compact) or its logical
 // index. With block > 0 (Quest) the selection is per KV head and holds blocks:
-// selected rank i of KV head g is token sel[g * blocks_per_head + i / block] *
+// selected rank i of KV head g is token keys[g * blocks_per_head + i / block] *
 // block + i % block. Sinks and selected tokens precede tail_start <= q_start, so
 // causality only cuts the tail: query i sees ranks up to last_rank(q_start + i).
 // The queries are rows row0.. of `q` and `out`.
 //
 // Tree mode (speculative verification): the queries are the n_q nodes of a draft
 // tree whose keys sit at slots q_start + j; node i sees every token before q_start
-// and the nodes in its ancestor set (bits of tree[4i..4i+4], itself included). Node
-// j's RoPE position is q_start + depth, with depths in tree[4 n_q + j].
+// and the nodes in its ancestor set (bits of keys[tree_off + 4i..][..4], itself included). Node
+// j's RoPE position is q_start + depth, with depths at keys[tree_off + 4 n_q + j].
 //
 // List-tree mode (speculative verification under TokenSelect): ranks below
 // L = kv_len - n_q are a key list over the prefix (as in list mode, its window
@@ -33,7 +33,7 @@ struct Params {
     kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
     max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
-    _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+    tree_off: u32, n_init: u32, n_sel: u32, tail_start: u32,
     _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
 }
 // Fixed per pipeline, so the key loop does not branch on them: the mode below
@@ -52,15 +52,21 @@ const LIST_TREE: u32 = 3u;
 @group(0) @binding(5) var<storage, read> cs: array<vec4<f32>>;     // (cos, sin) pairs, 2 per element
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // [n_q, q_heads, D + 2]
 @group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>; // [n_q, q_heads * D/4]
-@group(0) @binding(8) var<storage, read> sel: array<u32>;          // selected ids (list modes)
-@group(0) @binding(9) var<storage, read> tree: array<u32>;         // ancestor sets, depths (tree modes)
+// Selected ids (list modes) from 0, the draft tree's ancestor sets and depths
+// (tree modes) from tree_off: one binding, so the kernel stays within WebGPU's
+// default 8 storage buffers per stage.
+@group(0) @binding(8) var<storage, read> keys: array<u32>;
 
-const TK: u32 = 16u;
-const MAX_D4: u32 = 32u;  // head_dim <= 128
+// Keys per tile (at most 16) and the tile's row stride (head_dim / 4 <= 32): set
+// per pipeline so the tiles fit the adapter's workgroup memory (WebGPU's default
+// 16 KiB holds 15 keys at head_dim 128, 16 below).
+override TK: u32 = 16u;
+override D4_MAX: u32 = 32u;
+override TILE: u32 = TK * D4_MAX;
 
-var<workgroup> k_sh: array<vec4<f32>, 512>;   // TK * MAX_D4
-var<workgroup> v_sh: array<vec4<f32>, 512>;
-var<workgroup> ok_sh: array<u32, 16>;
+var<workgroup> k_sh: array<vec4<f32>, TILE>;
+var<workgroup> v_sh: array<vec4<f32>, TILE>;
+var<workgroup> ok_sh: array<u32, TK>;
 
 fn unpack4(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
@@ -78,7 +84,7 @@ fn logical(r: u32, kvh: u32) -> u32 {
     let l = KeyListView(p.n_init, p.n_sel, p.tail_start, p.block, p.blocks_per_head);
     let w = key_list_word(l, r, kvh);
     var word = 0u;
-    if (w != NO_WORD) { word = sel[w]; }
+    if (w != NO_WORD) { word = keys[w]; }
     return key_list_logical(l, r, word);
 }
 
@@ -87,7 +93,7 @@ fn position(r: u32, kvh: u32) -> u32 {
     let t0 = tree_rank();
     if ((LIST_MODE == TREE || LIST_MODE == LIST_TREE) && r >= t0) {
         let base = select(p.q_start, t0, LIST_MODE == LIST_TREE && COMPACT);
-        return rope_row(base + tree[4u * p.n_q + r - t0], p.max_pos);
+        return rope_row(base + keys[p.tree_off + 4u * p.n_q + r - t0], p.max_pos);
     }
     let pos = select(logical(r, kvh), r, !is_list() || COMPACT);
     return rope_row(pos, p.max_pos);
@@ -97,7 +103,7 @@ fn position(r: u32, kvh: u32) -> u32 {
 fn tree_visible(i: u32, r: u32) -> bool {
     if ((LIST_MODE != TREE && LIST_MODE != LIST_TREE) || r < tree_rank()) { return true; }
     let j = r - tree_rank();
-    return ((tree[4u * i + j / 32u] >> (j % 32u)) & 1u) == 1u;
+    return ((keys[p.tree_off + 4u * i + j / 32u] >> (j % 32u)) & 1u) == 1u;
 }
 
 // Last rank a query at logical index t may see.
@@ -164,10 +170,10 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                 let c = vec4<f32>(c01.x, c01.z, c23.x, c23.z);
                 let s = vec4<f32>(c01.y, c01.w, c23.y, c23.w);
                 let rk = rotate4(lo, hi, c, s);
-                k_sh[t * MAX_D4 + w] = rk.lo;
-                k_sh[t * MAX_D4 + w + e8] = rk.hi;
-                v_sh[t * MAX_D4 + w] = unpack4(v_arena[base + w]);
-                v_sh[t * MAX_D4 + w + e8] = unpack4(v_arena[base + w + e8]);
+                k_sh[t * D4_MAX + w] = rk.lo;
+                k_sh[t * D4_MAX + w + e8] = rk.hi;
+                v_sh[t * D4_MAX + w] = unpack4(v_arena[base + w]);
+                v_sh[t * D4_MAX + w + e8] = unpack4(v_arena[base + w + e8]);
             }
         }
         workgroupBarrier();
@@ -179,7 +185,7 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                 if (ok_sh[t] == 1u && t0 + t <= limit && t0 + t < kv_end
                     && tree_visible(min(qi, p.n_q - 1u), t0 + t)) {
                     var acc4 = vec4<f32>(0.0);
-                    for (var i = 0u; i < d4; i++) { acc4 += qv[i] * k_sh[t * MAX_D4 + i]; }
+                    for (var i = 0u; i < d4; i++) { acc4 += qv[i] * k_sh[t * D4_MAX + i]; }
                     v = acc4.x + acc4.y + acc4.z + acc4.w;
                     tmax = max(tmax, v);
                 }
@@ -194,7 +200,7 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                     if (s[t] > NEG) {
                         let pr = exp(s[t] - m_new);
                         l += pr;
-                        for (var i = 0u; i < d4; i++) { acc[i] += pr * v_sh[t * MAX_D4 + i]; }
+                        for (var i = 0u; i < d4; i++) { acc[i] += pr * v_sh[t * D4_MAX + i]; }
                     }
                 }
                 m = m_new;

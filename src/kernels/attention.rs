@@ -12,15 +12,15 @@ use crate::shaders;
 use std::ops::Range;
 
 /// Loop iterations one 64-key tile of `decode_partial` costs a thread (loop
-/// trip counts of its phases), and one 16-key tile of `prefill`.
+/// trip counts of its phases), and one `tk`-key tile of `prefill`.
 fn decode_tile_iterations(head_dim: usize, group: usize) -> u64 {
     ((head_dim / 4) * (1 + group) + 2 * 64 + 8 * 65 + 16) as u64
 }
 fn decode_lanes_key_iterations(head_dim: usize) -> u64 {
     (head_dim / 8 + head_dim / 4 + 2) as u64
 }
-fn prefill_tile_iterations(head_dim: usize) -> u64 {
-    (2 * 16 * (1 + head_dim / 4) + head_dim / 4 + 16 + 8) as u64
+fn prefill_tile_iterations(head_dim: usize, tk: usize) -> u64 {
+    (2 * tk * (1 + head_dim / 4) + head_dim / 4 + tk + 8) as u64
 }
 /// Share of the driver's loop limit the main loop may use: the estimates above
 /// count trip counts, and the limiter's exact accounting is the driver's.
@@ -61,11 +61,21 @@ pub(crate) fn decode_split(
     split
 }
 
+/// Keys per tile of `prefill` (its `TK`, at most 16): the K and V tiles (f32,
+/// head_dim wide) and a flag per key must fit the adapter's workgroup memory
+/// (WebGPU's default 16 KiB holds 15 keys at head_dim 128).
+pub(crate) fn prefill_tile_keys(ex: &GpuExecutor, head_dim: usize) -> usize {
+    let max = ex.ctx.limits.max_compute_workgroup_storage_size as usize;
+    let per_key = 2 * head_dim * 4 + 4;
+    (max / per_key).clamp(1, 16)
+}
+
 /// Keys one prefill pass may cover (unbounded where the driver has no loop limit).
 pub(crate) fn prefill_keys_per_pass(ex: &GpuExecutor, head_dim: usize) -> usize {
+    let tk = prefill_tile_keys(ex, head_dim);
     match ex.tuning.loop_limit {
         Some(limit) => {
-            ((loop_budget(limit) / prefill_tile_iterations(head_dim)).max(1) * 16) as usize
+            (loop_budget(limit) / prefill_tile_iterations(head_dim, tk)).max(1) as usize * tk
         }
         None => usize::MAX,
     }
@@ -352,12 +362,19 @@ fn prefill_impl(
         16
     };
     let state = ex.scratch("prefill state", state_bytes)?;
-    let none = ex.scratch("no selection", 16)?;
-    let (sel, tree) = match keys {
-        Keys::List(li) => (li.selected.buf.clone(), none),
-        Keys::Tree(mask) => (none, mask.buf.clone()),
-        Keys::TreeList(li, mask) => (li.selected.buf.clone(), mask.buf.clone()),
-        Keys::Dense => (none.clone(), none),
+    // One binding holds the selection and the tree (WebGPU's 8 storage buffers
+    // per stage): under a list and a tree both, they are copied into one buffer.
+    let (key_buf, tree_off) = match keys {
+        Keys::List(li) => (li.selected.buf.clone(), 0),
+        Keys::Tree(mask) => (mask.buf.clone(), 0),
+        Keys::TreeList(li, mask) => {
+            let (sel, tree) = (&li.selected.buf, &mask.buf);
+            let both = ex.scratch("prefill keys", sel.size() + tree.size())?;
+            ex.rec.copy(sel, 0, &both, 0, sel.size());
+            ex.rec.copy(tree, 0, &both, sel.size(), tree.size());
+            (both, (sel.size() / 4) as u32)
+        }
+        Keys::Dense => (ex.scratch("no selection", 16)?, 0),
     };
     let pages = ex.page_table(cache.table);
     let lw = match keys {
@@ -369,7 +386,13 @@ fn prefill_impl(
         Keys::TreeList(li, _) => ListWords::new(Some(li), 3),
         Keys::Dense => ListWords::default(),
     };
-    let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &lw.constants());
+    let tk = prefill_tile_keys(ex, d);
+    let constants: Vec<_> = lw
+        .constants()
+        .into_iter()
+        .chain([("TK", tk as f64), ("D4_MAX", (d / 4) as f64)])
+        .collect();
+    let p = ex.pipeline(shaders::ATTENTION_PREFILL, "prefill", &constants);
     for (i, &(kv_begin, kv_stop, a)) in passes.iter().enumerate() {
         let params = AttentionPrefillParams {
             n_q: n_q as u32,
@@ -388,7 +411,7 @@ fn prefill_impl(
             kv_begin: kv_begin as u32,
             kv_stop: kv_stop as u32,
             row0: rows.start as u32,
-            _p0: 0,
+            tree_off,
             n_init: lw.n_init,
             n_sel: lw.n_sel,
             tail_start: lw.tail_start,
@@ -405,8 +428,7 @@ fn prefill_impl(
             Binding::from(&rope.buf),
             Binding::from(&state),
             Binding::from(&out.buf),
-            Binding::from(&sel),
-            Binding::from(&tree),
+            Binding::from(&key_buf),
         ];
         let groups = [n_q.div_ceil(64) as u32, qh as u32, 1];
         ex.rec.dispatch(&p, params.words(), &b, groups);

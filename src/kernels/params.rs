@@ -125,7 +125,7 @@ kernel_params! {
         kv_heads: u32, head_dim: u32, page_size: u32, arena_first_page: u32,
         arena_pages: u32, first_pass: u32, last_pass: u32, scale: f32,
         max_pos: u32, kv_begin: u32, kv_stop: u32, row0: u32,
-        _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+        tree_off: u32, n_init: u32, n_sel: u32, tail_start: u32,
         _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
     }
     /// `tokenselect.wgsl`: scoring (one arena) and the vote over `n` slots.
