@@ -16,14 +16,20 @@ pub struct Capabilities {
 }
 
 /// How to pick the adapter; [`AdapterRequest::from_env`] reads
-/// `KVSIEVE_ADAPTER` (substring of the adapter name) and `KVSIEVE_BACKEND`
-/// (vulkan, metal, dx12, gl).
+/// `KVSIEVE_ADAPTER` (substring of the adapter name), `KVSIEVE_BACKEND`
+/// (vulkan, metal, dx12, gl) and `KVSIEVE_LIMITS` (`adapter`, the default, or
+/// `webgpu`).
 #[derive(Clone, Debug, Default)]
 pub struct AdapterRequest {
     /// Only adapters whose name contains this (case-insensitive).
     pub name_contains: Option<String>,
     /// Only this backend.
     pub backend: Option<wgpu::Backend>,
+    /// Create the device with exactly WebGPU's default limits (8 storage
+    /// buffers per stage, 16 KiB of workgroup memory, 256 invocations, 128 MiB
+    /// storage bindings) instead of the adapter's own: what a browser offers
+    /// at the least, so kernels are checked against it on any adapter.
+    pub webgpu_limits: bool,
 }
 
 impl AdapterRequest {
@@ -36,9 +42,19 @@ impl AdapterRequest {
             Ok(s) if !s.is_empty() => Some(parse_backend(&s)?),
             _ => None,
         };
+        let webgpu_limits = match std::env::var("KVSIEVE_LIMITS").as_deref() {
+            Err(_) | Ok("") | Ok("adapter") => false,
+            Ok("webgpu") => true,
+            Ok(other) => {
+                return Err(Error::InvalidOption(format!(
+                    "KVSIEVE_LIMITS={other:?}: expected adapter or webgpu"
+                )))
+            }
+        };
         Ok(Self {
             name_contains,
             backend,
+            webgpu_limits,
         })
     }
 }
@@ -92,7 +108,8 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     /// Adapter name, backend, driver.
     pub info: wgpu::AdapterInfo,
-    /// The limits the device was created with (the adapter's own).
+    /// The limits the device was created with (the adapter's own, or WebGPU's
+    /// defaults under `KVSIEVE_LIMITS=webgpu`).
     pub limits: wgpu::Limits,
     /// Optional features that were enabled.
     pub caps: Capabilities,
@@ -121,7 +138,8 @@ impl GpuContext {
     }
 
     /// Picks an adapter matching `req`, preferring discrete over integrated over
-    /// anything else, and creates a device with the adapter's own limits.
+    /// anything else, and creates a device with the adapter's own limits (or
+    /// WebGPU's defaults, see [`AdapterRequest::webgpu_limits`]).
     pub fn with_request(req: &AdapterRequest) -> Result<Self> {
         // Native APIs first; GL (whose EGL probing is slow and noisy) only when no
         // native adapter matches.
@@ -182,7 +200,12 @@ impl GpuContext {
                 features |= f;
             }
         }
-        let limits = adapter.limits();
+        // wgpu's default limits are WebGPU's defaults.
+        let limits = if req.webgpu_limits {
+            wgpu::Limits::default()
+        } else {
+            adapter.limits()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kvsieve"),
             required_features: features,

@@ -6,7 +6,7 @@ pub mod pipeline;
 pub mod recorder;
 
 pub use device::{AdapterRequest, Capabilities, GpuContext, INSTALL_HINT};
-pub use pipeline::{Pipeline, PipelineCache};
+pub use pipeline::{pipelines_built, Pipeline, PipelineCache, PipelineKey};
 pub use recorder::{Binding, Recorder, SubmitResult};
 
 /// Splits `n` workgroups into a 2-D grid that respects the per-dimension limit;

@@ -17,6 +17,25 @@ pub struct Pipeline {
 
 type Key = (&'static str, &'static str, Vec<(&'static str, u64)>);
 
+/// A pipeline as built: shader, entry point and override constants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineKey {
+    /// The shader.
+    pub shader: Shader,
+    /// Its entry point.
+    pub entry: &'static str,
+    /// Override constants, as passed to wgpu.
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+static BUILT: Mutex<Vec<PipelineKey>> = Mutex::new(Vec::new());
+
+/// Every distinct pipeline this process has built, on any device, in the order
+/// first built (the portability tests translate each one for every backend).
+pub fn pipelines_built() -> Vec<PipelineKey> {
+    BUILT.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Pipeline cache keyed by shader, entry point and override constants.
 #[derive(Default)]
 pub struct PipelineCache {
@@ -72,6 +91,17 @@ impl PipelineCache {
             cache: None,
         });
         let layout = pipeline.get_bind_group_layout(0);
+        {
+            let built = PipelineKey {
+                shader,
+                entry,
+                constants: constants.to_vec(),
+            };
+            let mut all = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+            if !all.contains(&built) {
+                all.push(built);
+            }
+        }
         let p = Arc::new(Pipeline {
             pipeline,
             layout,

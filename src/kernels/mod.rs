@@ -160,6 +160,12 @@ impl Tuning {
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
         let cpu = info.device_type == wgpu::DeviceType::Cpu
             || info.name.to_ascii_lowercase().contains("llvmpipe");
+        Self::with_kind(info, cpu)
+    }
+
+    /// The choices for a CPU driver (`cpu`) or a GPU, whatever the adapter is
+    /// (the loop limit stays the adapter's: it is a correctness bound).
+    pub fn with_kind(info: &wgpu::AdapterInfo, cpu: bool) -> Self {
         Tuning {
             gemv_rows: if cpu { 8 } else { 4 },
             tiled_wg: (8, 8),
@@ -196,9 +202,23 @@ impl std::fmt::Debug for GpuExecutor {
 }
 
 impl GpuExecutor {
-    /// An executor on the adapter chosen by [`GpuContext::new`].
+    /// An executor on the adapter chosen by [`GpuContext::new`]. `KVSIEVE_TUNING`
+    /// (`cpu` or `gpu`) forces the kernel choices of a CPU driver or of a GPU
+    /// instead of the adapter's kind (portability tests run the GPU kernels on a
+    /// CPU driver this way).
     pub fn new() -> Result<Self> {
-        Ok(Self::with_context(Arc::new(GpuContext::new()?)))
+        let mut ex = Self::with_context(Arc::new(GpuContext::new()?));
+        match std::env::var("KVSIEVE_TUNING").as_deref() {
+            Err(_) | Ok("") => {}
+            Ok("cpu") => ex.tuning = Tuning::with_kind(&ex.ctx.info, true),
+            Ok("gpu") => ex.tuning = Tuning::with_kind(&ex.ctx.info, false),
+            Ok(other) => {
+                return Err(Error::InvalidOption(format!(
+                    "KVSIEVE_TUNING={other:?}: expected cpu or gpu"
+                )))
+            }
+        }
+        Ok(ex)
     }
 
     /// An executor on an existing device (executors on one device may share it).
