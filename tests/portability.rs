@@ -417,7 +417,7 @@ fn drive_kernels(ex: &mut kvsieve::kernels::GpuExecutor) {
     ex.matmul(&x, &w, &mut y).unwrap();
     // A bias (Qwen2), a repetition penalty, and a top-k over more candidates
     // than one workgroup takes (the multi-pass radix select).
-    let bias = ex.weight(&vec![half::f16::ONE; 8], 1, 8).unwrap();
+    let bias = ex.weight(&[half::f16::ONE; 8], 1, 8).unwrap();
     ex.add_bias(&mut y, &bias).unwrap();
     let mut logits = ex.upload(&vec![0.25; 40000], 1, 40000).unwrap();
     ex.penalize(&mut logits, &[1, 2], 1.2).unwrap();
@@ -465,7 +465,7 @@ fn every_pipeline_translates_and_fits_webgpu_limits() {
     for tuning in ["cpu", "gpu"] {
         std::env::set_var("KVSIEVE_TUNING", tuning);
         for p in &policies {
-            drive_engine(p.clone());
+            drive_engine(*p);
         }
         let mut ex = kvsieve::kernels::GpuExecutor::new().unwrap();
         drive_kernels(&mut ex);
