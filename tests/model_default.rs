@@ -9,6 +9,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::{Mutex, OnceLock};
 
+/// The long prompt of the model tests: a frozen copy of an earlier README.md, so
+/// that editing the README does not change what the tests decode (greedy
+/// comparisons between policies depend on the text).
+const PROMPT: &str = "tests/fixtures/prompt.md";
+
 fn model_dir() -> std::path::PathBuf {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -173,7 +178,7 @@ fn gpu_executor_matches_transformers() {
 #[test]
 fn executors_agree_on_a_few_hundred_tokens() {
     let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
             .unwrap();
     let ids = {
         let e = engine(Backend::Reference)
@@ -249,7 +254,7 @@ struct TsRun {
     stats: kvsieve::attention::SelectionStats,
 }
 
-/// Greedy-generates 8 tokens after the first 600 tokens of README.md under
+/// Greedy-generates 8 tokens after the first 600 tokens of PROMPT under
 /// TokenSelect with a small budget (selection happens in every layer), on `backend`.
 fn tokenselect_run(backend: Backend, cache_threshold: f32) -> TsRun {
     tokenselect_run_with(backend, cache_threshold, Speculate::Off, 8, 0)
@@ -291,7 +296,7 @@ fn tokenselect_run_with(
     }
 }
 
-/// Greedy-generates `max_tokens` tokens after the first 600 tokens of README.md
+/// Greedy-generates `max_tokens` tokens after the first 600 tokens of PROMPT
 /// under `policy` on `backend` (drafting with `speculate`, trees of 8 nodes);
 /// returns the engine, for its selections and stats, and the tokens.
 fn readme_run(
@@ -301,7 +306,7 @@ fn readme_run(
     max_tokens: usize,
 ) -> (Engine, Vec<u32>) {
     let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
             .unwrap();
     let opts = Options {
         backend,
@@ -447,7 +452,7 @@ fn policy_run(
 }
 
 /// Quest (budget 64: the last block plus the 3 best blocks of each KV head, of
-/// about 37 before it) after the first 600 tokens of README.md: both executors
+/// about 37 before it) after the first 600 tokens of PROMPT: both executors
 /// choose the same blocks in every sparse layer and generate the same tokens; a
 /// budget covering the context generates what dense attention does.
 #[test]
@@ -522,7 +527,7 @@ fn quest_sparse_prefill_agrees_across_executors() {
 }
 
 /// TidalDecode (budget 64 tokens per KV head, selection at layer 2, re-selection
-/// at 13) after the first 600 tokens of README.md: both executors choose the same
+/// at 13) after the first 600 tokens of PROMPT: both executors choose the same
 /// tokens and generate the same text; a covering budget generates what dense
 /// attention does.
 #[test]
