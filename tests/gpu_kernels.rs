@@ -12,6 +12,7 @@ use kvsieve::ops::prelude::*;
 use kvsieve::ops::{Llama3Scaling, RopeConfig};
 use kvsieve::reference::RefExecutor;
 use kvsieve::Error;
+use rand::Rng;
 
 /// matmul tolerance: f32 accumulation in a different order; the error bound grows
 /// with sqrt(K) * |x| * |w|, here at most ~1e-5 of the dot product's scale.
@@ -185,6 +186,65 @@ fn embedding_gather_split_table() {
         cpu.embed(&vec![1000], &tc, &mut one),
         Err(Error::Shape { .. })
     ));
+}
+
+#[test]
+fn bias_penalty_top_k_and_copy_match_reference() {
+    let mut ex = gpu();
+    let mut cpu = RefExecutor::new();
+    let mut r = rng(21);
+    // Bias rows (Qwen2's q/k/v biases), ragged width.
+    let (rows, cols) = (3usize, 132usize);
+    let x = randn(&mut r, rows * cols, 2.0);
+    let b = rand_f16(&mut r, cols, 1.0);
+    let (mut xc, bc) = (
+        cpu.upload(&x, rows, cols).unwrap(),
+        cpu.weight(&b, 1, cols).unwrap(),
+    );
+    cpu.add_bias(&mut xc, &bc).unwrap();
+    let (mut xg, bg) = (
+        ex.upload(&x, rows, cols).unwrap(),
+        ex.weight(&b, 1, cols).unwrap(),
+    );
+    ex.add_bias(&mut xg, &bg).unwrap();
+    assert_close("add_bias", &ex.download(&xg).unwrap(), &xc.data, 1e-6, 1e-6);
+
+    // Repetition penalty (positive logits divided, negative multiplied; ids past
+    // the row and repeated ids as the reference treats them), then top-k over
+    // more candidates than one workgroup takes (the multi-pass radix select),
+    // with and without ties.
+    for (vocab, ties) in [(40_000usize, false), (5_000, true)] {
+        let mut logits = randn(&mut r, vocab, 4.0);
+        if ties {
+            // 9 distinct values: the top 64 are all ties, broken by lower id.
+            logits.iter_mut().for_each(|v| *v = v.round());
+        }
+        let ids: Vec<u32> = vec![0, 7, 7, 123, vocab as u32 - 1, vocab as u32 + 5];
+        let mut lc = cpu.upload(&logits, 1, vocab).unwrap();
+        cpu.penalize(&mut lc, &ids, 1.3).unwrap();
+        let mut lg = ex.upload(&logits, 1, vocab).unwrap();
+        ex.penalize(&mut lg, &ids, 1.3).unwrap();
+        assert_close("penalize", &ex.download(&lg).unwrap(), &lc.data, 0.0, 0.0);
+        for k in [1usize, 8, 64] {
+            assert_eq!(
+                ex.top_k(&lg, k).unwrap(),
+                cpu.top_k(&lc, k).unwrap(),
+                "top_k k={k} vocab={vocab} ties={ties}"
+            );
+        }
+    }
+
+    // The copy kernel (the benches' bandwidth ceiling) moves bytes exactly.
+    let data: Vec<u32> = (0..1024).map(|_| r.gen()).collect();
+    let src =
+        kvsieve::gpu::buffer::storage_init(&ex.ctx.device, bytemuck::cast_slice(&data), "src")
+            .unwrap();
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst");
+    kvsieve::kernels::copy_buffer(&mut ex, &src, &dst, 4096).unwrap();
+    assert_eq!(
+        ex.read_bytes(&dst, 4096).unwrap(),
+        bytemuck::cast_slice::<u32, u8>(&data)
+    );
 }
 
 #[test]

@@ -272,11 +272,8 @@ impl<E: Ops> Session<E> {
             .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
         let p = &sampler.params;
         if p.repetition_penalty != 1.0 && !recent.is_empty() {
-            let mut ids = recent.to_vec();
-            ids.sort_unstable();
-            ids.dedup();
             self.ops
-                .penalize(&mut ws.logits, &ids, p.repetition_penalty)?;
+                .penalize(&mut ws.logits, recent, p.repetition_penalty)?;
         }
         if p.greedy() {
             if self.argmax_out.is_none() {

@@ -158,11 +158,15 @@ pub trait TensorOps: Executor {
         check::argmax(Self::dims(x), Self::ids_len(out))?;
         self.run_argmax(x, out)
     }
-    /// Repetition penalty on row 0 of `logits` for the given distinct token
-    /// ids (ids outside the vocabulary are ignored).
+    /// Repetition penalty on row 0 of `logits` for the given token ids: each
+    /// id once however often it appears (as transformers' gather and scatter
+    /// do), ids outside the vocabulary ignored. The executors get them distinct.
     fn penalize(&mut self, logits: &mut Self::Tensor, ids: &[u32], penalty: f32) -> Result<()> {
         check::penalize(Self::dims(logits), penalty)?;
-        self.run_penalize(logits, ids, penalty)
+        let mut distinct = ids.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        self.run_penalize(logits, &distinct, penalty)
     }
     /// The `k` (1..=64) largest values of row 0 with their ids, descending (ties to the
     /// lower id). Only these are read back.
