@@ -106,6 +106,25 @@ fn k_types_on_every_path() {
 }
 
 #[test]
+fn per_thread_kernels_at_every_workgroup_width() {
+    // The per-thread GEMVs size their workgroups (ROWS_WG 8..64) from the rows
+    // and the CPU threads; with one thread, 67/130/260/520 rows take 8/16/32/64.
+    let mut ex = gpu();
+    ex.tuning.per_thread_kernels = true;
+    ex.tuning.cpu_threads = 1;
+    let mut seed = 900;
+    for t in LEGACY.into_iter().chain([DType::Q4_K]) {
+        let k = if t.block().0 == 256 { 512 } else { 576 };
+        for n in [67usize, 130, 260, 520] {
+            for m in [1usize, 2] {
+                check(&mut ex, t, m, n, k, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
 fn quantized_weight_split_across_bindings() {
     // 2 KiB bindings: a 61 x 1536 Q4_1 matrix (960 bytes a row) takes 31 chunks.
     for mut ex in [gpu().with_binding_limit(2048), {
