@@ -113,6 +113,8 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     /// Optional features that were enabled.
     pub caps: Capabilities,
+    /// Where submits run instead of this device (a test hook, see [`super::replay`]).
+    replay: Option<std::sync::Arc<dyn super::Replay>>,
     gl_lock: std::sync::Mutex<()>,
 }
 
@@ -221,8 +223,20 @@ impl GpuContext {
             info,
             limits,
             caps,
+            replay: None,
             gl_lock: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Runs every later submit on `target` instead of this device: buffers stay
+    /// here and hold what the target computed (see [`super::replay`]).
+    pub fn set_replay(&mut self, target: std::sync::Arc<dyn super::Replay>) {
+        self.replay = Some(target);
+    }
+
+    /// The replay target, if any.
+    pub fn replay(&self) -> Option<&std::sync::Arc<dyn super::Replay>> {
+        self.replay.as_ref()
     }
 
     /// On the GL backend, serialises use of the device across threads: wgpu's GL

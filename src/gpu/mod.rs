@@ -4,10 +4,12 @@ pub mod buffer;
 pub mod device;
 pub mod pipeline;
 pub mod recorder;
+pub mod replay;
 
 pub use device::{AdapterRequest, Capabilities, GpuContext, INSTALL_HINT};
 pub use pipeline::{pipelines_built, Pipeline, PipelineCache, PipelineKey};
 pub use recorder::{Binding, Recorder, SubmitResult};
+pub use replay::{Replay, ReplayCmd, ReplayJob};
 
 /// Splits `n` workgroups into a 2-D grid that respects the per-dimension limit;
 /// kernels rebuild the linear index from `num_workgroups`.

@@ -13,6 +13,8 @@ pub struct Pipeline {
     pub layout: wgpu::BindGroupLayout,
     /// Label for errors and profiles.
     pub label: String,
+    /// What it was built from.
+    pub key: PipelineKey,
 }
 
 type Key = (&'static str, &'static str, Vec<(&'static str, u64)>);
@@ -91,21 +93,22 @@ impl PipelineCache {
             cache: None,
         });
         let layout = pipeline.get_bind_group_layout(0);
+        let built = PipelineKey {
+            shader,
+            entry,
+            constants: constants.to_vec(),
+        };
         {
-            let built = PipelineKey {
-                shader,
-                entry,
-                constants: constants.to_vec(),
-            };
             let mut all = BUILT.lock().unwrap_or_else(|e| e.into_inner());
             if !all.contains(&built) {
-                all.push(built);
+                all.push(built.clone());
             }
         }
         let p = Arc::new(Pipeline {
             pipeline,
             layout,
             label,
+            key: built,
         });
         self.pipelines
             .lock()

@@ -28,7 +28,8 @@ impl From<&wgpu::Buffer> for Binding {
     }
 }
 
-enum Cmd {
+/// A recorded command (the replay path reads them too).
+pub(super) enum Cmd {
     Dispatch {
         pipeline: Arc<Pipeline>,
         params: Vec<u32>,
@@ -196,6 +197,18 @@ impl Recorder {
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let cmds = std::mem::take(&mut self.cmds);
         let reads = std::mem::take(&mut self.reads);
+        if let Some(target) = ctx.replay() {
+            let result = super::replay::submit(&ctx, target.as_ref(), &cmds, &reads);
+            self.submit_count += 1;
+            let validation = pollster::block_on(validation.pop());
+            let oom = pollster::block_on(oom.pop());
+            return match (result, validation, oom) {
+                (Err(e), _, _) => Err(e),
+                (_, Some(e), _) => Err(Error::Gpu(format!("validation: {e}"))),
+                (_, _, Some(e)) => Err(Error::Gpu(format!("out of memory: {e}"))),
+                (Ok(r), None, None) => Ok(r),
+            };
+        }
 
         // All uniform params in one buffer, each at an aligned offset.
         let align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
