@@ -59,8 +59,9 @@ const LIST_TREE: u32 = 3u;
 
 // Keys per tile (at most 16) and the tile's row stride (head_dim / 4 <= 32): set
 // per pipeline so the tiles fit the adapter's workgroup memory (WebGPU's default
-// 16 KiB holds 15 keys at head_dim 128, 16 below).
-override TK: u32 = 16u;
+// 16 KiB holds 15 keys at head_dim 128, 16 below). The defaults fit WebGPU's
+// default limits too, for a pipeline built without constants.
+override TK: u32 = 15u;
 override D4_MAX: u32 = 32u;
 override TILE: u32 = TK * D4_MAX;
 

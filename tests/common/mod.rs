@@ -5,7 +5,7 @@
 
 use half::f16;
 use kvsieve::attention::{KvLayout, PageAllocator, PageTable};
-use kvsieve::gpu::GpuContext;
+use kvsieve::gpu::{AdapterRequest, GpuContext};
 use kvsieve::kernels::GpuExecutor;
 use kvsieve::ops::prelude::*;
 use kvsieve::ops::RopeConfig;
@@ -13,16 +13,28 @@ use kvsieve::reference::{RefExecutor, RefKv};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
 
+pub mod browser;
+
 /// The device the library would choose; a missing adapter fails the test with
-/// instructions (never a silent skip).
+/// instructions (never a silent skip). Under `KVSIEVE_BROWSER=chromium` the
+/// device has exactly WebGPU's default limits and every submit runs in headless
+/// Chromium's WebGPU instead ([`browser`]).
 pub fn ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| match GpuContext::new() {
-        Ok(c) => {
-            eprintln!("{}", c.describe());
-            Arc::new(c)
+    CTX.get_or_init(|| {
+        let mut req = AdapterRequest::from_env().expect("adapter request");
+        let in_browser = browser::requested();
+        req.webgpu_limits |= in_browser;
+        match GpuContext::with_request(&req) {
+            Ok(mut c) => {
+                eprintln!("{}", c.describe());
+                if in_browser {
+                    c.set_replay(browser::shared());
+                }
+                Arc::new(c)
+            }
+            Err(e) => panic!("GPU tests need an adapter: {e}"),
         }
-        Err(e) => panic!("GPU tests need an adapter: {e}"),
     })
     .clone()
 }
