@@ -123,13 +123,100 @@ impl Tokenizer {
             Error::format("tokenizer_config.json", format!("chat_template: {e}"))
         };
         env.add_template("chat", tpl).map_err(bad)?;
+        // A template is a program from the model's files: bound its work and its
+        // output, so an endless loop or a huge repeat is an error, not a hang or
+        // an out-of-memory.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let t = env.get_template("chat").map_err(bad)?;
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
-        .map_err(|e| Error::InvalidOption(format!("chat template: {e}")))
+        let mut out = BoundedText(Vec::new());
+        let rendered = t.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.0).map_err(|e| {
+                Error::InvalidOption(format!("chat template: output is not UTF-8: {e}"))
+            }),
+            Err(e) if e.kind() == minijinja::ErrorKind::WriteFailure => Err(Error::InvalidOption(
+                format!("chat template: output past {TEMPLATE_OUTPUT_MAX} bytes"),
+            )),
+            Err(e) => Err(Error::InvalidOption(format!("chat template: {e}"))),
+        }
+    }
+}
+
+/// Instructions a chat template may run for one rendering (a conversation of
+/// thousands of turns takes well under a million).
+const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Bytes a chat template may write: far past any context window's worth of text.
+const TEMPLATE_OUTPUT_MAX: usize = 64 << 20;
+
+/// A writer that refuses to grow past [`TEMPLATE_OUTPUT_MAX`].
+struct BoundedText(Vec<u8>);
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_OUTPUT_MAX {
+            return Err(std::io::Error::other("chat template output too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_template(tpl: &str) -> Tokenizer {
+        let vocab = br#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#;
+        Tokenizer::from_parts(vocab, &serde_json::json!({ "chat_template": tpl })).unwrap()
+    }
+
+    #[test]
+    fn hostile_templates_are_errors_not_hangs() {
+        let msgs = [Message::new("user", "hi")];
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+        assert_eq!(
+            with_template(chatml).render_chat(&msgs, false).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n"
+        );
+        // A long conversation stays well inside the bounds.
+        let many: Vec<Message> = (0..5000)
+            .map(|i| Message::new("user", &format!("turn {i}")))
+            .collect();
+        assert!(with_template(chatml).render_chat(&many, false).is_ok());
+        for (what, tpl, needle) in [
+            (
+                "endless loop",
+                "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}{% endfor %}{% endfor %}{% endfor %}",
+                "fuel",
+            ),
+            (
+                "huge output",
+                "{% set x = 'a' * 50000000 %}{% for i in range(1000) %}{{ x }}{% endfor %}",
+                "output past",
+            ),
+            (
+                "recursion",
+                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+                "chat template",
+            ),
+        ] {
+            let t0 = std::time::Instant::now();
+            let e = with_template(tpl).render_chat(&msgs, false).unwrap_err().to_string();
+            assert!(e.contains(needle), "{what}: {e}");
+            assert!(t0.elapsed().as_secs() < 20, "{what} took {:?}", t0.elapsed());
+        }
     }
 }
