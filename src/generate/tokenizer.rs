@@ -29,6 +29,58 @@ impl Message {
     }
 }
 
+/// Runs a call into the `tokenizers` crate, which panics on some malformed
+/// tokenizer files (tokenizers 0.22 `expect`s a decoder nested past serde's
+/// recursion limit): the panic becomes an error naming `what`. (Builds with
+/// `panic = "abort"` cannot contain it.)
+fn contained<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        Error::malformed(format!(
+            "{what}: the tokenizers library failed on this tokenizer ({msg})"
+        ))
+    })
+}
+
+/// Longest added token, and most bytes of added tokens in all: real special
+/// tokens are tens of bytes. `tokenizers` matches added tokens with an
+/// Aho-Corasick automaton whose construction is quadratic in a token's length
+/// (a 95 KB token took minutes), so longer ones are refused before it sees them.
+const ADDED_TOKEN_MAX: usize = 1 << 10;
+const ADDED_TOKENS_TOTAL_MAX: usize = 1 << 20;
+
+fn check_added_tokens(tokenizer_json: &[u8]) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Added {
+        content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        added_tokens: Vec<Added>,
+    }
+    // A file this does not read is left to the tokenizers library's own error.
+    let Ok(f) = serde_json::from_slice::<File>(tokenizer_json) else {
+        return Ok(());
+    };
+    let mut total = 0;
+    for (i, t) in f.added_tokens.iter().enumerate() {
+        total += t.content.len();
+        if t.content.len() > ADDED_TOKEN_MAX || total > ADDED_TOKENS_TOTAL_MAX {
+            return Err(Error::malformed(format!(
+                "added token {i} is {} bytes long ({total} bytes so far; at most {ADDED_TOKEN_MAX} \
+                 a token and {ADDED_TOKENS_TOTAL_MAX} in all)",
+                t.content.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Tokenizer plus chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -68,8 +120,11 @@ impl Tokenizer {
     /// A tokenizer from `tokenizer.json` text and `tokenizer_config.json`'s
     /// value (chat template, special tokens; `Null` for none).
     pub fn from_parts(tokenizer_json: &[u8], cfg: &serde_json::Value) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
-            .map_err(|e| Error::malformed(format!("malformed tokenizer: {e}")))?;
+        check_added_tokens(tokenizer_json)?;
+        let inner = contained("tokenizer.json", || {
+            tokenizers::Tokenizer::from_bytes(tokenizer_json)
+        })?
+        .map_err(|e| Error::malformed(format!("malformed tokenizer: {e}")))?;
         Ok(Self {
             inner,
             template: cfg
@@ -83,9 +138,7 @@ impl Tokenizer {
 
     /// Token ids of `text`; special tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
+        Ok(contained("tokenize", || self.inner.encode(text, false))?
             .map_err(|e| Error::InvalidOption(format!("tokenize: {e}")))?
             .get_ids()
             .to_vec())
@@ -93,8 +146,7 @@ impl Tokenizer {
 
     /// Text of `ids` (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
+        contained("detokenize", || self.inner.decode(ids, true))?
             .map_err(|e| Error::InvalidOption(format!("detokenize: {e}")))
     }
 

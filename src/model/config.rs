@@ -119,10 +119,40 @@ impl ModelConfig {
         };
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 || raw.vocab_size == 0 {
+        if heads == 0
+            || raw.hidden_size == 0
+            || raw.intermediate_size == 0
+            || raw.num_hidden_layers == 0
+            || raw.vocab_size == 0
+        {
             return Err(Error::malformed("a size in config is zero"));
         }
+        // Sizes past any released model are a hostile or broken file: refused
+        // here, before anything is allocated from them.
+        for (name, value, max) in [
+            ("hidden_size", Some(raw.hidden_size), 1 << 16),
+            ("intermediate_size", Some(raw.intermediate_size), 1 << 20),
+            ("num_hidden_layers", Some(raw.num_hidden_layers), 1 << 10),
+            ("num_attention_heads", Some(heads), 1 << 10),
+            ("head_dim", raw.head_dim, 1 << 10),
+            ("vocab_size", Some(raw.vocab_size), 1 << 22),
+            (
+                "max_position_embeddings",
+                raw.max_position_embeddings,
+                1 << 24,
+            ),
+        ] {
+            if value.is_some_and(|v| v > max) {
+                return Err(Error::malformed(format!(
+                    "{name} {} is larger than any model kvsieve can run (at most {max})",
+                    value.unwrap_or(0)
+                )));
+            }
+        }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
+        if head_dim == 0 {
+            return Err(Error::malformed("head_dim is zero"));
+        }
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(Error::malformed(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"

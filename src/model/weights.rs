@@ -41,7 +41,23 @@ impl Weights {
                 .collect();
             files.sort();
             files.dedup();
-            files.into_iter().map(|f| dir.join(f)).collect()
+            // Shards are files beside the index: a path elsewhere (absolute, with
+            // `..` or a separator) could open any file on the machine, a FIFO too.
+            let mut shards = Vec::with_capacity(files.len());
+            for f in files {
+                let plain = matches!(
+                    Path::new(&f).components().collect::<Vec<_>>()[..],
+                    [std::path::Component::Normal(_)]
+                );
+                if !plain {
+                    return Err(err(
+                        &index_path,
+                        format!("shard {f:?} is not a file name in the model directory"),
+                    ));
+                }
+                shards.push(dir.join(f));
+            }
+            shards
         } else {
             return Err(err(
                 dir,
