@@ -2,13 +2,14 @@
 //!
 //! `cargo run --release --example chat`
 //! Commands: /reset (new conversation), /stats (totals), /quit. Works with piped
-//! stdin too: one user message per line.
+//! stdin too: one user message per line. Past the context the oldest turns are
+//! dropped (`--overflow error` refuses instead), with a notice on stderr.
 
 mod common;
 
 use clap::Parser;
 use common::{fail, ModelArgs};
-use kvsieve::generate::{Message, Stats};
+use kvsieve::generate::{Message, Stats, StopReason};
 use std::io::{BufRead, IsTerminal, Write};
 
 #[derive(Parser, Debug)]
@@ -49,6 +50,7 @@ fn main() {
     let params = cli.model.params().unwrap_or_else(|e| fail(e));
     let mut engine = cli.model.engine().unwrap_or_else(|e| fail(e));
     let interactive = std::io::stdin().is_terminal();
+    let max_context = engine.max_context();
     eprintln!(
         "kvsieve chat: {} on {}. /reset, /stats, /quit.",
         engine.config.arch_name(),
@@ -99,8 +101,17 @@ fn main() {
         let before = engine.stats.clone();
         let mut answer = String::new();
         match engine.chat(&history, &params) {
-            Ok(gen) => {
-                for t in gen {
+            Ok(mut gen) => {
+                if gen.dropped_messages > 0 {
+                    // The engine answered without them: the history follows.
+                    let system = history.iter().take_while(|m| m.role == "system").count();
+                    history.drain(system..system + gen.dropped_messages);
+                    eprintln!(
+                        "(the {} oldest messages were dropped to fit the context of {} tokens)",
+                        gen.dropped_messages, max_context
+                    );
+                }
+                for t in gen.by_ref() {
                     match t {
                         Ok(t) => {
                             print!("{}", t.text);
@@ -112,6 +123,9 @@ fn main() {
                             break;
                         }
                     }
+                }
+                if gen.stop_reason() == Some(StopReason::ContextFull) {
+                    eprintln!("\n(the answer was cut: the context is full)");
                 }
             }
             Err(e) => {

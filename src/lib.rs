@@ -63,7 +63,10 @@ pub use attention::{
     AttentionPolicy, Positions, QuestConfig, SelectionStats, TidalConfig, TokenSelectConfig,
 };
 pub use error::{Error, Result};
-pub use generate::{Backend, Engine, GenerateParams, Generation, Message, Options, Stats, Token};
+pub use generate::{
+    Backend, Engine, GenerateParams, Generation, Message, Options, Overflow, Stats, StopReason,
+    Token,
+};
 pub use model::ModelConfig;
 pub use sampling::SamplingParams;
 pub use speculative::{Speculate, TreeSize};

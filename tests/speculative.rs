@@ -112,6 +112,7 @@ fn sampled_speculation_accepts_drafts() {
             seed: 7,
             repetition_penalty: 1.0,
         },
+        ..GenerateParams::default()
     };
     let (_, prompt) = &prompts()[2];
     for _ in 0..2 {

@@ -77,6 +77,9 @@ pub struct ModelArgs {
     /// adapter's measured verify cost, off when no size pays.
     #[arg(long, default_value = "auto")]
     pub tree: String,
+    /// A chat past the context: drop-oldest (turns after the system prompt) or error.
+    #[arg(long, default_value = "drop-oldest")]
+    pub overflow: String,
     /// Context capacity in tokens (0 = the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
@@ -177,6 +180,7 @@ impl ModelArgs {
             stop_at_eos: true,
             speculate: self.speculate.parse()?,
             tree_size: self.tree.parse()?,
+            overflow: self.overflow.parse()?,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The library entry point: load a model directory, generate a stream of tokens,
 //! chat with a message list (reusing the cached conversation prefix).
 
+use super::chat::{self, Overflow, StopReason};
 use super::sampler::{Sampler, SamplingParams};
 use super::session::Session;
 use super::tokenizer::{Message, Tokenizer};
@@ -104,6 +105,9 @@ pub struct GenerateParams {
     /// Nodes of a draft tree: fixed, or chosen from this adapter's measured
     /// verify cost (measured once per engine, on the first speculative request).
     pub tree_size: TreeSize,
+    /// [`Engine::chat`] past the context: drop the oldest turns (the default)
+    /// or return the error.
+    pub overflow: Overflow,
 }
 
 impl Default for GenerateParams {
@@ -114,6 +118,7 @@ impl Default for GenerateParams {
             stop_at_eos: true,
             speculate: Speculate::Off,
             tree_size: TreeSize::Auto,
+            overflow: Overflow::DropOldest,
         }
     }
 }
@@ -181,6 +186,7 @@ trait Runner: Send {
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
+    fn max_context(&self) -> usize;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -222,6 +228,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
         Session::verify(self, tree, params)
+    }
+    fn max_context(&self) -> usize {
+        self.max_context
     }
 }
 
@@ -424,6 +433,11 @@ impl Engine {
         Ok(out)
     }
 
+    /// Context capacity in tokens (prompt and answer together).
+    pub fn max_context(&self) -> usize {
+        self.runner.max_context()
+    }
+
     /// Drops the cached conversation.
     pub fn reset(&mut self) {
         self.runner.truncate(0);
@@ -513,19 +527,27 @@ impl Engine {
             emitted_text: 0,
             prefill_started: Some(t),
             done: params.max_tokens == 0,
+            stop: (params.max_tokens == 0).then_some(StopReason::MaxTokens),
+            dropped_messages: 0,
         })
     }
 
     /// Streams the assistant's answer to `messages` (chat template applied, generation
-    /// prompt added). The cached prefix of the conversation is reused.
+    /// prompt added). The cached prefix of the conversation is reused. When the
+    /// conversation and the room kept for the answer (`max_tokens`, at most half
+    /// the context) do not fit, [`GenerateParams::overflow`] decides: the oldest
+    /// turns are dropped ([`Generation::dropped_messages`]), or it is an error.
     pub fn chat(
         &mut self,
         messages: &[Message],
         params: &GenerateParams,
     ) -> Result<Generation<'_>> {
-        let text = self.tokenizer.render_chat(messages, true)?;
-        let ids = self.tokenizer.encode(&text)?;
-        self.generate_ids(&ids, params)
+        let max = self.max_context();
+        let budget = max - params.max_tokens.min(max / 2);
+        let (ids, dropped) = chat::fit(&self.tokenizer, messages, budget, params.overflow)?;
+        let mut g = self.generate_ids(&ids, params)?;
+        g.dropped_messages = dropped;
+        Ok(g)
     }
 }
 
@@ -563,19 +585,37 @@ pub struct Generation<'a> {
     emitted_text: usize,
     prefill_started: Option<Instant>,
     done: bool,
+    stop: Option<StopReason>,
+    /// Messages [`Engine::chat`] dropped from the front of the conversation
+    /// (after the system ones) to fit the context; an app keeping the history
+    /// drops them too.
+    pub dropped_messages: usize,
 }
 
 impl Generation<'_> {
+    /// Why the generation ended (`None` while it runs).
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+    }
+
     fn step(&mut self) -> Result<Option<Token>> {
         let e = &mut *self.engine;
         let t = Instant::now();
+        // Room left for the last token and what follows it.
+        let room = e.runner.max_context() - e.runner.cached().len();
+        if self.pending.is_empty() && !self.generated.is_empty() && room == 0 {
+            self.stop = Some(StopReason::ContextFull);
+            return Ok(None);
+        }
         let id = match (
             self.pending.pop_front(),
             self.generated.last(),
             &mut self.drafter,
         ) {
             (Some(id), _, _) => id,
-            (None, Some(&root), Some(drafter)) => {
+            // A draft tree needs room for all its nodes; near the end of the
+            // context the step decodes one token.
+            (None, Some(&root), Some(drafter)) if room >= self.tree_size => {
                 // Speculative step: draft from the root, verify all nodes at once.
                 let tree = drafter.draft(e.runner.cached(), root, self.tree_size)?;
                 let seed = self.sampler.seed();
@@ -608,6 +648,7 @@ impl Generation<'_> {
             }
         }
         if self.stop_at_eos && e.config.eos.contains(&id) {
+            self.stop = Some(StopReason::Eos);
             return Ok(None);
         }
         self.generated.push(id);
@@ -623,7 +664,11 @@ impl Generation<'_> {
 impl Iterator for Generation<'_> {
     type Item = Result<Token>;
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done || self.generated.len() >= self.max_tokens {
+        if self.done {
+            return None;
+        }
+        if self.generated.len() >= self.max_tokens {
+            self.stop.get_or_insert(StopReason::MaxTokens);
             return None;
         }
         match self.step() {
@@ -634,6 +679,7 @@ impl Iterator for Generation<'_> {
             }
             Err(e) => {
                 self.done = true;
+                self.stop = Some(StopReason::Error);
                 Some(Err(e))
             }
         }

@@ -1,10 +1,12 @@
 //! Generation: tokenizer and chat template, sampling, sessions and the engine.
 
+pub mod chat;
 pub mod engine;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;
 
+pub use chat::{Overflow, StopReason};
 pub use engine::{Backend, Engine, GenerateParams, Generation, Options, Stats, Token};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::Session;

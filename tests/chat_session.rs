@@ -1,0 +1,114 @@
+//! The chat binary as a user drives it from a pipe: the default model on the
+//! reference executor, a 384-token context and short answers, far more turns
+//! than the context holds. Every turn must be answered (no error, the
+//! conversation never stuck), the context must stay bounded, and the oldest
+//! turns must have been dropped along the way.
+//!
+//! `cargo test --release` runs 100 turns (and builds the chat example it runs;
+//! with `--test chat_session` alone, build it first: `cargo build --release
+//! --example chat`). `KVSIEVE_CHAT_TURNS=1000 cargo test --release --test
+//! chat_session -- --nocapture` is the long run.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const MAX_CONTEXT: usize = 384;
+
+/// `target/<profile>/examples/chat`, which `cargo test` builds with the tests.
+fn chat_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    profile_dir
+        .join("examples")
+        .join(format!("chat{}", std::env::consts::EXE_SUFFIX))
+}
+
+#[test]
+fn a_long_chat_in_a_small_context_keeps_answering() {
+    let turns: usize = std::env::var("KVSIEVE_CHAT_TURNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let bin = chat_binary();
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds the examples (or `cargo build --release --example chat`)",
+        bin.display()
+    );
+    let t0 = std::time::Instant::now();
+    let mut child = Command::new(&bin)
+        .args([
+            "--backend",
+            "reference",
+            "--max-context",
+            &MAX_CONTEXT.to_string(),
+        ])
+        .args([
+            "--max-tokens",
+            "8",
+            "--system",
+            "You answer in one short sentence.",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the chat example");
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        for i in 0..turns {
+            let topic = ["the sea", "mountains", "rivers", "the moon", "forests"][i % 5];
+            writeln!(stdin, "Tell me something about {topic} (question {i}).").unwrap();
+        }
+    });
+    let out = child.wait_with_output().expect("chat output");
+    feeder.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr.lines().rev().take(10).collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "chat exited with {}:\n{tail}",
+        out.status
+    );
+
+    // stdout: each message echoed ("> ...") and answered on the next line.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let asked: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("> "))
+        .collect();
+    assert_eq!(asked.len(), turns, "messages echoed");
+    for &i in &asked {
+        assert!(
+            i + 1 < lines.len() && !lines[i + 1].starts_with("> "),
+            "no answer to {:?}",
+            lines[i]
+        );
+    }
+    assert!(!stderr.contains("error"), "errors on stderr:\n{tail}");
+    // stderr: one stats line per turn, the context never past the limit.
+    let contexts: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.split("| context ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(contexts.len(), turns, "stats lines");
+    assert!(
+        contexts.iter().all(|&c| c <= MAX_CONTEXT),
+        "context past {MAX_CONTEXT}: {contexts:?}"
+    );
+    let drops = stderr
+        .lines()
+        .filter(|l| l.contains("oldest messages were dropped"))
+        .count();
+    assert!(drops > 0, "the conversation never outgrew the context");
+    eprintln!(
+        "{turns} turns answered in {:.0} s; {drops} drops; largest context {} tokens",
+        t0.elapsed().as_secs_f64(),
+        contexts.iter().max().unwrap()
+    );
+}
