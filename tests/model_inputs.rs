@@ -496,3 +496,25 @@ fn sentencepiece_vocabulary_from_gguf() {
     // Control tokens in the text are recognised.
     assert_eq!(t.encode("<s>").unwrap()[0], id("<s>"));
 }
+
+#[test]
+fn an_answer_stops_cleanly_at_the_end_of_the_context() {
+    // 128 tokens of context: a 100-token prompt leaves room to feed 28 more,
+    // so 29 tokens come out (the last is sampled, never fed), then the stop.
+    let d = write_model("ctxfull", "LlamaForCausalLM", |_| {});
+    let mut e = load(&d, Backend::Reference).unwrap();
+    assert_eq!(e.max_context(), 128);
+    let prompt: Vec<u32> = (0..100).map(|i| 3 + (i * 7) % 250).collect();
+    let params = GenerateParams {
+        max_tokens: 1000,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let mut g = e.generate_ids(&prompt, &params).unwrap();
+    let out: Vec<u32> = g.by_ref().map(|t| t.unwrap().id).collect();
+    assert_eq!(out.len(), 29);
+    assert_eq!(g.stop_reason(), Some(kvsieve::StopReason::ContextFull));
+    drop(g);
+    // The engine goes on: a shorter prompt reuses what it can and answers.
+    assert_eq!(greedy(&mut e, &prompt[..50], 5).len(), 5);
+}
