@@ -27,6 +27,58 @@ fn chat_binary() -> PathBuf {
         .join(format!("chat{}", std::env::consts::EXE_SUFFIX))
 }
 
+/// Runs the chat binary on `input` (reference executor, greedy, short
+/// answers); returns stdout and stderr.
+fn run_chat(input: &str) -> (String, String) {
+    let bin = chat_binary();
+    let mut child = Command::new(&bin)
+        .args(["--backend", "reference", "--max-tokens", "12"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "chat exited with {}:\n{err}",
+        out.status
+    );
+    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+}
+
+#[test]
+fn a_saved_conversation_continues_identically() {
+    let file = std::env::temp_dir().join(format!("kvsieve-chat-{}.json", std::process::id()));
+    let file = file.display();
+    let (first, err) = run_chat(&format!(
+        "Hello! Who are you?\n/save {file}\nWhat is the capital of France?\n"
+    ));
+    assert!(err.contains("saved 2 messages"), "{err}");
+    let (second, err) = run_chat(&format!("/load {file}\nWhat is the capital of France?\n"));
+    assert!(err.contains("loaded 2 messages"), "{err}");
+    // The last exchange (question echoed, then the answer) is the same.
+    let last = |s: &str| {
+        s.lines()
+            .rev()
+            .take(2)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(last(&first), last(&second));
+    assert!(
+        second.lines().count() == 2,
+        "stdout carries only the conversation: {second:?}"
+    );
+}
+
 #[test]
 fn a_long_chat_in_a_small_context_keeps_answering() {
     let turns: usize = std::env::var("KVSIEVE_CHAT_TURNS")

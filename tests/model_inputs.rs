@@ -2,7 +2,7 @@
 //! error that names the problem, and a Qwen2-style model (q/k/v biases, untied
 //! head) gives the same logits on both executors.
 
-use kvsieve::generate::{Backend, Engine, GenerateParams, Options, SamplingParams};
+use kvsieve::generate::{Backend, Engine, GenerateParams, Message, Options, SamplingParams};
 use kvsieve::Error;
 use std::path::{Path, PathBuf};
 
@@ -517,4 +517,38 @@ fn an_answer_stops_cleanly_at_the_end_of_the_context() {
     drop(g);
     // The engine goes on: a shorter prompt reuses what it can and answers.
     assert_eq!(greedy(&mut e, &prompt[..50], 5).len(), 5);
+}
+
+#[test]
+fn an_interrupted_answer_leaves_an_engine_that_answers_as_a_fresh_one() {
+    // Stopping the iteration is how an answer is interrupted (the chat
+    // example's Ctrl-C); the next message must get exactly the answer a
+    // freshly loaded engine gives to the same conversation.
+    let path = write_gguf("interrupt", "llama", |_| {});
+    let params = GenerateParams {
+        max_tokens: 12,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let answer = |e: &mut Engine, msgs: &[Message]| -> (Vec<u32>, String) {
+        let mut g = e.chat(msgs, &params).unwrap();
+        let toks: Vec<kvsieve::Token> = g.by_ref().map(|t| t.unwrap()).collect();
+        (
+            toks.iter().map(|t| t.id).collect(),
+            toks.iter().map(|t| t.text.as_str()).collect(),
+        )
+    };
+    let mut e = load(&path, Backend::Reference).unwrap();
+    let mut msgs = vec![Message::new("user", "hello world")];
+    let partial: String = e
+        .chat(&msgs, &params)
+        .unwrap()
+        .take(3)
+        .map(|t| t.unwrap().text)
+        .collect();
+    msgs.push(Message::new("assistant", &partial));
+    msgs.push(Message::new("user", "hello again"));
+    let after_interrupt = answer(&mut e, &msgs);
+    let mut fresh = load(&path, Backend::Reference).unwrap();
+    assert_eq!(after_interrupt, answer(&mut fresh, &msgs));
 }

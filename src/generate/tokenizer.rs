@@ -11,7 +11,7 @@ use std::path::Path;
 /// let m = kvsieve::Message::new("user", "Hello");
 /// assert_eq!((m.role.as_str(), m.content.as_str()), ("user", "Hello"));
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Message {
     /// "system", "user" or "assistant".
     pub role: String,
