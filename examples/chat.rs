@@ -130,6 +130,7 @@ fn load(path: &str) -> Result<Vec<Saved>, String> {
 }
 
 fn main() {
+    common::quiet_backend_probes();
     let cli = Cli::parse();
     // Ctrl-C stops the answer being written; at any other time it quits.
     let _ = ctrlc::set_handler(|| {

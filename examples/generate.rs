@@ -30,6 +30,7 @@ struct Cli {
 }
 
 fn main() {
+    common::quiet_backend_probes();
     let cli = Cli::parse();
     let prompt = match (&cli.prompt, &cli.prompt_file) {
         (Some(p), _) => p.clone(),

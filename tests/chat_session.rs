@@ -1,6 +1,6 @@
-//! The chat binary as a user drives it from a pipe: the default model on the
-//! reference executor, a 384-token context and short answers, far more turns
-//! than the context holds. Every turn must be answered (no error, the
+//! The chat binary as a user drives it from a pipe: the default model, a
+//! 384-token context and short answers, far more turns than the context holds
+//! (100 on the reference executor, 20 on the GPU one). Every turn must be answered (no error, the
 //! conversation never stuck), the context must stay bounded, and the oldest
 //! turns must have been dropped along the way.
 //!
@@ -85,6 +85,15 @@ fn a_long_chat_in_a_small_context_keeps_answering() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    long_chat("reference", turns);
+}
+
+#[test]
+fn a_long_chat_on_the_gpu_executor() {
+    long_chat("gpu", 20);
+}
+
+fn long_chat(backend: &str, turns: usize) {
     let bin = chat_binary();
     assert!(
         bin.exists(),
@@ -159,7 +168,7 @@ fn a_long_chat_in_a_small_context_keeps_answering() {
         .count();
     assert!(drops > 0, "the conversation never outgrew the context");
     eprintln!(
-        "{turns} turns answered in {:.0} s; {drops} drops; largest context {} tokens",
+        "{backend}: {turns} turns answered in {:.0} s; {drops} drops; largest context {} tokens",
         t0.elapsed().as_secs_f64(),
         contexts.iter().max().unwrap()
     );

@@ -185,6 +185,17 @@ impl ModelArgs {
     }
 }
 
+/// Keeps stderr for diagnostics that matter: Mesa's implicit Vulkan
+/// device-select layer connects to a Wayland display to rank GPUs (kvsieve
+/// ranks adapters itself) and prints "XDG_RUNTIME_DIR is invalid" twice where
+/// there is none. Call first thing in `main`, before any thread starts; a
+/// user's own `NODEVICE_SELECT` is left alone.
+pub fn quiet_backend_probes() {
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 /// Prints an error and exits with status 1.
 pub fn fail(e: impl std::fmt::Display) -> ! {
     eprintln!("error: {e}");
