@@ -75,8 +75,15 @@ fn inputs() -> u64 {
         .unwrap_or(10_000)
 }
 
-/// One input may take this long; a longer one is a hang.
-const INPUT_TIME: Duration = Duration::from_secs(10);
+/// One input may take this long; a longer one is a hang
+/// (`KVSIEVE_FUZZ_INPUT_SECS` raises it for runs on a busy machine).
+fn input_time() -> Duration {
+    let secs = std::env::var("KVSIEVE_FUZZ_INPUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(secs)
+}
 
 /// The most one allocation may take for an input of `len` bytes: the loaders
 /// turn a few MB of file into model state, never gigabytes.
@@ -112,14 +119,15 @@ fn watchdog() {
             let now = clock();
             for (i, b) in BUSY_SINCE.iter().enumerate() {
                 let since = b.load(Ordering::Relaxed);
-                if since > 0 && now.saturating_sub(since) > INPUT_TIME.as_millis() as u64 {
+                if since > 0 && now.saturating_sub(since) > input_time().as_millis() as u64 {
                     // Straight to stderr: the test harness captures eprintln!.
                     use std::io::Write as _;
                     let _ = writeln!(
                         std::io::stderr(),
-                        "fuzz: the {} loader hangs on its input {} (over {INPUT_TIME:?})",
+                        "fuzz: the {} loader hangs on its input {} (over {:?})",
                         LOADERS[i],
-                        CURRENT[i].load(Ordering::Relaxed)
+                        CURRENT[i].load(Ordering::Relaxed),
+                        input_time()
                     );
                     std::process::exit(2);
                 }
