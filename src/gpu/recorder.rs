@@ -416,16 +416,7 @@ impl Recorder {
         self.submit_count += 1;
         let mut result = SubmitResult::default();
         if let Some(st) = &staging {
-            let (tx, rx) = std::sync::mpsc::channel();
-            st.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-            rx.recv()
-                .map_err(|e| Error::Gpu(format!("readback channel: {e}")))?
-                .map_err(|e| Error::Gpu(format!("map readback: {e}")))?;
+            map_for_reading(device, std::slice::from_ref(st), "readback")?;
             {
                 let view = st
                     .slice(..)
@@ -488,4 +479,29 @@ fn count_passes(cmds: &[Cmd]) -> usize {
         }
     }
     n
+}
+
+/// Maps `buffers` (MAP_READ, written by a submitted copy) and waits for them;
+/// `what` names them in errors.
+pub(super) fn map_for_reading(
+    device: &wgpu::Device,
+    buffers: &[wgpu::Buffer],
+    what: &str,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for b in buffers {
+        let tx = tx.clone();
+        b.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+    }
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+    for _ in buffers {
+        rx.recv()
+            .map_err(|e| Error::Gpu(format!("{what} channel: {e}")))?
+            .map_err(|e| Error::Gpu(format!("map {what}: {e}")))?;
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@
 //! second WGSL stack beside wgpu and naga; it is a test hook, not a fast path.
 
 use super::pipeline::PipelineKey;
-use super::recorder::{Cmd, SubmitResult};
+use super::recorder::{map_for_reading, Cmd, SubmitResult};
 use super::GpuContext;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -247,21 +247,7 @@ fn snapshot(ctx: &GpuContext, buffers: &[wgpu::Buffer]) -> Result<Vec<Vec<u8>>> 
         stagings.push(staging);
     }
     ctx.queue.submit([enc.finish()]);
-    let (tx, rx) = std::sync::mpsc::channel();
-    for st in &stagings {
-        let tx = tx.clone();
-        st.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-    }
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-    for _ in &stagings {
-        rx.recv()
-            .map_err(|e| Error::Gpu(format!("snapshot channel: {e}")))?
-            .map_err(|e| Error::Gpu(format!("map snapshot: {e}")))?;
-    }
+    map_for_reading(device, &stagings, "snapshot")?;
     let mut out = vec![Vec::new(); buffers.len()];
     for ((_, members), st) in groups.iter().zip(&stagings) {
         {
