@@ -144,9 +144,11 @@ fn main() {
     let mut engine = cli.model.engine().unwrap_or_else(|e| fail(e));
     let max_context = engine.max_context();
     eprintln!(
-        "kvsieve chat: {} on {}. /help for commands.",
+        "kvsieve chat: {} on {} ({} MiB of weights, {} MiB of KV cache for {max_context} tokens). /help for commands.",
         engine.config.arch_name(),
-        engine.backend_name()
+        engine.backend_name(),
+        engine.weight_bytes().0 >> 20,
+        engine.kv_bytes() >> 20,
     );
     let system = |text: &str| Saved {
         msg: Message::new("system", text),

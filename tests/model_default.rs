@@ -559,3 +559,102 @@ fn tidal_decisions_agree_across_executors() {
         "Tidal with a covering budget"
     );
 }
+
+/// Greedy ids of a finished generation.
+fn ids_of(g: kvsieve::generate::Generation<'_>) -> Vec<u32> {
+    g.map(|t| t.unwrap().id).collect()
+}
+
+/// Sessions of one loaded model: a TokenSelect session on the long prompt and a
+/// dense chat session give the same tokens interleaved step by step, and on two
+/// threads at once, as each gives alone; policy state and KV caches are each
+/// session's own.
+fn sessions_match_each_alone(backend: Backend) {
+    use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+    use kvsieve::generate::Message;
+    fn assert_send<T: Send>(_: &T) {}
+    let ts = AttentionPolicy::TokenSelect(TokenSelectConfig {
+        k: 64,
+        n_init: 16,
+        n_local: 64,
+        ..Default::default()
+    });
+    let mut sessions: Vec<Engine> = {
+        let base = engine(backend).lock().unwrap_or_else(|e| e.into_inner());
+        (0..6).map(|_| base.session().unwrap()).collect()
+    };
+    assert_send(&sessions[0]);
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
+            .unwrap();
+    let mut long = sessions[0].tokenizer.encode(&text).unwrap();
+    long.truncate(600);
+    let chat = [Message::new("user", "What is the capital of France?")];
+    let p = GenerateParams {
+        max_tokens: 12,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    for s in sessions.iter_mut().step_by(2) {
+        s.set_policy(ts).unwrap();
+    }
+    // TokenSelect sessions a, x, c; dense ones b, y, d.
+    let mut it = sessions.into_iter();
+    let mut next = || it.next().unwrap();
+    let (mut a, mut b, mut x, mut y, mut c, mut d) =
+        (next(), next(), next(), next(), next(), next());
+
+    let alone_a = ids_of(a.generate_ids(&long, &p).unwrap());
+    let alone_b = ids_of(b.chat(&chat, &p).unwrap());
+    assert_eq!(alone_a.len(), 12);
+
+    let (mut tx, mut ty) = (Vec::new(), Vec::new());
+    {
+        let mut gx = x.generate_ids(&long, &p).unwrap();
+        let mut gy = y.chat(&chat, &p).unwrap();
+        loop {
+            let (i, j) = (gx.next(), gy.next());
+            if i.is_none() && j.is_none() {
+                break;
+            }
+            tx.extend(i.map(|t| t.unwrap().id));
+            ty.extend(j.map(|t| t.unwrap().id));
+        }
+    }
+    assert_eq!(tx, alone_a, "TokenSelect session interleaved with a chat");
+    assert_eq!(ty, alone_b, "chat session interleaved with TokenSelect");
+    assert!(x.selection_stats().selections > 0);
+    assert_eq!(y.selection_stats().selections, 0, "dense session selected");
+    assert_eq!(x.cached_tokens()[..600], long[..]);
+    assert_eq!(y.stats.decode_tokens, 11);
+
+    let long2 = long.clone();
+    let p2 = p.clone();
+    let other = std::thread::spawn(move || ids_of(c.generate_ids(&long2, &p2).unwrap()));
+    let td = ids_of(d.chat(&chat, &p).unwrap());
+    assert_eq!(other.join().unwrap(), alone_a, "TokenSelect session on a thread");
+    assert_eq!(td, alone_b, "chat session beside a thread");
+
+    let cfg = &a.config;
+    let page = Options::default().page_size;
+    let elem = if backend == Backend::Gpu { 2 } else { 4 };
+    let want = 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 2048usize.div_ceil(page) * page * elem;
+    for s in [&a, &b, &x, &y, &d] {
+        assert_eq!(s.kv_bytes(), want as u64, "KV cache bytes of a session");
+    }
+    eprintln!(
+        "{backend:?}: weights {} B shared, KV {} B per session",
+        a.weight_bytes().0,
+        a.kv_bytes()
+    );
+}
+
+#[test]
+fn sessions_match_each_alone_on_the_reference() {
+    sessions_match_each_alone(Backend::Reference);
+}
+
+#[test]
+fn sessions_match_each_alone_on_the_gpu() {
+    sessions_match_each_alone(Backend::Gpu);
+}

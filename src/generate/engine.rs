@@ -13,6 +13,7 @@ use crate::quant::DType;
 use crate::reference::RefExecutor;
 use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate, TreeSize};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Which executor runs the model.
@@ -187,6 +188,8 @@ trait Runner: Send {
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
     fn max_context(&self) -> usize;
+    fn fork(&self) -> Result<Box<dyn Runner>>;
+    fn kv_bytes(&self) -> u64;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -232,6 +235,12 @@ impl<E: Ops> Runner for Session<E> {
     fn max_context(&self) -> usize {
         self.max_context
     }
+    fn fork(&self) -> Result<Box<dyn Runner>> {
+        Ok(Box::new(Session::fork(self)?))
+    }
+    fn kv_bytes(&self) -> u64 {
+        Session::kv_bytes(self)
+    }
 }
 
 /// Loads the model onto `ops` and wraps it in a session.
@@ -252,7 +261,7 @@ fn runner<E: Ops + 'static>(
     )?;
     Ok(Box::new(Session::new(
         ops,
-        model,
+        std::sync::Arc::new(model),
         max_context,
         opts.page_size,
         opts.prefill_chunk,
@@ -260,7 +269,15 @@ fn runner<E: Ops + 'static>(
     )?))
 }
 
-/// A loaded model ready to generate.
+/// A loaded model ready to generate: one conversation (KV cache, policy
+/// state, statistics) over weights that [`Engine::session`] shares with more.
+///
+/// Threads: an `Engine` is `Send` (move it to any thread) but not `Sync`
+/// (each call takes `&mut self`, so one thread drives a session at a time).
+/// Sessions of one model may run on different threads at once; on the GPU
+/// their submits share one queue and take turns (on wgpu's GL backend, one
+/// at a time through a lock). A [`Generation`] borrows its engine and lives
+/// on that engine's thread.
 ///
 /// ```no_run
 /// use kvsieve::generate::{Engine, GenerateParams, Message, Options};
@@ -274,8 +291,8 @@ fn runner<E: Ops + 'static>(
 pub struct Engine {
     /// Model hyper-parameters.
     pub config: ModelConfig,
-    /// Tokenizer and chat template.
-    pub tokenizer: Tokenizer,
+    /// Tokenizer and chat template (shared by the engine's sessions).
+    pub tokenizer: Arc<Tokenizer>,
     runner: Box<dyn Runner>,
     /// Throughput counters.
     pub stats: Stats,
@@ -316,7 +333,7 @@ impl Engine {
         };
         Ok(Self {
             config,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             runner,
             stats: Stats::default(),
             verify_costs: None,
@@ -328,6 +345,41 @@ impl Engine {
     pub fn load_default(opts: Options) -> Result<Self> {
         let path = crate::convert::default_model_gguf()?;
         Self::load(&path, opts)
+    }
+
+    /// Another conversation on the same model: the weights, tokenizer and
+    /// device are shared (nothing is loaded again); the new engine has its own
+    /// KV cache (of this one's capacity), attention policy state (this one's
+    /// policy), speculation state and statistics. Create and drop sessions at
+    /// will; each is `Send` and may run on its own thread (the GPU queue is
+    /// shared, so concurrent sessions take turns on the device).
+    ///
+    /// ```no_run
+    /// use kvsieve::{Engine, GenerateParams, Message, Options};
+    /// let mut chat = Engine::load_default(Options::default())?;
+    /// let mut summary = chat.session()?; // same weights, own KV cache
+    /// let p = GenerateParams::default();
+    /// let a: String = chat.chat(&[Message::new("user", "Hi!")], &p)?
+    ///     .map(|t| t.map(|t| t.text)).collect::<Result<_, _>>()?;
+    /// let b: String = summary.generate("Summary of the day:", &p)?
+    ///     .map(|t| t.map(|t| t.text)).collect::<Result<_, _>>()?;
+    /// eprintln!("{a}\n{b}\nKV: {} + {} bytes", chat.kv_bytes(), summary.kv_bytes());
+    /// # Ok::<(), kvsieve::Error>(())
+    /// ```
+    pub fn session(&self) -> Result<Self> {
+        Ok(Self {
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            runner: self.runner.fork()?,
+            stats: Stats::default(),
+            verify_costs: self.verify_costs.clone(),
+        })
+    }
+
+    /// Bytes this session's KV cache takes on the executor (device memory on
+    /// the GPU; the weights are counted once, by [`Engine::weight_bytes`]).
+    pub fn kv_bytes(&self) -> u64 {
+        self.runner.kv_bytes()
     }
 
     /// Bytes the weights take on the executor, and the bytes of weights one

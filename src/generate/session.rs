@@ -10,6 +10,7 @@ use crate::ops::Ops;
 use crate::sampling::{accept_stride, AcceptParams};
 use crate::speculative::{Accepted, DraftTree};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A verify workspace and its per-node argmax and token buffers.
 struct VerifyBuffers<E: Ops> {
@@ -23,8 +24,8 @@ struct VerifyBuffers<E: Ops> {
 pub struct Session<E: Ops> {
     /// The executor.
     pub ops: E,
-    /// The model.
-    pub model: Llama<E>,
+    /// The model (weights shared with every session forked from this one).
+    pub model: Arc<Llama<E>>,
     kv: E::Kv,
     alloc: PageAllocator,
     table: PageTable,
@@ -50,7 +51,7 @@ impl<E: Ops> Session<E> {
     /// A session with room for `max_context` tokens in pages of `page_size`.
     pub fn new(
         mut ops: E,
-        model: Llama<E>,
+        model: Arc<Llama<E>>,
         max_context: usize,
         page_size: usize,
         chunk: usize,
@@ -89,6 +90,25 @@ impl<E: Ops> Session<E> {
             max_context,
             attention,
         })
+    }
+
+    /// A new session on the same model and device: its own executor, empty KV
+    /// cache of the same capacity, and this session's policy with fresh state.
+    pub fn fork(&self) -> Result<Self> {
+        let layout = &self.attention.shape.layout;
+        Self::new(
+            self.ops.fork()?,
+            self.model.clone(),
+            self.max_context,
+            layout.page_size,
+            self.chunk,
+            self.attention.policy,
+        )
+    }
+
+    /// Bytes the KV cache takes in the executor's memory.
+    pub fn kv_bytes(&self) -> u64 {
+        E::kv_bytes(&self.kv)
     }
 
     /// Switches the attention policy; a different policy drops the cache.

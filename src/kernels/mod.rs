@@ -244,6 +244,20 @@ impl GpuExecutor {
         self
     }
 
+    /// An executor on this one's device sharing its pipelines and kernel
+    /// choices, with its own recorder and scratch buffers.
+    pub(crate) fn fork_on_device(&self) -> Self {
+        Self {
+            rec: Recorder::new(self.ctx.clone()),
+            ctx: self.ctx.clone(),
+            pipelines: self.pipelines.clone(),
+            page_tables: HashMap::new(),
+            scratch: HashMap::new(),
+            tuning: self.tuning.clone(),
+            max_binding: self.max_binding,
+        }
+    }
+
     /// The largest storage binding this executor uses.
     pub fn max_binding(&self) -> u64 {
         self.max_binding

@@ -33,6 +33,10 @@ impl Executor for GpuExecutor {
         format!("gpu ({}, {:?})", self.ctx.info.name, self.ctx.info.backend)
     }
 
+    fn fork(&self) -> Result<Self> {
+        Ok(self.fork_on_device())
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_buffer_bytes: self.ctx.max_binding(),
@@ -61,6 +65,10 @@ impl Executor for GpuExecutor {
 
     fn kv_layout(kv: &GpuKv) -> &KvLayout {
         &kv.layout
+    }
+
+    fn kv_bytes(kv: &GpuKv) -> u64 {
+        kv.k.iter().chain(&kv.v).flatten().map(|b| b.size()).sum()
     }
 
     fn bounds_layout(b: &GpuBounds) -> (&KvLayout, usize) {

@@ -72,9 +72,10 @@ pub trait Executor: Sized + Send + 'static {
     /// u32 vector (token ids, positions).
     type Ids: Send;
     /// f16 matrix `[rows, cols]` (Hugging Face `[out, in]`), possibly split in chunks.
-    type Weight: Send;
-    /// RoPE cos/sin table.
-    type Rope: Send;
+    /// Shared (read-only) by every session on the model, hence `Sync`.
+    type Weight: Send + Sync;
+    /// RoPE cos/sin table (shared like the weights).
+    type Rope: Send + Sync;
     /// KV cache storage for a [`KvLayout`].
     type Kv: Send;
     /// Selection Cache decision state: whether the selection kernels run this
@@ -87,6 +88,10 @@ pub trait Executor: Sized + Send + 'static {
 
     /// Executor name (and adapter for the GPU).
     fn name(&self) -> String;
+    /// Another executor on the same device, with its own recorded work, that
+    /// may use this one's weights and RoPE tables (each session of a shared
+    /// model runs on its own fork).
+    fn fork(&self) -> Result<Self>;
     /// What one buffer may hold.
     fn limits(&self) -> Limits;
     /// Rows and columns of a tensor.
@@ -105,6 +110,8 @@ pub trait Executor: Sized + Send + 'static {
     fn rope_dims(rope: &Self::Rope) -> (usize, usize);
     /// The layout of a KV cache.
     fn kv_layout(kv: &Self::Kv) -> &KvLayout;
+    /// Bytes a KV cache takes in the executor's memory.
+    fn kv_bytes(kv: &Self::Kv) -> u64;
     /// The layout of the cache block bounds describe, and tokens per block.
     fn bounds_layout(bounds: &Self::Bounds) -> (&KvLayout, usize);
 

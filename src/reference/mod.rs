@@ -129,6 +129,10 @@ impl Executor for RefExecutor {
         "reference (CPU f32)".into()
     }
 
+    fn fork(&self) -> Result<Self> {
+        Ok(Self)
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_buffer_bytes: u64::MAX,
@@ -157,6 +161,10 @@ impl Executor for RefExecutor {
 
     fn kv_layout(kv: &RefKv) -> &KvLayout {
         &kv.layout
+    }
+
+    fn kv_bytes(kv: &RefKv) -> u64 {
+        kv.k.iter().chain(&kv.v).map(|l| l.len() as u64 * 4).sum()
     }
 
     fn bounds_layout(b: &block_sparse::RefBounds) -> (&KvLayout, usize) {
