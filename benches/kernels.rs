@@ -43,8 +43,8 @@ fn bench_copy(c: &mut Criterion, ex: &mut GpuExecutor) {
         .measurement_time(Duration::from_secs(3));
     for mib in [16u64, 64] {
         let bytes = mib << 20;
-        let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src");
-        let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst");
+        let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src").unwrap();
+        let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst").unwrap();
         // Read + write.
         g.throughput(Throughput::Bytes(2 * bytes));
         g.bench_function(BenchmarkId::from_parameter(format!("{mib}MiB")), |b| {
@@ -205,8 +205,8 @@ fn bench_qgemv(c: &mut Criterion, ex: &mut GpuExecutor) {
         DType::Q6_K,
     ];
     let bytes = 64u64 << 20;
-    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src");
-    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst");
+    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src").unwrap();
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst").unwrap();
     let copy_bw =
         2.0 * bytes as f64 / seconds(ex, |ex| copy_buffer(ex, &src, &dst, bytes).unwrap());
     let mut rows = Vec::new();

@@ -41,8 +41,8 @@ fn copy_bandwidth() -> kvsieve::Result<f64> {
     let mut ex = GpuExecutor::new()?;
     ex.rec.enable_timestamps();
     let bytes = 64u64 << 20;
-    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src");
-    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst");
+    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "src").unwrap();
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, bytes, "dst").unwrap();
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();

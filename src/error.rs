@@ -29,9 +29,20 @@ pub enum Error {
     /// A fixed capacity (KV cache pages, binding size, positions) would be exceeded.
     #[error("capacity exceeded: {0}")]
     Capacity(String),
-    /// The GPU reported an error (validation, out of memory, lost device).
+    /// The GPU reported a validation or internal error for the call's work.
+    /// The work was not done; the engine drops its cached conversation and
+    /// stays usable.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The device (or, for the reference executor, the host) has not got the
+    /// memory the call asked for. Nothing was half-done; smaller work (a
+    /// shorter context, a smaller model) may fit.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// The device was lost (driver reset, GPU removed or hung, or destroyed).
+    /// Every later call on it returns this error; load the model again.
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

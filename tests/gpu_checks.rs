@@ -563,3 +563,47 @@ fn bad_shapes_are_the_same_error_on_both_executors() {
         assert_eq!(a, b, "{name}: the executors disagree");
     }
 }
+
+/// What the device reports comes back typed from the call that caused it: a
+/// buffer past the adapter's limit, a submit wgpu's validation rejects (the
+/// test hook), and the device's loss; after the first two the executor goes
+/// on, after the loss every call says so. Runs on its own device, which it
+/// destroys.
+#[test]
+fn device_errors_come_back_typed() {
+    use kvsieve::gpu::GpuContext;
+    use kvsieve::kernels::GpuExecutor;
+    use std::sync::Arc;
+    let ctx = Arc::new(GpuContext::new().unwrap());
+    let mut ex = GpuExecutor::with_context(ctx.clone());
+    let max = ctx.device.limits().max_buffer_size;
+    match kvsieve::gpu::buffer::storage(&ctx.device, max + 1, "huge") {
+        Err(Error::Capacity(m)) => {
+            assert!(m.contains("exceeds the adapter's largest buffer"), "{m}")
+        }
+        other => panic!("expected a capacity error, got {other:?}"),
+    }
+    let x = ex.upload(&[1.0, 2.0, 3.0, 4.0], 1, 4).unwrap();
+    let w = ex.weight(&[f16::ONE; 8], 2, 4).unwrap();
+    let mut y = ex.tensor(1, 2).unwrap();
+    ctx.poison_next_submit();
+    ex.matmul(&x, &w, &mut y).unwrap();
+    match ex.download(&y) {
+        Err(Error::Gpu(m)) => assert!(m.contains("validation"), "{m}"),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    ex.matmul(&x, &w, &mut y).unwrap();
+    assert_eq!(
+        ex.download(&y).unwrap(),
+        vec![10.0, 10.0],
+        "after the error"
+    );
+
+    ctx.device.destroy();
+    for _ in 0..2 {
+        let r = ex.matmul(&x, &w, &mut y).and_then(|_| ex.download(&y));
+        assert!(matches!(r, Err(Error::DeviceLost(_))), "{r:?}");
+    }
+    let r = ex.tensor(4, 4).and_then(|t| ex.download(&t));
+    assert!(matches!(r, Err(Error::DeviceLost(_))), "{r:?}");
+}

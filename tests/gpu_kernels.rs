@@ -239,7 +239,7 @@ fn bias_penalty_top_k_and_copy_match_reference() {
     let src =
         kvsieve::gpu::buffer::storage_init(&ex.ctx.device, bytemuck::cast_slice(&data), "src")
             .unwrap();
-    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst");
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst").unwrap();
     kvsieve::kernels::copy_buffer(&mut ex, &src, &dst, 4096).unwrap();
     assert_eq!(
         ex.read_bytes(&dst, 4096).unwrap(),
@@ -579,7 +579,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
         let pipeline = PipelineCache::default().get(&ctx.device, shader, "main", &[]);
         (
             pipeline,
-            kvsieve::gpu::buffer::storage(&ctx.device, 256, "probe"),
+            kvsieve::gpu::buffer::storage(&ctx.device, 256, "probe").unwrap(),
         )
     };
     let mut rec = Recorder::new(ctx.clone());

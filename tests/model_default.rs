@@ -632,13 +632,18 @@ fn sessions_match_each_alone(backend: Backend) {
     let p2 = p.clone();
     let other = std::thread::spawn(move || ids_of(c.generate_ids(&long2, &p2).unwrap()));
     let td = ids_of(d.chat(&chat, &p).unwrap());
-    assert_eq!(other.join().unwrap(), alone_a, "TokenSelect session on a thread");
+    assert_eq!(
+        other.join().unwrap(),
+        alone_a,
+        "TokenSelect session on a thread"
+    );
     assert_eq!(td, alone_b, "chat session beside a thread");
 
     let cfg = &a.config;
     let page = Options::default().page_size;
     let elem = if backend == Backend::Gpu { 2 } else { 4 };
-    let want = 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 2048usize.div_ceil(page) * page * elem;
+    let want =
+        2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 2048usize.div_ceil(page) * page * elem;
     for s in [&a, &b, &x, &y, &d] {
         assert_eq!(s.kv_bytes(), want as u64, "KV cache bytes of a session");
     }

@@ -552,3 +552,131 @@ fn an_interrupted_answer_leaves_an_engine_that_answers_as_a_fresh_one() {
     let mut fresh = load(&path, Backend::Reference).unwrap();
     assert_eq!(after_interrupt, answer(&mut fresh, &msgs));
 }
+
+/// A device error in the middle of an answer (the test hook makes a submit
+/// carry a command wgpu's validation rejects) comes back from the call that
+/// caused it; the engine drops its cache and answers the next request as a
+/// fresh one does. After the device is lost, every call says so: no panic,
+/// no hang.
+#[test]
+fn device_errors_are_typed_and_the_engine_recovers_or_says_it_cannot() {
+    use std::sync::Arc;
+    let d = write_model("deverr", "LlamaForCausalLM", |_| {});
+    let ctx = Arc::new(kvsieve::gpu::GpuContext::new().unwrap());
+    let opts = Options {
+        backend: Backend::Gpu,
+        max_context: 128,
+        device: Some(ctx.clone()),
+        ..Options::default()
+    };
+    let mut e = Engine::load(&d, opts).unwrap();
+    let prompt: Vec<u32> = (0..20).map(|i| 3 + (i * 11) % 250).collect();
+    let want = greedy(&mut e, &prompt, 8);
+
+    // Mid-answer: the fourth step's submit fails.
+    let params = GenerateParams {
+        max_tokens: 8,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let mut g = e.generate_ids(&prompt, &params).unwrap();
+    let first: Vec<u32> = g.by_ref().take(3).map(|t| t.unwrap().id).collect();
+    assert_eq!(first, want[..3]);
+    ctx.poison_next_submit();
+    match g.next() {
+        Some(Err(Error::Gpu(msg))) => assert!(msg.contains("validation"), "{msg}"),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    assert_eq!(g.stop_reason(), Some(kvsieve::StopReason::Error));
+    assert!(g.next().is_none());
+    drop(g);
+    assert!(e.cached_tokens().is_empty(), "the cache was not dropped");
+    assert_eq!(greedy(&mut e, &prompt, 8), want, "after a device error");
+
+    // In the prefill's submit (recorded by generate_ids, submitted with the
+    // first token's readback).
+    e.reset();
+    ctx.poison_next_submit();
+    let r: kvsieve::Result<Vec<u32>> = e
+        .generate_ids(&prompt, &params)
+        .and_then(|g| g.map(|t| t.map(|t| t.id)).collect());
+    assert!(matches!(r, Err(Error::Gpu(_))), "{r:?}");
+    assert_eq!(greedy(&mut e, &prompt, 8), want, "after a failed prefill");
+
+    // A second session on the same device is untouched by the first's error.
+    let mut other = e.session().unwrap();
+    ctx.poison_next_submit();
+    let r: kvsieve::Result<Vec<u32>> = e
+        .generate_ids(&prompt, &params)
+        .and_then(|g| g.map(|t| t.map(|t| t.id)).collect());
+    assert!(r.is_err());
+    assert_eq!(greedy(&mut other, &prompt, 8), want);
+
+    // The device lost: this call and every later one say so.
+    ctx.device.destroy();
+    for _ in 0..2 {
+        match e.generate_ids(&prompt, &params) {
+            Err(Error::DeviceLost(msg)) => assert!(msg.contains("load the model again"), "{msg}"),
+            other => panic!("expected DeviceLost, got {:?}", other.err()),
+        }
+    }
+    assert!(matches!(
+        other.generate_ids(&prompt, &params),
+        Err(Error::DeviceLost(_))
+    ));
+}
+
+/// A load that cannot fit the adapter's (or for the reference, the
+/// machine's) memory fails before allocating, with both sizes.
+#[test]
+fn a_model_that_does_not_fit_fails_before_loading() {
+    // The tiny model with a config claiming 1024 layers: the check runs on
+    // the config and the tensors' headers, before any tensor is read.
+    let d = write_model("nofit", "LlamaForCausalLM", |_| {});
+    let cfg = d.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["num_hidden_layers"] = 1024.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    for backend in [Backend::Reference, Backend::Gpu] {
+        let ctx = kvsieve::gpu::GpuContext::new().unwrap();
+        let cpu_driver = ctx.info.device_type == wgpu::DeviceType::Cpu;
+        if backend == Backend::Gpu && ctx.memory_bytes().is_none() && !cpu_driver {
+            eprintln!("{}: the adapter does not report its memory", ctx.info.name);
+            continue;
+        }
+        // 2 * 1024 layers * 2 KV heads * 16 values per token: 2^24 tokens
+        // take 2 TiB of f16 (4 TiB of f32).
+        let r = Engine::load(
+            &d,
+            Options {
+                backend,
+                max_context: 1 << 24,
+                ..Options::default()
+            },
+        );
+        match r {
+            Err(Error::OutOfMemory(msg)) => {
+                eprintln!("{backend:?}: {msg}");
+                assert!(msg.contains("KV cache for 16777216 tokens"), "{msg}");
+                assert!(msg.contains(" MiB; a shorter max_context"), "{msg}");
+            }
+            Err(e) => panic!("{backend:?}: expected OutOfMemory, got {e}"),
+            Ok(_) => panic!("{backend:?}: a 2^24-token context loaded"),
+        }
+    }
+    let r = load_with_context(&d, (1 << 24) + 1);
+    assert!(
+        err_text(r).contains("max_context 16777217: at most 16777216"),
+        "past the largest context"
+    );
+}
+
+fn load_with_context(dir: &Path, max_context: usize) -> kvsieve::Result<Engine> {
+    let opts = Options {
+        backend: Backend::Reference,
+        max_context,
+        ..Options::default()
+    };
+    Engine::load(dir, opts)
+}

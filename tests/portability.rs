@@ -424,8 +424,8 @@ fn drive_kernels(ex: &mut kvsieve::kernels::GpuExecutor) {
     ex.top_k(&logits, 8).unwrap();
     let mut chosen = ex.ids(&[0; 8]).unwrap();
     ex.block_top_k(&logits, 1, 40000, 8, &mut chosen).unwrap();
-    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "src");
-    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst");
+    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "src").unwrap();
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst").unwrap();
     kvsieve::kernels::copy_buffer(ex, &src, &dst, 4096).unwrap();
     ex.flush().unwrap();
 }

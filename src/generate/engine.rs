@@ -6,6 +6,7 @@ use super::sampler::{Sampler, SamplingParams};
 use super::session::Session;
 use super::tokenizer::{Message, Tokenizer};
 use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
 use crate::kernels::GpuExecutor;
 use crate::model::{GgufModel, Llama, ModelConfig, TensorSource, Weights};
 use crate::ops::Ops;
@@ -68,6 +69,10 @@ pub struct Options {
     /// Quantize float weight matrices at load (Q8_0, Q4_0 or Q4_1, ggml's
     /// reference quantizers); `None` keeps each tensor's stored type.
     pub quantize: Option<crate::quant::DType>,
+    /// The GPU device to run on (`Backend::Gpu`): one an app already has, to
+    /// share it with its own work or to choose the adapter in code. `None`
+    /// picks one as [`GpuContext::new`] does.
+    pub device: Option<Arc<GpuContext>>,
 }
 
 impl Default for Options {
@@ -80,6 +85,7 @@ impl Default for Options {
             progress: false,
             policy: Default::default(),
             quantize: None,
+            device: None,
         }
     }
 }
@@ -190,6 +196,7 @@ trait Runner: Send {
     fn max_context(&self) -> usize;
     fn fork(&self) -> Result<Box<dyn Runner>>;
     fn kv_bytes(&self) -> u64;
+    fn device_lost(&self) -> Option<Error>;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -241,6 +248,82 @@ impl<E: Ops> Runner for Session<E> {
     fn kv_bytes(&self) -> u64 {
         Session::kv_bytes(self)
     }
+    fn device_lost(&self) -> Option<Error> {
+        self.ops.device_lost()
+    }
+}
+
+/// The longest context an engine takes (the largest `max_position_embeddings`
+/// a config may claim, too).
+const MAX_CONTEXT: usize = 1 << 24;
+
+/// What a load will take in the executor's memory, estimated from the
+/// tensors' stored types before anything is allocated.
+struct Footprint {
+    weights: u64,
+    kv: u64,
+    rope: u64,
+    tokens: usize,
+}
+
+impl Footprint {
+    fn of(src: &dyn TensorSource, cfg: &ModelConfig, max_context: usize, opts: &Options) -> Self {
+        // The GPU keeps floats and its KV cache in f16, the reference in f32;
+        // quantized tensors stay in their blocks on both.
+        let float: u64 = if opts.backend == Backend::Gpu { 2 } else { 4 };
+        let weights = src
+            .stored()
+            .iter()
+            .map(|&(dtype, n)| match opts.quantize {
+                _ if dtype.is_quantized() => dtype.bytes_for(n).unwrap_or(n * float),
+                Some(q) => q.bytes_for(n).unwrap_or(n * float),
+                None => n * float,
+            })
+            .fold(0u64, u64::saturating_add);
+        let page = opts.page_size.max(1) as u64;
+        let tokens = (max_context as u64).div_ceil(page).saturating_mul(page);
+        let per_token = 2 * (cfg.layers * cfg.kv_heads * cfg.head_dim) as u64 * float;
+        Self {
+            weights,
+            kv: tokens.saturating_mul(per_token),
+            rope: (max_context as u64).saturating_mul(cfg.head_dim as u64 * 4),
+            tokens: max_context,
+        }
+    }
+
+    /// An error naming both sizes when the load would not fit `available`
+    /// bytes (where the adapter or system reports them).
+    fn fits(&self, available: Option<u64>, on: &str) -> Result<()> {
+        let need = self
+            .weights
+            .saturating_add(self.kv)
+            .saturating_add(self.rope);
+        match available {
+            Some(have) if need > have => {
+                let mib = |b: u64| b >> 20;
+                Err(Error::OutOfMemory(format!(
+                    "the model needs about {} MiB ({} MiB of weights, {} MiB of KV cache for {} \
+                     tokens, {} MiB of RoPE table) and {on} has {} MiB; a shorter max_context \
+                     (--max-context) or a smaller or quantized model may fit",
+                    mib(need),
+                    mib(self.weights),
+                    mib(self.kv),
+                    self.tokens,
+                    mib(self.rope),
+                    mib(have)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Physical memory of this machine, where the system reports it.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Loads the model onto `ops` and wraps it in a session.
@@ -327,9 +410,31 @@ impl Engine {
         } else {
             opts.max_context
         };
+        if max_context > MAX_CONTEXT {
+            return Err(Error::InvalidOption(format!(
+                "max_context {max_context}: at most {MAX_CONTEXT} tokens"
+            )));
+        }
+        let need = Footprint::of(weights, &config, max_context, &opts);
         let runner = match opts.backend {
-            Backend::Gpu => runner(GpuExecutor::new()?, weights, &config, max_context, &opts)?,
-            Backend::Reference => runner(RefExecutor::new(), weights, &config, max_context, &opts)?,
+            Backend::Gpu => {
+                let ex = match &opts.device {
+                    Some(ctx) => GpuExecutor::on(ctx.clone())?,
+                    None => GpuExecutor::new()?,
+                };
+                // A CPU driver allocates from the host.
+                let cpu = ex.ctx.info.device_type == wgpu::DeviceType::Cpu;
+                match ex.ctx.memory_bytes() {
+                    Some(heap) => need.fits(Some(heap), &ex.ctx.info.name)?,
+                    None if cpu => need.fits(host_memory(), "this machine")?,
+                    None => {}
+                }
+                runner(ex, weights, &config, max_context, &opts)?
+            }
+            Backend::Reference => {
+                need.fits(host_memory(), "this machine")?;
+                runner(RefExecutor::new(), weights, &config, max_context, &opts)?
+            }
         };
         Ok(Self {
             config,
@@ -370,7 +475,10 @@ impl Engine {
         Ok(Self {
             config: self.config.clone(),
             tokenizer: self.tokenizer.clone(),
-            runner: self.runner.fork()?,
+            runner: self
+                .runner
+                .fork()
+                .map_err(|e| self.runner.device_lost().unwrap_or(e))?,
             stats: Stats::default(),
             verify_costs: self.verify_costs.clone(),
         })
@@ -507,9 +615,28 @@ impl Engine {
             lcp -= 1; // re-run the last token to get its logits
         }
         self.runner.truncate(lcp);
-        self.runner.feed(&ids[lcp..])?;
+        if let Err(e) = self.runner.feed(&ids[lcp..]) {
+            return Err(self.after_error(e));
+        }
         self.stats.prefill_tokens += ids.len() - lcp;
         Ok(())
+    }
+
+    /// After a device error the cache may hold half-written work: it is
+    /// dropped, so the next request recomputes the conversation (the engine
+    /// stays usable). After [`Error::DeviceLost`] every call fails the same way.
+    fn after_error(&mut self, e: Error) -> Error {
+        if let Some(lost) = self.runner.device_lost() {
+            self.runner.truncate(0);
+            return lost;
+        }
+        if matches!(
+            e,
+            Error::Gpu(_) | Error::OutOfMemory(_) | Error::DeviceLost(_) | Error::Internal(_)
+        ) {
+            self.runner.truncate(0);
+        }
+        e
     }
 
     /// Logits after the last fed token (whole vocabulary; for tests and tools).
@@ -552,7 +679,8 @@ impl Engine {
                     let c = Instant::now();
                     let sizes = crate::speculative::PROBE_SIZES;
                     let max = crate::speculative::max_expected_tau();
-                    self.verify_costs = Some(self.verify_cost(ids, &sizes, 2, max)?);
+                    let costs = self.verify_cost(ids, &sizes, 2, max);
+                    self.verify_costs = Some(costs.map_err(|e| self.after_error(e))?);
                     calibration = c.elapsed();
                 }
                 self.verify_costs
@@ -732,7 +860,7 @@ impl Iterator for Generation<'_> {
             Err(e) => {
                 self.done = true;
                 self.stop = Some(StopReason::Error);
-                Some(Err(e))
+                Some(Err(self.engine.after_error(e)))
             }
         }
     }

@@ -7,25 +7,45 @@ pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
 
-/// Creates a zeroed storage buffer of at least `bytes` (rounded up to 16, never empty).
-pub fn storage(device: &wgpu::Device, bytes: u64, label: &str) -> wgpu::Buffer {
-    device.create_buffer(&wgpu::BufferDescriptor {
+/// Creates a buffer of `size` bytes, catching wgpu's errors: a size past the
+/// device's limit is a capacity error before wgpu sees it; out of memory and
+/// validation errors come back typed instead of reaching wgpu's default
+/// handler (which panics).
+fn create(device: &wgpu::Device, size: u64, label: &str, mapped: bool) -> Result<wgpu::Buffer> {
+    let max = device.limits().max_buffer_size;
+    if size > max {
+        return Err(Error::Capacity(format!(
+            "{label}: a buffer of {size} bytes exceeds the adapter's largest buffer ({max} bytes)"
+        )));
+    }
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: bytes.max(16).div_ceil(16) * 16,
+        size,
         usage: STORAGE,
-        mapped_at_creation: false,
-    })
+        mapped_at_creation: mapped,
+    });
+    let validation = pollster::block_on(validation.pop());
+    let oom = pollster::block_on(oom.pop());
+    match (oom, validation) {
+        (Some(wgpu::Error::OutOfMemory { source }), _) => Err(Error::OutOfMemory(format!(
+            "GPU: allocating {label} of {size} bytes: {source}"
+        ))),
+        (Some(e), _) | (None, Some(e)) => Err(Error::Gpu(format!("allocating {label}: {e}"))),
+        (None, None) => Ok(buf),
+    }
+}
+
+/// Creates a zeroed storage buffer of at least `bytes` (rounded up to 16, never empty).
+pub fn storage(device: &wgpu::Device, bytes: u64, label: &str) -> Result<wgpu::Buffer> {
+    create(device, bytes.max(16).div_ceil(16) * 16, label, false)
 }
 
 /// Creates a storage buffer holding `data` (padded to a multiple of 16 bytes).
 pub fn storage_init(device: &wgpu::Device, data: &[u8], label: &str) -> Result<wgpu::Buffer> {
     let size = (data.len() as u64).max(16).div_ceil(16) * 16;
-    let buf = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage: STORAGE,
-        mapped_at_creation: true,
-    });
+    let buf = create(device, size, label, true)?;
     {
         let mut view = buf
             .slice(..)

@@ -116,6 +116,29 @@ pub struct GpuContext {
     /// Where submits run instead of this device (a test hook, see [`super::replay`]).
     replay: Option<std::sync::Arc<dyn super::Replay>>,
     gl_lock: std::sync::Mutex<()>,
+    /// Errors wgpu reported outside an error scope, and the device's loss.
+    faults: std::sync::Arc<Faults>,
+    /// Bytes of the adapter's largest device-local memory heap, where the
+    /// adapter reports it (Vulkan).
+    memory: Option<u64>,
+}
+
+/// What wgpu reported through the device's callbacks: an error outside any
+/// error scope (by default wgpu panics on these) or the device's loss.
+#[derive(Default)]
+struct Faults {
+    lost: std::sync::Mutex<Option<String>>,
+    uncaptured: std::sync::Mutex<Option<Error>>,
+    /// Test hook: the next submit carries an invalid dispatch.
+    poison: std::sync::atomic::AtomicBool,
+}
+
+/// A wgpu error as kvsieve's.
+pub(crate) fn typed(e: wgpu::Error) -> Error {
+    match e {
+        wgpu::Error::OutOfMemory { source } => Error::OutOfMemory(format!("GPU: {source}")),
+        other => Error::Gpu(format!("validation: {other}")),
+    }
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -132,6 +155,32 @@ impl std::fmt::Debug for GpuContext {
 pub const INSTALL_HINT: &str = "kvsieve needs a Vulkan, Metal, DX12 or OpenGL (EGL) adapter. \
 On Linux without a GPU install Mesa's CPU drivers: `apt-get install -y mesa-vulkan-drivers` \
 (lavapipe, Vulkan) or `libegl1 libgl1-mesa-dri` (llvmpipe, GL).";
+
+/// The size of the adapter's largest device-local memory heap (Vulkan only,
+/// on the platforms where wgpu builds its Vulkan backend by default).
+#[cfg(any(windows, target_os = "linux", target_os = "android"))]
+fn device_local_heap(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: only reads the physical device's memory properties through the
+    // instance that enumerated it; nothing is kept past this call.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let props = unsafe {
+        hal.shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device())
+    };
+    let n = (props.memory_heap_count as usize).min(props.memory_heaps.len());
+    // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+    props.memory_heaps[..n]
+        .iter()
+        .filter(|h| h.flags.as_raw() & 1 != 0)
+        .map(|h| h.size)
+        .max()
+}
+
+#[cfg(not(any(windows, target_os = "linux", target_os = "android")))]
+fn device_local_heap(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
+}
 
 impl GpuContext {
     /// Picks the adapter per [`AdapterRequest::from_env`] and creates the device.
@@ -217,15 +266,79 @@ impl GpuContext {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| Error::Gpu(format!("request_device on {}: {e}", info.name)))?;
+        let faults = std::sync::Arc::new(Faults::default());
+        let f = faults.clone();
+        device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            let mut slot = f.uncaptured.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(typed(e));
+        }));
+        let f = faults.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let mut lost = f.lost.lock().unwrap_or_else(|e| e.into_inner());
+            lost.get_or_insert(format!("{reason:?}: {msg}"));
+        });
         Ok(Self {
             device,
             queue,
+            memory: device_local_heap(&adapter),
             info,
             limits,
             caps,
             replay: None,
             gl_lock: std::sync::Mutex::new(()),
+            faults,
         })
+    }
+
+    /// Bytes of the adapter's largest device-local memory heap, where the
+    /// adapter reports it (Vulkan; on integrated GPUs this is shared system
+    /// memory). `None` elsewhere, and for CPU drivers, whose heap size is not
+    /// a limit (lavapipe reports 2 GiB and allocates past it from the host).
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.memory
+            .filter(|_| self.info.device_type != wgpu::DeviceType::Cpu)
+    }
+
+    /// The device's state: an error once it is lost (every later call), or
+    /// the first error wgpu reported outside an error scope since the last
+    /// check (taken).
+    pub fn check(&self) -> Result<()> {
+        self.check_lost()?;
+        let taken = self
+            .faults
+            .uncaptured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        taken.map_or(Ok(()), Err)
+    }
+
+    /// An error when the device is lost (every call after the loss).
+    pub(crate) fn check_lost(&self) -> Result<()> {
+        match &*self.faults.lost.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(msg) => Err(Error::DeviceLost(format!(
+                "{} ({msg}); load the model again",
+                self.info.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Test hook: the next submit on this device also records a command
+    /// that wgpu's validation rejects (a copy past a buffer's end), so the
+    /// path from a device error to the caller can be exercised on any adapter.
+    #[doc(hidden)]
+    pub fn poison_next_submit(&self) {
+        self.faults
+            .poison
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Takes the poison flag (see [`GpuContext::poison_next_submit`]).
+    pub(crate) fn take_poison(&self) -> bool {
+        self.faults
+            .poison
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs every later submit on `target` instead of this device: buffers stay

@@ -2,6 +2,7 @@
 //! submit. Uniform parameters of all dispatches share one buffer per submit, bind
 //! groups are built at flush time, and readbacks ride on the same submit.
 
+use super::device::typed;
 use super::pipeline::Pipeline;
 use super::GpuContext;
 use crate::error::{Error, Result};
@@ -185,29 +186,59 @@ impl Recorder {
     }
 
     /// Submits everything recorded as one command buffer, waits, and returns the
-    /// readbacks. GPU validation and out-of-memory errors come back as errors.
+    /// readbacks. GPU validation errors ([`Error::Gpu`]), out of memory
+    /// ([`Error::OutOfMemory`]) and the device's loss ([`Error::DeviceLost`])
+    /// come back as errors; the recorded work is dropped either way, so the
+    /// recorder is ready for the next step.
     pub fn submit(&mut self) -> Result<SubmitResult> {
         if self.is_empty() {
             return Ok(SubmitResult::default());
         }
+        let cmds = std::mem::take(&mut self.cmds);
+        let reads = std::mem::take(&mut self.reads);
         let ctx = self.ctx.clone();
+        let done = match ctx.check() {
+            Ok(()) => self.run(&ctx, cmds, reads),
+            Err(e) => Err(e),
+        };
+        // A loss shows up as whatever failed first (a map, a wait): name it.
+        match ctx.check_lost() {
+            Err(lost) => Err(lost),
+            Ok(()) => done,
+        }
+    }
+
+    /// Runs the submit inside error scopes; wgpu's own error, when there is
+    /// one, is what went wrong (a failed readback is its consequence).
+    fn run(
+        &mut self,
+        ctx: &GpuContext,
+        cmds: Vec<Cmd>,
+        reads: Vec<(wgpu::Buffer, u64, u64)>,
+    ) -> Result<SubmitResult> {
         let _gl = ctx.gl_guard();
         let device = &ctx.device;
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let cmds = std::mem::take(&mut self.cmds);
-        let reads = std::mem::take(&mut self.reads);
+        let done = self.encode_and_wait(ctx, cmds, reads);
+        let validation = pollster::block_on(validation.pop());
+        let oom = pollster::block_on(oom.pop());
+        match oom.or(validation) {
+            Some(e) => Err(typed(e)),
+            None => done,
+        }
+    }
+
+    fn encode_and_wait(
+        &mut self,
+        ctx: &GpuContext,
+        cmds: Vec<Cmd>,
+        reads: Vec<(wgpu::Buffer, u64, u64)>,
+    ) -> Result<SubmitResult> {
+        let device = &ctx.device;
         if let Some(target) = ctx.replay() {
-            let result = super::replay::submit(&ctx, target.as_ref(), &cmds, &reads);
             self.submit_count += 1;
-            let validation = pollster::block_on(validation.pop());
-            let oom = pollster::block_on(oom.pop());
-            return match (result, validation, oom) {
-                (Err(e), _, _) => Err(e),
-                (_, Some(e), _) => Err(Error::Gpu(format!("validation: {e}"))),
-                (_, _, Some(e)) => Err(Error::Gpu(format!("out of memory: {e}"))),
-                (Ok(r), None, None) => Ok(r),
-            };
+            return super::replay::submit(ctx, target.as_ref(), &cmds, &reads);
         }
 
         // All uniform params in one buffer, each at an aligned offset.
@@ -412,6 +443,12 @@ impl Recorder {
                 );
             }
         }
+        if ctx.take_poison() {
+            // The test hook: a copy past the end of a buffer, which wgpu's
+            // validation rejects, makes the whole command buffer invalid.
+            let b = super::buffer::storage(device, 16, "poison")?;
+            enc.copy_buffer_to_buffer(&b, 0, &b, 16, Some(16));
+        }
         ctx.queue.submit([enc.finish()]);
         self.submit_count += 1;
         let mut result = SubmitResult::default();
@@ -450,15 +487,7 @@ impl Recorder {
             }
             st.unmap();
         } else {
-            device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-        }
-        if let Some(e) = pollster::block_on(validation.pop()) {
-            return Err(Error::Gpu(format!("validation: {e}")));
-        }
-        if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(Error::Gpu(format!("out of memory: {e}")));
+            wait(device)?;
         }
         Ok(result)
     }
@@ -481,6 +510,20 @@ fn count_passes(cmds: &[Cmd]) -> usize {
     n
 }
 
+/// Waits for the device to finish submitted work. wgpu panics when a wait
+/// fails for a reason it has no error value for (the device lost mid-wait):
+/// that becomes an error here, and the caller's loss check names it.
+fn wait(device: &wgpu::Device) -> Result<()> {
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        device.poll(wgpu::PollType::wait_indefinitely())
+    }));
+    match polled {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Error::Gpu(format!("waiting for the device: {e}"))),
+        Err(_) => Err(Error::DeviceLost("waiting for the device failed".into())),
+    }
+}
+
 /// Maps `buffers` (MAP_READ, written by a submitted copy) and waits for them;
 /// `what` names them in errors.
 pub(super) fn map_for_reading(
@@ -495,9 +538,7 @@ pub(super) fn map_for_reading(
             let _ = tx.send(r);
         });
     }
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+    wait(device)?;
     for _ in buffers {
         rx.recv()
             .map_err(|e| Error::Gpu(format!("{what} channel: {e}")))?

@@ -126,7 +126,7 @@ fn decode_impl(
         Some(li) => li.selected.buf.clone(),
         None => ex.scratch("no selection", 16)?,
     };
-    let pages = ex.page_table(cache.table);
+    let pages = ex.page_table(cache.table)?;
     let lanes = ex.tuning.per_thread_kernels;
     let entry = if lanes {
         "decode_lanes"
@@ -376,7 +376,7 @@ fn prefill_impl(
         }
         Keys::Dense => (ex.scratch("no selection", 16)?, 0),
     };
-    let pages = ex.page_table(cache.table);
+    let pages = ex.page_table(cache.table)?;
     let lw = match keys {
         Keys::Tree(_) => ListWords {
             mode: 2,

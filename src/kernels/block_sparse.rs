@@ -45,9 +45,9 @@ pub(super) fn alloc(
                     let pages = per_arena.min(layout.num_pages - a * per_arena);
                     buffer::storage(&ex.ctx.device, pages as u64 * bounds_page, "block bounds")
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     Ok(GpuBounds {
         block,
         rotated,
@@ -93,7 +93,7 @@ pub(super) fn bounds(
     }
     let first = tokens.start / b.block;
     let n_blocks = tokens.end.div_ceil(b.block) - first;
-    let pages = ex.page_table(table);
+    let pages = ex.page_table(table)?;
     let rotate = [("ROTATE", super::flag(b.rotated))];
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "bounds", &rotate);
     let groups = ex.grid((n_blocks * l.kv_heads * l.head_dim / 4).div_ceil(64))?;
@@ -177,7 +177,7 @@ pub(super) fn scores(
         ScoreRows::PerHead { .. } => (q.buf.clone(), "head_scores"),
         ScoreRows::PerKvHead => (group_query(ex, q, &l, words(0), false)?, "group_scores"),
     };
-    let pages = ex.page_table(table);
+    let pages = ex.page_table(table)?;
     let p = ex.pipeline(shaders::BLOCK_SPARSE, entry, &[]);
     let groups = ex.grid((blocks.len() * l.kv_heads).div_ceil(64))?;
     let span = blocks.start * b.block..blocks.end * b.block;
@@ -261,7 +261,7 @@ pub(super) fn token_scores(
         ..params(&l, 1, 0..n, n, (a, kv.pages_per_arena))
     };
     let sum = group_query(ex, q, &l, words(0), true)?;
-    let pages = ex.page_table(table);
+    let pages = ex.page_table(table)?;
     let p = ex.pipeline(shaders::BLOCK_SPARSE, "token_scores", &[]);
     let groups = ex.grid((n * l.kv_heads).div_ceil(64))?;
     for a in kv.arenas_for(table, 0..n) {

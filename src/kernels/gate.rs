@@ -109,7 +109,7 @@ pub(super) fn new_gate(ex: &mut GpuExecutor) -> Result<GpuGate> {
         usage: buffer::STORAGE | wgpu::BufferUsages::INDIRECT,
         mapped_at_creation: false,
     });
-    let counters = buffer::storage(&ex.ctx.device, 16, "selection cache counters");
+    let counters = buffer::storage(&ex.ctx.device, 16, "selection cache counters")?;
     Ok(GpuGate {
         args,
         counters,

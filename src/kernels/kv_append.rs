@@ -21,7 +21,7 @@ pub(super) fn kv_append(
     if k.rows == 0 {
         return Ok(());
     }
-    let pages = ex.page_table(table);
+    let pages = ex.page_table(table)?;
     let words = l.head_dim / 2;
     let p = ex.pipeline(shaders::KV_APPEND, "kv_append", &[]);
     let groups = ex.grid((k.rows * l.kv_heads * words).div_ceil(64))?;

@@ -207,7 +207,13 @@ impl GpuExecutor {
     /// instead of the adapter's kind (portability tests run the GPU kernels on a
     /// CPU driver this way).
     pub fn new() -> Result<Self> {
-        let mut ex = Self::with_context(Arc::new(GpuContext::new()?));
+        Self::on(Arc::new(GpuContext::new()?))
+    }
+
+    /// An executor on `ctx`, with the kernel choices of [`GpuExecutor::new`]
+    /// (`KVSIEVE_TUNING` included).
+    pub fn on(ctx: Arc<GpuContext>) -> Result<Self> {
+        let mut ex = Self::with_context(ctx);
         match std::env::var("KVSIEVE_TUNING").as_deref() {
             Err(_) | Ok("") => {}
             Ok("cpu") => ex.tuning = Tuning::with_kind(&ex.ctx.info, true),
@@ -300,7 +306,7 @@ impl GpuExecutor {
                 return Ok(b.clone());
             }
         }
-        let b = buffer::storage(&self.ctx.device, bytes.next_power_of_two(), name);
+        let b = buffer::storage(&self.ctx.device, bytes.next_power_of_two(), name)?;
         self.scratch.insert(name, b.clone());
         Ok(b)
     }
@@ -312,7 +318,7 @@ impl GpuExecutor {
         buffer::rows_per_chunk(layout.page_elems() as u64 * 2, self.max_binding, "KV page")
     }
 
-    pub(crate) fn page_table(&mut self, table: &PageTable) -> wgpu::Buffer {
+    pub(crate) fn page_table(&mut self, table: &PageTable) -> Result<wgpu::Buffer> {
         let _gl = self.ctx.gl_guard();
         let n = table.pages.len();
         let entry = self.page_tables.get(&table.id());
@@ -320,7 +326,7 @@ impl GpuExecutor {
             Some((b, cap, w)) if *cap >= n => (b.clone(), *cap, *w),
             _ => {
                 let cap = n.max(64).next_power_of_two();
-                let b = buffer::storage(&self.ctx.device, cap as u64 * 4, "page table");
+                let b = buffer::storage(&self.ctx.device, cap as u64 * 4, "page table")?;
                 (b, cap, 0)
             }
         };
@@ -333,7 +339,7 @@ impl GpuExecutor {
         }
         self.page_tables
             .insert(table.id(), (buf.clone(), cap, n.max(written)));
-        buf
+        Ok(buf)
     }
 
     /// Forgets the device copy of a released page table.

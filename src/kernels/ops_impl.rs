@@ -79,6 +79,14 @@ impl Executor for GpuExecutor {
         self.rec.submit().map(|_| ())
     }
 
+    fn device_lost(&self) -> Option<crate::error::Error> {
+        // wgpu reports a destroyed device's loss from its next poll.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.ctx.device.poll(wgpu::PollType::Poll)
+        }));
+        self.ctx.check_lost().err()
+    }
+
     fn set_profiling(&mut self, on: bool) {
         self.rec.set_profiling(on);
     }
@@ -96,7 +104,7 @@ impl TensorOps for GpuExecutor {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
         Ok(GpuTensor {
-            buf: buffer::storage(&self.ctx.device, (rows * cols * 4) as u64, "tensor"),
+            buf: buffer::storage(&self.ctx.device, (rows * cols * 4) as u64, "tensor")?,
             rows,
             cols,
         })
@@ -302,12 +310,12 @@ impl KvOps for GpuExecutor {
                     &self.ctx.device,
                     pages as u64 * page_bytes,
                     "k arena",
-                ));
+                )?);
                 vl.push(buffer::storage(
                     &self.ctx.device,
                     pages as u64 * page_bytes,
                     "v arena",
-                ));
+                )?);
             }
             k.push(kl);
             v.push(vl);

@@ -58,7 +58,7 @@ pub(super) fn score(
     let kv = cache.kv;
     let slots = prefilter.map_or(c.n, |pf| pf.slots());
     let qh = q.cols / kv.layout.head_dim;
-    let pages = ex.page_table(cache.table);
+    let pages = ex.page_table(cache.table)?;
     let modulo = [("GQA_MODULO", super::flag(c.gqa == GqaMap::Modulo))];
     let p = ex.pipeline(shaders::TOKENSELECT, "score", &modulo);
     let groups = ex.grid(slots.div_ceil(64))?;

@@ -30,6 +30,9 @@ pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
     /// Tensor `name`, checked to have `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>>;
+    /// Stored type and element count of every tensor (for sizing a load
+    /// before it starts).
+    fn stored(&self) -> Vec<(DType, u64)>;
 }
 
 fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
@@ -45,6 +48,9 @@ fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
 impl TensorSource for Weights {
     fn has(&self, name: &str) -> bool {
         Weights::has(self, name)
+    }
+    fn stored(&self) -> Vec<(DType, u64)> {
+        Weights::stored(self)
     }
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>> {
         let (dtype, got, bytes) = self.raw(name)?;
@@ -117,6 +123,15 @@ impl GgufModel {
 impl TensorSource for GgufModel {
     fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+    fn stored(&self) -> Vec<(DType, u64)> {
+        self.tensors
+            .values()
+            .filter_map(|t| {
+                let n = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+                Some((DType::from_ggml(t.type_id)?, n))
+            })
+            .collect()
     }
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorData<'_>> {
         let t = self

@@ -93,6 +93,26 @@ impl Weights {
         self.index.contains_key(name)
     }
 
+    /// Stored type and element count of every tensor (from the headers).
+    pub fn stored(&self) -> Vec<(DType, u64)> {
+        let mut out = Vec::new();
+        for (_, map) in &self.maps {
+            let Ok(st) = safetensors::SafeTensors::deserialize(map) else {
+                continue;
+            };
+            for (_, t) in st.tensors() {
+                let dtype = match t.dtype() {
+                    safetensors::Dtype::F16 => DType::F16,
+                    safetensors::Dtype::BF16 => DType::BF16,
+                    _ => DType::F32,
+                };
+                let n = t.shape().iter().map(|&d| d as u64).product();
+                out.push((dtype, n));
+            }
+        }
+        out
+    }
+
     /// A tensor's stored type, shape and bytes (borrowed from the mapping).
     pub fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
         let &i = self

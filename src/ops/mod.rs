@@ -117,6 +117,11 @@ pub trait Executor: Sized + Send + 'static {
 
     /// Finishes all recorded work (a no-op on the CPU).
     fn flush(&mut self) -> Result<()>;
+    /// The device's loss, once it is lost (every later call fails; a GPU
+    /// call in flight may have failed with a less telling error first).
+    fn device_lost(&self) -> Option<Error> {
+        None
+    }
     /// Turns per-kernel timing on or off (GPU timestamps; a no-op where unsupported).
     fn set_profiling(&mut self, _on: bool) {}
     /// Per-kernel totals since profiling began: (kernel, dispatches, nanoseconds).
