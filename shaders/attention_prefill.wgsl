@@ -49,7 +49,7 @@ const LIST_TREE: u32 = 3u;
 @group(0) @binding(2) var<storage, read> k_arena: array<vec2<u32>>; // 4 halves per element
 @group(0) @binding(3) var<storage, read> v_arena: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read> pages: array<u32>;
-@group(0) @binding(5) var<storage, read> cs: array<vec4<f32>>;     // (cos, sin) pairs, 2 per element
+@group(0) @binding(5) var<storage, read> cs: array<vec2<f32>>;     // two-level rope table (lib/rotary.wgsl)
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // [n_q, q_heads, D + 2]
 @group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>; // [n_q, q_heads * D/4]
 // Selected ids (list modes) from 0, the draft tree's ancestor sets and depths
@@ -165,11 +165,15 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                 let pos = position(r, kvh);
                 let lo = unpack4(k_arena[base + w]);
                 let hi = unpack4(k_arena[base + w + e8]);
-                // cos/sin of dims 4w..4w+3: two vec4s of (cos, sin, cos, sin)
-                let c01 = cs[(pos * p.head_dim / 2u + 4u * w) / 2u];
-                let c23 = cs[(pos * p.head_dim / 2u + 4u * w) / 2u + 1u];
-                let c = vec4<f32>(c01.x, c01.z, c23.x, c23.z);
-                let s = vec4<f32>(c01.y, c01.w, c23.y, c23.w);
+                // cos/sin of dims 4w..4w+3
+                let rl = rope_lo(pos, p.head_dim / 2u) + 4u * w;
+                let rh = rope_hi(pos, p.head_dim / 2u) + 4u * w;
+                let c0 = rope_compose(cs[rl], cs[rh]);
+                let c1 = rope_compose(cs[rl + 1u], cs[rh + 1u]);
+                let c2 = rope_compose(cs[rl + 2u], cs[rh + 2u]);
+                let c3 = rope_compose(cs[rl + 3u], cs[rh + 3u]);
+                let c = vec4<f32>(c0.x, c1.x, c2.x, c3.x);
+                let s = vec4<f32>(c0.y, c1.y, c2.y, c3.y);
                 let rk = rotate4(lo, hi, c, s);
                 k_sh[t * D4_MAX + w] = rk.lo;
                 k_sh[t * D4_MAX + w + e8] = rk.hi;

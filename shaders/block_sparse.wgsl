@@ -51,9 +51,11 @@ fn rotated(base: u32, c: u32, t: u32) -> vec4<f32> {
     let lo = unpack2x16float(k_arena[base + c / 2u]);
     let hi = unpack2x16float(k_arena[base + (c + half) / 2u]);
     if (!ROTATE) { return vec4<f32>(lo, hi); }
-    let row = rope_row(t, p.max_pos) * half;
-    let c0 = cs[row + c];
-    let c1 = cs[row + c + 1u];
+    let pos = rope_row(t, p.max_pos);
+    let rl = rope_lo(pos, half) + c;
+    let rh = rope_hi(pos, half) + c;
+    let c0 = rope_compose(cs[rl], cs[rh]);
+    let c1 = rope_compose(cs[rl + 1u], cs[rh + 1u]);
     let rk = rotate2(lo, hi, vec2<f32>(c0.x, c1.x), vec2<f32>(c0.y, c1.y));
     return vec4<f32>(rk.lo, rk.hi);
 }
@@ -245,13 +247,15 @@ fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let quarter = p.head_dim / 4u;
     // Words: channels 2c, 2c + 1 at base + c, their partners at base + quarter + c.
     let base = kv_row(page - p.arena_first_page, p.kv_heads, g, p.page_size, t % p.page_size) * half;
-    let cs0 = rope_row(t, p.max_pos) * half;
+    let pos = rope_row(t, p.max_pos);
+    let rl = rope_lo(pos, half);
+    let rh = rope_hi(pos, half);
     var s = vec2<f32>(0.0);
     for (var c = 0u; c < quarter; c++) {
         let lo = unpack2x16float(ts_k[base + c]);
         let hi = unpack2x16float(ts_k[base + quarter + c]);
-        let a = ts_cs[cs0 + 2u * c];
-        let b = ts_cs[cs0 + 2u * c + 1u];
+        let a = rope_compose(ts_cs[rl + 2u * c], ts_cs[rh + 2u * c]);
+        let b = rope_compose(ts_cs[rl + 2u * c + 1u], ts_cs[rh + 2u * c + 1u]);
         let rk = rotate2(lo, hi, vec2<f32>(a.x, b.x), vec2<f32>(a.y, b.y));
         s += ts_q[g * half + c] * rk.lo + ts_q[g * half + quarter + c] * rk.hi;
     }

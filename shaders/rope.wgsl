@@ -17,7 +17,7 @@ fn rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let h = (idx / half) % p.heads;
     let r = idx / (half * p.heads);
     let position = rope_row(pos[r], p.max_pos);
-    let c = cs[position * half + i];
+    let c = rope_compose(cs[rope_lo(position, half) + i], cs[rope_hi(position, half) + i]);
     let base = r * p.heads * p.head_dim + h * p.head_dim;
     let x1 = x[base + i];
     let x2 = x[base + i + half];

@@ -100,7 +100,6 @@ fn case(
         1e-4,
     );
     // The bound: q . k(t) <= score of t's block, for every key.
-    let half = d / 2;
     for h in 0..qh {
         let qv = &q[h * d..(h + 1) * d];
         let g = h / (qh / kh);
@@ -108,7 +107,7 @@ fn case(
             let off = f.kvc.offset(&f.table, t, g);
             let mut k = f.kvc.k[0][off..off + d].to_vec();
             if rotated {
-                kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
+                kvsieve::reference::rotate(&mut k, &rc.row(t));
             }
             let s = sc.data[h * nb + t / block - first];
             assert!(
@@ -471,12 +470,12 @@ fn token_scores_match_reference() {
             1e-4,
         );
         // Each KV head's row: its query heads' dot products with the rotated key.
-        let (half, group) = (d / 2, qh / kh);
+        let group = qh / kh;
         for g in [0, kh - 1] {
             for t in [0, n / 2, n - 1] {
                 let off = f.kvc.offset(&f.table, t, g);
                 let mut k = f.kvc.k[0][off..off + d].to_vec();
-                kvsieve::reference::rotate(&mut k, &rc.cs[t * half..(t + 1) * half]);
+                kvsieve::reference::rotate(&mut k, &rc.row(t));
                 let want: f32 = (g * group..(g + 1) * group)
                     .map(|h| dot(&q[h * d..(h + 1) * d], &k))
                     .sum();

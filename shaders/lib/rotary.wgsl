@@ -1,7 +1,26 @@
 // lib/rotary.wgsl: rotate-half RoPE as Hugging Face applies it. Channel i < D/2
 // pairs with i + D/2; rotated by an angle with cosine c and sine s:
-// lo' = lo c - hi s, hi' = hi c + lo s. The table holds (cos, sin) per
-// position and channel pair, positions clamped to the table.
+// lo' = lo c - hi s, hi' = hi c + lo s. The table is two-level (see
+// kvsieve::ops::ROPE_SPLIT): a position's (cos, sin) per channel pair is
+// composed by angle addition from row pos % ROPE_SPLIT and row ROPE_SPLIT +
+// pos / ROPE_SPLIT, so a table for 2^24 positions fits any binding.
+// Positions are clamped to the table.
+
+const ROPE_SPLIT: u32 = 1024u;
+
+// Element offsets of a position's low and high rows (`half` pairs a row).
+fn rope_lo(pos: u32, half: u32) -> u32 {
+    return (pos % ROPE_SPLIT) * half;
+}
+
+fn rope_hi(pos: u32, half: u32) -> u32 {
+    return (ROPE_SPLIT + pos / ROPE_SPLIT) * half;
+}
+
+// (cos, sin) of the sum of the two rows' angles, as kvsieve::ops::rope_at.
+fn rope_compose(lo: vec2<f32>, hi: vec2<f32>) -> vec2<f32> {
+    return vec2<f32>(lo.x * hi.x - lo.y * hi.y, lo.y * hi.x + lo.x * hi.y);
+}
 
 // A table row for position `pos` of a table of `max_pos` positions.
 fn rope_row(pos: u32, max_pos: u32) -> u32 {

@@ -214,20 +214,49 @@ impl RopeConfig {
         Ok(())
     }
 
-    /// The `(cos, sin)` table `[max_positions, head_dim / 2]`: angle = pos * inv_freq
-    /// in f32 like Hugging Face, cos/sin evaluated in f64.
+    /// Rows of the two-level table (see [`ROPE_SPLIT`]).
+    pub fn table_rows(&self) -> usize {
+        ROPE_SPLIT + self.max_positions.div_ceil(ROPE_SPLIT)
+    }
+
+    /// The two-level `(cos, sin)` table `[table_rows, head_dim / 2]`: rows
+    /// `0..ROPE_SPLIT` hold the angles `r * inv_freq`, the rows after them
+    /// `h * ROPE_SPLIT * inv_freq`, cos and sin evaluated in f64 from the exact
+    /// angle; [`rope_at`] composes a position's row from one of each.
     pub fn table(&self) -> Result<Vec<[f32; 2]>> {
         self.validate()?;
         let inv = self.inv_freq();
-        let mut t = Vec::with_capacity(self.max_positions * inv.len());
-        for p in 0..self.max_positions {
+        let mut t = Vec::with_capacity(self.table_rows() * inv.len());
+        let high = (0..self.max_positions.div_ceil(ROPE_SPLIT)).map(|h| h * ROPE_SPLIT);
+        for p in (0..ROPE_SPLIT).chain(high) {
             for &f in &inv {
-                let a = (p as f32 * f) as f64;
+                let a = p as f64 * f as f64;
                 t.push([a.cos() as f32, a.sin() as f32]);
             }
         }
         Ok(t)
     }
+}
+
+/// RoPE tables are two-level, so that one covering 2^24 positions takes 17K
+/// rows (4.4 MB at head dim 64) and fits any binding: position `p`'s (cos,
+/// sin) is composed by angle addition from row `p % ROPE_SPLIT` and row
+/// `ROPE_SPLIT + p / ROPE_SPLIT`, in f32 (the kernels compose it the same
+/// way, `rope_cs` in `shaders/lib/rotary.wgsl`). Against cos and sin of the
+/// exact angle the composed values are within 4.8e-7 at any position
+/// (`tests/gpu_kernels.rs` checks near 2^20 and 2^24). Angles are exact: a
+/// single table computed as transformers does rounds `pos * inv_freq` to f32
+/// first, which at 2^20 positions moves the fastest channel by up to 0.06 rad.
+pub const ROPE_SPLIT: usize = 1024;
+
+/// `(cos, sin)` of channel pair `i` at position `pos` (clamped to the
+/// table's `max_pos` positions) from a two-level table of `half` pairs a row.
+#[inline]
+pub fn rope_at(table: &[[f32; 2]], half: usize, max_pos: usize, pos: usize, i: usize) -> [f32; 2] {
+    let p = pos.min(max_pos - 1);
+    let lo = table[(p % ROPE_SPLIT) * half + i];
+    let hi = table[(ROPE_SPLIT + p / ROPE_SPLIT) * half + i];
+    [lo[0] * hi[0] - lo[1] * hi[1], lo[1] * hi[0] + lo[0] * hi[1]]
 }
 
 /// The keys a sparse decode step attends to, by rank: `[0, n_init)`, then

@@ -62,7 +62,7 @@ pub trait TensorOps: Executor {
     /// A RoPE table.
     fn rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope> {
         cfg.validate()?;
-        let bytes = cfg.max_positions as u64 * (cfg.head_dim / 2) as u64 * 8;
+        let bytes = cfg.table_rows() as u64 * (cfg.head_dim / 2) as u64 * 8;
         if bytes > self.limits().max_buffer_bytes {
             return Err(Error::Capacity(format!(
                 "RoPE table for {} positions ({bytes} bytes) exceeds the buffer limit of {}",

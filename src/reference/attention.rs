@@ -22,11 +22,7 @@ pub(super) fn gather_keys(
         let off = kv.offset(table, t, kvh);
         k[j * d..(j + 1) * d].copy_from_slice(&kv.k[layer][off..off + d]);
         v[j * d..(j + 1) * d].copy_from_slice(&kv.v[layer][off..off + d]);
-        let p = pos.min(rope.max_pos - 1);
-        rotate(
-            &mut k[j * d..(j + 1) * d],
-            &rope.cs[p * rope.half..(p + 1) * rope.half],
-        );
+        rotate(&mut k[j * d..(j + 1) * d], &rope.row(pos));
     }
     (k, v)
 }

@@ -65,7 +65,7 @@ pub(super) fn bounds(
             for t in t0..t1 {
                 let off = kv.offset(table, t, h);
                 let k = &kv.k[layer][off..off + d];
-                let cs = &rope.cs[t.min(rope.max_pos - 1) * half..][..half];
+                let cs = rope.row(t);
                 for i in 0..half {
                     let (lo, hi) = (k[i], k[i + half]);
                     let r = if b.rotated {
@@ -208,7 +208,7 @@ pub(super) fn token_scores(
         for t in 0..n {
             let off = kv.offset(table, t, g);
             let k = &kv.k[layer][off..off + d];
-            let cs = &rope.cs[t.min(rope.max_pos - 1) * half..][..half];
+            let cs = rope.row(t);
             let mut s = 0.0f32;
             for i in 0..half {
                 let (lo, hi) = (k[i], k[i + half]);

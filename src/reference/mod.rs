@@ -55,7 +55,8 @@ impl RefWeight {
     }
 }
 
-/// RoPE table `[max_pos, head_dim / 2]` of (cos, sin).
+/// Two-level RoPE table `[table_rows, head_dim / 2]` of (cos, sin) (see
+/// [`crate::ops::ROPE_SPLIT`]).
 #[derive(Clone, Debug)]
 pub struct RefRope {
     /// The table.
@@ -64,6 +65,34 @@ pub struct RefRope {
     pub half: usize,
     /// Positions covered.
     pub max_pos: usize,
+}
+
+/// One position's composed (cos, sin) pairs (head_dim is at most 1024).
+pub struct RopeRow {
+    cs: [[f32; 2]; 512],
+    half: usize,
+}
+
+impl std::ops::Deref for RopeRow {
+    type Target = [[f32; 2]];
+    fn deref(&self) -> &[[f32; 2]] {
+        &self.cs[..self.half]
+    }
+}
+
+impl RefRope {
+    /// The (cos, sin) pairs of position `pos` (clamped to the table), composed
+    /// as the kernels compose them.
+    pub fn row(&self, pos: usize) -> RopeRow {
+        let mut cs = [[0.0; 2]; 512];
+        for (i, c) in cs[..self.half].iter_mut().enumerate() {
+            *c = crate::ops::rope_at(&self.cs, self.half, self.max_pos, pos, i);
+        }
+        RopeRow {
+            cs,
+            half: self.half,
+        }
+    }
 }
 
 /// KV storage: per layer, `[page][kv_head][slot][head_dim]` values rounded to f16.
@@ -443,7 +472,7 @@ mod tests {
                     .map(|j| {
                         let mut kj: Vec<f32> =
                             (0..d).map(|c| round_f16(k[(j * kh + g) * d + c])).collect();
-                        rotate(&mut kj, &rope.cs[j * d / 2..(j + 1) * d / 2]);
+                        rotate(&mut kj, &rope.row(j));
                         qv.iter()
                             .zip(&kj)
                             .map(|(a, b)| (*a as f64) * (*b as f64))

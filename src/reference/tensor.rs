@@ -175,10 +175,9 @@ impl TensorOps for RefExecutor {
             .par_chunks_mut(cols)
             .enumerate()
             .for_each(|(r, row)| {
-                let p = (positions[r] as usize).min(rope.max_pos - 1);
-                let cs = &rope.cs[p * rope.half..(p + 1) * rope.half];
+                let cs = rope.row(positions[r] as usize);
                 for h in 0..heads {
-                    rotate(&mut row[h * d..(h + 1) * d], cs);
+                    rotate(&mut row[h * d..(h + 1) * d], &cs);
                 }
             });
         Ok(())
