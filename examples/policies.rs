@@ -264,7 +264,12 @@ fn layer_step_ms(
     let mut q = ex.tensor(1, qd)?;
     let mut out = ex.tensor(1, qd)?;
     let pos = ex.ids(&[(len - 1) as u32])?;
-    let mut att = Attention::<GpuExecutor>::new(policy, &layout, cfg.heads)?;
+    let shape = kvsieve::attention::AttentionShape {
+        layout,
+        q_heads: cfg.heads,
+        trained: cfg.max_positions,
+    };
+    let mut att = Attention::<GpuExecutor>::new(policy, shape)?;
     let mut total = Duration::ZERO;
     for step in 0..=steps {
         let t = Instant::now();

@@ -680,3 +680,88 @@ fn load_with_context(dir: &Path, max_context: usize) -> kvsieve::Result<Engine> 
     };
     Engine::load(dir, opts)
 }
+
+/// `Positions::Auto`, the default: within the trained context (the tiny
+/// model's 256 positions) TokenSelect attends at original positions, past it
+/// at compact ones; each step gives exactly the logits of the fixed scheme.
+#[test]
+fn tokenselect_positions_auto_switch_at_the_trained_length() {
+    use kvsieve::attention::{AttentionPolicy, Positions, TokenSelectConfig};
+    let d = write_model("auto_pos", "LlamaForCausalLM", |_| {});
+    let ts = |positions| {
+        AttentionPolicy::TokenSelect(TokenSelectConfig {
+            k: 16,
+            n_init: 4,
+            n_local: 16,
+            subchunk: 8,
+            positions,
+            ..Default::default()
+        })
+    };
+    assert_eq!(TokenSelectConfig::default().positions, Positions::Auto);
+    for backend in [Backend::Reference, Backend::Gpu] {
+        let engine = |p| {
+            let opts = Options {
+                backend,
+                max_context: 512,
+                policy: ts(p),
+                ..Options::default()
+            };
+            Engine::load(&d, opts).unwrap()
+        };
+        let (mut auto, mut orig, mut comp) = (
+            engine(Positions::Auto),
+            engine(Positions::Original),
+            engine(Positions::Compact),
+        );
+        let prompt: Vec<u32> = (0..300).map(|i| 3 + (i * 13) % 250).collect();
+        for len in [100, 256, 257, 300] {
+            let ids = &prompt[..len];
+            let logits = |e: &mut Engine| {
+                e.reset();
+                e.prefill(ids).unwrap();
+                e.logits().unwrap()
+            };
+            let (a, o, c) = (logits(&mut auto), logits(&mut orig), logits(&mut comp));
+            assert!(
+                o != c,
+                "{backend:?} len {len}: the schemes agree, the test shows nothing"
+            );
+            let want = if len <= 256 { &o } else { &c };
+            assert!(
+                &a == want,
+                "{backend:?} len {len}: auto is not the expected scheme"
+            );
+        }
+        // Decode steps after a 250-token prompt: as original ones up to the
+        // trained length (6 new tokens reach 256), not after it.
+        let greedy_logits = |e: &mut Engine, n: usize| {
+            e.reset();
+            let params = GenerateParams {
+                max_tokens: n,
+                stop_at_eos: false,
+                ..Default::default()
+            };
+            let toks: Vec<u32> = e
+                .generate_ids(&prompt[..250], &params)
+                .unwrap()
+                .map(|t| t.unwrap().id)
+                .collect();
+            (toks, e.logits().unwrap())
+        };
+        let within = (greedy_logits(&mut auto, 7), greedy_logits(&mut orig, 7));
+        assert_eq!(auto.cached_tokens().len(), 256);
+        assert!(
+            within.0 == within.1,
+            "{backend:?}: decode within 256 is original"
+        );
+        let past = (greedy_logits(&mut auto, 12), greedy_logits(&mut orig, 12));
+        assert_eq!(auto.cached_tokens().len(), 261);
+        assert!(
+            past.0 .1 != past.1 .1,
+            "{backend:?}: decode past 256 is not original"
+        );
+    }
+    let c = TokenSelectConfig::default();
+    assert!(!c.compact_at(256, 256) && c.compact_at(257, 256));
+}

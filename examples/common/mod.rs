@@ -59,8 +59,9 @@ pub struct ModelArgs {
     /// TokenSelect: Selection Cache cosine threshold.
     #[arg(long, default_value_t = 0.9)]
     pub cache_threshold: f32,
-    /// TokenSelect: compact or original positions.
-    #[arg(long, default_value = "compact")]
+    /// TokenSelect: RoPE positions of the attended keys: auto (original within
+    /// the model's trained context, compact past it), compact or original.
+    #[arg(long, default_value = "auto")]
     pub positions: String,
     /// TokenSelect: prefill queries sharing one selection (their mean is the fingerprint).
     #[arg(long, default_value_t = 512)]

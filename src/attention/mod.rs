@@ -166,6 +166,9 @@ pub struct AttentionShape {
     pub layout: KvLayout,
     /// Query heads.
     pub q_heads: usize,
+    /// The model's trained context (`max_position_embeddings`): where
+    /// [`tokenselect::Positions::Auto`] switches to compact positions.
+    pub trained: usize,
 }
 
 impl AttentionShape {
@@ -185,13 +188,9 @@ pub struct Attention<E: Ops> {
 }
 
 impl<E: Ops> Attention<E> {
-    /// State for `policy` over caches of `layout` and queries of `q_heads` heads.
-    pub fn new(policy: AttentionPolicy, layout: &KvLayout, q_heads: usize) -> Result<Self> {
+    /// State for `policy` over caches and queries of `shape`.
+    pub fn new(policy: AttentionPolicy, shape: AttentionShape) -> Result<Self> {
         policy.validate()?;
-        let shape = AttentionShape {
-            layout: *layout,
-            q_heads,
-        };
         let state: Box<dyn PolicyState<E> + Send> = match policy {
             AttentionPolicy::Dense => Box::new(dense::Dense::new()),
             AttentionPolicy::TokenSelect(c) => Box::new(tokenselect::TokenSelect::new(c, shape)?),

@@ -14,9 +14,13 @@ use crate::ops::{GqaMap, KeyList, Ops, SelectPlan, Selection};
 /// RoPE positions of selected keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Positions {
+    /// Original positions while the context is within the model's trained
+    /// length (closest to dense attention there), compact ones once it goes
+    /// past (positions the model never saw otherwise).
+    #[default]
+    Auto,
     /// A key's position is its rank in the attended list (extrapolates past the
     /// trained context).
-    #[default]
     Compact,
     /// True positions.
     Original,
@@ -26,10 +30,11 @@ impl std::str::FromStr for Positions {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Self::Auto),
             "compact" => Ok(Self::Compact),
             "original" => Ok(Self::Original),
             o => Err(Error::InvalidOption(format!(
-                "positions {o:?}: expected compact or original"
+                "positions {o:?}: expected auto, compact or original"
             ))),
         }
     }
@@ -80,7 +85,7 @@ impl Default for TokenSelectConfig {
             n_init: 128,
             n_local: 512,
             cache_threshold: 0.9,
-            positions: Positions::Compact,
+            positions: Positions::Auto,
             subchunk: 512,
             gqa_map: GqaMap::Grouped,
             prefilter_blocks: 0,
@@ -141,15 +146,31 @@ impl TokenSelectConfig {
 
     /// The key list of a query (or the first query of a sub-chunk) at logical
     /// index `at` over the layer's selection, with `tail_len` window tokens.
-    fn list<'a, I>(&self, selected: &'a I, at: usize, tail_len: usize) -> KeyList<'a, I> {
+    fn list<'a, I>(
+        &self,
+        selected: &'a I,
+        at: usize,
+        tail_len: usize,
+        compact: bool,
+    ) -> KeyList<'a, I> {
         KeyList {
             n_init: self.n_init,
             selected,
             n_selected: self.k,
             tail_start: at + 1 - self.n_local,
             tail_len,
-            compact: self.positions == Positions::Compact,
+            compact,
             selection: Selection::Shared,
+        }
+    }
+
+    /// Whether a step whose context reaches `seq_len` tokens uses compact
+    /// positions, for a model trained on `trained` positions.
+    pub fn compact_at(&self, seq_len: usize, trained: usize) -> bool {
+        match self.positions {
+            Positions::Compact => true,
+            Positions::Original => false,
+            Positions::Auto => seq_len > trained,
         }
     }
 }
@@ -220,6 +241,8 @@ pub struct TokenSelect<E: Ops> {
     buf: Option<Buffers<E>>,
     pre: Option<HierarchicalPrefilter<E>>,
     mode: Mode<E>,
+    /// Compact positions in the current step ([`TokenSelectConfig::compact_at`]).
+    compact: bool,
     /// Selections run without the Selection Cache (threshold above 1).
     uncached_selections: u64,
     prefill_selections: u64,
@@ -238,6 +261,7 @@ impl<E: Ops> TokenSelect<E> {
             buf: None,
             pre: None,
             mode: Mode::Dense,
+            compact: false,
             uncached_selections: 0,
             prefill_selections: 0,
         })
@@ -286,6 +310,8 @@ impl<E: Ops> TokenSelect<E> {
     fn begin_tokens(&mut self, ops: &mut E, n: usize, seq_len: usize) -> Result<()> {
         let c = self.c;
         let start = seq_len - n;
+        self.compact = c.compact_at(seq_len, self.shape.trained);
+        let compact = self.compact;
         if c.prefilter_blocks > 0 {
             // Bounds follow the cache from the first token, selecting or not.
             if self.pre.is_none() {
@@ -318,8 +344,8 @@ impl<E: Ops> TokenSelect<E> {
             let cand = c.candidates(start + r0);
             max_cand = max_cand.max(cand.unwrap_or(0));
             for (i, r) in rows.clone().enumerate() {
-                positions.push(match (cand, c.positions) {
-                    (Some(_), Positions::Compact) => c.list_len() - 1 + i,
+                positions.push(match cand {
+                    Some(_) if compact => c.list_len() - 1 + i,
                     _ => start + r,
                 } as u32);
             }
@@ -332,10 +358,10 @@ impl<E: Ops> TokenSelect<E> {
             return Ok(());
         }
         self.ensure_buffers(ops, max_cand, n)?;
-        let q_pos = if c.positions == Positions::Original {
-            QueryPos::True
-        } else {
+        let q_pos = if compact {
             QueryPos::Own(ops.ids(&positions)?)
+        } else {
+            QueryPos::True
         };
         self.mode = Mode::Prefill(subs, q_pos);
         Ok(())
@@ -356,14 +382,14 @@ impl<E: Ops> TokenSelect<E> {
             return Ok(());
         };
         self.ensure_buffers(ops, cand, 1)?;
-        let q_pos = match c.positions {
-            Positions::Original => QueryPos::True,
-            Positions::Compact => {
-                let n = mask.len() / 5;
-                let base = (c.list_len() - 1) as u32;
-                let depths = &mask[4 * n..];
-                QueryPos::Own(ops.ids(&depths.iter().map(|&d| base + d).collect::<Vec<_>>())?)
-            }
+        let n = mask.len() / 5;
+        self.compact = c.compact_at(start + n, self.shape.trained);
+        let q_pos = if self.compact {
+            let base = (c.list_len() - 1) as u32;
+            let depths = &mask[4 * n..];
+            QueryPos::Own(ops.ids(&depths.iter().map(|&d| base + d).collect::<Vec<_>>())?)
+        } else {
+            QueryPos::True
         };
         self.mode = Mode::TreeList(tree, q_pos);
         Ok(())
@@ -422,7 +448,7 @@ impl<E: Ops> TokenSelect<E> {
             return Err(Error::Internal("TokenSelect buffers missing".into()));
         };
         let (pos, tree) = match &self.mode {
-            Mode::Decode if c.positions == Positions::Compact => (&buf.compact_pos, None),
+            Mode::Decode if self.compact => (&buf.compact_pos, None),
             Mode::Decode => (a.positions, None),
             Mode::TreeList(mask, p) => (p.get(a), Some(mask)),
             _ => return Err(Error::Internal("TokenSelect mode changed".into())),
@@ -431,11 +457,11 @@ impl<E: Ops> TokenSelect<E> {
         let sel = &buf.selected[a.cache.layer];
         match tree {
             Some(mask) => {
-                let list = c.list(sel, a.start, c.n_local - 1);
+                let list = c.list(sel, a.start, c.n_local - 1, self.compact);
                 ops.attention_tree(q, &a.cache, a.start, mask, Some(&list), out)
             }
             None => {
-                let list = c.list(sel, a.start, c.n_local);
+                let list = c.list(sel, a.start, c.n_local, self.compact);
                 ops.attention_decode_list(q, &a.cache, a.seq_len(), &list, out)
             }
         }
@@ -482,7 +508,7 @@ impl<E: Ops> TokenSelect<E> {
             }
             let sel = &buf.selected[a.cache.layer];
             let list = if sub.sparse {
-                c.list(sel, at, c.n_local - 1 + m)
+                c.list(sel, at, c.n_local - 1 + m, self.compact)
             } else {
                 // Within the budget: every earlier token, at true positions.
                 KeyList {

@@ -71,7 +71,12 @@ impl<E: Ops> Session<E> {
             num_pages: max_context.div_ceil(page_size),
         };
         let kv = ops.kv_cache(&layout)?;
-        let attention = Attention::new(policy, &layout, c.heads)?;
+        let shape = crate::attention::AttentionShape {
+            layout,
+            q_heads: c.heads,
+            trained: c.max_positions,
+        };
+        let attention = Attention::new(policy, shape)?;
         let alloc = PageAllocator::new(&layout);
         let table = alloc.new_sequence();
         Ok(Self {
@@ -115,7 +120,7 @@ impl<E: Ops> Session<E> {
     pub fn set_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
         if policy != self.attention.policy {
             let shape = self.attention.shape;
-            self.attention = Attention::new(policy, &shape.layout, shape.q_heads)?;
+            self.attention = Attention::new(policy, shape)?;
             self.truncate(0);
         }
         Ok(())
