@@ -142,9 +142,9 @@ fn main() {
     });
     let params = cli.model.params().unwrap_or_else(|e| fail(e));
     let mut engine = cli.model.engine().unwrap_or_else(|e| fail(e));
-    let max_context = engine.max_context();
+    let max_context = engine.chat_context();
     eprintln!(
-        "kvsieve chat: {} on {} ({} MiB of weights, {} MiB of KV cache for {max_context} tokens). /help for commands.",
+        "kvsieve chat: {} on {} ({} MiB of weights, {} MiB of KV cache now; conversations up to {max_context} tokens). /help for commands.",
         engine.config.arch_name(),
         engine.backend_name(),
         engine.weight_bytes().0 >> 20,

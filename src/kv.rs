@@ -100,6 +100,14 @@ impl PageAllocator {
         }
     }
 
+    /// Adds pages `old..num_pages` to the pool (after the cache grew to
+    /// `num_pages`); they are handed out after the pages already free.
+    pub fn grow(&mut self, old: usize, num_pages: usize) {
+        let mut free: Vec<u32> = (old as u32..num_pages as u32).rev().collect();
+        free.append(&mut self.free);
+        self.free = free;
+    }
+
     /// Pages still free.
     pub fn free_pages(&self) -> usize {
         self.free.len()

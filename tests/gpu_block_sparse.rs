@@ -488,3 +488,110 @@ fn token_scores_match_reference() {
         }
     }
 }
+
+/// A KV cache and its block bounds grown while in use (on the GPU over small
+/// bindings: a partial last arena is replaced and arenas appended) give the
+/// same attention and block scores as caches allocated at full size.
+#[test]
+fn kv_cache_and_bounds_grow_in_place() {
+    use kvsieve::kv::{KvLayout, PageAllocator};
+    let (qh, kh, d, page, block) = (4usize, 2usize, 32usize, 16usize, 8usize);
+    let small = KvLayout {
+        layers: 1,
+        kv_heads: kh,
+        head_dim: d,
+        page_size: page,
+        num_pages: 5,
+    };
+    let big = KvLayout {
+        num_pages: 23,
+        ..small
+    };
+    let len = 300; // 19 pages
+    let mut r = rng(61);
+    let k = randn(&mut r, len * kh * d, 1.0);
+    let v = randn(&mut r, len * kh * d, 1.0);
+    let q = randn(&mut r, qh * d, 1.0);
+    // A page of K is 2 KiB: 2 pages a binding, arenas of 2, 2 and 1 pages.
+    let mut ex = common::gpu().with_binding_limit(4096);
+    let mut cpu = RefExecutor::new();
+    let rope_c = cpu.rope_table(&rope_cfg(d, len)).unwrap();
+    let rope_g = ex.rope_table(&rope_cfg(d, len)).unwrap();
+    // Full size, on the reference.
+    let mut alloc = PageAllocator::new(&big);
+    let mut table = alloc.new_sequence();
+    alloc.reserve(&mut table, len).unwrap();
+    table.len = len;
+    let mut kvc = cpu.kv_cache(&big).unwrap();
+    let mut bc = cpu.block_bounds(&big, block, true).unwrap();
+    let (kt, vt) = (
+        cpu.upload(&k, len, kh * d).unwrap(),
+        cpu.upload(&v, len, kh * d).unwrap(),
+    );
+    cpu.kv_append(&mut kvc, 0, &table, 0, &kt, &vt).unwrap();
+    let view = KvView::new(&kvc, 0, &table, &rope_c);
+    cpu.kv_bounds(&view, &mut bc, 0..len).unwrap();
+    // Grown on the GPU: 70 tokens in 5 pages, then 23 pages and the rest.
+    let mut galloc = PageAllocator::new(&small);
+    let mut gtable = galloc.new_sequence();
+    let mut kvg = ex.kv_cache(&small).unwrap();
+    let mut bg = ex.block_bounds(&small, block, true).unwrap();
+    assert_eq!(kvg.k[0].len(), 3);
+    for (range, grow) in [(0..70, false), (70..len, true)] {
+        if grow {
+            ex.kv_grow(&mut kvg, big.num_pages).unwrap();
+            ex.bounds_grow(&mut bg, big.num_pages).unwrap();
+            galloc.grow(small.num_pages, big.num_pages);
+        }
+        galloc.reserve(&mut gtable, range.end).unwrap();
+        gtable.len = range.end;
+        let n = range.len();
+        let (kt, vt) = (
+            ex.upload(&k[range.start * kh * d..range.end * kh * d], n, kh * d)
+                .unwrap(),
+            ex.upload(&v[range.start * kh * d..range.end * kh * d], n, kh * d)
+                .unwrap(),
+        );
+        ex.kv_append(&mut kvg, 0, &gtable, range.start, &kt, &vt)
+            .unwrap();
+        let view = KvView::new(&kvg, 0, &gtable, &rope_g);
+        ex.kv_bounds(&view, &mut bg, range).unwrap();
+    }
+    assert_eq!(kvg.k[0].len(), 12, "arenas after growing to 23 pages");
+    assert_eq!(kvsieve::kernels::GpuExecutor::kv_bytes(&kvg), 2 * 23 * 2048);
+    assert!(matches!(
+        ex.kv_grow(&mut kvg, 10),
+        Err(kvsieve::Error::Shape { .. })
+    ));
+    let (qc, qg) = (
+        cpu.upload(&q, 1, qh * d).unwrap(),
+        ex.upload(&q, 1, qh * d).unwrap(),
+    );
+    let mut oc = cpu.tensor(1, qh * d).unwrap();
+    let mut og = ex.tensor(1, qh * d).unwrap();
+    cpu.attention_decode(&qc, &KvView::new(&kvc, 0, &table, &rope_c), len, &mut oc)
+        .unwrap();
+    ex.attention_decode(&qg, &KvView::new(&kvg, 0, &gtable, &rope_g), len, &mut og)
+        .unwrap();
+    assert_close(
+        "attention after growth",
+        &ex.download(&og).unwrap(),
+        &oc.data,
+        1e-4,
+        1e-3,
+    );
+    let nb = len.div_ceil(block);
+    let mut sc = cpu.tensor(qh, nb).unwrap();
+    let mut sg = ex.tensor(qh, nb).unwrap();
+    cpu.block_scores(&qc, &bc, 0, &table, 0..nb, 1.0, &mut sc, None)
+        .unwrap();
+    ex.block_scores(&qg, &bg, 0, &gtable, 0..nb, 1.0, &mut sg, None)
+        .unwrap();
+    assert_close(
+        "block scores after growth",
+        &ex.download(&sg).unwrap(),
+        &sc.data,
+        1e-3,
+        1e-3,
+    );
+}

@@ -371,6 +371,20 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "kv_grow shrinking",
+            Box::new(|ex: &mut E| {
+                let mut kv = ex.kv_cache(&LAYOUT)?;
+                ex.kv_grow(&mut kv, LAYOUT.num_pages - 1)
+            }),
+        ),
+        (
+            "bounds_grow shrinking",
+            Box::new(|ex: &mut E| {
+                let mut b = ex.block_bounds(&LAYOUT, 4, true)?;
+                ex.bounds_grow(&mut b, LAYOUT.num_pages - 1)
+            }),
+        ),
+        (
             "block_bounds block size",
             Box::new(|ex: &mut E| ex.block_bounds(&LAYOUT, 3, true).map(|_| ())),
         ),
@@ -489,6 +503,8 @@ const CHECKED_OPS: &[&str] = &[
     "penalize",
     "top_k",
     "kv_cache",
+    "kv_grow",
+    "bounds_grow",
     "kv_append",
     "kv_move",
     "attention_prefill",

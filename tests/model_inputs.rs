@@ -627,17 +627,29 @@ fn device_errors_are_typed_and_the_engine_recovers_or_says_it_cannot() {
 }
 
 /// A load that cannot fit the adapter's (or for the reference, the
-/// machine's) memory fails before allocating, with both sizes.
+/// machine's) memory fails before allocating, with both sizes: a model
+/// directory whose one safetensors file holds a 64 GiB f32 embedding (a
+/// sparse file, nothing written). The check reads the headers only.
 #[test]
 fn a_model_that_does_not_fit_fails_before_loading() {
-    // The tiny model with a config claiming 1024 layers: the check runs on
-    // the config and the tensors' headers, before any tensor is read.
     let d = write_model("nofit", "LlamaForCausalLM", |_| {});
     let cfg = d.join("config.json");
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["num_hidden_layers"] = 1024.into();
+    c["vocab_size"] = (1 << 22).into();
+    c["hidden_size"] = 4096.into();
     std::fs::write(&cfg, c.to_string()).unwrap();
+    let bytes: u64 = (1 << 22) * 4096 * 4;
+    let header = serde_json::json!({"model.embed_tokens.weight": {
+        "dtype": "F32", "shape": [1 << 22, 4096], "data_offsets": [0, bytes]}})
+    .to_string();
+    let mut head = (header.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(header.as_bytes());
+    let path = d.join("model.safetensors");
+    std::fs::write(&path, &head).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(head.len() as u64 + bytes).unwrap();
+    drop(f);
     for backend in [Backend::Reference, Backend::Gpu] {
         let ctx = kvsieve::gpu::GpuContext::new().unwrap();
         let cpu_driver = ctx.info.device_type == wgpu::DeviceType::Cpu;
@@ -645,24 +657,27 @@ fn a_model_that_does_not_fit_fails_before_loading() {
             eprintln!("{}: the adapter does not report its memory", ctx.info.name);
             continue;
         }
-        // 2 * 1024 layers * 2 KV heads * 16 values per token: 2^24 tokens
-        // take 2 TiB of f16 (4 TiB of f32).
-        let r = Engine::load(
-            &d,
-            Options {
-                backend,
-                max_context: 1 << 24,
-                ..Options::default()
-            },
-        );
-        match r {
+        let opts = Options {
+            backend,
+            ..Options::default()
+        };
+        match Engine::load(&d, opts) {
             Err(Error::OutOfMemory(msg)) => {
                 eprintln!("{backend:?}: {msg}");
-                assert!(msg.contains("KV cache for 16777216 tokens"), "{msg}");
-                assert!(msg.contains(" MiB; a shorter max_context"), "{msg}");
+                // 2^34 values: 64 GiB in f32 on the reference, 32 GiB in f16 on the GPU.
+                let w = if backend == Backend::Gpu {
+                    32768
+                } else {
+                    65536
+                };
+                assert!(msg.contains(&format!("({w} MiB of weights")), "{msg}");
+                assert!(
+                    msg.contains("MiB of KV cache for its first 2048 tokens"),
+                    "{msg}"
+                );
             }
             Err(e) => panic!("{backend:?}: expected OutOfMemory, got {e}"),
-            Ok(_) => panic!("{backend:?}: a 2^24-token context loaded"),
+            Ok(_) => panic!("{backend:?}: a 64 GiB model loaded"),
         }
     }
     let r = load_with_context(&d, (1 << 24) + 1);
@@ -670,15 +685,67 @@ fn a_model_that_does_not_fit_fails_before_loading() {
         err_text(r).contains("max_context 16777217: at most 16777216"),
         "past the largest context"
     );
+    let _ = std::fs::remove_file(&path);
 }
 
-fn load_with_context(dir: &Path, max_context: usize) -> kvsieve::Result<Engine> {
-    let opts = Options {
-        backend: Backend::Reference,
-        max_context,
-        ..Options::default()
-    };
-    Engine::load(dir, opts)
+/// With no max_context the KV cache starts at 2048 tokens and grows with
+/// the sequence: a 5000-token prompt past the tiny model's 256 trained
+/// positions runs under TokenSelect on both executors, which agree, and the
+/// cache grew. Dense chats stay within the trained context unless a
+/// capacity is chosen.
+#[test]
+fn the_context_grows_on_demand() {
+    use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+    let d = write_model("grow", "LlamaForCausalLM", |_| {});
+    let ts = AttentionPolicy::TokenSelect(TokenSelectConfig {
+        k: 64,
+        n_init: 4,
+        n_local: 32,
+        subchunk: 64,
+        ..Default::default()
+    });
+    let prompt: Vec<u32> = (0..5000).map(|i| 3 + (i * 17 + i / 7) % 250).collect();
+    let mut logits = Vec::new();
+    for backend in [Backend::Reference, Backend::Gpu] {
+        let opts = Options {
+            backend,
+            policy: ts,
+            prefill_chunk: 1024,
+            ..Options::default()
+        };
+        let mut e = Engine::load(&d, opts).unwrap();
+        assert!(e.max_context() > 5000, "{backend:?}: {}", e.max_context());
+        assert_eq!(e.chat_context(), e.max_context());
+        let before = e.kv_bytes();
+        e.prefill(&prompt).unwrap();
+        let after = e.kv_bytes();
+        assert!(
+            after >= before * 5000 / 2048,
+            "{backend:?}: {before} -> {after} bytes"
+        );
+        eprintln!("{backend:?}: KV {before} -> {after} bytes for 5000 tokens");
+        logits.push(e.logits().unwrap());
+        let greedy = greedy(&mut e, &prompt, 4);
+        assert_eq!(greedy.len(), 4);
+        e.set_policy(AttentionPolicy::Dense).unwrap();
+        assert_eq!(
+            e.chat_context(),
+            256,
+            "dense chats keep to the trained context"
+        );
+    }
+    common_close(&logits[1], &logits[0], 2e-2);
+    let chosen = load(&d, Backend::Reference).unwrap();
+    assert_eq!((chosen.max_context(), chosen.chat_context()), (128, 128));
+}
+
+fn common_close(got: &[f32], want: &[f32], atol: f32) {
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= atol, "logits differ by {worst}");
 }
 
 /// `Positions::Auto`, the default: within the trained context (the tiny
@@ -764,4 +831,13 @@ fn tokenselect_positions_auto_switch_at_the_trained_length() {
     }
     let c = TokenSelectConfig::default();
     assert!(!c.compact_at(256, 256) && c.compact_at(257, 256));
+}
+
+fn load_with_context(dir: &Path, max_context: usize) -> kvsieve::Result<Engine> {
+    let opts = Options {
+        backend: Backend::Reference,
+        max_context,
+        ..Options::default()
+    };
+    Engine::load(dir, opts)
 }

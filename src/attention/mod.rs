@@ -157,6 +157,11 @@ pub trait PolicyState<E: Ops> {
     fn selected(&mut self, _ops: &mut E, _layer: usize) -> Result<Option<Vec<u32>>> {
         Ok(None)
     }
+    /// The KV cache grew to `num_pages` pages: storage that follows its pages
+    /// (block bounds) grows too.
+    fn grow(&mut self, _ops: &mut E, _num_pages: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Sizes a policy's buffers follow.
@@ -202,6 +207,12 @@ impl<E: Ops> Attention<E> {
             shape,
             state,
         })
+    }
+
+    /// The KV cache grew to `num_pages` pages.
+    pub fn grow(&mut self, ops: &mut E, num_pages: usize) -> Result<()> {
+        self.shape.layout.num_pages = num_pages;
+        self.state.grow(ops, num_pages)
     }
 
     /// The KV cache layout the policy serves.

@@ -30,6 +30,11 @@ impl<E: Ops> HierarchicalPrefilter<E> {
         })
     }
 
+    /// The KV cache grew to `num_pages` pages.
+    pub fn grow(&mut self, ops: &mut E, num_pages: usize) -> Result<()> {
+        ops.bounds_grow(&mut self.bounds, num_pages)
+    }
+
     /// A step of tokens `start..seq_len`: their blocks' bounds recompute.
     pub fn begin_tokens(&mut self, start: usize, seq_len: usize) {
         self.from = self.valid.min(start);

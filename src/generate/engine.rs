@@ -56,7 +56,9 @@ impl std::str::FromStr for Backend {
 pub struct Options {
     /// Executor.
     pub backend: Backend,
-    /// Context capacity (KV cache and RoPE table); 0 = the model's trained context.
+    /// Largest context in tokens. The KV cache starts at 2048 tokens and
+    /// grows with the sequence up to it; 0 = as far as the adapter's (or for
+    /// the reference, the machine's) memory allows, at most 2^24.
     pub max_context: usize,
     /// Tokens per prefill chunk.
     pub prefill_chunk: usize,
@@ -197,6 +199,7 @@ trait Runner: Send {
     fn fork(&self) -> Result<Box<dyn Runner>>;
     fn kv_bytes(&self) -> u64;
     fn device_lost(&self) -> Option<Error>;
+    fn policy(&self) -> crate::attention::AttentionPolicy;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -251,6 +254,9 @@ impl<E: Ops> Runner for Session<E> {
     fn device_lost(&self) -> Option<Error> {
         self.ops.device_lost()
     }
+    fn policy(&self) -> crate::attention::AttentionPolicy {
+        self.attention.policy
+    }
 }
 
 /// The longest context an engine takes (the largest `max_position_embeddings`
@@ -261,13 +267,15 @@ const MAX_CONTEXT: usize = 1 << 24;
 /// tensors' stored types before anything is allocated.
 struct Footprint {
     weights: u64,
-    kv: u64,
+    /// KV cache bytes per token.
+    per_token: u64,
+    /// RoPE table bytes for the largest context.
     rope: u64,
-    tokens: usize,
+    page: usize,
 }
 
 impl Footprint {
-    fn of(src: &dyn TensorSource, cfg: &ModelConfig, max_context: usize, opts: &Options) -> Self {
+    fn of(src: &dyn TensorSource, cfg: &ModelConfig, opts: &Options) -> Self {
         // The GPU keeps floats and its KV cache in f16, the reference in f32;
         // quantized tensors stay in their blocks on both.
         let float: u64 = if opts.backend == Backend::Gpu { 2 } else { 4 };
@@ -280,40 +288,49 @@ impl Footprint {
                 None => n * float,
             })
             .fold(0u64, u64::saturating_add);
-        let page = opts.page_size.max(1) as u64;
-        let tokens = (max_context as u64).div_ceil(page).saturating_mul(page);
-        let per_token = 2 * (cfg.layers * cfg.kv_heads * cfg.head_dim) as u64 * float;
+        let rope = crate::ops::RopeConfig {
+            max_positions: MAX_CONTEXT,
+            ..cfg.rope(MAX_CONTEXT)
+        }
+        .table_rows() as u64
+            * cfg.head_dim as u64
+            * 4;
         Self {
             weights,
-            kv: tokens.saturating_mul(per_token),
-            rope: (max_context as u64).saturating_mul(cfg.head_dim as u64 * 4),
-            tokens: max_context,
+            per_token: 2 * (cfg.layers * cfg.kv_heads * cfg.head_dim) as u64 * float,
+            rope,
+            page: opts.page_size.max(1),
         }
     }
 
-    /// An error naming both sizes when the load would not fit `available`
-    /// bytes (where the adapter or system reports them).
-    fn fits(&self, available: Option<u64>, on: &str) -> Result<()> {
-        let need = self
-            .weights
-            .saturating_add(self.kv)
-            .saturating_add(self.rope);
+    /// KV bytes of `tokens` tokens (whole pages).
+    fn kv(&self, tokens: usize) -> u64 {
+        (tokens.div_ceil(self.page) * self.page) as u64 * self.per_token
+    }
+
+    /// An error naming both sizes when the weights and a first KV cache of
+    /// `tokens` tokens would not fit `available` bytes (where the adapter or
+    /// system reports them); otherwise the tokens whose KV cache fits beside
+    /// the weights (unbounded when the memory is not reported).
+    fn fits(&self, tokens: usize, available: Option<u64>, on: &str) -> Result<usize> {
+        let fixed = self.weights.saturating_add(self.rope);
+        let need = fixed.saturating_add(self.kv(tokens));
         match available {
             Some(have) if need > have => {
                 let mib = |b: u64| b >> 20;
                 Err(Error::OutOfMemory(format!(
-                    "the model needs about {} MiB ({} MiB of weights, {} MiB of KV cache for {} \
-                     tokens, {} MiB of RoPE table) and {on} has {} MiB; a shorter max_context \
-                     (--max-context) or a smaller or quantized model may fit",
+                    "the model needs about {} MiB ({} MiB of weights, {} MiB of KV cache for its \
+                     first {tokens} tokens, {} MiB of RoPE table) and {on} has {} MiB; a smaller \
+                     or quantized model may fit",
                     mib(need),
                     mib(self.weights),
-                    mib(self.kv),
-                    self.tokens,
+                    mib(self.kv(tokens)),
                     mib(self.rope),
                     mib(have)
                 )))
             }
-            _ => Ok(()),
+            Some(have) => Ok(((have - fixed) / self.per_token.max(1)) as usize),
+            None => Ok(usize::MAX),
         }
     }
 }
@@ -381,6 +398,8 @@ pub struct Engine {
     pub stats: Stats,
     /// Measured verify cost `(nodes, seconds)` behind the auto tree size.
     verify_costs: Option<Vec<(usize, f64)>>,
+    /// Whether the caller chose the context capacity (`Options::max_context`).
+    chosen_context: bool,
 }
 
 impl Engine {
@@ -405,17 +424,23 @@ impl Engine {
             (Box::new(Weights::open(path)?), config, tokenizer)
         };
         let weights = weights.as_ref();
-        let max_context = if opts.max_context == 0 {
-            config.max_positions
-        } else {
-            opts.max_context
-        };
-        if max_context > MAX_CONTEXT {
+        if opts.max_context > MAX_CONTEXT {
             return Err(Error::InvalidOption(format!(
-                "max_context {max_context}: at most {MAX_CONTEXT} tokens"
+                "max_context {}: at most {MAX_CONTEXT} tokens",
+                opts.max_context
             )));
         }
-        let need = Footprint::of(weights, &config, max_context, &opts);
+        let need = Footprint::of(weights, &config, &opts);
+        // The KV cache starts small and grows with the sequence: up to
+        // max_context when given, else up to what the memory holds.
+        let first = match opts.max_context {
+            0 => crate::generate::session::INITIAL_TOKENS,
+            n => n.min(crate::generate::session::INITIAL_TOKENS),
+        };
+        let cap = |fit: usize| match opts.max_context {
+            0 => fit.clamp(1, MAX_CONTEXT),
+            n => n,
+        };
         let runner = match opts.backend {
             Backend::Gpu => {
                 let ex = match &opts.device {
@@ -424,16 +449,16 @@ impl Engine {
                 };
                 // A CPU driver allocates from the host.
                 let cpu = ex.ctx.info.device_type == wgpu::DeviceType::Cpu;
-                match ex.ctx.memory_bytes() {
-                    Some(heap) => need.fits(Some(heap), &ex.ctx.info.name)?,
-                    None if cpu => need.fits(host_memory(), "this machine")?,
-                    None => {}
-                }
-                runner(ex, weights, &config, max_context, &opts)?
+                let fit = match ex.ctx.memory_bytes() {
+                    Some(heap) => need.fits(first, Some(heap), &ex.ctx.info.name)?,
+                    None if cpu => need.fits(first, host_memory(), "this machine")?,
+                    None => usize::MAX,
+                };
+                runner(ex, weights, &config, cap(fit), &opts)?
             }
             Backend::Reference => {
-                need.fits(host_memory(), "this machine")?;
-                runner(RefExecutor::new(), weights, &config, max_context, &opts)?
+                let fit = need.fits(first, host_memory(), "this machine")?;
+                runner(RefExecutor::new(), weights, &config, cap(fit), &opts)?
             }
         };
         Ok(Self {
@@ -442,6 +467,7 @@ impl Engine {
             runner,
             stats: Stats::default(),
             verify_costs: None,
+            chosen_context: opts.max_context > 0,
         })
     }
 
@@ -481,6 +507,7 @@ impl Engine {
                 .map_err(|e| self.runner.device_lost().unwrap_or(e))?,
             stats: Stats::default(),
             verify_costs: self.verify_costs.clone(),
+            chosen_context: self.chosen_context,
         })
     }
 
@@ -593,9 +620,22 @@ impl Engine {
         Ok(out)
     }
 
-    /// Context capacity in tokens (prompt and answer together).
+    /// Context capacity in tokens (prompt and answer together): the KV cache
+    /// grows up to it ([`Options::max_context`], or what the memory holds).
     pub fn max_context(&self) -> usize {
         self.runner.max_context()
+    }
+
+    /// The context [`Engine::chat`] keeps a conversation within: the capacity,
+    /// except that with dense attention and no `max_context` chosen it is the
+    /// model's trained context (dense attention past it loses quality; the
+    /// sparse policies extrapolate).
+    pub fn chat_context(&self) -> usize {
+        let dense = self.runner.policy() == crate::attention::AttentionPolicy::Dense;
+        match (self.chosen_context, dense) {
+            (false, true) => self.max_context().min(self.config.max_positions),
+            _ => self.max_context(),
+        }
     }
 
     /// Drops the cached conversation.
@@ -722,7 +762,7 @@ impl Engine {
         messages: &[Message],
         params: &GenerateParams,
     ) -> Result<Generation<'_>> {
-        let max = self.max_context();
+        let max = self.chat_context();
         let budget = max - params.max_tokens.min(max / 2);
         let (ids, dropped) = chat::fit(&self.tokenizer, messages, budget, params.overflow)?;
         let mut g = self.generate_ids(&ids, params)?;

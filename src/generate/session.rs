@@ -12,6 +12,9 @@ use crate::speculative::{Accepted, DraftTree};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Tokens a new session's KV cache holds before it grows.
+pub const INITIAL_TOKENS: usize = 2048;
+
 /// A verify workspace and its per-node argmax and token buffers.
 struct VerifyBuffers<E: Ops> {
     ws: Workspace<E>,
@@ -41,14 +44,20 @@ pub struct Session<E: Ops> {
     argmax_out: Option<E::Ids>,
     /// Largest chunk of a prefill.
     pub chunk: usize,
-    /// Context capacity in tokens.
+    /// Context capacity in tokens (the KV cache grows up to it).
     pub max_context: usize,
+    /// Whether the dense-past-the-trained-length warning was given.
+    warned: bool,
+    /// KV pages the cache, the policy and the allocator all hold.
+    pages: usize,
     /// Attention policy and its state.
     pub attention: Attention<E>,
 }
 
 impl<E: Ops> Session<E> {
-    /// A session with room for `max_context` tokens in pages of `page_size`.
+    /// A session that holds up to `max_context` tokens in pages of
+    /// `page_size`; the KV cache starts at [`INITIAL_TOKENS`] and grows with
+    /// the sequence.
     pub fn new(
         mut ops: E,
         model: Arc<Llama<E>>,
@@ -68,7 +77,7 @@ impl<E: Ops> Session<E> {
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
             page_size,
-            num_pages: max_context.div_ceil(page_size),
+            num_pages: max_context.min(INITIAL_TOKENS).div_ceil(page_size),
         };
         let kv = ops.kv_cache(&layout)?;
         let shape = crate::attention::AttentionShape {
@@ -93,8 +102,58 @@ impl<E: Ops> Session<E> {
             argmax_out: None,
             chunk,
             max_context,
+            warned: false,
+            pages: layout.num_pages,
             attention,
         })
+    }
+
+    /// Tokens the KV cache holds now.
+    pub fn capacity(&self) -> usize {
+        self.pages * E::kv_layout(&self.kv).page_size
+    }
+
+    /// Grows the KV cache (and the policy's storage that follows it) to hold
+    /// `total` tokens: doubling, up to `max_context`.
+    fn ensure_capacity(&mut self, total: usize) -> Result<()> {
+        if self.attention.policy == AttentionPolicy::Dense
+            && total > self.model.cfg.max_positions
+            && !self.warned
+        {
+            self.warned = true;
+            eprintln!(
+                "warning: dense attention past the model's trained context of {} tokens; \
+                 quality will fall (a sparse policy, e.g. TokenSelect, extrapolates)",
+                self.model.cfg.max_positions
+            );
+        }
+        let have = self.capacity();
+        if total <= have {
+            return Ok(());
+        }
+        let page = E::kv_layout(&self.kv).page_size;
+        // A growth that failed half-way may have grown the cache already.
+        let pages = total
+            .max(2 * have)
+            .min(self.max_context)
+            .div_ceil(page)
+            .max(E::kv_layout(&self.kv).num_pages);
+        let grown = self
+            .ops
+            .kv_grow(&mut self.kv, pages)
+            .and_then(|_| self.attention.grow(&mut self.ops, pages));
+        if let Err(e) = grown {
+            return Err(match e {
+                Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                    "growing the KV cache to {} tokens: {m}; {have} tokens fit",
+                    pages * page
+                )),
+                other => other,
+            });
+        }
+        self.alloc.grow(self.pages, pages);
+        self.pages = pages;
+        Ok(())
     }
 
     /// A new session on the same model and device: its own executor, empty KV
@@ -154,6 +213,7 @@ impl<E: Ops> Session<E> {
                 self.model.cfg.vocab
             )));
         }
+        self.ensure_capacity(total)?;
         self.alloc.reserve(&mut self.table, total)?;
         for part in tokens.chunks(self.chunk) {
             let start = self.tokens.len();
@@ -225,6 +285,7 @@ impl<E: Ops> Session<E> {
                 self.model.cfg.vocab
             )));
         }
+        self.ensure_capacity(start + n)?;
         self.alloc.reserve(&mut self.table, start + n)?;
         self.table.len = start + n;
         if !self.verify_ws.contains_key(&n) {

@@ -28,6 +28,12 @@ pub struct GpuBounds {
     pub bufs: Vec<Vec<wgpu::Buffer>>,
 }
 
+/// Bytes of one page's bounds: per KV head and block, max and min of each
+/// channel in f16.
+pub(super) fn bounds_page_bytes(layout: &KvLayout, block: usize) -> u64 {
+    (layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim * 2) as u64
+}
+
 pub(super) fn alloc(
     ex: &mut GpuExecutor,
     layout: &KvLayout,
@@ -36,8 +42,7 @@ pub(super) fn alloc(
 ) -> Result<GpuBounds> {
     let per_arena = ex.kv_pages_per_arena(layout)?;
     let arenas = layout.num_pages.div_ceil(per_arena);
-    let bounds_page =
-        (layout.kv_heads * (layout.page_size / block) * 2 * layout.head_dim * 2) as u64;
+    let bounds_page = bounds_page_bytes(layout, block);
     let bufs = (0..layout.layers)
         .map(|_| {
             (0..arenas)

@@ -265,6 +265,43 @@ impl GpuExecutor {
         }
     }
 
+    /// Grows one layer's arenas (`per_arena` pages of `page_bytes` each, the
+    /// last possibly partial) from `old` to `new` pages: a partial last arena
+    /// is replaced by a larger one holding a copy of it (recorded, so it
+    /// follows the work recorded before), then arenas are appended.
+    pub(crate) fn grow_arenas(
+        &mut self,
+        arenas: &mut Vec<wgpu::Buffer>,
+        per_arena: usize,
+        page_bytes: u64,
+        old: usize,
+        new: usize,
+        label: &str,
+    ) -> Result<()> {
+        // Arenas a failed growth appended are not part of the cache.
+        arenas.truncate(old.div_ceil(per_arena));
+        let mut have = old;
+        if !old.is_multiple_of(per_arena) {
+            let a = old / per_arena;
+            let pages = per_arena.min(new - a * per_arena);
+            let buf = buffer::storage(&self.ctx.device, pages as u64 * page_bytes, label)?;
+            let held = (old - a * per_arena) as u64 * page_bytes;
+            self.rec.copy(&arenas[a], 0, &buf, 0, held);
+            arenas[a] = buf;
+            have = a * per_arena + pages;
+        }
+        while have < new {
+            let pages = per_arena.min(new - have);
+            arenas.push(buffer::storage(
+                &self.ctx.device,
+                pages as u64 * page_bytes,
+                label,
+            )?);
+            have += pages;
+        }
+        Ok(())
+    }
+
     /// The largest storage binding this executor uses.
     pub fn max_binding(&self) -> u64 {
         self.max_binding

@@ -328,6 +328,18 @@ impl KvOps for GpuExecutor {
         })
     }
 
+    fn run_kv_grow(&mut self, kv: &mut GpuKv, num_pages: usize) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        let page_bytes = kv.layout.page_elems() as u64 * 2;
+        let (old, per) = (kv.layout.num_pages, kv.pages_per_arena);
+        for list in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            self.grow_arenas(list, per, page_bytes, old, num_pages, "kv arena")?;
+        }
+        kv.layout.num_pages = num_pages;
+        Ok(())
+    }
+
     fn run_kv_append(
         &mut self,
         kv: &mut GpuKv,
@@ -476,6 +488,18 @@ impl SelectionOps for GpuExecutor {
         let ctx = self.ctx.clone();
         let _gl = ctx.gl_guard();
         block_sparse::alloc(self, layout, block, rotated)
+    }
+
+    fn run_bounds_grow(&mut self, b: &mut GpuBounds, num_pages: usize) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let _gl = ctx.gl_guard();
+        let page_bytes = block_sparse::bounds_page_bytes(&b.layout, b.block);
+        let (old, per) = (b.layout.num_pages, b.pages_per_arena);
+        for list in b.bufs.iter_mut() {
+            self.grow_arenas(list, per, page_bytes, old, num_pages, "block bounds")?;
+        }
+        b.layout.num_pages = num_pages;
+        Ok(())
     }
 
     fn run_kv_bounds(

@@ -446,6 +446,25 @@ pub fn spec_accept(
 }
 
 /// Block size of Quest bounds for a layout.
+/// Growing storage of `layout` to `num_pages` pages: never shrinks, and the
+/// grown layout must be valid.
+pub fn grow(op: &'static str, layout: &KvLayout, num_pages: usize) -> Result<()> {
+    if num_pages < layout.num_pages {
+        return shape_err(
+            op,
+            format!(
+                "{num_pages} pages is fewer than the {} held (storage only grows)",
+                layout.num_pages
+            ),
+        );
+    }
+    KvLayout {
+        num_pages,
+        ..*layout
+    }
+    .validate()
+}
+
 pub fn bounds_block(layout: &KvLayout, block: usize) -> Result<()> {
     if block < 4 || !layout.page_size.is_multiple_of(block) {
         return Err(Error::InvalidOption(format!(

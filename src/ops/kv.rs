@@ -57,6 +57,15 @@ pub trait KvOps: Executor {
         layout.validate()?;
         self.run_kv_cache(layout)
     }
+    /// Grows `kv` to `num_pages` pages, keeping what it holds (the cache
+    /// grows with the sequence instead of being sized for the longest one).
+    fn kv_grow(&mut self, kv: &mut Self::Kv, num_pages: usize) -> Result<()> {
+        check::grow("kv_grow", Self::kv_layout(kv), num_pages)?;
+        if num_pages == Self::kv_layout(kv).num_pages {
+            return Ok(());
+        }
+        self.run_kv_grow(kv, num_pages)
+    }
     /// Stores k, v `[tokens, kv_heads * head_dim]` (keys before RoPE) at logical
     /// positions `start..` of `table` in `layer`; pages must be reserved.
     fn kv_append(
@@ -202,6 +211,8 @@ pub trait KvOps: Executor {
 
     /// [`KvOps::kv_cache`], checked.
     fn run_kv_cache(&mut self, layout: &KvLayout) -> Result<Self::Kv>;
+    /// [`KvOps::kv_grow`], checked (`num_pages` more than held).
+    fn run_kv_grow(&mut self, kv: &mut Self::Kv, num_pages: usize) -> Result<()>;
     /// [`KvOps::kv_append`], checked.
     fn run_kv_append(
         &mut self,

@@ -120,6 +120,15 @@ pub trait SelectionOps: Executor {
         check::bounds_block(layout, block)?;
         self.run_block_bounds(layout, block, rotated)
     }
+    /// Grows `bounds` to describe a cache grown to `num_pages` pages
+    /// ([`KvOps::kv_grow`]), keeping what they hold.
+    fn bounds_grow(&mut self, bounds: &mut Self::Bounds, num_pages: usize) -> Result<()> {
+        check::grow("bounds_grow", Self::bounds_layout(bounds).0, num_pages)?;
+        if num_pages == Self::bounds_layout(bounds).0.num_pages {
+            return Ok(());
+        }
+        self.run_bounds_grow(bounds, num_pages)
+    }
     /// Recomputes the bounds of the cache's layer for every block overlapping
     /// `tokens` (keys already in the cache; a block's keys at `tokens.end` and
     /// beyond are not part of it yet), keys rotated at their logical positions
@@ -275,6 +284,8 @@ pub trait SelectionOps: Executor {
         block: usize,
         rotated: bool,
     ) -> Result<Self::Bounds>;
+    /// [`SelectionOps::bounds_grow`], checked (`num_pages` more than held).
+    fn run_bounds_grow(&mut self, bounds: &mut Self::Bounds, num_pages: usize) -> Result<()>;
     /// [`SelectionOps::kv_bounds`], checked.
     fn run_kv_bounds(
         &mut self,

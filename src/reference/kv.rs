@@ -16,6 +16,15 @@ impl KvOps for RefExecutor {
         })
     }
 
+    fn run_kv_grow(&mut self, kv: &mut RefKv, num_pages: usize) -> Result<()> {
+        let n = num_pages * kv.layout.page_elems();
+        for l in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            l.resize(n, 0.0);
+        }
+        kv.layout.num_pages = num_pages;
+        Ok(())
+    }
+
     fn run_kv_append(
         &mut self,
         kv: &mut RefKv,

@@ -112,6 +112,16 @@ impl SelectionOps for RefExecutor {
         Ok(block_sparse::RefBounds::new(layout, block, rotated))
     }
 
+    fn run_bounds_grow(&mut self, b: &mut block_sparse::RefBounds, num_pages: usize) -> Result<()> {
+        let l = &b.layout;
+        let n = num_pages * l.kv_heads * (l.page_size / b.block) * 2 * l.head_dim;
+        for d in b.data.iter_mut() {
+            d.resize(n, 0.0);
+        }
+        b.layout.num_pages = num_pages;
+        Ok(())
+    }
+
     fn run_kv_bounds(
         &mut self,
         cache: &RefView<'_>,
