@@ -81,7 +81,8 @@ pub struct ModelArgs {
     /// A chat past the context: drop-oldest (turns after the system prompt) or error.
     #[arg(long, default_value = "drop-oldest")]
     pub overflow: String,
-    /// Context capacity in tokens (0 = the model's trained context).
+    /// Largest context in tokens; the KV cache grows to it as needed (0 = as far
+    /// as memory allows; dense chats then keep to the model's trained context).
     #[arg(long, default_value_t = 0)]
     pub max_context: usize,
     /// Tokens to generate at most.
