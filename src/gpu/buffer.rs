@@ -18,23 +18,21 @@ fn create(device: &wgpu::Device, size: u64, label: &str, mapped: bool) -> Result
             "{label}: a buffer of {size} bytes exceeds the adapter's largest buffer ({max} bytes)"
         )));
     }
-    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let buf = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage: STORAGE,
-        mapped_at_creation: mapped,
+    let created = super::device::scoped(device, || {
+        Ok(device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: STORAGE,
+            mapped_at_creation: mapped,
+        }))
     });
-    let validation = pollster::block_on(validation.pop());
-    let oom = pollster::block_on(oom.pop());
-    match (oom, validation) {
-        (Some(wgpu::Error::OutOfMemory { source }), _) => Err(Error::OutOfMemory(format!(
-            "GPU: allocating {label} of {size} bytes: {source}"
-        ))),
-        (Some(e), _) | (None, Some(e)) => Err(Error::Gpu(format!("allocating {label}: {e}"))),
-        (None, None) => Ok(buf),
-    }
+    created.map_err(|e| match e {
+        Error::OutOfMemory(m) => {
+            Error::OutOfMemory(format!("allocating {label} of {size} bytes: {m}"))
+        }
+        Error::Gpu(m) => Error::Gpu(format!("allocating {label}: {m}")),
+        other => other,
+    })
 }
 
 /// Creates a zeroed storage buffer of at least `bytes` (rounded up to 16, never empty).

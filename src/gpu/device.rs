@@ -133,6 +133,21 @@ struct Faults {
     poison: std::sync::atomic::AtomicBool,
 }
 
+/// Runs `f` inside out-of-memory and validation error scopes: wgpu's error,
+/// when there is one, is what went wrong (whatever `f` returned is its
+/// consequence); errors do not reach wgpu's default handler, which panics.
+pub(crate) fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let done = f();
+    let validation = pollster::block_on(validation.pop());
+    let oom = pollster::block_on(oom.pop());
+    match oom.or(validation) {
+        Some(e) => Err(typed(e)),
+        None => done,
+    }
+}
+
 /// A wgpu error as kvsieve's.
 pub(crate) fn typed(e: wgpu::Error) -> Error {
     match e {

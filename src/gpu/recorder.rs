@@ -2,7 +2,7 @@
 //! submit. Uniform parameters of all dispatches share one buffer per submit, bind
 //! groups are built at flush time, and readbacks ride on the same submit.
 
-use super::device::typed;
+use super::device::scoped;
 use super::pipeline::Pipeline;
 use super::GpuContext;
 use crate::error::{Error, Result};
@@ -208,8 +208,7 @@ impl Recorder {
         }
     }
 
-    /// Runs the submit inside error scopes; wgpu's own error, when there is
-    /// one, is what went wrong (a failed readback is its consequence).
+    /// Runs the submit inside error scopes.
     fn run(
         &mut self,
         ctx: &GpuContext,
@@ -217,16 +216,7 @@ impl Recorder {
         reads: Vec<(wgpu::Buffer, u64, u64)>,
     ) -> Result<SubmitResult> {
         let _gl = ctx.gl_guard();
-        let device = &ctx.device;
-        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let done = self.encode_and_wait(ctx, cmds, reads);
-        let validation = pollster::block_on(validation.pop());
-        let oom = pollster::block_on(oom.pop());
-        match oom.or(validation) {
-            Some(e) => Err(typed(e)),
-            None => done,
-        }
+        scoped(&ctx.device, || self.encode_and_wait(ctx, cmds, reads))
     }
 
     fn encode_and_wait(
