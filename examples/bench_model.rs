@@ -114,6 +114,29 @@ fn main() -> kvsieve::Result<()> {
     } else {
         None
     };
+    // Host cost of a decode step: counters over decode steps on the cached
+    // prompt (m tokens: m forwards and submits, m - 1 of them recorded as
+    // decode steps after the prompt's last token is re-run).
+    e.prefill(&prompt)?;
+    let (c0, r0) = (e.counters(), e.stats.decode_record_time);
+    let m = e
+        .generate_ids(
+            &prompt,
+            &GenerateParams {
+                max_tokens: cli.profile_steps.max(2) + 1,
+                stop_at_eos: false,
+                ..Default::default()
+            },
+        )?
+        .count()
+        .max(2);
+    let (c1, r1) = (e.counters(), e.stats.decode_record_time);
+    let record_ms = (r1 - r0).as_secs_f64() * 1e3 / (m - 1) as f64;
+    let submit_ms = (c1.submit_host_ns - c0.submit_host_ns) / 1e6 / m as f64;
+    let host_ms_per_token = record_ms + submit_ms;
+    let dispatches_per_layer = (c1.dispatches - c0.dispatches) as f64 / (m * l) as f64;
+    let bind_groups_per_token = (c1.bind_groups - c0.bind_groups) as f64 / m as f64;
+    let wait_ms = (c1.wait_ns - c0.wait_ns) / 1e6 / m as f64;
     // Per-kernel time over a few decode steps.
     e.set_profiling(true);
     let extra = GenerateParams {
@@ -147,6 +170,15 @@ fn main() -> kvsieve::Result<()> {
             .map(|b| format!("{:.2}", decode_bw / b))
             .unwrap_or("-".into()),
     );
+    if backend == Backend::Gpu {
+        println!(
+            "\n| host ms / token (record + submit) | wait ms / token | dispatches / layer | bind groups / token |"
+        );
+        println!("|---|---|---|---|");
+        println!(
+            "| {host_ms_per_token:.2} ({record_ms:.2} + {submit_ms:.2}) | {wait_ms:.2} | {dispatches_per_layer:.1} | {bind_groups_per_token:.0} |"
+        );
+    }
     if !prof.is_empty() {
         println!(
             "\n| kernel (decode, {} steps) | dispatches | ms | share |",
@@ -167,6 +199,9 @@ fn main() -> kvsieve::Result<()> {
             "generated_tokens": n, "prefill_tokens_per_s": s.prefill_tps(), "decode_tokens_per_s": s.decode_tps(),
             "bytes_per_decode_token": bytes_per_token, "weight_bytes": weight_bytes, "decode_bytes_per_s": decode_bw,
             "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),
+            "host_ms_per_token": host_ms_per_token, "record_ms_per_token": record_ms,
+            "submit_ms_per_token": submit_ms, "wait_ms_per_token": wait_ms,
+            "dispatches_per_layer": dispatches_per_layer, "bind_groups_per_token": bind_groups_per_token,
             "decode_kernel_profile": prof.iter().map(|(k, d, ns)| serde_json::json!({"kernel": k, "dispatches": d, "ns": ns})).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap_or_default())

@@ -149,6 +149,9 @@ pub struct Stats {
     pub decode_tokens: usize,
     /// Time in decode steps.
     pub decode_time: Duration,
+    /// Host time of decode steps spent recording the step's work (the
+    /// forward's ops), before it is submitted.
+    pub decode_record_time: Duration,
     /// Speculative verify forwards.
     pub verify_steps: usize,
     /// Tokens those forwards produced (accepted drafts plus the bonus token).
@@ -200,6 +203,7 @@ trait Runner: Send {
     fn kv_bytes(&self) -> u64;
     fn device_lost(&self) -> Option<Error>;
     fn policy(&self) -> crate::attention::AttentionPolicy;
+    fn counters(&self) -> crate::ops::Counters;
 }
 
 impl<E: Ops> Runner for Session<E> {
@@ -256,6 +260,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn policy(&self) -> crate::attention::AttentionPolicy {
         self.attention.policy
+    }
+    fn counters(&self) -> crate::ops::Counters {
+        self.ops.counters()
     }
 }
 
@@ -531,6 +538,13 @@ impl Engine {
     /// Tokens currently held in the KV cache.
     pub fn cached_tokens(&self) -> &[u32] {
         self.runner.cached()
+    }
+
+    /// The executor's work counters since the engine was created (dispatches,
+    /// bind groups, submits, host time encoding and submitting, waiting):
+    /// with [`Stats::decode_record_time`], the host cost of a step.
+    pub fn counters(&self) -> crate::ops::Counters {
+        self.runner.counters()
     }
 
     /// Per-kernel GPU timing (see [`crate::gpu::Recorder::set_profiling`]).
@@ -850,7 +864,9 @@ impl Generation<'_> {
             }
             (None, last, _) => {
                 if let Some(&last) = last {
+                    let r = Instant::now();
                     e.runner.feed(&[last])?;
+                    e.stats.decode_record_time += r.elapsed();
                 }
                 let recent: Vec<u32> = if self.sampler.params.repetition_penalty != 1.0 {
                     e.runner.cached().to_vec()

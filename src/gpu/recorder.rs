@@ -60,6 +60,12 @@ pub struct Recorder {
     pub dispatch_count: u64,
     /// Submits made since creation.
     pub submit_count: u64,
+    /// Bind groups created since creation (one per dispatch today).
+    pub bind_group_count: u64,
+    /// Host nanoseconds spent encoding and submitting (not waiting).
+    pub submit_host_ns: f64,
+    /// Host nanoseconds spent waiting for submitted work and its readbacks.
+    pub wait_ns: f64,
 }
 
 /// What a submit returned.
@@ -84,6 +90,9 @@ impl Recorder {
             profile: Default::default(),
             dispatch_count: 0,
             submit_count: 0,
+            bind_group_count: 0,
+            submit_host_ns: 0.0,
+            wait_ns: 0.0,
         }
     }
 
@@ -216,7 +225,11 @@ impl Recorder {
         reads: Vec<(wgpu::Buffer, u64, u64)>,
     ) -> Result<SubmitResult> {
         let _gl = ctx.gl_guard();
-        scoped(&ctx.device, || self.encode_and_wait(ctx, cmds, reads))
+        let (start, host) = (std::time::Instant::now(), self.submit_host_ns);
+        let done = scoped(&ctx.device, || self.encode_and_wait(ctx, cmds, reads));
+        // What the submit took beyond encoding it was waiting.
+        self.wait_ns += start.elapsed().as_nanos() as f64 - (self.submit_host_ns - host);
+        done
     }
 
     fn encode_and_wait(
@@ -233,6 +246,7 @@ impl Recorder {
 
         // All uniform params in one buffer, each at an aligned offset.
         let align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+        let encode_start = std::time::Instant::now();
         let mut blob: Vec<u8> = Vec::new();
         let mut offsets = Vec::new();
         for c in &cmds {
@@ -364,6 +378,7 @@ impl Recorder {
                                 }),
                             });
                         }
+                        self.bind_group_count += 1;
                         let bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
                             label: Some(&pipeline.label),
                             layout: &pipeline.layout,
@@ -441,6 +456,7 @@ impl Recorder {
         }
         ctx.queue.submit([enc.finish()]);
         self.submit_count += 1;
+        self.submit_host_ns += encode_start.elapsed().as_nanos() as f64;
         let mut result = SubmitResult::default();
         if let Some(st) = &staging {
             map_for_reading(device, std::slice::from_ref(st), "readback")?;

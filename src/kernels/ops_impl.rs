@@ -79,6 +79,16 @@ impl Executor for GpuExecutor {
         self.rec.submit().map(|_| ())
     }
 
+    fn counters(&self) -> crate::ops::Counters {
+        crate::ops::Counters {
+            dispatches: self.rec.dispatch_count,
+            bind_groups: self.rec.bind_group_count,
+            submits: self.rec.submit_count,
+            submit_host_ns: self.rec.submit_host_ns,
+            wait_ns: self.rec.wait_ns,
+        }
+    }
+
     fn device_lost(&self) -> Option<crate::error::Error> {
         // wgpu reports a destroyed device's loss from its next poll.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -64,6 +64,22 @@ pub struct Limits {
     pub max_buffer_bytes: u64,
 }
 
+/// Work counters of an executor since it was created (zero where it has
+/// nothing to count, as on the CPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    /// Kernel dispatches recorded.
+    pub dispatches: u64,
+    /// Bind groups created.
+    pub bind_groups: u64,
+    /// Submits.
+    pub submits: u64,
+    /// Host nanoseconds encoding and submitting recorded work.
+    pub submit_host_ns: f64,
+    /// Host nanoseconds waiting for the device and reading back.
+    pub wait_ns: f64,
+}
+
 /// What every executor provides besides its ops: its storage types, their
 /// shapes, its limits and work control. The families build on it.
 pub trait Executor: Sized + Send + 'static {
@@ -121,6 +137,10 @@ pub trait Executor: Sized + Send + 'static {
     /// call in flight may have failed with a less telling error first).
     fn device_lost(&self) -> Option<Error> {
         None
+    }
+    /// Work counters since creation.
+    fn counters(&self) -> Counters {
+        Counters::default()
     }
     /// Turns per-kernel timing on or off (GPU timestamps; a no-op where unsupported).
     fn set_profiling(&mut self, _on: bool) {}
