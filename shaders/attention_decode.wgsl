@@ -119,14 +119,18 @@ fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
         for (var g = 0u; g < MAX_G; g++) { sc[g] = 0.0; }
         if (base != NONE) {
             let pos = position(j, kvh);
-            let rl = rope_lo(pos, half);
-            let rh = rope_hi(pos, half);
+            let rl = rope_lo(pos, half, p.max_pos);
+            let rh = rope_hi(pos, half, p.max_pos);
             for (var w = 0u; w < quarter; w++) {
                 // dims (2w, 2w+1) and their rotate-half partners (2w + D/2, 2w + 1 + D/2)
                 let lo = unpack2x16float(k_arena[base + w]);
                 let hi = unpack2x16float(k_arena[base + w + quarter]);
-                let c0 = rope_compose(cs[rl + 2u * w], cs[rh + 2u * w]);
-                let c1 = rope_compose(cs[rl + 2u * w + 1u], cs[rh + 2u * w + 1u]);
+                var c0 = cs[rl + 2u * w];
+                var c1 = cs[rl + 2u * w + 1u];
+                if (rh != ROPE_NONE) {
+                    c0 = rope_compose(c0, cs[rh + 2u * w]);
+                    c1 = rope_compose(c1, cs[rh + 2u * w + 1u]);
+                }
                 let rk = rotate2(lo, hi, vec2<f32>(c0.x, c1.x), vec2<f32>(c0.y, c1.y));
                 let r_lo = rk.lo;
                 let r_hi = rk.hi;
@@ -234,18 +238,24 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         let base = key_base(j, kvh);
         if (base == NONE) { continue; }
         let pos = position(j, kvh);
-        let rl = rope_lo(pos, half);
-        let rh = rope_hi(pos, half);
+        let rl = rope_lo(pos, half, p.max_pos);
+        let rh = rope_hi(pos, half, p.max_pos);
         var s4 = vec4<f32>(0.0);
         for (var w = 0u; w < e8; w++) {
             // dims 4w..4w+3 and their rotate-half partners 4w + D/2 ..
             let lo = vec4<f32>(unpack2x16float(k_arena[base + 2u * w]), unpack2x16float(k_arena[base + 2u * w + 1u]));
             let hi = vec4<f32>(unpack2x16float(k_arena[base + 2u * w + half / 2u]),
                                unpack2x16float(k_arena[base + 2u * w + 1u + half / 2u]));
-            let c01 = rope_compose(cs[rl + 4u * w], cs[rh + 4u * w]);
-            let c1 = rope_compose(cs[rl + 4u * w + 1u], cs[rh + 4u * w + 1u]);
-            let c2 = rope_compose(cs[rl + 4u * w + 2u], cs[rh + 4u * w + 2u]);
-            let c3 = rope_compose(cs[rl + 4u * w + 3u], cs[rh + 4u * w + 3u]);
+            var c01 = cs[rl + 4u * w];
+            var c1 = cs[rl + 4u * w + 1u];
+            var c2 = cs[rl + 4u * w + 2u];
+            var c3 = cs[rl + 4u * w + 3u];
+            if (rh != ROPE_NONE) {
+                c01 = rope_compose(c01, cs[rh + 4u * w]);
+                c1 = rope_compose(c1, cs[rh + 4u * w + 1u]);
+                c2 = rope_compose(c2, cs[rh + 4u * w + 2u]);
+                c3 = rope_compose(c3, cs[rh + 4u * w + 3u]);
+            }
             let c = vec4<f32>(c01.x, c1.x, c2.x, c3.x);
             let s = vec4<f32>(c01.y, c1.y, c2.y, c3.y);
             let rk = rotate4(lo, hi, c, s);

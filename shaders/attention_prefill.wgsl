@@ -166,12 +166,19 @@ fn prefill(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) 
                 let lo = unpack4(k_arena[base + w]);
                 let hi = unpack4(k_arena[base + w + e8]);
                 // cos/sin of dims 4w..4w+3
-                let rl = rope_lo(pos, p.head_dim / 2u) + 4u * w;
-                let rh = rope_hi(pos, p.head_dim / 2u) + 4u * w;
-                let c0 = rope_compose(cs[rl], cs[rh]);
-                let c1 = rope_compose(cs[rl + 1u], cs[rh + 1u]);
-                let c2 = rope_compose(cs[rl + 2u], cs[rh + 2u]);
-                let c3 = rope_compose(cs[rl + 3u], cs[rh + 3u]);
+                let rl = rope_lo(pos, p.head_dim / 2u, p.max_pos) + 4u * w;
+                let rh = rope_hi(pos, p.head_dim / 2u, p.max_pos);
+                var c0 = cs[rl];
+                var c1 = cs[rl + 1u];
+                var c2 = cs[rl + 2u];
+                var c3 = cs[rl + 3u];
+                if (rh != ROPE_NONE) {
+                    let h = rh + 4u * w;
+                    c0 = rope_compose(c0, cs[h]);
+                    c1 = rope_compose(c1, cs[h + 1u]);
+                    c2 = rope_compose(c2, cs[h + 2u]);
+                    c3 = rope_compose(c3, cs[h + 3u]);
+                }
                 let c = vec4<f32>(c0.x, c1.x, c2.x, c3.x);
                 let s = vec4<f32>(c0.y, c1.y, c2.y, c3.y);
                 let rk = rotate4(lo, hi, c, s);

@@ -52,10 +52,14 @@ fn rotated(base: u32, c: u32, t: u32) -> vec4<f32> {
     let hi = unpack2x16float(k_arena[base + (c + half) / 2u]);
     if (!ROTATE) { return vec4<f32>(lo, hi); }
     let pos = rope_row(t, p.max_pos);
-    let rl = rope_lo(pos, half) + c;
-    let rh = rope_hi(pos, half) + c;
-    let c0 = rope_compose(cs[rl], cs[rh]);
-    let c1 = rope_compose(cs[rl + 1u], cs[rh + 1u]);
+    let rl = rope_lo(pos, half, p.max_pos) + c;
+    let rh = rope_hi(pos, half, p.max_pos);
+    var c0 = cs[rl];
+    var c1 = cs[rl + 1u];
+    if (rh != ROPE_NONE) {
+        c0 = rope_compose(c0, cs[rh + c]);
+        c1 = rope_compose(c1, cs[rh + c + 1u]);
+    }
     let rk = rotate2(lo, hi, vec2<f32>(c0.x, c1.x), vec2<f32>(c0.y, c1.y));
     return vec4<f32>(rk.lo, rk.hi);
 }
@@ -248,14 +252,18 @@ fn token_scores(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     // Words: channels 2c, 2c + 1 at base + c, their partners at base + quarter + c.
     let base = kv_row(page - p.arena_first_page, p.kv_heads, g, p.page_size, t % p.page_size) * half;
     let pos = rope_row(t, p.max_pos);
-    let rl = rope_lo(pos, half);
-    let rh = rope_hi(pos, half);
+    let rl = rope_lo(pos, half, p.max_pos);
+    let rh = rope_hi(pos, half, p.max_pos);
     var s = vec2<f32>(0.0);
     for (var c = 0u; c < quarter; c++) {
         let lo = unpack2x16float(ts_k[base + c]);
         let hi = unpack2x16float(ts_k[base + quarter + c]);
-        let a = rope_compose(ts_cs[rl + 2u * c], ts_cs[rh + 2u * c]);
-        let b = rope_compose(ts_cs[rl + 2u * c + 1u], ts_cs[rh + 2u * c + 1u]);
+        var a = ts_cs[rl + 2u * c];
+        var b = ts_cs[rl + 2u * c + 1u];
+        if (rh != ROPE_NONE) {
+            a = rope_compose(a, ts_cs[rh + 2u * c]);
+            b = rope_compose(b, ts_cs[rh + 2u * c + 1u]);
+        }
         let rk = rotate2(lo, hi, vec2<f32>(a.x, b.x), vec2<f32>(a.y, b.y));
         s += ts_q[g * half + c] * rk.lo + ts_q[g * half + quarter + c] * rk.hi;
     }

@@ -17,7 +17,9 @@ fn rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let h = (idx / half) % p.heads;
     let r = idx / (half * p.heads);
     let position = rope_row(pos[r], p.max_pos);
-    let c = rope_compose(cs[rope_lo(position, half) + i], cs[rope_hi(position, half) + i]);
+    var c = cs[rope_lo(position, half, p.max_pos) + i];
+    let rh = rope_hi(position, half, p.max_pos);
+    if (rh != ROPE_NONE) { c = rope_compose(c, cs[rh + i]); }
     let base = r * p.heads * p.head_dim + h * p.head_dim;
     let x1 = x[base + i];
     let x2 = x[base + i + half];

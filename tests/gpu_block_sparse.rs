@@ -132,6 +132,8 @@ fn block_bounds_and_scores_match_reference() {
     let mut ex = gpu().with_binding_limit(64 * 1024);
     case(&mut ex, 9, 3, 64, 2000 + 7, 16, true);
     case(&mut ex, 9, 3, 64, 2000 + 7, 16, false);
+    // Keys past the RoPE table's flat rows (32,768): rotation composed.
+    case(&mut ex, 4, 1, 32, 33_000, 16, true);
 }
 
 #[test]
@@ -443,7 +445,11 @@ fn block_list_prefill_matches_reference() {
 #[test]
 fn token_scores_match_reference() {
     let mut ex = gpu();
-    for (qh, kh, d, len) in [(9usize, 3usize, 64usize, 1000 + 13), (32, 8, 128, 300)] {
+    for (qh, kh, d, len) in [
+        (9usize, 3usize, 64usize, 1000 + 13),
+        (32, 8, 128, 300),
+        (4, 1, 32, 33_000),
+    ] {
         let mut f = fill(&mut ex, kh, d, len, 57);
         let (rc, rg) = (
             f.cpu.rope_table(&rope_cfg(d, len)).unwrap(),

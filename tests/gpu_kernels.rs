@@ -158,7 +158,7 @@ fn rope_matches_reference_with_llama3_scaling() {
     }
 }
 
-/// RoPE at any length: the two-level table for 2^24 positions is 4.4 MB
+/// RoPE at any length: the table for 2^24 positions is 13 MB
 /// (a single table would be 4 GiB at head dim 64); composed (cos, sin) is
 /// within 4.8e-7 of the exact angle's everywhere, and the rope op agrees
 /// across executors and with f64 rotation near 2^20 and 2^24.
@@ -180,7 +180,7 @@ fn rope_at_any_length() {
             max_positions: 1 << 24,
         };
         let table = cfg.table().unwrap();
-        assert_eq!(table.len() * 8, (1024 + 16384) * 32 * 8);
+        assert_eq!(table.len(), (32768 + 1024 + 16384) * 32);
         let inv = cfg.inv_freq();
         let mut worst = 0.0f64;
         for &p in &positions {
@@ -524,6 +524,8 @@ fn prefill_attention_long_context() {
     let mut ex = gpu();
     check_attention(&mut ex, 9, 3, 64, 4096, 512, 64, 50);
     check_attention(&mut ex, 8, 2, 128, 3000, 100, 64, 51);
+    // Keys past the RoPE table's flat rows (32,768): rotation composed.
+    check_attention(&mut ex, 4, 1, 32, 33_000, 16, 64, 52);
 }
 
 #[test]

@@ -1,20 +1,29 @@
 // lib/rotary.wgsl: rotate-half RoPE as Hugging Face applies it. Channel i < D/2
 // pairs with i + D/2; rotated by an angle with cosine c and sine s:
-// lo' = lo c - hi s, hi' = hi c + lo s. The table is two-level (see
-// kvsieve::ops::ROPE_SPLIT): a position's (cos, sin) per channel pair is
-// composed by angle addition from row pos % ROPE_SPLIT and row ROPE_SPLIT +
-// pos / ROPE_SPLIT, so a table for 2^24 positions fits any binding.
-// Positions are clamped to the table.
+// lo' = lo c - hi s, hi' = hi c + lo s. The table (see kvsieve::ops::ROPE_SPLIT)
+// holds a row per position up to ROPE_FLAT, then two levels: past it a
+// position's (cos, sin) per channel pair is composed by angle addition from
+// row pos % ROPE_SPLIT and row ROPE_SPLIT + pos / ROPE_SPLIT of the second
+// part, so a table for 2^24 positions fits any binding and contexts within
+// ROPE_FLAT read one row. Positions are clamped to the table.
 
 const ROPE_SPLIT: u32 = 1024u;
+const ROPE_FLAT: u32 = 32768u;
+const ROPE_NONE: u32 = 0xffffffffu;
 
-// Element offsets of a position's low and high rows (`half` pairs a row).
-fn rope_lo(pos: u32, half: u32) -> u32 {
-    return (pos % ROPE_SPLIT) * half;
+// Element offset of a position's own row, or of its low row past the flat
+// part (`half` pairs a row, a table of `max_pos` positions).
+fn rope_lo(pos: u32, half: u32, max_pos: u32) -> u32 {
+    let flat = min(max_pos, ROPE_FLAT);
+    if (pos < flat) { return pos * half; }
+    return (flat + pos % ROPE_SPLIT) * half;
 }
 
-fn rope_hi(pos: u32, half: u32) -> u32 {
-    return (ROPE_SPLIT + pos / ROPE_SPLIT) * half;
+// Element offset of a position's high row, or ROPE_NONE in the flat part.
+fn rope_hi(pos: u32, half: u32, max_pos: u32) -> u32 {
+    let flat = min(max_pos, ROPE_FLAT);
+    if (pos < flat) { return ROPE_NONE; }
+    return (flat + ROPE_SPLIT + pos / ROPE_SPLIT) * half;
 }
 
 // (cos, sin) of the sum of the two rows' angles, as kvsieve::ops::rope_at.

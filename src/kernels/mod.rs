@@ -68,7 +68,7 @@ pub struct GpuWeight {
 /// RoPE (cos, sin) table on the GPU.
 #[derive(Clone, Debug)]
 pub struct GpuRope {
-    /// The two-level table `[table_rows, half]` of `vec2<f32>` (see
+    /// The table `[table_rows, half]` of `vec2<f32>` (see
     /// [`crate::ops::ROPE_SPLIT`]).
     pub buf: wgpu::Buffer,
     /// head_dim / 2.

@@ -234,21 +234,23 @@ impl RopeConfig {
         Ok(())
     }
 
-    /// Rows of the two-level table (see [`ROPE_SPLIT`]).
+    /// Rows of the table (see [`ROPE_SPLIT`]).
     pub fn table_rows(&self) -> usize {
-        ROPE_SPLIT + self.max_positions.div_ceil(ROPE_SPLIT)
+        self.max_positions.min(ROPE_FLAT) + ROPE_SPLIT + self.max_positions.div_ceil(ROPE_SPLIT)
     }
 
-    /// The two-level `(cos, sin)` table `[table_rows, head_dim / 2]`: rows
-    /// `0..ROPE_SPLIT` hold the angles `r * inv_freq`, the rows after them
-    /// `h * ROPE_SPLIT * inv_freq`, cos and sin evaluated in f64 from the exact
-    /// angle; [`rope_at`] composes a position's row from one of each.
+    /// The `(cos, sin)` table `[table_rows, head_dim / 2]`: a row per
+    /// position below [`ROPE_FLAT`], then rows for the angles `r * inv_freq`
+    /// (`r < ROPE_SPLIT`) and `h * ROPE_SPLIT * inv_freq`, cos and sin
+    /// evaluated in f64 from the exact angle; [`rope_at`] reads a position's
+    /// row or composes it from two.
     pub fn table(&self) -> Result<Vec<[f32; 2]>> {
         self.validate()?;
         let inv = self.inv_freq();
         let mut t = Vec::with_capacity(self.table_rows() * inv.len());
+        let flat = 0..self.max_positions.min(ROPE_FLAT);
         let high = (0..self.max_positions.div_ceil(ROPE_SPLIT)).map(|h| h * ROPE_SPLIT);
-        for p in (0..ROPE_SPLIT).chain(high) {
+        for p in flat.chain(0..ROPE_SPLIT).chain(high) {
             for &f in &inv {
                 let a = p as f64 * f as f64;
                 t.push([a.cos() as f32, a.sin() as f32]);
@@ -258,24 +260,34 @@ impl RopeConfig {
     }
 }
 
-/// RoPE tables are two-level, so that one covering 2^24 positions takes 17K
-/// rows (4.4 MB at head dim 64) and fits any binding: position `p`'s (cos,
+/// RoPE tables hold a row per position below [`ROPE_FLAT`] and are two-level
+/// past it, so that one covering 2^24 positions takes 50K rows (13 MB at head
+/// dim 64) and fits any binding: past the flat part, position `p`'s (cos,
 /// sin) is composed by angle addition from row `p % ROPE_SPLIT` and row
-/// `ROPE_SPLIT + p / ROPE_SPLIT`, in f32 (the kernels compose it the same
-/// way, `rope_cs` in `shaders/lib/rotary.wgsl`). Against cos and sin of the
-/// exact angle the composed values are within 4.8e-7 at any position
+/// `ROPE_SPLIT + p / ROPE_SPLIT` of the second part, in f32 (the kernels do
+/// the same, `shaders/lib/rotary.wgsl`). Against cos and sin of the exact
+/// angle the composed values are within 4.8e-7 at any position
 /// (`tests/gpu_kernels.rs` checks near 2^20 and 2^24). Angles are exact: a
 /// single table computed as transformers does rounds `pos * inv_freq` to f32
 /// first, which at 2^20 positions moves the fastest channel by up to 0.06 rad.
 pub const ROPE_SPLIT: usize = 1024;
 
+/// Positions with a row of their own in a RoPE table (contexts within it
+/// read one row per key, as a flat table would).
+pub const ROPE_FLAT: usize = 32768;
+
 /// `(cos, sin)` of channel pair `i` at position `pos` (clamped to the
-/// table's `max_pos` positions) from a two-level table of `half` pairs a row.
+/// table's `max_pos` positions) from a table of `half` pairs a row: its own
+/// row below [`ROPE_FLAT`], composed from two past it.
 #[inline]
 pub fn rope_at(table: &[[f32; 2]], half: usize, max_pos: usize, pos: usize, i: usize) -> [f32; 2] {
     let p = pos.min(max_pos - 1);
-    let lo = table[(p % ROPE_SPLIT) * half + i];
-    let hi = table[(ROPE_SPLIT + p / ROPE_SPLIT) * half + i];
+    let flat = max_pos.min(ROPE_FLAT);
+    if p < flat {
+        return table[p * half + i];
+    }
+    let lo = table[(flat + p % ROPE_SPLIT) * half + i];
+    let hi = table[(flat + ROPE_SPLIT + p / ROPE_SPLIT) * half + i];
     [lo[0] * hi[0] - lo[1] * hi[1], lo[1] * hi[0] + lo[0] * hi[1]]
 }
 
