@@ -86,7 +86,7 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     });
     let tidal = run(&mut e, tidal, "tidal", &long);
     eprintln!(
-        "| length | depth | dense | TokenSelect (compact) | Quest | hierarchical TokenSelect | Tidal (2, 14) |\n|---|---|---|---|---|---|---|"
+        "| length | depth | dense | TokenSelect (auto positions) | Quest | hierarchical TokenSelect | Tidal (2, 14) |\n|---|---|---|---|---|---|---|"
     );
     for &len in &lens {
         for depth in DEPTHS {
