@@ -2,14 +2,14 @@
 //! chat with a message list (reusing the cached conversation prefix).
 
 use super::chat::{self, Overflow, StopReason};
+use super::footprint::{host_memory, Footprint, MAX_CONTEXT};
+use super::runner::{self, Runner};
 use super::sampler::{Sampler, SamplingParams};
-use super::session::Session;
 use super::tokenizer::{Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::GpuExecutor;
-use crate::model::{GgufModel, Llama, ModelConfig, TensorSource, Weights};
-use crate::ops::Ops;
+use crate::model::{GgufModel, ModelConfig, TensorSource, Weights};
 use crate::quant::DType;
 use crate::reference::RefExecutor;
 use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate, TreeSize};
@@ -183,199 +183,6 @@ impl Stats {
     }
 }
 
-/// Executor-erased session.
-trait Runner: Send {
-    fn feed(&mut self, tokens: &[u32]) -> Result<()>;
-    fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32>;
-    fn truncate(&mut self, len: usize);
-    fn cached(&self) -> &[u32];
-    fn weight_bytes(&self) -> (u64, u64);
-    fn logits(&mut self) -> Result<Vec<f32>>;
-    fn name(&self) -> String;
-    fn selection_stats(&mut self) -> crate::attention::SelectionStats;
-    fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>>;
-    fn set_profiling(&mut self, on: bool);
-    fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
-    fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
-    fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
-    fn max_context(&self) -> usize;
-    fn fork(&self) -> Result<Box<dyn Runner>>;
-    fn kv_bytes(&self) -> u64;
-    fn device_lost(&self) -> Option<Error>;
-    fn policy(&self) -> crate::attention::AttentionPolicy;
-    fn counters(&self) -> crate::ops::Counters;
-}
-
-impl<E: Ops> Runner for Session<E> {
-    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        Session::feed(self, tokens)
-    }
-    fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32> {
-        Session::sample(self, s, recent)
-    }
-    fn truncate(&mut self, len: usize) {
-        Session::truncate(self, len)
-    }
-    fn cached(&self) -> &[u32] {
-        &self.tokens
-    }
-    fn weight_bytes(&self) -> (u64, u64) {
-        (self.model.weight_bytes, self.model.weight_bytes_per_token)
-    }
-    fn logits(&mut self) -> Result<Vec<f32>> {
-        Session::logits(self)
-    }
-    fn name(&self) -> String {
-        self.ops.name()
-    }
-    fn selection_stats(&mut self) -> crate::attention::SelectionStats {
-        self.attention.stats(&mut self.ops).unwrap_or_default()
-    }
-    fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>> {
-        self.attention.selected(&mut self.ops, layer)
-    }
-    fn set_profiling(&mut self, on: bool) {
-        self.ops.set_profiling(on)
-    }
-    fn take_profile(&mut self) -> Vec<(String, u64, f64)> {
-        self.ops.take_profile()
-    }
-    fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
-        Session::set_policy(self, policy)
-    }
-    fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
-        Session::verify(self, tree, params)
-    }
-    fn max_context(&self) -> usize {
-        self.max_context
-    }
-    fn fork(&self) -> Result<Box<dyn Runner>> {
-        Ok(Box::new(Session::fork(self)?))
-    }
-    fn kv_bytes(&self) -> u64 {
-        Session::kv_bytes(self)
-    }
-    fn device_lost(&self) -> Option<Error> {
-        self.ops.device_lost()
-    }
-    fn policy(&self) -> crate::attention::AttentionPolicy {
-        self.attention.policy
-    }
-    fn counters(&self) -> crate::ops::Counters {
-        self.ops.counters()
-    }
-}
-
-/// The longest context an engine takes (the largest `max_position_embeddings`
-/// a config may claim, too).
-const MAX_CONTEXT: usize = 1 << 24;
-
-/// What a load will take in the executor's memory, estimated from the
-/// tensors' stored types before anything is allocated.
-struct Footprint {
-    weights: u64,
-    /// KV cache bytes per token.
-    per_token: u64,
-    /// RoPE table bytes for the largest context.
-    rope: u64,
-    page: usize,
-}
-
-impl Footprint {
-    fn of(src: &dyn TensorSource, cfg: &ModelConfig, opts: &Options) -> Self {
-        // The GPU keeps floats and its KV cache in f16, the reference in f32;
-        // quantized tensors stay in their blocks on both.
-        let float: u64 = if opts.backend == Backend::Gpu { 2 } else { 4 };
-        let weights = src
-            .stored()
-            .iter()
-            .map(|&(dtype, n)| match opts.quantize {
-                _ if dtype.is_quantized() => dtype.bytes_for(n).unwrap_or(n * float),
-                Some(q) => q.bytes_for(n).unwrap_or(n * float),
-                None => n * float,
-            })
-            .fold(0u64, u64::saturating_add);
-        let rope = crate::ops::RopeConfig {
-            max_positions: MAX_CONTEXT,
-            ..cfg.rope(MAX_CONTEXT)
-        }
-        .table_rows() as u64
-            * cfg.head_dim as u64
-            * 4;
-        Self {
-            weights,
-            per_token: 2 * (cfg.layers * cfg.kv_heads * cfg.head_dim) as u64 * float,
-            rope,
-            page: opts.page_size.max(1),
-        }
-    }
-
-    /// KV bytes of `tokens` tokens (whole pages).
-    fn kv(&self, tokens: usize) -> u64 {
-        (tokens.div_ceil(self.page) * self.page) as u64 * self.per_token
-    }
-
-    /// An error naming both sizes when the weights and a first KV cache of
-    /// `tokens` tokens would not fit `available` bytes (where the adapter or
-    /// system reports them); otherwise the tokens whose KV cache fits beside
-    /// the weights (unbounded when the memory is not reported).
-    fn fits(&self, tokens: usize, available: Option<u64>, on: &str) -> Result<usize> {
-        let fixed = self.weights.saturating_add(self.rope);
-        let need = fixed.saturating_add(self.kv(tokens));
-        match available {
-            Some(have) if need > have => {
-                let mib = |b: u64| b >> 20;
-                Err(Error::OutOfMemory(format!(
-                    "the model needs about {} MiB ({} MiB of weights, {} MiB of KV cache for its \
-                     first {tokens} tokens, {} MiB of RoPE table) and {on} has {} MiB; a smaller \
-                     or quantized model may fit",
-                    mib(need),
-                    mib(self.weights),
-                    mib(self.kv(tokens)),
-                    mib(self.rope),
-                    mib(have)
-                )))
-            }
-            Some(have) => Ok(((have - fixed) / self.per_token.max(1)) as usize),
-            None => Ok(usize::MAX),
-        }
-    }
-}
-
-/// Physical memory of this machine, where the system reports it.
-fn host_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Loads the model onto `ops` and wraps it in a session.
-fn runner<E: Ops + 'static>(
-    mut ops: E,
-    weights: &dyn TensorSource,
-    config: &ModelConfig,
-    max_context: usize,
-    opts: &Options,
-) -> Result<Box<dyn Runner>> {
-    let model = Llama::load(
-        &mut ops,
-        weights,
-        config.clone(),
-        max_context,
-        opts.progress,
-        opts.quantize,
-    )?;
-    Ok(Box::new(Session::new(
-        ops,
-        std::sync::Arc::new(model),
-        max_context,
-        opts.page_size,
-        opts.prefill_chunk,
-        opts.policy,
-    )?))
-}
-
 /// A loaded model ready to generate: one conversation (KV cache, policy
 /// state, statistics) over weights that [`Engine::session`] shares with more.
 ///
@@ -461,11 +268,11 @@ impl Engine {
                     None if cpu => need.fits(first, host_memory(), "this machine")?,
                     None => usize::MAX,
                 };
-                runner(ex, weights, &config, cap(fit), &opts)?
+                runner::load(ex, weights, &config, cap(fit), &opts)?
             }
             Backend::Reference => {
                 let fit = need.fits(first, host_memory(), "this machine")?;
-                runner(RefExecutor::new(), weights, &config, cap(fit), &opts)?
+                runner::load(RefExecutor::new(), weights, &config, cap(fit), &opts)?
             }
         };
         Ok(Self {

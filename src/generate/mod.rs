@@ -2,6 +2,8 @@
 
 pub mod chat;
 pub mod engine;
+mod footprint;
+mod runner;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;
