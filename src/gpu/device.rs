@@ -148,6 +148,18 @@ pub(crate) fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) ->
     }
 }
 
+/// `device.poll`, with the panic wgpu raises when a poll fails for a reason it
+/// has no error value for (the device lost mid-wait) caught as an error; the
+/// caller's loss check names it.
+pub(crate) fn poll(device: &wgpu::Device, kind: wgpu::PollType) -> Result<()> {
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device.poll(kind)));
+    match polled {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Error::Gpu(format!("waiting for the device: {e}"))),
+        Err(_) => Err(Error::DeviceLost("waiting for the device failed".into())),
+    }
+}
+
 /// A wgpu error as kvsieve's.
 pub(crate) fn typed(e: wgpu::Error) -> Error {
     match e {
@@ -337,6 +349,13 @@ impl GpuContext {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// The device's loss, once wgpu has reported it: a destroyed device is
+    /// reported from its next poll, which this makes (without waiting).
+    pub(crate) fn lost(&self) -> Option<Error> {
+        let _ = poll(&self.device, wgpu::PollType::Poll);
+        self.check_lost().err()
     }
 
     /// Test hook: the next submit on this device also records a command

@@ -516,18 +516,9 @@ fn count_passes(cmds: &[Cmd]) -> usize {
     n
 }
 
-/// Waits for the device to finish submitted work. wgpu panics when a wait
-/// fails for a reason it has no error value for (the device lost mid-wait):
-/// that becomes an error here, and the caller's loss check names it.
+/// Waits for the device to finish submitted work.
 fn wait(device: &wgpu::Device) -> Result<()> {
-    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        device.poll(wgpu::PollType::wait_indefinitely())
-    }));
-    match polled {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(Error::Gpu(format!("waiting for the device: {e}"))),
-        Err(_) => Err(Error::DeviceLost("waiting for the device failed".into())),
-    }
+    super::device::poll(device, wgpu::PollType::wait_indefinitely())
 }
 
 /// Maps `buffers` (MAP_READ, written by a submitted copy) and waits for them;

@@ -251,20 +251,6 @@ impl GpuExecutor {
         self
     }
 
-    /// An executor on this one's device sharing its pipelines and kernel
-    /// choices, with its own recorder and scratch buffers.
-    pub(crate) fn fork_on_device(&self) -> Self {
-        Self {
-            rec: Recorder::new(self.ctx.clone()),
-            ctx: self.ctx.clone(),
-            pipelines: self.pipelines.clone(),
-            page_tables: HashMap::new(),
-            scratch: HashMap::new(),
-            tuning: self.tuning.clone(),
-            max_binding: self.max_binding,
-        }
-    }
-
     /// Grows one layer's arenas (`per_arena` pages of `page_bytes` each, the
     /// last possibly partial) from `old` to `new` pages: a partial last arena
     /// is replaced by a larger one holding a copy of it (recorded, so it

@@ -34,7 +34,16 @@ impl Executor for GpuExecutor {
     }
 
     fn fork(&self) -> Result<Self> {
-        Ok(self.fork_on_device())
+        // Same device, pipelines and kernel choices; own recorder and scratch.
+        Ok(Self {
+            rec: crate::gpu::Recorder::new(self.ctx.clone()),
+            ctx: self.ctx.clone(),
+            pipelines: self.pipelines.clone(),
+            page_tables: Default::default(),
+            scratch: Default::default(),
+            tuning: self.tuning.clone(),
+            max_binding: self.max_binding,
+        })
     }
 
     fn limits(&self) -> Limits {
@@ -90,11 +99,7 @@ impl Executor for GpuExecutor {
     }
 
     fn device_lost(&self) -> Option<crate::error::Error> {
-        // wgpu reports a destroyed device's loss from its next poll.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.ctx.device.poll(wgpu::PollType::Poll)
-        }));
-        self.ctx.check_lost().err()
+        self.ctx.lost()
     }
 
     fn set_profiling(&mut self, on: bool) {
