@@ -103,14 +103,6 @@ pub struct Quest<E: Ops> {
 }
 
 impl<E: Ops> Quest<E> {
-    fn grow_bounds(&mut self, ops: &mut E, num_pages: usize) -> Result<()> {
-        self.shape.layout.num_pages = num_pages;
-        match self.buf.as_mut() {
-            Some(b) => ops.bounds_grow(&mut b.bounds, num_pages),
-            None => Ok(()),
-        }
-    }
-
     /// State for `c` (checked) over `shape`.
     pub fn new(c: QuestConfig, shape: AttentionShape) -> Result<Self> {
         c.validate()?;
@@ -265,7 +257,11 @@ impl<E: Ops> Quest<E> {
 
 impl<E: Ops> PolicyState<E> for Quest<E> {
     fn grow(&mut self, ops: &mut E, num_pages: usize) -> Result<()> {
-        self.grow_bounds(ops, num_pages)
+        self.shape.layout.num_pages = num_pages;
+        match self.buf.as_mut() {
+            Some(b) => ops.bounds_grow(&mut b.bounds, num_pages),
+            None => Ok(()),
+        }
     }
 
     fn begin(&mut self, ops: &mut E, step: Step<'_>) -> Result<()> {

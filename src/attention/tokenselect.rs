@@ -249,14 +249,6 @@ pub struct TokenSelect<E: Ops> {
 }
 
 impl<E: Ops> TokenSelect<E> {
-    fn grow_bounds(&mut self, ops: &mut E, num_pages: usize) -> Result<()> {
-        self.shape.layout.num_pages = num_pages;
-        match self.pre.as_mut() {
-            Some(pre) => pre.grow(ops, num_pages),
-            None => Ok(()),
-        }
-    }
-
     /// State for `c` (checked) over `shape`.
     pub fn new(c: TokenSelectConfig, shape: AttentionShape) -> Result<Self> {
         c.validate()?;
@@ -565,7 +557,11 @@ fn select<E: Ops>(
 
 impl<E: Ops> PolicyState<E> for TokenSelect<E> {
     fn grow(&mut self, ops: &mut E, num_pages: usize) -> Result<()> {
-        self.grow_bounds(ops, num_pages)
+        self.shape.layout.num_pages = num_pages;
+        match self.pre.as_mut() {
+            Some(pre) => pre.grow(ops, num_pages),
+            None => Ok(()),
+        }
     }
 
     fn begin(&mut self, ops: &mut E, step: Step<'_>) -> Result<()> {
