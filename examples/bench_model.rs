@@ -114,29 +114,39 @@ fn main() -> kvsieve::Result<()> {
     } else {
         None
     };
-    // Host cost of a decode step: counters over decode steps on the cached
-    // prompt (m tokens: m forwards and submits, m - 1 of them recorded as
-    // decode steps after the prompt's last token is re-run).
+    // Host cost of a steady-state decode step: two requests on the cached
+    // prompt, the second `profile_steps` tokens longer; the difference in
+    // counters is what those extra steps cost (the first steps of a request,
+    // which differ from the rest, cancel out).
     e.prefill(&prompt)?;
-    let (c0, r0) = (e.counters(), e.stats.decode_record_time);
-    let m = e
-        .generate_ids(
+    let steps = cli.profile_steps.max(2);
+    let mut marks = Vec::new();
+    // The first request warms; the other two start alike (after a request).
+    for extra in [0, 0, steps] {
+        let (c0, r0) = (e.counters(), e.stats.decode_record_time);
+        e.generate_ids(
             &prompt,
             &GenerateParams {
-                max_tokens: cli.profile_steps.max(2) + 1,
+                max_tokens: steps + 1 + extra,
                 stop_at_eos: false,
                 ..Default::default()
             },
         )?
-        .count()
-        .max(2);
-    let (c1, r1) = (e.counters(), e.stats.decode_record_time);
-    let record_ms = (r1 - r0).as_secs_f64() * 1e3 / (m - 1) as f64;
-    let submit_ms = (c1.submit_host_ns - c0.submit_host_ns) / 1e6 / m as f64;
+        .for_each(drop);
+        let (c1, r1) = (e.counters(), e.stats.decode_record_time);
+        marks.push((c1, c0, (r1 - r0).as_secs_f64()));
+    }
+    let d = |f: &dyn Fn(&kvsieve::ops::Counters) -> f64| {
+        let ((a1, a0, _), (b1, b0, _)) = (&marks[1], &marks[2]);
+        ((f(b1) - f(b0)) - (f(a1) - f(a0))) / steps as f64
+    };
+    let record_ms = (marks[2].2 - marks[1].2) * 1e3 / steps as f64;
+    let submit_ms = d(&|c| c.submit_host_ns) / 1e6;
     let host_ms_per_token = record_ms + submit_ms;
-    let dispatches_per_layer = (c1.dispatches - c0.dispatches) as f64 / (m * l) as f64;
-    let bind_groups_per_token = (c1.bind_groups - c0.bind_groups) as f64 / m as f64;
-    let wait_ms = (c1.wait_ns - c0.wait_ns) / 1e6 / m as f64;
+    let dispatches_per_layer = d(&|c| c.dispatches as f64) / l as f64;
+    let bind_groups_per_token = d(&|c| c.bind_groups as f64);
+    let buffers_per_token = d(&|c| c.buffers as f64);
+    let wait_ms = d(&|c| c.wait_ns) / 1e6;
     // Per-kernel time over a few decode steps.
     e.set_profiling(true);
     let extra = GenerateParams {
@@ -172,11 +182,11 @@ fn main() -> kvsieve::Result<()> {
     );
     if backend == Backend::Gpu {
         println!(
-            "\n| host ms / token (record + submit) | wait ms / token | dispatches / layer | bind groups / token |"
+            "\n| host ms / token (record + submit) | wait ms / token | dispatches / layer | bind groups / token | buffers / token |"
         );
-        println!("|---|---|---|---|");
+        println!("|---|---|---|---|---|");
         println!(
-            "| {host_ms_per_token:.2} ({record_ms:.2} + {submit_ms:.2}) | {wait_ms:.2} | {dispatches_per_layer:.1} | {bind_groups_per_token:.0} |"
+            "| {host_ms_per_token:.2} ({record_ms:.2} + {submit_ms:.2}) | {wait_ms:.2} | {dispatches_per_layer:.1} | {bind_groups_per_token:.0} | {buffers_per_token:.0} |"
         );
     }
     if !prof.is_empty() {
@@ -201,7 +211,7 @@ fn main() -> kvsieve::Result<()> {
             "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),
             "host_ms_per_token": host_ms_per_token, "record_ms_per_token": record_ms,
             "submit_ms_per_token": submit_ms, "wait_ms_per_token": wait_ms,
-            "dispatches_per_layer": dispatches_per_layer, "bind_groups_per_token": bind_groups_per_token,
+            "dispatches_per_layer": dispatches_per_layer, "bind_groups_per_token": bind_groups_per_token, "buffers_per_token": buffers_per_token,
             "decode_kernel_profile": prof.iter().map(|(k, d, ns)| serde_json::json!({"kernel": k, "dispatches": d, "ns": ns})).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap_or_default())

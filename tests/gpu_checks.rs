@@ -114,6 +114,13 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "set_ids length",
+            Box::new(|ex: &mut E| {
+                let mut ids = ex.ids(&[1, 2, 3])?;
+                ex.set_ids(&mut ids, &[4, 5])
+            }),
+        ),
+        (
             "weight odd columns",
             Box::new(|ex: &mut E| ex.weight(&h(3 * 5), 3, 5).map(|_| ())),
         ),
@@ -487,6 +494,7 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
 /// get wrong; `ts_gate_counts` runs in the `ts_cache_check` case).
 const CHECKED_OPS: &[&str] = &[
     "upload",
+    "set_ids",
     "weight",
     "weight_raw",
     "rope_table",

@@ -236,6 +236,36 @@ fn decode_attention_600k_positions() {
     eprintln!("600K-key decode: {arenas} arena(s) per K/V");
 }
 
+/// Refilled id vectors take effect in recording order: two gathers through one
+/// id vector, refilled between them, in a single submit.
+#[test]
+fn set_ids_is_ordered_with_recorded_work() {
+    let mut r = rng(4);
+    let (vocab, hidden) = (300usize, 40usize);
+    let table = rand_f16(&mut r, vocab * hidden, 1.0);
+    let (a, b): (Vec<u32>, Vec<u32>) = (vec![5, 299, 7], vec![0, 13, 250]);
+    let gather = |ids: &[u32]| -> Vec<f32> {
+        ids.iter()
+            .flat_map(|&i| {
+                table[i as usize * hidden..][..hidden]
+                    .iter()
+                    .map(|x| x.to_f32())
+            })
+            .collect()
+    };
+    let mut ex = gpu();
+    let tg = ex.weight(&table, vocab, hidden).unwrap();
+    let mut ids = ex.ids(&[1, 1, 1]).unwrap();
+    let (mut oa, mut ob) = (ex.tensor(3, hidden).unwrap(), ex.tensor(3, hidden).unwrap());
+    ex.set_ids(&mut ids, &a).unwrap();
+    ex.embed(&ids, &tg, &mut oa).unwrap();
+    ex.set_ids(&mut ids, &b).unwrap();
+    ex.embed(&ids, &tg, &mut ob).unwrap();
+    assert_eq!(ex.download(&oa).unwrap(), gather(&a));
+    assert_eq!(ex.download(&ob).unwrap(), gather(&b));
+    assert_eq!(ex.download_ids(&ids).unwrap(), b);
+}
+
 #[test]
 fn embedding_gather_split_table() {
     let mut r = rng(3);

@@ -841,3 +841,58 @@ fn load_with_context(dir: &Path, max_context: usize) -> kvsieve::Result<Engine> 
     };
     Engine::load(dir, opts)
 }
+
+/// Decode tokens of `prompt` (cached already) and what the device created meanwhile.
+fn decode_creations(e: &mut Engine, prompt: &[u32], params: &GenerateParams) -> (u64, u64) {
+    let c0 = e.counters();
+    e.generate_ids(prompt, params).unwrap().for_each(|t| {
+        t.unwrap();
+    });
+    let c1 = e.counters();
+    (c1.buffers - c0.buffers, c1.bind_groups - c0.bind_groups)
+}
+
+#[test]
+fn steady_decode_creates_no_buffers_or_bind_groups() {
+    let d = write_model("steady", "LlamaForCausalLM", |_| {});
+    let mut e = load(&d, Backend::Gpu).unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 250).collect();
+    let greedy = GenerateParams {
+        max_tokens: 4,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let sampled = GenerateParams {
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 20,
+            top_p: 0.9,
+            repetition_penalty: 1.2,
+            seed: 7,
+        },
+        ..greedy.clone()
+    };
+    for params in [greedy, sampled] {
+        // Warm: pipelines, workspaces and bind groups of this kind of step.
+        decode_creations(&mut e, &prompt, &params);
+        let short = decode_creations(&mut e, &prompt, &params);
+        let long = decode_creations(
+            &mut e,
+            &prompt,
+            &GenerateParams {
+                max_tokens: 40,
+                ..params.clone()
+            },
+        );
+        // 36 more decode steps created nothing more than 4 did.
+        assert_eq!(
+            long, short,
+            "(buffers, bind groups) created: 40 steps against 4"
+        );
+        assert_eq!(
+            short,
+            (0, 0),
+            "a repeated request created buffers or bind groups"
+        );
+    }
+}

@@ -470,6 +470,11 @@ impl Engine {
         if ids.is_empty() {
             return Err(Error::InvalidOption("empty prompt".into()));
         }
+        // Recording a step creates nothing on the device, so a lost device
+        // would otherwise show only at the first readback.
+        if let Some(lost) = self.runner.device_lost() {
+            return Err(self.after_error(lost));
+        }
         let cached = self.runner.cached();
         let mut lcp = cached.iter().zip(ids).take_while(|(a, b)| a == b).count();
         if lcp == ids.len() {

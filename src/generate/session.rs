@@ -35,6 +35,8 @@ pub struct Session<E: Ops> {
     /// Tokens whose keys and values are in the cache, in order.
     pub tokens: Vec<u32>,
     workspaces: HashMap<usize, Workspace<E>>,
+    /// Token and position vectors of each workspace, refilled every step.
+    step_ids: HashMap<usize, (E::Ids, E::Ids)>,
     /// Verify workspaces by node count (logits for every row), with their per-node
     /// argmax and token buffers; draft trees vary in size from step to step.
     verify_ws: HashMap<usize, VerifyBuffers<E>>,
@@ -96,6 +98,7 @@ impl<E: Ops> Session<E> {
             table,
             tokens: Vec::new(),
             workspaces: HashMap::new(),
+            step_ids: HashMap::new(),
             verify_ws: HashMap::new(),
             adj: None,
             last_rows: None,
@@ -221,22 +224,27 @@ impl<E: Ops> Session<E> {
             if !self.workspaces.contains_key(&n) {
                 // Keep the decode workspace and the latest chunk size only.
                 self.workspaces.retain(|&rows, _| rows == 1);
+                self.step_ids.retain(|&rows, _| rows == 1);
                 let ws = Workspace::new(&mut self.ops, &self.model.cfg, n)?;
                 self.workspaces.insert(n, ws);
+                let zeros = vec![0u32; n];
+                let ids = (self.ops.ids(&zeros)?, self.ops.ids(&zeros)?);
+                self.step_ids.insert(n, ids);
             }
-            let ids = self.ops.ids(part)?;
             let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
-            let pos = self.ops.ids(&pos)?;
-            let ws = self
-                .workspaces
-                .get_mut(&n)
-                .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
+            let (Some(ws), Some((ids, positions))) =
+                (self.workspaces.get_mut(&n), self.step_ids.get_mut(&n))
+            else {
+                return Err(Error::Gpu("workspace missing".into()));
+            };
+            self.ops.set_ids(ids, part)?;
+            self.ops.set_ids(positions, &pos)?;
             self.model.forward(
                 &mut self.ops,
                 &mut self.kv,
                 &self.table,
-                &ids,
-                &pos,
+                ids,
+                positions,
                 start,
                 n,
                 ws,

@@ -1,6 +1,23 @@
 //! Storage buffers and row-chunked tensors that respect the adapter's binding limit.
 
 use crate::error::{Error, Result};
+use std::cell::Cell;
+
+thread_local! {
+    static CREATED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Buffers the calling thread has created, on any device (a session is driven
+/// by one thread at a time, so tests and benchmarks diff this count around a
+/// request; the steady-state decode loop creates none).
+pub fn created() -> u64 {
+    CREATED.with(|c| c.get())
+}
+
+/// Counts a buffer created outside this module.
+pub(crate) fn note_created() {
+    CREATED.with(|c| c.set(c.get() + 1));
+}
 
 /// Usage of every storage buffer: bound to kernels, copied in and out.
 pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -18,6 +35,7 @@ fn create(device: &wgpu::Device, size: u64, label: &str, mapped: bool) -> Result
             "{label}: a buffer of {size} bytes exceeds the adapter's largest buffer ({max} bytes)"
         )));
     }
+    note_created();
     let created = super::device::scoped(device, || {
         Ok(device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

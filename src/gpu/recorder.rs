@@ -1,6 +1,9 @@
 //! Command recording: every dispatch of a step goes into one encoder and one
-//! submit. Uniform parameters of all dispatches share one buffer per submit, bind
-//! groups are built at flush time, and readbacks ride on the same submit.
+//! submit. Uniform parameters of all dispatches (and small uploads) share one
+//! buffer written once per submit; readbacks ride on the same submit through one
+//! staging buffer. Both buffers persist across submits, and bind groups are
+//! cached by what they bind: a decode step that repeats the last one's
+//! dispatches creates no buffer and no bind group.
 
 use super::device::scoped;
 use super::pipeline::Pipeline;
@@ -45,7 +48,25 @@ pub(super) enum Cmd {
         dst_offset: u64,
         size: u64,
     },
+    /// Host data written into `dst` at this point of the step (it rides in the
+    /// parameter buffer and is copied from there).
+    Upload {
+        data: Vec<u8>,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+    },
 }
+
+/// What a bind group binds: its layout, the parameter range and the storage ranges.
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    layout: wgpu::BindGroupLayout,
+    params: Option<(wgpu::Buffer, u64, u64)>,
+    bindings: Vec<(wgpu::Buffer, u64, Option<u64>)>,
+}
+
+/// Submits a cached bind group survives unused (it holds its buffers alive).
+const BIND_GROUP_TTL: u64 = 8;
 
 /// Records a step's work; [`Recorder::submit`] sends it as one command buffer.
 pub struct Recorder {
@@ -66,6 +87,12 @@ pub struct Recorder {
     pub submit_host_ns: f64,
     /// Host nanoseconds spent waiting for submitted work and its readbacks.
     pub wait_ns: f64,
+    /// The parameter buffer (uniforms and uploads), grown as needed.
+    params_buf: Option<wgpu::Buffer>,
+    /// The readback staging buffer, grown as needed.
+    staging: Option<wgpu::Buffer>,
+    /// Bind groups by what they bind, with the submit that last used each.
+    bind_groups: std::collections::HashMap<BindKey, (wgpu::BindGroup, u64)>,
 }
 
 /// What a submit returned.
@@ -93,6 +120,9 @@ impl Recorder {
             bind_group_count: 0,
             submit_host_ns: 0.0,
             wait_ns: 0.0,
+            params_buf: None,
+            staging: None,
+            bind_groups: Default::default(),
         }
     }
 
@@ -183,6 +213,19 @@ impl Recorder {
         });
     }
 
+    /// Records writing `data` (a multiple of 4 bytes) into `dst` at `dst_offset`
+    /// (a multiple of 4), ordered with the step's other commands.
+    pub fn upload(&mut self, dst: &wgpu::Buffer, dst_offset: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.cmds.push(Cmd::Upload {
+            data: data.to_vec(),
+            dst: dst.clone(),
+            dst_offset,
+        });
+    }
+
     /// Asks for `size` bytes of `buffer` at `offset` to be read back after the next submit.
     pub fn read(&mut self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> usize {
         self.reads.push((buffer.clone(), offset, size));
@@ -244,11 +287,12 @@ impl Recorder {
             return super::replay::submit(ctx, target.as_ref(), &cmds, &reads);
         }
 
-        // All uniform params in one buffer, each at an aligned offset.
+        // All uniform params and uploads in one buffer, each at an aligned offset.
         let align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let encode_start = std::time::Instant::now();
         let mut blob: Vec<u8> = Vec::new();
         let mut offsets = Vec::new();
+        let mut upload_offsets = Vec::new();
         for c in &cmds {
             if let Cmd::Dispatch { params, .. } = c {
                 let off = blob.len().div_ceil(align) * align;
@@ -261,18 +305,39 @@ impl Recorder {
                 blob.resize(off + padded, 0);
             }
         }
+        // Uploads after every uniform, so their sizes never move a uniform's
+        // offset (which would change its bind group).
+        for c in &cmds {
+            if let Cmd::Upload { data, .. } = c {
+                let off = blob.len().div_ceil(16) * 16;
+                blob.resize(off, 0);
+                upload_offsets.push(off);
+                blob.extend_from_slice(data);
+            }
+        }
         let uniforms = if blob.is_empty() {
             None
         } else {
-            let buf = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("kvsieve params"),
-                size: blob.len().div_ceil(16) as u64 * 16,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            blob.resize(blob.len().div_ceil(16) * 16, 0);
+            let buf = match self.params_buf.take() {
+                Some(b) if b.size() >= blob.len() as u64 => b,
+                _ => {
+                    super::buffer::note_created();
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("kvsieve params"),
+                        size: (blob.len() as u64).next_power_of_two().max(4096),
+                        usage: wgpu::BufferUsages::UNIFORM
+                            | wgpu::BufferUsages::COPY_DST
+                            | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    })
+                }
+            };
             ctx.queue.write_buffer(&buf, 0, &blob);
+            self.params_buf = Some(buf.clone());
             Some(buf)
         };
+        let submit_index = self.submit_count;
 
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("kvsieve step"),
@@ -306,6 +371,7 @@ impl Recorder {
         let mut pass_index = 0usize;
         let mut i = 0usize;
         let mut dispatch_index = 0usize;
+        let mut upload_index = 0usize;
         while i < cmds.len() {
             match &cmds[i] {
                 Cmd::Copy {
@@ -316,6 +382,19 @@ impl Recorder {
                     size,
                 } => {
                     enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, Some(*size));
+                    i += 1;
+                }
+                Cmd::Upload {
+                    data,
+                    dst,
+                    dst_offset,
+                } => {
+                    if let Some(u) = &uniforms {
+                        let src_offset = upload_offsets[upload_index] as u64;
+                        let size = data.len() as u64;
+                        enc.copy_buffer_to_buffer(u, src_offset, dst, *dst_offset, Some(size));
+                    }
+                    upload_index += 1;
                     i += 1;
                 }
                 Cmd::Dispatch { .. } => {
@@ -357,33 +436,26 @@ impl Recorder {
                         }
                         let uoff = offsets[dispatch_index] as u64;
                         let usize_ = (params.len() * 4).max(16).div_ceil(16) as u64 * 16;
-                        let mut entries = Vec::with_capacity(bindings.len() + 1);
-                        if let Some(u) = &uniforms {
-                            entries.push(wgpu::BindGroupEntry {
-                                binding: 0,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: u,
-                                    offset: uoff,
-                                    size: wgpu::BufferSize::new(usize_),
-                                }),
-                            });
-                        }
-                        for (k, b) in bindings.iter().enumerate() {
-                            entries.push(wgpu::BindGroupEntry {
-                                binding: k as u32 + 1,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: &b.buffer,
-                                    offset: b.offset,
-                                    size: b.size.and_then(wgpu::BufferSize::new),
-                                }),
-                            });
-                        }
-                        self.bind_group_count += 1;
-                        let bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                            label: Some(&pipeline.label),
-                            layout: &pipeline.layout,
-                            entries: &entries,
-                        });
+                        let key = BindKey {
+                            layout: pipeline.layout.clone(),
+                            params: uniforms.as_ref().map(|u| (u.clone(), uoff, usize_)),
+                            bindings: bindings
+                                .iter()
+                                .map(|b| (b.buffer.clone(), b.offset, b.size))
+                                .collect(),
+                        };
+                        let bg = match self.bind_groups.get_mut(&key) {
+                            Some((bg, used)) => {
+                                *used = submit_index;
+                                bg.clone()
+                            }
+                            None => {
+                                self.bind_group_count += 1;
+                                let bg = create_bind_group(device, &pipeline.label, &key);
+                                self.bind_groups.insert(key, (bg.clone(), submit_index));
+                                bg
+                            }
+                        };
                         pass.set_pipeline(&pipeline.pipeline);
                         pass.set_bind_group(0, &bg, &[]);
                         match indirect {
@@ -421,14 +493,22 @@ impl Recorder {
         if profiling {
             total += 16 * n_dispatches as u64;
         }
-        let staging = (total > 0).then(|| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("kvsieve readback"),
-                size: total,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
+        let staging = if total > 0 {
+            Some(match self.staging.take() {
+                Some(b) if b.size() >= total => b,
+                _ => {
+                    super::buffer::note_created();
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("kvsieve readback"),
+                        size: total.next_power_of_two().max(4096),
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                }
             })
-        });
+        } else {
+            None
+        };
         if let Some(st) = &staging {
             for ((buf, off, size), so) in reads.iter().zip(&staging_offsets) {
                 enc.copy_buffer_to_buffer(buf, *off, st, *so, Some(size.div_ceil(4) * 4));
@@ -456,6 +536,11 @@ impl Recorder {
         }
         ctx.queue.submit([enc.finish()]);
         self.submit_count += 1;
+        // Forget bind groups that recent submits did not use.
+        if self.submit_count.is_multiple_of(BIND_GROUP_TTL) {
+            let oldest = submit_index.saturating_sub(BIND_GROUP_TTL);
+            self.bind_groups.retain(|_, (_, used)| *used >= oldest);
+        }
         self.submit_host_ns += encode_start.elapsed().as_nanos() as f64;
         let mut result = SubmitResult::default();
         if let Some(st) = &staging {
@@ -492,11 +577,43 @@ impl Recorder {
                 }
             }
             st.unmap();
+            // Kept only after a clean read (a failed map leaves it unusable).
+            self.staging = staging;
         } else {
             wait(device)?;
         }
         Ok(result)
     }
+}
+
+/// A bind group for `key` (binding 0 the parameters, then the storage ranges).
+fn create_bind_group(device: &wgpu::Device, label: &str, key: &BindKey) -> wgpu::BindGroup {
+    let mut entries = Vec::with_capacity(key.bindings.len() + 1);
+    if let Some((u, offset, size)) = &key.params {
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: u,
+                offset: *offset,
+                size: wgpu::BufferSize::new(*size),
+            }),
+        });
+    }
+    for (k, (buffer, offset, size)) in key.bindings.iter().enumerate() {
+        entries.push(wgpu::BindGroupEntry {
+            binding: k as u32 + 1,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset: *offset,
+                size: size.and_then(wgpu::BufferSize::new),
+            }),
+        });
+    }
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &key.layout,
+        entries: &entries,
+    })
 }
 
 fn count_passes(cmds: &[Cmd]) -> usize {
@@ -510,7 +627,7 @@ fn count_passes(cmds: &[Cmd]) -> usize {
                     in_pass = true;
                 }
             }
-            Cmd::Copy { .. } => in_pass = false,
+            Cmd::Copy { .. } | Cmd::Upload { .. } => in_pass = false,
         }
     }
     n

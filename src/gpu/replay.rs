@@ -132,6 +132,14 @@ pub(super) fn submit(
         written[i] |= writes;
         i
     };
+    // An upload travels as a copy from a buffer holding its data.
+    let mut upload_sources = Vec::new();
+    for c in cmds {
+        if let Cmd::Upload { data, .. } = c {
+            upload_sources.push(super::buffer::storage_init(&ctx.device, data, "upload")?);
+        }
+    }
+    let mut upload_sources = upload_sources.iter();
     let mut job_cmds = Vec::with_capacity(cmds.len());
     for c in cmds {
         job_cmds.push(match c {
@@ -170,6 +178,22 @@ pub(super) fn submit(
                 dst: slot(dst, true),
                 dst_offset: *dst_offset,
                 size: *size,
+            },
+            Cmd::Upload {
+                data,
+                dst,
+                dst_offset,
+            } => ReplayCmd::Copy {
+                src: slot(
+                    upload_sources
+                        .next()
+                        .ok_or_else(|| Error::Gpu("upload source missing".into()))?,
+                    false,
+                ),
+                src_offset: 0,
+                dst: slot(dst, true),
+                dst_offset: *dst_offset,
+                size: data.len() as u64,
             },
         });
     }

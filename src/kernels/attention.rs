@@ -29,6 +29,17 @@ fn loop_budget(limit: u64) -> u64 {
 }
 
 /// Split length (multiple of 64) for decoding `kv_len` tokens.
+/// How many splits decoding aims for once the context is long enough.
+fn decode_target_splits(ex: &GpuExecutor, kv_heads: usize, group: usize) -> usize {
+    // Per-thread kernel: one thread per (split, query head); aim for 2 workgroups
+    // of 64 threads per CPU thread. Cooperative kernel: decode_workgroups groups.
+    if ex.tuning.per_thread_kernels {
+        (128 * ex.tuning.cpu_threads.max(1) / (kv_heads * group)).max(1)
+    } else {
+        (ex.tuning.decode_workgroups / kv_heads).max(1)
+    }
+}
+
 pub(crate) fn decode_split(
     ex: &GpuExecutor,
     kv_len: usize,
@@ -36,13 +47,7 @@ pub(crate) fn decode_split(
     head_dim: usize,
     group: usize,
 ) -> usize {
-    // Per-thread kernel: one thread per (split, query head); aim for 2 workgroups
-    // of 64 threads per CPU thread. Cooperative kernel: decode_workgroups groups.
-    let target = if ex.tuning.per_thread_kernels {
-        (128 * ex.tuning.cpu_threads.max(1) / (kv_heads * group)).max(1)
-    } else {
-        (ex.tuning.decode_workgroups / kv_heads).max(1)
-    };
+    let target = decode_target_splits(ex, kv_heads, group);
     let min_split = if ex.tuning.per_thread_kernels {
         64
     } else {
@@ -121,7 +126,10 @@ fn decode_impl(
     let qh = q.cols / d;
     let split = decode_split(ex, ranks, l.kv_heads, d, qh / l.kv_heads);
     let n_splits = ranks.div_ceil(split);
-    let part = ex.scratch("decode partials", (qh * n_splits * (d + 2) * 4) as u64)?;
+    // Sized for the target split count at once, so the buffer (and the bind
+    // groups that hold it) stays the same while a short context grows.
+    let slots = n_splits.max(decode_target_splits(ex, l.kv_heads, qh / l.kv_heads));
+    let part = ex.scratch("decode partials", (qh * slots * (d + 2) * 4) as u64)?;
     let sel = match list {
         Some(li) => li.selected.buf.clone(),
         None => ex.scratch("no selection", 16)?,

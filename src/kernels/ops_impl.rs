@@ -92,6 +92,7 @@ impl Executor for GpuExecutor {
         crate::ops::Counters {
             dispatches: self.rec.dispatch_count,
             bind_groups: self.rec.bind_group_count,
+            buffers: crate::gpu::buffer::created(),
             submits: self.rec.submit_count,
             submit_host_ns: self.rec.submit_host_ns,
             wait_ns: self.rec.wait_ns,
@@ -145,6 +146,11 @@ impl TensorOps for GpuExecutor {
             buf,
             len: data.len(),
         })
+    }
+
+    fn run_set_ids(&mut self, ids: &mut GpuIds, data: &[u32]) -> Result<()> {
+        self.rec.upload(&ids.buf, 0, bytemuck::cast_slice(data));
+        Ok(())
     }
 
     fn run_download_ids(&mut self, ids: &GpuIds) -> Result<Vec<u32>> {

@@ -4,7 +4,7 @@
 use super::params::SamplingParams;
 use super::{GpuExecutor, GpuTensor};
 use crate::error::Result;
-use crate::gpu::{buffer, Binding};
+use crate::gpu::Binding;
 use crate::shaders;
 
 pub(super) fn penalize(
@@ -16,10 +16,10 @@ pub(super) fn penalize(
     if ids.is_empty() {
         return Ok(());
     }
-    let id_buf = {
-        let _gl = ex.ctx.gl_guard();
-        buffer::storage_init(&ex.ctx.device, bytemuck::cast_slice(ids), "penalty ids")?
-    };
+    // A scratch buffer refilled in order, sized for a typical penalty window
+    // at once: no buffer per sampling step while the window fills.
+    let id_buf = ex.scratch("penalty ids", ids.len().max(1024) as u64 * 4)?;
+    ex.rec.upload(&id_buf, 0, bytemuck::cast_slice(ids));
     let p = ex.pipeline(shaders::SAMPLING, "penalize", &[]);
     let params = SamplingParams {
         cols: logits.cols as u32,

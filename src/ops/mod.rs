@@ -72,6 +72,9 @@ pub struct Counters {
     pub dispatches: u64,
     /// Bind groups created.
     pub bind_groups: u64,
+    /// Buffers created by the calling thread (on any device; see
+    /// [`crate::gpu::buffer::created`]).
+    pub buffers: u64,
     /// Submits.
     pub submits: u64,
     /// Host nanoseconds encoding and submitting recorded work.

@@ -35,6 +35,17 @@ pub trait TensorOps: Executor {
         fits(self, "id vector", data.len() as u64 * 4)?;
         self.run_ids(data)
     }
+    /// Overwrites `ids` with `data` (the same length), in order with the work
+    /// recorded around it: a step refills its id vectors instead of creating them.
+    fn set_ids(&mut self, ids: &mut Self::Ids, data: &[u32]) -> Result<()> {
+        if data.len() != Self::ids_len(ids) {
+            return shape_err(
+                "set_ids",
+                format!("{} ids into a vector of {}", data.len(), Self::ids_len(ids)),
+            );
+        }
+        self.run_set_ids(ids, data)
+    }
     /// Reads ids back (finishes pending work first).
     fn download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>> {
         self.run_download_ids(ids)
@@ -183,6 +194,8 @@ pub trait TensorOps: Executor {
     fn run_download(&mut self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// [`TensorOps::ids`], checked.
     fn run_ids(&mut self, data: &[u32]) -> Result<Self::Ids>;
+    /// [`TensorOps::set_ids`], checked.
+    fn run_set_ids(&mut self, ids: &mut Self::Ids, data: &[u32]) -> Result<()>;
     /// [`TensorOps::download_ids`].
     fn run_download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>>;
     /// [`TensorOps::weight_raw`], checked.

@@ -35,6 +35,11 @@ impl TensorOps for RefExecutor {
         Ok(data.to_vec())
     }
 
+    fn run_set_ids(&mut self, ids: &mut Vec<u32>, data: &[u32]) -> Result<()> {
+        ids.copy_from_slice(data);
+        Ok(())
+    }
+
     fn run_download_ids(&mut self, ids: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(ids.clone())
     }
