@@ -11,6 +11,13 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;   // planes of one row chunk (16-byte padded)
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
 
+// Stores output s at y[i] through the pipeline's epilogue.
+fn store_y(i: u32, s: f32) {
+    var old = 0.0;
+    if (epilogue_reads()) { old = y[i]; }
+    y[i] = epilogue(s, old);
+}
+
 override QTYPE: u32 = 1u;
 
 fn q_load(i: u32) -> u32 { return w[i / 4u][i % 4u]; }
@@ -80,7 +87,7 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         }
     }
     for (var jj = 0u; jj < 4u; jj++) {
-        if (n0 + jj < p.rows) { y[p.n_offset + n0 + jj] = acc[jj]; }
+        if (n0 + jj < p.rows) { store_y(p.n_offset + n0 + jj, acc[jj]); }
     }
 }
 
@@ -115,7 +122,7 @@ fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         }
     }
     for (var jj = 0u; jj < 4u; jj++) {
-        if (n0 + jj < p.rows) { y[p.n_offset + n0 + jj] = acc[jj]; }
+        if (n0 + jj < p.rows) { store_y(p.n_offset + n0 + jj, acc[jj]); }
     }
 }
 
@@ -165,7 +172,7 @@ fn x32(m: u32, i: u32) -> X32 {
 fn store_rows(n0: u32, acc: array<vec4<f32>, MAX_M>) {
     for (var m = 0u; m < p.m; m++) {
         for (var jj = 0u; jj < 4u; jj++) {
-            if (n0 + jj < p.rows) { y[m * p.y_stride + p.n_offset + n0 + jj] = acc[m][jj]; }
+            if (n0 + jj < p.rows) { store_y(m * p.y_stride + p.n_offset + n0 + jj, acc[m][jj]); }
         }
     }
 }
@@ -236,7 +243,7 @@ fn qmatmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
         for (var t = 0u; t < WG; t++) { s += red[tid * WG + t]; }
         let m = tid / ROWS;
         let r = tid % ROWS;
-        if (row0 + r < p.rows) { y[m * p.y_stride + p.n_offset + row0 + r] = s; }
+        if (row0 + r < p.rows) { store_y(m * p.y_stride + p.n_offset + row0 + r, s); }
     }
 }
 
@@ -272,7 +279,7 @@ fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (m < p.m) {
             let base = m * p.y_stride + p.n_offset + n0;
             for (var jj = 0u; jj < 4u; jj++) {
-                if (n0 + jj < p.rows) { y[base + jj] = acc[i][jj]; }
+                if (n0 + jj < p.rows) { store_y(base + jj, acc[i][jj]); }
             }
         }
     }

@@ -10,6 +10,13 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u
 @group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4] (4 halves each)
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
 
+// Stores output s at y[i] through the pipeline's epilogue.
+fn store_y(i: u32, s: f32) {
+    var old = 0.0;
+    if (epilogue_reads()) { old = y[i]; }
+    y[i] = epilogue(s, old);
+}
+
 const WG: u32 = 64u;
 const MAX_ACC: u32 = 64u;       // M * ROWS must not exceed this (checked on the host)
 override ROWS: u32 = 4u;         // weight rows per workgroup, at most 16
@@ -48,7 +55,7 @@ fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
         let m = tid / ROWS;
         let r = tid % ROWS;
         if (row0 + r < p.rows) {
-            y[m * p.y_stride + p.n_offset + row0 + r] = s;
+            store_y(m * p.y_stride + p.n_offset + row0 + r, s);
         }
     }
 }
@@ -87,7 +94,7 @@ fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     for (var m = 0u; m < p.m; m++) {
         let base = m * p.y_stride + p.n_offset + n0;
         for (var jj = 0u; jj < 4u; jj++) {
-            if (n0 + jj < p.rows) { y[base + jj] = acc[m][jj]; }
+            if (n0 + jj < p.rows) { store_y(base + jj, acc[m][jj]); }
         }
     }
 }
@@ -131,7 +138,7 @@ fn matmul_rows8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var m = 0u; m < p.m; m++) {
         let base = m * p.y_stride + p.n_offset + n0;
         for (var jj = 0u; jj < 4u; jj++) {
-            if (n0 + jj < p.rows) { y[base + jj] = acc[m][jj]; }
+            if (n0 + jj < p.rows) { store_y(base + jj, acc[m][jj]); }
         }
     }
 }

@@ -8,6 +8,13 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u
 @group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4]
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
 
+// Stores output s at y[i] through the pipeline's epilogue.
+fn store_y(i: u32, s: f32) {
+    var old = 0.0;
+    if (epilogue_reads()) { old = y[i]; }
+    y[i] = epilogue(s, old);
+}
+
 override WG_X: u32 = 8u;
 override WG_Y: u32 = 8u;
 
@@ -43,7 +50,7 @@ fn matmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (m < p.m) {
             let base = m * p.y_stride + p.n_offset + n0;
             for (var jj = 0u; jj < 4u; jj++) {
-                if (n0 + jj < p.rows) { y[base + jj] = acc[i][jj]; }
+                if (n0 + jj < p.rows) { store_y(base + jj, acc[i][jj]); }
             }
         }
     }

@@ -121,6 +121,14 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "matmul_then output shape",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(3 * 8), 3, 8)?);
+                let mut y = ex.tensor(2, 4)?;
+                ex.matmul_then(&x, &w, &mut y, kvsieve::ops::Epilogue::Add)
+            }),
+        ),
+        (
             "weight odd columns",
             Box::new(|ex: &mut E| ex.weight(&h(3 * 5), 3, 5).map(|_| ())),
         ),
@@ -499,6 +507,7 @@ const CHECKED_OPS: &[&str] = &[
     "weight_raw",
     "rope_table",
     "matmul",
+    "matmul_then",
     "rms_norm",
     "rope",
     "swiglu",

@@ -177,3 +177,67 @@ fn quantized_embedding_gather() {
         }
     }
 }
+
+/// The fused epilogues (residual add, SwiGLU) against the unfused reference
+/// ops, on every matmul path (1 row, a few rows, prefill tiles), both kernel
+/// families, f16 and quantized weights, and a weight split across bindings.
+#[test]
+fn matmul_epilogues_on_every_path_and_type() {
+    use kvsieve::ops::Epilogue;
+    let mut seed = 1200;
+    let mut split = gpu().with_binding_limit(2048);
+    split.tuning.per_thread_kernels = !split.tuning.per_thread_kernels;
+    let mut exs = gpu_variants();
+    exs.push(gpu().with_binding_limit(2048));
+    exs.push(split);
+    for mut ex in exs {
+        for t in [
+            DType::F16,
+            DType::Q8_0,
+            DType::Q4_1,
+            DType::Q4_K,
+            DType::Q6_K,
+        ] {
+            let (n, k) = if t.block().0 == 256 {
+                (37, 512)
+            } else {
+                (37, 576)
+            };
+            for &m in &[1usize, 3, 17, 40] {
+                for epi in [Epilogue::Add, Epilogue::Swiglu] {
+                    seed += 1;
+                    let raw = if t == DType::F16 {
+                        let w = rand_f16(&mut rng(seed), n * k, 0.1);
+                        bytemuck::cast_slice(&w).to_vec()
+                    } else {
+                        random_blocks(seed, t, n, k)
+                    };
+                    let x = randn(&mut rng(seed + 1), m * k, 1.0);
+                    let y0 = randn(&mut rng(seed + 2), m * n, 1.0);
+                    let mut cpu = RefExecutor::new();
+                    let (xc, wc) = (
+                        cpu.upload(&x, m, k).unwrap(),
+                        cpu.weight_raw(t, &raw, n, k).unwrap(),
+                    );
+                    let mut yc = cpu.upload(&y0, m, n).unwrap();
+                    cpu.matmul_then(&xc, &wc, &mut yc, epi).unwrap();
+                    let (xg, wg) = (
+                        ex.upload(&x, m, k).unwrap(),
+                        ex.weight_raw(t, &raw, n, k).unwrap(),
+                    );
+                    let mut yg = ex.upload(&y0, m, n).unwrap();
+                    ex.matmul_then(&xg, &wg, &mut yg, epi).unwrap();
+                    // The matmul's tolerance, times up to |silu(y0)| ~ 4 for SwiGLU.
+                    let (atol, rtol) = (2e-4 * (k as f32).sqrt(), 4e-4);
+                    assert_close(
+                        &format!("{t} {epi:?} m={m} chunks={}", wg.chunks.len()),
+                        &ex.download(&yg).unwrap(),
+                        &yc.data,
+                        atol,
+                        rtol,
+                    );
+                }
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ use super::quant;
 use super::{GpuExecutor, GpuTensor, GpuWeight};
 use crate::error::Result;
 use crate::gpu::Binding;
+use crate::ops::Epilogue;
 use crate::quant::DType;
 use crate::shaders;
 use bytemuck::Zeroable;
@@ -21,6 +22,7 @@ pub(super) fn matmul(
     x: &GpuTensor,
     w: &GpuWeight,
     y: &mut GpuTensor,
+    epi: Epilogue,
 ) -> Result<()> {
     let (m, k4) = (x.rows, x.cols / 4);
     if m == 0 || w.rows == 0 {
@@ -49,12 +51,15 @@ pub(super) fn matmul(
             .loop_limit
             .is_none_or(|l| iterations as u64 + 1000 < l);
     let small = m <= ex.tuning.small_max_rows && !ex.tuning.per_thread_kernels;
-    // The dequantizing kernels take the type as their first override constant.
+    // The dequantizing kernels take the type as their first override constant;
+    // every kernel takes its epilogue (left at its default when storing, so
+    // plain matmuls keep their pipelines).
     let constants = |rest: &[(&'static str, f64)]| -> Vec<(&'static str, f64)> {
         qtype
             .map(|q| ("QTYPE", q as f64))
             .into_iter()
             .chain(rest.iter().copied())
+            .chain((epi != Epilogue::Store).then_some(("EPILOGUE", epi.code() as f64)))
             .collect()
     };
     let blocks_per_row = x.cols / w.dtype.block().0;

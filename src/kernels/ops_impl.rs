@@ -230,8 +230,14 @@ impl TensorOps for GpuExecutor {
         })
     }
 
-    fn run_matmul(&mut self, x: &GpuTensor, w: &GpuWeight, y: &mut GpuTensor) -> Result<()> {
-        matmul::matmul(self, x, w, y)
+    fn run_matmul(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        y: &mut GpuTensor,
+        epi: crate::ops::Epilogue,
+    ) -> Result<()> {
+        matmul::matmul(self, x, w, y, epi)
     }
 
     fn run_rms_norm(

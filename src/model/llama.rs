@@ -6,7 +6,7 @@ use super::source::TensorSource;
 use crate::attention::{Attention, LayerInput, Step};
 use crate::error::Result;
 use crate::kv::PageTable;
-use crate::ops::{KvView, Ops};
+use crate::ops::{Epilogue, KvView, Ops};
 use crate::quant::DType;
 
 struct Layer<E: Ops> {
@@ -50,9 +50,8 @@ pub struct Workspace<E: Ops> {
     k: E::Tensor,
     v: E::Tensor,
     attn: E::Tensor,
-    o: E::Tensor,
+    /// The gate projection, then SwiGLU's output (the up projection is fused).
     gate: E::Tensor,
-    up: E::Tensor,
     last: E::Tensor,
     last_norm: E::Tensor,
     /// Normed q and k (per-head norms), swapped with `q` and `k`.
@@ -79,9 +78,7 @@ impl<E: Ops> Workspace<E> {
             k: ops.tensor(rows, kd)?,
             v: ops.tensor(rows, kd)?,
             attn: ops.tensor(rows, qd)?,
-            o: ops.tensor(rows, hd)?,
             gate: ops.tensor(rows, cfg.intermediate)?,
-            up: ops.tensor(rows, cfg.intermediate)?,
             last: ops.tensor(1, hd)?,
             last_norm: ops.tensor(1, hd)?,
             qk_normed: if cfg.qk_norm {
@@ -303,14 +300,12 @@ impl<E: Ops> Llama<E> {
                 n,
             };
             attn.layer(ops, &input, &mut ws.q, &mut ws.attn)?;
-            ops.matmul(&ws.attn, &l.o, &mut ws.o)?;
-            ops.add(&mut ws.x, &ws.o)?;
+            // The residual adds and SwiGLU ride in the matmuls' epilogues.
+            ops.matmul_then(&ws.attn, &l.o, &mut ws.x, Epilogue::Add)?;
             ops.rms_norm(&ws.x, &l.post_norm, c.eps, &mut ws.h)?;
             ops.matmul(&ws.h, &l.gate, &mut ws.gate)?;
-            ops.matmul(&ws.h, &l.up, &mut ws.up)?;
-            ops.swiglu(&mut ws.gate, &ws.up)?;
-            ops.matmul(&ws.gate, &l.down, &mut ws.o)?;
-            ops.add(&mut ws.x, &ws.o)?;
+            ops.matmul_then(&ws.h, &l.up, &mut ws.gate, Epilogue::Swiglu)?;
+            ops.matmul_then(&ws.gate, &l.down, &mut ws.x, Epilogue::Add)?;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if let Some((normed, logits)) = ws.all_logits.as_mut() {

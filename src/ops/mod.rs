@@ -44,7 +44,7 @@ mod tensor;
 pub use kv::{KvOps, KvView};
 pub use selection::SelectionOps;
 pub use speculation::SpeculationOps;
-pub use tensor::TensorOps;
+pub use tensor::{Epilogue, TensorOps};
 
 /// The traits a caller of the ops needs in scope (for a concrete executor
 /// type; generic code bound by [`Ops`] sees every family's methods).

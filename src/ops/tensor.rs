@@ -7,6 +7,30 @@ use crate::quant::DType;
 use half::f16;
 use std::ops::Range;
 
+/// What a matmul does with its result `s = x W^T` ([`TensorOps::matmul_then`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Epilogue {
+    /// `y = s`.
+    #[default]
+    Store,
+    /// `y += s`, as [`TensorOps::add`] would (the residual add).
+    Add,
+    /// `y = silu(y) * s`, as [`TensorOps::swiglu`] would with `y` holding the
+    /// gate projection and `s` the up projection.
+    Swiglu,
+}
+
+impl Epilogue {
+    /// The kernels' `EPILOGUE` override constant.
+    pub fn code(self) -> u32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::Add => 1,
+            Epilogue::Swiglu => 2,
+        }
+    }
+}
+
 /// Tensor ops. Callers use the checked methods; executors implement the
 /// `run_*` methods, which may assume the checks passed.
 pub trait TensorOps: Executor {
@@ -86,8 +110,20 @@ pub trait TensorOps: Executor {
 
     /// `y = x W^T`: x `[m, k]`, W `[n, k]`, y `[m, n]`; k a multiple of 4.
     fn matmul(&mut self, x: &Self::Tensor, w: &Self::Weight, y: &mut Self::Tensor) -> Result<()> {
+        self.matmul_then(x, w, y, Epilogue::Store)
+    }
+    /// `x W^T` combined into `y` by `epi` in the same pass: the residual add or
+    /// SwiGLU that would follow the matmul, without a dispatch of its own.
+    /// Shapes as [`TensorOps::matmul`].
+    fn matmul_then(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        y: &mut Self::Tensor,
+        epi: Epilogue,
+    ) -> Result<()> {
         check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
-        self.run_matmul(x, w, y)
+        self.run_matmul(x, w, y, epi)
     }
     /// RMSNorm of each row with weight `w` `[1, cols]`, or of each segment of
     /// `w`'s length (`[1, head_dim]`: per-head norms).
@@ -208,12 +244,13 @@ pub trait TensorOps: Executor {
     ) -> Result<Self::Weight>;
     /// [`TensorOps::rope_table`], checked.
     fn run_rope_table(&mut self, cfg: &RopeConfig) -> Result<Self::Rope>;
-    /// [`TensorOps::matmul`], checked.
+    /// [`TensorOps::matmul_then`], checked.
     fn run_matmul(
         &mut self,
         x: &Self::Tensor,
         w: &Self::Weight,
         y: &mut Self::Tensor,
+        epi: Epilogue,
     ) -> Result<()>;
     /// [`TensorOps::rms_norm`], checked.
     fn run_rms_norm(

@@ -4,7 +4,7 @@ use super::{
     argmax_row, dot_rows, rotate, top_k_row, RefExecutor, RefRope, RefTensor, RefWeight, SMALL_M,
 };
 use crate::error::Result;
-use crate::ops::{check, RopeConfig, TensorOps};
+use crate::ops::{check, Epilogue, RopeConfig, TensorOps};
 use crate::quant::DType;
 use half::f16;
 use rayon::prelude::*;
@@ -83,61 +83,27 @@ impl TensorOps for RefExecutor {
         })
     }
 
-    fn run_matmul(&mut self, x: &RefTensor, w: &RefWeight, y: &mut RefTensor) -> Result<()> {
-        let (m, k, n) = (x.rows, x.cols, w.rows);
-        if m == 0 || n == 0 {
-            return Ok(());
+    fn run_matmul(
+        &mut self,
+        x: &RefTensor,
+        w: &RefWeight,
+        y: &mut RefTensor,
+        epi: Epilogue,
+    ) -> Result<()> {
+        if epi == Epilogue::Store {
+            return matmul_store(x, w, y);
         }
-        if m <= SMALL_M {
-            // Few rows (decode, verify trees): one pass over the weights, each
-            // weight row reused from L1 for every x row. sgemm would repack the
-            // whole weight matrix per call, which costs ~5x a GEMV at m = 2.
-            let xs: Vec<&[f32]> = x.data.chunks(k).collect();
-            let mut yt = vec![0.0f32; n * m];
-            yt.par_chunks_mut(256 * m).enumerate().for_each(|(c, out)| {
-                let mut row = if w.blocks.is_some() {
-                    vec![0.0; k]
-                } else {
-                    Vec::new()
-                };
-                for (i, o) in out.chunks_mut(m).enumerate() {
-                    let r = c * 256 + i;
-                    if w.blocks.is_some() {
-                        w.row_into(r, &mut row);
-                        dot_rows(&xs, &row, o);
-                    } else {
-                        dot_rows(&xs, &w.data[r * k..(r + 1) * k], o);
-                    }
-                }
-            });
-            if m == 1 {
-                y.data.copy_from_slice(&yt);
-            } else {
-                for (r, row) in yt.chunks(m).enumerate() {
-                    for (i, &v) in row.iter().enumerate() {
-                        y.data[i * n + r] = v;
-                    }
-                }
-            }
-            return Ok(());
+        // The unfused ops, so both executors agree with the model before fusion.
+        let mut s = RefTensor {
+            data: vec![0.0; y.data.len()],
+            rows: y.rows,
+            cols: y.cols,
+        };
+        matmul_store(x, w, &mut s)?;
+        match epi {
+            Epilogue::Add => self.run_add(y, &s),
+            _ => self.run_swiglu(y, &s),
         }
-        if w.blocks.is_none() {
-            sgemm_cols(&x.data, m, k, &w.data, n, 0, &mut y.data, n);
-            return Ok(());
-        }
-        // A quantized matrix: decode a panel of rows at a time (never the whole
-        // matrix), each panel filling its columns of y.
-        const PANEL: usize = 512;
-        let mut panel = vec![0.0f32; PANEL.min(n) * k];
-        for r0 in (0..n).step_by(PANEL) {
-            let rows = PANEL.min(n - r0);
-            panel[..rows * k]
-                .par_chunks_mut(k)
-                .enumerate()
-                .for_each(|(i, row)| w.row_into(r0 + i, row));
-            sgemm_cols(&x.data, m, k, &panel[..rows * k], rows, r0, &mut y.data, n);
-        }
-        Ok(())
     }
 
     fn run_rms_norm(
@@ -311,4 +277,62 @@ fn sgemm_cols(
             1,
         );
     }
+}
+
+/// `y = x W^T` (the reference's matmul; epilogues apply after it).
+fn matmul_store(x: &RefTensor, w: &RefWeight, y: &mut RefTensor) -> Result<()> {
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if m <= SMALL_M {
+        // Few rows (decode, verify trees): one pass over the weights, each
+        // weight row reused from L1 for every x row. sgemm would repack the
+        // whole weight matrix per call, which costs ~5x a GEMV at m = 2.
+        let xs: Vec<&[f32]> = x.data.chunks(k).collect();
+        let mut yt = vec![0.0f32; n * m];
+        yt.par_chunks_mut(256 * m).enumerate().for_each(|(c, out)| {
+            let mut row = if w.blocks.is_some() {
+                vec![0.0; k]
+            } else {
+                Vec::new()
+            };
+            for (i, o) in out.chunks_mut(m).enumerate() {
+                let r = c * 256 + i;
+                if w.blocks.is_some() {
+                    w.row_into(r, &mut row);
+                    dot_rows(&xs, &row, o);
+                } else {
+                    dot_rows(&xs, &w.data[r * k..(r + 1) * k], o);
+                }
+            }
+        });
+        if m == 1 {
+            y.data.copy_from_slice(&yt);
+        } else {
+            for (r, row) in yt.chunks(m).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    y.data[i * n + r] = v;
+                }
+            }
+        }
+        return Ok(());
+    }
+    if w.blocks.is_none() {
+        sgemm_cols(&x.data, m, k, &w.data, n, 0, &mut y.data, n);
+        return Ok(());
+    }
+    // A quantized matrix: decode a panel of rows at a time (never the whole
+    // matrix), each panel filling its columns of y.
+    const PANEL: usize = 512;
+    let mut panel = vec![0.0f32; PANEL.min(n) * k];
+    for r0 in (0..n).step_by(PANEL) {
+        let rows = PANEL.min(n - r0);
+        panel[..rows * k]
+            .par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(i, row)| w.row_into(r0 + i, row));
+        sgemm_cols(&x.data, m, k, &panel[..rows * k], rows, r0, &mut y.data, n);
+    }
+    Ok(())
 }
