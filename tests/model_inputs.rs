@@ -896,3 +896,34 @@ fn steady_decode_creates_no_buffers_or_bind_groups() {
         );
     }
 }
+
+#[test]
+fn tidal_calibration_is_checked_cached_and_leaves_the_policy() {
+    use kvsieve::attention::{AttentionPolicy, QuestConfig};
+    let d = write_model("tidal-cal", "LlamaForCausalLM", |_| {});
+    // Two layers: nothing after a selection layer 1 to re-select in.
+    let mut e = load_with_context(&d, 600).unwrap();
+    let err = e.calibrate_tidal(1, 64).unwrap_err().to_string();
+    assert!(err.contains("selection layer 1"), "{err}");
+    // The needle text needs room.
+    let mut small = load_with_context(&d, 128).unwrap();
+    let err = small.calibrate_tidal(0, 64).unwrap_err();
+    assert!(matches!(err, Error::Capacity(_)), "{err}");
+
+    let quest = AttentionPolicy::Quest(QuestConfig::default());
+    e.set_policy(quest).unwrap();
+    let cal = e.calibrate_tidal(0, 64).unwrap();
+    assert_eq!(cal.config.reselection_layer, 1);
+    assert_eq!(cal.config.budget, 64);
+    assert_eq!(cal.held.len(), 2);
+    assert!(cal
+        .held
+        .iter()
+        .all(|h| h.is_some_and(|h| (0.0..=1.0).contains(&h))));
+    assert_eq!(e.policy(), quest, "calibration left another policy behind");
+    let again = e.calibrate_tidal(0, 64).unwrap();
+    assert!(again.cached && again.held == cal.held);
+    // The engine still answers (its cache was dropped, not broken).
+    let prompt: Vec<u32> = (0..30).map(|i| 3 + (i * 13) % 250).collect();
+    assert_eq!(greedy(&mut e, &prompt, 4).len(), 4);
+}

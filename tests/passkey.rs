@@ -5,17 +5,17 @@
 //! positions still finds it at several depths. Quest (budget 2048) and
 //! hierarchical TokenSelect (k 2048, 256 blocks of 16 out of ~460) find every
 //! key dense finds at 8K (at 4K half the prompt fits their budgets; left out to
-//! keep the test command short). Tidal (budget 2048, selection at layer 2) is
-//! asserted with re-selection at layer 14: in the default model the needle
-//! enters every KV head's top 2048 only from about layer 14 on (layers 14-24
-//! retrieve it; layers 2-13 mostly do not), and with the default
-//! re-selection layer 13 Tidal missed the 8K keys at depths 0.6 and 0.3.
+//! keep the test command short). Tidal (budget 2048, selection at layer 2)
+//! takes its re-selection layer from `Engine::calibrate_tidal` (a needle
+//! text of its own): in the default model the needle enters every KV head's
+//! top 2048 only from about layer 14 on, and with the paper's layer 13 Tidal
+//! missed the 8K keys at depths 0.6 and 0.3.
 //!
 //! Two prompts share their tokens up to the earlier of their two keys, so each
 //! policy runs its prompts by key position, latest first, and the engine
 //! re-prefills only from the key on.
 
-use kvsieve::attention::{AttentionPolicy, QuestConfig, TidalConfig, TokenSelectConfig};
+use kvsieve::attention::{AttentionPolicy, QuestConfig, TokenSelectConfig};
 use kvsieve::eval::passkey_trial;
 use kvsieve::generate::{Backend, Engine, Options};
 
@@ -80,13 +80,17 @@ fn passkey_retrieval_dense_and_sparse_policies() {
         ..Default::default()
     });
     let prefiltered = run(&mut e, hier, "hierarchical", &long);
-    let tidal = AttentionPolicy::Tidal(TidalConfig {
-        reselection_layer: 14,
-        ..Default::default()
-    });
-    let tidal = run(&mut e, tidal, "tidal", &long);
+    // Tidal's re-selection layer by calibration (a needle text of its own),
+    // measured once and then read from the cache.
+    let cal = e.calibrate_tidal(2, 2048).unwrap();
+    eprintln!("Tidal calibration: {:?}, held {:?}", cal.config, cal.held);
+    let again = e.calibrate_tidal(2, 2048).unwrap();
+    assert!(again.cached, "the second calibration was measured again");
+    assert_eq!(again.config, cal.config);
+    let layer = cal.config.reselection_layer;
+    let tidal = run(&mut e, AttentionPolicy::Tidal(cal.config), "tidal", &long);
     eprintln!(
-        "| length | depth | dense | TokenSelect (auto positions) | Quest | hierarchical TokenSelect | Tidal (2, 14) |\n|---|---|---|---|---|---|---|"
+        "| length | depth | dense | TokenSelect (auto positions) | Quest | hierarchical TokenSelect | Tidal (2, {layer}, calibrated) |\n|---|---|---|---|---|---|---|"
     );
     for &len in &lens {
         for depth in DEPTHS {
@@ -136,7 +140,7 @@ fn passkey_retrieval_dense_and_sparse_policies() {
             );
             assert!(
                 len != long[0] || !found(&dense, len, depth) || found(&tidal, len, depth),
-                "len {len} depth {depth}: dense found the key, Tidal did not"
+                "len {len} depth {depth}: dense found the key, Tidal (calibrated layer {layer}) did not"
             );
         }
     }

@@ -26,9 +26,10 @@ pub struct ModelArgs {
     /// Tidal: the layer that selects (earlier layers are dense).
     #[arg(long, default_value_t = 2)]
     pub selection_layer: usize,
-    /// Tidal: the layer that selects again.
-    #[arg(long, default_value_t = 13)]
-    pub reselection_layer: usize,
+    /// Tidal: the layer that selects again, or "auto": measured on the model
+    /// once (a built-in needle text) and cached.
+    #[arg(long, default_value = "auto")]
+    pub reselection_layer: String,
     /// Quest, and TokenSelect with --prefilter-blocks: tokens per block.
     #[arg(long, default_value_t = 16)]
     pub block: usize,
@@ -143,7 +144,15 @@ impl ModelArgs {
             }),
             "tidal" => AttentionPolicy::Tidal(TidalConfig {
                 selection_layer: self.selection_layer,
-                reselection_layer: self.reselection_layer,
+                // "auto" loads with the next layer and calibrates after loading.
+                reselection_layer: match self.reselection_layer.as_str() {
+                    "auto" => self.selection_layer + 1,
+                    n => n.parse().map_err(|_| {
+                        kvsieve::Error::InvalidOption(format!(
+                            "--reselection-layer {n:?}: a layer number or auto"
+                        ))
+                    })?,
+                },
                 budget: self.budget,
             }),
             other => {
@@ -160,10 +169,26 @@ impl ModelArgs {
             quantize: quantize_arg(&self.quantize)?,
             ..Options::default()
         };
-        match &self.model {
-            Some(dir) => Engine::load(dir, opts),
-            None => Engine::load_default(opts),
+        let mut engine = match &self.model {
+            Some(dir) => Engine::load(dir, opts)?,
+            None => Engine::load_default(opts)?,
+        };
+        if let AttentionPolicy::Tidal(c) = policy {
+            if self.reselection_layer == "auto" {
+                let cal = engine.calibrate_tidal(c.selection_layer, c.budget)?;
+                eprintln!(
+                    "Tidal: re-selection layer {} ({}; --reselection-layer N overrides)",
+                    cal.config.reselection_layer,
+                    if cal.cached {
+                        "calibrated earlier, cached"
+                    } else {
+                        "calibrated"
+                    }
+                );
+                engine.set_policy(AttentionPolicy::Tidal(cal.config))?;
+            }
         }
+        Ok(engine)
     }
 
     /// Generation parameters (validated).

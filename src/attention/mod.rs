@@ -190,6 +190,8 @@ pub struct Attention<E: Ops> {
     /// The sizes the policy serves.
     pub shape: AttentionShape,
     state: Box<dyn PolicyState<E> + Send>,
+    /// A calibration state rather than `policy` itself.
+    pub probing: bool,
 }
 
 impl<E: Ops> Attention<E> {
@@ -206,6 +208,19 @@ impl<E: Ops> Attention<E> {
             policy,
             shape,
             state,
+            probing: false,
+        })
+    }
+
+    /// Tidal's calibration state ([`tidal::Tidal::probe`]): every layer from
+    /// the selection layer on makes its own choice; attention stays dense.
+    pub fn tidal_probe(c: TidalConfig, shape: AttentionShape) -> Result<Self> {
+        c.validate()?;
+        Ok(Self {
+            policy: AttentionPolicy::Tidal(c),
+            shape,
+            state: Box::new(tidal::Tidal::probe(c, shape)),
+            probing: true,
         })
     }
 

@@ -73,6 +73,8 @@ pub struct Tidal<E: Ops> {
     shape: AttentionShape,
     buf: Option<Buffers<E>>,
     mode: Mode<E>,
+    /// Calibration ([`Tidal::probe`]): each layer's own choice, by layer.
+    probe: Option<Vec<E::Ids>>,
 }
 
 impl<E: Ops> Tidal<E> {
@@ -83,6 +85,17 @@ impl<E: Ops> Tidal<E> {
             shape,
             buf: None,
             mode: Mode::Dense,
+            probe: None,
+        }
+    }
+
+    /// A calibration state: in a decode step every layer from the selection
+    /// layer on attends densely and makes its own top-budget choice, kept for
+    /// [`PolicyState::selected`]; the output is dense attention's.
+    pub fn probe(c: TidalConfig, shape: AttentionShape) -> Self {
+        Self {
+            probe: Some(Vec::new()),
+            ..Self::new(c, shape)
         }
     }
 }
@@ -102,6 +115,12 @@ impl<E: Ops> PolicyState<E> for Tidal<E> {
                         cap,
                         selected: ops.ids(&vec![0u32; kv_heads * self.c.budget])?,
                     });
+                }
+                if let Some(per_layer) = self.probe.as_mut().filter(|p| p.is_empty()) {
+                    let n = self.shape.layout.kv_heads * self.c.budget;
+                    for _ in 0..self.shape.layout.layers {
+                        per_layer.push(ops.ids(&vec![0u32; n])?);
+                    }
                 }
                 self.mode = Mode::Decode;
             }
@@ -123,6 +142,13 @@ impl<E: Ops> PolicyState<E> for Tidal<E> {
             (Mode::Decode, Some(b)) if a.cache.layer >= c.selection_layer => {
                 dense::rotate(ops, a, q)?;
                 let seq_len = a.seq_len();
+                if let Some(per_layer) = self.probe.as_mut() {
+                    let (n, kv_heads) = (seq_len - 1, self.shape.layout.kv_heads);
+                    ops.token_scores(q, &a.cache, n, &mut b.scores)?;
+                    let out_ids = &mut per_layer[a.cache.layer];
+                    ops.block_top_k(&b.scores, kv_heads, n, c.budget, out_ids)?;
+                    return dense::attend(ops, a, q, out);
+                }
                 if a.cache.layer == c.selection_layer || a.cache.layer == c.reselection_layer {
                     // Full attention here, and the top-budget tokens before the
                     // current one per KV head.
@@ -147,6 +173,12 @@ impl<E: Ops> PolicyState<E> for Tidal<E> {
     }
 
     fn selected(&mut self, ops: &mut E, layer: usize) -> Result<Option<Vec<u32>>> {
+        if let Some(per_layer) = &self.probe {
+            return match per_layer.get(layer) {
+                Some(ids) if layer >= self.c.selection_layer => ops.download_ids(ids).map(Some),
+                _ => Ok(None),
+            };
+        }
         match &self.buf {
             Some(b) if layer > self.c.selection_layer => ops.download_ids(&b.selected).map(Some),
             _ => Ok(None),

@@ -207,13 +207,16 @@ pub struct Engine {
     pub config: ModelConfig,
     /// Tokenizer and chat template (shared by the engine's sessions).
     pub tokenizer: Arc<Tokenizer>,
-    runner: Box<dyn Runner>,
+    pub(super) runner: Box<dyn Runner>,
     /// Throughput counters.
     pub stats: Stats,
     /// Measured verify cost `(nodes, seconds)` behind the auto tree size.
     verify_costs: Option<Vec<(usize, f64)>>,
     /// Whether the caller chose the context capacity (`Options::max_context`).
     chosen_context: bool,
+    /// Names this model's files as loaded (path, sizes, times; see
+    /// [`model_key`]), for results cached per model.
+    pub(super) model_key: Option<String>,
 }
 
 impl Engine {
@@ -282,6 +285,7 @@ impl Engine {
             stats: Stats::default(),
             verify_costs: None,
             chosen_context: opts.max_context > 0,
+            model_key: model_key(path),
         })
     }
 
@@ -322,6 +326,7 @@ impl Engine {
             stats: Stats::default(),
             verify_costs: self.verify_costs.clone(),
             chosen_context: self.chosen_context,
+            model_key: self.model_key.clone(),
         })
     }
 
@@ -372,6 +377,11 @@ impl Engine {
     /// The tokens `layer` selected in the last sparse decode step, if any.
     pub fn selected(&mut self, layer: usize) -> Result<Option<Vec<u32>>> {
         self.runner.selected(layer)
+    }
+
+    /// The attention policy in use.
+    pub fn policy(&self) -> crate::attention::AttentionPolicy {
+        self.runner.policy()
     }
 
     /// Switches the attention policy for the next requests. The cached
@@ -732,4 +742,32 @@ impl Iterator for Generation<'_> {
             }
         }
     }
+}
+
+/// A name for the model at `path` that changes when its files do: a hash of
+/// the canonical path and each file's name, size and modification time.
+fn model_key(path: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let path = path.canonicalize().ok()?;
+    let mut files = vec![path.clone()];
+    if path.is_dir() {
+        files = std::fs::read_dir(&path)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+    }
+    let mut h = Sha256::new();
+    h.update(path.to_string_lossy().as_bytes());
+    for f in files {
+        let m = f.metadata().ok()?;
+        let t = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        h.update(format!("{}:{}:{}\n", f.display(), m.len(), t.as_nanos()).as_bytes());
+    }
+    Some(format!("{:x}", h.finalize())[..16].to_string())
 }

@@ -1,5 +1,6 @@
 //! Generation: tokenizer and chat template, sampling, sessions and the engine.
 
+mod calibrate;
 pub mod chat;
 pub mod engine;
 mod footprint;
@@ -8,6 +9,7 @@ pub mod sampler;
 pub mod session;
 pub mod tokenizer;
 
+pub use calibrate::TidalCalibration;
 pub use chat::{Overflow, StopReason};
 pub use engine::{Backend, Engine, GenerateParams, Generation, Options, Stats, Token};
 pub use sampler::{Sampler, SamplingParams};

@@ -24,6 +24,7 @@ pub(super) trait Runner: Send {
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
+    fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()>;
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
     fn max_context(&self) -> usize;
     fn fork(&self) -> Result<Box<dyn Runner>>;
@@ -69,6 +70,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
         Session::set_policy(self, policy)
+    }
+    fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()> {
+        Session::probe_tidal(self, c)
     }
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
         Session::verify(self, tree, params)

@@ -180,11 +180,18 @@ impl<E: Ops> Session<E> {
 
     /// Switches the attention policy; a different policy drops the cache.
     pub fn set_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
-        if policy != self.attention.policy {
+        if policy != self.attention.policy || self.attention.probing {
             let shape = self.attention.shape;
             self.attention = Attention::new(policy, shape)?;
             self.truncate(0);
         }
+        Ok(())
+    }
+
+    /// Switches to Tidal's calibration state for `c` (drops the cache).
+    pub fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()> {
+        self.attention = Attention::tidal_probe(c, self.attention.shape)?;
+        self.truncate(0);
         Ok(())
     }
 
