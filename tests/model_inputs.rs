@@ -927,3 +927,87 @@ fn tidal_calibration_is_checked_cached_and_leaves_the_policy() {
     let prompt: Vec<u32> = (0..30).map(|i| 3 + (i * 13) % 250).collect();
     assert_eq!(greedy(&mut e, &prompt, 4).len(), 4);
 }
+
+#[test]
+fn speculation_state_is_kept_across_engines_and_bad_files_are_ignored() {
+    use kvsieve::speculative::{Speculate, TreeSize};
+    let d = write_model("spec-state", "LlamaForCausalLM", |_| {});
+    let state = std::env::temp_dir().join(format!("kvsieve-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let open = || {
+        Engine::load(
+            &d,
+            Options {
+                backend: Backend::Reference,
+                max_context: 256,
+                state_dir: Some(state.clone()),
+                ..Options::default()
+            },
+        )
+        .unwrap()
+    };
+    let spec = |tree_size| GenerateParams {
+        max_tokens: 24,
+        stop_at_eos: false,
+        speculate: Speculate::Recycling,
+        tree_size,
+        ..Default::default()
+    };
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 7) % 60).collect();
+    let plain = greedy(&mut open(), &prompt, 24);
+
+    let mut a = open();
+    assert_eq!(a.recycling_matrix().unwrap(), None);
+    let out: Vec<u32> = a
+        .generate_ids(&prompt, &spec(TreeSize::Auto))
+        .unwrap()
+        .map(|t| t.unwrap().id)
+        .collect();
+    assert_eq!(out, plain, "speculation changed greedy output");
+    a.generate_ids(&prompt, &spec(TreeSize::Fixed(6)))
+        .unwrap()
+        .for_each(|t| drop(t.unwrap()));
+    let learned = a.recycling_matrix().unwrap().expect("a matrix");
+    assert!(learned.iter().any(|&t| t != 0), "nothing learned");
+    drop(a); // keeps the matrix
+    let files: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("-token-recycling.bin")),
+        "{files:?}"
+    );
+    assert!(
+        files.iter().any(|f| f.contains("-verify-costs-")),
+        "{files:?}"
+    );
+
+    // A new engine drafts from the kept matrix from its first request.
+    let mut b = open();
+    drop(b.generate_ids(&prompt, &spec(TreeSize::Fixed(6))).unwrap());
+    assert_eq!(b.recycling_matrix().unwrap(), Some(learned));
+    drop(b);
+
+    // Damaged files are ignored: the engine starts empty and answers.
+    for f in std::fs::read_dir(&state).unwrap() {
+        let path = f.unwrap().path();
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        std::fs::write(&path, vec![0xEEu8; len]).unwrap();
+    }
+    let mut c = open();
+    drop(c.generate_ids(&prompt, &spec(TreeSize::Fixed(6))).unwrap());
+    assert_eq!(
+        c.recycling_matrix().unwrap(),
+        None,
+        "a damaged matrix was loaded"
+    );
+    let out: Vec<u32> = c
+        .generate_ids(&prompt, &spec(TreeSize::Auto))
+        .unwrap()
+        .map(|t| t.unwrap().id)
+        .collect();
+    assert_eq!(out, plain);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -107,6 +107,10 @@ pub struct ModelArgs {
     /// Quantize float weight matrices at load: off, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "off")]
     pub quantize: String,
+    /// Where state learned at run time is kept per model (Tidal's layer, the
+    /// Token Recycling matrix, verify costs); default: state/ in the cache.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `--quantize`: off, or a weight type.
@@ -167,6 +171,7 @@ impl ModelArgs {
             max_context: self.max_context,
             progress: true,
             quantize: quantize_arg(&self.quantize)?,
+            state_dir: self.state_dir.clone(),
             ..Options::default()
         };
         let mut engine = match &self.model {

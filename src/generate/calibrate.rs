@@ -6,12 +6,11 @@
 //! re-selection layer is the first layer after the selection layer whose
 //! choice holds the needle for (nearly) every KV head at every depth, the
 //! point from which the model's retrieval heads have found it. The choice is
-//! cached per model in the model's cache directory.
+//! kept per model with the engine's state files ([`Options::state_dir`](super::Options::state_dir)).
 
 use super::Engine;
 use crate::attention::TidalConfig;
 use crate::error::{Error, Result};
-use std::path::PathBuf;
 
 const FILLER: &str = " The river runs down to the sea. Birds fly over the hills. \
 The old mill turns slowly. Bread is baked in the morning.";
@@ -86,8 +85,9 @@ impl Engine {
                 "Tidal's selection layer {selection_layer} leaves no layer to re-select in a {layers}-layer model"
             )));
         }
-        let cache = self.calibration_file(selection_layer);
-        if let Some(held) = cache.as_ref().and_then(|p| read_cache(p, layers)) {
+        let file = format!("tidal-s{selection_layer}.json");
+        let saved = self.state.as_ref().and_then(|s| s.read(&file, 1 << 16));
+        if let Some(held) = saved.and_then(|b| read_cache(&b, layers)) {
             return Ok(choose(selection_layer, budget, held, true));
         }
         let policy = self.runner.policy();
@@ -95,8 +95,8 @@ impl Engine {
         // Leave the policy as it was, whatever the measurement did.
         self.runner.set_policy(policy)?;
         let held = held?;
-        if let Some(p) = &cache {
-            write_cache(p, &held);
+        if let Some(s) = &self.state {
+            s.write(&file, &write_cache(&held));
         }
         Ok(choose(selection_layer, budget, held, false))
     }
@@ -142,15 +142,6 @@ impl Engine {
             .map(|l| (l >= selection_layer).then(|| sums[l] / n))
             .collect())
     }
-
-    /// `<cache>/calibration/<model key>-tidal-s<selection>.json`, when the
-    /// model has a key and the directory can be made.
-    fn calibration_file(&self, selection_layer: usize) -> Option<PathBuf> {
-        let key = self.model_key.as_ref()?;
-        let dir = crate::convert::cache_dir().join("calibration");
-        std::fs::create_dir_all(&dir).ok()?;
-        Some(dir.join(format!("{key}-tidal-s{selection_layer}.json")))
-    }
 }
 
 /// The first layer after the selection layer that holds the needle (the
@@ -180,9 +171,8 @@ fn choose(
     }
 }
 
-fn read_cache(path: &std::path::Path, layers: usize) -> Option<Vec<Option<f64>>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+fn read_cache(bytes: &[u8], layers: usize) -> Option<Vec<Option<f64>>> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     if v.get("version")?.as_u64()? != CACHE_VERSION {
         return None;
     }
@@ -198,8 +188,7 @@ fn read_cache(path: &std::path::Path, layers: usize) -> Option<Vec<Option<f64>>>
 /// Bumped when the measurement changes, so old results are measured again.
 const CACHE_VERSION: u64 = 1;
 
-fn write_cache(path: &std::path::Path, held: &[Option<f64>]) {
+fn write_cache(held: &[Option<f64>]) -> Vec<u8> {
     let v = serde_json::json!({ "version": CACHE_VERSION, "held": held });
-    // A cache that cannot be written only costs the next run a measurement.
-    let _ = std::fs::write(path, v.to_string());
+    v.to_string().into_bytes()
 }

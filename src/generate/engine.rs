@@ -5,6 +5,7 @@ use super::chat::{self, Overflow, StopReason};
 use super::footprint::{host_memory, Footprint, MAX_CONTEXT};
 use super::runner::{self, Runner};
 use super::sampler::{Sampler, SamplingParams};
+use super::state::StateFiles;
 use super::tokenizer::{Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
@@ -75,6 +76,10 @@ pub struct Options {
     /// share it with its own work or to choose the adapter in code. `None`
     /// picks one as [`GpuContext::new`] does.
     pub device: Option<Arc<GpuContext>>,
+    /// Where state learned at run time is kept across processes, per model:
+    /// Tidal's calibrated layer, the Token Recycling matrix, the verify-cost
+    /// curve of each adapter. `None`: `state/` under the cache directory.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -88,6 +93,7 @@ impl Default for Options {
             policy: Default::default(),
             quantize: None,
             device: None,
+            state_dir: None,
         }
     }
 }
@@ -214,9 +220,12 @@ pub struct Engine {
     verify_costs: Option<Vec<(usize, f64)>>,
     /// Whether the caller chose the context capacity (`Options::max_context`).
     chosen_context: bool,
-    /// Names this model's files as loaded (path, sizes, times; see
-    /// [`model_key`]), for results cached per model.
-    pub(super) model_key: Option<String>,
+    /// Where this model's state is kept across processes.
+    pub(super) state: Option<StateFiles>,
+    /// Whether the Token Recycling matrix was looked for in the state files
+    /// (before the first speculative request; the engine then saves it when
+    /// dropped).
+    pub(super) recycling_restored: bool,
 }
 
 impl Engine {
@@ -285,7 +294,8 @@ impl Engine {
             stats: Stats::default(),
             verify_costs: None,
             chosen_context: opts.max_context > 0,
-            model_key: model_key(path),
+            state: StateFiles::new(path, opts.state_dir.as_deref()),
+            recycling_restored: false,
         })
     }
 
@@ -326,7 +336,8 @@ impl Engine {
             stats: Stats::default(),
             verify_costs: self.verify_costs.clone(),
             chosen_context: self.chosen_context,
-            model_key: self.model_key.clone(),
+            state: self.state.clone(),
+            recycling_restored: false,
         })
     }
 
@@ -548,6 +559,9 @@ impl Engine {
                 )))
             }
             (spec, TreeSize::Auto) => {
+                if self.verify_costs.is_none() {
+                    self.verify_costs = self.saved_verify_costs();
+                }
                 if self.verify_costs.is_none() && ids.len() >= 2 {
                     // The prompt prefix is real prefill work (kept in the
                     // cache); the probing is timed apart.
@@ -556,7 +570,9 @@ impl Engine {
                     let sizes = crate::speculative::PROBE_SIZES;
                     let max = crate::speculative::max_expected_tau();
                     let costs = self.verify_cost(ids, &sizes, 2, max);
-                    self.verify_costs = Some(costs.map_err(|e| self.after_error(e))?);
+                    let costs = costs.map_err(|e| self.after_error(e))?;
+                    self.save_verify_costs(&costs);
+                    self.verify_costs = Some(costs);
                     calibration = c.elapsed();
                 }
                 self.verify_costs
@@ -568,6 +584,9 @@ impl Engine {
         let drafter = (tree_size > 0)
             .then(|| params.speculate.drafter(tree_size))
             .flatten();
+        if drafter.is_some() {
+            self.restore_recycling()?;
+        }
         self.stats.tree_size = tree_size;
         self.prefill(ids)?;
         let t = t + calibration;
@@ -742,32 +761,4 @@ impl Iterator for Generation<'_> {
             }
         }
     }
-}
-
-/// A name for the model at `path` that changes when its files do: a hash of
-/// the canonical path and each file's name, size and modification time.
-fn model_key(path: &Path) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    let path = path.canonicalize().ok()?;
-    let mut files = vec![path.clone()];
-    if path.is_dir() {
-        files = std::fs::read_dir(&path)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-    }
-    let mut h = Sha256::new();
-    h.update(path.to_string_lossy().as_bytes());
-    for f in files {
-        let m = f.metadata().ok()?;
-        let t = m
-            .modified()
-            .ok()?
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?;
-        h.update(format!("{}:{}:{}\n", f.display(), m.len(), t.as_nanos()).as_bytes());
-    }
-    Some(format!("{:x}", h.finalize())[..16].to_string())
 }

@@ -7,6 +7,7 @@ mod footprint;
 mod runner;
 pub mod sampler;
 pub mod session;
+mod state;
 pub mod tokenizer;
 
 pub use calibrate::TidalCalibration;

@@ -25,6 +25,8 @@ pub(super) trait Runner: Send {
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
     fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()>;
+    fn recycling(&mut self) -> Result<Option<Vec<u32>>>;
+    fn set_recycling(&mut self, adj: &[u32]) -> Result<()>;
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
     fn max_context(&self) -> usize;
     fn fork(&self) -> Result<Box<dyn Runner>>;
@@ -73,6 +75,12 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()> {
         Session::probe_tidal(self, c)
+    }
+    fn recycling(&mut self) -> Result<Option<Vec<u32>>> {
+        Session::recycling(self)
+    }
+    fn set_recycling(&mut self, adj: &[u32]) -> Result<()> {
+        Session::set_recycling(self, adj)
     }
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
         Session::verify(self, tree, params)

@@ -188,6 +188,29 @@ impl<E: Ops> Session<E> {
         Ok(())
     }
 
+    /// The Token Recycling adjacency matrix `[vocab, ADJ_WIDTH]`, once a
+    /// verify step has made it.
+    pub fn recycling(&mut self) -> Result<Option<Vec<u32>>> {
+        match &self.adj {
+            Some(adj) => self.ops.download_ids(adj).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the Token Recycling adjacency matrix (`[vocab, ADJ_WIDTH]`
+    /// token ids, as [`Session::recycling`] returns it).
+    pub fn set_recycling(&mut self, adj: &[u32]) -> Result<()> {
+        let vocab = self.model.cfg.vocab;
+        if adj.len() != vocab * crate::ops::ADJ_WIDTH || adj.iter().any(|&t| t as usize >= vocab) {
+            return Err(Error::InvalidOption(format!(
+                "a Token Recycling matrix needs {} token ids below {vocab}",
+                vocab * crate::ops::ADJ_WIDTH
+            )));
+        }
+        self.adj = Some(self.ops.ids(adj)?);
+        Ok(())
+    }
+
     /// Switches to Tidal's calibration state for `c` (drops the cache).
     pub fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()> {
         self.attention = Attention::tidal_probe(c, self.attention.shape)?;
@@ -310,7 +333,8 @@ impl<E: Ops> Session<E> {
             self.verify_ws.insert(n, VerifyBuffers { ws, accept, toks });
         }
         if self.adj.is_none() {
-            self.adj = Some(self.ops.ids(&vec![0u32; self.model.cfg.vocab * 8])?);
+            let n = self.model.cfg.vocab * crate::ops::ADJ_WIDTH;
+            self.adj = Some(self.ops.ids(&vec![0u32; n])?);
         }
         let (Some(VerifyBuffers { ws, accept, toks }), Some(adj)) =
             (self.verify_ws.get_mut(&n), self.adj.as_mut())

@@ -778,7 +778,7 @@ pub fn spec_draft(n: usize, plan: usize, out: usize) -> Result<()> {
 /// `(n, vocab)` logits and their `tokens`.
 pub fn spec_adj_update(adj: usize, logits: (usize, usize), tokens: usize) -> Result<()> {
     let (n, vocab) = logits;
-    if adj != vocab * 8 || tokens < n || n > MAX_NODES {
+    if adj != vocab * super::ADJ_WIDTH || tokens < n || n > MAX_NODES {
         return shape_err(
             "spec_adj_update",
             format!("adjacency of {adj} for a vocabulary of {vocab}, {tokens} tokens for {n} rows"),

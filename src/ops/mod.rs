@@ -453,6 +453,9 @@ impl<I> Prefilter<'_, I> {
 /// Most nodes a draft tree may hold (the ancestor sets are 4 u32 words).
 pub const MAX_NODES: usize = 128;
 
+/// Successors kept per token in the Token Recycling adjacency matrix `[vocab, ADJ_WIDTH]`.
+pub const ADJ_WIDTH: usize = 8;
+
 /// Whether node `j` of a draft tree is node `i` or one of its ancestors, read
 /// from the tree mask [`KvOps::attention_tree`] takes (4 ancestor words per node,
 /// then the depths).
