@@ -167,7 +167,7 @@ fn main() -> kvsieve::Result<()> {
     let auto: Vec<_> = [Speculate::Lookup, Speculate::Recycling, Speculate::Both]
         .iter()
         .map(|&s| {
-            let n = kvsieve::speculative::choose_tree_size(s, &costs);
+            let n = kvsieve::speculative::choose_tree_size(s, &costs, 1.0);
             println!("auto tree size for {s:?} on this adapter: {n:?}");
             serde_json::json!({"drafter": format!("{s:?}"), "tree_size": n})
         })

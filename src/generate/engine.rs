@@ -226,6 +226,12 @@ pub struct Engine {
     /// (before the first speculative request; the engine then saves it when
     /// dropped).
     pub(super) recycling_restored: bool,
+    /// Drafts accepted against the tau tables' expectation, per drafter
+    /// (kept with the model's state).
+    pub(super) acceptance: crate::speculative::Acceptance,
+    /// The speculative request in flight: drafter, tree size and the verify
+    /// counters when it began (folded into `acceptance` by the next request).
+    pub(super) pending: Option<(Speculate, usize, usize, usize)>,
 }
 
 impl Engine {
@@ -296,6 +302,8 @@ impl Engine {
             chosen_context: opts.max_context > 0,
             state: StateFiles::new(path, opts.state_dir.as_deref()),
             recycling_restored: false,
+            acceptance: Default::default(),
+            pending: None,
         })
     }
 
@@ -338,6 +346,9 @@ impl Engine {
             chosen_context: self.chosen_context,
             state: self.state.clone(),
             recycling_restored: false,
+            // Read from the state files with the matrix, as a new engine's.
+            acceptance: Default::default(),
+            pending: None,
         })
     }
 
@@ -549,6 +560,11 @@ impl Engine {
         }
         let t = Instant::now();
         let mut calibration = Duration::ZERO;
+        let mut break_even = None;
+        self.fold_pending();
+        if params.speculate != Speculate::Off {
+            self.restore_speculation()?;
+        }
         let tree_size = match (params.speculate, params.tree_size) {
             (Speculate::Off, _) => 0,
             (_, TreeSize::Fixed(n)) if (1..=crate::ops::MAX_NODES).contains(&n) => n,
@@ -575,17 +591,27 @@ impl Engine {
                     self.verify_costs = Some(costs);
                     calibration = c.elapsed();
                 }
-                self.verify_costs
-                    .as_deref()
-                    .and_then(|c| crate::speculative::choose_tree_size(spec, c))
-                    .unwrap_or(0)
+                // The size the acceptance seen so far makes best; when none
+                // pays by it, the tables' choice, which the request drops if
+                // its own drafts do not pay (see `Generation::break_even`).
+                let costs = self.verify_costs.as_deref().unwrap_or(&[]);
+                let accept = self.acceptance.scale(spec);
+                let n = crate::speculative::choose_tree_size(spec, costs, accept)
+                    .or_else(|| crate::speculative::choose_tree_size(spec, costs, 1.0))
+                    .unwrap_or(0);
+                let cost = |n| costs.iter().find(|c| c.0 == n).map(|c| c.1);
+                if let (Some(one), Some(at)) = (cost(1), cost(n)) {
+                    break_even = Some(at / one);
+                }
+                n
             }
         };
         let drafter = (tree_size > 0)
             .then(|| params.speculate.drafter(tree_size))
             .flatten();
         if drafter.is_some() {
-            self.restore_recycling()?;
+            let s = &self.stats;
+            self.pending = Some((params.speculate, tree_size, s.verify_steps, s.verify_tokens));
         }
         self.stats.tree_size = tree_size;
         self.prefill(ids)?;
@@ -595,6 +621,8 @@ impl Engine {
             sampler,
             drafter,
             tree_size,
+            break_even,
+            verified: (0, 0),
             pending: std::collections::VecDeque::new(),
             max_tokens: params.max_tokens,
             stop_at_eos: params.stop_at_eos,
@@ -653,6 +681,12 @@ pub struct Generation<'a> {
     tree_size: usize,
     /// Tokens a verify step decided that are not emitted yet.
     pending: std::collections::VecDeque<u32>,
+    /// With an automatic tree size: tokens a verify step must produce to beat
+    /// plain decoding (its cost in plain steps). After [`GUARD_STEPS`] verify
+    /// steps producing fewer on average, the request decodes plainly.
+    break_even: Option<f64>,
+    /// This request's verify steps and the tokens they produced.
+    verified: (usize, usize),
     max_tokens: usize,
     stop_at_eos: bool,
     /// Token ids generated so far.
@@ -666,6 +700,10 @@ pub struct Generation<'a> {
     /// drops them too.
     pub dropped_messages: usize,
 }
+
+/// Verify steps a request with an automatic tree size runs before it judges
+/// whether its drafts pay.
+const GUARD_STEPS: usize = 12;
 
 impl Generation<'_> {
     /// Why the generation ended (`None` while it runs).
@@ -698,6 +736,15 @@ impl Generation<'_> {
                 let toks = e.runner.verify(&tree, &params)?;
                 e.stats.verify_steps += 1;
                 e.stats.verify_tokens += toks.len();
+                self.verified = (self.verified.0 + 1, self.verified.1 + toks.len());
+                let (steps, made) = self.verified;
+                if self
+                    .break_even
+                    .is_some_and(|b| steps >= GUARD_STEPS && (made as f64) < b * steps as f64)
+                {
+                    // This text's drafts do not pay for their verification.
+                    self.drafter = None;
+                }
                 self.pending.extend(toks);
                 self.pending
                     .pop_front()

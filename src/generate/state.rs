@@ -1,7 +1,7 @@
 //! Per-model state learned at run time and kept across processes, so that a
 //! new process starts where the last one left off: Tidal's calibrated layer,
-//! the Token Recycling adjacency matrix and the verify-cost curve of each
-//! adapter. Files live in [`Options::state_dir`](super::Options::state_dir)
+//! the Token Recycling adjacency matrix, the drafts accepted per drafter and
+//! the verify-cost curve of each adapter. Files live in [`Options::state_dir`](super::Options::state_dir)
 //! under a key that changes when the model's files do. Keeping state is best
 //! effort: a directory that cannot be written costs a new process the
 //! measurement, and a file that does not check out is ignored.
@@ -9,6 +9,7 @@
 use super::Engine;
 use crate::error::Result;
 use crate::ops::ADJ_WIDTH;
+use crate::speculative::Acceptance;
 use std::path::{Path, PathBuf};
 
 impl Engine {
@@ -34,9 +35,20 @@ impl Engine {
         }
     }
 
-    /// Before the first speculative request: the matrix the last process
-    /// left, if any (a file that does not check out is ignored).
-    pub(super) fn restore_recycling(&mut self) -> Result<()> {
+    /// Folds the last speculative request's verify steps into the acceptance record.
+    pub(super) fn fold_pending(&mut self) {
+        if let Some((spec, size, steps, tokens)) = self.pending.take() {
+            let s = &self.stats;
+            let steps = s.verify_steps.saturating_sub(steps) as u64;
+            let tokens = s.verify_tokens.saturating_sub(tokens) as u64;
+            self.acceptance.record(spec, size, steps, tokens);
+        }
+    }
+
+    /// Before the first speculative request: the matrix and the acceptance
+    /// record the last process left, if any (a file that does not check out
+    /// is ignored).
+    pub(super) fn restore_speculation(&mut self) -> Result<()> {
         if std::mem::replace(&mut self.recycling_restored, true) {
             return Ok(());
         }
@@ -44,6 +56,17 @@ impl Engine {
         let Some(files) = &self.state else {
             return Ok(());
         };
+        if let Some(a) = files
+            .read(ACCEPTANCE_FILE, 1 << 16)
+            .and_then(|b| serde_json::from_slice::<Acceptance>(&b).ok())
+            .filter(|a| a.seen.values().all(|v| v.2.is_finite() && v.2 >= 0.0))
+        {
+            // What this process saw before the restore counts too.
+            for (k, v) in a.seen {
+                let e = self.acceptance.seen.entry(k).or_default();
+                (e.0, e.1, e.2) = (e.0 + v.0, e.1 + v.1, e.2 + v.2);
+            }
+        }
         let max = 16 + (vocab * ADJ_WIDTH * 4) as u64;
         if let Some(adj) = files
             .read(RECYCLING_FILE, max)
@@ -62,6 +85,10 @@ impl Drop for Engine {
         if !self.recycling_restored || self.runner.device_lost().is_some() {
             return;
         }
+        self.fold_pending();
+        if let (Some(files), Ok(text)) = (&self.state, serde_json::to_vec(&self.acceptance)) {
+            files.write(ACCEPTANCE_FILE, &text);
+        }
         if let (Some(files), Ok(Some(adj))) = (&self.state, self.runner.recycling()) {
             files.write(
                 RECYCLING_FILE,
@@ -72,6 +99,7 @@ impl Drop for Engine {
 }
 
 const RECYCLING_FILE: &str = "token-recycling.bin";
+const ACCEPTANCE_FILE: &str = "acceptance.json";
 
 /// Where one model's state files are.
 #[derive(Clone, Debug)]

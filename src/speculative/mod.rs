@@ -347,6 +347,18 @@ pub enum Speculate {
     Both,
 }
 
+impl Speculate {
+    /// The name `FromStr` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Lookup => "lookup",
+            Self::Recycling => "recycling",
+            Self::Both => "both",
+        }
+    }
+}
+
 impl std::str::FromStr for Speculate {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -444,7 +456,11 @@ pub fn expected_tau(spec: Speculate, size: usize) -> f64 {
 /// costs `(size, seconds)` whose first entry is size 1 (a plain step through the
 /// verify path). `None` when no size beats plain decoding by 5%: speculation
 /// would not pay on this adapter.
-pub fn choose_tree_size(spec: Speculate, costs: &[(usize, f64)]) -> Option<usize> {
+///
+/// `accept` scales the tables' accepted drafts (tau - 1) to what this model
+/// and its texts have shown (see [`Acceptance`]); 1.0 takes the tables as
+/// they are.
+pub fn choose_tree_size(spec: Speculate, costs: &[(usize, f64)], accept: f64) -> Option<usize> {
     let &(one, base) = costs.first()?;
     if one != 1 || !(base > 0.0) {
         return None;
@@ -452,7 +468,7 @@ pub fn choose_tree_size(spec: Speculate, costs: &[(usize, f64)]) -> Option<usize
     costs
         .iter()
         .filter(|c| c.0 > 1)
-        .map(|&(n, t)| (n, expected_tau(spec, n) * base / t))
+        .map(|&(n, t)| (n, (1.0 + (expected_tau(spec, n) - 1.0) * accept) * base / t))
         .filter(|&(_, gain)| gain > 1.05)
         // The smallest of equal gains: same speed for less work.
         .fold(None, |best: Option<(usize, f64)>, c| match best {
@@ -460,6 +476,45 @@ pub fn choose_tree_size(spec: Speculate, costs: &[(usize, f64)]) -> Option<usize
             _ => Some(c),
         })
         .map(|(n, _)| n)
+}
+
+/// Drafts accepted so far against what the tau tables expected for the same
+/// verify steps, per drafter: the tables were measured on one model and one
+/// prompt set, and a request's text can accept far fewer (or more) drafts.
+/// [`Acceptance::scale`] is what [`choose_tree_size`] takes.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Acceptance {
+    /// Per drafter (lookup, recycling, both): verify steps, drafts accepted
+    /// (tokens beyond one per step), drafts the tables expected.
+    pub seen: std::collections::BTreeMap<String, (u64, u64, f64)>,
+}
+
+/// Verify steps a drafter needs before its measured acceptance replaces the tables'.
+const MIN_STEPS: u64 = 32;
+
+impl Acceptance {
+    /// Records `steps` verify steps of `spec` with trees of `size` nodes that
+    /// produced `tokens` tokens (bonus included).
+    pub fn record(&mut self, spec: Speculate, size: usize, steps: u64, tokens: u64) {
+        if steps == 0 || spec == Speculate::Off {
+            return;
+        }
+        let e = self.seen.entry(spec.name().to_string()).or_default();
+        e.0 += steps;
+        e.1 += tokens.saturating_sub(steps);
+        e.2 += steps as f64 * (expected_tau(spec, size) - 1.0);
+    }
+
+    /// Accepted over expected drafts for `spec` (1.0 until it has run
+    /// [`MIN_STEPS`] verify steps), clamped to 0..=2.
+    pub fn scale(&self, spec: Speculate) -> f64 {
+        match self.seen.get(spec.name()) {
+            Some(&(steps, got, want)) if steps >= MIN_STEPS && want > 0.0 => {
+                (got as f64 / want).clamp(0.0, 2.0)
+            }
+            _ => 1.0,
+        }
+    }
 }
 
 /// Largest tau in the tables: a size whose verify costs more than this many
@@ -644,12 +699,36 @@ mod tests {
         assert!(mid > expected_tau(Speculate::Both, 8) && mid < expected_tau(Speculate::Both, 16));
         // Flat cost (a big GPU): the largest tree wins.
         let flat: Vec<(usize, f64)> = PROBE_SIZES.iter().map(|&n| (n, 1.0)).collect();
-        assert_eq!(choose_tree_size(Speculate::Both, &flat), Some(81));
+        assert_eq!(choose_tree_size(Speculate::Both, &flat, 1.0), Some(81));
         // Cost linear in rows (compute-bound): nothing pays, speculation is off.
         let linear: Vec<(usize, f64)> = PROBE_SIZES.iter().map(|&n| (n, n as f64)).collect();
-        assert_eq!(choose_tree_size(Speculate::Both, &linear), None);
+        assert_eq!(choose_tree_size(Speculate::Both, &linear, 1.0), None);
         // Lookup chains stop at 11 nodes: larger trees buy nothing.
-        assert_eq!(choose_tree_size(Speculate::Lookup, &flat[..6]), Some(16));
-        assert_eq!(choose_tree_size(Speculate::Both, &[]), None);
+        assert_eq!(
+            choose_tree_size(Speculate::Lookup, &flat[..6], 1.0),
+            Some(16)
+        );
+        assert_eq!(choose_tree_size(Speculate::Both, &[], 1.0), None);
+        // A text that accepts few drafts: with a flat cost curve the largest
+        // tree still pays; with the reference's curve (verify 8 rows = 1.53
+        // steps) tau 1.4 at 8 nodes (a scale of about 0.38) leaves no size.
+        let mut a = Acceptance::default();
+        a.record(Speculate::Both, 8, 16, 22);
+        assert_eq!(a.scale(Speculate::Both), 1.0, "too few steps to judge");
+        a.record(Speculate::Both, 8, 24, 34);
+        let scale = a.scale(Speculate::Both);
+        assert!((scale - 16.0 / (40.0 * 1.05)).abs() < 1e-9, "{scale}");
+        assert_eq!(a.scale(Speculate::Lookup), 1.0);
+        assert_eq!(choose_tree_size(Speculate::Both, &flat, scale), Some(81));
+        let reference = [
+            (1, 1.0),
+            (2, 1.14),
+            (4, 1.19),
+            (8, 1.53),
+            (16, 2.31),
+            (32, 6.12),
+        ];
+        assert_eq!(choose_tree_size(Speculate::Both, &reference, 1.0), Some(8));
+        assert_eq!(choose_tree_size(Speculate::Both, &reference, scale), None);
     }
 }
