@@ -308,10 +308,16 @@ fn readme_run(
     let text =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
             .unwrap();
+    // A state directory of its own: runs compared with each other must not
+    // draft from a Token Recycling matrix another run left.
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let state = std::env::temp_dir().join(format!("kvsieve-state-{}-{n}", std::process::id()));
     let opts = Options {
         backend,
         max_context: 1024,
         policy,
+        state_dir: Some(state),
         ..Options::default()
     };
     let mut e = Engine::load(&model_dir(), opts).unwrap();
