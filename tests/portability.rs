@@ -368,7 +368,10 @@ fn drive_engine(policy: AttentionPolicy) {
         .unwrap()
         .for_each(|t| drop(t.unwrap()));
     if dense {
+        // A fixed tree: the automatic size may be off on this adapter (and a
+        // verify-cost curve kept from an earlier process skips the probing).
         p.speculate = Speculate::Both;
+        p.tree_size = kvsieve::speculative::TreeSize::Fixed(4);
         e.generate(&prompt, &p)
             .unwrap()
             .for_each(|t| drop(t.unwrap()));
@@ -419,6 +422,10 @@ fn drive_kernels(ex: &mut kvsieve::kernels::GpuExecutor) {
     // than one workgroup takes (the multi-pass radix select).
     let bias = ex.weight(&[half::f16::ONE; 8], 1, 8).unwrap();
     ex.add_bias(&mut y, &bias).unwrap();
+    // The unfused residual add and SwiGLU (the model fuses them into matmuls).
+    let z = ex.upload(&[0.5; 8], 1, 8).unwrap();
+    ex.add(&mut y, &z).unwrap();
+    ex.swiglu(&mut y, &z).unwrap();
     let mut logits = ex.upload(&vec![0.25; 40000], 1, 40000).unwrap();
     ex.penalize(&mut logits, &[1, 2], 1.2).unwrap();
     ex.top_k(&logits, 8).unwrap();
