@@ -191,7 +191,7 @@ pub struct Attention<E: Ops> {
     pub shape: AttentionShape,
     state: Box<dyn PolicyState<E> + Send>,
     /// A calibration state rather than `policy` itself.
-    pub probing: bool,
+    pub(crate) probing: bool,
 }
 
 impl<E: Ops> Attention<E> {

@@ -1,8 +1,9 @@
 //! The library entry point: load a model directory, generate a stream of tokens,
 //! chat with a message list (reusing the cached conversation prefix).
 
-use super::chat::{self, Overflow, StopReason};
+use super::chat::{self, Overflow};
 use super::footprint::{host_memory, Footprint, MAX_CONTEXT};
+use super::generation::Generation;
 use super::runner::{self, Runner};
 use super::sampler::{Sampler, SamplingParams};
 use super::state::StateFiles;
@@ -13,7 +14,7 @@ use crate::kernels::GpuExecutor;
 use crate::model::{GgufModel, ModelConfig, TensorSource, Weights};
 use crate::quant::DType;
 use crate::reference::RefExecutor;
-use crate::speculative::{AcceptParams, DraftTree, Drafter, Speculate, TreeSize};
+use crate::speculative::{AcceptParams, DraftTree, Speculate, TreeSize};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,8 +78,9 @@ pub struct Options {
     /// picks one as [`GpuContext::new`] does.
     pub device: Option<Arc<GpuContext>>,
     /// Where state learned at run time is kept across processes, per model:
-    /// Tidal's calibrated layer, the Token Recycling matrix, the verify-cost
-    /// curve of each adapter. `None`: `state/` under the cache directory.
+    /// Tidal's calibrated layer, the Token Recycling matrix, the drafts each
+    /// drafter had accepted, the verify-cost curve of each adapter. `None`:
+    /// `state/` under the cache directory.
     pub state_dir: Option<std::path::PathBuf>,
 }
 
@@ -222,10 +224,10 @@ pub struct Engine {
     chosen_context: bool,
     /// Where this model's state is kept across processes.
     pub(super) state: Option<StateFiles>,
-    /// Whether the Token Recycling matrix was looked for in the state files
-    /// (before the first speculative request; the engine then saves it when
-    /// dropped).
-    pub(super) recycling_restored: bool,
+    /// Whether the speculation state (Token Recycling matrix, acceptance)
+    /// was looked for in the state files (before the first speculative
+    /// request; the engine then saves it when dropped).
+    pub(super) speculation_restored: bool,
     /// Drafts accepted against the tau tables' expectation, per drafter
     /// (kept with the model's state).
     pub(super) acceptance: crate::speculative::Acceptance,
@@ -301,7 +303,7 @@ impl Engine {
             verify_costs: None,
             chosen_context: opts.max_context > 0,
             state: StateFiles::new(path, opts.state_dir.as_deref()),
-            recycling_restored: false,
+            speculation_restored: false,
             acceptance: Default::default(),
             pending: None,
         })
@@ -345,7 +347,7 @@ impl Engine {
             verify_costs: self.verify_costs.clone(),
             chosen_context: self.chosen_context,
             state: self.state.clone(),
-            recycling_restored: false,
+            speculation_restored: false,
             // Read from the state files with the matrix, as a new engine's.
             acceptance: Default::default(),
             pending: None,
@@ -523,7 +525,7 @@ impl Engine {
     /// After a device error the cache may hold half-written work: it is
     /// dropped, so the next request recomputes the conversation (the engine
     /// stays usable). After [`Error::DeviceLost`] every call fails the same way.
-    fn after_error(&mut self, e: Error) -> Error {
+    pub(super) fn after_error(&mut self, e: Error) -> Error {
         if let Some(lost) = self.runner.device_lost() {
             self.runner.truncate(0);
             return lost;
@@ -616,23 +618,9 @@ impl Engine {
         self.stats.tree_size = tree_size;
         self.prefill(ids)?;
         let t = t + calibration;
-        Ok(Generation {
-            engine: self,
-            sampler,
-            drafter,
-            tree_size,
-            break_even,
-            verified: (0, 0),
-            pending: std::collections::VecDeque::new(),
-            max_tokens: params.max_tokens,
-            stop_at_eos: params.stop_at_eos,
-            generated: Vec::new(),
-            emitted_text: 0,
-            prefill_started: Some(t),
-            done: params.max_tokens == 0,
-            stop: (params.max_tokens == 0).then_some(StopReason::MaxTokens),
-            dropped_messages: 0,
-        })
+        Ok(Generation::new(
+            self, sampler, drafter, tree_size, break_even, params, t,
+        ))
     }
 
     /// Streams the assistant's answer to `messages` (chat template applied, generation
@@ -651,161 +639,5 @@ impl Engine {
         let mut g = self.generate_ids(&ids, params)?;
         g.dropped_messages = dropped;
         Ok(g)
-    }
-}
-
-/// One generated token and the text it completes.
-///
-/// ```no_run
-/// # use kvsieve::{Engine, GenerateParams, Options};
-/// # let mut engine = Engine::load(&kvsieve::convert::default_model_dir()?, Options::default())?;
-/// for tok in engine.generate("Once upon a time", &GenerateParams::default())? {
-///     let tok: kvsieve::Token = tok?;
-///     print!("{}", tok.text);
-/// }
-/// # Ok::<(), kvsieve::Error>(())
-/// ```
-#[derive(Clone, Debug, PartialEq)]
-pub struct Token {
-    /// Token id.
-    pub id: u32,
-    /// New text since the previous token (may be empty while a UTF-8 character is incomplete).
-    pub text: String,
-}
-
-/// Streaming generation; each item is one token.
-pub struct Generation<'a> {
-    engine: &'a mut Engine,
-    sampler: Sampler,
-    drafter: Option<Box<dyn Drafter>>,
-    tree_size: usize,
-    /// Tokens a verify step decided that are not emitted yet.
-    pending: std::collections::VecDeque<u32>,
-    /// With an automatic tree size: tokens a verify step must produce to beat
-    /// plain decoding (its cost in plain steps). After [`GUARD_STEPS`] verify
-    /// steps producing fewer on average, the request decodes plainly.
-    break_even: Option<f64>,
-    /// This request's verify steps and the tokens they produced.
-    verified: (usize, usize),
-    max_tokens: usize,
-    stop_at_eos: bool,
-    /// Token ids generated so far.
-    pub generated: Vec<u32>,
-    emitted_text: usize,
-    prefill_started: Option<Instant>,
-    done: bool,
-    stop: Option<StopReason>,
-    /// Messages [`Engine::chat`] dropped from the front of the conversation
-    /// (after the system ones) to fit the context; an app keeping the history
-    /// drops them too.
-    pub dropped_messages: usize,
-}
-
-/// Verify steps a request with an automatic tree size runs before it judges
-/// whether its drafts pay.
-const GUARD_STEPS: usize = 12;
-
-impl Generation<'_> {
-    /// Why the generation ended (`None` while it runs).
-    pub fn stop_reason(&self) -> Option<StopReason> {
-        self.stop
-    }
-
-    fn step(&mut self) -> Result<Option<Token>> {
-        let e = &mut *self.engine;
-        let t = Instant::now();
-        // Room left for the last token and what follows it.
-        let room = e.runner.max_context() - e.runner.cached().len();
-        if self.pending.is_empty() && !self.generated.is_empty() && room == 0 {
-            self.stop = Some(StopReason::ContextFull);
-            return Ok(None);
-        }
-        let id = match (
-            self.pending.pop_front(),
-            self.generated.last(),
-            &mut self.drafter,
-        ) {
-            (Some(id), _, _) => id,
-            // A draft tree needs room for all its nodes; near the end of the
-            // context the step decodes one token.
-            (None, Some(&root), Some(drafter)) if room >= self.tree_size => {
-                // Speculative step: draft from the root, verify all nodes at once.
-                let tree = drafter.draft(e.runner.cached(), root, self.tree_size)?;
-                let seed = self.sampler.seed();
-                let params = AcceptParams::from_sampling(&self.sampler.params, seed);
-                let toks = e.runner.verify(&tree, &params)?;
-                e.stats.verify_steps += 1;
-                e.stats.verify_tokens += toks.len();
-                self.verified = (self.verified.0 + 1, self.verified.1 + toks.len());
-                let (steps, made) = self.verified;
-                if self
-                    .break_even
-                    .is_some_and(|b| steps >= GUARD_STEPS && (made as f64) < b * steps as f64)
-                {
-                    // This text's drafts do not pay for their verification.
-                    self.drafter = None;
-                }
-                self.pending.extend(toks);
-                self.pending
-                    .pop_front()
-                    .ok_or_else(|| Error::Gpu("verify returned no token".into()))?
-            }
-            (None, last, _) => {
-                if let Some(&last) = last {
-                    let r = Instant::now();
-                    e.runner.feed(&[last])?;
-                    e.stats.decode_record_time += r.elapsed();
-                }
-                let recent: Vec<u32> = if self.sampler.params.repetition_penalty != 1.0 {
-                    e.runner.cached().to_vec()
-                } else {
-                    Vec::new()
-                };
-                e.runner.sample(&mut self.sampler, &recent)?
-            }
-        };
-        match self.prefill_started.take() {
-            Some(start) => e.stats.prefill_time += start.elapsed(),
-            None => {
-                e.stats.decode_time += t.elapsed();
-                e.stats.decode_tokens += 1;
-            }
-        }
-        if self.stop_at_eos && e.config.eos.contains(&id) {
-            self.stop = Some(StopReason::Eos);
-            return Ok(None);
-        }
-        self.generated.push(id);
-        let text = e.tokenizer.decode(&self.generated)?;
-        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-        let ready = text.trim_end_matches('\u{FFFD}');
-        let delta = ready.get(self.emitted_text..).unwrap_or("").to_string();
-        self.emitted_text = self.emitted_text.max(ready.len());
-        Ok(Some(Token { id, text: delta }))
-    }
-}
-
-impl Iterator for Generation<'_> {
-    type Item = Result<Token>;
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        if self.generated.len() >= self.max_tokens {
-            self.stop.get_or_insert(StopReason::MaxTokens);
-            return None;
-        }
-        match self.step() {
-            Ok(Some(t)) => Some(Ok(t)),
-            Ok(None) => {
-                self.done = true;
-                None
-            }
-            Err(e) => {
-                self.done = true;
-                self.stop = Some(StopReason::Error);
-                Some(Err(self.engine.after_error(e)))
-            }
-        }
     }
 }

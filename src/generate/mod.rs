@@ -4,6 +4,7 @@ mod calibrate;
 pub mod chat;
 pub mod engine;
 mod footprint;
+mod generation;
 mod runner;
 pub mod sampler;
 pub mod session;
@@ -12,7 +13,8 @@ pub mod tokenizer;
 
 pub use calibrate::TidalCalibration;
 pub use chat::{Overflow, StopReason};
-pub use engine::{Backend, Engine, GenerateParams, Generation, Options, Stats, Token};
+pub use engine::{Backend, Engine, GenerateParams, Options, Stats};
+pub use generation::{Generation, Token};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::Session;
 pub use tokenizer::{Message, Tokenizer};

@@ -49,7 +49,7 @@ impl Engine {
     /// record the last process left, if any (a file that does not check out
     /// is ignored).
     pub(super) fn restore_speculation(&mut self) -> Result<()> {
-        if std::mem::replace(&mut self.recycling_restored, true) {
+        if std::mem::replace(&mut self.speculation_restored, true) {
             return Ok(());
         }
         let vocab = self.config.vocab;
@@ -82,7 +82,7 @@ impl Drop for Engine {
     /// Keeps the Token Recycling matrix for the next process, when this
     /// engine speculated.
     fn drop(&mut self) {
-        if !self.recycling_restored || self.runner.device_lost().is_some() {
+        if !self.speculation_restored || self.runner.device_lost().is_some() {
             return;
         }
         self.fold_pending();
@@ -176,7 +176,13 @@ fn model_key(path: &Path) -> Option<String> {
             .ok()?;
         h.update(format!("{}:{}:{}\n", f.display(), m.len(), t.as_nanos()).as_bytes());
     }
-    Some(format!("{:x}", h.finalize())[..16].to_string())
+    Some(hex16(&h.finalize()))
+}
+
+/// The first 16 hex digits of a digest: short file names that do not collide
+/// in practice.
+fn hex16(digest: &[u8]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 const RECYCLING_MAGIC: &[u8; 4] = b"KVTR";
@@ -205,10 +211,8 @@ pub(super) fn decode_recycling(bytes: &[u8], vocab: usize, width: usize) -> Opti
     if (word(4), word(8), word(12)) != (RECYCLING_VERSION, vocab as u32, width as u32) {
         return None;
     }
-    let adj: Vec<u32> = bytes[16..]
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    // Read as written: `encode_recycling` casts the ids' bytes.
+    let adj: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[16..]);
     adj.iter().all(|&t| (t as usize) < vocab).then_some(adj)
 }
 
@@ -218,8 +222,10 @@ const COSTS_VERSION: u64 = 1;
 /// The verify-cost curve's file for `adapter`.
 pub(super) fn costs_name(adapter: &str) -> String {
     use sha2::{Digest, Sha256};
-    let hex = format!("{:x}", Sha256::digest(adapter.as_bytes()));
-    format!("verify-costs-{}.json", &hex[..16])
+    format!(
+        "verify-costs-{}.json",
+        hex16(&Sha256::digest(adapter.as_bytes()))
+    )
 }
 
 pub(super) fn encode_costs(adapter: &str, costs: &[(usize, f64)]) -> Vec<u8> {

@@ -28,7 +28,6 @@ fn loop_budget(limit: u64) -> u64 {
     limit / 2
 }
 
-/// Split length (multiple of 64) for decoding `kv_len` tokens.
 /// How many splits decoding aims for once the context is long enough.
 fn decode_target_splits(ex: &GpuExecutor, kv_heads: usize, group: usize) -> usize {
     // Per-thread kernel: one thread per (split, query head); aim for 2 workgroups
@@ -40,6 +39,7 @@ fn decode_target_splits(ex: &GpuExecutor, kv_heads: usize, group: usize) -> usiz
     }
 }
 
+/// Split length (multiple of 64) for decoding `kv_len` tokens.
 pub(crate) fn decode_split(
     ex: &GpuExecutor,
     kv_len: usize,
