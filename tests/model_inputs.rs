@@ -281,13 +281,7 @@ fn qwen2_biases_and_untied_head_agree_across_executors() {
     }
     // Sampling: the device top-k and the CPU top-k pick the same tokens with one seed.
     let params = GenerateParams {
-        sampling: SamplingParams {
-            temperature: 0.8,
-            top_k: 20,
-            top_p: 0.9,
-            repetition_penalty: 1.2,
-            seed: 7,
-        },
+        sampling: sampled_with_penalty(),
         max_tokens: 12,
         stop_at_eos: false,
         ..Default::default()
@@ -309,6 +303,17 @@ fn qwen2_biases_and_untied_head_agree_across_executors() {
         .map(|t| t.unwrap().id)
         .collect();
     assert_eq!(a, c, "same seed, same tokens");
+}
+
+/// Top-k, nucleus and a repetition penalty: the sampled path's every kernel.
+fn sampled_with_penalty() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.9,
+        repetition_penalty: 1.2,
+        seed: 7,
+    }
 }
 
 /// Logits of prefixes of `prompt` agree across the executors.
@@ -863,13 +868,7 @@ fn steady_decode_creates_no_buffers_or_bind_groups() {
         ..Default::default()
     };
     let sampled = GenerateParams {
-        sampling: SamplingParams {
-            temperature: 0.8,
-            top_k: 20,
-            top_p: 0.9,
-            repetition_penalty: 1.2,
-            seed: 7,
-        },
+        sampling: sampled_with_penalty(),
         ..greedy.clone()
     };
     for params in [greedy, sampled] {
