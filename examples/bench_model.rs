@@ -31,6 +31,10 @@ struct Cli {
     /// Quantize float weight matrices at load: off, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "off")]
     quantize: String,
+    /// Greedy decode steps kept in flight (1: read each token before the next
+    /// step; 0: 2 on a GPU, 1 on a CPU adapter).
+    #[arg(long, default_value_t = 0)]
+    decode_ahead: usize,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -64,6 +68,7 @@ fn main() -> kvsieve::Result<()> {
         backend,
         max_context: cli.prompt_tokens + cli.decode_tokens + 64,
         progress: true,
+        decode_ahead: cli.decode_ahead,
         quantize: match cli.quantize.as_str() {
             "off" => None,
             s => Some(kvsieve::quant::DType::parse(s).ok_or_else(|| {
@@ -119,6 +124,9 @@ fn main() -> kvsieve::Result<()> {
     // counters is what those extra steps cost (the first steps of a request,
     // which differ from the rest, cancel out).
     e.prefill(&prompt)?;
+    // One step at a time: with steps in flight, a driver whose submit waits
+    // for the step before (lavapipe does) would count device time as host time.
+    e.set_decode_ahead(1)?;
     let steps = cli.profile_steps.max(2);
     let mut marks = Vec::new();
     // The first request warms; the other two start alike (after a request).
@@ -147,6 +155,8 @@ fn main() -> kvsieve::Result<()> {
     let bind_groups_per_token = d(&|c| c.bind_groups as f64);
     let buffers_per_token = d(&|c| c.buffers as f64);
     let wait_ms = d(&|c| c.wait_ns) / 1e6;
+    e.set_decode_ahead(cli.decode_ahead)?;
+    let ahead = e.decode_ahead();
     // Per-kernel time over a few decode steps.
     e.set_profiling(true);
     let extra = GenerateParams {
@@ -205,7 +215,7 @@ fn main() -> kvsieve::Result<()> {
     }
     if let Some(path) = cli.json {
         let j = serde_json::json!({
-            "model": c.arch_name(), "executor": e.backend_name(), "prompt_tokens": prompt.len(),
+            "model": c.arch_name(), "executor": e.backend_name(), "prompt_tokens": prompt.len(), "decode_ahead": ahead,
             "generated_tokens": n, "prefill_tokens_per_s": s.prefill_tps(), "decode_tokens_per_s": s.decode_tps(),
             "bytes_per_decode_token": bytes_per_token, "weight_bytes": weight_bytes, "decode_bytes_per_s": decode_bw,
             "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),

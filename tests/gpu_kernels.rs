@@ -266,6 +266,63 @@ fn set_ids_is_ordered_with_recorded_work() {
     assert_eq!(ex.download_ids(&ids).unwrap(), b);
 }
 
+/// Decode's loop on the device: each step gathers the row of the last
+/// step's argmax and takes the argmax of it, its submit left in flight with a
+/// readback of the token. The tokens land in order (reads from earlier
+/// submits first), a waited-for download between them carries the reads of
+/// the work it submits, a read of work not submitted yet submits it, and a
+/// ticket lands once.
+#[test]
+fn reads_land_in_order_from_submits_left_in_flight() {
+    let n = 64usize;
+    // Row i points at perm[i]: its only non-zero column.
+    let perm: Vec<u32> = (0..n as u32).map(|i| (i * 29 + 11) % n as u32).collect();
+    let mut table = vec![f16::ZERO; n * n];
+    for (i, &p) in perm.iter().enumerate() {
+        table[i * n + p as usize] = f16::ONE;
+    }
+    let mut ex = gpu();
+    let tg = ex.weight(&table, n, n).unwrap();
+    let mut ids = ex.ids(&[3]).unwrap();
+    let mut x = ex.tensor(1, n).unwrap();
+    let step = |ex: &mut GpuExecutor, ids: &mut _, x: &mut _| {
+        ex.embed(ids, &tg, x).unwrap();
+        ex.argmax(x, ids).unwrap();
+        ex.read_ids_later(ids).unwrap()
+    };
+    let mut tickets = Vec::new();
+    for _ in 0..5 {
+        tickets.push(step(&mut ex, &mut ids, &mut x));
+        ex.submit_pending().unwrap();
+    }
+    // Recorded, not submitted yet.
+    let last = step(&mut ex, &mut ids, &mut x);
+    let mut want = Vec::new();
+    let mut t = 3u32;
+    for _ in 0..6 {
+        t = perm[t as usize];
+        want.push(t);
+    }
+    let mut got = Vec::new();
+    let mut tickets = tickets.into_iter();
+    got.push(ex.finish_read(tickets.next().unwrap()).unwrap()[0]);
+    // A waited-for download in between submits the sixth step too: its
+    // gather is the row of the fifth token, which points at the sixth.
+    let row = ex.download(&x).unwrap();
+    assert_eq!(row.iter().position(|&v| v == 1.0), Some(want[5] as usize));
+    for t in tickets.chain([last]) {
+        got.push(ex.finish_read(t).unwrap()[0]);
+    }
+    assert_eq!(got, want);
+    // A read whose work is recorded and not submitted submits it.
+    let seventh = step(&mut ex, &mut ids, &mut x);
+    assert_eq!(ex.finish_read(seventh).unwrap(), [perm[want[5] as usize]]);
+    // Nothing is left in flight, and a taken read is gone.
+    assert_eq!(ex.rec.in_flight(), 0);
+    let again = kvsieve::ops::IdsTicket::pending(1);
+    assert!(ex.finish_read(again).is_err());
+}
+
 #[test]
 fn embedding_gather_split_table() {
     let mut r = rng(3);

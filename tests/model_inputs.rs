@@ -872,7 +872,10 @@ fn steady_decode_creates_no_buffers_or_bind_groups() {
         ..greedy.clone()
     };
     for params in [greedy, sampled] {
-        // Warm: pipelines, workspaces and bind groups of this kind of step.
+        // Warm: pipelines, workspaces and bind groups of this kind of step,
+        // from an empty cache and from the cached prompt (whose last token
+        // reruns as a one-row step).
+        decode_creations(&mut e, &prompt, &params);
         decode_creations(&mut e, &prompt, &params);
         let short = decode_creations(&mut e, &prompt, &params);
         let long = decode_creations(
@@ -1009,4 +1012,110 @@ fn speculation_state_is_kept_across_engines_and_bad_files_are_ignored() {
     assert_eq!(out, plain);
     drop(c);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A request's tokens and stop reason, then the cache it leaves: its tokens,
+/// and the logits of a token fed after all but the last of them (which read
+/// every key and value the request wrote).
+type Outcome = (Vec<u32>, Option<kvsieve::StopReason>, Vec<u32>, Vec<f32>);
+
+fn outcome(e: &mut Engine, prompt: &[u32], params: &GenerateParams, take: usize) -> Outcome {
+    let mut g = e.generate_ids(prompt, params).unwrap();
+    let toks: Vec<u32> = g.by_ref().take(take).map(|t| t.unwrap().id).collect();
+    let stop = g.stop_reason();
+    drop(g);
+    let cached = e.cached_tokens().to_vec();
+    let mut next = cached[..cached.len() - 1].to_vec();
+    next.push(5);
+    e.prefill(&next).unwrap();
+    (toks, stop, cached, e.logits().unwrap())
+}
+
+/// Greedy decoding with steps in flight gives the one-step loop's tokens, stop
+/// reason and cache (its tokens and the keys and values behind them): when the
+/// answer runs to its token limit, when it is dropped part-way, when the
+/// context fills, and when an end-of-sequence token lands at the start, in the
+/// middle or at the end of the window; on the GPU with sparse attention.
+#[test]
+fn decode_ahead_matches_the_one_step_loop() {
+    // Mixed quantized types; this prompt's answer does not repeat at once.
+    let d = write_gguf("ahead", "llama", |_| {});
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 250).collect();
+    let long: Vec<u32> = (0..100).map(|i| 3 + (i * 7) % 250).collect();
+    // TokenSelect selects past 28 tokens: its Selection Cache and
+    // selections run inside the steps in flight.
+    let sparse = kvsieve::AttentionPolicy::TokenSelect(kvsieve::TokenSelectConfig {
+        k: 8,
+        n_init: 4,
+        n_local: 16,
+        ..Default::default()
+    });
+    let runs = [
+        (Backend::Gpu, sparse),
+        (Backend::Reference, Default::default()),
+    ];
+    for (backend, policy) in runs {
+        let engine = |ahead| {
+            let opts = Options {
+                backend,
+                max_context: 128,
+                decode_ahead: ahead,
+                policy,
+                ..Options::default()
+            };
+            Engine::load(&d, opts).unwrap()
+        };
+        let mut one = engine(1);
+        let plain = greedy(&mut one, &prompt, 24);
+        // End-of-sequence tokens at their first place in the answer, at the
+        // start and spread over the windows.
+        let firsts: Vec<usize> = [0, 3, 5, 8, 13]
+            .into_iter()
+            .filter(|&i| !plain[..i].contains(&plain[i]))
+            .collect();
+        assert!(firsts.len() >= 3, "{backend:?}: answer {plain:?} repeats");
+        let limit = |max_tokens, stop_at_eos| GenerateParams {
+            max_tokens,
+            stop_at_eos,
+            ..Default::default()
+        };
+        // (eos position, prompt, max tokens, tokens taken)
+        let mut cases = vec![
+            (None, &prompt, 24, usize::MAX),
+            (None, &prompt, 1, usize::MAX),
+            (None, &prompt, 24, 5),
+            (None, &long, 1000, usize::MAX),
+        ];
+        for &i in &firsts {
+            cases.push((Some(i), &prompt, 24, usize::MAX));
+        }
+        for ahead in [2, 3, 8] {
+            let mut e = engine(ahead);
+            for &(eos, p, max, take) in &cases {
+                let eos: Vec<u32> = eos.map(|i| plain[i]).into_iter().collect();
+                let params = limit(max, !eos.is_empty());
+                one.config.eos = eos.clone();
+                e.config.eos = eos;
+                // The same history: a prompt's last token computed by a
+                // prefill or by a one-row step differs in rounding.
+                one.reset();
+                e.reset();
+                let want = outcome(&mut one, p, &params, take);
+                let got = outcome(&mut e, p, &params, take);
+                assert_eq!(
+                    (&got.0, got.1, &got.2),
+                    (&want.0, want.1, &want.2),
+                    "{backend:?}, {ahead} ahead, eos {:?}, max {max}, take {take}",
+                    e.config.eos
+                );
+                let worst = (got.3.iter().zip(&want.3))
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst <= 1e-6,
+                    "{backend:?}, {ahead} ahead: logits differ by {worst}"
+                );
+            }
+        }
+    }
 }

@@ -111,6 +111,10 @@ pub struct ModelArgs {
     /// Token Recycling matrix, verify costs); default: state/ in the cache.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Greedy decode steps kept in flight (1: read each token before
+    /// recording the next step; 0: 2 on a GPU, 1 on a CPU adapter).
+    #[arg(long, default_value_t = 0)]
+    pub decode_ahead: usize,
 }
 
 /// `--quantize`: off, or a weight type.
@@ -172,6 +176,7 @@ impl ModelArgs {
             progress: true,
             quantize: quantize_arg(&self.quantize)?,
             state_dir: self.state_dir.clone(),
+            decode_ahead: self.decode_ahead,
             ..Options::default()
         };
         let mut engine = match &self.model {

@@ -82,6 +82,15 @@ pub struct Options {
     /// drafter had accepted, the verify-cost curve of each adapter. `None`:
     /// `state/` under the cache directory.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Greedy decode steps kept in flight (1: each token is read back before
+    /// the next step is recorded). With more, the next step reads its token
+    /// on the device, so the host records it while the device runs the last
+    /// one; a request that stops at an end-of-sequence token drops the steps
+    /// past it. Requests that sample, penalise repetition or speculate decode
+    /// one step at a time. 0 (the default): [`DECODE_AHEAD`] on a GPU, 1 on
+    /// a CPU adapter and the reference executor, where the host's recording
+    /// takes cores from the device.
+    pub decode_ahead: usize,
 }
 
 impl Default for Options {
@@ -96,7 +105,25 @@ impl Default for Options {
             quantize: None,
             device: None,
             state_dir: None,
+            decode_ahead: 0,
         }
+    }
+}
+
+/// Decode steps in flight on a GPU by default ([`Options::decode_ahead`]):
+/// one runs while the host records the next.
+pub const DECODE_AHEAD: usize = 2;
+
+/// The most decode steps [`Options::decode_ahead`] keeps in flight (each one
+/// past an end-of-sequence token is wasted work).
+pub const MAX_DECODE_AHEAD: usize = 8;
+
+fn check_decode_ahead(steps: usize) -> Result<()> {
+    match steps {
+        0..=MAX_DECODE_AHEAD => Ok(()),
+        _ => Err(Error::InvalidOption(format!(
+            "decode ahead {steps}: 1..={MAX_DECODE_AHEAD} steps in flight"
+        ))),
     }
 }
 
@@ -234,12 +261,15 @@ pub struct Engine {
     /// The speculative request in flight: drafter, tree size and the verify
     /// counters when it began (folded into `acceptance` by the next request).
     pub(super) pending: Option<(Speculate, usize, usize, usize)>,
+    /// [`Options::decode_ahead`].
+    pub(super) decode_ahead: usize,
 }
 
 impl Engine {
     /// Loads a model: a Hugging Face directory (config.json, safetensors,
     /// tokenizer.json) or a GGUF file (read in place; weights keep their types).
     pub fn load(path: &Path, opts: Options) -> Result<Self> {
+        check_decode_ahead(opts.decode_ahead)?;
         if let Some(q) = opts.quantize {
             if !matches!(q, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
                 return Err(Error::InvalidOption(format!(
@@ -306,6 +336,7 @@ impl Engine {
             speculation_restored: false,
             acceptance: Default::default(),
             pending: None,
+            decode_ahead: opts.decode_ahead,
         })
     }
 
@@ -351,6 +382,7 @@ impl Engine {
             // Read from the state files with the matrix, as a new engine's.
             acceptance: Default::default(),
             pending: None,
+            decode_ahead: self.decode_ahead,
         })
     }
 
@@ -490,6 +522,30 @@ impl Engine {
         match (self.chosen_context, dense) {
             (false, true) => self.max_context().min(self.config.max_positions),
             _ => self.max_context(),
+        }
+    }
+
+    /// Sets [`Options::decode_ahead`] for the next requests.
+    ///
+    /// ```no_run
+    /// # let mut engine = kvsieve::Engine::load_default(Default::default())?;
+    /// engine.set_decode_ahead(1)?; // read each token before the next step
+    /// assert!(engine.set_decode_ahead(100).is_err());
+    /// # Ok::<(), kvsieve::Error>(())
+    /// ```
+    pub fn set_decode_ahead(&mut self, steps: usize) -> Result<()> {
+        check_decode_ahead(steps)?;
+        self.decode_ahead = steps;
+        Ok(())
+    }
+
+    /// Decode steps requests keep in flight ([`Options::decode_ahead`], its
+    /// automatic value resolved for this executor).
+    pub fn decode_ahead(&self) -> usize {
+        match self.decode_ahead {
+            0 if self.runner.runs_apart() => DECODE_AHEAD,
+            0 => 1,
+            n => n,
         }
     }
 

@@ -8,7 +8,7 @@ use super::sampler::Sampler;
 use crate::error::{Error, Result};
 use crate::sampling::AcceptParams;
 use crate::speculative::Drafter;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One generated token and the text it completes.
 ///
@@ -55,6 +55,13 @@ pub struct Generation<'a> {
     /// (after the system ones) to fit the context; an app keeping the history
     /// drops them too.
     pub dropped_messages: usize,
+    /// Greedy steps kept in flight (0: one step at a time), see
+    /// [`super::Options::decode_ahead`].
+    ahead: usize,
+    /// Tokens cached when the request began (after its prompt).
+    base: usize,
+    /// Whether the last launched step fed its token, so another may follow.
+    open: bool,
 }
 
 /// Verify steps a request with an automatic tree size runs before it judges
@@ -72,6 +79,12 @@ impl<'a> Generation<'a> {
         params: &GenerateParams,
         started: Instant,
     ) -> Self {
+        let p = &sampler.params;
+        let ahead = match engine.decode_ahead() {
+            n if n > 1 && drafter.is_none() && p.greedy() && p.repetition_penalty == 1.0 => n,
+            _ => 0,
+        };
+        let base = engine.runner.cached().len();
         Generation {
             engine,
             sampler,
@@ -88,6 +101,9 @@ impl<'a> Generation<'a> {
             done: params.max_tokens == 0,
             stop: (params.max_tokens == 0).then_some(StopReason::MaxTokens),
             dropped_messages: 0,
+            ahead,
+            base,
+            open: true,
         }
     }
 }
@@ -98,17 +114,62 @@ impl Generation<'_> {
         self.stop
     }
 
-    fn step(&mut self) -> Result<Option<Token>> {
+    /// Tokens the one-step loop would have cached by now: everything read
+    /// but the last token (which it feeds only when it needs the next one).
+    fn settled_len(&self, read: usize) -> usize {
+        self.base + read.saturating_sub(1)
+    }
+
+    /// The next token with steps in flight: tops the window up, then lands
+    /// the oldest step. Each launch reads one token and feeds it unless it is
+    /// the last one wanted or the context is full, as the one-step loop would.
+    fn step_ahead(&mut self) -> Result<Option<u32>> {
         let e = &mut *self.engine;
-        let t = Instant::now();
-        // Room left for the last token and what follows it.
-        let room = e.runner.max_context() - e.runner.cached().len();
-        if self.pending.is_empty() && !self.generated.is_empty() && room == 0 {
+        while self.open && e.runner.in_flight() < self.ahead {
+            let next = self.generated.len() + e.runner.in_flight();
+            if next >= self.max_tokens {
+                break;
+            }
+            // Every launch so far fed its token, so this one starts there.
+            let room = e.runner.max_context() - (self.base + next);
+            self.open = next + 1 < self.max_tokens && room > 0;
+            let (r, sent) = (Instant::now(), e.runner.counters().submit_host_ns);
+            e.runner.launch(self.open)?;
+            // Recording only: the launch's submit counts as submit time.
+            let submit = e.runner.counters().submit_host_ns - sent;
+            let record = r
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(submit as u64));
+            e.stats.decode_record_time += record;
+        }
+        if e.runner.in_flight() == 0 {
+            // The last launch could not feed its token: the context is full.
             self.stop = Some(StopReason::ContextFull);
             return Ok(None);
         }
+        e.runner.land().map(Some)
+    }
+
+    fn step(&mut self) -> Result<Option<Token>> {
+        let t = Instant::now();
+        let e = &mut *self.engine;
+        // Room left for the last token and what follows it.
+        let room = e.runner.max_context() - e.runner.cached().len();
+        if self.ahead == 0 && self.pending.is_empty() && !self.generated.is_empty() && room == 0 {
+            self.stop = Some(StopReason::ContextFull);
+            return Ok(None);
+        }
+        let landed = match self.ahead {
+            0 => None,
+            _ => match self.step_ahead()? {
+                Some(id) => Some(id),
+                None => return Ok(None),
+            },
+        };
+        let e = &mut *self.engine;
         let id = match (
-            self.pending.pop_front(),
+            // With steps in flight nothing drafts, so nothing is pending.
+            landed.or_else(|| self.pending.pop_front()),
             self.generated.last(),
             &mut self.drafter,
         ) {
@@ -160,6 +221,11 @@ impl Generation<'_> {
         }
         if self.stop_at_eos && e.config.eos.contains(&id) {
             self.stop = Some(StopReason::Eos);
+            if self.ahead > 0 {
+                // Drop the steps launched past the end.
+                let keep = self.settled_len(self.generated.len() + 1);
+                self.engine.runner.truncate(keep);
+            }
             return Ok(None);
         }
         self.generated.push(id);

@@ -14,6 +14,10 @@ use std::sync::Arc;
 pub(super) trait Runner: Send {
     fn feed(&mut self, tokens: &[u32]) -> Result<()>;
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32>;
+    fn launch(&mut self, feed: bool) -> Result<()>;
+    fn land(&mut self) -> Result<u32>;
+    fn in_flight(&self) -> usize;
+    fn runs_apart(&self) -> bool;
     fn truncate(&mut self, len: usize);
     fn cached(&self) -> &[u32];
     fn weight_bytes(&self) -> (u64, u64);
@@ -43,11 +47,23 @@ impl<E: Ops> Runner for Session<E> {
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32> {
         Session::sample(self, s, recent)
     }
+    fn launch(&mut self, feed: bool) -> Result<()> {
+        Session::launch(self, feed)
+    }
+    fn land(&mut self) -> Result<u32> {
+        Session::land(self)
+    }
+    fn in_flight(&self) -> usize {
+        Session::in_flight(self)
+    }
+    fn runs_apart(&self) -> bool {
+        self.ops.runs_apart()
+    }
     fn truncate(&mut self, len: usize) {
         Session::truncate(self, len)
     }
     fn cached(&self) -> &[u32] {
-        &self.tokens
+        &self.tokens[..self.settled_len()]
     }
     fn weight_bytes(&self) -> (u64, u64) {
         (self.model.weight_bytes, self.model.weight_bytes_per_token)

@@ -6,7 +6,7 @@ use crate::attention::{Attention, AttentionPolicy};
 use crate::error::{Error, Result};
 use crate::kv::{KvLayout, PageAllocator, PageTable};
 use crate::model::{Llama, Workspace};
-use crate::ops::Ops;
+use crate::ops::{IdsTicket, Ops};
 use crate::sampling::{accept_stride, AcceptParams};
 use crate::speculative::{Accepted, DraftTree};
 use std::collections::HashMap;
@@ -54,7 +54,18 @@ pub struct Session<E: Ops> {
     pages: usize,
     /// Attention policy and its state.
     pub attention: Attention<E>,
+    /// Decode steps launched ahead of the host ([`Session::launch`]): their
+    /// token's readback, the tokens cached before the step, and whether it
+    /// fed its token (into the slot at that length).
+    ahead: std::collections::VecDeque<(IdsTicket, usize, bool)>,
+    /// While steps are in flight: the tokens cached before the last landed
+    /// one (before the first launched one when none has landed).
+    landed_len: usize,
 }
+
+/// The id a launched step's token holds in the cache until it lands (no
+/// vocabulary has it, so no prompt matches it).
+const UNREAD: u32 = u32::MAX;
 
 impl<E: Ops> Session<E> {
     /// A session that holds up to `max_context` tokens in pages of
@@ -108,6 +119,8 @@ impl<E: Ops> Session<E> {
             warned: false,
             pages: layout.num_pages,
             attention,
+            ahead: Default::default(),
+            landed_len: 0,
         })
     }
 
@@ -218,13 +231,37 @@ impl<E: Ops> Session<E> {
         Ok(())
     }
 
-    /// Forgets everything cached after the first `len` tokens.
+    /// Forgets everything cached after the first `len` tokens, and the steps
+    /// in flight (waited for and dropped, with what they cached).
     pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.settled_len());
+        while let Some((ticket, _, _)) = self.ahead.pop_front() {
+            // Only their tokens are lost (cut off below); a failed device
+            // shows at the next request.
+            let _ = self.ops.finish_read(ticket);
+            self.last_rows = None;
+        }
         if len < self.tokens.len() {
             self.tokens.truncate(len);
             self.table.len = len;
             self.last_rows = None;
         }
+    }
+
+    /// The workspace and the token and position vectors of a step of `n` rows.
+    fn step_buffers(&mut self, n: usize) -> Result<()> {
+        if !self.workspaces.contains_key(&n) {
+            // Keep the decode workspace and the latest chunk size only (a
+            // decode step may still read the logits of the last chunk).
+            self.workspaces.retain(|&rows, _| rows == 1 || n == 1);
+            self.step_ids.retain(|&rows, _| rows == 1 || n == 1);
+            let ws = Workspace::new(&mut self.ops, &self.model.cfg, n)?;
+            self.workspaces.insert(n, ws);
+            let zeros = vec![0u32; n];
+            let ids = (self.ops.ids(&zeros)?, self.ops.ids(&zeros)?);
+            self.step_ids.insert(n, ids);
+        }
+        Ok(())
     }
 
     /// Appends `tokens` to the cache (prefill in chunks); afterwards the logits of
@@ -233,6 +270,7 @@ impl<E: Ops> Session<E> {
         if tokens.is_empty() {
             return Ok(());
         }
+        self.abandon();
         let total = self.tokens.len() + tokens.len();
         if total > self.max_context {
             return Err(Error::Capacity(format!(
@@ -251,16 +289,7 @@ impl<E: Ops> Session<E> {
         for part in tokens.chunks(self.chunk) {
             let start = self.tokens.len();
             let n = part.len();
-            if !self.workspaces.contains_key(&n) {
-                // Keep the decode workspace and the latest chunk size only.
-                self.workspaces.retain(|&rows, _| rows == 1);
-                self.step_ids.retain(|&rows, _| rows == 1);
-                let ws = Workspace::new(&mut self.ops, &self.model.cfg, n)?;
-                self.workspaces.insert(n, ws);
-                let zeros = vec![0u32; n];
-                let ids = (self.ops.ids(&zeros)?, self.ops.ids(&zeros)?);
-                self.step_ids.insert(n, ids);
-            }
+            self.step_buffers(n)?;
             let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
             let (Some(ws), Some((ids, positions))) =
                 (self.workspaces.get_mut(&n), self.step_ids.get_mut(&n))
@@ -299,6 +328,7 @@ impl<E: Ops> Session<E> {
     /// keys and values, and returns the accepted tokens after the root followed
     /// by the bonus token (not in the cache yet).
     pub fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
+        self.abandon();
         let mask = tree.mask()?;
         let n = tree.len();
         let start = self.tokens.len();
@@ -388,6 +418,7 @@ impl<E: Ops> Session<E> {
     /// Chooses the next token from the last fed token's logits. `recent` are the
     /// tokens the repetition penalty applies to.
     pub fn sample(&mut self, sampler: &mut Sampler, recent: &[u32]) -> Result<u32> {
+        self.abandon();
         let rows = self
             .last_rows
             .ok_or_else(|| Error::InvalidOption("sample before any token was fed".into()))?;
@@ -419,8 +450,113 @@ impl<E: Ops> Session<E> {
         sampler.pick(&cands)
     }
 
+    /// Greedy decoding ahead of the host: records the argmax of the last fed
+    /// token's logits and, when `feed`, a step that feeds that token (read on
+    /// the device, not by the host) at the next position, and submits them
+    /// without waiting. [`Session::land`] returns the tokens in launch order;
+    /// until then the cache holds a placeholder id for each fed one.
+    pub fn launch(&mut self, feed: bool) -> Result<()> {
+        let rows = self
+            .last_rows
+            .ok_or_else(|| Error::InvalidOption("decode before any token was fed".into()))?;
+        let start = self.tokens.len();
+        if feed {
+            if start + 1 > self.max_context {
+                return Err(Error::Capacity(format!(
+                    "{} tokens exceed the maximum context of {} tokens",
+                    start + 1,
+                    self.max_context
+                )));
+            }
+            self.ensure_capacity(start + 1)?;
+            self.alloc.reserve(&mut self.table, start + 1)?;
+            self.step_buffers(1)?;
+        }
+        if self.argmax_out.is_none() {
+            self.argmax_out = Some(self.ops.ids(&[0])?);
+        }
+        let (Some(ws), Some(out)) = (self.workspaces.get_mut(&rows), self.argmax_out.as_mut())
+        else {
+            return Err(Error::Gpu("workspace missing".into()));
+        };
+        self.ops.argmax(&ws.logits, out)?;
+        let ticket = self.ops.read_ids_later(out)?;
+        // Queued before the step, so a failure below still lets it land.
+        if self.ahead.is_empty() {
+            self.landed_len = start;
+        }
+        self.ahead.push_back((ticket, start, feed));
+        if feed {
+            let (Some(ws), Some((_, positions)), Some(out)) = (
+                self.workspaces.get_mut(&1),
+                self.step_ids.get_mut(&1),
+                self.argmax_out.as_ref(),
+            ) else {
+                return Err(Error::Gpu("workspace missing".into()));
+            };
+            self.ops.set_ids(positions, &[start as u32])?;
+            self.model.forward(
+                &mut self.ops,
+                &mut self.kv,
+                &self.table,
+                out,
+                positions,
+                start,
+                1,
+                ws,
+                &mut self.attention,
+                None,
+            )?;
+            self.tokens.push(UNREAD);
+            self.table.len = self.tokens.len();
+            self.last_rows = Some(1);
+        }
+        self.ops.submit_pending()
+    }
+
+    /// The oldest launched token, waiting for its step if it has not finished.
+    pub fn land(&mut self) -> Result<u32> {
+        let (ticket, slot, fed) = self
+            .ahead
+            .pop_front()
+            .ok_or_else(|| Error::InvalidOption("no decode step in flight".into()))?;
+        let id = self.ops.finish_read(ticket)?.first().copied();
+        let id = id
+            .filter(|&t| (t as usize) < self.model.cfg.vocab)
+            .ok_or_else(|| Error::Gpu(format!("decode step read back {id:?}")))?;
+        if fed && slot < self.tokens.len() {
+            self.tokens[slot] = id;
+        }
+        self.landed_len = slot;
+        Ok(id)
+    }
+
+    /// The tokens cached as the one-step loop would have them: it feeds a
+    /// token only once it has read it and needs the next, so none a step in
+    /// flight fed, nor the last landed one.
+    pub fn settled_len(&self) -> usize {
+        match self.ahead.is_empty() {
+            true => self.tokens.len(),
+            false => self.landed_len,
+        }
+    }
+
+    /// Steps launched and not landed yet.
+    pub fn in_flight(&self) -> usize {
+        self.ahead.len()
+    }
+
+    /// Drops the steps in flight (a generation that stopped reading them)
+    /// with what they cached.
+    fn abandon(&mut self) {
+        if !self.ahead.is_empty() {
+            self.truncate(self.settled_len());
+        }
+    }
+
     /// The logits of the last fed token (reads back the whole row; for tests).
     pub fn logits(&mut self) -> Result<Vec<f32>> {
+        self.abandon();
         let rows = self
             .last_rows
             .ok_or_else(|| Error::InvalidOption("no logits yet".into()))?;

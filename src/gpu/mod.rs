@@ -3,6 +3,7 @@
 pub mod buffer;
 pub mod device;
 pub mod pipeline;
+mod readback;
 pub mod recorder;
 pub mod replay;
 

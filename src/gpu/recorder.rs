@@ -3,10 +3,13 @@
 //! buffer written once per submit; readbacks ride on the same submit through one
 //! staging buffer. Both buffers persist across submits, and bind groups are
 //! cached by what they bind: a decode step that repeats the last one's
-//! dispatches creates no buffer and no bind group.
+//! dispatches creates no buffer and no bind group. A submit may also be left
+//! in flight ([`Recorder::submit_pending`]) while the next one is recorded;
+//! its readbacks land by ticket.
 
 use super::device::scoped;
 use super::pipeline::Pipeline;
+use super::readback::{land, named_loss, InFlight, Sent};
 use super::GpuContext;
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -76,7 +79,7 @@ pub struct Recorder {
     timestamps: Option<(wgpu::QuerySet, wgpu::Buffer)>,
     profiling: bool,
     /// Per-kernel GPU time when profiling: label -> (dispatches, nanoseconds).
-    pub profile: std::collections::BTreeMap<String, (u64, f64)>,
+    pub profile: super::readback::Profile,
     /// Dispatches recorded since creation (for stats and tests).
     pub dispatch_count: u64,
     /// Submits made since creation.
@@ -89,8 +92,15 @@ pub struct Recorder {
     pub wait_ns: f64,
     /// The parameter buffer (uniforms and uploads), grown as needed.
     params_buf: Option<wgpu::Buffer>,
-    /// The readback staging buffer, grown as needed.
-    staging: Option<wgpu::Buffer>,
+    /// Readback staging buffers not in use (one per submit in flight).
+    staging: Vec<wgpu::Buffer>,
+    /// Readbacks the next submit makes for [`Recorder::take_later`], by ticket.
+    later: Vec<(u64, (wgpu::Buffer, u64, u64))>,
+    next_ticket: u64,
+    /// Submits not waited for yet, oldest first, with their later tickets.
+    in_flight: std::collections::VecDeque<(Sent, Vec<u64>)>,
+    /// Later readbacks whose submit finished, by ticket.
+    landed: std::collections::HashMap<u64, Vec<u8>>,
     /// Bind groups by what they bind, with the submit that last used each.
     bind_groups: std::collections::HashMap<BindKey, (wgpu::BindGroup, u64)>,
 }
@@ -121,7 +131,11 @@ impl Recorder {
             submit_host_ns: 0.0,
             wait_ns: 0.0,
             params_buf: None,
-            staging: None,
+            staging: Vec::new(),
+            later: Vec::new(),
+            next_ticket: 0,
+            in_flight: Default::default(),
+            landed: Default::default(),
             bind_groups: Default::default(),
         }
     }
@@ -234,7 +248,17 @@ impl Recorder {
 
     /// True when nothing is recorded.
     pub fn is_empty(&self) -> bool {
-        self.cmds.is_empty() && self.reads.is_empty()
+        self.cmds.is_empty() && self.reads.is_empty() && self.later.is_empty()
+    }
+
+    /// Asks for `size` bytes of `buffer` at `offset` as they are after the next
+    /// submit (waited for or not); [`Recorder::take_later`] returns them by the
+    /// ticket this returns.
+    pub fn read_later(&mut self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> u64 {
+        self.next_ticket += 1;
+        let read = (buffer.clone(), offset, size);
+        self.later.push((self.next_ticket, read));
+        self.next_ticket
     }
 
     /// Submits everything recorded as one command buffer, waits, and returns the
@@ -243,48 +267,113 @@ impl Recorder {
     /// come back as errors; the recorded work is dropped either way, so the
     /// recorder is ready for the next step.
     pub fn submit(&mut self) -> Result<SubmitResult> {
-        if self.is_empty() {
+        let ctx = self.ctx.clone();
+        let Some((sent, tickets)) = self.send(&ctx)? else {
             return Ok(SubmitResult::default());
+        };
+        let mut done = self.finish(&ctx, sent)?;
+        self.keep_later(&mut done, tickets);
+        Ok(done)
+    }
+
+    /// Submits everything recorded without waiting for it, so the host can
+    /// record the next step while the device runs this one. Its readbacks must
+    /// be [`Recorder::read_later`] ones.
+    pub fn submit_pending(&mut self) -> Result<()> {
+        if !self.reads.is_empty() {
+            return Err(Error::Gpu(
+                "a submit that is not waited for cannot carry waited-for readbacks".into(),
+            ));
+        }
+        let ctx = self.ctx.clone();
+        if let Some(sent) = self.send(&ctx)? {
+            self.in_flight.push_back(sent);
+        }
+        Ok(())
+    }
+
+    /// The bytes [`Recorder::read_later`] asked for under `ticket`, waiting for
+    /// their submit (and the ones before it) when it has not landed yet.
+    pub fn take_later(&mut self, ticket: u64) -> Result<Vec<u8>> {
+        loop {
+            if let Some(bytes) = self.landed.remove(&ticket) {
+                return Ok(bytes);
+            }
+            if let Some((sent, tickets)) = self.in_flight.pop_front() {
+                let ctx = self.ctx.clone();
+                let mut done = self.finish(&ctx, sent)?;
+                self.keep_later(&mut done, tickets);
+            } else if self.later.iter().any(|(t, _)| *t == ticket) {
+                self.submit()?;
+            } else {
+                return Err(Error::Gpu(format!(
+                    "readback {ticket} was not asked for, was taken, or its submit failed"
+                )));
+            }
+        }
+    }
+
+    /// Submits not waited for and not landed yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Encodes and submits what is recorded (nothing when nothing is), inside
+    /// error scopes; returns it with the tickets of its later readbacks, which
+    /// follow the waited-for ones.
+    fn send(&mut self, ctx: &GpuContext) -> Result<Option<(Sent, Vec<u64>)>> {
+        if self.is_empty() {
+            return Ok(None);
         }
         let cmds = std::mem::take(&mut self.cmds);
-        let reads = std::mem::take(&mut self.reads);
-        let ctx = self.ctx.clone();
-        let done = match ctx.check() {
-            Ok(()) => self.run(&ctx, cmds, reads),
-            Err(e) => Err(e),
-        };
-        // A loss shows up as whatever failed first (a map, a wait): name it.
-        match ctx.check_lost() {
-            Err(lost) => Err(lost),
-            Ok(()) => done,
-        }
-    }
-
-    /// Runs the submit inside error scopes.
-    fn run(
-        &mut self,
-        ctx: &GpuContext,
-        cmds: Vec<Cmd>,
-        reads: Vec<(wgpu::Buffer, u64, u64)>,
-    ) -> Result<SubmitResult> {
-        let _gl = ctx.gl_guard();
+        let mut reads = std::mem::take(&mut self.reads);
+        let later = std::mem::take(&mut self.later);
+        let tickets = later.iter().map(|(t, _)| *t).collect();
+        reads.extend(later.into_iter().map(|(_, r)| r));
         let (start, host) = (std::time::Instant::now(), self.submit_host_ns);
-        let done = scoped(&ctx.device, || self.encode_and_wait(ctx, cmds, reads));
+        let sent = ctx.check().and_then(|()| {
+            let _gl = ctx.gl_guard();
+            scoped(&ctx.device, || self.encode_and_submit(ctx, cmds, reads))
+        });
         // What the submit took beyond encoding it was waiting.
         self.wait_ns += start.elapsed().as_nanos() as f64 - (self.submit_host_ns - host);
-        done
+        Ok(Some((named_loss(ctx, sent)?, tickets)))
     }
 
-    fn encode_and_wait(
+    /// Waits for a sent submit and reads its readbacks.
+    fn finish(&mut self, ctx: &GpuContext, sent: Sent) -> Result<SubmitResult> {
+        let start = std::time::Instant::now();
+        let done = match sent {
+            Sent::Landed(r) => Ok(r),
+            Sent::InFlight(f) => {
+                let _gl = ctx.gl_guard();
+                land(ctx, f, &mut self.profile).map(|(r, staging)| {
+                    self.staging.extend(staging);
+                    r
+                })
+            }
+        };
+        self.wait_ns += start.elapsed().as_nanos() as f64;
+        named_loss(ctx, done)
+    }
+
+    /// Moves a submit's later readbacks (its last ones) to the landed ones.
+    fn keep_later(&mut self, done: &mut SubmitResult, tickets: Vec<u64>) {
+        let tail = done.reads.split_off(done.reads.len() - tickets.len());
+        self.landed.extend(tickets.into_iter().zip(tail));
+    }
+
+    fn encode_and_submit(
         &mut self,
         ctx: &GpuContext,
         cmds: Vec<Cmd>,
         reads: Vec<(wgpu::Buffer, u64, u64)>,
-    ) -> Result<SubmitResult> {
+    ) -> Result<Sent> {
         let device = &ctx.device;
         if let Some(target) = ctx.replay() {
             self.submit_count += 1;
-            return super::replay::submit(ctx, target.as_ref(), &cmds, &reads);
+            let done = super::replay::submit(ctx, target.as_ref(), &cmds, &reads)?;
+            return Ok(Sent::Landed(done));
         }
 
         // All uniform params and uploads in one buffer, each at an aligned offset.
@@ -494,9 +583,11 @@ impl Recorder {
             total += 16 * n_dispatches as u64;
         }
         let staging = if total > 0 {
-            Some(match self.staging.take() {
-                Some(b) if b.size() >= total => b,
-                _ => {
+            // A staging buffer still mapped for an earlier submit is not free.
+            let free = self.staging.iter().position(|b| b.size() >= total);
+            Some(match free {
+                Some(k) => self.staging.swap_remove(k),
+                None => {
                     super::buffer::note_created();
                     device.create_buffer(&wgpu::BufferDescriptor {
                         label: Some("kvsieve readback"),
@@ -534,55 +625,34 @@ impl Recorder {
             let b = super::buffer::storage(device, 16, "poison")?;
             enc.copy_buffer_to_buffer(&b, 0, &b, 16, Some(16));
         }
-        ctx.queue.submit([enc.finish()]);
+        let index = ctx.queue.submit([enc.finish()]);
         self.submit_count += 1;
         // Forget bind groups that recent submits did not use.
         if self.submit_count.is_multiple_of(BIND_GROUP_TTL) {
             let oldest = submit_index.saturating_sub(BIND_GROUP_TTL);
             self.bind_groups.retain(|_, (_, used)| *used >= oldest);
         }
+        // The map waits for the submit; asking now lets a later poll land it.
+        let mapped = staging.as_ref().map(|st| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            st.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            rx
+        });
         self.submit_host_ns += encode_start.elapsed().as_nanos() as f64;
-        let mut result = SubmitResult::default();
-        if let Some(st) = &staging {
-            map_for_reading(device, std::slice::from_ref(st), "readback")?;
-            {
-                let view = st
-                    .slice(..)
-                    .get_mapped_range()
-                    .map_err(|e| Error::Gpu(format!("readback view: {e}")))?;
-                for ((_, _, size), so) in reads.iter().zip(&staging_offsets) {
-                    result
-                        .reads
-                        .push(view[*so as usize..(*so + *size) as usize].to_vec());
-                }
-                if want_ts {
-                    let t: &[u64] =
-                        bytemuck::cast_slice(&view[ts_offset as usize..ts_offset as usize + 16]);
-                    let period = ctx.queue.get_timestamp_period() as f64;
-                    result.gpu_ns = Some(t[1].wrapping_sub(t[0]) as f64 * period);
-                }
-                if profiling {
-                    let end = prof_offset as usize + 16 * n_dispatches;
-                    let t: &[u64] = bytemuck::cast_slice(&view[prof_offset as usize..end]);
-                    let period = ctx.queue.get_timestamp_period() as f64;
-                    for (k, label) in pass_labels.iter().enumerate() {
-                        let ns = t[2 * k + 1].wrapping_sub(t[2 * k]) as f64 * period;
-                        let e = self.profile.entry(label.clone()).or_insert((0, 0.0));
-                        e.0 += 1;
-                        e.1 += ns;
-                    }
-                    if let (Some(first), Some(last)) = (t.first(), t.last()) {
-                        result.gpu_ns = Some(last.wrapping_sub(*first) as f64 * period);
-                    }
-                }
-            }
-            st.unmap();
-            // Kept only after a clean read (a failed map leaves it unusable).
-            self.staging = staging;
-        } else {
-            wait(device)?;
-        }
-        Ok(result)
+        Ok(Sent::InFlight(InFlight {
+            index,
+            staging,
+            mapped,
+            reads: reads
+                .iter()
+                .zip(staging_offsets)
+                .map(|((_, _, size), so)| (so, *size))
+                .collect(),
+            ts_offset: want_ts.then_some(ts_offset),
+            profile: profiling.then_some((prof_offset, pass_labels)),
+        }))
     }
 }
 
@@ -631,32 +701,4 @@ fn count_passes(cmds: &[Cmd]) -> usize {
         }
     }
     n
-}
-
-/// Waits for the device to finish submitted work.
-fn wait(device: &wgpu::Device) -> Result<()> {
-    super::device::poll(device, wgpu::PollType::wait_indefinitely())
-}
-
-/// Maps `buffers` (MAP_READ, written by a submitted copy) and waits for them;
-/// `what` names them in errors.
-pub(super) fn map_for_reading(
-    device: &wgpu::Device,
-    buffers: &[wgpu::Buffer],
-    what: &str,
-) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    for b in buffers {
-        let tx = tx.clone();
-        b.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-    }
-    wait(device)?;
-    for _ in buffers {
-        rx.recv()
-            .map_err(|e| Error::Gpu(format!("{what} channel: {e}")))?
-            .map_err(|e| Error::Gpu(format!("map {what}: {e}")))?;
-    }
-    Ok(())
 }

@@ -9,7 +9,8 @@
 //! second WGSL stack beside wgpu and naga; it is a test hook, not a fast path.
 
 use super::pipeline::PipelineKey;
-use super::recorder::{map_for_reading, Cmd, SubmitResult};
+use super::readback::map_for_reading;
+use super::recorder::{Cmd, SubmitResult};
 use super::GpuContext;
 use crate::error::{Error, Result};
 use std::collections::HashMap;

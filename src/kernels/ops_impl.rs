@@ -12,8 +12,8 @@ use super::{
 use crate::error::Result;
 use crate::kv::{KvLayout, PageTable};
 use crate::ops::{
-    Executor, GqaMap, KeyList, KvOps, Limits, Prefilter, RopeConfig, SelectPlan, SelectionOps,
-    SpeculationOps, TensorOps,
+    Executor, GqaMap, IdsTicket, KeyList, KvOps, Limits, Prefilter, RopeConfig, SelectPlan,
+    SelectionOps, SpeculationOps, TensorOps,
 };
 use crate::quant::DType;
 use crate::sampling::AcceptParams;
@@ -88,6 +88,14 @@ impl Executor for GpuExecutor {
         self.rec.submit().map(|_| ())
     }
 
+    fn runs_apart(&self) -> bool {
+        self.ctx.info.device_type != wgpu::DeviceType::Cpu
+    }
+
+    fn submit_pending(&mut self) -> Result<()> {
+        self.rec.submit_pending()
+    }
+
     fn counters(&self) -> crate::ops::Counters {
         crate::ops::Counters {
             dispatches: self.rec.dispatch_count,
@@ -155,6 +163,16 @@ impl TensorOps for GpuExecutor {
 
     fn run_download_ids(&mut self, ids: &GpuIds) -> Result<Vec<u32>> {
         let bytes = self.read_bytes(&ids.buf, (ids.len * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn run_read_ids_later(&mut self, ids: &GpuIds) -> Result<IdsTicket> {
+        let size = (ids.len.max(1) * 4) as u64;
+        Ok(IdsTicket::pending(self.rec.read_later(&ids.buf, 0, size)))
+    }
+
+    fn run_finish_read(&mut self, ticket: u64) -> Result<Vec<u32>> {
+        let bytes = self.rec.take_later(ticket)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 

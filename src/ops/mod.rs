@@ -44,7 +44,7 @@ mod tensor;
 pub use kv::{KvOps, KvView};
 pub use selection::SelectionOps;
 pub use speculation::SpeculationOps;
-pub use tensor::{Epilogue, TensorOps};
+pub use tensor::{Epilogue, IdsTicket, TensorOps};
 
 /// The traits a caller of the ops needs in scope (for a concrete executor
 /// type; generic code bound by [`Ops`] sees every family's methods).
@@ -136,6 +136,18 @@ pub trait Executor: Sized + Send + 'static {
 
     /// Finishes all recorded work (a no-op on the CPU).
     fn flush(&mut self) -> Result<()>;
+    /// Whether the device works apart from the host's cores, so recording a
+    /// step while the device runs the last one saves time (a CPU adapter or
+    /// executor shares the cores, and gains nothing).
+    fn runs_apart(&self) -> bool {
+        false
+    }
+    /// Submits the recorded work without waiting for it (executors that run
+    /// ops as they are called have nothing to submit); reads asked for with
+    /// [`TensorOps::read_ids_later`] land with it.
+    fn submit_pending(&mut self) -> Result<()> {
+        self.flush()
+    }
     /// The device's loss, once it is lost (every later call fails; a GPU
     /// call in flight may have failed with a less telling error first).
     fn device_lost(&self) -> Option<Error> {

@@ -31,6 +31,30 @@ impl Epilogue {
     }
 }
 
+/// A readback started by [`TensorOps::read_ids_later`]; [`TensorOps::finish_read`]
+/// returns its ids.
+#[derive(Debug)]
+pub struct IdsTicket(Ticket);
+
+#[derive(Debug)]
+enum Ticket {
+    /// Read already (an executor that runs ops as they are called).
+    Ready(Vec<u32>),
+    /// The executor's ticket for a readback riding on a submit.
+    Pending(u64),
+}
+
+impl IdsTicket {
+    /// Ids read at once.
+    pub fn ready(ids: Vec<u32>) -> Self {
+        IdsTicket(Ticket::Ready(ids))
+    }
+    /// A readback the executor knows by `ticket`.
+    pub fn pending(ticket: u64) -> Self {
+        IdsTicket(Ticket::Pending(ticket))
+    }
+}
+
 /// Tensor ops. Callers use the checked methods; executors implement the
 /// `run_*` methods, which may assume the checks passed.
 pub trait TensorOps: Executor {
@@ -73,6 +97,21 @@ pub trait TensorOps: Executor {
     /// Reads ids back (finishes pending work first).
     fn download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>> {
         self.run_download_ids(ids)
+    }
+    /// Reads `ids` back as the work recorded so far leaves them, without
+    /// waiting: the read rides on the next submit, which
+    /// [`Executor::submit_pending`] may leave in flight. Nothing recorded
+    /// before that submit may write `ids` again.
+    fn read_ids_later(&mut self, ids: &Self::Ids) -> Result<IdsTicket> {
+        self.run_read_ids_later(ids)
+    }
+    /// The ids a [`TensorOps::read_ids_later`] asked for, waiting for their
+    /// submit (and those before it) if it has not finished.
+    fn finish_read(&mut self, ticket: IdsTicket) -> Result<Vec<u32>> {
+        match ticket.0 {
+            Ticket::Ready(ids) => Ok(ids),
+            Ticket::Pending(t) => self.run_finish_read(t),
+        }
     }
     /// A weight matrix from f16 data `[rows, cols]` (`cols` even).
     fn weight(&mut self, data: &[f16], rows: usize, cols: usize) -> Result<Self::Weight> {
@@ -234,6 +273,10 @@ pub trait TensorOps: Executor {
     fn run_set_ids(&mut self, ids: &mut Self::Ids, data: &[u32]) -> Result<()>;
     /// [`TensorOps::download_ids`].
     fn run_download_ids(&mut self, ids: &Self::Ids) -> Result<Vec<u32>>;
+    /// [`TensorOps::read_ids_later`].
+    fn run_read_ids_later(&mut self, ids: &Self::Ids) -> Result<IdsTicket>;
+    /// [`TensorOps::finish_read`] of a pending ticket.
+    fn run_finish_read(&mut self, ticket: u64) -> Result<Vec<u32>>;
     /// [`TensorOps::weight_raw`], checked.
     fn run_weight(
         &mut self,

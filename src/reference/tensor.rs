@@ -4,7 +4,7 @@ use super::{
     argmax_row, dot_rows, rotate, top_k_row, RefExecutor, RefRope, RefTensor, RefWeight, SMALL_M,
 };
 use crate::error::Result;
-use crate::ops::{check, Epilogue, RopeConfig, TensorOps};
+use crate::ops::{check, Epilogue, IdsTicket, RopeConfig, TensorOps};
 use crate::quant::DType;
 use half::f16;
 use rayon::prelude::*;
@@ -42,6 +42,16 @@ impl TensorOps for RefExecutor {
 
     fn run_download_ids(&mut self, ids: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(ids.clone())
+    }
+
+    fn run_read_ids_later(&mut self, ids: &Vec<u32>) -> Result<IdsTicket> {
+        Ok(IdsTicket::ready(ids.clone()))
+    }
+
+    fn run_finish_read(&mut self, ticket: u64) -> Result<Vec<u32>> {
+        Err(crate::error::Error::InvalidOption(format!(
+            "the reference executor issued no readback ticket {ticket}"
+        )))
     }
 
     fn run_weight(
