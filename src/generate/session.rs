@@ -264,6 +264,43 @@ impl<E: Ops> Session<E> {
         Ok(())
     }
 
+    /// Runs the model over a step of `n` rows from position `start` (its
+    /// buffers made by [`Session::step_buffers`]): the tokens `part`, or with
+    /// `None` the one token the last argmax left on the device.
+    fn step(&mut self, part: Option<&[u32]>, start: usize, n: usize) -> Result<()> {
+        let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        let (Some(ws), Some((ids, positions))) =
+            (self.workspaces.get_mut(&n), self.step_ids.get_mut(&n))
+        else {
+            return Err(Error::Gpu("workspace missing".into()));
+        };
+        let ids = match part {
+            Some(part) => {
+                self.ops.set_ids(ids, part)?;
+                &*ids
+            }
+            None => self
+                .argmax_out
+                .as_ref()
+                .ok_or_else(|| Error::Gpu("argmax buffer missing".into()))?,
+        };
+        self.ops.set_ids(positions, &pos)?;
+        self.model.forward(
+            &mut self.ops,
+            &mut self.kv,
+            &self.table,
+            ids,
+            positions,
+            start,
+            n,
+            ws,
+            &mut self.attention,
+            None,
+        )?;
+        self.last_rows = Some(n);
+        Ok(())
+    }
+
     /// Appends `tokens` to the cache (prefill in chunks); afterwards the logits of
     /// the last one are ready for [`Session::sample`].
     pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
@@ -290,29 +327,9 @@ impl<E: Ops> Session<E> {
             let start = self.tokens.len();
             let n = part.len();
             self.step_buffers(n)?;
-            let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
-            let (Some(ws), Some((ids, positions))) =
-                (self.workspaces.get_mut(&n), self.step_ids.get_mut(&n))
-            else {
-                return Err(Error::Gpu("workspace missing".into()));
-            };
-            self.ops.set_ids(ids, part)?;
-            self.ops.set_ids(positions, &pos)?;
-            self.model.forward(
-                &mut self.ops,
-                &mut self.kv,
-                &self.table,
-                ids,
-                positions,
-                start,
-                n,
-                ws,
-                &mut self.attention,
-                None,
-            )?;
+            self.step(Some(part), start, n)?;
             self.tokens.extend_from_slice(part);
             self.table.len = self.tokens.len();
-            self.last_rows = Some(n);
             if tokens.len() > self.chunk {
                 // Long prompts: finish each chunk so the device does not queue them all.
                 self.ops.flush()?;
@@ -487,29 +504,9 @@ impl<E: Ops> Session<E> {
         }
         self.ahead.push_back((ticket, start, feed));
         if feed {
-            let (Some(ws), Some((_, positions)), Some(out)) = (
-                self.workspaces.get_mut(&1),
-                self.step_ids.get_mut(&1),
-                self.argmax_out.as_ref(),
-            ) else {
-                return Err(Error::Gpu("workspace missing".into()));
-            };
-            self.ops.set_ids(positions, &[start as u32])?;
-            self.model.forward(
-                &mut self.ops,
-                &mut self.kv,
-                &self.table,
-                out,
-                positions,
-                start,
-                1,
-                ws,
-                &mut self.attention,
-                None,
-            )?;
+            self.step(None, start, 1)?;
             self.tokens.push(UNREAD);
             self.table.len = self.tokens.len();
-            self.last_rows = Some(1);
         }
         self.ops.submit_pending()
     }
