@@ -109,7 +109,7 @@ fn policies() -> Vec<(&'static str, AttentionPolicy)> {
         (
             "TokenSelect hierarchical",
             AttentionPolicy::TokenSelect(TokenSelectConfig {
-                prefilter_blocks: 160,
+                prefilter_blocks: 256,
                 ..ts
             }),
         ),
