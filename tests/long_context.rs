@@ -132,7 +132,10 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
     };
     let (exact_512, _) = argmaxes(at_k(0), &ids, from);
     let (prefiltered, _) = argmaxes(at_k(64), &ids, from);
-    let (e_rate, h_rate) = (agreement(&dense, &exact_512), agreement(&dense, &prefiltered));
+    let (e_rate, h_rate) = (
+        agreement(&dense, &exact_512),
+        agreement(&dense, &prefiltered),
+    );
     eprintln!(
         "k 512 vs dense: exact TokenSelect agrees at {:.1}%, hierarchical (64 blocks) at {:.1}%",
         100.0 * e_rate,

@@ -578,25 +578,30 @@ fn device_errors_are_typed_and_the_engine_recovers_or_says_it_cannot() {
     let prompt: Vec<u32> = (0..20).map(|i| 3 + (i * 11) % 250).collect();
     let want = greedy(&mut e, &prompt, 8);
 
-    // Mid-answer: the fourth step's submit fails.
+    // Mid-answer: the next step's submit fails (one step at a time, and with
+    // steps in flight, where it is a submit not waited for).
     let params = GenerateParams {
         max_tokens: 8,
         stop_at_eos: false,
         ..Default::default()
     };
-    let mut g = e.generate_ids(&prompt, &params).unwrap();
-    let first: Vec<u32> = g.by_ref().take(3).map(|t| t.unwrap().id).collect();
-    assert_eq!(first, want[..3]);
-    ctx.poison_next_submit();
-    match g.next() {
-        Some(Err(Error::Gpu(msg))) => assert!(msg.contains("validation"), "{msg}"),
-        other => panic!("expected a validation error, got {other:?}"),
+    for ahead in [1, 2] {
+        e.set_decode_ahead(ahead).unwrap();
+        let mut g = e.generate_ids(&prompt, &params).unwrap();
+        let first: Vec<u32> = g.by_ref().take(3).map(|t| t.unwrap().id).collect();
+        assert_eq!(first, want[..3]);
+        ctx.poison_next_submit();
+        match g.next() {
+            Some(Err(Error::Gpu(msg))) => assert!(msg.contains("validation"), "{msg}"),
+            other => panic!("{ahead} ahead: expected a validation error, got {other:?}"),
+        }
+        assert_eq!(g.stop_reason(), Some(kvsieve::StopReason::Error));
+        assert!(g.next().is_none());
+        drop(g);
+        assert!(e.cached_tokens().is_empty(), "the cache was not dropped");
+        assert_eq!(greedy(&mut e, &prompt, 8), want, "after a device error");
     }
-    assert_eq!(g.stop_reason(), Some(kvsieve::StopReason::Error));
-    assert!(g.next().is_none());
-    drop(g);
-    assert!(e.cached_tokens().is_empty(), "the cache was not dropped");
-    assert_eq!(greedy(&mut e, &prompt, 8), want, "after a device error");
+    e.set_decode_ahead(0).unwrap();
 
     // In the prefill's submit (recorded by generate_ids, submitted with the
     // first token's readback).
