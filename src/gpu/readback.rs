@@ -50,10 +50,15 @@ pub(super) fn land(
             timeout: None,
         },
     );
+    if let Err(e) = waited {
+        // A submission the device did not take (lost, or its submit failed):
+        // a plain wait lets the device notice a loss, which the caller names.
+        let _ = super::device::poll(device, wgpu::PollType::wait_indefinitely());
+        return Err(e);
+    }
     let (Some(st), Some(mapped)) = (f.staging, f.mapped) else {
-        return waited.map(|_| (SubmitResult::default(), None));
+        return Ok((SubmitResult::default(), None));
     };
-    waited?;
     mapped
         .recv()
         .map_err(|e| Error::Gpu(format!("readback channel: {e}")))?
