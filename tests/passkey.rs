@@ -2,10 +2,13 @@
 //! takes the same decisions as the GPU one (see model_default.rs): within the
 //! trained context (8K for the default model) TokenSelect finds every key dense
 //! finds, and at 16K, twice the trained context, TokenSelect with compact
-//! positions still finds it at several depths. Quest (budget 2048) and
-//! hierarchical TokenSelect (k 2048, 256 blocks of 16 out of ~460) find every
-//! key dense finds at 8K (at 4K half the prompt fits their budgets; left out to
-//! keep the test command short). Tidal (budget 2048, selection at layer 2)
+//! positions still finds it at several depths. Quest (budget 2048) finds
+//! every key dense finds at 8K (at 4K half the prompt fits its budget; left
+//! out to keep the test command short). Hierarchical TokenSelect (k 2048, 256
+//! blocks of 16) selects exactly at 8K (its block stage runs only where it
+//! keeps at most half the ~470 candidate blocks) and finds every key dense
+//! finds there; at 16K it prunes to 256 of ~980 blocks and finds every key
+//! TokenSelect finds. Tidal (budget 2048, selection at layer 2)
 //! takes its re-selection layer from `Engine::calibrate_tidal` (a needle
 //! text of its own): in the default model the needle enters every KV head's
 //! top 2048 only from about layer 14 on, and with the paper's layer 13 Tidal
@@ -79,7 +82,9 @@ fn passkey_retrieval_dense_and_sparse_policies() {
         prefilter_blocks: 256,
         ..Default::default()
     });
-    let prefiltered = run(&mut e, hier, "hierarchical", &long);
+    // At 8K its block stage would keep more than half the blocks, so it
+    // selects exactly; at 16K it prunes to 256 of ~1,000.
+    let prefiltered = run(&mut e, hier, "hierarchical", &[long[0], EXTRAPOLATED]);
     // Tidal's re-selection layer by calibration (a needle text of its own),
     // measured once and then read from the cache.
     let cal = e.calibrate_tidal(2, 2048).unwrap();
@@ -112,10 +117,14 @@ fn passkey_retrieval_dense_and_sparse_policies() {
                     (true, true) => "found",
                     (true, false) => "missed",
                 };
+            let h = match (len == TRAINED[0], found(&prefiltered, len, depth)) {
+                (true, _) => "not run",
+                (false, true) => "found",
+                (false, false) => "missed",
+            };
             eprintln!(
-                "| {len} | {depth} | {d} | {s} | {} | {} | {} |",
+                "| {len} | {depth} | {d} | {s} | {} | {h} | {} |",
                 cell(&blocks),
-                cell(&prefiltered),
                 cell(&tidal)
             );
         }
@@ -153,4 +162,10 @@ fn passkey_retrieval_dense_and_sparse_policies() {
         "TokenSelect found the key at {n} of {} depths at 16K",
         DEPTHS.len()
     );
+    for depth in DEPTHS {
+        assert!(
+            !found(&sparse, EXTRAPOLATED, depth) || found(&prefiltered, EXTRAPOLATED, depth),
+            "16K depth {depth}: TokenSelect found the key, hierarchical TokenSelect did not"
+        );
+    }
 }
