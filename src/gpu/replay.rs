@@ -1,6 +1,6 @@
 //! Replaying submits on another WebGPU implementation.
 //!
-//! A [`GpuContext`](super::GpuContext) given a [`Replay`] target does not run
+//! A [`GpuContext`] given a [`Replay`] target does not run
 //! its dispatches itself: each submit's commands, with the contents of every
 //! buffer they touch, go to the target (the tests' headless-browser harness runs
 //! them on Chromium's WebGPU), and the contents it returns are written back, so

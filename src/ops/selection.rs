@@ -121,7 +121,7 @@ pub trait SelectionOps: Executor {
         self.run_block_bounds(layout, block, rotated)
     }
     /// Grows `bounds` to describe a cache grown to `num_pages` pages
-    /// ([`KvOps::kv_grow`]), keeping what they hold.
+    /// ([`crate::ops::KvOps::kv_grow`]), keeping what they hold.
     fn bounds_grow(&mut self, bounds: &mut Self::Bounds, num_pages: usize) -> Result<()> {
         check::grow("bounds_grow", Self::bounds_layout(bounds).0, num_pages)?;
         if num_pages == Self::bounds_layout(bounds).0.num_pages {

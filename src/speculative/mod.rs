@@ -506,7 +506,7 @@ impl Acceptance {
     }
 
     /// Accepted over expected drafts for `spec` (1.0 until it has run
-    /// [`MIN_STEPS`] verify steps), clamped to 0..=2.
+    /// `MIN_STEPS` verify steps), clamped to 0..=2.
     pub fn scale(&self, spec: Speculate) -> f64 {
         match self.seen.get(spec.name()) {
             Some(&(steps, got, want)) if steps >= MIN_STEPS && want > 0.0 => {
