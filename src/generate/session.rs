@@ -129,6 +129,24 @@ impl<E: Ops> Session<E> {
         self.pages * E::kv_layout(&self.kv).page_size
     }
 
+    /// An error when `total` tokens would not fit the maximum context.
+    fn check_context(&self, total: usize) -> Result<()> {
+        if total > self.max_context {
+            return Err(Error::Capacity(format!(
+                "{total} tokens exceed the maximum context of {} tokens",
+                self.max_context
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes room for the sequence to hold `total` tokens: grows the cache
+    /// as needed and reserves its pages for the sequence.
+    fn reserve(&mut self, total: usize) -> Result<()> {
+        self.ensure_capacity(total)?;
+        self.alloc.reserve(&mut self.table, total)
+    }
+
     /// Grows the KV cache (and the policy's storage that follows it) to hold
     /// `total` tokens: doubling, up to `max_context`.
     fn ensure_capacity(&mut self, total: usize) -> Result<()> {
@@ -235,11 +253,14 @@ impl<E: Ops> Session<E> {
     /// in flight (waited for and dropped, with what they cached).
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.settled_len());
-        while let Some((ticket, _, _)) = self.ahead.pop_front() {
+        if !self.ahead.is_empty() {
+            // The logits are a dropped step's.
+            self.last_rows = None;
+        }
+        for (ticket, _, _) in std::mem::take(&mut self.ahead) {
             // Only their tokens are lost (cut off below); a failed device
             // shows at the next request.
             let _ = self.ops.finish_read(ticket);
-            self.last_rows = None;
         }
         if len < self.tokens.len() {
             self.tokens.truncate(len);
@@ -309,20 +330,14 @@ impl<E: Ops> Session<E> {
         }
         self.abandon();
         let total = self.tokens.len() + tokens.len();
-        if total > self.max_context {
-            return Err(Error::Capacity(format!(
-                "{total} tokens exceed the maximum context of {} tokens",
-                self.max_context
-            )));
-        }
+        self.check_context(total)?;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.model.cfg.vocab) {
             return Err(Error::InvalidOption(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.model.cfg.vocab
             )));
         }
-        self.ensure_capacity(total)?;
-        self.alloc.reserve(&mut self.table, total)?;
+        self.reserve(total)?;
         for part in tokens.chunks(self.chunk) {
             let start = self.tokens.len();
             let n = part.len();
@@ -370,8 +385,7 @@ impl<E: Ops> Session<E> {
                 self.model.cfg.vocab
             )));
         }
-        self.ensure_capacity(start + n)?;
-        self.alloc.reserve(&mut self.table, start + n)?;
+        self.reserve(start + n)?;
         self.table.len = start + n;
         if !self.verify_ws.contains_key(&n) {
             let ws = Workspace::for_verify(&mut self.ops, &self.model.cfg, n)?;
@@ -478,15 +492,8 @@ impl<E: Ops> Session<E> {
             .ok_or_else(|| Error::InvalidOption("decode before any token was fed".into()))?;
         let start = self.tokens.len();
         if feed {
-            if start + 1 > self.max_context {
-                return Err(Error::Capacity(format!(
-                    "{} tokens exceed the maximum context of {} tokens",
-                    start + 1,
-                    self.max_context
-                )));
-            }
-            self.ensure_capacity(start + 1)?;
-            self.alloc.reserve(&mut self.table, start + 1)?;
+            self.check_context(start + 1)?;
+            self.reserve(start + 1)?;
             self.step_buffers(1)?;
         }
         if self.argmax_out.is_none() {
@@ -546,9 +553,8 @@ impl<E: Ops> Session<E> {
     /// Drops the steps in flight (a generation that stopped reading them)
     /// with what they cached.
     fn abandon(&mut self) {
-        if !self.ahead.is_empty() {
-            self.truncate(self.settled_len());
-        }
+        // Without steps in flight this cuts nothing.
+        self.truncate(self.settled_len());
     }
 
     /// The logits of the last fed token (reads back the whole row; for tests).

@@ -24,8 +24,7 @@ pub(super) fn named_loss<T>(ctx: &GpuContext, done: Result<T>) -> Result<T> {
 pub(super) struct InFlight {
     pub(super) index: wgpu::SubmissionIndex,
     pub(super) staging: Option<wgpu::Buffer>,
-    pub(super) mapped:
-        Option<std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>>,
+    pub(super) mapped: Option<Mapping>,
     /// Staging offset and size of each readback, in request order.
     pub(super) reads: Vec<(u64, u64)>,
     /// Staging offset of the submit's two timestamps.
@@ -59,10 +58,7 @@ pub(super) fn land(
     let (Some(st), Some(mapped)) = (f.staging, f.mapped) else {
         return Ok((SubmitResult::default(), None));
     };
-    mapped
-        .recv()
-        .map_err(|e| Error::Gpu(format!("readback channel: {e}")))?
-        .map_err(|e| Error::Gpu(format!("map readback: {e}")))?;
+    mapped_or_error(mapped, "readback")?;
     let mut result = SubmitResult::default();
     {
         let view = st
@@ -97,9 +93,25 @@ pub(super) fn land(
     Ok((result, Some(st)))
 }
 
-/// Waits for the device to finish submitted work.
-fn wait(device: &wgpu::Device) -> Result<()> {
-    super::device::poll(device, wgpu::PollType::wait_indefinitely())
+/// A buffer's map for reading, asked for and not yet waited for.
+pub(super) type Mapping =
+    std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>;
+
+/// Asks to map `buffer` (MAP_READ) once the work submitted so far is done;
+/// a later poll lands it.
+pub(super) fn start_map(buffer: &wgpu::Buffer) -> Mapping {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+/// The outcome of a map the device has polled past; `what` names the buffer.
+fn mapped_or_error(m: Mapping, what: &str) -> Result<()> {
+    m.recv()
+        .map_err(|e| Error::Gpu(format!("{what} channel: {e}")))?
+        .map_err(|e| Error::Gpu(format!("map {what}: {e}")))
 }
 
 /// Maps `buffers` (MAP_READ, written by a submitted copy) and waits for them;
@@ -109,18 +121,7 @@ pub(super) fn map_for_reading(
     buffers: &[wgpu::Buffer],
     what: &str,
 ) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    for b in buffers {
-        let tx = tx.clone();
-        b.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-    }
-    wait(device)?;
-    for _ in buffers {
-        rx.recv()
-            .map_err(|e| Error::Gpu(format!("{what} channel: {e}")))?
-            .map_err(|e| Error::Gpu(format!("map {what}: {e}")))?;
-    }
-    Ok(())
+    let maps: Vec<Mapping> = buffers.iter().map(start_map).collect();
+    super::device::poll(device, wgpu::PollType::wait_indefinitely())?;
+    maps.into_iter().try_for_each(|m| mapped_or_error(m, what))
 }

@@ -9,7 +9,7 @@
 
 use super::device::scoped;
 use super::pipeline::Pipeline;
-use super::readback::{land, named_loss, InFlight, Sent};
+use super::readback::{land, named_loss, start_map, InFlight, Sent};
 use super::GpuContext;
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -633,13 +633,7 @@ impl Recorder {
             self.bind_groups.retain(|_, (_, used)| *used >= oldest);
         }
         // The map waits for the submit; asking now lets a later poll land it.
-        let mapped = staging.as_ref().map(|st| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            st.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            rx
-        });
+        let mapped = staging.as_ref().map(start_map);
         self.submit_host_ns += encode_start.elapsed().as_nanos() as f64;
         Ok(Sent::InFlight(InFlight {
             index,
