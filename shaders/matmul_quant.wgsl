@@ -5,17 +5,38 @@
 // striding over K, one reduction) and qmatmul_tiled (prefill: 4x4 register tiles,
 // the weights dequantized into the tile). qmatmul_rows (32-value types) and
 // qmatmul_rows_k (K types) serve M = 1 only, qmatmul_rows_m 2..=MAX_M rows.
+// Every path takes lib/prologue.wgsl's RMSNorm and lib/epilogue.wgsl's epilogues.
 struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off: u32, sc_off: u32, ks_off: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;   // planes of one row chunk (16-byte padded)
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
+@group(0) @binding(4) var<storage, read> g: array<vec2<u32>>;   // the norm's weight [K/4] (NORM)
 
-// Stores output s at y[i] through the pipeline's epilogue.
+// The norm's weight for x's column vec4 j (ones without the norm).
+fn gw(j: u32) -> vec4<f32> {
+    if (NORM != 0u) { return f16x4(g[j]); }
+    return vec4<f32>(1.0);
+}
+
+@group(0) @binding(5) var<storage, read_write> y2: array<f32>;  // the second part's outputs (OUT_B)
+@group(0) @binding(6) var<storage, read_write> y3: array<f32>;  // the third part's
+
+// Stores output s (element i of y_stride-wide rows) through the pipeline's
+// epilogue, or into its part's tensor (parts take no epilogue).
 fn store_y(i: u32, s: f32) {
+    let r = route(i, p.y_stride);
+    if (r.x == 1u) {
+        y2[r.y] = s;
+        return;
+    }
+    if (r.x == 2u) {
+        y3[r.y] = s;
+        return;
+    }
     var old = 0.0;
-    if (epilogue_reads()) { old = y[i]; }
-    y[i] = epilogue(s, old);
+    if (epilogue_reads()) { old = y[r.y]; }
+    y[r.y] = epilogue(s, old);
 }
 
 override QTYPE: u32 = 1u;
@@ -30,7 +51,7 @@ fn wgroup(row: u32, gi: u32) -> W8 {
 }
 
 fn dot8(m: u32, gi: u32, v: W8) -> f32 {
-    return dot(x[m * p.k4 + 2u * gi], v.lo) + dot(x[m * p.k4 + 2u * gi + 1u], v.hi);
+    return dot(x[m * p.k4 + 2u * gi] * gw(2u * gi), v.lo) + dot(x[m * p.k4 + 2u * gi + 1u] * gw(2u * gi + 1u), v.hi);
 }
 
 override ROWS_WG: u32 = 64u;
@@ -48,11 +69,14 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let nb = p.k4 / 8u;
     let o = planes();
     var acc = vec4<f32>(0.0);
+    var ss = 0.0;
     var xs: array<vec4<f32>, 8>;
     for (var b = 0u; b < nb; b++) {
         var xsum = vec4<f32>(0.0);
         for (var j = 0u; j < 8u; j++) {
-            xs[j] = x[8u * b + j];
+            let v = x[8u * b + j];
+            if (NORM != 0u) { ss += dot(v, v); }
+            xs[j] = v * gw(8u * b + j);
             xsum += xs[j];
         }
         let sx = xsum.x + xsum.y + xsum.z + xsum.w;
@@ -86,6 +110,7 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             acc[i] += s.x * dq + s.y * sx;
         }
     }
+    acc *= norm_scale(ss, 4u * p.k4);
     for (var jj = 0u; jj < 4u; jj++) {
         if (n0 + jj < p.rows) { store_y(p.n_offset + n0 + jj, acc[jj]); }
     }
@@ -103,14 +128,19 @@ fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let nb = p.k4 / 64u;
     let o = planes();
     var acc = vec4<f32>(0.0);
+    var ss = 0.0;
     var xs: array<vec4<f32>, 8>;
     for (var b = 0u; b < nb; b++) {
         for (var j = 0u; j < 8u; j++) {
             var s0 = vec4<f32>(0.0);
             var s1 = vec4<f32>(0.0);
             for (var i = 0u; i < 4u; i++) {
-                xs[i] = x[64u * b + 8u * j + i];
-                xs[i + 4u] = x[64u * b + 8u * j + i + 4u];
+                let c = 64u * b + 8u * j + i;
+                let va = x[c];
+                let vb = x[c + 4u];
+                if (NORM != 0u) { ss += dot(va, va) + dot(vb, vb); }
+                xs[i] = va * gw(c);
+                xs[i + 4u] = vb * gw(c + 4u);
                 s0 += xs[i];
                 s1 += xs[i + 4u];
             }
@@ -121,6 +151,7 @@ fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             }
         }
     }
+    acc *= norm_scale(ss, 4u * p.k4);
     for (var jj = 0u; jj < 4u; jj++) {
         if (n0 + jj < p.rows) { store_y(p.n_offset + n0 + jj, acc[jj]); }
     }
@@ -152,16 +183,21 @@ fn dot16(a: array<vec4<f32>, 8>, b: array<vec4<f32>, 8>, h: u32) -> f32 {
     return dot(a[h], b[h]) + dot(a[h + 1u], b[h + 1u]) + dot(a[h + 2u], b[h + 2u]) + dot(a[h + 3u], b[h + 3u]);
 }
 
-// 32 x values of row m from vec4 index i, and the sums of their two halves.
-struct X32 { v: array<vec4<f32>, 8>, s: vec2<f32> }
+// 32 x values of row m from vec4 index i (times the norm's weight), the sums
+// of their two halves, and the sum of squares of the values as stored.
+struct X32 { v: array<vec4<f32>, 8>, s: vec2<f32>, q: f32 }
 
 fn x32(m: u32, i: u32) -> X32 {
     var r: X32;
     var s0 = vec4<f32>(0.0);
     var s1 = vec4<f32>(0.0);
+    r.q = 0.0;
     for (var j = 0u; j < 4u; j++) {
-        r.v[j] = x[m * p.k4 + i + j];
-        r.v[j + 4u] = x[m * p.k4 + i + j + 4u];
+        let va = x[m * p.k4 + i + j];
+        let vb = x[m * p.k4 + i + j + 4u];
+        if (NORM != 0u) { r.q += dot(va, va) + dot(vb, vb); }
+        r.v[j] = va * gw(i + j);
+        r.v[j + 4u] = vb * gw(i + j + 4u);
         s0 += r.v[j];
         s1 += r.v[j + 4u];
     }
@@ -193,7 +229,11 @@ fn qmatmul_rows_m(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let nb = p.k4 / 8u;
     let o = planes();
     var acc: array<vec4<f32>, MAX_M>;
-    for (var m = 0u; m < MAX_M; m++) { acc[m] = vec4<f32>(0.0); }
+    var ss: array<f32, MAX_M>;
+    for (var m = 0u; m < MAX_M; m++) {
+        acc[m] = vec4<f32>(0.0);
+        ss[m] = 0.0;
+    }
     for (var b = 0u; b < nb; b++) {
         var wv: array<array<vec4<f32>, 8>, 4>;
         var sc: array<vec2<f32>, 4>;
@@ -204,6 +244,7 @@ fn qmatmul_rows_m(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         }
         for (var m = 0u; m < p.m; m++) {
             let xb = x32(m, 8u * b);
+            ss[m] += xb.q;
             let sx = xb.s.x + xb.s.y;
             var d = vec4<f32>(0.0);
             for (var i = 0u; i < 4u; i++) {
@@ -212,11 +253,12 @@ fn qmatmul_rows_m(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             acc[m] += d;
         }
     }
+    for (var m = 0u; m < p.m; m++) { acc[m] *= norm_scale(ss[m], 4u * p.k4); }
     store_rows(n0, acc);
 }
 
 const WG: u32 = 64u;
-const MAX_ACC: u32 = 64u;   // M * ROWS (checked on the host)
+const MAX_ACC: u32 = 64u;   // M * ROWS, plus M with the norm (checked on the host)
 override ROWS: u32 = 4u;
 var<workgroup> red: array<f32, 4096>;
 
@@ -228,21 +270,36 @@ fn qmatmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
     if (row0 >= p.rows) { return; }
     var acc: array<f32, 64>;
     for (var i = 0u; i < MAX_ACC; i++) { acc[i] = 0.0; }
+    let n_out = p.m * ROWS;
     let groups = p.k4 / 2u;
     for (var gi = tid; gi < groups; gi += WG) {
         for (var r = 0u; r < ROWS; r++) {
             let v = wgroup(min(row0 + r, p.rows - 1u), gi);
             for (var m = 0u; m < p.m; m++) { acc[m * ROWS + r] += dot8(m, gi, v); }
         }
+        // The norm's sums of squares ride in the slots after the outputs.
+        if (NORM != 0u) {
+            for (var m = 0u; m < p.m; m++) {
+                let va = x[m * p.k4 + 2u * gi];
+                let vb = x[m * p.k4 + 2u * gi + 1u];
+                acc[n_out + m] += dot(va, va) + dot(vb, vb);
+            }
+        }
     }
-    let n_out = p.m * ROWS;
-    for (var o = 0u; o < n_out; o++) { red[o * WG + tid] = acc[o]; }
+    var n_red = n_out;
+    if (NORM != 0u) { n_red += p.m; }
+    for (var o = 0u; o < n_red; o++) { red[o * WG + tid] = acc[o]; }
     workgroupBarrier();
     if (tid < n_out) {
         var s = 0.0;
         for (var t = 0u; t < WG; t++) { s += red[tid * WG + t]; }
         let m = tid / ROWS;
         let r = tid % ROWS;
+        if (NORM != 0u) {
+            var q = 0.0;
+            for (var t = 0u; t < WG; t++) { q += red[(n_out + m) * WG + t]; }
+            s *= norm_scale(q, 4u * p.k4);
+        }
         if (row0 + r < p.rows) { store_y(m * p.y_stride + p.n_offset + row0 + r, s); }
     }
 }
@@ -261,15 +318,21 @@ fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
     var xr: array<u32, 4>;
     for (var i = 0u; i < 4u; i++) { xr[i] = min(m0 + i, p.m - 1u) * p.k4; }
+    var ss = vec4<f32>(0.0);
     let groups = p.k4 / 2u;
     for (var gi = 0u; gi < groups; gi++) {
         let w0 = wgroup(r.x, gi);
         let w1 = wgroup(r.y, gi);
         let w2 = wgroup(r.z, gi);
         let w3 = wgroup(r.w, gi);
+        let ga = gw(2u * gi);
+        let gb = gw(2u * gi + 1u);
         for (var i = 0u; i < 4u; i++) {
-            let xa = x[xr[i] + 2u * gi];
-            let xb = x[xr[i] + 2u * gi + 1u];
+            var xa = x[xr[i] + 2u * gi];
+            var xb = x[xr[i] + 2u * gi + 1u];
+            if (NORM != 0u) { ss[i] += dot(xa, xa) + dot(xb, xb); }
+            xa *= ga;
+            xb *= gb;
             acc[i] += vec4<f32>(dot(xa, w0.lo) + dot(xb, w0.hi), dot(xa, w1.lo) + dot(xb, w1.hi),
                                 dot(xa, w2.lo) + dot(xb, w2.hi), dot(xa, w3.lo) + dot(xb, w3.hi));
         }
@@ -278,8 +341,9 @@ fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
         let m = m0 + i;
         if (m < p.m) {
             let base = m * p.y_stride + p.n_offset + n0;
+            let sc = norm_scale(ss[i], 4u * p.k4);
             for (var jj = 0u; jj < 4u; jj++) {
-                if (n0 + jj < p.rows) { store_y(base + jj, acc[i][jj]); }
+                if (n0 + jj < p.rows) { store_y(base + jj, acc[i][jj] * sc); }
             }
         }
     }

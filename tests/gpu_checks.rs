@@ -129,6 +129,49 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "norm_matmul_then norm width",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(3 * 8), 3, 8)?);
+                let g = ex.weight(&h(4), 1, 4)?;
+                let mut y = ex.tensor(2, 3)?;
+                ex.norm_matmul_then(&x, &g, 1e-5, &w, &mut y, kvsieve::ops::Epilogue::Store)
+            }),
+        ),
+        (
+            "norm_matmul_then eps",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(3 * 8), 3, 8)?);
+                let g = ex.weight(&h(8), 1, 8)?;
+                let mut y = ex.tensor(2, 3)?;
+                ex.norm_matmul_then(&x, &g, f32::NAN, &w, &mut y, kvsieve::ops::Epilogue::Store)
+            }),
+        ),
+        (
+            "matmul_parts widths",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(12 * 8), 12, 8)?);
+                let (mut a, mut b, mut c) = (ex.tensor(2, 4)?, ex.tensor(2, 4)?, ex.tensor(2, 2)?);
+                ex.matmul_parts(&x, None, &w, [&mut a, &mut b, &mut c])
+            }),
+        ),
+        (
+            "matmul_parts rows",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(12 * 8), 12, 8)?);
+                let (mut a, mut b, mut c) = (ex.tensor(2, 4)?, ex.tensor(1, 4)?, ex.tensor(2, 4)?);
+                ex.matmul_parts(&x, None, &w, [&mut a, &mut b, &mut c])
+            }),
+        ),
+        (
+            "matmul_parts norm width",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(12 * 8), 12, 8)?);
+                let g = ex.weight(&h(4), 1, 4)?;
+                let (mut a, mut b, mut c) = (ex.tensor(2, 4)?, ex.tensor(2, 4)?, ex.tensor(2, 4)?);
+                ex.matmul_parts(&x, Some((&g, 1e-5)), &w, [&mut a, &mut b, &mut c])
+            }),
+        ),
+        (
             "weight odd columns",
             Box::new(|ex: &mut E| ex.weight(&h(3 * 5), 3, 5).map(|_| ())),
         ),
@@ -508,6 +551,8 @@ const CHECKED_OPS: &[&str] = &[
     "rope_table",
     "matmul",
     "matmul_then",
+    "norm_matmul_then",
+    "matmul_parts",
     "rms_norm",
     "rope",
     "swiglu",

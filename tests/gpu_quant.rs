@@ -178,11 +178,12 @@ fn quantized_embedding_gather() {
     }
 }
 
-/// The fused epilogues (residual add, SwiGLU) against the unfused reference
-/// ops, on every matmul path (1 row, a few rows, prefill tiles), both kernel
-/// families, f16 and quantized weights, and a weight split across bindings.
+/// The fused RMSNorm prologue and epilogues (residual add, SwiGLU) against the
+/// unfused reference ops, on every matmul path (1 row, a few rows, prefill
+/// tiles), both kernel families, f16 and quantized weights, and a weight split
+/// across bindings (each chunk norms x itself).
 #[test]
-fn matmul_epilogues_on_every_path_and_type() {
+fn matmul_prologue_and_epilogues_on_every_path_and_type() {
     use kvsieve::ops::Epilogue;
     let mut seed = 1200;
     let mut split = gpu().with_binding_limit(2048);
@@ -204,7 +205,12 @@ fn matmul_epilogues_on_every_path_and_type() {
                 (37, 576)
             };
             for &m in &[1usize, 3, 17, 40] {
-                for epi in [Epilogue::Add, Epilogue::Swiglu] {
+                for (norm, epi) in [
+                    (false, Epilogue::Add),
+                    (false, Epilogue::Swiglu),
+                    (true, Epilogue::Store),
+                    (true, Epilogue::Swiglu),
+                ] {
                     seed += 1;
                     let raw = if t == DType::F16 {
                         let w = rand_f16(&mut rng(seed), n * k, 0.1);
@@ -212,30 +218,190 @@ fn matmul_epilogues_on_every_path_and_type() {
                     } else {
                         random_blocks(seed, t, n, k)
                     };
-                    let x = randn(&mut rng(seed + 1), m * k, 1.0);
+                    // Rows of x far from unit scale, so a missing norm shows.
+                    let x = randn(&mut rng(seed + 1), m * k, if norm { 3.0 } else { 1.0 });
                     let y0 = randn(&mut rng(seed + 2), m * n, 1.0);
+                    let g: Vec<f16> = randn(&mut rng(seed + 3), k, 0.3)
+                        .iter()
+                        .map(|v| f16::from_f32(1.0 + v))
+                        .collect();
+                    let eps = 1e-5;
                     let mut cpu = RefExecutor::new();
-                    let (xc, wc) = (
+                    let (xc, wc, gc) = (
                         cpu.upload(&x, m, k).unwrap(),
                         cpu.weight_raw(t, &raw, n, k).unwrap(),
+                        cpu.weight(&g, 1, k).unwrap(),
                     );
                     let mut yc = cpu.upload(&y0, m, n).unwrap();
-                    cpu.matmul_then(&xc, &wc, &mut yc, epi).unwrap();
-                    let (xg, wg) = (
+                    let (xg, wg, gg) = (
                         ex.upload(&x, m, k).unwrap(),
                         ex.weight_raw(t, &raw, n, k).unwrap(),
+                        ex.weight(&g, 1, k).unwrap(),
                     );
                     let mut yg = ex.upload(&y0, m, n).unwrap();
-                    ex.matmul_then(&xg, &wg, &mut yg, epi).unwrap();
+                    if norm {
+                        cpu.norm_matmul_then(&xc, &gc, eps, &wc, &mut yc, epi)
+                            .unwrap();
+                        // Folded into the kernels, or one norm dispatch first
+                        // (CPU drivers' choice), by turns.
+                        ex.tuning.fused_norm = seed % 4 != 0;
+                        ex.norm_matmul_then(&xg, &gg, eps, &wg, &mut yg, epi)
+                            .unwrap();
+                    } else {
+                        cpu.matmul_then(&xc, &wc, &mut yc, epi).unwrap();
+                        ex.matmul_then(&xg, &wg, &mut yg, epi).unwrap();
+                    }
                     // The matmul's tolerance, times up to |silu(y0)| ~ 4 for SwiGLU.
                     let (atol, rtol) = (2e-4 * (k as f32).sqrt(), 4e-4);
                     assert_close(
-                        &format!("{t} {epi:?} m={m} chunks={}", wg.chunks.len()),
+                        &format!(
+                            "{t} norm={norm} fused={} {epi:?} m={m} chunks={}",
+                            ex.tuning.fused_norm,
+                            wg.chunks.len()
+                        ),
                         &ex.download(&yg).unwrap(),
                         &yc.data,
                         atol,
                         rtol,
                     );
+                }
+            }
+        }
+    }
+}
+
+/// Without the fused prologue, matmuls on the same rows share one norm dispatch
+/// (q, k and v; gate and up) while nothing else is recorded between them, and
+/// a norm is computed again once the rows may have changed.
+#[test]
+fn unfused_norm_is_shared_only_while_the_rows_stand() {
+    use kvsieve::ops::Epilogue::Store;
+    let mut ex = gpu();
+    ex.tuning.fused_norm = false;
+    let (m, n, k) = (2, 24, 64);
+    let x0 = randn(&mut rng(71), m * k, 2.0);
+    let dx = randn(&mut rng(72), m * k, 1.0);
+    let g: Vec<f16> = (0..k)
+        .map(|i| f16::from_f32(0.5 + i as f32 / k as f32))
+        .collect();
+    let ws: Vec<Vec<f16>> = (0..3)
+        .map(|i| rand_f16(&mut rng(73 + i), n * k, 0.1))
+        .collect();
+    // The reference: two matmuls on x, then x += dx, then a third.
+    let mut cpu = RefExecutor::new();
+    let (gc, mut xc) = (
+        cpu.weight(&g, 1, k).unwrap(),
+        cpu.upload(&x0, m, k).unwrap(),
+    );
+    let dc = cpu.upload(&dx, m, k).unwrap();
+    let mut want = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        if i == 2 {
+            cpu.add(&mut xc, &dc).unwrap();
+        }
+        let wc = cpu.weight(w, n, k).unwrap();
+        let mut y = cpu.tensor(m, n).unwrap();
+        cpu.norm_matmul_then(&xc, &gc, 1e-5, &wc, &mut y, Store)
+            .unwrap();
+        want.push(y.data);
+    }
+    let (gg, mut xg) = (ex.weight(&g, 1, k).unwrap(), ex.upload(&x0, m, k).unwrap());
+    let wg: Vec<_> = ws.iter().map(|w| ex.weight(w, n, k).unwrap()).collect();
+    let d = ex.upload(&dx, m, k).unwrap();
+    let mut ys: Vec<_> = (0..3).map(|_| ex.tensor(m, n).unwrap()).collect();
+    ex.flush().unwrap();
+    let before = ex.rec.dispatch_count;
+    ex.norm_matmul_then(&xg, &gg, 1e-5, &wg[0], &mut ys[0], Store)
+        .unwrap();
+    ex.norm_matmul_then(&xg, &gg, 1e-5, &wg[1], &mut ys[1], Store)
+        .unwrap();
+    assert_eq!(
+        ex.rec.dispatch_count - before,
+        3,
+        "one norm for two matmuls"
+    );
+    ex.add(&mut xg, &d).unwrap();
+    let before = ex.rec.dispatch_count;
+    ex.norm_matmul_then(&xg, &gg, 1e-5, &wg[2], &mut ys[2], Store)
+        .unwrap();
+    assert_eq!(ex.rec.dispatch_count - before, 2, "x changed: normed again");
+    for (i, (y, w)) in ys.iter().zip(&want).enumerate() {
+        assert_close(
+            &format!("matmul {i}"),
+            &ex.download(y).unwrap(),
+            w,
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+/// A stacked weight `[a; b; c]` whose result's columns go to three tensors (q,
+/// k and v in one dispatch), with and without the norm, on every path, both
+/// kernel families, and split across bindings (a chunk may straddle parts).
+#[test]
+fn stacked_weight_parts_on_every_path_and_type() {
+    let mut split = gpu().with_binding_limit(2048);
+    split.tuning.per_thread_kernels = !split.tuning.per_thread_kernels;
+    let mut exs = gpu_variants();
+    exs.push(gpu().with_binding_limit(2048));
+    exs.push(split);
+    let parts = [20, 8, 12];
+    let n: usize = parts.iter().sum();
+    let mut seed = 1500;
+    for mut ex in exs {
+        for t in [DType::F16, DType::Q4_1, DType::Q4_K, DType::Q6_K] {
+            let k = if t.block().0 == 256 { 512 } else { 576 };
+            for &m in &[1usize, 3, 17] {
+                for norm in [false, true] {
+                    seed += 1;
+                    ex.tuning.fused_norm = seed % 3 != 0;
+                    let raw = if t == DType::F16 {
+                        bytemuck::cast_slice(&rand_f16(&mut rng(seed), n * k, 0.1)).to_vec()
+                    } else {
+                        random_blocks(seed, t, n, k)
+                    };
+                    let x = randn(&mut rng(seed + 1), m * k, 2.0);
+                    let g: Vec<f16> = randn(&mut rng(seed + 2), k, 0.3)
+                        .iter()
+                        .map(|v| f16::from_f32(1.0 + v))
+                        .collect();
+                    let mut cpu = RefExecutor::new();
+                    let (xc, wc, gc) = (
+                        cpu.upload(&x, m, k).unwrap(),
+                        cpu.weight_raw(t, &raw, n, k).unwrap(),
+                        cpu.weight(&g, 1, k).unwrap(),
+                    );
+                    let mut yc: Vec<_> = parts.iter().map(|&c| cpu.tensor(m, c).unwrap()).collect();
+                    let [a, b, c] = &mut yc[..] else {
+                        unreachable!()
+                    };
+                    let nc = norm.then_some((&gc, 1e-5));
+                    cpu.matmul_parts(&xc, nc, &wc, [a, b, c]).unwrap();
+                    let (xg, wg, gg) = (
+                        ex.upload(&x, m, k).unwrap(),
+                        ex.weight_raw(t, &raw, n, k).unwrap(),
+                        ex.weight(&g, 1, k).unwrap(),
+                    );
+                    let mut yg: Vec<_> = parts.iter().map(|&c| ex.tensor(m, c).unwrap()).collect();
+                    let [a, b, c] = &mut yg[..] else {
+                        unreachable!()
+                    };
+                    let ng = norm.then_some((&gg, 1e-5));
+                    ex.matmul_parts(&xg, ng, &wg, [a, b, c]).unwrap();
+                    for (i, (g, c)) in yg.iter().zip(&yc).enumerate() {
+                        assert_close(
+                            &format!(
+                                "{t} norm={norm} fused={} m={m} part {i} chunks={}",
+                                ex.tuning.fused_norm,
+                                wg.chunks.len()
+                            ),
+                            &ex.download(g).unwrap(),
+                            &c.data,
+                            2e-4 * (k as f32).sqrt(),
+                            4e-4,
+                        );
+                    }
                 }
             }
         }

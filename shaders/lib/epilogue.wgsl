@@ -13,3 +13,20 @@ fn epilogue(s: f32, old: f32) -> f32 {
     if (EPILOGUE == 2u) { return old / (1.0 + exp(-old)) * s; }
     return s;
 }
+
+// Where an output goes: with OUT_B > 0 the result's columns [0, OUT_B) go to
+// y, [OUT_B, OUT_C) to y2 and [OUT_C, width) to y3, each its own tensor (q, k
+// and v from one weight [q; k; v]: one dispatch for three projections, x read
+// once); otherwise every column goes to y. Returns (output 0..=2, its index)
+// of element i of a result `width` columns wide.
+override OUT_B: u32 = 0u;
+override OUT_C: u32 = 0u;
+
+fn route(i: u32, width: u32) -> vec2<u32> {
+    if (OUT_B == 0u) { return vec2<u32>(0u, i); }
+    let m = i / width;
+    let c = i % width;
+    if (c < OUT_B) { return vec2<u32>(0u, m * OUT_B + c); }
+    if (c < OUT_C) { return vec2<u32>(1u, m * (OUT_C - OUT_B) + c - OUT_B); }
+    return vec2<u32>(2u, m * (width - OUT_C) + c - OUT_C);
+}

@@ -419,7 +419,7 @@ impl<E: Ops> Session<E> {
             &mut self.attention,
             Some(&mask),
         )?;
-        let (_, logits) = ws
+        let logits = ws
             .all_logits
             .as_ref()
             .ok_or_else(|| Error::Gpu("verify logits missing".into()))?;

@@ -84,6 +84,9 @@ pub struct Recorder {
     pub dispatch_count: u64,
     /// Submits made since creation.
     pub submit_count: u64,
+    /// Commands (dispatches, copies, uploads) recorded since creation: while it
+    /// stays the same, no buffer's contents can have changed.
+    pub recorded: u64,
     /// Bind groups created since creation (one per dispatch today).
     pub bind_group_count: u64,
     /// Host nanoseconds spent encoding and submitting (not waiting).
@@ -126,6 +129,7 @@ impl Recorder {
             profiling: false,
             profile: Default::default(),
             dispatch_count: 0,
+            recorded: 0,
             submit_count: 0,
             bind_group_count: 0,
             submit_host_ns: 0.0,
@@ -180,6 +184,7 @@ impl Recorder {
             return;
         }
         self.dispatch_count += 1;
+        self.recorded += 1;
         self.cmds.push(Cmd::Dispatch {
             pipeline: pipeline.clone(),
             params: params.to_vec(),
@@ -200,6 +205,7 @@ impl Recorder {
         offset: u64,
     ) {
         self.dispatch_count += 1;
+        self.recorded += 1;
         self.cmds.push(Cmd::Dispatch {
             pipeline: pipeline.clone(),
             params: params.to_vec(),
@@ -218,6 +224,7 @@ impl Recorder {
         dst_offset: u64,
         size: u64,
     ) {
+        self.recorded += 1;
         self.cmds.push(Cmd::Copy {
             src: src.clone(),
             src_offset,
@@ -233,6 +240,7 @@ impl Recorder {
         if data.is_empty() {
             return;
         }
+        self.recorded += 1;
         self.cmds.push(Cmd::Upload {
             data: data.to_vec(),
             dst: dst.clone(),

@@ -3,6 +3,9 @@
 //! drivers), `matmul_tiled.wgsl` for prefill (and 2..=16 rows on CPU drivers). Weights split
 //! across bindings are processed chunk by chunk, each writing its column range.
 //! Quantized weights take `matmul_quant.wgsl`'s three paths, chosen the same way.
+//! Every kernel takes an RMSNorm of x (`lib/prologue.wgsl`) and an epilogue, and
+//! can send the parts of a stacked weight's result to three tensors
+//! (`lib/epilogue.wgsl`'s `route`).
 
 use super::params::{MatmulSmallParams, QMatmulParams};
 use super::quant;
@@ -17,14 +20,28 @@ use bytemuck::Zeroable;
 /// Rows of x the quantized per-thread kernels take (`MAX_M` in matmul_quant.wgsl).
 const QUANT_ROWS_M: usize = 16;
 
+/// Where a matmul's result goes.
+pub(super) enum Out<'a> {
+    /// All of it to one tensor, through an epilogue.
+    One(&'a GpuTensor, Epilogue),
+    /// Columns to three tensors in order, each taking as many as it has.
+    Parts([&'a GpuTensor; 3]),
+}
+
 pub(super) fn matmul(
     ex: &mut GpuExecutor,
     x: &GpuTensor,
     w: &GpuWeight,
-    y: &mut GpuTensor,
-    epi: Epilogue,
+    out: Out<'_>,
+    norm: Option<(&GpuWeight, f32)>,
 ) -> Result<()> {
     let (m, k4) = (x.rows, x.cols / 4);
+    let (y, epi, parts) = match out {
+        Out::One(y, epi) => (y, epi, None),
+        Out::Parts([a, b, c]) => (a, Epilogue::Store, Some((a.cols, a.cols + b.cols, b, c))),
+    };
+    // With parts, rows of the result are the whole stacked width wide.
+    let y_stride = parts.map_or(y.cols, |_| w.rows);
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
@@ -50,7 +67,11 @@ pub(super) fn matmul(
             .tuning
             .loop_limit
             .is_none_or(|l| iterations as u64 + 1000 < l);
-    let small = m <= ex.tuning.small_max_rows && !ex.tuning.per_thread_kernels;
+    // The cooperative kernel's 64 reduction slots hold M x ROWS outputs and,
+    // with the norm, M sums of squares.
+    let small = m <= ex.tuning.small_max_rows
+        && !ex.tuning.per_thread_kernels
+        && (norm.is_none() || m <= 32);
     // The dequantizing kernels take the type as their first override constant;
     // every kernel takes its epilogue (left at its default when storing, so
     // plain matmuls keep their pipelines).
@@ -60,8 +81,26 @@ pub(super) fn matmul(
             .into_iter()
             .chain(rest.iter().copied())
             .chain((epi != Epilogue::Store).then_some(("EPILOGUE", epi.code() as f64)))
+            .chain(
+                norm.into_iter()
+                    .flat_map(|(_, eps)| [("NORM", 1.0), ("NORM_EPS", eps as f64)]),
+            )
+            .chain(
+                parts
+                    .into_iter()
+                    .flat_map(|(b, c, _, _)| [("OUT_B", b as f64), ("OUT_C", c as f64)]),
+            )
             .collect()
     };
+    // Without parts the second and third outputs are unused stand-ins (each
+    // its own buffer: writable bindings must not alias).
+    let (y2, y3) = match parts {
+        Some((_, _, b, c)) => (b.buf.clone(), c.buf.clone()),
+        None => (ex.scratch("no part 2", 16)?, ex.scratch("no part 3", 16)?),
+    };
+    // Without the norm, x stands in for its weight (the binding is in every
+    // pipeline's layout; the kernel does not read it).
+    let norm_buf = norm.map_or(&x.buf, |(g, _)| &g.chunks[0].buffer);
     let blocks_per_row = x.cols / w.dtype.block().0;
     for chunk in &w.chunks {
         // The f16 kernels' blocks (small and tiled share a layout, as the layout
@@ -74,7 +113,7 @@ pub(super) fn matmul(
                     k4: k4 as u32,
                     rows: chunk.rows as u32,
                     n_offset: chunk.row_start as u32,
-                    y_stride: y.cols as u32,
+                    y_stride: y_stride as u32,
                     ..Zeroable::zeroed()
                 }
                 .words(),
@@ -88,7 +127,7 @@ pub(super) fn matmul(
                         k4: k4 as u32,
                         rows: chunk.rows as u32,
                         n_offset: chunk.row_start as u32,
-                        y_stride: y.cols as u32,
+                        y_stride: y_stride as u32,
                         qh_off: qh_off as u32,
                         sc_off: sc_off as u32,
                         ks_off: ks_off as u32,
@@ -101,6 +140,9 @@ pub(super) fn matmul(
             Binding::from(&x.buf),
             Binding::from(&chunk.buffer),
             Binding::from(&y.buf),
+            Binding::from(norm_buf),
+            Binding::from(&y2),
+            Binding::from(&y3),
         ];
         if per_thread {
             // CPU drivers run workgroups on their threads: aim for 2 per core.
@@ -123,6 +165,10 @@ pub(super) fn matmul(
                 ex.tuning.gemv_rows
             } else {
                 (64 / m as u32).clamp(1, 4)
+            };
+            let rows = match norm {
+                Some(_) => rows.min((64 - m as u32) / m as u32).max(1),
+                None => rows,
             };
             let (shader, entry) = match qtype {
                 None => (shaders::MATMUL_SMALL, "matmul_small"),

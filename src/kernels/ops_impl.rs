@@ -41,6 +41,7 @@ impl Executor for GpuExecutor {
             pipelines: self.pipelines.clone(),
             page_tables: Default::default(),
             scratch: Default::default(),
+            normed: None,
             tuning: self.tuning.clone(),
             max_binding: self.max_binding,
         })
@@ -255,7 +256,30 @@ impl TensorOps for GpuExecutor {
         y: &mut GpuTensor,
         epi: crate::ops::Epilogue,
     ) -> Result<()> {
-        matmul::matmul(self, x, w, y, epi)
+        matmul::matmul(self, x, w, matmul::Out::One(y, epi), None)
+    }
+
+    fn run_norm_matmul(
+        &mut self,
+        x: &GpuTensor,
+        norm: &GpuWeight,
+        eps: f32,
+        w: &GpuWeight,
+        y: &mut GpuTensor,
+        epi: crate::ops::Epilogue,
+    ) -> Result<()> {
+        self.matmul_normed(x, Some((norm, eps)), w, matmul::Out::One(y, epi))
+    }
+
+    fn run_matmul_parts(
+        &mut self,
+        x: &GpuTensor,
+        norm: Option<(&GpuWeight, f32)>,
+        w: &GpuWeight,
+        ys: [&mut GpuTensor; 3],
+    ) -> Result<()> {
+        let [a, b, c] = ys;
+        self.matmul_normed(x, norm, w, matmul::Out::Parts([a, b, c]))
     }
 
     fn run_rms_norm(
@@ -648,5 +672,28 @@ impl SpeculationOps for GpuExecutor {
     ) -> Result<()> {
         let walk = speculative::Walk { depth, trials };
         speculative::accept(self, logits, tokens, links, params, walk, out)
+    }
+}
+
+impl GpuExecutor {
+    /// A matmul after an optional RMSNorm of x: folded into the kernel, or one
+    /// shared norm dispatch first ([`super::Tuning::fused_norm`]).
+    fn matmul_normed(
+        &mut self,
+        x: &GpuTensor,
+        norm: Option<(&GpuWeight, f32)>,
+        w: &GpuWeight,
+        out: matmul::Out<'_>,
+    ) -> Result<()> {
+        let Some((g, eps)) = norm else {
+            return matmul::matmul(self, x, w, out, None);
+        };
+        if self.tuning.fused_norm {
+            return matmul::matmul(self, x, w, out, norm);
+        }
+        let h = rmsnorm::shared(self, x, g, eps)?;
+        matmul::matmul(self, &h, w, out, None)?;
+        self.normed = self.normed.take().map(|(k, _)| (k, self.rec.recorded));
+        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! RMSNorm (`rmsnorm.wgsl`): one workgroup per row (per head for per-head norms).
 
 use super::params::RmsNormParams;
-use super::{GpuExecutor, GpuTensor, GpuWeight};
+use super::{GpuExecutor, GpuTensor, GpuWeight, NormKey};
 use crate::error::Result;
 use crate::gpu::Binding;
 use crate::shaders;
@@ -34,4 +34,35 @@ pub(super) fn rms_norm(
         groups,
     );
     Ok(())
+}
+
+/// `x` normed by `w` in a scratch buffer, for a matmul that does not fold the
+/// norm in ([`super::Tuning::fused_norm`] off): computed once for consecutive
+/// matmuls on the same rows (q, k and v; gate and up), reused while nothing
+/// else was recorded since the last of them.
+pub(super) fn shared(
+    ex: &mut GpuExecutor,
+    x: &GpuTensor,
+    w: &GpuWeight,
+    eps: f32,
+) -> Result<GpuTensor> {
+    let key: NormKey = (
+        x.buf.clone(),
+        w.chunks[0].buffer.clone(),
+        eps.to_bits(),
+        x.rows,
+        x.cols,
+    );
+    let buf = ex.scratch("normed rows", (x.rows * x.cols * 4) as u64)?;
+    let mut h = GpuTensor {
+        buf,
+        rows: x.rows,
+        cols: x.cols,
+    };
+    let fresh = matches!(&ex.normed, Some((k, at)) if *k == key && *at == ex.rec.recorded);
+    if !fresh {
+        rms_norm(ex, x, w, eps, &mut h)?;
+    }
+    ex.normed = Some((key, ex.rec.recorded));
+    Ok(h)
 }

@@ -8,12 +8,27 @@ use crate::error::Result;
 use crate::kv::PageTable;
 use crate::ops::{Epilogue, KvView, Ops};
 use crate::quant::DType;
+use std::borrow::Cow;
+
+/// The q, k and v projections: one weight `[q; k; v]` when the three share a
+/// type (one matmul for the three), else three.
+enum Qkv<W> {
+    Stacked(W),
+    Apart([W; 3]),
+}
+
+impl<W> Qkv<W> {
+    fn weights(&self) -> Vec<&W> {
+        match self {
+            Qkv::Stacked(w) => vec![w],
+            Qkv::Apart(ws) => ws.iter().collect(),
+        }
+    }
+}
 
 struct Layer<E: Ops> {
     in_norm: E::Weight,
-    q: E::Weight,
-    k: E::Weight,
-    v: E::Weight,
+    qkv: Qkv<E::Weight>,
     bias: Option<[E::Weight; 3]>,
     /// Per-head RMSNorm weights of q and k (Qwen3).
     qk_norm: Option<[E::Weight; 2]>,
@@ -45,7 +60,6 @@ pub struct Llama<E: Ops> {
 pub struct Workspace<E: Ops> {
     rows: usize,
     x: E::Tensor,
-    h: E::Tensor,
     q: E::Tensor,
     k: E::Tensor,
     v: E::Tensor,
@@ -53,13 +67,12 @@ pub struct Workspace<E: Ops> {
     /// The gate projection, then SwiGLU's output (the up projection is fused).
     gate: E::Tensor,
     last: E::Tensor,
-    last_norm: E::Tensor,
     /// Normed q and k (per-head norms), swapped with `q` and `k`.
     qk_normed: Option<(E::Tensor, E::Tensor)>,
     /// Logits of the last row `[1, vocab]`.
     pub logits: E::Tensor,
-    /// Verify workspaces: normed rows and logits of every row `[rows, vocab]`.
-    pub all_logits: Option<(E::Tensor, E::Tensor)>,
+    /// Verify workspaces: logits of every row `[rows, vocab]`.
+    pub all_logits: Option<E::Tensor>,
 }
 
 impl<E: Ops> Workspace<E> {
@@ -73,14 +86,12 @@ impl<E: Ops> Workspace<E> {
         Ok(Self {
             rows,
             x: ops.tensor(rows, hd)?,
-            h: ops.tensor(rows, hd)?,
             q: ops.tensor(rows, qd)?,
             k: ops.tensor(rows, kd)?,
             v: ops.tensor(rows, kd)?,
             attn: ops.tensor(rows, qd)?,
             gate: ops.tensor(rows, cfg.intermediate)?,
             last: ops.tensor(1, hd)?,
-            last_norm: ops.tensor(1, hd)?,
             qk_normed: if cfg.qk_norm {
                 Some((ops.tensor(rows, qd)?, ops.tensor(rows, kd)?))
             } else {
@@ -94,7 +105,7 @@ impl<E: Ops> Workspace<E> {
     /// Buffers for verifying a draft tree of `rows` nodes: logits for every row.
     pub fn for_verify(ops: &mut E, cfg: &ModelConfig, rows: usize) -> Result<Self> {
         let mut ws = Self::new(ops, cfg, rows)?;
-        ws.all_logits = Some((ops.tensor(rows, cfg.hidden)?, ops.tensor(rows, cfg.vocab)?));
+        ws.all_logits = Some(ops.tensor(rows, cfg.vocab)?);
         Ok(ws)
     }
 
@@ -124,7 +135,8 @@ impl<E: Ops> Llama<E> {
             cfg.vocab,
         );
         let bar = progress.then(|| crate::progress::bar(cfg.layers as u64 + 2, "load"));
-        let mat = |ops: &mut E, name: &str, rows: usize, cols: usize| -> Result<E::Weight> {
+        // A tensor's type and bytes as the executor will hold them.
+        let raw = |name: &str, rows: usize, cols: usize| -> Result<(DType, Cow<'_, [u8]>)> {
             let shape = if rows == 1 {
                 vec![cols]
             } else {
@@ -140,10 +152,14 @@ impl<E: Ops> Llama<E> {
                     let mut b =
                         Vec::with_capacity(q.bytes_for(f.len() as u64).unwrap_or(0) as usize);
                     crate::quant::quantize(q, &f, &mut b)?;
-                    ops.weight_raw(q, &b, rows, cols)
+                    Ok((q, Cow::Owned(b)))
                 }
-                _ => ops.weight_raw(t.dtype, &t.bytes, rows, cols),
+                _ => Ok((t.dtype, t.bytes)),
             }
+        };
+        let mat = |ops: &mut E, name: &str, rows: usize, cols: usize| -> Result<E::Weight> {
+            let (t, b) = raw(name, rows, cols)?;
+            ops.weight_raw(t, &b, rows, cols)
         };
         let embed = mat(ops, "model.embed_tokens.weight", v, h)?;
         let lm_head = if cfg.tied_embeddings || !w.has("lm_head.weight") {
@@ -179,9 +195,21 @@ impl<E: Ops> Llama<E> {
             layers.push(Layer {
                 qk_norm,
                 in_norm: mat(ops, &p("input_layernorm.weight"), 1, h)?,
-                q: mat(ops, &p("self_attn.q_proj.weight"), qd, h)?,
-                k: mat(ops, &p("self_attn.k_proj.weight"), kd, h)?,
-                v: mat(ops, &p("self_attn.v_proj.weight"), kd, h)?,
+                qkv: {
+                    let q = raw(&p("self_attn.q_proj.weight"), qd, h)?;
+                    let k = raw(&p("self_attn.k_proj.weight"), kd, h)?;
+                    let v = raw(&p("self_attn.v_proj.weight"), kd, h)?;
+                    if q.0 == k.0 && k.0 == v.0 {
+                        let stacked = [q.1, k.1, v.1].concat();
+                        Qkv::Stacked(ops.weight_raw(q.0, &stacked, qd + 2 * kd, h)?)
+                    } else {
+                        Qkv::Apart([
+                            ops.weight_raw(q.0, &q.1, qd, h)?,
+                            ops.weight_raw(k.0, &k.1, kd, h)?,
+                            ops.weight_raw(v.0, &v.1, kd, h)?,
+                        ])
+                    }
+                },
                 bias,
                 o: mat(ops, &p("self_attn.o_proj.weight"), h, qd)?,
                 post_norm: mat(ops, &p("post_attention_layernorm.weight"), 1, h)?,
@@ -201,20 +229,11 @@ impl<E: Ops> Llama<E> {
         let per_layer: u64 = layers
             .iter()
             .map(|l| {
-                [
-                    &l.in_norm,
-                    &l.q,
-                    &l.k,
-                    &l.v,
-                    &l.o,
-                    &l.post_norm,
-                    &l.gate,
-                    &l.up,
-                    &l.down,
-                ]
-                .into_iter()
-                .map(b)
-                .sum::<u64>()
+                [&l.in_norm, &l.o, &l.post_norm, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .chain(l.qkv.weights())
+                    .map(b)
+                    .sum::<u64>()
                     + l.bias.iter().flatten().map(b).sum::<u64>()
             })
             .sum();
@@ -271,10 +290,19 @@ impl<E: Ops> Llama<E> {
             )?,
         }
         for (i, l) in self.layers.iter().enumerate() {
-            ops.rms_norm(&ws.x, &l.in_norm, c.eps, &mut ws.h)?;
-            ops.matmul(&ws.h, &l.q, &mut ws.q)?;
-            ops.matmul(&ws.h, &l.k, &mut ws.k)?;
-            ops.matmul(&ws.h, &l.v, &mut ws.v)?;
+            // The RMSNorms ride in the prologues of the matmuls that read them.
+            let (x, eps, keep) = (&ws.x, c.eps, Epilogue::Store);
+            match &l.qkv {
+                Qkv::Stacked(w) => {
+                    let ys = [&mut ws.q, &mut ws.k, &mut ws.v];
+                    ops.matmul_parts(x, Some((&l.in_norm, eps)), w, ys)?;
+                }
+                Qkv::Apart([q, k, v]) => {
+                    ops.norm_matmul_then(x, &l.in_norm, eps, q, &mut ws.q, keep)?;
+                    ops.norm_matmul_then(x, &l.in_norm, eps, k, &mut ws.k, keep)?;
+                    ops.norm_matmul_then(x, &l.in_norm, eps, v, &mut ws.v, keep)?;
+                }
+            }
             if let Some([bq, bk, bv]) = &l.bias {
                 ops.add_bias(&mut ws.q, bq)?;
                 ops.add_bias(&mut ws.k, bk)?;
@@ -302,19 +330,23 @@ impl<E: Ops> Llama<E> {
             attn.layer(ops, &input, &mut ws.q, &mut ws.attn)?;
             // The residual adds and SwiGLU ride in the matmuls' epilogues.
             ops.matmul_then(&ws.attn, &l.o, &mut ws.x, Epilogue::Add)?;
-            ops.rms_norm(&ws.x, &l.post_norm, c.eps, &mut ws.h)?;
-            ops.matmul(&ws.h, &l.gate, &mut ws.gate)?;
-            ops.matmul_then(&ws.h, &l.up, &mut ws.gate, Epilogue::Swiglu)?;
+            let (x, post) = (&ws.x, &l.post_norm);
+            ops.norm_matmul_then(x, post, c.eps, &l.gate, &mut ws.gate, Epilogue::Store)?;
+            ops.norm_matmul_then(x, post, c.eps, &l.up, &mut ws.gate, Epilogue::Swiglu)?;
             ops.matmul_then(&ws.gate, &l.down, &mut ws.x, Epilogue::Add)?;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        if let Some((normed, logits)) = ws.all_logits.as_mut() {
-            ops.rms_norm(&ws.x, &self.norm, c.eps, normed)?;
-            return ops.matmul(normed, head, logits);
+        let store = Epilogue::Store;
+        if let Some(logits) = ws.all_logits.as_mut() {
+            return ops.norm_matmul_then(&ws.x, &self.norm, c.eps, head, logits, store);
         }
         // Only the last position's logits are needed.
-        ops.copy_rows(&ws.x, n - 1, &mut ws.last, 0, 1)?;
-        ops.rms_norm(&ws.last, &self.norm, c.eps, &mut ws.last_norm)?;
-        ops.matmul(&ws.last_norm, head, &mut ws.logits)
+        let last = if n == 1 {
+            &ws.x
+        } else {
+            ops.copy_rows(&ws.x, n - 1, &mut ws.last, 0, 1)?;
+            &ws.last
+        };
+        ops.norm_matmul_then(last, &self.norm, c.eps, head, &mut ws.logits, store)
     }
 }

@@ -26,6 +26,21 @@ pub fn matmul(x: (usize, usize), w: (usize, usize), y: (usize, usize)) -> Result
     Ok(())
 }
 
+/// A matmul whose result's columns go to three tensors in order.
+pub fn matmul_parts(x: (usize, usize), w: (usize, usize), ys: [(usize, usize); 3]) -> Result<()> {
+    let width: usize = ys.iter().map(|y| y.1).sum();
+    if ys.iter().any(|y| y.0 != x.0 || y.1 == 0) || width != w.0 {
+        return shape_err(
+            "matmul_parts",
+            format!(
+                "outputs {ys:?} must have x's {} rows and split W's {} rows",
+                x.0, w.0
+            ),
+        );
+    }
+    matmul(x, w, (x.0, w.0))
+}
+
 /// A weight of `bytes` bytes of `dtype` as `[rows, cols]`: rows of whole
 /// blocks; f16 rows are packed in pairs on the GPU, so `cols` must be even.
 pub fn weight(dtype: DType, bytes: u64, rows: usize, cols: usize) -> Result<()> {
@@ -90,6 +105,17 @@ pub fn rms_norm(x: (usize, usize), w: (usize, usize), y: (usize, usize), eps: f3
         )));
     }
     Ok(())
+}
+
+/// RMSNorm folded into a matmul: the norm spans whole rows of x.
+pub fn norm_matmul(x: (usize, usize), norm: (usize, usize), eps: f32) -> Result<()> {
+    if norm != (1, x.1) {
+        return shape_err(
+            "norm_matmul_then",
+            format!("norm weight is {norm:?}, expected (1, {})", x.1),
+        );
+    }
+    rms_norm(x, norm, x, eps)
 }
 
 /// RoPE.

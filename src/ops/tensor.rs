@@ -164,6 +164,44 @@ pub trait TensorOps: Executor {
         check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
         self.run_matmul(x, w, y, epi)
     }
+    /// `rms_norm(x, norm, eps) W^T` combined into `y` by `epi`: the RMSNorm
+    /// before a matmul folded into it, so the normed rows are never written
+    /// (one dispatch where [`TensorOps::rms_norm`] and
+    /// [`TensorOps::matmul_then`] take two). `norm` is `[1, k]`; other shapes
+    /// as [`TensorOps::matmul`].
+    #[allow(clippy::too_many_arguments)]
+    fn norm_matmul_then(
+        &mut self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        w: &Self::Weight,
+        y: &mut Self::Tensor,
+        epi: Epilogue,
+    ) -> Result<()> {
+        check::norm_matmul(Self::dims(x), Self::weight_dims(norm), eps)?;
+        check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
+        self.run_norm_matmul(x, norm, eps, w, y, epi)
+    }
+    /// `x W^T` of a weight whose rows are three projections stacked, `[a; b;
+    /// c]`, each part's columns stored in its own tensor of `ys`, in order
+    /// (q, k and v in one pass over x); after the RMSNorm `norm` = (weight,
+    /// eps) of x when given, as [`TensorOps::norm_matmul_then`]. Each of `ys`
+    /// is `[m, its part's rows]`.
+    fn matmul_parts(
+        &mut self,
+        x: &Self::Tensor,
+        norm: Option<(&Self::Weight, f32)>,
+        w: &Self::Weight,
+        ys: [&mut Self::Tensor; 3],
+    ) -> Result<()> {
+        if let Some((g, eps)) = norm {
+            check::norm_matmul(Self::dims(x), Self::weight_dims(g), eps)?;
+        }
+        let dims = [Self::dims(ys[0]), Self::dims(ys[1]), Self::dims(ys[2])];
+        check::matmul_parts(Self::dims(x), Self::weight_dims(w), dims)?;
+        self.run_matmul_parts(x, norm, w, ys)
+    }
     /// RMSNorm of each row with weight `w` `[1, cols]`, or of each segment of
     /// `w`'s length (`[1, head_dim]`: per-head norms).
     fn rms_norm(
@@ -294,6 +332,25 @@ pub trait TensorOps: Executor {
         w: &Self::Weight,
         y: &mut Self::Tensor,
         epi: Epilogue,
+    ) -> Result<()>;
+    /// [`TensorOps::norm_matmul_then`], checked.
+    #[allow(clippy::too_many_arguments)]
+    fn run_norm_matmul(
+        &mut self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        w: &Self::Weight,
+        y: &mut Self::Tensor,
+        epi: Epilogue,
+    ) -> Result<()>;
+    /// [`TensorOps::matmul_parts`], checked.
+    fn run_matmul_parts(
+        &mut self,
+        x: &Self::Tensor,
+        norm: Option<(&Self::Weight, f32)>,
+        w: &Self::Weight,
+        ys: [&mut Self::Tensor; 3],
     ) -> Result<()>;
     /// [`TensorOps::rms_norm`], checked.
     fn run_rms_norm(

@@ -116,6 +116,52 @@ impl TensorOps for RefExecutor {
         }
     }
 
+    fn run_norm_matmul(
+        &mut self,
+        x: &RefTensor,
+        norm: &RefWeight,
+        eps: f32,
+        w: &RefWeight,
+        y: &mut RefTensor,
+        epi: Epilogue,
+    ) -> Result<()> {
+        // The unfused ops, the GPU kernels' twin.
+        let mut h = RefTensor {
+            data: vec![0.0; x.data.len()],
+            rows: x.rows,
+            cols: x.cols,
+        };
+        self.run_rms_norm(x, norm, eps, &mut h)?;
+        self.run_matmul(&h, w, y, epi)
+    }
+
+    fn run_matmul_parts(
+        &mut self,
+        x: &RefTensor,
+        norm: Option<(&RefWeight, f32)>,
+        w: &RefWeight,
+        ys: [&mut RefTensor; 3],
+    ) -> Result<()> {
+        // The whole result, then each part's columns copied out.
+        let mut full = RefTensor {
+            data: vec![0.0; x.rows * w.rows],
+            rows: x.rows,
+            cols: w.rows,
+        };
+        match norm {
+            Some((g, eps)) => self.run_norm_matmul(x, g, eps, w, &mut full, Epilogue::Store)?,
+            None => matmul_store(x, w, &mut full)?,
+        }
+        let mut c0 = 0;
+        for y in ys {
+            for (dst, src) in y.data.chunks_mut(y.cols).zip(full.data.chunks(w.rows)) {
+                dst.copy_from_slice(&src[c0..c0 + y.cols]);
+            }
+            c0 += y.cols;
+        }
+        Ok(())
+    }
+
     fn run_rms_norm(
         &mut self,
         x: &RefTensor,
