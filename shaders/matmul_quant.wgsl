@@ -10,34 +10,7 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;   // planes of one row chunk (16-byte padded)
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
-@group(0) @binding(4) var<storage, read> g: array<vec2<u32>>;   // the norm's weight [K/4] (NORM)
 
-// The norm's weight for x's column vec4 j (ones without the norm).
-fn gw(j: u32) -> vec4<f32> {
-    if (NORM != 0u) { return f16x4(g[j]); }
-    return vec4<f32>(1.0);
-}
-
-@group(0) @binding(5) var<storage, read_write> y2: array<f32>;  // the second part's outputs (OUT_B)
-@group(0) @binding(6) var<storage, read_write> y3: array<f32>;  // the third part's
-
-// Stores output s (element i of y_stride-wide rows) through the pipeline's
-// epilogue, or into its part's tensor (parts take no epilogue).
-fn store_y(i: u32, s: f32) {
-    let r = route(i, p.y_stride);
-    if (r.x == 1u) {
-        y2[r.y] = s;
-        return;
-    }
-    if (r.x == 2u) {
-        y3[r.y] = s;
-        return;
-    }
-    var old = 0.0;
-    if (epilogue_reads()) { old = y[r.y]; }
-    y[r.y] = epilogue(s, old);
-}
 
 override QTYPE: u32 = 1u;
 
@@ -62,10 +35,8 @@ override ROWS_WG: u32 = 64u;
 @compute @workgroup_size(ROWS_WG)
 fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
-    let n0 = t * 4u;
-    if (n0 >= p.rows) { return; }
-    let last = p.rows - 1u;
-    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    if (outs_per_thread() * t >= out_count(p.rows)) { return; }
+    let r = rows4(t, p.rows);
     let nb = p.k4 / 8u;
     let o = planes();
     var acc = vec4<f32>(0.0);
@@ -111,8 +82,9 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         }
     }
     acc *= norm_scale(ss, 4u * p.k4);
-    for (var jj = 0u; jj < 4u; jj++) {
-        if (n0 + jj < p.rows) { store_y(p.n_offset + n0 + jj, acc[jj]); }
+    let k = outs_per_thread();
+    for (var jj = 0u; jj < k; jj++) {
+        if (k * t + jj < out_count(p.rows)) { store_y(p.n_offset + k * t + jj, out_value(acc, jj), p.y_stride); }
     }
 }
 
@@ -121,10 +93,8 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 @compute @workgroup_size(ROWS_WG)
 fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
-    let n0 = t * 4u;
-    if (n0 >= p.rows) { return; }
-    let last = p.rows - 1u;
-    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    if (outs_per_thread() * t >= out_count(p.rows)) { return; }
+    let r = rows4(t, p.rows);
     let nb = p.k4 / 64u;
     let o = planes();
     var acc = vec4<f32>(0.0);
@@ -152,8 +122,9 @@ fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         }
     }
     acc *= norm_scale(ss, 4u * p.k4);
-    for (var jj = 0u; jj < 4u; jj++) {
-        if (n0 + jj < p.rows) { store_y(p.n_offset + n0 + jj, acc[jj]); }
+    let k = outs_per_thread();
+    for (var jj = 0u; jj < k; jj++) {
+        if (k * t + jj < out_count(p.rows)) { store_y(p.n_offset + k * t + jj, out_value(acc, jj), p.y_stride); }
     }
 }
 
@@ -205,10 +176,14 @@ fn x32(m: u32, i: u32) -> X32 {
     return r;
 }
 
-fn store_rows(n0: u32, acc: array<vec4<f32>, MAX_M>) {
+// Stores thread t's outputs for every row of x.
+fn store_rows(t: u32, acc: array<vec4<f32>, MAX_M>) {
+    let k = outs_per_thread();
     for (var m = 0u; m < p.m; m++) {
-        for (var jj = 0u; jj < 4u; jj++) {
-            if (n0 + jj < p.rows) { store_y(m * p.y_stride + p.n_offset + n0 + jj, acc[m][jj]); }
+        for (var jj = 0u; jj < k; jj++) {
+            if (k * t + jj < out_count(p.rows)) {
+                store_y(m * p.y_stride + p.n_offset + k * t + jj, out_value(acc[m], jj), p.y_stride);
+            }
         }
     }
 }
@@ -222,10 +197,8 @@ fn store_rows(n0: u32, acc: array<vec4<f32>, MAX_M>) {
 @compute @workgroup_size(ROWS_WG)
 fn qmatmul_rows_m(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
-    let n0 = t * 4u;
-    if (n0 >= p.rows) { return; }
-    let last = p.rows - 1u;
-    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    if (outs_per_thread() * t >= out_count(p.rows)) { return; }
+    let r = rows4(t, p.rows);
     let nb = p.k4 / 8u;
     let o = planes();
     var acc: array<vec4<f32>, MAX_M>;
@@ -254,27 +227,25 @@ fn qmatmul_rows_m(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         }
     }
     for (var m = 0u; m < p.m; m++) { acc[m] *= norm_scale(ss[m], 4u * p.k4); }
-    store_rows(n0, acc);
+    store_rows(t, acc);
 }
 
-const WG: u32 = 64u;
-const MAX_ACC: u32 = 64u;   // M * ROWS, plus M with the norm (checked on the host)
 override ROWS: u32 = 4u;
-var<workgroup> red: array<f32, 4096>;
 
 @compute @workgroup_size(64)
 fn qmatmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>) {
     let tid = lid.x;
-    let row0 = (wid.y * nwg.x + wid.x) * ROWS;
-    if (row0 >= p.rows) { return; }
+    let wg = wid.y * nwg.x + wid.x;
+    let per = outs_per_group(ROWS);
+    if (wg * per >= out_count(p.rows)) { return; }   // uniform per workgroup
     var acc: array<f32, 64>;
     for (var i = 0u; i < MAX_ACC; i++) { acc[i] = 0.0; }
     let n_out = p.m * ROWS;
     let groups = p.k4 / 2u;
     for (var gi = tid; gi < groups; gi += WG) {
         for (var r = 0u; r < ROWS; r++) {
-            let v = wgroup(min(row0 + r, p.rows - 1u), gi);
+            let v = wgroup(slot_row(wg, r, ROWS, p.rows), gi);
             for (var m = 0u; m < p.m; m++) { acc[m * ROWS + r] += dot8(m, gi, v); }
         }
         // The norm's sums of squares ride in the slots after the outputs.
@@ -286,22 +257,7 @@ fn qmatmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
             }
         }
     }
-    var n_red = n_out;
-    if (NORM != 0u) { n_red += p.m; }
-    for (var o = 0u; o < n_red; o++) { red[o * WG + tid] = acc[o]; }
-    workgroupBarrier();
-    if (tid < n_out) {
-        var s = 0.0;
-        for (var t = 0u; t < WG; t++) { s += red[tid * WG + t]; }
-        let m = tid / ROWS;
-        let r = tid % ROWS;
-        if (NORM != 0u) {
-            var q = 0.0;
-            for (var t = 0u; t < WG; t++) { q += red[(n_out + m) * WG + t]; }
-            s *= norm_scale(q, 4u * p.k4);
-        }
-        if (row0 + r < p.rows) { store_y(m * p.y_stride + p.n_offset + row0 + r, s); }
-    }
+    coop_finish(tid, acc, p.m, ROWS, wg, p.rows, 4u * p.k4, p.n_offset, p.y_stride);
 }
 
 override WG_X: u32 = 8u;
@@ -309,13 +265,12 @@ override WG_Y: u32 = 8u;
 
 @compute @workgroup_size(WG_X, WG_Y)
 fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n0 = gid.x * 4u;
+    let t = gid.x;
     let m0 = gid.y * 4u;
-    if (n0 >= p.rows || m0 >= p.m) { return; }
+    if (outs_per_thread() * t >= out_count(p.rows) || m0 >= p.m) { return; }
     var acc: array<vec4<f32>, 4>;
     for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
-    let last = p.rows - 1u;
-    let r = vec4<u32>(n0, min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+    let r = rows4(t, p.rows);
     var xr: array<u32, 4>;
     for (var i = 0u; i < 4u; i++) { xr[i] = min(m0 + i, p.m - 1u) * p.k4; }
     var ss = vec4<f32>(0.0);
@@ -340,10 +295,11 @@ fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < p.m) {
-            let base = m * p.y_stride + p.n_offset + n0;
+            let base = m * p.y_stride + p.n_offset;
             let sc = norm_scale(ss[i], 4u * p.k4);
-            for (var jj = 0u; jj < 4u; jj++) {
-                if (n0 + jj < p.rows) { store_y(base + jj, acc[i][jj] * sc); }
+            let k = outs_per_thread();
+            for (var jj = 0u; jj < k; jj++) {
+                if (k * t + jj < out_count(p.rows)) { store_y(base + k * t + jj, out_value(acc[i] * sc, jj), p.y_stride); }
             }
         }
     }

@@ -9,54 +9,24 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4] (4 halves each)
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
-@group(0) @binding(4) var<storage, read> g: array<vec2<u32>>;   // the norm's weight [K/4] (NORM)
 
-// The norm's weight for x's column vec4 j (ones without the norm).
-fn gw(j: u32) -> vec4<f32> {
-    if (NORM != 0u) { return f16x4(g[j]); }
-    return vec4<f32>(1.0);
-}
 
-@group(0) @binding(5) var<storage, read_write> y2: array<f32>;  // the second part's outputs (OUT_B)
-@group(0) @binding(6) var<storage, read_write> y3: array<f32>;  // the third part's
-
-// Stores output s (element i of y_stride-wide rows) through the pipeline's
-// epilogue, or into its part's tensor (parts take no epilogue).
-fn store_y(i: u32, s: f32) {
-    let r = route(i, p.y_stride);
-    if (r.x == 1u) {
-        y2[r.y] = s;
-        return;
-    }
-    if (r.x == 2u) {
-        y3[r.y] = s;
-        return;
-    }
-    var old = 0.0;
-    if (epilogue_reads()) { old = y[r.y]; }
-    y[r.y] = epilogue(s, old);
-}
-
-const WG: u32 = 64u;
-const MAX_ACC: u32 = 64u;       // M * ROWS, plus M with the norm, must not exceed this (checked on the host)
 override ROWS: u32 = 4u;         // weight rows per workgroup, at most 16
-
-var<workgroup> red: array<f32, 4096>;  // WG * MAX_ACC
 
 @compute @workgroup_size(64)
 fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
     let tid = lid.x;
-    let row0 = (wid.y * nwg.x + wid.x) * ROWS;
-    if (row0 >= p.rows) { return; }   // uniform per workgroup
+    let wg = wid.y * nwg.x + wid.x;
+    let per = outs_per_group(ROWS);
+    if (wg * per >= out_count(p.rows)) { return; }   // uniform per workgroup
     var acc: array<f32, 64>;
     for (var i = 0u; i < MAX_ACC; i++) { acc[i] = 0.0; }
     let n_out = p.m * ROWS;
     var wr: array<vec4<f32>, 16>;
     for (var j = tid; j < p.k4; j += WG) {
         for (var r = 0u; r < ROWS; r++) {
-            let row = min(row0 + r, p.rows - 1u);
+            let row = slot_row(wg, r, ROWS, p.rows);
             let q = w[row * p.k4 + j];
             wr[r] = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
         }
@@ -71,25 +41,7 @@ fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
             }
         }
     }
-    var n_red = n_out;
-    if (NORM != 0u) { n_red += p.m; }
-    for (var o = 0u; o < n_red; o++) { red[o * WG + tid] = acc[o]; }
-    workgroupBarrier();
-    // Each of the first M*ROWS threads sums one output over the workgroup.
-    if (tid < n_out) {
-        var s = 0.0;
-        for (var t = 0u; t < WG; t++) { s += red[tid * WG + t]; }
-        let m = tid / ROWS;
-        let r = tid % ROWS;
-        if (NORM != 0u) {
-            var q = 0.0;
-            for (var t = 0u; t < WG; t++) { q += red[(n_out + m) * WG + t]; }
-            s *= norm_scale(q, 4u * p.k4);
-        }
-        if (row0 + r < p.rows) {
-            store_y(m * p.y_stride + p.n_offset + row0 + r, s);
-        }
-    }
+    coop_finish(tid, acc, p.m, ROWS, wg, p.rows, 4u * p.k4, p.n_offset, p.y_stride);
 }
 
 // Variant without workgroup memory or barriers for CPU drivers (lavapipe, llvmpipe),
@@ -98,13 +50,14 @@ fn matmul_small(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
 // so the tuning picks it only for CPU adapters.
 override ROWS_WG: u32 = 64u;   // threads per workgroup: small for small matrices, so every core gets work
 
-// Stores y[m, n0 .. n0 + 4] = acc[m] for every row of x, scaled by the norm.
-fn store_acc(n0: u32, acc: array<vec4<f32>, 16>, ss: array<f32, 16>) {
+// Stores thread t's outputs (acc[m] scaled by the norm) for every row of x.
+fn store_acc(t: u32, acc: array<vec4<f32>, 16>, ss: array<f32, 16>) {
+    let k = outs_per_thread();
     for (var m = 0u; m < p.m; m++) {
-        let base = m * p.y_stride + p.n_offset + n0;
+        let base = m * p.y_stride + p.n_offset;
         let sc = norm_scale(ss[m], 4u * p.k4);
-        for (var jj = 0u; jj < 4u; jj++) {
-            if (n0 + jj < p.rows) { store_y(base + jj, acc[m][jj] * sc); }
+        for (var jj = 0u; jj < k; jj++) {
+            if (k * t + jj < out_count(p.rows)) { store_y(base + k * t + jj, out_value(acc[m] * sc, jj), p.y_stride); }
         }
     }
 }
@@ -112,18 +65,18 @@ fn store_acc(n0: u32, acc: array<vec4<f32>, 16>, ss: array<f32, 16>) {
 @compute @workgroup_size(ROWS_WG)
 fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
-    let n0 = t * 4u;
-    if (n0 >= p.rows) { return; }
-    var acc: array<vec4<f32>, 16>;   // acc[m] = y[m, n0 .. n0 + 4]
+    if (outs_per_thread() * t >= out_count(p.rows)) { return; }
+    let rr = rows4(t, p.rows);
+    var acc: array<vec4<f32>, 16>;   // acc[m]: row m of x against the rows rows4(t)
     var ss: array<f32, 16>;          // the norm's sums of squares of x's rows
     for (var m = 0u; m < 16u; m++) {
         acc[m] = vec4<f32>(0.0);
         ss[m] = 0.0;
     }
-    let r0 = min(n0, p.rows - 1u) * p.k4;
-    let r1 = min(n0 + 1u, p.rows - 1u) * p.k4;
-    let r2 = min(n0 + 2u, p.rows - 1u) * p.k4;
-    let r3 = min(n0 + 3u, p.rows - 1u) * p.k4;
+    let r0 = rr.x * p.k4;
+    let r1 = rr.y * p.k4;
+    let r2 = rr.z * p.k4;
+    let r3 = rr.w * p.k4;
     for (var j = 0u; j < p.k4; j++) {
         let w0 = w[r0 + j];
         let w1 = w[r1 + j];
@@ -141,7 +94,7 @@ fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             acc[m] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
         }
     }
-    store_acc(n0, acc, ss);
+    store_acc(t, acc, ss);
 }
 
 // matmul_rows with 8 halves per load (K a multiple of 8): half the loop trips and
@@ -151,8 +104,8 @@ fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @compute @workgroup_size(ROWS_WG)
 fn matmul_rows8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.y * nwg.x * ROWS_WG + gid.x;
-    let n0 = t * 4u;
-    if (n0 >= p.rows) { return; }
+    if (outs_per_thread() * t >= out_count(p.rows)) { return; }
+    let rr = rows4(t, p.rows);
     let k8 = p.k4 / 2u;
     var acc: array<vec4<f32>, 16>;
     var ss: array<f32, 16>;
@@ -160,10 +113,10 @@ fn matmul_rows8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         acc[m] = vec4<f32>(0.0);
         ss[m] = 0.0;
     }
-    let r0 = min(n0, p.rows - 1u) * k8;
-    let r1 = min(n0 + 1u, p.rows - 1u) * k8;
-    let r2 = min(n0 + 2u, p.rows - 1u) * k8;
-    let r3 = min(n0 + 3u, p.rows - 1u) * k8;
+    let r0 = rr.x * k8;
+    let r1 = rr.y * k8;
+    let r2 = rr.z * k8;
+    let r3 = rr.w * k8;
     for (var j = 0u; j < k8; j++) {
         let w0 = w8[r0 + j];
         let w1 = w8[r1 + j];
@@ -189,5 +142,5 @@ fn matmul_rows8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
                                 dot(xa, a2) + dot(xb, b2), dot(xa, a3) + dot(xb, b3));
         }
     }
-    store_acc(n0, acc, ss);
+    store_acc(t, acc, ss);
 }

@@ -7,44 +7,24 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4]
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;   // [M, y_stride]
-@group(0) @binding(4) var<storage, read> g: array<vec2<u32>>;   // the norm's weight [K/4] (NORM)
 
-@group(0) @binding(5) var<storage, read_write> y2: array<f32>;  // the second part's outputs (OUT_B)
-@group(0) @binding(6) var<storage, read_write> y3: array<f32>;  // the third part's
-
-// Stores output s (element i of y_stride-wide rows) through the pipeline's
-// epilogue, or into its part's tensor (parts take no epilogue).
-fn store_y(i: u32, s: f32) {
-    let r = route(i, p.y_stride);
-    if (r.x == 1u) {
-        y2[r.y] = s;
-        return;
-    }
-    if (r.x == 2u) {
-        y3[r.y] = s;
-        return;
-    }
-    var old = 0.0;
-    if (epilogue_reads()) { old = y[r.y]; }
-    y[r.y] = epilogue(s, old);
-}
 
 override WG_X: u32 = 8u;
 override WG_Y: u32 = 8u;
 
 @compute @workgroup_size(WG_X, WG_Y)
 fn matmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n0 = gid.x * 4u;
+    let t = gid.x;
     let m0 = gid.y * 4u;
-    if (n0 >= p.rows || m0 >= p.m) { return; }
-    var acc: array<vec4<f32>, 4>;   // acc[i][j] = y[m0 + i, n0 + j]
+    if (outs_per_thread() * t >= out_count(p.rows) || m0 >= p.m) { return; }
+    let rr = rows4(t, p.rows);
+    var acc: array<vec4<f32>, 4>;   // acc[i][j]: row m0 + i of x against weight row rr[j]
     for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
     var xr: array<u32, 4>;
     var wrow: array<u32, 4>;
     for (var i = 0u; i < 4u; i++) {
         xr[i] = min(m0 + i, p.m - 1u) * p.k4;
-        wrow[i] = min(n0 + i, p.rows - 1u) * p.k4;
+        wrow[i] = rr[i] * p.k4;
     }
     var ss = vec4<f32>(0.0);   // the norm's sums of squares of the 4 rows of x
     for (var j = 0u; j < p.k4; j++) {
@@ -68,10 +48,11 @@ fn matmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < p.m) {
-            let base = m * p.y_stride + p.n_offset + n0;
+            let base = m * p.y_stride + p.n_offset;
             let sc = norm_scale(ss[i], 4u * p.k4);
-            for (var jj = 0u; jj < 4u; jj++) {
-                if (n0 + jj < p.rows) { store_y(base + jj, acc[i][jj] * sc); }
+            let k = outs_per_thread();
+            for (var jj = 0u; jj < k; jj++) {
+                if (k * t + jj < out_count(p.rows)) { store_y(base + k * t + jj, out_value(acc[i] * sc, jj), p.y_stride); }
             }
         }
     }

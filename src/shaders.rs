@@ -40,11 +40,11 @@ macro_rules! shaders {
 }
 
 shaders! {
-    lib ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl", "quant.wgsl", "epilogue.wgsl", "prologue.wgsl"]
+    lib ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl", "quant.wgsl", "epilogue.wgsl", "prologue.wgsl", "matmul_out.wgsl"]
     COPY => "copy.wgsl" [],
-    MATMUL_SMALL => "matmul_small.wgsl" ["epilogue.wgsl", "prologue.wgsl"],
-    MATMUL_TILED => "matmul_tiled.wgsl" ["epilogue.wgsl", "prologue.wgsl"],
-    MATMUL_QUANT => "matmul_quant.wgsl" ["quant.wgsl", "epilogue.wgsl", "prologue.wgsl"],
+    MATMUL_SMALL => "matmul_small.wgsl" ["epilogue.wgsl", "prologue.wgsl", "matmul_out.wgsl"],
+    MATMUL_TILED => "matmul_tiled.wgsl" ["epilogue.wgsl", "prologue.wgsl", "matmul_out.wgsl"],
+    MATMUL_QUANT => "matmul_quant.wgsl" ["quant.wgsl", "epilogue.wgsl", "prologue.wgsl", "matmul_out.wgsl"],
     RMSNORM => "rmsnorm.wgsl" [],
     ROPE => "rope.wgsl" ["rotary.wgsl"],
     ELEMENTWISE => "elementwise.wgsl" [],

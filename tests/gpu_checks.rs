@@ -147,6 +147,14 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "matmul_then SwiGLU pairs of an odd row count",
+            Box::new(|ex: &mut E| {
+                let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(3 * 8), 3, 8)?);
+                let mut y = ex.tensor(2, 1)?;
+                ex.matmul_then(&x, &w, &mut y, kvsieve::ops::Epilogue::SwigluPairs)
+            }),
+        ),
+        (
             "matmul_parts widths",
             Box::new(|ex: &mut E| {
                 let (x, w) = (ex.tensor(2, 8)?, ex.weight(&h(12 * 8), 12, 8)?);

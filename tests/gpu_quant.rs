@@ -178,10 +178,11 @@ fn quantized_embedding_gather() {
     }
 }
 
-/// The fused RMSNorm prologue and epilogues (residual add, SwiGLU) against the
-/// unfused reference ops, on every matmul path (1 row, a few rows, prefill
-/// tiles), both kernel families, f16 and quantized weights, and a weight split
-/// across bindings (each chunk norms x itself).
+/// The fused RMSNorm prologue and epilogues (residual add, SwiGLU, SwiGLU of a
+/// stacked [gate; up] weight) against the unfused reference ops, on every
+/// matmul path (1 row, a few rows, prefill tiles), both kernel families, f16
+/// and quantized weights, and a weight split across bindings (each chunk norms
+/// x itself; stacked pairs split apart take the unfused way).
 #[test]
 fn matmul_prologue_and_epilogues_on_every_path_and_type() {
     use kvsieve::ops::Epilogue;
@@ -199,19 +200,23 @@ fn matmul_prologue_and_epilogues_on_every_path_and_type() {
             DType::Q4_K,
             DType::Q6_K,
         ] {
-            let (n, k) = if t.block().0 == 256 {
-                (37, 512)
-            } else {
-                (37, 576)
-            };
+            let k = if t.block().0 == 256 { 512 } else { 576 };
             for &m in &[1usize, 3, 17, 40] {
                 for (norm, epi) in [
                     (false, Epilogue::Add),
                     (false, Epilogue::Swiglu),
+                    (false, Epilogue::SwigluPairs),
                     (true, Epilogue::Store),
                     (true, Epilogue::Swiglu),
+                    (true, Epilogue::SwigluPairs),
                 ] {
                     seed += 1;
+                    // Pairs: 2 x 19 stacked rows, 19 outputs.
+                    let (n, ny) = if epi == Epilogue::SwigluPairs {
+                        (38, 19)
+                    } else {
+                        (37, 37)
+                    };
                     let raw = if t == DType::F16 {
                         let w = rand_f16(&mut rng(seed), n * k, 0.1);
                         bytemuck::cast_slice(&w).to_vec()
@@ -220,7 +225,7 @@ fn matmul_prologue_and_epilogues_on_every_path_and_type() {
                     };
                     // Rows of x far from unit scale, so a missing norm shows.
                     let x = randn(&mut rng(seed + 1), m * k, if norm { 3.0 } else { 1.0 });
-                    let y0 = randn(&mut rng(seed + 2), m * n, 1.0);
+                    let y0 = randn(&mut rng(seed + 2), m * ny, 1.0);
                     let g: Vec<f16> = randn(&mut rng(seed + 3), k, 0.3)
                         .iter()
                         .map(|v| f16::from_f32(1.0 + v))
@@ -232,13 +237,13 @@ fn matmul_prologue_and_epilogues_on_every_path_and_type() {
                         cpu.weight_raw(t, &raw, n, k).unwrap(),
                         cpu.weight(&g, 1, k).unwrap(),
                     );
-                    let mut yc = cpu.upload(&y0, m, n).unwrap();
+                    let mut yc = cpu.upload(&y0, m, ny).unwrap();
                     let (xg, wg, gg) = (
                         ex.upload(&x, m, k).unwrap(),
                         ex.weight_raw(t, &raw, n, k).unwrap(),
                         ex.weight(&g, 1, k).unwrap(),
                     );
-                    let mut yg = ex.upload(&y0, m, n).unwrap();
+                    let mut yg = ex.upload(&y0, m, ny).unwrap();
                     if norm {
                         cpu.norm_matmul_then(&xc, &gc, eps, &wc, &mut yc, epi)
                             .unwrap();

@@ -67,11 +67,50 @@ pub(super) fn matmul(
             .tuning
             .loop_limit
             .is_none_or(|l| iterations as u64 + 1000 < l);
-    // The cooperative kernel's 64 reduction slots hold M x ROWS outputs and,
-    // with the norm, M sums of squares.
-    let small = m <= ex.tuning.small_max_rows
-        && !ex.tuning.per_thread_kernels
-        && (norm.is_none() || m <= 32);
+    let pairs = epi == Epilogue::SwigluPairs;
+    if pairs && w.chunks.len() > 1 {
+        // A gate row and its up row must meet in one kernel, and a weight
+        // split across bindings may part them: the gate half goes to y and
+        // the up half to a scratch tensor, then SwiGLU combines them.
+        let h = w.rows / 2;
+        let up = GpuTensor {
+            buf: ex.scratch("pairs up", (m * h * 4) as u64)?,
+            rows: m,
+            cols: h,
+        };
+        let none = GpuTensor {
+            buf: ex.scratch("no part 3", 16)?,
+            rows: m,
+            cols: 0,
+        };
+        matmul(ex, x, w, Out::Parts([y, &up, &none]), norm)?;
+        let mut gate = GpuTensor {
+            buf: y.buf.clone(),
+            rows: m,
+            cols: h,
+        };
+        return super::elementwise::binary(ex, "swiglu", &mut gate, &up);
+    }
+    // The cooperative kernel's weight rows per workgroup: each thread keeps
+    // M x ROWS partial sums in 64 slots (with the norm, M sums of squares
+    // more); pairs need an even count (gate rows, then their up rows).
+    let coop_rows = {
+        let r = if m == 1 {
+            ex.tuning.gemv_rows
+        } else {
+            (64 / m as u32).clamp(1, 4)
+        };
+        let r = match norm {
+            Some(_) => r.min(64u32.saturating_sub(m as u32) / m as u32),
+            None => r,
+        };
+        if pairs {
+            r & !1
+        } else {
+            r
+        }
+    };
+    let small = m <= ex.tuning.small_max_rows && !ex.tuning.per_thread_kernels && coop_rows >= 1;
     // The dequantizing kernels take the type as their first override constant;
     // every kernel takes its epilogue (left at its default when storing, so
     // plain matmuls keep their pipelines).
@@ -161,15 +200,7 @@ pub(super) fn matmul(
             ex.rec.dispatch(&p, &words, &bindings, groups);
         } else if small {
             // M * ROWS partial sums per thread must fit the kernel's 64 registers.
-            let rows = if m == 1 {
-                ex.tuning.gemv_rows
-            } else {
-                (64 / m as u32).clamp(1, 4)
-            };
-            let rows = match norm {
-                Some(_) => rows.min((64 - m as u32) / m as u32).max(1),
-                None => rows,
-            };
+            let rows = coop_rows;
             let (shader, entry) = match qtype {
                 None => (shaders::MATMUL_SMALL, "matmul_small"),
                 Some(_) => (shaders::MATMUL_QUANT, "qmatmul_small"),

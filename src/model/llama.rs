@@ -10,33 +10,63 @@ use crate::ops::{Epilogue, KvView, Ops};
 use crate::quant::DType;
 use std::borrow::Cow;
 
-/// The q, k and v projections: one weight `[q; k; v]` when the three share a
-/// type (one matmul for the three), else three.
-enum Qkv<W> {
+/// Projections that read the same rows: one weight stacking them (`[q; k;
+/// v]`, `[gate; up]`: one matmul) when they share a type, else apart.
+enum Stack<W, const N: usize> {
     Stacked(W),
-    Apart([W; 3]),
+    Apart([W; N]),
 }
 
-impl<W> Qkv<W> {
+impl<W, const N: usize> Stack<W, N> {
     fn weights(&self) -> Vec<&W> {
         match self {
-            Qkv::Stacked(w) => vec![w],
-            Qkv::Apart(ws) => ws.iter().collect(),
+            Stack::Stacked(w) => vec![w],
+            Stack::Apart(ws) => ws.iter().collect(),
         }
     }
 }
 
 struct Layer<E: Ops> {
     in_norm: E::Weight,
-    qkv: Qkv<E::Weight>,
+    qkv: Stack<E::Weight, 3>,
     bias: Option<[E::Weight; 3]>,
     /// Per-head RMSNorm weights of q and k (Qwen3).
     qk_norm: Option<[E::Weight; 2]>,
     o: E::Weight,
     post_norm: E::Weight,
-    gate: E::Weight,
-    up: E::Weight,
+    gate_up: Stack<E::Weight, 2>,
     down: E::Weight,
+}
+
+/// A tensor's type and bytes as the executor will hold them.
+type Raw<'a> = (DType, Cow<'a, [u8]>);
+
+/// Matrices of `cols` columns (each with its row count) as one stacked weight
+/// when they share a type and the stack takes at most `max_bytes`, else each
+/// its own weight.
+fn stack<E: Ops, const N: usize>(
+    ops: &mut E,
+    parts: [(Raw<'_>, usize); N],
+    cols: usize,
+    max_bytes: u64,
+) -> Result<Stack<E::Weight, N>> {
+    let t = parts[0].0 .0;
+    let rows: usize = parts.iter().map(|p| p.1).sum();
+    // A margin for the planes' padding of quantized types.
+    let fits = t
+        .bytes_for((rows * cols) as u64)
+        .is_some_and(|b| b.saturating_add(256) <= max_bytes);
+    if fits && parts.iter().all(|p| p.0 .0 == t) {
+        let bytes = parts.iter().map(|p| &*p.0 .1).collect::<Vec<_>>().concat();
+        return Ok(Stack::Stacked(ops.weight_raw(t, &bytes, rows, cols)?));
+    }
+    let mut ws = Vec::with_capacity(N);
+    for ((t, b), r) in parts {
+        ws.push(ops.weight_raw(t, &b, r, cols)?);
+    }
+    ws.try_into()
+        .map(Stack::Apart)
+        .map_err(|_| crate::error::Error::Internal("stack parts".into()))
 }
 
 /// A loaded model on executor `E`.
@@ -135,8 +165,7 @@ impl<E: Ops> Llama<E> {
             cfg.vocab,
         );
         let bar = progress.then(|| crate::progress::bar(cfg.layers as u64 + 2, "load"));
-        // A tensor's type and bytes as the executor will hold them.
-        let raw = |name: &str, rows: usize, cols: usize| -> Result<(DType, Cow<'_, [u8]>)> {
+        let raw = |name: &str, rows: usize, cols: usize| -> Result<Raw<'_>> {
             let shape = if rows == 1 {
                 vec![cols]
             } else {
@@ -161,6 +190,8 @@ impl<E: Ops> Llama<E> {
             let (t, b) = raw(name, rows, cols)?;
             ops.weight_raw(t, &b, rows, cols)
         };
+        // SwiGLU pairs want a gate row and its up row in one binding.
+        let max_bytes = ops.limits().max_buffer_bytes;
         let embed = mat(ops, "model.embed_tokens.weight", v, h)?;
         let lm_head = if cfg.tied_embeddings || !w.has("lm_head.weight") {
             None
@@ -195,26 +226,28 @@ impl<E: Ops> Llama<E> {
             layers.push(Layer {
                 qk_norm,
                 in_norm: mat(ops, &p("input_layernorm.weight"), 1, h)?,
-                qkv: {
-                    let q = raw(&p("self_attn.q_proj.weight"), qd, h)?;
-                    let k = raw(&p("self_attn.k_proj.weight"), kd, h)?;
-                    let v = raw(&p("self_attn.v_proj.weight"), kd, h)?;
-                    if q.0 == k.0 && k.0 == v.0 {
-                        let stacked = [q.1, k.1, v.1].concat();
-                        Qkv::Stacked(ops.weight_raw(q.0, &stacked, qd + 2 * kd, h)?)
-                    } else {
-                        Qkv::Apart([
-                            ops.weight_raw(q.0, &q.1, qd, h)?,
-                            ops.weight_raw(k.0, &k.1, kd, h)?,
-                            ops.weight_raw(v.0, &v.1, kd, h)?,
-                        ])
-                    }
-                },
+                qkv: stack(
+                    ops,
+                    [
+                        (raw(&p("self_attn.q_proj.weight"), qd, h)?, qd),
+                        (raw(&p("self_attn.k_proj.weight"), kd, h)?, kd),
+                        (raw(&p("self_attn.v_proj.weight"), kd, h)?, kd),
+                    ],
+                    h,
+                    u64::MAX,
+                )?,
                 bias,
                 o: mat(ops, &p("self_attn.o_proj.weight"), h, qd)?,
                 post_norm: mat(ops, &p("post_attention_layernorm.weight"), 1, h)?,
-                gate: mat(ops, &p("mlp.gate_proj.weight"), inter, h)?,
-                up: mat(ops, &p("mlp.up_proj.weight"), inter, h)?,
+                gate_up: stack(
+                    ops,
+                    [
+                        (raw(&p("mlp.gate_proj.weight"), inter, h)?, inter),
+                        (raw(&p("mlp.up_proj.weight"), inter, h)?, inter),
+                    ],
+                    h,
+                    max_bytes,
+                )?,
                 down: mat(ops, &p("mlp.down_proj.weight"), h, inter)?,
             });
             if let Some(b) = &bar {
@@ -229,9 +262,10 @@ impl<E: Ops> Llama<E> {
         let per_layer: u64 = layers
             .iter()
             .map(|l| {
-                [&l.in_norm, &l.o, &l.post_norm, &l.gate, &l.up, &l.down]
+                [&l.in_norm, &l.o, &l.post_norm, &l.down]
                     .into_iter()
                     .chain(l.qkv.weights())
+                    .chain(l.gate_up.weights())
                     .map(b)
                     .sum::<u64>()
                     + l.bias.iter().flatten().map(b).sum::<u64>()
@@ -293,11 +327,11 @@ impl<E: Ops> Llama<E> {
             // The RMSNorms ride in the prologues of the matmuls that read them.
             let (x, eps, keep) = (&ws.x, c.eps, Epilogue::Store);
             match &l.qkv {
-                Qkv::Stacked(w) => {
+                Stack::Stacked(w) => {
                     let ys = [&mut ws.q, &mut ws.k, &mut ws.v];
                     ops.matmul_parts(x, Some((&l.in_norm, eps)), w, ys)?;
                 }
-                Qkv::Apart([q, k, v]) => {
+                Stack::Apart([q, k, v]) => {
                     ops.norm_matmul_then(x, &l.in_norm, eps, q, &mut ws.q, keep)?;
                     ops.norm_matmul_then(x, &l.in_norm, eps, k, &mut ws.k, keep)?;
                     ops.norm_matmul_then(x, &l.in_norm, eps, v, &mut ws.v, keep)?;
@@ -330,9 +364,16 @@ impl<E: Ops> Llama<E> {
             attn.layer(ops, &input, &mut ws.q, &mut ws.attn)?;
             // The residual adds and SwiGLU ride in the matmuls' epilogues.
             ops.matmul_then(&ws.attn, &l.o, &mut ws.x, Epilogue::Add)?;
-            let (x, post) = (&ws.x, &l.post_norm);
-            ops.norm_matmul_then(x, post, c.eps, &l.gate, &mut ws.gate, Epilogue::Store)?;
-            ops.norm_matmul_then(x, post, c.eps, &l.up, &mut ws.gate, Epilogue::Swiglu)?;
+            let (x, post, y) = (&ws.x, &l.post_norm, &mut ws.gate);
+            match &l.gate_up {
+                Stack::Stacked(w) => {
+                    ops.norm_matmul_then(x, post, c.eps, w, y, Epilogue::SwigluPairs)?;
+                }
+                Stack::Apart([gate, up]) => {
+                    ops.norm_matmul_then(x, post, c.eps, gate, y, Epilogue::Store)?;
+                    ops.norm_matmul_then(x, post, c.eps, up, y, Epilogue::Swiglu)?;
+                }
+            }
             ops.matmul_then(&ws.gate, &l.down, &mut ws.x, Epilogue::Add)?;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

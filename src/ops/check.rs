@@ -26,6 +26,29 @@ pub fn matmul(x: (usize, usize), w: (usize, usize), y: (usize, usize)) -> Result
     Ok(())
 }
 
+/// A matmul through an epilogue: SwiGLU pairs halve W's rows.
+pub fn matmul_then(
+    x: (usize, usize),
+    w: (usize, usize),
+    y: (usize, usize),
+    epi: super::Epilogue,
+) -> Result<()> {
+    if epi != super::Epilogue::SwigluPairs {
+        return matmul(x, w, y);
+    }
+    if !w.0.is_multiple_of(2) || y != (x.0, w.0 / 2) {
+        return shape_err(
+            "matmul_then",
+            format!(
+                "SwiGLU pairs: W is {w:?} (gate and up stacked), y is {y:?}, expected ({}, {})",
+                x.0,
+                w.0 / 2
+            ),
+        );
+    }
+    matmul(x, w, (x.0, w.0))
+}
+
 /// A matmul whose result's columns go to three tensors in order.
 pub fn matmul_parts(x: (usize, usize), w: (usize, usize), ys: [(usize, usize); 3]) -> Result<()> {
     let width: usize = ys.iter().map(|y| y.1).sum();

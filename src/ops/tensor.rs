@@ -18,6 +18,9 @@ pub enum Epilogue {
     /// `y = silu(y) * s`, as [`TensorOps::swiglu`] would with `y` holding the
     /// gate projection and `s` the up projection.
     Swiglu,
+    /// W stacks the gate and up projections, `[gate; up]` (`2n` rows), and
+    /// `y` `[m, n]` gets `silu(x gate^T) * (x up^T)`: SwiGLU's two matmuls in one.
+    SwigluPairs,
 }
 
 impl Epilogue {
@@ -27,6 +30,7 @@ impl Epilogue {
             Epilogue::Store => 0,
             Epilogue::Add => 1,
             Epilogue::Swiglu => 2,
+            Epilogue::SwigluPairs => 3,
         }
     }
 }
@@ -153,7 +157,8 @@ pub trait TensorOps: Executor {
     }
     /// `x W^T` combined into `y` by `epi` in the same pass: the residual add or
     /// SwiGLU that would follow the matmul, without a dispatch of its own.
-    /// Shapes as [`TensorOps::matmul`].
+    /// Shapes as [`TensorOps::matmul`], except that with
+    /// [`Epilogue::SwigluPairs`] `y` has half of W's rows as columns.
     fn matmul_then(
         &mut self,
         x: &Self::Tensor,
@@ -161,7 +166,7 @@ pub trait TensorOps: Executor {
         y: &mut Self::Tensor,
         epi: Epilogue,
     ) -> Result<()> {
-        check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
+        check::matmul_then(Self::dims(x), Self::weight_dims(w), Self::dims(y), epi)?;
         self.run_matmul(x, w, y, epi)
     }
     /// `rms_norm(x, norm, eps) W^T` combined into `y` by `epi`: the RMSNorm
@@ -180,7 +185,7 @@ pub trait TensorOps: Executor {
         epi: Epilogue,
     ) -> Result<()> {
         check::norm_matmul(Self::dims(x), Self::weight_dims(norm), eps)?;
-        check::matmul(Self::dims(x), Self::weight_dims(w), Self::dims(y))?;
+        check::matmul_then(Self::dims(x), Self::weight_dims(w), Self::dims(y), epi)?;
         self.run_norm_matmul(x, norm, eps, w, y, epi)
     }
     /// `x W^T` of a weight whose rows are three projections stacked, `[a; b;

@@ -103,6 +103,29 @@ impl TensorOps for RefExecutor {
         if epi == Epilogue::Store {
             return matmul_store(x, w, y);
         }
+        if epi == Epilogue::SwigluPairs {
+            // Both halves, then SwiGLU of the gate half with the up half.
+            let (m, h) = (x.rows, w.rows / 2);
+            let mut s = RefTensor {
+                data: vec![0.0; m * 2 * h],
+                rows: m,
+                cols: 2 * h,
+            };
+            matmul_store(x, w, &mut s)?;
+            let half = |c0: usize| RefTensor {
+                data: s
+                    .data
+                    .chunks(2 * h)
+                    .flat_map(|r| &r[c0..c0 + h])
+                    .copied()
+                    .collect(),
+                rows: m,
+                cols: h,
+            };
+            let up = half(h);
+            *y = half(0);
+            return self.run_swiglu(y, &up);
+        }
         // The unfused ops, so both executors agree with the model before fusion.
         let mut s = RefTensor {
             data: vec![0.0; y.data.len()],
