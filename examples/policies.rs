@@ -10,14 +10,18 @@
 //!   dense layers, TokenSelect selecting in every layer, its Selection Cache
 //!   off), as a speedup over dense, at each `--kernel-lens` (GPU executor,
 //!   GPU timestamps where the adapter has them);
-//! - end-to-end greedy decode tokens/s of the default model after a
-//!   `--decode-context`-token prompt (GPU executor). On a CPU Vulkan driver
-//!   the 16K-token prefill alone takes the better part of an hour per policy
-//!   (about 4 TFLOP at lavapipe's ~1.5 GFLOP/s); pass `--decode-context 0`
-//!   there to leave the column out.
+//! - end to end at each `--decode-context` length (executor `--e2e-backend`):
+//!   one passkey prompt of that length (key at `--e2e-depth`), prefill
+//!   tokens/s, greedy decode tokens/s over `--decode-tokens` tokens, the
+//!   Selection Cache's hit rate, and whether the answer holds the key. On a
+//!   CPU Vulkan driver the 16K-token prefill alone takes the better part of an
+//!   hour per policy (about 4 TFLOP at lavapipe's ~1.5 GFLOP/s): there pass
+//!   `--e2e-backend reference`, or `--decode-context 0` to leave it out.
 //!
 //! ```text
 //! cargo run --release --example policies -- --json policies.json
+//! cargo run --release --example policies -- --skip-quality --kernel-lens 0 \
+//!     --decode-context 16384,32768 --e2e-backend reference
 //! ```
 
 use clap::Parser;
@@ -25,7 +29,9 @@ use kvsieve::attention::{
     Attention, AttentionPolicy, KvLayout, LayerInput, PageAllocator, QuestConfig, TidalConfig,
     TokenSelectConfig,
 };
-use kvsieve::eval::{agreement, passkey_trial, teacher_forced_argmaxes};
+use kvsieve::eval::{
+    agreement, first_integer, passkey_prompt, passkey_trial, teacher_forced_argmaxes,
+};
 use kvsieve::generate::{Backend, Engine, GenerateParams, Options};
 use kvsieve::kernels::GpuExecutor;
 use kvsieve::model::ModelConfig;
@@ -57,18 +63,24 @@ struct Args {
     /// Tokens of text the agreement runs over (positions end here).
     #[arg(long, default_value_t = 4000)]
     agreement_len: usize,
-    /// Context lengths of the decode-attention timing (GPU executor).
+    /// Context lengths of the decode-attention timing (GPU executor; 0 skips it).
     #[arg(long, value_delimiter = ',', default_value = "32768,131072")]
     kernel_lens: Vec<usize>,
     /// Timed decode steps per policy and length (after one untimed step).
     #[arg(long, default_value_t = 3)]
     kernel_steps: usize,
-    /// Prompt length of the end-to-end decode measurement (0 skips it).
-    #[arg(long, default_value_t = 16384)]
-    decode_context: usize,
-    /// Tokens decoded in the end-to-end measurement.
+    /// Prompt lengths of the end-to-end measurement (0 skips it).
+    #[arg(long, value_delimiter = ',', default_value = "16384")]
+    decode_context: Vec<usize>,
+    /// Tokens decoded in the end-to-end measurement (at least 7: the answer).
     #[arg(long, default_value_t = 8)]
     decode_tokens: usize,
+    /// Executor of the end-to-end measurement: gpu or reference.
+    #[arg(long, default_value = "gpu")]
+    e2e_backend: Backend,
+    /// Depth of the end-to-end prompt's key.
+    #[arg(long, default_value_t = 0.5)]
+    e2e_depth: f64,
     /// Skip the reference-executor columns (passkey, agreement).
     #[arg(long)]
     skip_quality: bool,
@@ -89,15 +101,28 @@ struct Row {
     /// Per context length: mean decode attention ms per layer-step and the
     /// speedup over dense (GPU executor).
     kernel: Vec<(usize, f64, f64)>,
-    /// End-to-end decode tokens/s after `decode_context` prompt tokens (GPU).
-    decode_tps: Option<f64>,
+    /// End to end, per `decode_context` length.
+    e2e: Vec<EndToEnd>,
+}
+
+/// One passkey prompt run end to end.
+#[derive(Serialize, Clone)]
+struct EndToEnd {
+    context: usize,
+    prefill_tps: f64,
+    decode_tps: f64,
+    /// Selection Cache hits over sparse decode layer-steps (sparse policies).
+    cache_hit_rate: Option<f64>,
+    passkey_found: bool,
+    answer: String,
 }
 
 #[derive(Serialize)]
 struct Report {
     reference_executor: String,
     gpu_executor: String,
-    decode_context: usize,
+    e2e_executor: String,
+    decode_context: Vec<usize>,
     rows: Vec<Row>,
 }
 
@@ -297,14 +322,14 @@ fn layer_step_ms(
     Ok(total.as_secs_f64() * 1e3 / (steps * cfg.layers) as f64)
 }
 
-/// Kernel and end-to-end columns on the GPU executor.
+/// The kernel column on the GPU executor.
 fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R<String> {
     let dir = kvsieve::convert::default_model_dir()?;
     let cfg = ModelConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let mut ex = GpuExecutor::new()?;
     let name = ex.name();
     ex.rec.enable_timestamps();
-    for &len in &args.kernel_lens {
+    for &len in args.kernel_lens.iter().filter(|&&l| l > 0) {
         let mut dense_ms = 0.0;
         for (row, (label, policy)) in rows.iter_mut().zip(pols) {
             // TokenSelect selects in every layer: the Selection Cache is off.
@@ -326,33 +351,48 @@ fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) 
             row.kernel.push((len, ms, speedup));
         }
     }
-    drop(ex);
-    if args.decode_context > 0 {
+    Ok(name)
+}
+
+/// The end-to-end columns: per policy and length, one passkey prompt through
+/// a fresh engine on `--e2e-backend`.
+fn end_to_end(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R<String> {
+    let mut name = "not run".to_string();
+    for &ctx in args.decode_context.iter().filter(|&&c| c > 0) {
         for (row, (label, policy)) in rows.iter_mut().zip(pols) {
             let opts = Options {
-                backend: Backend::Gpu,
-                max_context: args.decode_context + args.decode_tokens + 16,
+                backend: args.e2e_backend,
+                max_context: ctx + args.decode_tokens + 16,
                 policy: *policy,
                 progress: true,
                 ..Options::default()
             };
             let mut e = Engine::load_default(opts)?;
-            let ids = text_ids(&e, args.decode_context)?;
+            name = e.backend_name();
+            let key = passkey_key(ctx, args.e2e_depth);
+            let ids = passkey_prompt(&e.tokenizer, ctx, args.e2e_depth, key)?;
             let params = GenerateParams {
-                max_tokens: args.decode_tokens,
+                max_tokens: args.decode_tokens.max(7),
                 stop_at_eos: false,
                 ..Default::default()
             };
+            let mut answer = String::new();
             for t in e.generate_ids(&ids, &params)? {
-                t?;
+                answer.push_str(&t?.text);
             }
-            let tps = e.stats.decode_tps();
+            let r = EndToEnd {
+                context: ctx,
+                prefill_tps: e.stats.prefill_tps(),
+                decode_tps: e.stats.decode_tps(),
+                cache_hit_rate: e.selection_stats().hit_rate(),
+                passkey_found: first_integer(&answer) == Some(key as u64),
+                answer,
+            };
             eprintln!(
-                "decode {label:>24}: {tps:.2} tok/s after {} prompt tokens (prefill {:.1} tok/s)",
-                args.decode_context,
-                e.stats.prefill_tps()
+                "e2e {label:>24} {ctx:>6}: prefill {:.1} tok/s, decode {:.2} tok/s, hits {:?}, key {} ({:?})",
+                r.prefill_tps, r.decode_tps, r.cache_hit_rate, r.passkey_found, r.answer
             );
-            row.decode_tps = Some(tps);
+            row.e2e.push(r);
         }
     }
     Ok(name)
@@ -361,42 +401,71 @@ fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) 
 fn table(rep: &Report, args: &Args) -> String {
     let mut s = String::new();
     let mut head = vec!["policy".to_string(), "tokens attended".to_string()];
-    for &l in &args.lens {
-        head.push(format!("passkey {l} (ref)"));
+    let quality = !args.skip_quality;
+    if quality {
+        for &l in &args.lens {
+            head.push(format!("passkey {l} (ref)"));
+        }
+        head.push("agreement (ref)".into());
     }
-    head.push("agreement (ref)".into());
-    for &l in &args.kernel_lens {
+    let kernel_lens: Vec<usize> = args
+        .kernel_lens
+        .iter()
+        .copied()
+        .filter(|&l| l > 0)
+        .collect();
+    let contexts: Vec<usize> = args
+        .decode_context
+        .iter()
+        .copied()
+        .filter(|&c| c > 0)
+        .collect();
+    for &l in &kernel_lens {
         head.push(format!("attention speedup {}K (GPU)", l / 1024));
     }
-    head.push(match args.decode_context {
-        0 => "decode tok/s (GPU)".into(),
-        n => format!("decode tok/s at {n} (GPU)"),
-    });
+    for &c in &contexts {
+        for what in ["prefill tok/s", "decode tok/s", "cache hits", "passkey"] {
+            head.push(format!("{what} at {c} (e2e)"));
+        }
+    }
     s += &format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
     for r in &rep.rows {
         let mut cells = vec![r.policy.clone(), r.config.clone()];
-        for &l in &args.lens {
-            cells.push(match r.passkey.iter().find(|p| p.0 == l) {
-                Some((_, f, n)) => format!("{f}/{n}"),
-                None => "not run".into(),
-            });
+        if quality {
+            for &l in &args.lens {
+                cells.push(match r.passkey.iter().find(|p| p.0 == l) {
+                    Some((_, f, n)) => format!("{f}/{n}"),
+                    None => "not run".into(),
+                });
+            }
+            cells.push(
+                r.agreement
+                    .map_or("not run".into(), |a| format!("{:.1} %", 100.0 * a)),
+            );
         }
-        cells.push(
-            r.agreement
-                .map_or("not run".into(), |a| format!("{:.1} %", 100.0 * a)),
-        );
-        for &l in &args.kernel_lens {
+        for &l in &kernel_lens {
             cells.push(match r.kernel.iter().find(|k| k.0 == l) {
                 Some((_, ms, x)) => format!("{x:.2}x ({ms:.2} ms)"),
                 None => "not run".into(),
             });
         }
-        cells.push(r.decode_tps.map_or("not run".into(), |t| format!("{t:.2}")));
+        for &c in &contexts {
+            match r.e2e.iter().find(|e| e.context == c) {
+                Some(e) => cells.extend([
+                    format!("{:.1}", e.prefill_tps),
+                    format!("{:.2}", e.decode_tps),
+                    e.cache_hit_rate
+                        .map_or("-".into(), |h| format!("{:.0} %", 100.0 * h)),
+                    if e.passkey_found { "found" } else { "missed" }.into(),
+                ]),
+                None => cells.extend(std::iter::repeat_n("not run".to_string(), 4)),
+            }
+        }
         s += &format!("| {} |\n", cells.join(" | "));
     }
     s += &format!(
-        "\nref: {}; GPU: {}\n",
-        rep.reference_executor, rep.gpu_executor
+        "\nref: {}; GPU: {}; e2e: {}\n",
+        rep.reference_executor, rep.gpu_executor, rep.e2e_executor
     );
     s
 }
@@ -426,11 +495,17 @@ fn main() -> R<()> {
     } else {
         quality(&args, &mut rows, &pols)?
     };
-    let gpu_executor = gpu_columns(&args, &mut rows, &pols)?;
+    let gpu_executor = if args.kernel_lens.iter().any(|&l| l > 0) {
+        gpu_columns(&args, &mut rows, &pols)?
+    } else {
+        "not run".into()
+    };
+    let e2e_executor = end_to_end(&args, &mut rows, &pols)?;
     let rep = Report {
         reference_executor,
         gpu_executor,
-        decode_context: args.decode_context,
+        e2e_executor,
+        decode_context: args.decode_context.clone(),
         rows,
     };
     println!("{}", table(&rep, &args));
