@@ -11,7 +11,6 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, qh_off
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;   // planes of one row chunk (16-byte padded)
 
-
 override QTYPE: u32 = 1u;
 
 fn q_load(i: u32) -> u32 { return w[i / 4u][i % 4u]; }
@@ -81,11 +80,7 @@ fn qmatmul_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             acc[i] += s.x * dq + s.y * sx;
         }
     }
-    acc *= norm_scale(ss, 4u * p.k4);
-    let k = outs_per_thread();
-    for (var jj = 0u; jj < k; jj++) {
-        if (k * t + jj < out_count(p.rows)) { store_y(p.n_offset + k * t + jj, out_value(acc, jj), p.y_stride); }
-    }
+    store_outs(p.n_offset, t, acc * norm_scale(ss, 4u * p.k4), p.rows, p.y_stride);
 }
 
 // One row of x, K types: a 32-value sub-block at a time, its x values and
@@ -121,11 +116,7 @@ fn qmatmul_rows_k(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             }
         }
     }
-    acc *= norm_scale(ss, 4u * p.k4);
-    let k = outs_per_thread();
-    for (var jj = 0u; jj < k; jj++) {
-        if (k * t + jj < out_count(p.rows)) { store_y(p.n_offset + k * t + jj, out_value(acc, jj), p.y_stride); }
-    }
+    store_outs(p.n_offset, t, acc * norm_scale(ss, 4u * p.k4), p.rows, p.y_stride);
 }
 
 const MAX_M: u32 = 16u;   // rows of x of the per-thread kernels (checked on the host)
@@ -176,17 +167,6 @@ fn x32(m: u32, i: u32) -> X32 {
     return r;
 }
 
-// Stores thread t's outputs for every row of x.
-fn store_rows(t: u32, acc: array<vec4<f32>, MAX_M>) {
-    let k = outs_per_thread();
-    for (var m = 0u; m < p.m; m++) {
-        for (var jj = 0u; jj < k; jj++) {
-            if (k * t + jj < out_count(p.rows)) {
-                store_y(m * p.y_stride + p.n_offset + k * t + jj, out_value(acc[m], jj), p.y_stride);
-            }
-        }
-    }
-}
 
 // 2..=MAX_M rows of x on CPU drivers (speculative verification), Q8_0, Q4_0
 // and Q4_1: a thread per 4 weight rows, each block of them decoded once and
@@ -226,8 +206,9 @@ fn qmatmul_rows_m(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             acc[m] += d;
         }
     }
-    for (var m = 0u; m < p.m; m++) { acc[m] *= norm_scale(ss[m], 4u * p.k4); }
-    store_rows(t, acc);
+    for (var m = 0u; m < p.m; m++) {
+        store_outs(m * p.y_stride + p.n_offset, t, acc[m] * norm_scale(ss[m], 4u * p.k4), p.rows, p.y_stride);
+    }
 }
 
 override ROWS: u32 = 4u;
@@ -295,12 +276,8 @@ fn qmatmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < p.m) {
-            let base = m * p.y_stride + p.n_offset;
-            let sc = norm_scale(ss[i], 4u * p.k4);
-            let k = outs_per_thread();
-            for (var jj = 0u; jj < k; jj++) {
-                if (k * t + jj < out_count(p.rows)) { store_y(base + k * t + jj, out_value(acc[i] * sc, jj), p.y_stride); }
-            }
+            let v = acc[i] * norm_scale(ss[i], 4u * p.k4);
+            store_outs(m * p.y_stride + p.n_offset, t, v, p.rows, p.y_stride);
         }
     }
 }

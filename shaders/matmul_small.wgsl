@@ -10,7 +10,6 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4] (4 halves each)
 
-
 override ROWS: u32 = 4u;         // weight rows per workgroup, at most 16
 
 @compute @workgroup_size(64)
@@ -52,13 +51,9 @@ override ROWS_WG: u32 = 64u;   // threads per workgroup: small for small matrice
 
 // Stores thread t's outputs (acc[m] scaled by the norm) for every row of x.
 fn store_acc(t: u32, acc: array<vec4<f32>, 16>, ss: array<f32, 16>) {
-    let k = outs_per_thread();
     for (var m = 0u; m < p.m; m++) {
-        let base = m * p.y_stride + p.n_offset;
-        let sc = norm_scale(ss[m], 4u * p.k4);
-        for (var jj = 0u; jj < k; jj++) {
-            if (k * t + jj < out_count(p.rows)) { store_y(base + k * t + jj, out_value(acc[m] * sc, jj), p.y_stride); }
-        }
+        let v = acc[m] * norm_scale(ss[m], 4u * p.k4);
+        store_outs(m * p.y_stride + p.n_offset, t, v, p.rows, p.y_stride);
     }
 }
 

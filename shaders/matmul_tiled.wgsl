@@ -8,7 +8,6 @@ struct Params { m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;   // [M, K/4]
 @group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;   // [rows, K/4]
 
-
 override WG_X: u32 = 8u;
 override WG_Y: u32 = 8u;
 
@@ -36,8 +35,7 @@ fn matmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
         let b1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
         let b2 = vec4<f32>(unpack2x16float(w2.x), unpack2x16float(w2.y));
         let b3 = vec4<f32>(unpack2x16float(w3.x), unpack2x16float(w3.y));
-        var gv = vec4<f32>(1.0);
-        if (NORM != 0u) { gv = f16x4(g[j]); }
+        let gv = gw(j);
         for (var i = 0u; i < 4u; i++) {
             var a = x[xr[i] + j];
             if (NORM != 0u) { ss[i] += dot(a, a); }
@@ -48,12 +46,8 @@ fn matmul_tiled(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < p.m) {
-            let base = m * p.y_stride + p.n_offset;
-            let sc = norm_scale(ss[i], 4u * p.k4);
-            let k = outs_per_thread();
-            for (var jj = 0u; jj < k; jj++) {
-                if (k * t + jj < out_count(p.rows)) { store_y(base + k * t + jj, out_value(acc[i] * sc, jj), p.y_stride); }
-            }
+            let v = acc[i] * norm_scale(ss[i], 4u * p.k4);
+            store_outs(m * p.y_stride + p.n_offset, t, v, p.rows, p.y_stride);
         }
     }
 }

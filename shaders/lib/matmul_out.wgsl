@@ -24,6 +24,16 @@ fn store_y(i: u32, s: f32, width: u32) {
     y[r.y] = epilogue(s, old);
 }
 
+// Stores thread t's outputs for one row of x (a per-thread or tiled kernel;
+// lib/epilogue.wgsl's rows4(t) were its 4 weight rows, v their sums) from
+// element base of rows `width` wide; `rows` weight rows.
+fn store_outs(base: u32, t: u32, v: vec4<f32>, rows: u32, width: u32) {
+    let k = outs_per_thread();
+    for (var jj = 0u; jj < k; jj++) {
+        if (k * t + jj < out_count(rows)) { store_y(base + k * t + jj, out_value(v, jj), width); }
+    }
+}
+
 const WG: u32 = 64u;        // threads of a cooperative workgroup
 const MAX_ACC: u32 = 64u;   // partial sums a thread keeps: M * ROWS, plus M with the norm (checked on the host)
 var<workgroup> red: array<f32, 4096>;   // WG * MAX_ACC

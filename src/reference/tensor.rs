@@ -112,18 +112,13 @@ impl TensorOps for RefExecutor {
                 cols: 2 * h,
             };
             matmul_store(x, w, &mut s)?;
-            let half = |c0: usize| RefTensor {
-                data: s
-                    .data
-                    .chunks(2 * h)
-                    .flat_map(|r| &r[c0..c0 + h])
-                    .copied()
-                    .collect(),
+            let mut up = RefTensor {
+                data: vec![0.0; m * h],
                 rows: m,
                 cols: h,
             };
-            let up = half(h);
-            *y = half(0);
+            copy_columns(&s, 0, y);
+            copy_columns(&s, h, &mut up);
             return self.run_swiglu(y, &up);
         }
         // The unfused ops, so both executors agree with the model before fusion.
@@ -177,9 +172,7 @@ impl TensorOps for RefExecutor {
         }
         let mut c0 = 0;
         for y in ys {
-            for (dst, src) in y.data.chunks_mut(y.cols).zip(full.data.chunks(w.rows)) {
-                dst.copy_from_slice(&src[c0..c0 + y.cols]);
-            }
+            copy_columns(&full, c0, y);
             c0 += y.cols;
         }
         Ok(())
@@ -355,6 +348,16 @@ fn sgemm_cols(
             y_cols as isize,
             1,
         );
+    }
+}
+
+/// Columns `c0..c0 + y.cols` of every row of `full` into `y`.
+fn copy_columns(full: &RefTensor, c0: usize, y: &mut RefTensor) {
+    if y.cols == 0 {
+        return;
+    }
+    for (dst, src) in y.data.chunks_mut(y.cols).zip(full.data.chunks(full.cols)) {
+        dst.copy_from_slice(&src[c0..c0 + y.cols]);
     }
 }
 
