@@ -307,6 +307,7 @@ fn layer_step_ms(
                 positions: &pos,
                 start: len - 1,
                 n: 1,
+                q_rotated: false,
             };
             att.layer(ex, &input, &mut q, &mut out)?;
         }

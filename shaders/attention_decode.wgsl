@@ -9,7 +9,10 @@
 // with a KV cache spanning several arena buffers the host runs one pass per arena and
 // each pass continues the state left by the previous one.
 //
-// decode_reduce: combines the splits of each query head into the output.
+// decode_reduce: combines the splits of each query head into the output. With one
+// split and one pass (`direct`) there is nothing to combine: `part` is bound to
+// the output and the kernel stores acc / l there itself (the same division the
+// reduce would do), a dispatch fewer.
 // List mode (sparse policies): the attended keys are ranks 0..kv_len of the list
 // [0, n_init) ++ sel[0..n_sel) ++ [tail_start, tail_start + rest); a key's RoPE
 // position is its rank (compact) or its logical index (original). With block > 0
@@ -19,7 +22,7 @@ struct Params {
     kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
     page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
     arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
-    _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+    direct: u32, n_init: u32, n_sel: u32, tail_start: u32,
     _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
 }
 // Fixed per pipeline, so the key loop does not branch on them: list mode (0
@@ -32,7 +35,7 @@ override COMPACT: bool = false;
 @group(0) @binding(3) var<storage, read> v_arena: array<u32>;
 @group(0) @binding(4) var<storage, read> pages: array<u32>;
 @group(0) @binding(5) var<storage, read> cs: array<vec2<f32>>;       // rope table [max_pos, D/2]
-@group(0) @binding(6) var<storage, read_write> part: array<f32>;     // [q_heads, n_splits, D + 2]
+@group(0) @binding(6) var<storage, read_write> part: array<f32>;     // [q_heads, n_splits, D + 2], or direct the output [q_heads * D]
 @group(0) @binding(7) var<storage, read> sel: array<u32>;            // selected ids (list mode)
 
 const TILE: u32 = 64u;
@@ -183,6 +186,21 @@ fn decode_partial(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
         }
         workgroupBarrier();
     }
+    if (p.direct == 1u) {
+        if (tid < g_count) { alpha_sh[tid] = l; }
+        workgroupBarrier();
+        for (var n = 0u; n < 8u; n++) {
+            let o = tid + TILE * n;
+            if (o < n_pairs) {
+                let g = o / words;
+                let ob = (kvh * g_count + g) * d + 2u * (o % words);
+                let lg = alpha_sh[g];
+                part[ob] = select(0.0, acc[n].x / lg, lg > 0.0);
+                part[ob + 1u] = select(0.0, acc[n].y / lg, lg > 0.0);
+            }
+        }
+        return;
+    }
     for (var n = 0u; n < 8u; n++) {
         let o = tid + TILE * n;
         if (o < n_pairs) {
@@ -271,6 +289,13 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             let v = vec4<f32>(unpack2x16float(v_arena[base + 2u * i]), unpack2x16float(v_arena[base + 2u * i + 1u]));
             acc[i] = acc[i] * alpha + pr * v;
         }
+    }
+    if (p.direct == 1u) {
+        for (var i = 0u; i < d4; i++) {
+            let o = select(vec4<f32>(0.0), acc[i] / l, l > 0.0);
+            for (var c = 0u; c < 4u; c++) { part[h * d + 4u * i + c] = o[c]; }
+        }
+        return;
     }
     part[pb] = m;
     part[pb + 1u] = l;

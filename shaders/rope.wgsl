@@ -21,8 +21,7 @@ fn rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let rh = rope_hi(position, half, p.max_pos);
     if (rh != ROPE_NONE) { c = rope_compose(c, cs[rh + i]); }
     let base = r * p.heads * p.head_dim + h * p.head_dim;
-    let x1 = x[base + i];
-    let x2 = x[base + i + half];
-    x[base + i] = x1 * c.x - x2 * c.y;
-    x[base + i + half] = x2 * c.x + x1 * c.y;
+    let y = rotate_pair(vec2<f32>(x[base + i], x[base + i + half]), c);
+    x[base + i] = y.x;
+    x[base + i + half] = y.y;
 }

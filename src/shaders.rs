@@ -50,7 +50,7 @@ shaders! {
     ELEMENTWISE => "elementwise.wgsl" [],
     EMBEDDING => "embedding.wgsl" ["quant.wgsl"],
     ARGMAX => "argmax.wgsl" ["order.wgsl"],
-    KV_APPEND => "kv_append.wgsl" ["paged_kv.wgsl"],
+    KV_APPEND => "kv_append.wgsl" ["paged_kv.wgsl", "rotary.wgsl"],
     ATTENTION_DECODE => "attention_decode.wgsl" ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"],
     ATTENTION_PREFILL => "attention_prefill.wgsl" ["order.wgsl", "paged_kv.wgsl", "key_list.wgsl", "rotary.wgsl"],
     SAMPLING => "sampling.wgsl" ["order.wgsl"],

@@ -333,6 +333,16 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "kv_append_rope query rows",
+            Box::new(|ex: &mut E| {
+                let mut c = cache(ex)?;
+                let (k, v) = (ex.tensor(4, 2 * 8)?, ex.tensor(4, 2 * 8)?);
+                let (mut q, pos) = (ex.tensor(3, 4 * 8)?, ex.ids(&[0, 1, 2, 3])?);
+                let (kv, t, r) = (&mut c.kv, &c.table, &c.rope);
+                ex.kv_append_rope(kv, 0, t, 0, &k, &v, &mut q, 4, &pos, r)
+            }),
+        ),
+        (
             "kv_move outside the pages",
             Box::new(|ex: &mut E| {
                 let mut c = cache(ex)?;
@@ -576,6 +586,7 @@ const CHECKED_OPS: &[&str] = &[
     "kv_grow",
     "bounds_grow",
     "kv_append",
+    "kv_append_rope",
     "kv_move",
     "attention_prefill",
     "attention_decode",

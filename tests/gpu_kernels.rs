@@ -486,14 +486,35 @@ fn check_attention(
             cpu.upload(&k, n, kv_heads * d).unwrap(),
             cpu.upload(&v, n, kv_heads * d).unwrap(),
         );
-        cpu.kv_append(&mut kvc, layer, &table, start, &kc, &vc)
-            .unwrap();
         let (kg, vg) = (
             ex.upload(&k, n, kv_heads * d).unwrap(),
             ex.upload(&v, n, kv_heads * d).unwrap(),
         );
-        ex.kv_append(&mut kvg, layer, &table, start, &kg, &vg)
+        // Every other block also rotates a chunk of queries in the same pass
+        // (kv_append_rope); the pages are checked below either way.
+        if (start / block + seed as usize).is_multiple_of(2) && n * q_heads * d <= 1 << 22 {
+            let x = randn(&mut r, n * q_heads * d, 1.0);
+            let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
+            let mut qc = cpu.upload(&x, n, q_heads * d).unwrap();
+            let pc = cpu.ids(&pos).unwrap();
+            cpu.kv_append_rope(
+                &mut kvc, layer, &table, start, &kc, &vc, &mut qc, q_heads, &pc, &rc,
+            )
             .unwrap();
+            let mut qg = ex.upload(&x, n, q_heads * d).unwrap();
+            let pg = ex.ids(&pos).unwrap();
+            ex.kv_append_rope(
+                &mut kvg, layer, &table, start, &kg, &vg, &mut qg, q_heads, &pg, &rg,
+            )
+            .unwrap();
+            let got = ex.download(&qg).unwrap();
+            assert_close("kv_append_rope queries", &got, &qc.data, 1e-6, 1e-5);
+        } else {
+            cpu.kv_append(&mut kvc, layer, &table, start, &kc, &vc)
+                .unwrap();
+            ex.kv_append(&mut kvg, layer, &table, start, &kg, &vg)
+                .unwrap();
+        }
         ex.flush().unwrap();
         start += n;
     }

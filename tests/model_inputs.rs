@@ -904,6 +904,40 @@ fn steady_decode_creates_no_buffers_or_bind_groups() {
     }
 }
 
+/// Dispatches of a decode step at a short context (one attention split): at
+/// most 8 a layer (the two RMSNorms, q/k/v stacked, the KV append with the
+/// queries' RoPE, attention storing its output itself, o_proj with the
+/// residual add, gate/up with SwiGLU, down_proj with the add; 6 with the GPU
+/// tuning, whose matmuls fold the norms), plus the embedding, the final norm,
+/// the LM head and the argmax.
+#[test]
+fn a_short_decode_step_takes_at_most_8_dispatches_a_layer() {
+    let d = write_model("dispatches", "LlamaForCausalLM", |_| {});
+    let mut e = load(&d, Backend::Gpu).unwrap();
+    let prompt: Vec<u32> = (0..20).map(|i| 3 + (i * 37) % 250).collect();
+    let run = |e: &mut Engine, n: usize| {
+        let params = GenerateParams {
+            max_tokens: n,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let c0 = e.counters();
+        e.generate_ids(&prompt, &params).unwrap().for_each(|t| {
+            t.unwrap();
+        });
+        e.counters().dispatches - c0.dispatches
+    };
+    run(&mut e, 2);
+    // The prompt is cached after the first run: the two runs differ by 8
+    // decode steps.
+    let per_token = (run(&mut e, 10) - run(&mut e, 2)) as f64 / 8.0;
+    let layers = e.config.layers as f64;
+    assert!(
+        per_token <= 8.0 * layers + 4.0,
+        "{per_token} dispatches a decode step for {layers} layers"
+    );
+}
+
 #[test]
 fn tidal_calibration_is_checked_cached_and_leaves_the_policy() {
     use kvsieve::attention::{AttentionPolicy, QuestConfig};

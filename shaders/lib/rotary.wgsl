@@ -36,6 +36,11 @@ fn rope_row(pos: u32, max_pos: u32) -> u32 {
     return min(pos, max_pos - 1u);
 }
 
+// Pair (lo, hi) rotated by (cos, sin) c.
+fn rotate_pair(x: vec2<f32>, c: vec2<f32>) -> vec2<f32> {
+    return vec2<f32>(x.x * c.x - x.y * c.y, x.y * c.x + x.x * c.y);
+}
+
 struct Rotated2 { lo: vec2<f32>, hi: vec2<f32> }
 struct Rotated4 { lo: vec4<f32>, hi: vec4<f32> }
 

@@ -34,8 +34,11 @@ pub(crate) fn rotate_and_attend<E: Ops>(
     attend(ops, a, q, out)
 }
 
-/// Rotates `q` at its true positions.
+/// Rotates `q` at its true positions, unless the model did already.
 pub(crate) fn rotate<E: Ops>(ops: &mut E, a: &LayerInput<'_, E>, q: &mut E::Tensor) -> Result<()> {
+    if a.q_rotated {
+        return Ok(());
+    }
     ops.rope(q, a.q_heads, a.positions, a.cache.rope)
 }
 
@@ -88,6 +91,10 @@ impl<E: Ops> PolicyState<E> for Dense<E> {
             Step::Tokens { .. } => None,
         };
         Ok(())
+    }
+
+    fn queries_at_true_positions(&self, _layer: usize) -> bool {
+        true
     }
 
     fn layer(

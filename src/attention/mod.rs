@@ -128,6 +128,10 @@ pub struct LayerInput<'a, E: Ops> {
     pub start: usize,
     /// Tokens in the step.
     pub n: usize,
+    /// The queries come rotated at `positions` (the model rotated them while
+    /// appending the step's keys, as the policy asked through
+    /// [`PolicyState::queries_at_true_positions`]).
+    pub q_rotated: bool,
 }
 
 impl<E: Ops> LayerInput<'_, E> {
@@ -149,6 +153,14 @@ pub trait PolicyState<E: Ops> {
         q: &mut E::Tensor,
         out: &mut E::Tensor,
     ) -> Result<()>;
+    /// Whether `layer` of the prepared step only reads the queries after
+    /// rotating them at their true positions: the model then rotates them in
+    /// the pass that appends the step's keys (a dispatch fewer) and passes them
+    /// in rotated. False where the policy reads raw queries (TokenSelect's
+    /// selection) or other positions (compact ones).
+    fn queries_at_true_positions(&self, _layer: usize) -> bool {
+        false
+    }
     /// Selections run and Selection Cache hits so far.
     fn stats(&mut self, _ops: &mut E) -> Result<SelectionStats> {
         Ok(SelectionStats::default())
@@ -245,8 +257,14 @@ impl<E: Ops> Attention<E> {
         self.begin(ops, Step::Tokens { n, seq_len })
     }
 
-    /// Attention of one layer for raw queries `q` (rotated here) of the step's
-    /// tokens, whose keys are already in the cache.
+    /// Whether `layer` wants its queries rotated at their true positions
+    /// before [`Attention::layer`] ([`PolicyState::queries_at_true_positions`]).
+    pub fn queries_at_true_positions(&self, layer: usize) -> bool {
+        self.state.queries_at_true_positions(layer)
+    }
+
+    /// Attention of one layer for the queries `q` of the step's tokens (raw,
+    /// rotated here, unless `a.q_rotated`), whose keys are already in the cache.
     pub fn layer(
         &mut self,
         ops: &mut E,

@@ -278,6 +278,11 @@ impl<E: Ops> PolicyState<E> for Quest<E> {
         }
     }
 
+    // Every path rotates the queries at their true positions first.
+    fn queries_at_true_positions(&self, _layer: usize) -> bool {
+        true
+    }
+
     fn layer(
         &mut self,
         ops: &mut E,

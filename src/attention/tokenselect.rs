@@ -572,6 +572,12 @@ impl<E: Ops> PolicyState<E> for TokenSelect<E> {
         }
     }
 
+    // Dense and tree steps rotate at true positions; selecting steps read
+    // the raw queries first.
+    fn queries_at_true_positions(&self, _layer: usize) -> bool {
+        matches!(self.mode, Mode::Dense | Mode::Tree(_))
+    }
+
     fn layer(
         &mut self,
         ops: &mut E,

@@ -148,7 +148,11 @@ fn decode_impl(
     } else {
         [n_splits as u32, l.kv_heads as u32, 1]
     };
-    for (i, &a) in kv.arenas_for(cache.table, 0..seq_len).iter().enumerate() {
+    let arenas = kv.arenas_for(cache.table, 0..seq_len);
+    // One split in one pass: the kernel stores the output itself, no reduce.
+    let direct = n_splits == 1 && arenas.len() == 1;
+    let dst = if direct { &out.buf } else { &part };
+    for (i, &a) in arenas.iter().enumerate() {
         let params = AttentionDecodeParams {
             kv_len: ranks as u32,
             q_heads: qh as u32,
@@ -162,7 +166,7 @@ fn decode_impl(
             first_pass: u32::from(i == 0),
             scale: 1.0 / (d as f32).sqrt(),
             max_pos: rope.max_pos as u32,
-            _p0: 0,
+            direct: u32::from(direct),
             n_init: lw.n_init,
             n_sel: lw.n_sel,
             tail_start: lw.tail_start,
@@ -177,10 +181,13 @@ fn decode_impl(
             Binding::from(&kv.v[cache.layer][a]),
             Binding::from(&pages),
             Binding::from(&rope.buf),
-            Binding::from(&part),
+            Binding::from(dst),
             Binding::from(&sel),
         ];
         ex.rec.dispatch(&p, params.words(), &b, groups);
+    }
+    if direct {
+        return Ok(());
     }
     let r = ex.pipeline(shaders::ATTENTION_DECODE, "decode_reduce", &[]);
     ex.rec.dispatch(

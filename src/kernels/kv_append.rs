@@ -1,8 +1,9 @@
-//! KV append (`kv_append.wgsl`): one pass per arena buffer; KV moves for
-//! committing accepted draft tokens (buffer copies).
+//! KV append (`kv_append.wgsl`), alone or with the queries' RoPE: one pass
+//! per arena buffer; KV moves for committing accepted draft tokens (buffer
+//! copies).
 
 use super::params::KvAppendParams;
-use super::{GpuExecutor, GpuKv, GpuTensor};
+use super::{GpuExecutor, GpuIds, GpuKv, GpuRope, GpuTensor};
 use crate::error::Result;
 use crate::gpu::Binding;
 use crate::kv::PageTable;
@@ -17,35 +18,84 @@ pub(super) fn kv_append(
     k: &GpuTensor,
     v: &GpuTensor,
 ) -> Result<()> {
+    append_passes(ex, kv, layer, table, start, k, v, None)
+}
+
+/// The queries `kv_append_rope` rotates: the tensor, its heads, their
+/// positions and the RoPE table.
+pub(super) type Queries<'a> = (&'a mut GpuTensor, usize, &'a GpuIds, &'a GpuRope);
+
+/// KV append that also rotates the queries (in the first arena's pass).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn kv_append_rope(
+    ex: &mut GpuExecutor,
+    kv: &mut GpuKv,
+    layer: usize,
+    table: &PageTable,
+    start: usize,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    q: Queries<'_>,
+) -> Result<()> {
+    append_passes(ex, kv, layer, table, start, k, v, Some(q))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append_passes(
+    ex: &mut GpuExecutor,
+    kv: &mut GpuKv,
+    layer: usize,
+    table: &PageTable,
+    start: usize,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    mut q: Option<Queries<'_>>,
+) -> Result<()> {
     let l = kv.layout;
     if k.rows == 0 {
         return Ok(());
     }
     let pages = ex.page_table(table)?;
     let words = l.head_dim / 2;
-    let p = ex.pipeline(shaders::KV_APPEND, "kv_append", &[]);
-    let groups = ex.grid((k.rows * l.kv_heads * words).div_ceil(64))?;
     // Only arenas holding one of the touched pages need a pass.
     for a in kv.arenas_for(table, start..start + k.rows) {
         let (ka, va) = (&kv.k[layer][a], &kv.v[layer][a]);
-        let lo = (a * kv.pages_per_arena) as u32;
-        let params = KvAppendParams {
+        let mut params = KvAppendParams {
             tokens: k.rows as u32,
             start: start as u32,
             kv_heads: l.kv_heads as u32,
             words: words as u32,
             page_size: l.page_size as u32,
-            arena_first_page: lo,
+            arena_first_page: (a * kv.pages_per_arena) as u32,
             arena_pages: kv.pages_per_arena as u32,
+            q_heads: 0,
+            max_pos: 0,
             _p0: 0,
+            _p1: 0,
+            _p2: 0,
         };
-        let b = [
+        let mut b = vec![
             Binding::from(&k.buf),
             Binding::from(&v.buf),
             Binding::from(&pages),
             Binding::from(ka),
             Binding::from(va),
         ];
+        let (entry, threads) = match q.take() {
+            Some((q, heads, pos, rope)) => {
+                params.q_heads = heads as u32;
+                params.max_pos = rope.max_pos as u32;
+                b.extend([
+                    Binding::from(&q.buf),
+                    Binding::from(&pos.buf),
+                    Binding::from(&rope.buf),
+                ]);
+                ("kv_append_rope", k.rows * heads * words)
+            }
+            None => ("kv_append", k.rows * l.kv_heads * words),
+        };
+        let p = ex.pipeline(shaders::KV_APPEND, entry, &[]);
+        let groups = ex.grid(threads.div_ceil(64))?;
         ex.rec.dispatch(&p, params.words(), &b, groups);
     }
     Ok(())

@@ -421,6 +421,23 @@ impl KvOps for GpuExecutor {
         kv_append::kv_append(self, kv, layer, table, start, k, v)
     }
 
+    fn run_kv_append_rope(
+        &mut self,
+        kv: &mut GpuKv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        q: &mut GpuTensor,
+        q_heads: usize,
+        positions: &GpuIds,
+        rope: &GpuRope,
+    ) -> Result<()> {
+        let queries = (q, q_heads, positions, rope);
+        kv_append::kv_append_rope(self, kv, layer, table, start, k, v, queries)
+    }
+
     fn run_kv_move(
         &mut self,
         kv: &mut GpuKv,

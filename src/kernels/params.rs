@@ -103,10 +103,12 @@ kernel_params! {
     MatmulTiledParams for MATMUL_TILED::"Params" {
         m: u32, k4: u32, rows: u32, n_offset: u32, y_stride: u32, _p0: u32, _p1: u32, _p2: u32,
     }
-    /// `kv_append.wgsl`: one arena's pass.
+    /// `kv_append.wgsl`: one arena's pass (`q_heads` and `max_pos` for the
+    /// queries `kv_append_rope` rotates).
     KvAppendParams for KV_APPEND::"Params" {
         tokens: u32, start: u32, kv_heads: u32, words: u32,
-        page_size: u32, arena_first_page: u32, arena_pages: u32, _p0: u32,
+        page_size: u32, arena_first_page: u32, arena_pages: u32, q_heads: u32,
+        max_pos: u32, _p0: u32, _p1: u32, _p2: u32,
     }
     /// `attention_decode.wgsl`: one arena's pass of split-KV decoding over
     /// `kv_len` ranks; the list fields as [`AttentionPrefillParams`]'s.
@@ -114,7 +116,7 @@ kernel_params! {
         kv_len: u32, q_heads: u32, kv_heads: u32, head_dim: u32,
         page_size: u32, split_len: u32, n_splits: u32, arena_first_page: u32,
         arena_pages: u32, first_pass: u32, scale: f32, max_pos: u32,
-        _p0: u32, n_init: u32, n_sel: u32, tail_start: u32,
+        direct: u32, n_init: u32, n_sel: u32, tail_start: u32,
         _p1: u32, block: u32, blocks_per_head: u32, _p2: u32,
     }
     /// `attention_prefill.wgsl`: one pass over ranks `kv_begin..kv_stop` of one

@@ -348,7 +348,15 @@ impl<E: Ops> Llama<E> {
                 std::mem::swap(&mut ws.q, qt);
                 std::mem::swap(&mut ws.k, kt);
             }
-            ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
+            let q_rotated = attn.queries_at_true_positions(i);
+            if q_rotated {
+                let (q, rope) = (&mut ws.q, &self.rope);
+                ops.kv_append_rope(
+                    kv, i, table, start, &ws.k, &ws.v, q, c.heads, positions, rope,
+                )?;
+            } else {
+                ops.kv_append(kv, i, table, start, &ws.k, &ws.v)?;
+            }
             let input = LayerInput {
                 cache: KvView {
                     kv,
@@ -360,6 +368,7 @@ impl<E: Ops> Llama<E> {
                 positions,
                 start,
                 n,
+                q_rotated,
             };
             attn.layer(ops, &input, &mut ws.q, &mut ws.attn)?;
             // The residual adds and SwiGLU ride in the matmuls' epilogues.

@@ -81,6 +81,40 @@ pub trait KvOps: Executor {
         check::kv_append(l, layer, table, start, Self::dims(k), Self::dims(v))?;
         self.run_kv_append(kv, layer, table, start, k, v)
     }
+    /// [`KvOps::kv_append`] and [`super::TensorOps::rope`] of the step's queries `q`
+    /// `[tokens, q_heads * head_dim]` at `positions`, in one pass where the
+    /// executor can (the model's step for layers whose policy attends with
+    /// queries at their true positions: a dispatch fewer per layer).
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append_rope(
+        &mut self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        q: &mut Self::Tensor,
+        q_heads: usize,
+        positions: &Self::Ids,
+        rope: &Self::Rope,
+    ) -> Result<()> {
+        let l = Self::kv_layout(kv);
+        check::kv_append(l, layer, table, start, Self::dims(k), Self::dims(v))?;
+        let (qd, head_dim) = (Self::dims(q), Self::rope_dims(rope).1);
+        check::rope(qd, q_heads, head_dim, Self::ids_len(positions))?;
+        if qd.0 != Self::dims(k).0 || head_dim != l.head_dim {
+            return shape_err(
+                "kv_append_rope",
+                format!(
+                    "q is {qd:?} with a RoPE head dim of {head_dim}, k is {:?} with {}",
+                    Self::dims(k),
+                    l.head_dim
+                ),
+            );
+        }
+        self.run_kv_append_rope(kv, layer, table, start, k, v, q, q_heads, positions, rope)
+    }
     /// Moves the keys and values of every layer from logical index `src` to `dst`
     /// for each `(src, dst)` in order (committing an accepted draft path).
     fn kv_move(
@@ -222,6 +256,21 @@ pub trait KvOps: Executor {
         start: usize,
         k: &Self::Tensor,
         v: &Self::Tensor,
+    ) -> Result<()>;
+    /// [`KvOps::kv_append_rope`], checked.
+    #[allow(clippy::too_many_arguments)]
+    fn run_kv_append_rope(
+        &mut self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        q: &mut Self::Tensor,
+        q_heads: usize,
+        positions: &Self::Ids,
+        rope: &Self::Rope,
     ) -> Result<()>;
     /// [`KvOps::kv_move`], checked.
     fn run_kv_move(

@@ -1,9 +1,9 @@
 //! The reference's KV ops: the paged cache as f16-rounded f32, attention in f32.
 
-use super::{attention, round_f16, tokenselect, RefExecutor, RefKv, RefTensor, RefView};
+use super::{attention, round_f16, tokenselect, RefExecutor, RefKv, RefRope, RefTensor, RefView};
 use crate::error::Result;
 use crate::kv::{KvLayout, PageTable};
-use crate::ops::{KeyList, KvOps};
+use crate::ops::{KeyList, KvOps, TensorOps};
 use std::ops::Range;
 
 impl KvOps for RefExecutor {
@@ -46,6 +46,24 @@ impl KvOps for RefExecutor {
             }
         }
         Ok(())
+    }
+
+    // The twin of the fused pass: the two unfused ops.
+    fn run_kv_append_rope(
+        &mut self,
+        kv: &mut RefKv,
+        layer: usize,
+        table: &PageTable,
+        start: usize,
+        k: &RefTensor,
+        v: &RefTensor,
+        q: &mut RefTensor,
+        q_heads: usize,
+        positions: &Vec<u32>,
+        rope: &RefRope,
+    ) -> Result<()> {
+        self.run_kv_append(kv, layer, table, start, k, v)?;
+        self.run_rope(q, q_heads, positions, rope)
     }
 
     fn run_kv_move(
