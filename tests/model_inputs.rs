@@ -866,7 +866,9 @@ fn decode_creations(e: &mut Engine, prompt: &[u32], params: &GenerateParams) -> 
 fn steady_decode_creates_no_buffers_or_bind_groups() {
     let d = write_model("steady", "LlamaForCausalLM", |_| {});
     let mut e = load(&d, Backend::Gpu).unwrap();
-    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 250).collect();
+    // Past 64 tokens, so the CPU drivers' attention has several splits
+    // throughout (one split stores its output itself, a kernel of its own).
+    let prompt: Vec<u32> = (0..70).map(|i| 3 + (i * 37) % 250).collect();
     let greedy = GenerateParams {
         max_tokens: 4,
         stop_at_eos: false,
@@ -877,20 +879,17 @@ fn steady_decode_creates_no_buffers_or_bind_groups() {
         ..greedy.clone()
     };
     for params in [greedy, sampled] {
+        let long_params = GenerateParams {
+            max_tokens: 40,
+            ..params.clone()
+        };
         // Warm: pipelines, workspaces and bind groups of this kind of step,
         // from an empty cache and from the cached prompt (whose last token
         // reruns as a one-row step).
         decode_creations(&mut e, &prompt, &params);
         decode_creations(&mut e, &prompt, &params);
         let short = decode_creations(&mut e, &prompt, &params);
-        let long = decode_creations(
-            &mut e,
-            &prompt,
-            &GenerateParams {
-                max_tokens: 40,
-                ..params.clone()
-            },
-        );
+        let long = decode_creations(&mut e, &prompt, &long_params);
         // 36 more decode steps created nothing more than 4 did.
         assert_eq!(
             long, short,
