@@ -9,39 +9,13 @@ use crate::gpu::Binding;
 use crate::kv::PageTable;
 use crate::shaders;
 
-pub(super) fn kv_append(
-    ex: &mut GpuExecutor,
-    kv: &mut GpuKv,
-    layer: usize,
-    table: &PageTable,
-    start: usize,
-    k: &GpuTensor,
-    v: &GpuTensor,
-) -> Result<()> {
-    append_passes(ex, kv, layer, table, start, k, v, None)
-}
-
 /// The queries `kv_append_rope` rotates: the tensor, its heads, their
 /// positions and the RoPE table.
 pub(super) type Queries<'a> = (&'a mut GpuTensor, usize, &'a GpuIds, &'a GpuRope);
 
-/// KV append that also rotates the queries (in the first arena's pass).
+/// KV append, and with `q` the queries' RoPE in the first arena's pass.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn kv_append_rope(
-    ex: &mut GpuExecutor,
-    kv: &mut GpuKv,
-    layer: usize,
-    table: &PageTable,
-    start: usize,
-    k: &GpuTensor,
-    v: &GpuTensor,
-    q: Queries<'_>,
-) -> Result<()> {
-    append_passes(ex, kv, layer, table, start, k, v, Some(q))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn append_passes(
+pub(super) fn kv_append(
     ex: &mut GpuExecutor,
     kv: &mut GpuKv,
     layer: usize,

@@ -418,7 +418,7 @@ impl KvOps for GpuExecutor {
         k: &GpuTensor,
         v: &GpuTensor,
     ) -> Result<()> {
-        kv_append::kv_append(self, kv, layer, table, start, k, v)
+        kv_append::kv_append(self, kv, layer, table, start, k, v, None)
     }
 
     fn run_kv_append_rope(
@@ -435,7 +435,7 @@ impl KvOps for GpuExecutor {
         rope: &GpuRope,
     ) -> Result<()> {
         let queries = (q, q_heads, positions, rope);
-        kv_append::kv_append_rope(self, kv, layer, table, start, k, v, queries)
+        kv_append::kv_append(self, kv, layer, table, start, k, v, Some(queries))
     }
 
     fn run_kv_move(
