@@ -777,19 +777,27 @@ fn tokenselect_positions_auto_switch_at_the_trained_length() {
     };
     assert_eq!(TokenSelectConfig::default().positions, Positions::Auto);
     for backend in [Backend::Reference, Backend::Gpu] {
-        let engine = |p| {
+        let engine_chunked = |p, prefill_chunk| {
             let opts = Options {
                 backend,
                 max_context: 512,
                 policy: ts(p),
+                prefill_chunk,
                 ..Options::default()
             };
             Engine::load(&d, opts).unwrap()
         };
+        let engine = |p| engine_chunked(p, 512);
         let (mut auto, mut orig, mut comp) = (
             engine(Positions::Auto),
             engine(Positions::Original),
             engine(Positions::Compact),
+        );
+        // A prompt past the trained length fed in chunks of 64: its chunks
+        // within the trained length take compact positions too.
+        let (mut auto64, mut comp64) = (
+            engine_chunked(Positions::Auto, 64),
+            engine_chunked(Positions::Compact, 64),
         );
         let prompt: Vec<u32> = (0..300).map(|i| 3 + (i * 13) % 250).collect();
         for len in [100, 256, 257, 300] {
@@ -809,6 +817,12 @@ fn tokenselect_positions_auto_switch_at_the_trained_length() {
                 &a == want,
                 "{backend:?} len {len}: auto is not the expected scheme"
             );
+            if len > 256 {
+                assert!(
+                    logits(&mut auto64) == logits(&mut comp64),
+                    "{backend:?} len {len} in chunks of 64: auto is not compact"
+                );
+            }
         }
         // Decode steps after a 250-token prompt: as original ones up to the
         // trained length (6 new tokens reach 256), not after it.

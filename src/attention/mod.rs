@@ -161,6 +161,10 @@ pub trait PolicyState<E: Ops> {
     fn queries_at_true_positions(&self, _layer: usize) -> bool {
         false
     }
+    /// The prompt being fed (in chunks) takes the sequence to `seq_len`
+    /// tokens: a policy whose scheme depends on the length decides it for the
+    /// whole prompt, not chunk by chunk.
+    fn expect_len(&mut self, _seq_len: usize) {}
     /// Selections run and Selection Cache hits so far.
     fn stats(&mut self, _ops: &mut E) -> Result<SelectionStats> {
         Ok(SelectionStats::default())
@@ -245,6 +249,12 @@ impl<E: Ops> Attention<E> {
     /// The KV cache layout the policy serves.
     pub fn layout(&self) -> &KvLayout {
         &self.shape.layout
+    }
+
+    /// The prompt being fed takes the sequence to `seq_len` tokens
+    /// ([`PolicyState::expect_len`]); called before its first chunk.
+    pub fn expect_len(&mut self, seq_len: usize) {
+        self.state.expect_len(seq_len)
     }
 
     /// Prepares a step (called once per forward, before the layers).

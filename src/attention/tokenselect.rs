@@ -16,7 +16,8 @@ use crate::ops::{GqaMap, KeyList, Ops, SelectPlan, Selection};
 pub enum Positions {
     /// Original positions while the context is within the model's trained
     /// length (closest to dense attention there), compact ones once it goes
-    /// past (positions the model never saw otherwise).
+    /// past (positions the model never saw otherwise); a prompt that goes past
+    /// takes compact positions from its first chunk on.
     #[default]
     Auto,
     /// A key's position is its rank in the attended list (extrapolates past the
@@ -243,6 +244,8 @@ pub struct TokenSelect<E: Ops> {
     mode: Mode<E>,
     /// Compact positions in the current step ([`TokenSelectConfig::compact_at`]).
     compact: bool,
+    /// The length the prompt being fed reaches ([`PolicyState::expect_len`]).
+    horizon: usize,
     /// Selections run without the Selection Cache (threshold above 1).
     uncached_selections: u64,
     prefill_selections: u64,
@@ -262,6 +265,7 @@ impl<E: Ops> TokenSelect<E> {
             pre: None,
             mode: Mode::Dense,
             compact: false,
+            horizon: 0,
             uncached_selections: 0,
             prefill_selections: 0,
         })
@@ -310,7 +314,7 @@ impl<E: Ops> TokenSelect<E> {
     fn begin_tokens(&mut self, ops: &mut E, n: usize, seq_len: usize) -> Result<()> {
         let c = self.c;
         let start = seq_len - n;
-        self.compact = c.compact_at(seq_len, self.shape.trained);
+        self.compact = c.compact_at(seq_len.max(self.horizon), self.shape.trained);
         let compact = self.compact;
         if c.prefilter_blocks > 0 {
             // Bounds follow the cache from the first token, selecting or not.
@@ -574,6 +578,15 @@ impl<E: Ops> PolicyState<E> for TokenSelect<E> {
 
     // Dense and tree steps rotate at true positions; selecting steps read
     // the raw queries first.
+    // Auto positions decide for the whole prompt: its early chunks, within
+    // the trained length, take compact positions too when the prompt goes
+    // past it, so the result does not depend on the chunk size, and the keys
+    // of the whole prompt come from one scheme (16K passkeys that mixed the
+    // two were missed where compact ones were found).
+    fn expect_len(&mut self, seq_len: usize) {
+        self.horizon = seq_len;
+    }
+
     fn queries_at_true_positions(&self, _layer: usize) -> bool {
         matches!(self.mode, Mode::Dense | Mode::Tree(_))
     }

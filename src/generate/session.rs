@@ -338,6 +338,7 @@ impl<E: Ops> Session<E> {
             )));
         }
         self.reserve(total)?;
+        self.attention.expect_len(total);
         for part in tokens.chunks(self.chunk) {
             let start = self.tokens.len();
             let n = part.len();
