@@ -330,7 +330,7 @@ fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) 
     let mut ex = GpuExecutor::new()?;
     let name = ex.name();
     ex.rec.enable_timestamps();
-    for &len in args.kernel_lens.iter().filter(|&&l| l > 0) {
+    for len in lengths(&args.kernel_lens) {
         let mut dense_ms = 0.0;
         for (row, (label, policy)) in rows.iter_mut().zip(pols) {
             // TokenSelect selects in every layer: the Selection Cache is off.
@@ -359,7 +359,7 @@ fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) 
 /// a fresh engine on `--e2e-backend`.
 fn end_to_end(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R<String> {
     let mut name = "not run".to_string();
-    for &ctx in args.decode_context.iter().filter(|&&c| c > 0) {
+    for ctx in lengths(&args.decode_context) {
         for (row, (label, policy)) in rows.iter_mut().zip(pols) {
             let opts = Options {
                 backend: args.e2e_backend,
@@ -399,6 +399,11 @@ fn end_to_end(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -
     Ok(name)
 }
 
+/// The lengths of a list option that run (0 leaves a measurement out).
+fn lengths(list: &[usize]) -> Vec<usize> {
+    list.iter().copied().filter(|&l| l > 0).collect()
+}
+
 fn table(rep: &Report, args: &Args) -> String {
     let mut s = String::new();
     let mut head = vec!["policy".to_string(), "tokens attended".to_string()];
@@ -409,18 +414,7 @@ fn table(rep: &Report, args: &Args) -> String {
         }
         head.push("agreement (ref)".into());
     }
-    let kernel_lens: Vec<usize> = args
-        .kernel_lens
-        .iter()
-        .copied()
-        .filter(|&l| l > 0)
-        .collect();
-    let contexts: Vec<usize> = args
-        .decode_context
-        .iter()
-        .copied()
-        .filter(|&c| c > 0)
-        .collect();
+    let (kernel_lens, contexts) = (lengths(&args.kernel_lens), lengths(&args.decode_context));
     for &l in &kernel_lens {
         head.push(format!("attention speedup {}K (GPU)", l / 1024));
     }
@@ -496,7 +490,7 @@ fn main() -> R<()> {
     } else {
         quality(&args, &mut rows, &pols)?
     };
-    let gpu_executor = if args.kernel_lens.iter().any(|&l| l > 0) {
+    let gpu_executor = if !lengths(&args.kernel_lens).is_empty() {
         gpu_columns(&args, &mut rows, &pols)?
     } else {
         "not run".into()
