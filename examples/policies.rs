@@ -1,7 +1,8 @@
 //! One comparison of the attention policies at equal token budgets (about 2K
 //! tokens each), printed as a Markdown table and written as JSON (one object
 //! per policy):
-//! - passkey accuracy at each `--lens` over `--depths` (reference executor);
+//! - passkey accuracy at each `--lens` over `--depths` and `--fillers`
+//!   (reference executor);
 //! - teacher-forced next-token agreement with dense over `--positions`
 //!   positions ending at `--agreement-len` tokens of the project's design
 //!   documents (reference executor);
@@ -30,7 +31,7 @@ use kvsieve::attention::{
     TokenSelectConfig,
 };
 use kvsieve::eval::{
-    agreement, first_integer, passkey_prompt, passkey_trial, teacher_forced_argmaxes,
+    agreement, first_integer, passkey_prompt, passkey_trial, teacher_forced_argmaxes, Filler,
 };
 use kvsieve::generate::{Backend, Engine, GenerateParams, Options};
 use kvsieve::kernels::GpuExecutor;
@@ -57,10 +58,16 @@ struct Args {
     /// Passkey depths (share of the filler before the key).
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.6,0.3")]
     depths: Vec<f64>,
+    /// Passkey haystacks: `repeat` (the classic five sentences), `varied`
+    /// (sentences from word lists, no repeats, no digits), `docs` (the
+    /// project's design notes, tests/fixtures/design.md, with numbers in them).
+    #[arg(long, value_delimiter = ',', default_value = "repeat")]
+    fillers: Vec<String>,
     /// Teacher-forced positions compared with dense.
     #[arg(long, default_value_t = 200)]
     positions: usize,
-    /// Tokens of text the agreement runs over (positions end here).
+    /// Tokens of text the agreement runs over (positions end here; 0 skips
+    /// the agreement column).
     #[arg(long, default_value_t = 4000)]
     agreement_len: usize,
     /// Context lengths of the decode-attention timing (GPU executor; 0 skips it).
@@ -85,7 +92,7 @@ struct Args {
     #[arg(long)]
     skip_quality: bool,
     /// Run only these policies (by row label, e.g. `dense,Quest`); dense
-    /// always runs, as the baseline of the speedup and agreement columns.
+    /// runs too where a column needs its baseline (agreement, kernel speedup).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -94,8 +101,8 @@ struct Args {
 struct Row {
     policy: String,
     config: String,
-    /// Per length: keys found, trials (reference executor).
-    passkey: Vec<(usize, usize, usize)>,
+    /// Per length and filler: keys found of trials (reference executor).
+    passkey: Vec<PasskeyCell>,
     /// Next-token agreement with dense (reference executor).
     agreement: Option<f64>,
     /// Per context length: mean decode attention ms per layer-step and the
@@ -103,6 +110,14 @@ struct Row {
     kernel: Vec<(usize, f64, f64)>,
     /// End to end, per `decode_context` length.
     e2e: Vec<EndToEnd>,
+}
+
+#[derive(Serialize, Clone)]
+struct PasskeyCell {
+    len: usize,
+    filler: String,
+    found: usize,
+    trials: usize,
 }
 
 /// One passkey prompt run end to end.
@@ -195,6 +210,17 @@ fn text() -> String {
         .join("\n\n")
 }
 
+/// The filler named on the command line.
+fn filler(name: &str) -> kvsieve::Result<Filler> {
+    if name != "docs" {
+        return Filler::named(name);
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/design.md");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| kvsieve::Error::InvalidOption(format!("{}: {e}", path.display())))?;
+    Ok(Filler::Text(text))
+}
+
 /// `len` tokens of the fixture text, repeated as needed.
 fn text_ids(e: &Engine, len: usize) -> kvsieve::Result<Vec<u32>> {
     let once = e.tokenizer.encode(&text())?;
@@ -226,22 +252,40 @@ fn quality(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R
     };
     let mut e = Engine::load_default(opts)?;
     let name = e.backend_name();
-    let ids = text_ids(&e, args.agreement_len)?;
+    let fillers = args
+        .fillers
+        .iter()
+        .map(|n| Ok((n.clone(), filler(n)?)))
+        .collect::<kvsieve::Result<Vec<_>>>()?;
+    let ids = text_ids(&e, args.agreement_len.max(1))?;
     let from = args.agreement_len.saturating_sub(args.positions).max(1);
     let mut dense = Vec::new();
     for (row, (label, policy)) in rows.iter_mut().zip(pols) {
         e.set_policy(*policy)?;
-        for &len in &args.lens {
-            let mut found = 0;
-            // Latest key first: prompts share their tokens up to the earlier key.
-            let mut depths = args.depths.clone();
-            depths.sort_by(|a, b| b.total_cmp(a));
-            for &depth in &depths {
-                let (ok, text) = passkey_trial(&mut e, len, depth, passkey_key(len, depth))?;
-                eprintln!("passkey {label:>24} len {len:>5} depth {depth:.1}: {ok} ({text:?})");
-                found += usize::from(ok);
+        for &len in &lengths(&args.lens) {
+            for (fname, f) in &fillers {
+                let mut found = 0;
+                // Latest key first: prompts share their tokens up to the earlier key.
+                let mut depths = args.depths.clone();
+                depths.sort_by(|a, b| b.total_cmp(a));
+                for &depth in &depths {
+                    let key = passkey_key(len, depth);
+                    let (ok, text) = passkey_trial(&mut e, len, depth, key, f)?;
+                    eprintln!(
+                        "passkey {label:>24} {fname:>6} len {len:>5} depth {depth:.2}: {ok} ({text:?})"
+                    );
+                    found += usize::from(ok);
+                }
+                row.passkey.push(PasskeyCell {
+                    len,
+                    filler: fname.clone(),
+                    found,
+                    trials: depths.len(),
+                });
             }
-            row.passkey.push((len, found, depths.len()));
+        }
+        if args.agreement_len == 0 {
+            continue;
         }
         e.reset();
         let preds = teacher_forced_argmaxes(&mut e, &ids, from)?;
@@ -355,23 +399,59 @@ fn gpu_columns(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) 
     Ok(name)
 }
 
-/// The end-to-end columns: per policy and length, one passkey prompt through
-/// a fresh engine on `--e2e-backend`.
+/// Whether `p` prefills exactly as dense does (Quest without its sparse
+/// prefill, Tidal): such policies decode over one shared dense prefill.
+fn prefills_densely(p: &AttentionPolicy) -> bool {
+    match p {
+        AttentionPolicy::Dense | AttentionPolicy::Tidal(_) => true,
+        AttentionPolicy::Quest(c) => c.prefill_subchunk == 0,
+        AttentionPolicy::TokenSelect(_) => false,
+    }
+}
+
+/// The end-to-end columns: per policy and length, one passkey prompt on
+/// `--e2e-backend`. The policies that prefill densely share one prefill of
+/// all but the prompt's last token (its rate is their prefill column) and
+/// take over its cache ([`Engine::switch_policy`]); the others run on a fresh
+/// engine. Every policy feeds the prompt's last token itself, then decodes.
 fn end_to_end(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R<String> {
     let mut name = "not run".to_string();
     for ctx in lengths(&args.decode_context) {
+        let key = passkey_key(ctx, args.e2e_depth);
+        let mut shared: Option<(Engine, f64)> = None;
         for (row, (label, policy)) in rows.iter_mut().zip(pols) {
+            let dense_prefill = prefills_densely(policy);
             let opts = Options {
                 backend: args.e2e_backend,
                 max_context: ctx + args.decode_tokens + 16,
-                policy: *policy,
+                policy: if dense_prefill {
+                    AttentionPolicy::Dense
+                } else {
+                    *policy
+                },
                 progress: true,
                 ..Options::default()
             };
-            let mut e = Engine::load_default(opts)?;
+            let (mut e, known) = match shared.take() {
+                Some((e, tps)) if dense_prefill => (e, Some(tps)),
+                other => {
+                    shared = other;
+                    (Engine::load_default(opts)?, None)
+                }
+            };
             name = e.backend_name();
-            let key = passkey_key(ctx, args.e2e_depth);
-            let ids = passkey_prompt(&e.tokenizer, ctx, args.e2e_depth, key)?;
+            let ids = passkey_prompt(&e.tokenizer, ctx, args.e2e_depth, key, &Filler::Repeat)?;
+            let prefill_tps = match known {
+                Some(tps) => tps,
+                None => {
+                    let prefix = &ids[..ids.len() - 1];
+                    let t = Instant::now();
+                    e.prefill(prefix)?;
+                    prefix.len() as f64 / t.elapsed().as_secs_f64()
+                }
+            };
+            e.switch_policy(*policy)?;
+            e.stats = Default::default();
             let params = GenerateParams {
                 max_tokens: args.decode_tokens.max(7),
                 stop_at_eos: false,
@@ -383,7 +463,7 @@ fn end_to_end(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -
             }
             let r = EndToEnd {
                 context: ctx,
-                prefill_tps: e.stats.prefill_tps(),
+                prefill_tps,
                 decode_tps: e.stats.decode_tps(),
                 cache_hit_rate: e.selection_stats().hit_rate(),
                 passkey_found: first_integer(&answer) == Some(key as u64),
@@ -394,6 +474,9 @@ fn end_to_end(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -
                 r.prefill_tps, r.decode_tps, r.cache_hit_rate, r.passkey_found, r.answer
             );
             row.e2e.push(r);
+            if dense_prefill {
+                shared = Some((e, prefill_tps));
+            }
         }
     }
     Ok(name)
@@ -408,10 +491,15 @@ fn table(rep: &Report, args: &Args) -> String {
     let mut s = String::new();
     let mut head = vec!["policy".to_string(), "tokens attended".to_string()];
     let quality = !args.skip_quality;
+    let agreement = quality && args.agreement_len > 0;
     if quality {
-        for &l in &args.lens {
-            head.push(format!("passkey {l} (ref)"));
+        for l in lengths(&args.lens) {
+            for f in &args.fillers {
+                head.push(format!("passkey {l} {f} (ref)"));
+            }
         }
+    }
+    if agreement {
         head.push("agreement (ref)".into());
     }
     let (kernel_lens, contexts) = (lengths(&args.kernel_lens), lengths(&args.decode_context));
@@ -427,12 +515,18 @@ fn table(rep: &Report, args: &Args) -> String {
     for r in &rep.rows {
         let mut cells = vec![r.policy.clone(), r.config.clone()];
         if quality {
-            for &l in &args.lens {
-                cells.push(match r.passkey.iter().find(|p| p.0 == l) {
-                    Some((_, f, n)) => format!("{f}/{n}"),
-                    None => "not run".into(),
-                });
+            for l in lengths(&args.lens) {
+                for f in &args.fillers {
+                    cells.push(
+                        match r.passkey.iter().find(|p| p.len == l && &p.filler == f) {
+                            Some(p) => format!("{}/{}", p.found, p.trials),
+                            None => "not run".into(),
+                        },
+                    );
+                }
             }
+        }
+        if agreement {
             cells.push(
                 r.agreement
                     .map_or("not run".into(), |a| format!("{:.1} %", 100.0 * a)),
@@ -475,7 +569,9 @@ fn main() -> R<()> {
                 return Err(format!("--only: no policy {name:?} (known: {known:?})").into());
             }
         }
-        pols.retain(|(n, _)| *n == "dense" || args.only.iter().any(|o| o == n));
+        let baseline = (!args.skip_quality && args.agreement_len > 0)
+            || !lengths(&args.kernel_lens).is_empty();
+        pols.retain(|(n, _)| (*n == "dense" && baseline) || args.only.iter().any(|o| o == n));
     }
     let mut rows: Vec<Row> = pols
         .iter()

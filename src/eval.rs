@@ -11,18 +11,122 @@ const FILLER: &str =
     " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 const QUESTION: &str = " What is the pass key? The pass key is";
 
+/// The haystack of a passkey prompt: the text the key hides in.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Filler {
+    /// The classic five sentences, repeated (docs/ALGORITHMS.md section 7).
+    #[default]
+    Repeat,
+    /// Sentences drawn from small word lists by a fixed sequence: no run of
+    /// sentences repeats and there are no digits to mistake for the key.
+    Varied,
+    /// Any text, split into sentences and cycled (numbers in it are
+    /// distractors).
+    Text(String),
+}
+
+impl Filler {
+    /// The filler named `repeat` or `varied`.
+    pub fn named(name: &str) -> Result<Filler> {
+        match name {
+            "repeat" => Ok(Filler::Repeat),
+            "varied" => Ok(Filler::Varied),
+            _ => Err(Error::InvalidOption(format!(
+                "unknown filler {name:?} (repeat, varied, or a text)"
+            ))),
+        }
+    }
+
+    /// The `i`-th sentence of the haystack, with a leading space.
+    fn unit(&self, i: usize, sentences: &[&str]) -> String {
+        match self {
+            Filler::Repeat => FILLER.to_string(),
+            Filler::Varied => varied_sentence(i),
+            Filler::Text(_) => format!(" {}", sentences[i % sentences.len()]),
+        }
+    }
+}
+
+/// Sentence `i` of [`Filler::Varied`]: word choices from a splitmix hash of
+/// `i`, so the sequence is the same on every machine.
+fn varied_sentence(i: usize) -> String {
+    const NAMES: [&str; 12] = [
+        "Mara", "Tobias", "Ines", "Kofi", "Lena", "Ravi", "Sofia", "Omar", "Hana", "Piet", "Yara",
+        "Dmitri",
+    ];
+    const VERBS: [&str; 12] = [
+        "carried",
+        "painted",
+        "found",
+        "repaired",
+        "sold",
+        "borrowed",
+        "watched",
+        "cleaned",
+        "described",
+        "hid",
+        "measured",
+        "photographed",
+    ];
+    const ADJS: [&str; 12] = [
+        "old", "quiet", "bright", "narrow", "wooden", "silver", "heavy", "small", "crooked",
+        "green", "distant", "careful",
+    ];
+    const NOUNS: [&str; 12] = [
+        "lantern", "boat", "letter", "garden", "bridge", "clock", "basket", "window", "map",
+        "violin", "kettle", "ladder",
+    ];
+    const PLACES: [&str; 12] = [
+        "harbour",
+        "market",
+        "library",
+        "orchard",
+        "station",
+        "valley",
+        "kitchen",
+        "workshop",
+        "meadow",
+        "museum",
+        "courtyard",
+        "forest",
+    ];
+    let mut h = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let mut pick = |n: usize| {
+        let v = (h % n as u64) as usize;
+        h /= n as u64;
+        v
+    };
+    let (name, verb, adj) = (NAMES[pick(12)], VERBS[pick(12)], ADJS[pick(12)]);
+    let (noun, place) = (NOUNS[pick(12)], PLACES[pick(12)]);
+    match pick(4) {
+        0 => format!(" {name} {verb} the {adj} {noun} near the {place}."),
+        1 => format!(" In the {place}, {name} {verb} a {adj} {noun}."),
+        2 => format!(" Nobody expected the {noun} in the {place} to look so {adj}."),
+        _ => format!(" The {adj} {noun} stayed in the {place} while {name} {verb} it."),
+    }
+}
+
 /// A passkey prompt of about `tokens` tokens with `key` inserted after a share
-/// `depth` (0..=1) of the filler.
+/// `depth` (0..=1) of the `filler`'s sentences.
 ///
 /// ```no_run
-/// use kvsieve::eval::passkey_prompt;
+/// use kvsieve::eval::{passkey_prompt, Filler};
 /// use kvsieve::generate::Tokenizer;
 /// let tok = Tokenizer::load(&kvsieve::convert::default_model_dir()?)?;
-/// let ids = passkey_prompt(&tok, 4096, 0.5, 68437)?;
+/// let ids = passkey_prompt(&tok, 4096, 0.5, 68437, &Filler::Varied)?;
 /// assert!(ids.len() <= 4096);
 /// # Ok::<(), kvsieve::Error>(())
 /// ```
-pub fn passkey_prompt(tok: &Tokenizer, tokens: usize, depth: f64, key: u32) -> Result<Vec<u32>> {
+pub fn passkey_prompt(
+    tok: &Tokenizer,
+    tokens: usize,
+    depth: f64,
+    key: u32,
+    filler: &Filler,
+) -> Result<Vec<u32>> {
     if !(0.0..=1.0).contains(&depth) {
         return Err(Error::InvalidOption(format!(
             "depth {depth} must be in 0..=1"
@@ -30,13 +134,42 @@ pub fn passkey_prompt(tok: &Tokenizer, tokens: usize, depth: f64, key: u32) -> R
     }
     let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key.");
     let fixed = tok.encode(&format!("{INTRO}{needle}{QUESTION}"))?.len();
-    let per = tok.encode(&FILLER.repeat(8))?.len() as f64 / 8.0;
-    let reps = ((tokens.saturating_sub(fixed + 2)) as f64 / per).floor() as usize;
-    let before = (reps as f64 * depth).round() as usize;
+    let budget = tokens.saturating_sub(fixed + 2);
+    let sentences: Vec<&str> = match filler {
+        Filler::Text(t) => t
+            .split_inclusive(['.', '!', '?'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect(),
+        _ => Vec::new(),
+    };
+    if matches!(filler, Filler::Text(_)) && sentences.is_empty() {
+        return Err(Error::InvalidOption("the filler text is empty".into()));
+    }
+    let units: Vec<String> = match filler {
+        // The classic filler's prompts stay what they were: a count of
+        // repetitions from the mean length of one.
+        Filler::Repeat => {
+            let per = tok.encode(&FILLER.repeat(8))?.len() as f64 / 8.0;
+            vec![FILLER.to_string(); (budget as f64 / per).floor() as usize]
+        }
+        _ => {
+            let (mut units, mut used) = (Vec::new(), 0);
+            loop {
+                let u = filler.unit(units.len(), &sentences);
+                used += tok.encode(&u)?.len();
+                if used > budget {
+                    break units;
+                }
+                units.push(u);
+            }
+        }
+    };
+    let before = (units.len() as f64 * depth).round() as usize;
     let text = format!(
         "{INTRO}{}{needle}{}{QUESTION}",
-        FILLER.repeat(before),
-        FILLER.repeat(reps - before)
+        units[..before].concat(),
+        units[before..].concat()
     );
     let mut ids = tok.encode(&text)?;
     ids.truncate(tokens);
@@ -60,8 +193,9 @@ pub fn passkey_trial(
     tokens: usize,
     depth: f64,
     key: u32,
+    filler: &Filler,
 ) -> Result<(bool, String)> {
-    let ids = passkey_prompt(&engine.tokenizer, tokens, depth, key)?;
+    let ids = passkey_prompt(&engine.tokenizer, tokens, depth, key, filler)?;
     let params = GenerateParams {
         max_tokens: 7,
         stop_at_eos: true,
@@ -149,5 +283,15 @@ mod tests {
         assert_eq!(first_integer(" 68437. Remember"), Some(68437));
         assert_eq!(first_integer(" is 12 and 13"), Some(12));
         assert_eq!(first_integer(" none"), None);
+    }
+
+    #[test]
+    fn varied_filler_has_no_digits_and_does_not_cycle_soon() {
+        let s: Vec<String> = (0..2000).map(varied_sentence).collect();
+        assert!(s.iter().all(|x| !x.contains(|c: char| c.is_ascii_digit())));
+        let distinct: std::collections::HashSet<&String> = s.iter().collect();
+        assert!(distinct.len() > 1500, "{} distinct of 2000", distinct.len());
+        assert_eq!(varied_sentence(7), s[7]);
+        assert!(Filler::named("nope").is_err());
     }
 }

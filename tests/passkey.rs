@@ -19,7 +19,7 @@
 //! re-prefills only from the key on.
 
 use kvsieve::attention::{AttentionPolicy, QuestConfig, TokenSelectConfig};
-use kvsieve::eval::passkey_trial;
+use kvsieve::eval::{passkey_trial, Filler};
 use kvsieve::generate::{Backend, Engine, Options};
 
 const DEPTHS: [f64; 3] = [0.9, 0.6, 0.3];
@@ -47,7 +47,7 @@ fn run(
         .into_iter()
         .map(|(len, depth)| {
             let k = key(len, depth);
-            let (ok, text) = passkey_trial(e, len, depth, k).unwrap();
+            let (ok, text) = passkey_trial(e, len, depth, k, &Filler::Repeat).unwrap();
             eprintln!(
                 "passkey {name:>11} len {len:>5} depth {depth:.1}: {} ({text:?})",
                 if ok { "found" } else { "MISSED" },

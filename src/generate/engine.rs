@@ -455,6 +455,27 @@ impl Engine {
         self.runner.set_policy(policy)
     }
 
+    /// Switches the attention policy and keeps the cached conversation: the
+    /// new policy attends over keys and values the old one computed. For
+    /// prefilling with one policy and decoding with another (a dense prefill,
+    /// then sparse decoding), or comparing policies' decoding over one prefill.
+    ///
+    /// ```no_run
+    /// use kvsieve::attention::{AttentionPolicy, QuestConfig};
+    /// use kvsieve::generate::{Engine, GenerateParams, Options};
+    /// let mut engine = Engine::load_default(Options::default())?;
+    /// let ids = engine.tokenizer.encode("The grass is green. The sky is")?;
+    /// engine.prefill(&ids)?; // dense
+    /// engine.switch_policy(AttentionPolicy::Quest(QuestConfig::default()))?;
+    /// for t in engine.generate_ids(&ids, &GenerateParams::default())? {
+    ///     print!("{}", t?.text); // the prompt stays cached; Quest decodes
+    /// }
+    /// # Ok::<(), kvsieve::Error>(())
+    /// ```
+    pub fn switch_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
+        self.runner.switch_policy(policy)
+    }
+
     /// One speculative verify step on the cached tokens: `tree`'s root is the
     /// next token (not cached yet); `params` is the acceptance rule
     /// ([`AcceptParams::greedy`] or one matching a sampler). Commits the accepted

@@ -28,6 +28,7 @@ pub(super) trait Runner: Send {
     fn set_profiling(&mut self, on: bool);
     fn take_profile(&mut self) -> Vec<(String, u64, f64)>;
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
+    fn switch_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()>;
     fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()>;
     fn recycling(&mut self) -> Result<Option<Vec<u32>>>;
     fn set_recycling(&mut self, adj: &[u32]) -> Result<()>;
@@ -88,6 +89,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn set_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
         Session::set_policy(self, policy)
+    }
+    fn switch_policy(&mut self, policy: crate::attention::AttentionPolicy) -> Result<()> {
+        Session::switch_policy(self, policy)
     }
     fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()> {
         Session::probe_tidal(self, c)

@@ -212,10 +212,18 @@ impl<E: Ops> Session<E> {
     /// Switches the attention policy; a different policy drops the cache.
     pub fn set_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
         if policy != self.attention.policy || self.attention.probing {
-            let shape = self.attention.shape;
-            self.attention = Attention::new(policy, shape)?;
+            self.switch_policy(policy)?;
             self.truncate(0);
         }
+        Ok(())
+    }
+
+    /// Switches the attention policy and keeps the cache: the new policy's
+    /// state starts fresh over the keys and values the old one computed
+    /// (the cache's layout is the same for every policy).
+    pub fn switch_policy(&mut self, policy: AttentionPolicy) -> Result<()> {
+        self.abandon();
+        self.attention = Attention::new(policy, self.attention.shape)?;
         Ok(())
     }
 
