@@ -1,11 +1,12 @@
 //! Synthetic model files shared by the loader tests and the fuzz harness: a
 //! tiny byte-level BPE tokenizer, a GGUF writer and block data of every GGML
-//! type.
+//! type, and engines loaded over them.
 #![allow(dead_code)]
 
 use half::f16;
+use kvsieve::generate::{Backend, Engine, GenerateParams, Options, SamplingParams};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Tokens of the tiny tokenizer (3 specials, 256 bytes, filler up to here).
 pub const VOCAB: usize = 300;
@@ -457,4 +458,71 @@ pub fn gguf_model(arch: &str, spm: bool, edit: impl FnOnce(&mut GgufWriter)) -> 
     }
     edit(&mut w);
     w.finish()
+}
+
+// Engines over the synthetic models, shared by the model tests.
+
+pub fn load(dir: &Path, backend: Backend) -> kvsieve::Result<Engine> {
+    Engine::load(
+        dir,
+        Options {
+            backend,
+            max_context: 128,
+            ..Options::default()
+        },
+    )
+}
+
+pub fn load_with_context(dir: &Path, max_context: usize) -> kvsieve::Result<Engine> {
+    let opts = Options {
+        backend: Backend::Reference,
+        max_context,
+        ..Options::default()
+    };
+    Engine::load(dir, opts)
+}
+
+pub fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let params = GenerateParams {
+        max_tokens: n,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    e.generate_ids(prompt, &params)
+        .unwrap()
+        .map(|t| t.unwrap().id)
+        .collect()
+}
+
+/// Top-k, nucleus and a repetition penalty: the sampled path's every kernel.
+pub fn sampled_with_penalty() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.9,
+        repetition_penalty: 1.2,
+        seed: 7,
+    }
+}
+
+/// GGUF writer for synthetic models: metadata (strings, u32, f32, arrays of
+/// strings or i32) and tensors (ggml dimension order), 32-byte aligned.
+/// Writes a synthetic GGUF model (`llama` or `qwen3`) whose matrices mix the
+/// types a Q4_K_M file holds (and the other legacy ones): hidden 256,
+/// intermediate 512, 2 layers, head dim 64, 300 tokens.
+pub fn write_gguf(name: &str, arch: &str, edit: impl FnOnce(&mut GgufWriter)) -> PathBuf {
+    write_gguf_vocab(name, arch, false, edit)
+}
+
+/// [`write_gguf`] with a SentencePiece (`llama`) vocabulary when `spm`.
+pub fn write_gguf_vocab(
+    name: &str,
+    arch: &str,
+    spm: bool,
+    edit: impl FnOnce(&mut GgufWriter),
+) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("kvsieve-test-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, gguf_model(arch, spm, edit)).unwrap();
+    path
 }
