@@ -285,3 +285,58 @@ fn passkey_prompts_hide_the_key_at_its_depth_in_every_filler() {
     assert!(empty.unwrap_err().to_string().contains("empty"));
     assert!(passkey_prompt(&e.tokenizer, 500, 1.5, 1, &Filler::Varied).is_err());
 }
+
+/// TokenSelect's prompt tail: a prompt's last `prompt_tail` queries select
+/// one by one, so the prompt's logits are those of feeding its tail a token
+/// at a time (Selection Cache off), within and past the trained length, on
+/// both executors; one shared sub-chunk gives other logits.
+#[test]
+fn tokenselect_prompt_tail_selects_per_token() {
+    use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
+    let d = write_model("prompt_tail", "LlamaForCausalLM", |_| {});
+    let ts = |prompt_tail| {
+        AttentionPolicy::TokenSelect(TokenSelectConfig {
+            k: 16,
+            n_init: 4,
+            n_local: 16,
+            subchunk: 64,
+            cache_threshold: 2.0,
+            prompt_tail,
+            ..Default::default()
+        })
+    };
+    let prompt: Vec<u32> = (0..300).map(|i| 3 + (i * 41 + i / 3) % 250).collect();
+    for backend in [Backend::Reference, Backend::Gpu] {
+        let engine = |tail| {
+            let opts = Options {
+                backend,
+                max_context: 512,
+                policy: ts(tail),
+                ..Options::default()
+            };
+            Engine::load(&d, opts).unwrap()
+        };
+        let (mut tail, mut steps, mut shared) = (engine(8), engine(0), engine(0));
+        for len in [200, 300] {
+            let ids = &prompt[..len];
+            tail.prefill(ids).unwrap();
+            steps.prefill(&ids[..len - 8]).unwrap();
+            for end in len - 7..=len {
+                steps.prefill(&ids[..end]).unwrap();
+            }
+            shared.prefill(ids).unwrap();
+            let (want, got) = (steps.logits().unwrap(), tail.logits().unwrap());
+            let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+            common_close(&got, &want, 1e-4 * scale);
+            let other = shared.logits().unwrap();
+            let apart = want.iter().zip(&other).map(|(a, b)| (a - b).abs());
+            assert!(
+                apart.fold(0.0f32, f32::max) > 1e-3 * scale,
+                "{backend:?} {len}: one sub-chunk should select otherwise"
+            );
+            for e in [&mut tail, &mut steps, &mut shared] {
+                e.reset();
+            }
+        }
+    }
+}

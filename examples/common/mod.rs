@@ -67,6 +67,9 @@ pub struct ModelArgs {
     /// TokenSelect: prefill queries sharing one selection (their mean is the fingerprint).
     #[arg(long, default_value_t = 512)]
     pub subchunk: usize,
+    /// TokenSelect: a prompt's last this many tokens select one by one.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tail: usize,
     /// TokenSelect: KV head each query head scores against: grouped (h / group)
     /// or modulo (h mod kv_heads, the paper's code).
     #[arg(long, default_value = "grouped")]
@@ -139,6 +142,7 @@ impl ModelArgs {
                 cache_threshold: self.cache_threshold,
                 positions: self.positions.parse()?,
                 subchunk: self.subchunk,
+                prompt_tail: self.prompt_tail,
                 gqa_map: self.gqa_map.parse()?,
                 prefilter_blocks: self.prefilter_blocks,
                 prefilter_block: self.block,

@@ -64,6 +64,11 @@ pub struct TokenSelectConfig {
     /// Prefill queries per selection: each sub-chunk of this many queries selects
     /// with the mean of its queries as the fingerprint.
     pub subchunk: usize,
+    /// A prompt's last this many queries select one by one: the question at
+    /// the end of a prompt would otherwise share its sub-chunk's mean query,
+    /// which the text before it dominates (docs/RESULTS.md, passkeys past the
+    /// trained context).
+    pub prompt_tail: usize,
     /// KV head each query head scores against.
     pub gqa_map: GqaMap,
     /// Hierarchical selection (0: exact): the candidates' blocks are scored by
@@ -88,6 +93,7 @@ impl Default for TokenSelectConfig {
             cache_threshold: 0.9,
             positions: Positions::Auto,
             subchunk: 512,
+            prompt_tail: 16,
             gqa_map: GqaMap::Grouped,
             prefilter_blocks: 0,
             prefilter_block: 16,
@@ -343,8 +349,21 @@ impl<E: Ops> TokenSelect<E> {
         let mut subs = Vec::new();
         let mut max_cand = 0;
         let mut positions = Vec::with_capacity(n);
-        for r0 in (0..n).step_by(c.subchunk) {
-            let rows = r0..(r0 + c.subchunk).min(n);
+        let tail = if seq_len == self.horizon {
+            n.saturating_sub(c.prompt_tail)
+        } else {
+            n
+        };
+        let mut r0 = 0;
+        while r0 < n {
+            let end = if r0 >= tail {
+                r0 + 1
+            } else {
+                (r0 + c.subchunk).min(tail)
+            };
+            let rows = r0..end;
+            r0 = end;
+            let r0 = rows.start;
             let cand = c.candidates(start + r0);
             max_cand = max_cand.max(cand.unwrap_or(0));
             for (i, r) in rows.clone().enumerate() {
