@@ -354,16 +354,15 @@ impl<E: Ops> TokenSelect<E> {
         } else {
             n
         };
-        let mut r0 = 0;
-        while r0 < n {
-            let end = if r0 >= tail {
+        let mut next = 0;
+        while next < n {
+            let r0 = next;
+            next = if r0 >= tail {
                 r0 + 1
             } else {
                 (r0 + c.subchunk).min(tail)
             };
-            let rows = r0..end;
-            r0 = end;
-            let r0 = rows.start;
+            let rows = r0..next;
             let cand = c.candidates(start + r0);
             max_cand = max_cand.max(cand.unwrap_or(0));
             for (i, r) in rows.clone().enumerate() {
