@@ -260,14 +260,14 @@ fn quality(args: &Args, rows: &mut [Row], pols: &[(&str, AttentionPolicy)]) -> R
     let ids = text_ids(&e, args.agreement_len.max(1))?;
     let from = args.agreement_len.saturating_sub(args.positions).max(1);
     let mut dense = Vec::new();
+    // Latest key first: prompts share their tokens up to the earlier key.
+    let mut depths = args.depths.clone();
+    depths.sort_by(|a, b| b.total_cmp(a));
     for (row, (label, policy)) in rows.iter_mut().zip(pols) {
         e.set_policy(*policy)?;
         for &len in &lengths(&args.lens) {
             for (fname, f) in &fillers {
                 let mut found = 0;
-                // Latest key first: prompts share their tokens up to the earlier key.
-                let mut depths = args.depths.clone();
-                depths.sort_by(|a, b| b.total_cmp(a));
                 for &depth in &depths {
                     let key = passkey_key(len, depth);
                     let (ok, text) = passkey_trial(&mut e, len, depth, key, f)?;

@@ -36,15 +36,6 @@ impl Filler {
             ))),
         }
     }
-
-    /// The `i`-th sentence of the haystack, with a leading space.
-    fn unit(&self, i: usize, sentences: &[&str]) -> String {
-        match self {
-            Filler::Repeat => FILLER.to_string(),
-            Filler::Varied => varied_sentence(i),
-            Filler::Text(_) => format!(" {}", sentences[i % sentences.len()]),
-        }
-    }
 }
 
 /// Sentence `i` of [`Filler::Varied`]: word choices from a splitmix hash of
@@ -135,34 +126,26 @@ pub fn passkey_prompt(
     let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key.");
     let fixed = tok.encode(&format!("{INTRO}{needle}{QUESTION}"))?.len();
     let budget = tokens.saturating_sub(fixed + 2);
-    let sentences: Vec<&str> = match filler {
-        Filler::Text(t) => t
-            .split_inclusive(['.', '!', '?'])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect(),
-        _ => Vec::new(),
-    };
-    if matches!(filler, Filler::Text(_)) && sentences.is_empty() {
-        return Err(Error::InvalidOption("the filler text is empty".into()));
-    }
-    let units: Vec<String> = match filler {
-        // The classic filler's prompts stay what they were: a count of
-        // repetitions from the mean length of one.
+    // The classic filler's prompts stay what they were: a count of
+    // repetitions from the mean length of one.
+    let units = match filler {
         Filler::Repeat => {
             let per = tok.encode(&FILLER.repeat(8))?.len() as f64 / 8.0;
             vec![FILLER.to_string(); (budget as f64 / per).floor() as usize]
         }
-        _ => {
-            let (mut units, mut used) = (Vec::new(), 0);
-            loop {
-                let u = filler.unit(units.len(), &sentences);
-                used += tok.encode(&u)?.len();
-                if used > budget {
-                    break units;
-                }
-                units.push(u);
+        Filler::Varied => fill(tok, budget, varied_sentence)?,
+        Filler::Text(t) => {
+            let sentences: Vec<&str> = t
+                .split_inclusive(['.', '!', '?'])
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            if sentences.is_empty() {
+                return Err(Error::InvalidOption("the filler text is empty".into()));
             }
+            fill(tok, budget, |i| {
+                format!(" {}", sentences[i % sentences.len()])
+            })?
         }
     };
     let before = (units.len() as f64 * depth).round() as usize;
@@ -174,6 +157,20 @@ pub fn passkey_prompt(
     let mut ids = tok.encode(&text)?;
     ids.truncate(tokens);
     Ok(ids)
+}
+
+/// Sentences `unit(0), unit(1), ..` (each with a leading space) while their
+/// tokens fit in `budget`.
+fn fill(tok: &Tokenizer, budget: usize, unit: impl Fn(usize) -> String) -> Result<Vec<String>> {
+    let (mut units, mut used) = (Vec::new(), 0);
+    loop {
+        let u = unit(units.len());
+        used += tok.encode(&u)?.len();
+        if used > budget {
+            return Ok(units);
+        }
+        units.push(u);
+    }
 }
 
 /// The first integer in `text`, if any.
