@@ -1,5 +1,7 @@
-// Sampling support: repetition penalty on the logits of given tokens, and top-k
-// selection so a sampling step reads back k candidates instead of the vocabulary.
+// Sampling support: repetition penalty on the logits of given tokens, top-k
+// selection (a sampling step reads back k candidates instead of the
+// vocabulary), and the pick from those candidates with the host's draw, so a
+// sampled step can leave its token on the device as a greedy one does.
 struct Params { cols: u32, n: u32, penalty: f32, k: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;   // one row [cols]
@@ -57,4 +59,50 @@ fn top_k(@builtin(local_invocation_id) lid: vec3<u32>) {
         }
         workgroupBarrier();
     }
+}
+
+struct PickParams { k: u32, temperature: f32, top_p: f32, u: f32 }
+@group(0) @binding(0) var<uniform> q: PickParams;
+@group(0) @binding(1) var<storage, read> cand_vals: array<f32>;   // top_k's output
+@group(0) @binding(2) var<storage, read> cand_ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> picked: array<u32>;  // [1]
+
+fn cand_p(i: u32, top: f32, t: f32, z: f32) -> f32 { return exp((cand_vals[i] - top) / t) / z; }
+
+// sampling.rs's `pick` on the device, one thread: softmax at the temperature
+// over the candidates, the nucleus (the shortest prefix reaching top_p), then
+// the first candidate whose cumulative probability passes u times the
+// nucleus's mass. The token stays on the device for the next step's
+// embedding; no candidates (every logit NaN) writes an id past any vocabulary.
+@compute @workgroup_size(1)
+fn pick() {
+    var n = 0u;
+    while (n < q.k && cand_ids[n] != 0xffffffffu) { n++; }
+    if (n == 0u) {
+        picked[0] = 0xffffffffu;
+        return;
+    }
+    let t = max(q.temperature, 1e-6);
+    let top = cand_vals[0];
+    var z = 0.0;
+    for (var i = 0u; i < n; i++) { z += exp((cand_vals[i] - top) / t); }
+    var keep = n;
+    var mass = 0.0;
+    for (var i = 0u; i < n; i++) {
+        mass += cand_p(i, top, t, z);
+        if (mass >= q.top_p) {
+            keep = i + 1u;
+            break;
+        }
+    }
+    var u = q.u * mass;
+    for (var i = 0u; i < keep; i++) {
+        let pr = cand_p(i, top, t, z);
+        if (u < pr) {
+            picked[0] = cand_ids[i];
+            return;
+        }
+        u -= pr;
+    }
+    picked[0] = cand_ids[keep - 1u];
 }

@@ -69,6 +69,44 @@ impl SamplingParams {
     }
 }
 
+/// One plain sampling step as the device draws it ([`crate::ops::TensorOps::sample`]):
+/// the target distribution's parameters and the step's uniform draw, taken
+/// from the host sampler's stream so the token is the one the host would pick
+/// from the same candidates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    /// Candidates considered (1..=64).
+    pub top_k: usize,
+    /// Softmax temperature (> 0).
+    pub temperature: f32,
+    /// Nucleus threshold in (0, 1].
+    pub top_p: f32,
+    /// Uniform in [0, 1).
+    pub u: f32,
+}
+
+/// The candidate (descending logits) that the uniform draw `u` picks from
+/// [`target_distribution`]: the first whose cumulative probability passes
+/// `u` times the nucleus's mass. `sampling.wgsl::pick` is its twin.
+///
+/// ```
+/// let c = [(7, 2.0), (3, 1.0), (9, -5.0)];
+/// assert_eq!(kvsieve::sampling::pick(&c, 1.0, 1.0, 0.1), Some(7));
+/// assert_eq!(kvsieve::sampling::pick(&c, 1.0, 1.0, 0.9), Some(3));
+/// ```
+pub fn pick(candidates: &[(u32, f32)], temperature: f32, top_p: f32, u: f32) -> Option<u32> {
+    let probs = target_distribution(candidates, temperature, top_p);
+    let mass: f32 = probs.iter().sum();
+    let mut u = u * mass;
+    for (c, p) in candidates.iter().zip(&probs) {
+        if u < *p {
+            return Some(c.0);
+        }
+        u -= p;
+    }
+    candidates.get(probs.len().checked_sub(1)?).map(|c| c.0)
+}
+
 /// How a verify step accepts draft tokens: the target distribution (the plain
 /// sampler's: top-k, temperature, nucleus; `top_k` 1 is greedy) and the seed of
 /// its random draws.

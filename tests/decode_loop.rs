@@ -170,7 +170,16 @@ fn steady_decode_creates_no_buffers_or_bind_groups() {
         sampling: sampled_with_penalty(),
         ..greedy.clone()
     };
-    for params in [greedy, sampled] {
+    // Without the penalty a sampled request keeps steps in flight.
+    let mut in_flight = sampled.clone();
+    in_flight.sampling.repetition_penalty = 1.0;
+    for (params, ahead) in [
+        (greedy.clone(), 1),
+        (greedy, 2),
+        (sampled, 1),
+        (in_flight, 2),
+    ] {
+        e.set_decode_ahead(ahead).unwrap();
         let long_params = GenerateParams {
             max_tokens: 40,
             ..params.clone()
@@ -330,11 +339,13 @@ fn outcome(e: &mut Engine, prompt: &[u32], params: &GenerateParams, take: usize)
     (toks, stop, cached, e.logits().unwrap())
 }
 
-/// Greedy decoding with steps in flight gives the one-step loop's tokens, stop
+/// Decoding with steps in flight gives the one-step loop's tokens, stop
 /// reason and cache (its tokens and the keys and values behind them): when the
 /// answer runs to its token limit, when it is dropped part-way, when the
 /// context fills, and when an end-of-sequence token lands at the start, in the
-/// middle or at the end of the window; on the GPU with sparse attention.
+/// middle or at the end of the window; greedy and sampled (the device picks
+/// with the sampler's draws, in the same order either way); on the GPU with
+/// sparse attention.
 #[test]
 fn decode_ahead_matches_the_one_step_loop() {
     // Mixed quantized types; this prompt's answer does not repeat at once.
@@ -353,6 +364,13 @@ fn decode_ahead_matches_the_one_step_loop() {
         (Backend::Gpu, sparse),
         (Backend::Reference, Default::default()),
     ];
+    let sampling = kvsieve::SamplingParams {
+        temperature: 1.5,
+        top_k: 40,
+        top_p: 0.95,
+        seed: 11,
+        ..Default::default()
+    };
     for (backend, policy) in runs {
         let engine = |ahead| {
             let opts = Options {
@@ -366,54 +384,64 @@ fn decode_ahead_matches_the_one_step_loop() {
         };
         let mut one = engine(1);
         let plain = greedy(&mut one, &prompt, 24);
-        // End-of-sequence tokens at their first place in the answer, at the
-        // start and spread over the windows.
-        let firsts: Vec<usize> = [0, 3, 5, 8, 13]
-            .into_iter()
-            .filter(|&i| !plain[..i].contains(&plain[i]))
-            .collect();
-        assert!(firsts.len() >= 3, "{backend:?}: answer {plain:?} repeats");
-        let limit = |max_tokens, stop_at_eos| GenerateParams {
-            max_tokens,
-            stop_at_eos,
-            ..Default::default()
-        };
-        // (eos position, prompt, max tokens, tokens taken)
-        let mut cases = vec![
-            (None, &prompt, 24, usize::MAX),
-            (None, &prompt, 1, usize::MAX),
-            (None, &prompt, 24, 5),
-            (None, &long, 1000, usize::MAX),
-        ];
-        for &i in &firsts {
-            cases.push((Some(i), &prompt, 24, usize::MAX));
-        }
-        for ahead in [2, 3, 8] {
-            let mut e = engine(ahead);
-            for &(eos, p, max, take) in &cases {
-                let eos: Vec<u32> = eos.map(|i| plain[i]).into_iter().collect();
-                let params = limit(max, !eos.is_empty());
-                one.config.eos = eos.clone();
-                e.config.eos = eos;
-                // The same history: a prompt's last token computed by a
-                // prefill or by a one-row step differs in rounding.
-                one.reset();
-                e.reset();
-                let want = outcome(&mut one, p, &params, take);
-                let got = outcome(&mut e, p, &params, take);
-                assert_eq!(
-                    (&got.0, got.1, &got.2),
-                    (&want.0, want.1, &want.2),
-                    "{backend:?}, {ahead} ahead, eos {:?}, max {max}, take {take}",
-                    e.config.eos
-                );
-                let worst = (got.3.iter().zip(&want.3))
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(
-                    worst <= 1e-6,
-                    "{backend:?}, {ahead} ahead: logits differ by {worst}"
-                );
+        for sampled in [false, true] {
+            let limit = |max_tokens, stop_at_eos| GenerateParams {
+                max_tokens,
+                stop_at_eos,
+                sampling: match sampled {
+                    true => sampling.clone(),
+                    false => Default::default(),
+                },
+                ..Default::default()
+            };
+            one.config.eos.clear();
+            one.reset();
+            let answer = outcome(&mut one, &prompt, &limit(24, false), usize::MAX).0;
+            assert_eq!(answer == plain, !sampled, "{backend:?}: sampled {sampled}");
+            // End-of-sequence tokens at their first place in the answer, at the
+            // start and spread over the windows.
+            let firsts: Vec<usize> = [0, 3, 5, 8, 13]
+                .into_iter()
+                .filter(|&i| !answer[..i].contains(&answer[i]))
+                .collect();
+            assert!(firsts.len() >= 3, "{backend:?}: answer {answer:?} repeats");
+            // (eos position, prompt, max tokens, tokens taken)
+            let mut cases = vec![
+                (None, &prompt, 24, usize::MAX),
+                (None, &prompt, 1, usize::MAX),
+                (None, &prompt, 24, 5),
+                (None, &long, 1000, usize::MAX),
+            ];
+            for &i in &firsts {
+                cases.push((Some(i), &prompt, 24, usize::MAX));
+            }
+            for ahead in [2, 3, 8] {
+                let mut e = engine(ahead);
+                for &(eos, p, max, take) in &cases {
+                    let eos: Vec<u32> = eos.map(|i| answer[i]).into_iter().collect();
+                    let params = limit(max, !eos.is_empty());
+                    one.config.eos = eos.clone();
+                    e.config.eos = eos;
+                    // The same history: a prompt's last token computed by a
+                    // prefill or by a one-row step differs in rounding.
+                    one.reset();
+                    e.reset();
+                    let want = outcome(&mut one, p, &params, take);
+                    let got = outcome(&mut e, p, &params, take);
+                    assert_eq!(
+                        (&got.0, got.1, &got.2),
+                        (&want.0, want.1, &want.2),
+                        "{backend:?}, sampled {sampled}, {ahead} ahead, eos {:?}, max {max}, take {take}",
+                        e.config.eos
+                    );
+                    let worst = (got.3.iter().zip(&want.3))
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        worst <= 1e-6,
+                        "{backend:?}, {ahead} ahead: logits differ by {worst}"
+                    );
+                }
             }
         }
     }

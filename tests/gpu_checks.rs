@@ -315,6 +315,34 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
             }),
         ),
         (
+            "sample draw outside [0, 1)",
+            Box::new(|ex: &mut E| {
+                let x = ex.tensor(1, 128)?;
+                let mut out = ex.ids(&[0])?;
+                let draw = kvsieve::sampling::Draw {
+                    top_k: 8,
+                    temperature: 1.0,
+                    top_p: 1.0,
+                    u: 1.0,
+                };
+                ex.sample(&x, &mut out, &draw)
+            }),
+        ),
+        (
+            "sample zero temperature",
+            Box::new(|ex: &mut E| {
+                let x = ex.tensor(1, 128)?;
+                let mut out = ex.ids(&[0])?;
+                let draw = kvsieve::sampling::Draw {
+                    top_k: 8,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    u: 0.5,
+                };
+                ex.sample(&x, &mut out, &draw)
+            }),
+        ),
+        (
             "kv_cache head dim",
             Box::new(|ex: &mut E| {
                 let bad = KvLayout {
@@ -582,6 +610,7 @@ const CHECKED_OPS: &[&str] = &[
     "argmax",
     "penalize",
     "top_k",
+    "sample",
     "kv_cache",
     "kv_grow",
     "bounds_grow",

@@ -412,6 +412,68 @@ fn bias_penalty_top_k_and_copy_match_reference() {
     );
 }
 
+/// The device's pick from the top-k candidates equals the reference's (the
+/// host sampler's rule) over draws that sweep [0, 1), temperatures, nucleus
+/// thresholds and k, ties and NaN logits included; and the draws pick each
+/// candidate in proportion to its probability.
+#[test]
+fn sample_picks_as_the_host_does() {
+    use kvsieve::sampling::{target_distribution, Draw};
+    let mut ex = gpu();
+    let mut cpu = RefExecutor::new();
+    let mut r = rng(33);
+    for (vocab, ties, nans) in [(5_003usize, false, 0usize), (1_000, true, 3)] {
+        let mut logits = randn(&mut r, vocab, 3.0);
+        if ties {
+            logits.iter_mut().for_each(|v| *v = v.round());
+        }
+        for i in 0..nans {
+            logits[17 * i + 1] = f32::NAN;
+        }
+        let lc = cpu.upload(&logits, 1, vocab).unwrap();
+        let lg = ex.upload(&logits, 1, vocab).unwrap();
+        let (mut oc, mut og) = (cpu.ids(&[0]).unwrap(), ex.ids(&[0]).unwrap());
+        for (top_k, temperature, top_p) in
+            [(1, 1.0, 1.0), (8, 0.7, 1.0), (40, 1.3, 0.9), (64, 4.0, 0.5)]
+        {
+            let cands = cpu.top_k(&lc, top_k).unwrap();
+            let probs = target_distribution(&cands, temperature, top_p);
+            let mass: f32 = probs.iter().sum();
+            let mut counts = vec![0usize; cands.len()];
+            let n = 200;
+            for i in 0..n {
+                // Mid-bin draws: a draw on a bin's edge may round either way.
+                let u = (i as f32 + 0.5) / n as f32;
+                let draw = Draw {
+                    top_k,
+                    temperature,
+                    top_p,
+                    u,
+                };
+                cpu.sample(&lc, &mut oc, &draw).unwrap();
+                ex.sample(&lg, &mut og, &draw).unwrap();
+                let (c, g) = (oc[0], ex.download_ids(&og).unwrap()[0]);
+                assert_eq!(
+                    g, c,
+                    "k {top_k}, t {temperature}, p {top_p}, u {u}, ties {ties}"
+                );
+                let at = cands.iter().position(|x| x.0 == c).expect("a candidate");
+                assert!(at < probs.len(), "picked outside the nucleus");
+                counts[at] += 1;
+            }
+            // Each candidate gets the draws its share of the nucleus covers.
+            for (at, p) in probs.iter().enumerate() {
+                let want = p / mass * n as f32;
+                assert!(
+                    (counts[at] as f32 - want).abs() <= 1.0,
+                    "candidate {at}: {} draws for a share of {want}",
+                    counts[at]
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn argmax_ties_and_nan() {
     let mut ex = gpu();

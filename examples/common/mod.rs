@@ -114,7 +114,7 @@ pub struct ModelArgs {
     /// Token Recycling matrix, verify costs); default: state/ in the cache.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Greedy decode steps kept in flight (1: read each token before
+    /// Decode steps kept in flight (1: read each token before
     /// recording the next step; 0: 2 on a GPU, 1 on a CPU adapter).
     #[arg(long, default_value_t = 0)]
     pub decode_ahead: usize,

@@ -82,12 +82,13 @@ pub struct Options {
     /// drafter had accepted, the verify-cost curve of each adapter. `None`:
     /// `state/` under the cache directory.
     pub state_dir: Option<std::path::PathBuf>,
-    /// Greedy decode steps kept in flight (1: each token is read back before
-    /// the next step is recorded). With more, the next step reads its token
-    /// on the device, so the host records it while the device runs the last
-    /// one; a request that stops at an end-of-sequence token drops the steps
-    /// past it. Requests that sample, penalise repetition or speculate decode
-    /// one step at a time. 0 (the default): [`DECODE_AHEAD`] on a GPU, 1 on
+    /// Decode steps kept in flight (1: each token is read back before the
+    /// next step is recorded). With more, the next step reads its token on
+    /// the device (the argmax, or for sampling requests the device's pick
+    /// with the host sampler's draw), so the host records it while the device
+    /// runs the last one; a request that stops at an end-of-sequence token
+    /// drops the steps past it. Requests that penalise repetition or
+    /// speculate decode one step at a time. 0 (the default): [`DECODE_AHEAD`] on a GPU, 1 on
     /// a CPU adapter and the reference executor, where the host's recording
     /// takes cores from the device.
     pub decode_ahead: usize,

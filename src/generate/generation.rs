@@ -55,7 +55,7 @@ pub struct Generation<'a> {
     /// (after the system ones) to fit the context; an app keeping the history
     /// drops them too.
     pub dropped_messages: usize,
-    /// Greedy steps kept in flight (0: one step at a time), see
+    /// Decode steps kept in flight (0: one step at a time), see
     /// [`super::Options::decode_ahead`].
     ahead: usize,
     /// Tokens cached when the request began (after its prompt).
@@ -81,7 +81,8 @@ impl<'a> Generation<'a> {
     ) -> Self {
         let p = &sampler.params;
         let ahead = match engine.decode_ahead() {
-            n if n > 1 && drafter.is_none() && p.greedy() && p.repetition_penalty == 1.0 => n,
+            // The penalty needs every earlier token on the host.
+            n if n > 1 && drafter.is_none() && p.repetition_penalty == 1.0 => n,
             _ => 0,
         };
         let base = engine.runner.cached().len();
@@ -133,8 +134,10 @@ impl Generation<'_> {
             // Every launch so far fed its token, so this one starts there.
             let room = e.runner.max_context() - (self.base + next);
             self.open = next + 1 < self.max_tokens && room > 0;
+            // One draw per launch, in token order: the one-step loop's stream.
+            let draw = (!self.sampler.params.greedy()).then(|| self.sampler.draw());
             let (r, sent) = (Instant::now(), e.runner.counters().submit_host_ns);
-            e.runner.launch(self.open)?;
+            e.runner.launch(self.open, draw.as_ref())?;
             // Recording only: the launch's submit counts as submit time.
             let submit = e.runner.counters().submit_host_ns - sent;
             let record = r

@@ -7,6 +7,7 @@ use super::session::Session;
 use crate::error::{Error, Result};
 use crate::model::{Llama, ModelConfig, TensorSource};
 use crate::ops::Ops;
+use crate::sampling::Draw;
 use crate::speculative::{AcceptParams, DraftTree};
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 pub(super) trait Runner: Send {
     fn feed(&mut self, tokens: &[u32]) -> Result<()>;
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32>;
-    fn launch(&mut self, feed: bool) -> Result<()>;
+    fn launch(&mut self, feed: bool, draw: Option<&Draw>) -> Result<()>;
     fn land(&mut self) -> Result<u32>;
     fn in_flight(&self) -> usize;
     fn runs_apart(&self) -> bool;
@@ -48,8 +49,8 @@ impl<E: Ops> Runner for Session<E> {
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32> {
         Session::sample(self, s, recent)
     }
-    fn launch(&mut self, feed: bool) -> Result<()> {
-        Session::launch(self, feed)
+    fn launch(&mut self, feed: bool, draw: Option<&Draw>) -> Result<()> {
+        Session::launch(self, feed, draw)
     }
     fn land(&mut self) -> Result<u32> {
         Session::land(self)

@@ -2,8 +2,8 @@
 //! selects the top candidates on the device; only those come back here.
 
 use crate::error::{Error, Result};
-use crate::sampling::target_distribution;
 pub use crate::sampling::SamplingParams;
+use crate::sampling::{pick, Draw};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Seeded sampler state.
@@ -28,21 +28,22 @@ impl Sampler {
     }
 
     /// Picks a token from the top candidates (descending logits) by
-    /// [`target_distribution`].
+    /// [`crate::sampling::target_distribution`] with this sampler's next draw.
     pub fn pick(&mut self, candidates: &[(u32, f32)]) -> Result<u32> {
-        let Some(&(first, _)) = candidates.first() else {
-            return Err(Error::Internal("no candidates to sample from".into()));
-        };
-        let probs = target_distribution(candidates, self.params.temperature, self.params.top_p);
-        let keep = probs.len();
-        let mass: f32 = probs.iter().sum();
-        let mut u = self.rng.gen::<f32>() * mass;
-        for (i, p) in probs.iter().enumerate() {
-            if u < *p {
-                return Ok(candidates[i].0);
-            }
-            u -= p;
+        let u = self.rng.gen::<f32>();
+        pick(candidates, self.params.temperature, self.params.top_p, u)
+            .ok_or_else(|| Error::Internal("no candidates to sample from".into()))
+    }
+
+    /// The next token's draw for the device to pick with
+    /// ([`crate::ops::TensorOps::sample`]); it takes the same place in this
+    /// sampler's stream as [`Sampler::pick`].
+    pub fn draw(&mut self) -> Draw {
+        Draw {
+            top_k: self.params.top_k,
+            temperature: self.params.temperature,
+            top_p: self.params.top_p,
+            u: self.rng.gen::<f32>(),
         }
-        Ok(candidates.get(keep - 1).map(|c| c.0).unwrap_or(first))
     }
 }

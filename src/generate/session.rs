@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kv::{KvLayout, PageAllocator, PageTable};
 use crate::model::{Llama, Workspace};
 use crate::ops::{IdsTicket, Ops};
-use crate::sampling::{accept_stride, AcceptParams};
+use crate::sampling::{accept_stride, AcceptParams, Draw};
 use crate::speculative::{Accepted, DraftTree};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -459,52 +459,34 @@ impl<E: Ops> Session<E> {
     /// tokens the repetition penalty applies to.
     pub fn sample(&mut self, sampler: &mut Sampler, recent: &[u32]) -> Result<u32> {
         self.abandon();
-        let rows = self
-            .last_rows
-            .ok_or_else(|| Error::InvalidOption("sample before any token was fed".into()))?;
-        let ws = self
-            .workspaces
-            .get_mut(&rows)
-            .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
         let p = &sampler.params;
         if p.repetition_penalty != 1.0 && !recent.is_empty() {
-            self.ops
-                .penalize(&mut ws.logits, recent, p.repetition_penalty)?;
+            let penalty = p.repetition_penalty;
+            let rows = self.last_rows()?;
+            let ws = self
+                .workspaces
+                .get_mut(&rows)
+                .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
+            self.ops.penalize(&mut ws.logits, recent, penalty)?;
         }
-        if p.greedy() {
-            if self.argmax_out.is_none() {
-                self.argmax_out = Some(self.ops.ids(&[0])?);
-            }
-            let out = self
-                .argmax_out
-                .as_mut()
-                .ok_or_else(|| Error::Gpu("argmax buffer".into()))?;
-            self.ops.argmax(&ws.logits, out)?;
-            let ids = self.ops.download_ids(out)?;
-            return ids
-                .first()
-                .copied()
-                .ok_or_else(|| Error::Gpu("empty argmax".into()));
-        }
-        let cands = self.ops.top_k(&ws.logits, p.top_k)?;
-        sampler.pick(&cands)
+        let draw = (!sampler.params.greedy()).then(|| sampler.draw());
+        self.choose(draw.as_ref())?;
+        let out = self.argmax_out.as_ref().ok_or_else(no_out)?;
+        let id = self.ops.download_ids(out)?.first().copied();
+        self.token_id(id)
     }
 
-    /// Greedy decoding ahead of the host: records the argmax of the last fed
-    /// token's logits and, when `feed`, a step that feeds that token (read on
-    /// the device, not by the host) at the next position, and submits them
-    /// without waiting. [`Session::land`] returns the tokens in launch order;
-    /// until then the cache holds a placeholder id for each fed one.
-    pub fn launch(&mut self, feed: bool) -> Result<()> {
-        let rows = self
-            .last_rows
-            .ok_or_else(|| Error::InvalidOption("decode before any token was fed".into()))?;
-        let start = self.tokens.len();
-        if feed {
-            self.check_context(start + 1)?;
-            self.reserve(start + 1)?;
-            self.step_buffers(1)?;
-        }
+    /// The rows of the last fed step, whose logits the next token comes from.
+    fn last_rows(&self) -> Result<usize> {
+        self.last_rows
+            .ok_or_else(|| Error::InvalidOption("decode before any token was fed".into()))
+    }
+
+    /// Records the choice of the next token from the last fed token's logits
+    /// into the id buffer the next step's embedding reads: the argmax, or the
+    /// device's pick with `draw`.
+    fn choose(&mut self, draw: Option<&Draw>) -> Result<()> {
+        let rows = self.last_rows()?;
         if self.argmax_out.is_none() {
             self.argmax_out = Some(self.ops.ids(&[0])?);
         }
@@ -512,7 +494,34 @@ impl<E: Ops> Session<E> {
         else {
             return Err(Error::Gpu("workspace missing".into()));
         };
-        self.ops.argmax(&ws.logits, out)?;
+        match draw {
+            Some(d) => self.ops.sample(&ws.logits, out, d)?,
+            None => self.ops.argmax(&ws.logits, out)?,
+        }
+        Ok(())
+    }
+
+    /// A token id read back, checked against the vocabulary.
+    fn token_id(&self, id: Option<u32>) -> Result<u32> {
+        id.filter(|&t| (t as usize) < self.model.cfg.vocab)
+            .ok_or_else(|| Error::Gpu(format!("decode step read back {id:?}")))
+    }
+
+    /// Decoding ahead of the host: records the choice of the next token from
+    /// the last fed token's logits (the argmax, or the device's pick with
+    /// `draw`) and, when `feed`, a step that feeds that token (read on the
+    /// device, not by the host) at the next position, and submits them
+    /// without waiting. [`Session::land`] returns the tokens in launch order;
+    /// until then the cache holds a placeholder id for each fed one.
+    pub fn launch(&mut self, feed: bool, draw: Option<&Draw>) -> Result<()> {
+        let start = self.tokens.len();
+        if feed {
+            self.check_context(start + 1)?;
+            self.reserve(start + 1)?;
+            self.step_buffers(1)?;
+        }
+        self.choose(draw)?;
+        let out = self.argmax_out.as_ref().ok_or_else(no_out)?;
         let ticket = self.ops.read_ids_later(out)?;
         // Queued before the step, so a failure below still lets it land.
         if self.ahead.is_empty() {
@@ -534,9 +543,7 @@ impl<E: Ops> Session<E> {
             .pop_front()
             .ok_or_else(|| Error::InvalidOption("no decode step in flight".into()))?;
         let id = self.ops.finish_read(ticket)?.first().copied();
-        let id = id
-            .filter(|&t| (t as usize) < self.model.cfg.vocab)
-            .ok_or_else(|| Error::Gpu(format!("decode step read back {id:?}")))?;
+        let id = self.token_id(id)?;
         if fed && slot < self.tokens.len() {
             self.tokens[slot] = id;
         }
@@ -578,4 +585,8 @@ impl<E: Ops> Session<E> {
             .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
         self.ops.download(&ws.logits)
     }
+}
+
+fn no_out() -> Error {
+    Error::Gpu("the next token's id buffer is missing".into())
 }

@@ -16,7 +16,7 @@ use crate::ops::{
     SelectionOps, SpeculationOps, TensorOps,
 };
 use crate::quant::DType;
-use crate::sampling::AcceptParams;
+use crate::sampling::{AcceptParams, Draw};
 use half::f16;
 use std::ops::Range;
 
@@ -358,6 +358,10 @@ impl TensorOps for GpuExecutor {
 
     fn run_top_k(&mut self, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
         sampling::top_k(self, logits, k)
+    }
+
+    fn run_sample(&mut self, logits: &GpuTensor, out: &mut GpuIds, draw: &Draw) -> Result<()> {
+        sampling::sample(self, logits, out, draw)
     }
 }
 

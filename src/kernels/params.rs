@@ -85,6 +85,8 @@ kernel_params! {
     ArgmaxParams for ARGMAX::"Params" { rows: u32, cols: u32, _p0: u32, _p1: u32 }
     /// `sampling.wgsl`: `n` penalised ids, `k` candidates.
     SamplingParams for SAMPLING::"Params" { cols: u32, n: u32, penalty: f32, k: u32 }
+    /// `sampling.wgsl::pick`: k candidates, the target distribution and the draw.
+    PickParams for SAMPLING::"PickParams" { k: u32, temperature: f32, top_p: f32, u: f32 }
     /// `embedding.wgsl`: one chunk of the table (rows `row_start..row_start + rows`);
     /// a quantized table's planes as [`QMatmulParams`]'.
     EmbeddingParams for EMBEDDING::"Params" {

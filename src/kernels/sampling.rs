@@ -1,10 +1,12 @@
-//! Repetition penalty and top-k selection (`sampling.wgsl`): a sampling step reads
-//! back k candidates, never the whole vocabulary.
+//! Repetition penalty, top-k selection and the pick (`sampling.wgsl`): a
+//! sampling step reads back k candidates or, picked on the device, one id;
+//! never the whole vocabulary.
 
-use super::params::SamplingParams;
-use super::{GpuExecutor, GpuTensor};
+use super::params::{PickParams, SamplingParams};
+use super::{GpuExecutor, GpuIds, GpuTensor};
 use crate::error::Result;
 use crate::gpu::Binding;
+use crate::sampling::Draw;
 use crate::shaders;
 
 pub(super) fn penalize(
@@ -36,7 +38,12 @@ pub(super) fn penalize(
     Ok(())
 }
 
-pub(super) fn top_k(ex: &mut GpuExecutor, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
+/// Records top_k's pass over row 0 into the candidate scratch buffers.
+fn record_top_k(
+    ex: &mut GpuExecutor,
+    logits: &GpuTensor,
+    k: usize,
+) -> Result<(wgpu::Buffer, wgpu::Buffer)> {
     let vals = ex.scratch("top-k values", 64 * 4)?;
     let ids = ex.scratch("top-k ids", 64 * 4)?;
     let p = ex.pipeline(shaders::SAMPLING, "top_k", &[]);
@@ -56,6 +63,11 @@ pub(super) fn top_k(ex: &mut GpuExecutor, logits: &GpuTensor, k: usize) -> Resul
         ],
         [1, 1, 1],
     );
+    Ok((vals, ids))
+}
+
+pub(super) fn top_k(ex: &mut GpuExecutor, logits: &GpuTensor, k: usize) -> Result<Vec<(u32, f32)>> {
+    let (vals, ids) = record_top_k(ex, logits, k)?;
     let vi = ex.rec.read(&vals, 0, (k * 4) as u64);
     let ii = ex.rec.read(&ids, 0, (k * 4) as u64);
     let r = ex.rec.submit()?;
@@ -65,4 +77,32 @@ pub(super) fn top_k(ex: &mut GpuExecutor, logits: &GpuTensor, k: usize) -> Resul
         .zip(v)
         .filter(|(id, _)| *id != u32::MAX)
         .collect())
+}
+
+/// Top-k, then the pick with the draw, into `out[0]`; nothing is read back.
+pub(super) fn sample(
+    ex: &mut GpuExecutor,
+    logits: &GpuTensor,
+    out: &mut GpuIds,
+    draw: &Draw,
+) -> Result<()> {
+    let (vals, ids) = record_top_k(ex, logits, draw.top_k)?;
+    let p = ex.pipeline(shaders::SAMPLING, "pick", &[]);
+    let params = PickParams {
+        k: draw.top_k as u32,
+        temperature: draw.temperature,
+        top_p: draw.top_p,
+        u: draw.u,
+    };
+    ex.rec.dispatch(
+        &p,
+        params.words(),
+        &[
+            Binding::from(&vals),
+            Binding::from(&ids),
+            Binding::from(&out.buf),
+        ],
+        [1, 1, 1],
+    );
+    Ok(())
 }

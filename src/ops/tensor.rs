@@ -4,6 +4,7 @@
 use super::{check, Executor, RopeConfig};
 use crate::error::{shape_err, Error, Result};
 use crate::quant::DType;
+use crate::sampling::Draw;
 use half::f16;
 use std::ops::Range;
 
@@ -304,6 +305,15 @@ pub trait TensorOps: Executor {
         self.run_top_k(logits, k)
     }
 
+    /// Draws the next token from row 0 into `out[0]` on the device: its
+    /// top-k candidates, [`crate::sampling::target_distribution`] and the
+    /// draw's uniform ([`crate::sampling::pick`]), so a sampled step, like a
+    /// greedy one, leaves its token where the next step's embedding reads it.
+    fn sample(&mut self, logits: &Self::Tensor, out: &mut Self::Ids, draw: &Draw) -> Result<()> {
+        check::sample(Self::dims(logits), Self::ids_len(out), draw)?;
+        self.run_sample(logits, out, draw)
+    }
+
     /// [`TensorOps::tensor`], checked.
     fn run_tensor(&mut self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// [`TensorOps::upload`], checked.
@@ -408,6 +418,9 @@ pub trait TensorOps: Executor {
     fn run_penalize(&mut self, logits: &mut Self::Tensor, ids: &[u32], penalty: f32) -> Result<()>;
     /// [`TensorOps::top_k`], checked.
     fn run_top_k(&mut self, logits: &Self::Tensor, k: usize) -> Result<Vec<(u32, f32)>>;
+    /// [`TensorOps::sample`], checked.
+    fn run_sample(&mut self, logits: &Self::Tensor, out: &mut Self::Ids, draw: &Draw)
+        -> Result<()>;
 }
 
 /// A buffer of `bytes` within the executor's limit.

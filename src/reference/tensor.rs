@@ -6,6 +6,7 @@ use super::{
 use crate::error::Result;
 use crate::ops::{check, Epilogue, IdsTicket, RopeConfig, TensorOps};
 use crate::quant::DType;
+use crate::sampling::{pick, Draw};
 use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -311,6 +312,14 @@ impl TensorOps for RefExecutor {
 
     fn run_top_k(&mut self, logits: &RefTensor, k: usize) -> Result<Vec<(u32, f32)>> {
         Ok(top_k_row(&logits.data[..logits.cols], k))
+    }
+
+    fn run_sample(&mut self, logits: &RefTensor, out: &mut Vec<u32>, draw: &Draw) -> Result<()> {
+        let cands = top_k_row(&logits.data[..logits.cols], draw.top_k);
+        // No candidate (every logit NaN) leaves an id past the vocabulary,
+        // which the session reports, as the GPU's pick does.
+        out[0] = pick(&cands, draw.temperature, draw.top_p, draw.u).unwrap_or(u32::MAX);
+        Ok(())
     }
 }
 

@@ -263,6 +263,29 @@ pub fn spec_accept(
     Ok(())
 }
 
+/// A device-side sampling step: top-k bounds, a positive temperature, a
+/// nucleus in (0, 1], a uniform draw in [0, 1) and an output id.
+pub fn sample(logits: (usize, usize), out: usize, draw: &crate::sampling::Draw) -> Result<()> {
+    top_k(logits, draw.top_k)?;
+    if out == 0 {
+        return shape_err("sample", "no output id");
+    }
+    let t = draw.temperature;
+    if !(t > 0.0 && t.is_finite() && draw.top_p > 0.0 && draw.top_p <= 1.0) {
+        return Err(Error::InvalidOption(format!(
+            "sampling at temperature {t} (must be > 0) and top-p {} (must be in (0, 1])",
+            draw.top_p
+        )));
+    }
+    if !(0.0..1.0).contains(&draw.u) {
+        return Err(Error::InvalidOption(format!(
+            "sampling draw {} must be in [0, 1)",
+            draw.u
+        )));
+    }
+    Ok(())
+}
+
 /// Row-wise argmax: an output per row.
 pub fn argmax(x: (usize, usize), out: usize) -> Result<()> {
     if out < x.0 {
