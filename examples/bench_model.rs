@@ -31,10 +31,14 @@ struct Cli {
     /// Quantize float weight matrices at load: off, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "off")]
     quantize: String,
-    /// Greedy decode steps kept in flight (1: read each token before the next
+    /// Decode steps kept in flight (1: read each token before the next
     /// step; 0: 2 on a GPU, 1 on a CPU adapter).
     #[arg(long, default_value_t = 0)]
     decode_ahead: usize,
+    /// Sampling temperature of the decoded tokens (0 = greedy; top-k 40):
+    /// sampled steps pick on the device and stay in flight as greedy ones do.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -82,6 +86,11 @@ fn main() -> kvsieve::Result<()> {
         None => Engine::load_default(opts)?,
     };
     let c = e.config.clone();
+    let sampling = kvsieve::SamplingParams {
+        temperature: cli.temperature,
+        ..Default::default()
+    };
+    sampling.validate()?;
     let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
     let mut prompt = e
         .tokenizer
@@ -102,6 +111,7 @@ fn main() -> kvsieve::Result<()> {
     let params = GenerateParams {
         max_tokens: cli.decode_tokens + 1,
         stop_at_eos: false,
+        sampling: sampling.clone(),
         ..Default::default()
     };
     let n = e.generate_ids(&prompt, &params)?.count();
@@ -137,6 +147,7 @@ fn main() -> kvsieve::Result<()> {
             &GenerateParams {
                 max_tokens: steps + 1 + extra,
                 stop_at_eos: false,
+                sampling: sampling.clone(),
                 ..Default::default()
             },
         )?
@@ -162,6 +173,7 @@ fn main() -> kvsieve::Result<()> {
     let extra = GenerateParams {
         max_tokens: cli.profile_steps + 1,
         stop_at_eos: false,
+        sampling: sampling.clone(),
         ..Default::default()
     };
     e.generate_ids(&prompt, &extra)?.for_each(drop);
@@ -215,7 +227,7 @@ fn main() -> kvsieve::Result<()> {
     }
     if let Some(path) = cli.json {
         let j = serde_json::json!({
-            "model": c.arch_name(), "executor": e.backend_name(), "prompt_tokens": prompt.len(), "decode_ahead": ahead,
+            "model": c.arch_name(), "executor": e.backend_name(), "prompt_tokens": prompt.len(), "decode_ahead": ahead, "temperature": cli.temperature,
             "generated_tokens": n, "prefill_tokens_per_s": s.prefill_tps(), "decode_tokens_per_s": s.decode_tps(),
             "bytes_per_decode_token": bytes_per_token, "weight_bytes": weight_bytes, "decode_bytes_per_s": decode_bw,
             "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),
