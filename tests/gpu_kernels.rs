@@ -399,6 +399,38 @@ fn bias_penalty_top_k_and_copy_match_reference() {
         }
     }
 
+    // Top-k's bound pass, its edges: a flat row (every value reaches the
+    // bound: the argmax rounds run instead), fewer valid values than k
+    // (NaNs), fewer values than threads, and a row whose best values sit in
+    // one thread's stride.
+    let flat = vec![0.5f32; 3_000];
+    let mut nans = vec![f32::NAN; 700];
+    for i in [3, 300, 301, 699, 5] {
+        nans[i] = i as f32;
+    }
+    let short = randn(&mut r, 100, 1.0);
+    let mut strided = randn(&mut r, 4_096, 1.0);
+    for i in 0..16 {
+        strided[7 + 256 * i] = 10.0 + i as f32;
+    }
+    for row in [flat, nans, short, strided] {
+        let (lc, lg) = (
+            cpu.upload(&row, 1, row.len()).unwrap(),
+            ex.upload(&row, 1, row.len()).unwrap(),
+        );
+        for k in [1usize, 8, 64] {
+            if k > row.len() {
+                continue;
+            }
+            assert_eq!(
+                ex.top_k(&lg, k).unwrap(),
+                cpu.top_k(&lc, k).unwrap(),
+                "top_k k={k} of {} values",
+                row.len()
+            );
+        }
+    }
+
     // The copy kernel (the benches' bandwidth ceiling) moves bytes exactly.
     let data: Vec<u32> = (0..1024).map(|_| r.gen()).collect();
     let src =
