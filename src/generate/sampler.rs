@@ -1,9 +1,10 @@
-//! The host side of sampling: the executor penalises and
-//! selects the top candidates on the device; only those come back here.
+//! The host side of sampling: the seeded stream of draws. The executor
+//! penalises, selects the top candidates and picks among them with the
+//! draw on the device; only the token comes back.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::sampling::Draw;
 pub use crate::sampling::SamplingParams;
-use crate::sampling::{pick, Draw};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Seeded sampler state.
@@ -27,17 +28,9 @@ impl Sampler {
         self.rng.gen()
     }
 
-    /// Picks a token from the top candidates (descending logits) by
-    /// [`crate::sampling::target_distribution`] with this sampler's next draw.
-    pub fn pick(&mut self, candidates: &[(u32, f32)]) -> Result<u32> {
-        let u = self.rng.gen::<f32>();
-        pick(candidates, self.params.temperature, self.params.top_p, u)
-            .ok_or_else(|| Error::Internal("no candidates to sample from".into()))
-    }
-
-    /// The next token's draw for the device to pick with
-    /// ([`crate::ops::TensorOps::sample`]); it takes the same place in this
-    /// sampler's stream as [`Sampler::pick`].
+    /// The next token's draw: one uniform from this sampler's stream, which
+    /// the executor's pick ([`crate::ops::TensorOps::sample`],
+    /// [`crate::sampling::pick`]) turns into a token from the top candidates.
     pub fn draw(&mut self) -> Draw {
         Draw {
             top_k: self.params.top_k,
