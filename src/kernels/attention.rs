@@ -39,7 +39,8 @@ fn decode_target_splits(ex: &GpuExecutor, kv_heads: usize, group: usize) -> usiz
     }
 }
 
-/// Split length (multiple of 64) for decoding `kv_len` tokens.
+/// Split length for decoding `kv_len` tokens (a multiple of 64 for the
+/// cooperative kernel, of 16 for the per-thread one).
 pub(crate) fn decode_split(
     ex: &GpuExecutor,
     kv_len: usize,
@@ -48,12 +49,15 @@ pub(crate) fn decode_split(
     group: usize,
 ) -> usize {
     let target = decode_target_splits(ex, kv_heads, group);
-    let min_split = if ex.tuning.per_thread_kernels {
-        64
+    // The per-thread kernel takes splits of any length: short ones at short
+    // contexts fill the CPU's threads (64-token splits left one busy below
+    // ~1,800 tokens). The cooperative kernel runs 64-key tiles.
+    let (min_split, unit) = if ex.tuning.per_thread_kernels {
+        (16, 16)
     } else {
-        ex.tuning.decode_min_split
+        (ex.tuning.decode_min_split, 64)
     };
-    let mut split = kv_len.div_ceil(target).max(min_split).div_ceil(64) * 64;
+    let mut split = kv_len.div_ceil(target).max(min_split).div_ceil(unit) * unit;
     if let Some(limit) = ex.tuning.loop_limit {
         let budget = loop_budget(limit);
         let max_keys = if ex.tuning.per_thread_kernels {
@@ -61,7 +65,7 @@ pub(crate) fn decode_split(
         } else {
             budget / decode_tile_iterations(head_dim, group) * 64
         };
-        split = split.min((max_keys as usize / 64).max(1) * 64);
+        split = split.min((max_keys as usize / unit).max(1) * unit);
     }
     split
 }
