@@ -51,9 +51,11 @@ pub(crate) fn decode_split(
     let target = decode_target_splits(ex, kv_heads, group);
     // The per-thread kernel takes splits of any length: short ones at short
     // contexts fill the CPU's threads (64-token splits left one busy below
-    // ~1,800 tokens). The cooperative kernel runs 64-key tiles.
+    // ~1,800 tokens); up to 32 tokens one split, which stores its output
+    // itself, saves the reduce dispatch. The cooperative kernel runs 64-key
+    // tiles.
     let (min_split, unit) = if ex.tuning.per_thread_kernels {
-        (16, 16)
+        (if kv_len <= 32 { 32 } else { 16 }, 16)
     } else {
         (ex.tuning.decode_min_split, 64)
     };
