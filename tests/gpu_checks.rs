@@ -87,6 +87,21 @@ fn h(n: usize) -> Vec<f16> {
 type Case<E> = Box<dyn Fn(&mut E) -> kvsieve::Result<()>>;
 
 /// Bad-shape cases, generic over the executor.
+/// `sample` with a draw at `temperature` and uniform `u`.
+fn sample_case<E: Ops>(temperature: f32, u: f32) -> Case<E> {
+    Box::new(move |ex: &mut E| {
+        let x = ex.tensor(1, 128)?;
+        let mut out = ex.ids(&[0])?;
+        let draw = kvsieve::sampling::Draw {
+            top_k: 8,
+            temperature,
+            top_p: 1.0,
+            u,
+        };
+        ex.sample(&x, &mut out, &draw)
+    })
+}
+
 fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
     vec![
         (
@@ -314,34 +329,8 @@ fn cases<E: Ops>() -> Vec<(&'static str, Case<E>)> {
                 ex.top_k(&x, 65).map(|_| ())
             }),
         ),
-        (
-            "sample draw outside [0, 1)",
-            Box::new(|ex: &mut E| {
-                let x = ex.tensor(1, 128)?;
-                let mut out = ex.ids(&[0])?;
-                let draw = kvsieve::sampling::Draw {
-                    top_k: 8,
-                    temperature: 1.0,
-                    top_p: 1.0,
-                    u: 1.0,
-                };
-                ex.sample(&x, &mut out, &draw)
-            }),
-        ),
-        (
-            "sample zero temperature",
-            Box::new(|ex: &mut E| {
-                let x = ex.tensor(1, 128)?;
-                let mut out = ex.ids(&[0])?;
-                let draw = kvsieve::sampling::Draw {
-                    top_k: 8,
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    u: 0.5,
-                };
-                ex.sample(&x, &mut out, &draw)
-            }),
-        ),
+        ("sample draw outside [0, 1)", sample_case(1.0, 1.0)),
+        ("sample zero temperature", sample_case(0.0, 0.5)),
         (
             "kv_cache head dim",
             Box::new(|ex: &mut E| {
