@@ -160,7 +160,7 @@ fn pick() {
     let t = max(q.temperature, 1e-6);
     let top = cand_vals[0];
     var z = 0.0;
-    for (var i = 0u; i < n; i++) { z += exp((cand_vals[i] - top) / t); }
+    for (var i = 0u; i < n; i++) { z += cand_p(i, top, t, 1.0); }
     var keep = n;
     var mass = 0.0;
     for (var i = 0u; i < n; i++) {

@@ -135,7 +135,7 @@ impl Generation<'_> {
             let room = e.runner.max_context() - (self.base + next);
             self.open = next + 1 < self.max_tokens && room > 0;
             // One draw per launch, in token order: the one-step loop's stream.
-            let draw = (!self.sampler.params.greedy()).then(|| self.sampler.draw());
+            let draw = self.sampler.draw();
             let (r, sent) = (Instant::now(), e.runner.counters().submit_host_ns);
             e.runner.launch(self.open, draw.as_ref())?;
             // Recording only: the launch's submit counts as submit time.

@@ -31,12 +31,13 @@ impl Sampler {
     /// The next token's draw: one uniform from this sampler's stream, which
     /// the executor's pick ([`crate::ops::TensorOps::sample`],
     /// [`crate::sampling::pick`]) turns into a token from the top candidates.
-    pub fn draw(&mut self) -> Draw {
-        Draw {
+    /// `None` for greedy sampling, which draws nothing (the argmax).
+    pub fn draw(&mut self) -> Option<Draw> {
+        (!self.params.greedy()).then(|| Draw {
             top_k: self.params.top_k,
             temperature: self.params.temperature,
             top_p: self.params.top_p,
             u: self.rng.gen::<f32>(),
-        }
+        })
     }
 }

@@ -469,7 +469,7 @@ impl<E: Ops> Session<E> {
                 .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
             self.ops.penalize(&mut ws.logits, recent, penalty)?;
         }
-        let draw = (!sampler.params.greedy()).then(|| sampler.draw());
+        let draw = sampler.draw();
         self.choose(draw.as_ref())?;
         let out = self.argmax_out.as_ref().ok_or_else(no_out)?;
         let id = self.ops.download_ids(out)?.first().copied();
