@@ -41,6 +41,92 @@ fn gather(
         .collect()
 }
 
+/// Query rows up to which [`attend_keys`] reads keys and values where they
+/// lie in the cache: decode steps and a prompt's tail rows would otherwise
+/// copy and rotate the whole context per call, and the GEMMs pack it again
+/// per query head, for a handful of rows.
+const STREAM_ROWS: usize = 4;
+
+/// [`attend`] over the keys `keys[g]` of each KV head g (`(token, position)`
+/// in rank order; one list serves every head), read from the cache.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_keys(
+    q: &[f32],
+    q_cols: usize,
+    kv: &RefKv,
+    layer: usize,
+    table: &PageTable,
+    keys: &[Vec<(usize, usize)>],
+    rope: &RefRope,
+    visible: impl Fn(usize) -> usize + Sync,
+    out: &mut [f32],
+) {
+    let d = kv.layout.head_dim;
+    let of = |g: usize| &keys[g.min(keys.len() - 1)];
+    let rows = q.len() / q_cols;
+    if rows == 0 {
+        return;
+    }
+    if rows > STREAM_ROWS {
+        let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
+            .into_par_iter()
+            .map(|g| gather_keys(kv, layer, table, g, of(g), rope))
+            .collect();
+        return attend(q, q_cols, d, &heads, visible, None, out);
+    }
+    let qh = q_cols / d;
+    let group = qh / kv.layout.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let results: Vec<Vec<f32>> = (0..qh)
+        .into_par_iter()
+        .map(|h| {
+            let (g, ks) = (h / group, of(h / group));
+            let len = visible(rows - 1).min(ks.len());
+            let mut s = vec![0.0f32; rows * len];
+            let mut kr = vec![0.0f32; d];
+            for (j, &(t, pos)) in ks[..len].iter().enumerate() {
+                let off = kv.offset(table, t, g);
+                kr.copy_from_slice(&kv.k[layer][off..off + d]);
+                rotate(&mut kr, &rope.row(pos));
+                for i in 0..rows {
+                    s[i * len + j] = scale * super::dot(&q[i * q_cols + h * d..][..d], &kr);
+                }
+            }
+            let mut o = vec![0.0f32; rows * d];
+            for (i, (row, orow)) in s.chunks_mut(len.max(1)).zip(o.chunks_mut(d)).enumerate() {
+                let vis = visible(i).min(len);
+                softmax(&mut row[..vis]);
+                for (j, &p) in row[..vis].iter().enumerate() {
+                    let off = kv.offset(table, ks[j].0, g);
+                    for (o, &v) in orow.iter_mut().zip(&kv.v[layer][off..off + d]) {
+                        *o += p * v;
+                    }
+                }
+            }
+            o
+        })
+        .collect();
+    for (h, o) in results.iter().enumerate() {
+        for (i, orow) in o.chunks(d).enumerate() {
+            let at = i * q_cols + h * d;
+            out[at..at + d].copy_from_slice(orow);
+        }
+    }
+}
+
+/// Softmax of one row of scores, in place.
+fn softmax(row: &mut [f32]) {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut l = 0.0;
+    for x in row.iter_mut() {
+        *x = (*x - m).exp();
+        l += *x;
+    }
+    for x in row.iter_mut() {
+        *x /= l;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dense(
     q: &RefTensor,
@@ -52,11 +138,19 @@ pub(super) fn dense(
     rope: &RefRope,
     out: &mut RefTensor,
 ) {
-    let d = kv.layout.head_dim;
-    let keys: Vec<(usize, usize)> = (0..kv_len).map(|j| (j, j)).collect();
-    let heads = gather(kv, layer, table, &keys, rope);
+    let keys = [(0..kv_len).map(|j| (j, j)).collect()];
     let visible = |i: usize| (q_start + i + 1).min(kv_len);
-    attend(&q.data, q.cols, d, &heads, visible, None, &mut out.data);
+    attend_keys(
+        &q.data,
+        q.cols,
+        kv,
+        layer,
+        table,
+        &keys,
+        rope,
+        visible,
+        &mut out.data,
+    );
 }
 
 /// Tree attention: node i sees the prefix (all `prefix_len` tokens, or the ranks
@@ -162,15 +256,7 @@ pub(super) fn attend(
                         }
                     }
                 }
-                let m = row[..vis].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut l = 0.0;
-                for x in row[..vis].iter_mut() {
-                    *x = (*x - m).exp();
-                    l += *x;
-                }
-                for x in row[..vis].iter_mut() {
-                    *x /= l;
-                }
+                softmax(&mut row[..vis]);
                 row[vis..].iter_mut().for_each(|x| *x = 0.0);
             }
             // SAFETY: P [b, len], V [len, d], O [b, d], all within their vectors.
@@ -199,6 +285,86 @@ pub(super) fn attend(
         for (i, orow) in o.chunks(d).enumerate() {
             let at = (r0 + i) * q_cols + h * d;
             out[at..at + d].copy_from_slice(orow);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvLayout, PageAllocator};
+    use crate::ops::RopeConfig;
+
+    /// The streamed path (a few rows) computes what gathering the keys does,
+    /// over a paged cache, for the whole context and for a list of keys per
+    /// KV head at other positions.
+    #[test]
+    fn streamed_rows_match_gathered_keys() {
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 8,
+            page_size: 4,
+            num_pages: 8,
+        };
+        let mut pages = PageAllocator::new(&layout);
+        let mut table = pages.new_sequence();
+        pages.reserve(&mut table, 23).unwrap();
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let size = layout.num_pages * layout.kv_heads * layout.page_size * layout.head_dim;
+        let kv = RefKv {
+            layout,
+            k: vec![(0..size).map(|_| next()).collect()],
+            v: vec![(0..size).map(|_| next()).collect()],
+        };
+        let cfg = RopeConfig {
+            head_dim: 8,
+            theta: 10000.0,
+            scaling: None,
+            max_positions: 64,
+        };
+        let rope = RefRope {
+            cs: cfg.table().unwrap(),
+            half: 4,
+            max_pos: 64,
+        };
+        let q_cols = 4 * 8; // 4 query heads over 2 KV heads
+        let dense = vec![(0..23).map(|t| (t, t)).collect::<Vec<_>>()];
+        let lists: Vec<Vec<(usize, usize)>> = (0..2)
+            .map(|g| (0..23).step_by(2 + g).map(|t| (t, t + 5)).collect())
+            .collect();
+        for keys in [&dense, &lists] {
+            for rows in 1..=STREAM_ROWS {
+                let q: Vec<f32> = (0..rows * q_cols).map(|_| next()).collect();
+                let shortest = keys.iter().map(Vec::len).min().unwrap();
+                let visible = |i: usize| shortest - rows + i + 1;
+                let mut streamed = vec![0.0; rows * q_cols];
+                attend_keys(
+                    &q,
+                    q_cols,
+                    &kv,
+                    0,
+                    &table,
+                    keys,
+                    &rope,
+                    visible,
+                    &mut streamed,
+                );
+                let heads: Vec<_> = (0..2)
+                    .map(|g| gather_keys(&kv, 0, &table, g, &keys[g.min(keys.len() - 1)], &rope))
+                    .collect();
+                let mut gathered = vec![0.0; rows * q_cols];
+                attend(&q, q_cols, 8, &heads, visible, None, &mut gathered);
+                for (a, b) in streamed.iter().zip(&gathered) {
+                    assert!((a - b).abs() < 1e-5, "{rows} rows: {a} vs {b}");
+                }
+            }
         }
     }
 }

@@ -67,31 +67,40 @@ pub struct RefRope {
     pub max_pos: usize,
 }
 
-/// One position's composed (cos, sin) pairs (head_dim is at most 1024).
-pub struct RopeRow {
-    cs: [[f32; 2]; 512],
-    half: usize,
+/// One position's (cos, sin) pairs: the table's own row within
+/// [`crate::ops::ROPE_FLAT`] positions (no copy: keys are rotated one by one
+/// on every step), composed beyond it as the kernels compose them.
+pub enum RopeRow<'a> {
+    /// A row of the table.
+    Table(&'a [[f32; 2]]),
+    /// Composed from two rows.
+    Composed(Vec<[f32; 2]>),
 }
 
-impl std::ops::Deref for RopeRow {
+impl std::ops::Deref for RopeRow<'_> {
     type Target = [[f32; 2]];
     fn deref(&self) -> &[[f32; 2]] {
-        &self.cs[..self.half]
+        match self {
+            RopeRow::Table(r) => r,
+            RopeRow::Composed(cs) => cs,
+        }
     }
 }
 
 impl RefRope {
-    /// The (cos, sin) pairs of position `pos` (clamped to the table), composed
-    /// as the kernels compose them.
-    pub fn row(&self, pos: usize) -> RopeRow {
-        let mut cs = [[0.0; 2]; 512];
-        for (i, c) in cs[..self.half].iter_mut().enumerate() {
-            *c = crate::ops::rope_at(&self.cs, self.half, self.max_pos, pos, i);
+    /// The (cos, sin) pairs of position `pos` (clamped to the table), as the
+    /// kernels read them.
+    pub fn row(&self, pos: usize) -> RopeRow<'_> {
+        let h = self.half;
+        let p = pos.min(self.max_pos - 1);
+        if p < self.max_pos.min(crate::ops::ROPE_FLAT) {
+            return RopeRow::Table(&self.cs[p * h..(p + 1) * h]);
         }
-        RopeRow {
-            cs,
-            half: self.half,
-        }
+        RopeRow::Composed(
+            (0..h)
+                .map(|i| crate::ops::rope_at(&self.cs, h, self.max_pos, pos, i))
+                .collect(),
+        )
     }
 }
 

@@ -125,22 +125,21 @@ pub(super) fn attention_list(
     rope: &RefRope,
     out: &mut RefTensor,
 ) {
-    let d = kv.layout.head_dim;
-    // Rotated keys and values of each KV head, in rank order.
-    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
-        .into_par_iter()
-        .map(|g| attention::gather_keys(kv, layer, table, g, &list_keys(list, g), rope))
+    let keys: Vec<_> = (0..kv.layout.kv_heads)
+        .map(|g| list_keys(list, g))
         .collect();
     let before_tail = list.n_init + list.n_selected;
     let w = q.cols;
     let visible = |i: usize| before_tail + q_start + i + 1 - list.tail_start;
-    attention::attend(
+    attention::attend_keys(
         &q.data[rows.start * w..rows.end * w],
         w,
-        d,
-        &heads,
+        kv,
+        layer,
+        table,
+        &keys,
+        rope,
         visible,
-        None,
         &mut out.data[rows.start * w..rows.end * w],
     );
 }
