@@ -14,6 +14,15 @@ use std::sync::{Mutex, OnceLock};
 /// comparisons between policies depend on the text).
 const PROMPT: &str = "tests/fixtures/prompt.md";
 
+/// Tokens of PROMPT the policy tests prefill, in chunks of [`CHUNK`]: the
+/// second chunk (256..320) is where TokenSelect's prefill selects. Kept small:
+/// on a CPU Vulkan driver the GPU prefills at a few tokens a second, and every
+/// policy test prefills this prompt on both executors.
+const PROMPT_TOKENS: usize = 320;
+
+/// Tokens per prefill chunk in these tests.
+const CHUNK: usize = 256;
+
 fn model_dir() -> std::path::PathBuf {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -40,6 +49,7 @@ fn engine(backend: Backend) -> &'static Mutex<Engine> {
         let opts = Options {
             backend,
             max_context: 2048,
+            prefill_chunk: CHUNK,
             ..Options::default()
         };
         Mutex::new(Engine::load(&model_dir(), opts).unwrap_or_else(|e| panic!("load: {e}")))
@@ -254,7 +264,7 @@ struct TsRun {
     stats: kvsieve::attention::SelectionStats,
 }
 
-/// Greedy-generates 8 tokens after the first 600 tokens of PROMPT under
+/// Greedy-generates 8 tokens after the first [`PROMPT_TOKENS`] tokens of PROMPT under
 /// TokenSelect with a small budget (selection happens in every layer), on `backend`.
 fn tokenselect_run(backend: Backend, cache_threshold: f32) -> TsRun {
     tokenselect_run_with(backend, cache_threshold, Speculate::Off, 8, 0)
@@ -296,7 +306,7 @@ fn tokenselect_run_with(
     }
 }
 
-/// Greedy-generates `max_tokens` tokens after the first 600 tokens of PROMPT
+/// Greedy-generates `max_tokens` tokens after the first [`PROMPT_TOKENS`] tokens of PROMPT
 /// under `policy` on `backend` (drafting with `speculate`, trees of 8 nodes);
 /// returns the engine, for its selections and stats, and the tokens.
 fn readme_run(
@@ -316,13 +326,14 @@ fn readme_run(
     let opts = Options {
         backend,
         max_context: 1024,
+        prefill_chunk: CHUNK,
         policy,
         state_dir: Some(state),
         ..Options::default()
     };
     let mut e = Engine::load(&model_dir(), opts).unwrap();
     let mut ids = e.tokenizer.encode(&text).unwrap();
-    ids.truncate(600);
+    ids.truncate(PROMPT_TOKENS);
     let params = GenerateParams {
         max_tokens,
         stop_at_eos: false,
@@ -362,32 +373,33 @@ fn tokenselect_decisions_agree_across_executors() {
         tokenselect_run(Backend::Gpu, 2.0),
     );
     assert!(cpu.stats.selections >= 7 * 30, "{:?}", cpu.stats);
-    // The second prefill chunk (tokens 512..600) is one sparse sub-chunk of
-    // 72 rows and the prompt's 16 tail rows, one each, per layer.
+    // The second prefill chunk (tokens 256..320) is one sparse sub-chunk of
+    // 48 rows and the prompt's 16 tail rows, one each, per layer.
     assert_eq!(cpu.stats.prefill_selections, 17 * 30, "{:?}", cpu.stats);
     assert_eq!(gpu.stats.prefill_selections, 17 * 30, "{:?}", gpu.stats);
     assert_selections_agree(&cpu, &gpu);
     assert_eq!(cpu.tokens, gpu.tokens, "greedy tokens under TokenSelect");
 }
 
-/// Hierarchical TokenSelect (8 of the ~33 candidate blocks, 128 of ~520
+/// Hierarchical TokenSelect (6 of the ~16 candidate blocks, 96 of ~240
 /// candidate tokens) with the Selection Cache on: both executors choose the
 /// same tokens in every layer (up to a near-tie), take the same cache decisions
-/// and generate the same greedy tokens; prefill sub-chunks select hierarchically too.
+/// and generate the same greedy tokens; the prompt's tail rows select
+/// hierarchically too (the sub-chunk at 256, with 12 candidate blocks, exactly).
 #[test]
 fn hierarchical_tokenselect_agrees_across_executors() {
-    let run = |b| tokenselect_run_with(b, 0.9, Speculate::Off, 8, 8);
+    let run = |b| tokenselect_run_with(b, 0.9, Speculate::Off, 8, 6);
     let (cpu, gpu) = (run(Backend::Reference), run(Backend::Gpu));
     assert_eq!(cpu.stats, gpu.stats, "selection counters");
     assert!(cpu.stats.selections >= 30, "{:?}", cpu.stats);
     assert_eq!(cpu.stats.prefill_selections, 17 * 30, "{:?}", cpu.stats);
     assert_selections_agree(&cpu, &gpu);
     for (l, a) in cpu.selected.iter().enumerate() {
-        // Every selected token comes from at most 8 blocks.
+        // Every selected token comes from at most 6 blocks.
         let mut blocks: Vec<u32> = a.iter().map(|t| t / 16).collect();
         blocks.dedup();
         assert!(
-            blocks.len() <= 8,
+            blocks.len() <= 6,
             "layer {l}: tokens from {} blocks",
             blocks.len()
         );
@@ -459,7 +471,7 @@ fn policy_run(
 }
 
 /// Quest (budget 64: the last block plus the 3 best blocks of each KV head, of
-/// about 37 before it) after the first 600 tokens of PROMPT: both executors
+/// about 19 before it) after the first [`PROMPT_TOKENS`] tokens of PROMPT: both executors
 /// choose the same blocks in every sparse layer and generate the same tokens; a
 /// budget covering the context generates what dense attention does.
 #[test]
@@ -495,7 +507,7 @@ fn quest_decisions_agree_across_executors() {
 
 /// Quest block-sparse prefill (sub-chunks of 64 prompt tokens, each attending
 /// to its own blocks plus the 3 best earlier blocks of each KV head) of the
-/// first 600 tokens of README.md: both executors generate the same tokens; a
+/// first [`PROMPT_TOKENS`] tokens of PROMPT: both executors generate the same tokens; a
 /// budget covering the prompt generates what dense attention does.
 #[test]
 fn quest_sparse_prefill_agrees_across_executors() {
@@ -519,7 +531,7 @@ fn quest_sparse_prefill_agrees_across_executors() {
     .1;
     assert_ne!(
         cpu, dense,
-        "a 64-token budget over 600 tokens changes nothing"
+        "a 64-token budget over {PROMPT_TOKENS} tokens changes nothing"
     );
     let covering = AttentionPolicy::Quest(QuestConfig {
         budget: 1024,
@@ -534,7 +546,7 @@ fn quest_sparse_prefill_agrees_across_executors() {
 }
 
 /// TidalDecode (budget 64 tokens per KV head, selection at layer 2, re-selection
-/// at 13) after the first 600 tokens of PROMPT: both executors choose the same
+/// at 13) after the first [`PROMPT_TOKENS`] tokens of PROMPT: both executors choose the same
 /// tokens and generate the same text; a covering budget generates what dense
 /// attention does.
 #[test]
@@ -595,7 +607,7 @@ fn sessions_match_each_alone(backend: Backend) {
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
             .unwrap();
     let mut long = sessions[0].tokenizer.encode(&text).unwrap();
-    long.truncate(600);
+    long.truncate(PROMPT_TOKENS);
     let chat = [Message::new("user", "What is the capital of France?")];
     let p = GenerateParams {
         max_tokens: 12,
@@ -632,7 +644,7 @@ fn sessions_match_each_alone(backend: Backend) {
     assert_eq!(ty, alone_b, "chat session interleaved with TokenSelect");
     assert!(x.selection_stats().selections > 0);
     assert_eq!(y.selection_stats().selections, 0, "dense session selected");
-    assert_eq!(x.cached_tokens()[..600], long[..]);
+    assert_eq!(x.cached_tokens()[..PROMPT_TOKENS], long[..]);
     assert_eq!(y.stats.decode_tokens, 11);
 
     let long2 = long.clone();
