@@ -117,7 +117,11 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
         ..Default::default()
     });
     let from = env("TS_FROM", 3800.0) as usize;
-    let (dense, _) = argmaxes(AttentionPolicy::Dense, &ids, from);
+    // Quest and Tidal prefill densely: they decode over this engine's dense
+    // prefill (`Engine::switch_policy`; the first position re-runs the
+    // prompt's last token under the policy).
+    let mut shared = engine(AttentionPolicy::Dense, ids.len());
+    let dense = teacher_forced_argmaxes(&mut shared, &ids, from).unwrap();
     let (sparse, hit_rate) = argmaxes(ts, &ids, from);
     // Hierarchical against exact at k 512: 64 blocks of 16 (1,024 tokens) of
     // the ~200 candidate blocks (at k 2048 the block stage would keep more
@@ -151,7 +155,8 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
     );
     // Quest at the paper's budget of 2048 tokens (blocks of 16, layers 0 and 1 dense).
     let quest = AttentionPolicy::Quest(QuestConfig::default());
-    let (blocks, _) = argmaxes(quest, &ids, from);
+    shared.switch_policy(quest).unwrap();
+    let blocks = teacher_forced_argmaxes(&mut shared, &ids, from).unwrap();
     let q_same = dense.iter().zip(&blocks).filter(|(a, b)| a == b).count();
     let q_rate = q_same as f64 / dense.len() as f64;
     eprintln!(
@@ -160,7 +165,8 @@ fn sparse_policies_agree_with_dense_on_natural_text() {
         100.0 * q_rate
     );
     let tidal = AttentionPolicy::Tidal(TidalConfig::default());
-    let (chosen, _) = argmaxes(tidal, &ids, from);
+    shared.switch_policy(tidal).unwrap();
+    let chosen = teacher_forced_argmaxes(&mut shared, &ids, from).unwrap();
     let t_same = dense.iter().zip(&chosen).filter(|(a, b)| a == b).count();
     let t_rate = t_same as f64 / dense.len() as f64;
     eprintln!(

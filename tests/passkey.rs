@@ -5,18 +5,19 @@
 //! positions still finds it at several depths. Quest (budget 2048) finds
 //! every key dense finds at 8K (at 4K half the prompt fits its budget; left
 //! out to keep the test command short). Hierarchical TokenSelect (k 2048, 256
-//! blocks of 16) selects exactly at 8K (its block stage runs only where it
-//! keeps at most half the ~470 candidate blocks) and finds every key dense
-//! finds there; at 16K it prunes to 256 of ~980 blocks and finds every key
-//! TokenSelect finds. Tidal (budget 2048, selection at layer 2)
+//! blocks of 16) prunes to 256 of ~980 blocks at 16K and finds every key
+//! TokenSelect finds (at 8K its block stage would keep more than half the ~470
+//! candidate blocks, so it selects exactly as TokenSelect does: not run
+//! again). Tidal (budget 2048, selection at layer 2)
 //! takes its re-selection layer from `Engine::calibrate_tidal` (a needle
 //! text of its own): in the default model the needle enters every KV head's
 //! top 2048 only from about layer 14 on, and with the paper's layer 13 Tidal
 //! missed the 8K keys at depths 0.6 and 0.3.
 //!
 //! Two prompts share their tokens up to the earlier of their two keys, so each
-//! policy runs its prompts by key position, latest first, and the engine
-//! re-prefills only from the key on.
+//! run takes its prompts by key position, latest first, and the engine
+//! re-prefills only from the key on. Quest and Tidal prefill densely, so they
+//! decode over dense's prefill of each prompt (`Engine::switch_policy`).
 
 use kvsieve::attention::{AttentionPolicy, QuestConfig, TokenSelectConfig};
 use kvsieve::eval::{passkey_trial, Filler};
@@ -30,31 +31,41 @@ fn key(len: usize, depth: f64) -> u32 {
     10007 + (len as u32 * 7 + (depth * 100.0) as u32 * 131) % 89989
 }
 
-/// Runs every (length, depth) cell under `policy`; returns whether each key was found.
-fn run(
-    e: &mut Engine,
-    policy: AttentionPolicy,
-    name: &str,
-    lens: &[usize],
-) -> Vec<(usize, f64, bool)> {
-    e.set_policy(policy).unwrap();
+/// One policy of a [`run`]: its name, the policy, and the lengths it runs at.
+type Arm<'a> = (&'a str, AttentionPolicy, &'a [usize]);
+
+/// Runs every (length, depth) cell under each arm's policy; returns, per arm,
+/// whether each key was found. The arms of one cell share its prompt's cache:
+/// the first arm prefills it and the others switch policy over it, so they
+/// must all prefill as the first does (dense prefill: dense, Quest without
+/// sparse prefill, Tidal) or run alone.
+fn run(e: &mut Engine, arms: &[Arm<'_>]) -> Vec<Vec<(usize, f64, bool)>> {
+    e.set_policy(arms[0].1).unwrap();
+    let mut lens: Vec<usize> = arms.iter().flat_map(|a| a.2.iter().copied()).collect();
+    lens.sort_unstable();
+    lens.dedup();
     let mut cells: Vec<(usize, f64)> = lens
         .iter()
         .flat_map(|&l| DEPTHS.iter().map(move |&d| (l, d)))
         .collect();
     cells.sort_by(|a, b| (b.0 as f64 * b.1).total_cmp(&(a.0 as f64 * a.1)));
-    cells
-        .into_iter()
-        .map(|(len, depth)| {
-            let k = key(len, depth);
+    let mut found = vec![Vec::new(); arms.len()];
+    for (len, depth) in cells {
+        let k = key(len, depth);
+        for (&(name, policy, lens), out) in arms.iter().zip(found.iter_mut()) {
+            if !lens.contains(&len) {
+                continue;
+            }
+            e.switch_policy(policy).unwrap();
             let (ok, text) = passkey_trial(e, len, depth, k, &Filler::Repeat).unwrap();
             eprintln!(
-                "passkey {name:>11} len {len:>5} depth {depth:.1}: {} ({text:?})",
+                "passkey {name:>12} len {len:>5} depth {depth:.1}: {} ({text:?})",
                 if ok { "found" } else { "MISSED" },
             );
-            (len, depth, ok)
-        })
-        .collect()
+            out.push((len, depth, ok));
+        }
+    }
+    found
 }
 
 fn found(cells: &[(usize, f64, bool)], len: usize, depth: f64) -> bool {
@@ -70,21 +81,6 @@ fn passkey_retrieval_dense_and_sparse_policies() {
         ..Options::default()
     };
     let mut e = Engine::load(&dir, opts).unwrap();
-    let ts = AttentionPolicy::TokenSelect(TokenSelectConfig::default());
-    let dense = run(&mut e, AttentionPolicy::Dense, "dense", &TRAINED);
-    let mut lens = TRAINED.to_vec();
-    lens.push(EXTRAPOLATED);
-    let sparse = run(&mut e, ts, "tokenselect", &lens);
-    let long = [TRAINED[1]];
-    let quest = AttentionPolicy::Quest(QuestConfig::default());
-    let blocks = run(&mut e, quest, "quest", &long);
-    let hier = AttentionPolicy::TokenSelect(TokenSelectConfig {
-        prefilter_blocks: 256,
-        ..Default::default()
-    });
-    // At 8K its block stage would keep more than half the blocks, so it
-    // selects exactly; at 16K it prunes to 256 of ~1,000.
-    let prefiltered = run(&mut e, hier, "hierarchical", &[long[0], EXTRAPOLATED]);
     // Tidal's re-selection layer by calibration (a needle text of its own),
     // measured once and then read from the cache.
     let cal = e.calibrate_tidal(2, 2048).unwrap();
@@ -93,7 +89,31 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     assert!(again.cached, "the second calibration was measured again");
     assert_eq!(again.config, cal.config);
     let layer = cal.config.reselection_layer;
-    let tidal = run(&mut e, AttentionPolicy::Tidal(cal.config), "tidal", &long);
+    let long = [TRAINED[1]];
+    // Quest and Tidal prefill densely: they decode over dense's prefill.
+    let quest = AttentionPolicy::Quest(QuestConfig::default());
+    let tidal = AttentionPolicy::Tidal(cal.config);
+    let shared = run(
+        &mut e,
+        &[
+            ("dense", AttentionPolicy::Dense, &TRAINED),
+            ("quest", quest, &long),
+            ("tidal", tidal, &long),
+        ],
+    );
+    let (dense, blocks, tidal) = (&shared[0], &shared[1], &shared[2]);
+    let mut lens = TRAINED.to_vec();
+    lens.push(EXTRAPOLATED);
+    let ts = AttentionPolicy::TokenSelect(TokenSelectConfig::default());
+    let sparse = &run(&mut e, &[("tokenselect", ts, &lens)])[0];
+    // Hierarchical at 16K only: at 8K its block stage would keep more than
+    // half the blocks, so it selects exactly as TokenSelect does; at 16K it
+    // prunes to 256 of ~1,000.
+    let hier = AttentionPolicy::TokenSelect(TokenSelectConfig {
+        prefilter_blocks: 256,
+        ..Default::default()
+    });
+    let prefiltered = &run(&mut e, &[("hierarchical", hier, &[EXTRAPOLATED])])[0];
     eprintln!(
         "| length | depth | dense | TokenSelect (auto positions) | Quest | hierarchical TokenSelect | Tidal (2, {layer}, calibrated) |\n|---|---|---|---|---|---|---|"
     );
@@ -101,12 +121,12 @@ fn passkey_retrieval_dense_and_sparse_policies() {
         for depth in DEPTHS {
             let d = if len == EXTRAPOLATED {
                 "not run"
-            } else if found(&dense, len, depth) {
+            } else if found(dense, len, depth) {
                 "found"
             } else {
                 "missed"
             };
-            let s = if found(&sparse, len, depth) {
+            let s = if found(sparse, len, depth) {
                 "found"
             } else {
                 "missed"
@@ -117,45 +137,41 @@ fn passkey_retrieval_dense_and_sparse_policies() {
                     (true, true) => "found",
                     (true, false) => "missed",
                 };
-            let h = match (len == TRAINED[0], found(&prefiltered, len, depth)) {
+            let h = match (len != EXTRAPOLATED, found(prefiltered, len, depth)) {
                 (true, _) => "not run",
                 (false, true) => "found",
                 (false, false) => "missed",
             };
             eprintln!(
                 "| {len} | {depth} | {d} | {s} | {} | {h} | {} |",
-                cell(&blocks),
-                cell(&tidal)
+                cell(blocks),
+                cell(tidal)
             );
         }
     }
     for &len in &TRAINED {
         assert!(
-            DEPTHS.iter().any(|&d| found(&dense, len, d)),
+            DEPTHS.iter().any(|&d| found(dense, len, d)),
             "len {len}: dense found no key; the task is broken"
         );
         for depth in DEPTHS {
             assert!(
-                !found(&dense, len, depth) || found(&sparse, len, depth),
+                !found(dense, len, depth) || found(sparse, len, depth),
                 "len {len} depth {depth}: dense found the key, TokenSelect did not"
             );
             assert!(
-                len != long[0] || !found(&dense, len, depth) || found(&blocks, len, depth),
+                len != long[0] || !found(dense, len, depth) || found(blocks, len, depth),
                 "len {len} depth {depth}: dense found the key, Quest did not"
             );
             assert!(
-                len != long[0] || !found(&dense, len, depth) || found(&prefiltered, len, depth),
-                "len {len} depth {depth}: dense found the key, hierarchical TokenSelect did not"
-            );
-            assert!(
-                len != long[0] || !found(&dense, len, depth) || found(&tidal, len, depth),
+                len != long[0] || !found(dense, len, depth) || found(tidal, len, depth),
                 "len {len} depth {depth}: dense found the key, Tidal (calibrated layer {layer}) did not"
             );
         }
     }
     let n = DEPTHS
         .iter()
-        .filter(|&&d| found(&sparse, EXTRAPOLATED, d))
+        .filter(|&&d| found(sparse, EXTRAPOLATED, d))
         .count();
     assert!(
         n >= 2,
@@ -164,7 +180,7 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     );
     for depth in DEPTHS {
         assert!(
-            !found(&sparse, EXTRAPOLATED, depth) || found(&prefiltered, EXTRAPOLATED, depth),
+            !found(sparse, EXTRAPOLATED, depth) || found(prefiltered, EXTRAPOLATED, depth),
             "16K depth {depth}: TokenSelect found the key, hierarchical TokenSelect did not"
         );
     }
