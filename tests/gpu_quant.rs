@@ -80,7 +80,7 @@ fn quantized_matmul_every_type_and_path() {
     let mut seed = 1;
     for mut ex in gpu_variants() {
         for t in LEGACY {
-            for &m in &[1usize, 2, 7, 16, 17, 40] {
+            for &m in &row_counts(&[1, 2, 7, 16, 17, 40]) {
                 for &(n, k) in &[(67usize, 576usize), (13, 1536)] {
                     check(&mut ex, t, m, n, k, seed);
                     seed += 1;
@@ -201,7 +201,7 @@ fn matmul_prologue_and_epilogues_on_every_path_and_type() {
             DType::Q6_K,
         ] {
             let k = if t.block().0 == 256 { 512 } else { 576 };
-            for &m in &[1usize, 3, 17, 40] {
+            for &m in &row_counts(&[1, 3, 17, 40]) {
                 for (norm, epi) in [
                     (false, Epilogue::Add),
                     (false, Epilogue::Swiglu),

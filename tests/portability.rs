@@ -354,11 +354,11 @@ fn drive_engine(policy: AttentionPolicy) {
     let mut e = Engine::load_default(Options {
         policy,
         max_context: 512,
-        prefill_chunk: 128,
+        prefill_chunk: 64,
         ..Default::default()
     })
     .expect("default model");
-    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(10);
     let mut p = GenerateParams {
         max_tokens: 2,
         stop_at_eos: false,
@@ -439,32 +439,35 @@ fn drive_kernels(ex: &mut kvsieve::kernels::GpuExecutor) {
 
 #[test]
 fn every_pipeline_translates_and_fits_webgpu_limits() {
+    // Budgets small enough that the ~100-token prompt (chunks of 64) runs
+    // every policy's sparse prefill and decode: each drive prefills it on a
+    // CPU driver, twice per policy.
     let ts = TokenSelectConfig {
-        k: 64,
-        n_init: 16,
-        n_local: 64,
-        subchunk: 64,
+        k: 16,
+        n_init: 8,
+        n_local: 16,
+        subchunk: 32,
         ..Default::default()
     };
     let policies = [
         AttentionPolicy::Dense,
         AttentionPolicy::TokenSelect(ts),
-        // Hierarchical: 3 blocks of 16 hold k 16 plus two blocks, and the
-        // ~120 candidate tokens of the prompt are more than twice 3 blocks
+        // Hierarchical: 3 blocks of 8 hold k 8 plus two blocks, and the ~75
+        // candidate tokens at the prompt's tail are more than twice 3 blocks
         // (the block stage runs only where it keeps at most half of them).
         AttentionPolicy::TokenSelect(TokenSelectConfig {
-            k: 16,
+            k: 8,
             prefilter_blocks: 3,
-            prefilter_block: 16,
+            prefilter_block: 8,
             ..ts
         }),
         AttentionPolicy::Quest(QuestConfig {
-            budget: 64,
-            prefill_subchunk: 64,
+            budget: 32,
+            prefill_subchunk: 32,
             ..Default::default()
         }),
         AttentionPolicy::Tidal(TidalConfig {
-            budget: 64,
+            budget: 32,
             ..Default::default()
         }),
     ];

@@ -39,6 +39,18 @@ pub fn ctx() -> Arc<GpuContext> {
     .clone()
 }
 
+/// Row counts of a matmul check over many types and paths: every one of
+/// `all` natively; in the browser, where each check is a round trip to the
+/// page, the first, middle and last of them (one row, a middle count, the
+/// largest), so every kernel path still runs there and the other counts run
+/// natively.
+pub fn row_counts(all: &[usize]) -> Vec<usize> {
+    if !browser::requested() || all.len() <= 3 {
+        return all.to_vec();
+    }
+    vec![all[0], all[all.len() / 2], all[all.len() - 1]]
+}
+
 pub fn gpu() -> GpuExecutor {
     GpuExecutor::with_context(ctx())
 }
