@@ -1,6 +1,6 @@
 //! Dense causal attention on the CPU: keys rotated at their positions, f32 softmax.
 
-use super::{rotate, RefKv, RefRope, RefTensor};
+use super::{rotate, RefKv, RefRope, RefTensor, RefView};
 use crate::kv::PageTable;
 use crate::ops::KeyList;
 use rayon::prelude::*;
@@ -49,18 +49,15 @@ const STREAM_ROWS: usize = 4;
 
 /// [`attend`] over the keys `keys[g]` of each KV head g (`(token, position)`
 /// in rank order; one list serves every head), read from the cache.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn attend_keys(
     q: &[f32],
     q_cols: usize,
-    kv: &RefKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &RefView<'_>,
     keys: &[Vec<(usize, usize)>],
-    rope: &RefRope,
     visible: impl Fn(usize) -> usize + Sync,
     out: &mut [f32],
 ) {
+    let (kv, layer, table, rope) = (cache.kv, cache.layer, cache.table, cache.rope);
     let d = kv.layout.head_dim;
     let of = |g: usize| &keys[g.min(keys.len() - 1)];
     let rows = q.len() / q_cols;
@@ -127,30 +124,16 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn dense(
     q: &RefTensor,
-    kv: &RefKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &RefView<'_>,
     q_start: usize,
     kv_len: usize,
-    rope: &RefRope,
     out: &mut RefTensor,
 ) {
     let keys = [(0..kv_len).map(|j| (j, j)).collect()];
     let visible = |i: usize| (q_start + i + 1).min(kv_len);
-    attend_keys(
-        &q.data,
-        q.cols,
-        kv,
-        layer,
-        table,
-        &keys,
-        rope,
-        visible,
-        &mut out.data,
-    );
+    attend_keys(&q.data, q.cols, cache, &keys, visible, &mut out.data);
 }
 
 /// Tree attention: node i sees the prefix (all `prefix_len` tokens, or the ranks
@@ -345,17 +328,8 @@ mod tests {
                 let shortest = keys.iter().map(Vec::len).min().unwrap();
                 let visible = |i: usize| shortest - rows + i + 1;
                 let mut streamed = vec![0.0; rows * q_cols];
-                attend_keys(
-                    &q,
-                    q_cols,
-                    &kv,
-                    0,
-                    &table,
-                    keys,
-                    &rope,
-                    visible,
-                    &mut streamed,
-                );
+                let view = RefView::new(&kv, 0, &table, &rope);
+                attend_keys(&q, q_cols, &view, keys, visible, &mut streamed);
                 let heads: Vec<_> = (0..2)
                     .map(|g| gather_keys(&kv, 0, &table, g, &keys[g.min(keys.len() - 1)], &rope))
                     .collect();

@@ -93,8 +93,7 @@ impl KvOps for RefExecutor {
         kv_len: usize,
         out: &mut RefTensor,
     ) -> Result<()> {
-        let (kv, layer, table, rope) = (cache.kv, cache.layer, cache.table, cache.rope);
-        attention::dense(q, kv, layer, table, q_start, kv_len, rope, out);
+        attention::dense(q, cache, q_start, kv_len, out);
         Ok(())
     }
 
@@ -105,9 +104,8 @@ impl KvOps for RefExecutor {
         kv_len: usize,
         out: &mut RefTensor,
     ) -> Result<()> {
-        let (kv, layer, table, rope) = (cache.kv, cache.layer, cache.table, cache.rope);
         let q_start = kv_len - 1;
-        attention::dense(q, kv, layer, table, q_start, kv_len, rope, out);
+        attention::dense(q, cache, q_start, kv_len, out);
         Ok(())
     }
 
@@ -119,9 +117,8 @@ impl KvOps for RefExecutor {
         list: &KeyList<'_, Vec<u32>>,
         out: &mut RefTensor,
     ) -> Result<()> {
-        let (kv, layer, table, rope) = (cache.kv, cache.layer, cache.table, cache.rope);
         let q_start = seq_len - 1;
-        tokenselect::attention_list(q, kv, layer, table, 0..1, q_start, list, rope, out);
+        tokenselect::attention_list(q, cache, 0..1, q_start, list, out);
         Ok(())
     }
 
@@ -134,8 +131,7 @@ impl KvOps for RefExecutor {
         list: &KeyList<'_, Vec<u32>>,
         out: &mut RefTensor,
     ) -> Result<()> {
-        let (kv, layer, table, rope) = (cache.kv, cache.layer, cache.table, cache.rope);
-        tokenselect::attention_list(q, kv, layer, table, rows, q_start, list, rope, out);
+        tokenselect::attention_list(q, cache, rows, q_start, list, out);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! TokenSelect on the CPU: scoring, soft vote, top-k and attention over a key list.
 
-use super::{attention, dot, RefKv, RefRope, RefTensor};
+use super::{attention, dot, RefKv, RefTensor, RefView};
 use crate::kv::PageTable;
 use crate::ops::{GqaMap, KeyList, Prefilter, NO_SCORE};
 use rayon::prelude::*;
@@ -116,30 +116,25 @@ pub fn list_keys(list: &KeyList<'_, Vec<u32>>, kvh: usize) -> Vec<(usize, usize)
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_list(
     q: &RefTensor,
-    kv: &RefKv,
-    layer: usize,
-    table: &PageTable,
+    cache: &RefView<'_>,
     rows: Range<usize>,
     q_start: usize,
     list: &KeyList<'_, Vec<u32>>,
-    rope: &RefRope,
     out: &mut RefTensor,
 ) {
-    let keys: Vec<_> = (0..kv.layout.kv_heads)
+    let keys: Vec<_> = (0..cache.kv.layout.kv_heads)
         .map(|g| list_keys(list, g))
         .collect();
     let before_tail = list.n_init + list.n_selected;
     let w = q.cols;
     let visible = |i: usize| before_tail + q_start + i + 1 - list.tail_start;
+    let rows = rows.start * w..rows.end * w;
     attention::attend_keys(
-        &q.data[rows.start * w..rows.end * w],
+        &q.data[rows.clone()],
         w,
-        kv,
-        layer,
-        table,
+        cache,
         &keys,
-        rope,
         visible,
-        &mut out.data[rows.start * w..rows.end * w],
+        &mut out.data[rows],
     );
 }
