@@ -23,6 +23,9 @@ const PROMPT_TOKENS: usize = 320;
 /// Tokens per prefill chunk in these tests.
 const CHUNK: usize = 256;
 
+/// Tokens of PROMPT the session tests prefill (three times on each executor).
+const SESSION_TOKENS: usize = 200;
+
 fn model_dir() -> std::path::PathBuf {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -148,7 +151,10 @@ fn check_against_transformers(backend: Backend) {
                 );
             }
         }
-        let want = ids(&r["greedy_ids"]);
+        // The first 24 of the recorded 32-48 greedy tokens: the claim is 16
+        // or more on 3 of 4 prompts, and on a CPU driver every token costs.
+        let mut want = ids(&r["greedy_ids"]);
+        want.truncate(24);
         let params = GenerateParams {
             max_tokens: want.len(),
             stop_at_eos: false,
@@ -607,7 +613,8 @@ fn sessions_match_each_alone(backend: Backend) {
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
             .unwrap();
     let mut long = sessions[0].tokenizer.encode(&text).unwrap();
-    long.truncate(PROMPT_TOKENS);
+    // Past the 144-token budget, so the TokenSelect sessions select.
+    long.truncate(SESSION_TOKENS);
     let chat = [Message::new("user", "What is the capital of France?")];
     let p = GenerateParams {
         max_tokens: 12,
@@ -644,7 +651,7 @@ fn sessions_match_each_alone(backend: Backend) {
     assert_eq!(ty, alone_b, "chat session interleaved with TokenSelect");
     assert!(x.selection_stats().selections > 0);
     assert_eq!(y.selection_stats().selections, 0, "dense session selected");
-    assert_eq!(x.cached_tokens()[..PROMPT_TOKENS], long[..]);
+    assert_eq!(x.cached_tokens()[..SESSION_TOKENS], long[..]);
     assert_eq!(y.stats.decode_tokens, 11);
 
     let long2 = long.clone();
