@@ -27,18 +27,24 @@ pub(super) fn gather_keys(
     (k, v)
 }
 
-/// Rotated keys and values of every KV head for `keys`.
+/// Rotated keys and values of every KV head g for its list `keys[g]` (one
+/// list serves every head).
 fn gather(
     kv: &RefKv,
     layer: usize,
     table: &PageTable,
-    keys: &[(usize, usize)],
+    keys: &[Vec<(usize, usize)>],
     rope: &RefRope,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     (0..kv.layout.kv_heads)
         .into_par_iter()
-        .map(|h| gather_keys(kv, layer, table, h, keys, rope))
+        .map(|h| gather_keys(kv, layer, table, h, head_keys(keys, h), rope))
         .collect()
+}
+
+/// KV head g's list of `keys` (one list serves every head).
+fn head_keys(keys: &[Vec<(usize, usize)>], g: usize) -> &[(usize, usize)] {
+    &keys[g.min(keys.len() - 1)]
 }
 
 /// Query rows up to which [`attend_keys`] reads keys and values where they
@@ -59,16 +65,12 @@ pub(super) fn attend_keys(
 ) {
     let (kv, layer, table, rope) = (cache.kv, cache.layer, cache.table, cache.rope);
     let d = kv.layout.head_dim;
-    let of = |g: usize| &keys[g.min(keys.len() - 1)];
     let rows = q.len() / q_cols;
     if rows == 0 {
         return;
     }
     if rows > STREAM_ROWS {
-        let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..kv.layout.kv_heads)
-            .into_par_iter()
-            .map(|g| gather_keys(kv, layer, table, g, of(g), rope))
-            .collect();
+        let heads = gather(kv, layer, table, keys, rope);
         return attend(q, q_cols, d, &heads, visible, None, out);
     }
     let qh = q_cols / d;
@@ -77,7 +79,7 @@ pub(super) fn attend_keys(
     let results: Vec<Vec<f32>> = (0..qh)
         .into_par_iter()
         .map(|h| {
-            let (g, ks) = (h / group, of(h / group));
+            let (g, ks) = (h / group, head_keys(keys, h / group));
             let len = visible(rows - 1).min(ks.len());
             let mut s = vec![0.0f32; rows * len];
             let mut kr = vec![0.0f32; d];
@@ -163,7 +165,7 @@ pub(super) fn tree(
         _ => prefix_len,
     };
     keys.extend((0..n).map(|j| (prefix_len + j, base + mask[4 * n + j] as usize)));
-    let heads = gather(kv, layer, table, &keys, rope);
+    let heads = gather(kv, layer, table, &[keys], rope);
     let sees = |i: usize, r: usize| r < before || crate::ops::tree_sees(mask, i, r - before);
     let d = kv.layout.head_dim;
     let visible = |i: usize| before + i + 1;
@@ -330,9 +332,7 @@ mod tests {
                 let mut streamed = vec![0.0; rows * q_cols];
                 let view = RefView::new(&kv, 0, &table, &rope);
                 attend_keys(&q, q_cols, &view, keys, visible, &mut streamed);
-                let heads: Vec<_> = (0..2)
-                    .map(|g| gather_keys(&kv, 0, &table, g, &keys[g.min(keys.len() - 1)], &rope))
-                    .collect();
+                let heads = gather(&kv, 0, &table, keys, &rope);
                 let mut gathered = vec![0.0; rows * q_cols];
                 attend(&q, q_cols, 8, &heads, visible, None, &mut gathered);
                 for (a, b) in streamed.iter().zip(&gathered) {

@@ -113,7 +113,6 @@ pub fn list_keys(list: &KeyList<'_, Vec<u32>>, kvh: usize) -> Vec<(usize, usize)
 }
 
 /// Causal attention of query rows `rows` (logical `q_start..`) over `list`.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_list(
     q: &RefTensor,
     cache: &RefView<'_>,
