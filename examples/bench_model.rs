@@ -65,6 +65,86 @@ fn copy_bandwidth() -> kvsieve::Result<f64> {
     Ok(2.0 * bytes as f64 / best)
 }
 
+/// The recorder's own floor: host microseconds to record and submit one
+/// dispatch of a trivial kernel (the copy kernel on 16 bytes, two storage
+/// bindings, bind groups cached), median over 20 steps of 256 dispatches
+/// after 4 that warm. What a decode step costs per dispatch above it is the
+/// model's recording. The second figure is the same dispatches made through
+/// wgpu directly, one bind group for all: wgpu's and the driver's own cost.
+fn host_floor_us() -> kvsieve::Result<(f64, f64)> {
+    let mut ex = GpuExecutor::new()?;
+    let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "src")?;
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst")?;
+    let mut per = Vec::new();
+    for step in 0..24 {
+        let (t, h0) = (Instant::now(), ex.rec.submit_host_ns);
+        for _ in 0..256 {
+            copy_buffer(&mut ex, &src, &dst, 16)?;
+        }
+        let record_ns = t.elapsed().as_nanos() as f64;
+        // Submitted and waited for: what `submit_host_ns` adds is the host's part.
+        ex.rec.submit()?;
+        if step >= 4 {
+            per.push((record_ns + ex.rec.submit_host_ns - h0) / 256.0 / 1e3);
+        }
+    }
+    // wgpu alone: the same dispatches with one bind group made once and no
+    // recorder (uniform offsets do not change here).
+    let p = kvsieve::gpu::PipelineCache::default().get(
+        &ex.ctx.device,
+        kvsieve::shaders::COPY,
+        "copy",
+        &[],
+    );
+    let uniform = ex.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("params"),
+        size: 256,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: buffer.as_entire_binding(),
+        }
+    }
+    let bg = ex.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &p.layout,
+        entries: &[entry(0, &uniform), entry(1, &src), entry(2, &dst)],
+    });
+    let mut raw = Vec::new();
+    for step in 0..24 {
+        let t = Instant::now();
+        let mut enc = ex.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for _ in 0..256 {
+                pass.set_pipeline(&p.pipeline);
+                pass.set_bind_group(0, &bg, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+        }
+        let index = ex.ctx.queue.submit([enc.finish()]);
+        let host_ns = t.elapsed().as_nanos() as f64;
+        ex.ctx
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| kvsieve::Error::Gpu(e.to_string()))?;
+        if step >= 4 {
+            raw.push(host_ns / 256.0 / 1e3);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(per), median(raw)))
+}
+
 fn main() -> kvsieve::Result<()> {
     let cli = Cli::parse();
     let backend: Backend = cli.backend.parse()?;
@@ -166,6 +246,13 @@ fn main() -> kvsieve::Result<()> {
     let bind_groups_per_token = d(&|c| c.bind_groups as f64);
     let buffers_per_token = d(&|c| c.buffers as f64);
     let wait_ms = d(&|c| c.wait_ns) / 1e6;
+    let dispatches_per_token = d(&|c| c.dispatches as f64);
+    let host_us_per_dispatch = host_ms_per_token * 1e3 / dispatches_per_token.max(1.0);
+    let floor_us = if backend == Backend::Gpu {
+        Some(host_floor_us()?)
+    } else {
+        None
+    };
     e.set_decode_ahead(cli.decode_ahead)?;
     let ahead = e.decode_ahead();
     // Per-kernel time over a few decode steps.
@@ -204,11 +291,13 @@ fn main() -> kvsieve::Result<()> {
     );
     if backend == Backend::Gpu {
         println!(
-            "\n| host ms / token (record + submit) | wait ms / token | dispatches / layer | bind groups / token | buffers / token |"
+            "\n| host ms / token (record + submit) | host us / dispatch (trivial kernel: recorder, wgpu alone) | wait ms / token | dispatches / layer | bind groups / token | buffers / token |"
         );
-        println!("|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|");
         println!(
-            "| {host_ms_per_token:.2} ({record_ms:.2} + {submit_ms:.2}) | {wait_ms:.2} | {dispatches_per_layer:.1} | {bind_groups_per_token:.0} | {buffers_per_token:.0} |"
+            "| {host_ms_per_token:.2} ({record_ms:.2} + {submit_ms:.2}) | {host_us_per_dispatch:.2} ({:.2}, {:.2}) | {wait_ms:.2} | {dispatches_per_layer:.1} | {bind_groups_per_token:.0} | {buffers_per_token:.0} |",
+            floor_us.map_or(f64::NAN, |f| f.0),
+            floor_us.map_or(f64::NAN, |f| f.1)
         );
     }
     if !prof.is_empty() {
@@ -233,6 +322,7 @@ fn main() -> kvsieve::Result<()> {
             "copy_bytes_per_s": copy_bw, "decode_over_copy": copy_bw.map(|b| decode_bw / b),
             "host_ms_per_token": host_ms_per_token, "record_ms_per_token": record_ms,
             "submit_ms_per_token": submit_ms, "wait_ms_per_token": wait_ms,
+            "host_us_per_dispatch": host_us_per_dispatch, "host_floor_us_per_dispatch": floor_us.map(|f| f.0), "wgpu_floor_us_per_dispatch": floor_us.map(|f| f.1),
             "dispatches_per_layer": dispatches_per_layer, "bind_groups_per_token": bind_groups_per_token, "buffers_per_token": buffers_per_token,
             "decode_kernel_profile": prof.iter().map(|(k, d, ns)| serde_json::json!({"kernel": k, "dispatches": d, "ns": ns})).collect::<Vec<_>>(),
         });

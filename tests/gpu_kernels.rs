@@ -442,6 +442,29 @@ fn bias_penalty_top_k_and_copy_match_reference() {
         ex.read_bytes(&dst, 4096).unwrap(),
         bytemuck::cast_slice::<u32, u8>(&data)
     );
+
+    // The recorder reuses the last step's command in the same place when the
+    // pipeline and bindings match: the new parameters must still apply, and
+    // another buffer there must not reuse it.
+    let dst = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "dst").unwrap();
+    let bytes = |d: &[u32]| bytemuck::cast_slice::<u32, u8>(d).to_vec();
+    kvsieve::kernels::copy_buffer(&mut ex, &src, &dst, 16).unwrap();
+    let mut want = vec![0u32; 1024];
+    want[..4].copy_from_slice(&data[..4]);
+    assert_eq!(ex.read_bytes(&dst, 4096).unwrap(), bytes(&want));
+    let groups = ex.rec.bind_group_count;
+    kvsieve::kernels::copy_buffer(&mut ex, &src, &dst, 4096).unwrap();
+    assert_eq!(ex.read_bytes(&dst, 4096).unwrap(), bytes(&data));
+    assert_eq!(
+        ex.rec.bind_group_count, groups,
+        "the repeated step's bind group"
+    );
+    let other: Vec<u32> = (0..1024).map(|_| r.gen()).collect();
+    let src2 =
+        kvsieve::gpu::buffer::storage_init(&ex.ctx.device, bytemuck::cast_slice(&other), "src2")
+            .unwrap();
+    kvsieve::kernels::copy_buffer(&mut ex, &src2, &dst, 4096).unwrap();
+    assert_eq!(ex.read_bytes(&dst, 4096).unwrap(), bytes(&other));
 }
 
 /// The device's pick from the top-k candidates equals the reference's (the

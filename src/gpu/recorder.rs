@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use std::sync::Arc;
 
 /// A buffer range bound to a kernel.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Binding {
     /// The buffer.
     pub buffer: wgpu::Buffer,
@@ -43,6 +43,9 @@ pub(super) enum Cmd {
         bindings: Vec<Binding>,
         groups: [u32; 3],
         indirect: Option<(wgpu::Buffer, u64)>,
+        /// The bind group the last submit encoding this command used, with
+        /// its parameter range: kept while the command is re-recorded alike.
+        bound: Option<(wgpu::BindGroup, ParamsRange)>,
     },
     Copy {
         src: wgpu::Buffer,
@@ -60,11 +63,14 @@ pub(super) enum Cmd {
     },
 }
 
+/// A dispatch's uniform range: the parameter buffer, offset and size.
+pub(super) type ParamsRange = Option<(wgpu::Buffer, u64, u64)>;
+
 /// What a bind group binds: its layout, the parameter range and the storage ranges.
 #[derive(PartialEq, Eq, Hash)]
 struct BindKey {
     layout: wgpu::BindGroupLayout,
-    params: Option<(wgpu::Buffer, u64, u64)>,
+    params: ParamsRange,
     bindings: Vec<(wgpu::Buffer, u64, Option<u64>)>,
 }
 
@@ -74,7 +80,12 @@ const BIND_GROUP_TTL: u64 = 8;
 /// Records a step's work; [`Recorder::submit`] sends it as one command buffer.
 pub struct Recorder {
     ctx: Arc<GpuContext>,
+    /// The step's commands are `cmds[..n_cmds]`; the rest are the last
+    /// step's, kept so that a step recording the same dispatch at the same
+    /// place reuses it (its buffers, vectors and bind group) instead of
+    /// cloning and hashing them again.
     cmds: Vec<Cmd>,
+    n_cmds: usize,
     reads: Vec<(wgpu::Buffer, u64, u64)>,
     timestamps: Option<(wgpu::QuerySet, wgpu::Buffer)>,
     profiling: bool,
@@ -124,6 +135,7 @@ impl Recorder {
         Self {
             ctx,
             cmds: Vec::new(),
+            n_cmds: 0,
             reads: Vec::new(),
             timestamps: None,
             profiling: false,
@@ -183,15 +195,61 @@ impl Recorder {
         if groups.contains(&0) {
             return;
         }
+        self.record_dispatch(pipeline, params, bindings, groups, None);
+    }
+
+    /// Records a dispatch in the next command slot, reusing the command the
+    /// last step left there when it ran the same pipeline on the same
+    /// bindings (only its parameters and workgroup counts change).
+    fn record_dispatch(
+        &mut self,
+        pipeline: &Arc<Pipeline>,
+        params: &[u32],
+        bindings: &[Binding],
+        groups: [u32; 3],
+        indirect: Option<(&wgpu::Buffer, u64)>,
+    ) {
         self.dispatch_count += 1;
         self.recorded += 1;
-        self.cmds.push(Cmd::Dispatch {
+        if let Some(Cmd::Dispatch {
+            pipeline: p,
+            params: pa,
+            bindings: b,
+            groups: g,
+            indirect: ind,
+            ..
+        }) = self.cmds.get_mut(self.n_cmds)
+        {
+            if Arc::ptr_eq(p, pipeline) && b.as_slice() == bindings {
+                pa.clear();
+                pa.extend_from_slice(params);
+                *g = groups;
+                if ind.as_ref().map(|(b, o)| (b, *o)) != indirect {
+                    *ind = indirect.map(|(b, o)| (b.clone(), o));
+                }
+                self.n_cmds += 1;
+                return;
+            }
+        }
+        self.put(Cmd::Dispatch {
             pipeline: pipeline.clone(),
             params: params.to_vec(),
             bindings: bindings.to_vec(),
             groups,
-            indirect: None,
+            indirect: indirect.map(|(b, o)| (b.clone(), o)),
+            bound: None,
         });
+    }
+
+    /// Puts `cmd` in the next command slot.
+    fn put(&mut self, cmd: Cmd) {
+        let i = self.n_cmds;
+        self.n_cmds += 1;
+        if i < self.cmds.len() {
+            self.cmds[i] = cmd;
+        } else {
+            self.cmds.push(cmd);
+        }
     }
 
     /// Records a dispatch whose workgroup counts are read on the GPU from `args` at
@@ -204,15 +262,7 @@ impl Recorder {
         args: &wgpu::Buffer,
         offset: u64,
     ) {
-        self.dispatch_count += 1;
-        self.recorded += 1;
-        self.cmds.push(Cmd::Dispatch {
-            pipeline: pipeline.clone(),
-            params: params.to_vec(),
-            bindings: bindings.to_vec(),
-            groups: [0; 3],
-            indirect: Some((args.clone(), offset)),
-        });
+        self.record_dispatch(pipeline, params, bindings, [0; 3], Some((args, offset)));
     }
 
     /// Records a buffer-to-buffer copy (sizes and offsets multiples of 4).
@@ -225,7 +275,7 @@ impl Recorder {
         size: u64,
     ) {
         self.recorded += 1;
-        self.cmds.push(Cmd::Copy {
+        self.put(Cmd::Copy {
             src: src.clone(),
             src_offset,
             dst: dst.clone(),
@@ -241,7 +291,7 @@ impl Recorder {
             return;
         }
         self.recorded += 1;
-        self.cmds.push(Cmd::Upload {
+        self.put(Cmd::Upload {
             data: data.to_vec(),
             dst: dst.clone(),
             dst_offset,
@@ -256,7 +306,7 @@ impl Recorder {
 
     /// True when nothing is recorded.
     pub fn is_empty(&self) -> bool {
-        self.cmds.is_empty() && self.reads.is_empty() && self.later.is_empty()
+        self.n_cmds == 0 && self.reads.is_empty() && self.later.is_empty()
     }
 
     /// Asks for `size` bytes of `buffer` at `offset` as they are after the next
@@ -333,7 +383,8 @@ impl Recorder {
         if self.is_empty() {
             return Ok(None);
         }
-        let cmds = std::mem::take(&mut self.cmds);
+        let mut cmds = std::mem::take(&mut self.cmds);
+        let n = std::mem::take(&mut self.n_cmds);
         let mut reads = std::mem::take(&mut self.reads);
         let later = std::mem::take(&mut self.later);
         let tickets = later.iter().map(|(t, _)| *t).collect();
@@ -341,8 +392,15 @@ impl Recorder {
         let (start, host) = (std::time::Instant::now(), self.submit_host_ns);
         let sent = ctx.check().and_then(|()| {
             let _gl = ctx.gl_guard();
-            scoped(&ctx.device, || self.encode_and_submit(ctx, cmds, reads))
+            scoped(&ctx.device, || {
+                self.encode_and_submit(ctx, &mut cmds[..n], reads)
+            })
         });
+        // Kept for the next step to reuse; after a failed submit nothing is.
+        if sent.is_ok() {
+            cmds.truncate(n);
+            self.cmds = cmds;
+        }
         // What the submit took beyond encoding it was waiting.
         self.wait_ns += start.elapsed().as_nanos() as f64 - (self.submit_host_ns - host);
         Ok(Some((named_loss(ctx, sent)?, tickets)))
@@ -374,23 +432,32 @@ impl Recorder {
     fn encode_and_submit(
         &mut self,
         ctx: &GpuContext,
-        cmds: Vec<Cmd>,
+        cmds: &mut [Cmd],
         reads: Vec<(wgpu::Buffer, u64, u64)>,
     ) -> Result<Sent> {
         let device = &ctx.device;
         if let Some(target) = ctx.replay() {
             self.submit_count += 1;
-            let done = super::replay::submit(ctx, target.as_ref(), &cmds, &reads)?;
+            let done = super::replay::submit(ctx, target.as_ref(), cmds, &reads)?;
             return Ok(Sent::Landed(done));
         }
 
         // All uniform params and uploads in one buffer, each at an aligned offset.
         let align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let encode_start = std::time::Instant::now();
-        let mut blob: Vec<u8> = Vec::new();
+        // Sized once: growing it step by step cost more than filling it.
+        let bound: usize = cmds
+            .iter()
+            .map(|c| match c {
+                Cmd::Dispatch { params, .. } => align + (params.len() * 4).max(16) + 16,
+                Cmd::Upload { data, .. } => data.len() + 16,
+                Cmd::Copy { .. } => 0,
+            })
+            .sum();
+        let mut blob: Vec<u8> = Vec::with_capacity(bound + 16);
         let mut offsets = Vec::new();
         let mut upload_offsets = Vec::new();
-        for c in &cmds {
+        for c in cmds.iter() {
             if let Cmd::Dispatch { params, .. } = c {
                 let off = blob.len().div_ceil(align) * align;
                 blob.resize(off, 0);
@@ -404,7 +471,7 @@ impl Recorder {
         }
         // Uploads after every uniform, so their sizes never move a uniform's
         // offset (which would change its bind group).
-        for c in &cmds {
+        for c in cmds.iter() {
             if let Cmd::Upload { data, .. } = c {
                 let off = blob.len().div_ceil(16) * 16;
                 blob.resize(off, 0);
@@ -448,7 +515,7 @@ impl Recorder {
         let n_passes = if profiling {
             n_dispatches
         } else {
-            count_passes(&cmds)
+            count_passes(cmds)
         };
         let prof = profiling.then(|| {
             let qs = device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -523,7 +590,8 @@ impl Recorder {
                         bindings,
                         groups,
                         indirect,
-                    }) = cmds.get(i)
+                        bound,
+                    }) = cmds.get_mut(i)
                     {
                         if profiling && pass_labels.len() > pass_index {
                             break;
@@ -533,28 +601,42 @@ impl Recorder {
                         }
                         let uoff = offsets[dispatch_index] as u64;
                         let usize_ = (params.len() * 4).max(16).div_ceil(16) as u64 * 16;
-                        let key = BindKey {
-                            layout: pipeline.layout.clone(),
-                            params: uniforms.as_ref().map(|u| (u.clone(), uoff, usize_)),
-                            bindings: bindings
-                                .iter()
-                                .map(|b| (b.buffer.clone(), b.offset, b.size))
-                                .collect(),
-                        };
-                        let bg = match self.bind_groups.get_mut(&key) {
-                            Some((bg, used)) => {
-                                *used = submit_index;
-                                bg.clone()
+                        // The command's own bind group while its uniform range
+                        // is where it was (the storage ranges are the same, or
+                        // the command would be a new one); else the cache's.
+                        let same = match (bound.as_ref().map(|(_, r)| r), &uniforms) {
+                            (Some(Some((b, o, n))), Some(u)) => {
+                                b == u && *o == uoff && *n == usize_
                             }
-                            None => {
-                                self.bind_group_count += 1;
-                                let bg = create_bind_group(device, &pipeline.label, &key);
-                                self.bind_groups.insert(key, (bg.clone(), submit_index));
-                                bg
-                            }
+                            (Some(None), None) => true,
+                            _ => false,
                         };
+                        if !same {
+                            let range = uniforms.as_ref().map(|u| (u.clone(), uoff, usize_));
+                            let key = BindKey {
+                                layout: pipeline.layout.clone(),
+                                params: range.clone(),
+                                bindings: bindings
+                                    .iter()
+                                    .map(|b| (b.buffer.clone(), b.offset, b.size))
+                                    .collect(),
+                            };
+                            let bg = match self.bind_groups.get_mut(&key) {
+                                Some((bg, used)) => {
+                                    *used = submit_index;
+                                    bg.clone()
+                                }
+                                None => {
+                                    self.bind_group_count += 1;
+                                    let bg = create_bind_group(device, &pipeline.label, &key);
+                                    self.bind_groups.insert(key, (bg.clone(), submit_index));
+                                    bg
+                                }
+                            };
+                            *bound = Some((bg, range));
+                        }
                         pass.set_pipeline(&pipeline.pipeline);
-                        pass.set_bind_group(0, &bg, &[]);
+                        pass.set_bind_group(0, bound.as_ref().map(|(bg, _)| bg), &[]);
                         match indirect {
                             Some((buf, off)) => pass.dispatch_workgroups_indirect(buf, *off),
                             None => pass.dispatch_workgroups(groups[0], groups[1], groups[2]),
@@ -635,10 +717,24 @@ impl Recorder {
         }
         let index = ctx.queue.submit([enc.finish()]);
         self.submit_count += 1;
-        // Forget bind groups that recent submits did not use.
+        // Forget bind groups that recent submits did not use (a command's own
+        // counts as used: reusing it does not touch the cache).
         if self.submit_count.is_multiple_of(BIND_GROUP_TTL) {
             let oldest = submit_index.saturating_sub(BIND_GROUP_TTL);
-            self.bind_groups.retain(|_, (_, used)| *used >= oldest);
+            // wgpu's handles hash and compare by identity.
+            #[allow(clippy::mutable_key_type)]
+            let held: std::collections::HashSet<&wgpu::BindGroup> = cmds
+                .iter()
+                .filter_map(|c| match c {
+                    Cmd::Dispatch {
+                        bound: Some((bg, _)),
+                        ..
+                    } => Some(bg),
+                    _ => None,
+                })
+                .collect();
+            self.bind_groups
+                .retain(|_, (bg, used)| *used >= oldest || held.contains(&*bg));
         }
         // The map waits for the submit; asking now lets a later poll land it.
         let mapped = staging.as_ref().map(start_map);

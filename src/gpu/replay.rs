@@ -150,6 +150,7 @@ pub(super) fn submit(
                 bindings,
                 groups,
                 indirect,
+                ..
             } => {
                 let writable = writable_bindings(pipeline.key.shader);
                 ReplayCmd::Dispatch {
