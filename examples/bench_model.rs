@@ -88,8 +88,8 @@ fn host_floor_us() -> kvsieve::Result<(f64, f64)> {
             per.push((record_ns + ex.rec.submit_host_ns - h0) / 256.0 / 1e3);
         }
     }
-    // wgpu alone: the same dispatches with one bind group made once and no
-    // recorder (uniform offsets do not change here).
+    // wgpu alone: the same dispatches, each with its own bind group (its
+    // uniform at its own offset, as the recorder's are), all made once.
     let p = kvsieve::gpu::PipelineCache::default().get(
         &ex.ctx.device,
         kvsieve::shaders::COPY,
@@ -98,30 +98,42 @@ fn host_floor_us() -> kvsieve::Result<(f64, f64)> {
     );
     let uniform = ex.ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("params"),
-        size: 256,
+        size: 256 * 256,
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    fn entry(binding: u32, buffer: &wgpu::Buffer, offset: u64) -> wgpu::BindGroupEntry<'_> {
         wgpu::BindGroupEntry {
             binding,
-            resource: buffer.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: wgpu::BufferSize::new(16),
+            }),
         }
     }
-    let bg = ex.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &p.layout,
-        entries: &[entry(0, &uniform), entry(1, &src), entry(2, &dst)],
-    });
+    let groups: Vec<wgpu::BindGroup> = (0..256)
+        .map(|i| {
+            ex.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &p.layout,
+                entries: &[
+                    entry(0, &uniform, 256 * i),
+                    entry(1, &src, 0),
+                    entry(2, &dst, 0),
+                ],
+            })
+        })
+        .collect();
     let mut raw = Vec::new();
     for step in 0..24 {
         let t = Instant::now();
         let mut enc = ex.ctx.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            for _ in 0..256 {
+            for bg in &groups {
                 pass.set_pipeline(&p.pipeline);
-                pass.set_bind_group(0, &bg, &[]);
+                pass.set_bind_group(0, bg, &[]);
                 pass.dispatch_workgroups(1, 1, 1);
             }
         }
