@@ -347,17 +347,17 @@ fn translate(
     r
 }
 
-/// A short generation with `policy` (small budgets, so the sparse paths engage
-/// on a 200-token prompt); under dense also speculative and sampled decoding.
-fn drive_engine(policy: AttentionPolicy) {
+/// A short generation with `policy` on `e` (small budgets, so the sparse
+/// paths engage on a ~100-token prompt); under dense also speculative and
+/// sampled decoding. Tidal prefills densely, so it decodes over the prompt
+/// dense left cached; the others prefill it under their own policy.
+fn drive_engine(e: &mut Engine, policy: AttentionPolicy) {
     let dense = matches!(policy, AttentionPolicy::Dense);
-    let mut e = Engine::load_default(Options {
-        policy,
-        max_context: 512,
-        prefill_chunk: 64,
-        ..Default::default()
-    })
-    .expect("default model");
+    if matches!(policy, AttentionPolicy::Tidal(_)) {
+        e.switch_policy(policy).unwrap();
+    } else {
+        e.set_policy(policy).unwrap();
+    }
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(10);
     let mut p = GenerateParams {
         max_tokens: 2,
@@ -440,8 +440,8 @@ fn drive_kernels(ex: &mut kvsieve::kernels::GpuExecutor) {
 #[test]
 fn every_pipeline_translates_and_fits_webgpu_limits() {
     // Budgets small enough that the ~100-token prompt (chunks of 64) runs
-    // every policy's sparse prefill and decode: each drive prefills it on a
-    // CPU driver, twice per policy.
+    // every policy's sparse prefill and decode: each drive but Tidal's
+    // prefills it on a CPU driver, once per tuning.
     let ts = TokenSelectConfig {
         k: 16,
         n_init: 8,
@@ -451,6 +451,10 @@ fn every_pipeline_translates_and_fits_webgpu_limits() {
     };
     let policies = [
         AttentionPolicy::Dense,
+        AttentionPolicy::Tidal(TidalConfig {
+            budget: 32,
+            ..Default::default()
+        }),
         AttentionPolicy::TokenSelect(ts),
         // Hierarchical: 3 blocks of 8 hold k 8 plus two blocks, and the ~75
         // candidate tokens at the prompt's tail are more than twice 3 blocks
@@ -466,18 +470,23 @@ fn every_pipeline_translates_and_fits_webgpu_limits() {
             prefill_subchunk: 32,
             ..Default::default()
         }),
-        AttentionPolicy::Tidal(TidalConfig {
-            budget: 32,
-            ..Default::default()
-        }),
     ];
     // Both tunings: the engine reads KVSIEVE_TUNING when it creates its executor
     // (this binary's only test, so nothing else reads the variable meanwhile).
+    // One engine per tuning drives every policy in turn (dense first: Tidal
+    // decodes over its prefill).
     for tuning in ["cpu", "gpu"] {
         std::env::set_var("KVSIEVE_TUNING", tuning);
+        let mut e = Engine::load_default(Options {
+            max_context: 512,
+            prefill_chunk: 64,
+            ..Default::default()
+        })
+        .expect("default model");
         for p in &policies {
-            drive_engine(*p);
+            drive_engine(&mut e, *p);
         }
+        drop(e);
         let mut ex = kvsieve::kernels::GpuExecutor::new().unwrap();
         drive_kernels(&mut ex);
     }
