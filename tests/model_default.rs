@@ -312,6 +312,16 @@ fn tokenselect_run_with(
     }
 }
 
+/// The first [`PROMPT_TOKENS`] tokens of PROMPT.
+fn prompt_ids(e: &Engine) -> Vec<u32> {
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
+            .unwrap();
+    let mut ids = e.tokenizer.encode(&text).unwrap();
+    ids.truncate(PROMPT_TOKENS);
+    ids
+}
+
 /// Greedy-generates `max_tokens` tokens after the first [`PROMPT_TOKENS`] tokens of PROMPT
 /// under `policy` on `backend` (drafting with `speculate`, trees of 8 nodes);
 /// returns the engine, for its selections and stats, and the tokens.
@@ -321,9 +331,6 @@ fn readme_run(
     speculate: Speculate,
     max_tokens: usize,
 ) -> (Engine, Vec<u32>) {
-    let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
-            .unwrap();
     // A state directory of its own: runs compared with each other must not
     // draft from a Token Recycling matrix another run left.
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -338,8 +345,7 @@ fn readme_run(
         ..Options::default()
     };
     let mut e = Engine::load(&model_dir(), opts).unwrap();
-    let mut ids = e.tokenizer.encode(&text).unwrap();
-    ids.truncate(PROMPT_TOKENS);
+    let ids = prompt_ids(&e);
     let params = GenerateParams {
         max_tokens,
         stop_at_eos: false,
@@ -437,11 +443,7 @@ fn selection_cache_then_speculation(backend: Backend) -> (TsRun, TsRun) {
         stats: e.selection_stats(),
     };
     let plain = snapshot(&mut e, tokens);
-    let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
-            .unwrap();
-    let mut ids = e.tokenizer.encode(&text).unwrap();
-    ids.truncate(PROMPT_TOKENS);
+    let ids = prompt_ids(&e);
     let params = GenerateParams {
         max_tokens: 24,
         stop_at_eos: false,
@@ -515,11 +517,7 @@ fn over_dense_prefill(
         Speculate::Off,
         8,
     );
-    let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPT))
-            .unwrap();
-    let mut ids = e.tokenizer.encode(&text).unwrap();
-    ids.truncate(PROMPT_TOKENS);
+    let ids = prompt_ids(&e);
     let params = GenerateParams {
         max_tokens: 8,
         stop_at_eos: false,
