@@ -5,7 +5,10 @@
 //! (DXC), and SPIR-V (Vulkan), the SPIR-V validated by `spirv-val`. Each entry
 //! point's storage buffers, workgroup memory and invocations are measured from
 //! naga's IR and checked against WebGPU's default limits. The table goes to
-//! `target/portability.md` (docs/PORTABILITY.md holds a copy).
+//! `target/portability.md` (docs/PORTABILITY.md holds a copy), the pipeline
+//! list to `target/portability-pipelines.txt`: under `KVSIEVE_BROWSER` the
+//! test compiles that list in Chromium instead of driving the engine again,
+//! when the same test binary wrote it.
 //!
 //! `spirv-val` comes from Debian's `spirv-tools`; without it the SPIR-V is only
 //! written, unless `KVSIEVE_REQUIRE_SPIRV_VAL=1` (set by `.ci/run`) makes its
@@ -437,6 +440,75 @@ fn drive_kernels(ex: &mut kvsieve::kernels::GpuExecutor) {
     ex.flush().unwrap();
 }
 
+/// Where the native run keeps the pipelines it built, for the browser run.
+fn kept_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/portability-pipelines.txt")
+}
+
+/// This test binary: its path, size and modification time.
+fn exe_identity() -> String {
+    let exe = std::env::current_exe().unwrap();
+    let meta = std::fs::metadata(&exe).unwrap();
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{} {} {modified}", exe.display(), meta.len())
+}
+
+/// Writes `keys` (one per line: shader, entry point, constants as name=bits)
+/// under this binary's identity.
+fn keep_pipelines(keys: &[PipelineKey]) {
+    let mut text = exe_identity() + "\n";
+    for k in keys {
+        let constants: Vec<String> = k
+            .constants
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.to_bits()))
+            .collect();
+        let _ = writeln!(
+            text,
+            "{}\t{}\t{}",
+            k.shader.name,
+            k.entry,
+            constants.join(",")
+        );
+    }
+    let _ = std::fs::write(kept_path(), text);
+}
+
+/// The keys [`keep_pipelines`] wrote, when this same binary wrote them.
+fn kept_pipelines() -> Option<Vec<PipelineKey>> {
+    let text = std::fs::read_to_string(kept_path()).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != exe_identity() {
+        return None;
+    }
+    // Test code: the names live as long as the process.
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    lines
+        .map(|line| {
+            let mut f = line.split('\t');
+            let (shader, entry, constants) = (f.next()?, f.next()?, f.next()?);
+            let shader = *ALL.iter().find(|s| s.name == shader)?;
+            let constants = constants
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(|c| {
+                    let (n, bits) = c.split_once('=')?;
+                    Some((leak(n), f64::from_bits(bits.parse().ok()?)))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(PipelineKey {
+                shader,
+                entry: leak(entry),
+                constants,
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn every_pipeline_translates_and_fits_webgpu_limits() {
     // Budgets small enough that the ~100-token prompt (chunks of 64) runs
@@ -471,24 +543,30 @@ fn every_pipeline_translates_and_fits_webgpu_limits() {
             ..Default::default()
         }),
     ];
+    // In the browser run, the pipelines the native run of this same test
+    // binary built (the drives are the same work again, minutes on a CPU
+    // driver); any other binary's list is not taken.
+    let kept = common::browser::requested().then(kept_pipelines).flatten();
     // Both tunings: the engine reads KVSIEVE_TUNING when it creates its executor
     // (this binary's only test, so nothing else reads the variable meanwhile).
     // One engine per tuning drives every policy in turn (dense first: Tidal
     // decodes over its prefill).
-    for tuning in ["cpu", "gpu"] {
-        std::env::set_var("KVSIEVE_TUNING", tuning);
-        let mut e = Engine::load_default(Options {
-            max_context: 512,
-            prefill_chunk: 64,
-            ..Default::default()
-        })
-        .expect("default model");
-        for p in &policies {
-            drive_engine(&mut e, *p);
+    if kept.is_none() {
+        for tuning in ["cpu", "gpu"] {
+            std::env::set_var("KVSIEVE_TUNING", tuning);
+            let mut e = Engine::load_default(Options {
+                max_context: 512,
+                prefill_chunk: 64,
+                ..Default::default()
+            })
+            .expect("default model");
+            for p in &policies {
+                drive_engine(&mut e, *p);
+            }
+            drop(e);
+            let mut ex = kvsieve::kernels::GpuExecutor::new().unwrap();
+            drive_kernels(&mut ex);
         }
-        drop(e);
-        let mut ex = kvsieve::kernels::GpuExecutor::new().unwrap();
-        drive_kernels(&mut ex);
     }
     std::env::remove_var("KVSIEVE_TUNING");
 
@@ -496,7 +574,17 @@ fn every_pipeline_translates_and_fits_webgpu_limits() {
     let val = spirv_val();
     let tmp = std::env::temp_dir().join(format!("kvsieve-portability-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let built = pipelines_built();
+    let built = match kept {
+        Some(keys) => {
+            eprintln!("{} pipelines as the native run built them", keys.len());
+            keys
+        }
+        None => {
+            let built = pipelines_built();
+            keep_pipelines(&built);
+            built
+        }
+    };
     let mut failures = Vec::new();
     // Chromium's WebGPU (KVSIEVE_BROWSER=chromium): every pipeline compiled
     // there; "ran" where a replayed kernel test ran it (tests/common/browser.rs).
