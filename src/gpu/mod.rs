@@ -1,5 +1,6 @@
 //! The wgpu layer: adapter and device, pipelines, buffers, command recording.
 
+mod bind_groups;
 pub mod buffer;
 pub mod device;
 pub mod pipeline;

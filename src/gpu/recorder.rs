@@ -7,6 +7,7 @@
 //! in flight ([`Recorder::submit_pending`]) while the next one is recorded;
 //! its readbacks land by ticket.
 
+use super::bind_groups::{create_bind_group, BindKey, ParamsRange, BIND_GROUP_TTL};
 use super::device::scoped;
 use super::pipeline::Pipeline;
 use super::readback::{land, named_loss, start_map, InFlight, Sent};
@@ -62,20 +63,6 @@ pub(super) enum Cmd {
         dst_offset: u64,
     },
 }
-
-/// A dispatch's uniform range: the parameter buffer, offset and size.
-pub(super) type ParamsRange = Option<(wgpu::Buffer, u64, u64)>;
-
-/// What a bind group binds: its layout, the parameter range and the storage ranges.
-#[derive(PartialEq, Eq, Hash)]
-struct BindKey {
-    layout: wgpu::BindGroupLayout,
-    params: ParamsRange,
-    bindings: Vec<(wgpu::Buffer, u64, Option<u64>)>,
-}
-
-/// Submits a cached bind group survives unused (it holds its buffers alive).
-const BIND_GROUP_TTL: u64 = 8;
 
 /// Records a step's work; [`Recorder::submit`] sends it as one command buffer.
 pub struct Recorder {
@@ -754,36 +741,7 @@ impl Recorder {
     }
 }
 
-/// A bind group for `key` (binding 0 the parameters, then the storage ranges).
-fn create_bind_group(device: &wgpu::Device, label: &str, key: &BindKey) -> wgpu::BindGroup {
-    let mut entries = Vec::with_capacity(key.bindings.len() + 1);
-    if let Some((u, offset, size)) = &key.params {
-        entries.push(wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: u,
-                offset: *offset,
-                size: wgpu::BufferSize::new(*size),
-            }),
-        });
-    }
-    for (k, (buffer, offset, size)) in key.bindings.iter().enumerate() {
-        entries.push(wgpu::BindGroupEntry {
-            binding: k as u32 + 1,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer,
-                offset: *offset,
-                size: size.and_then(wgpu::BufferSize::new),
-            }),
-        });
-    }
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(label),
-        layout: &key.layout,
-        entries: &entries,
-    })
-}
-
+/// Compute passes a step's commands take (copies and uploads end a pass).
 fn count_passes(cmds: &[Cmd]) -> usize {
     let mut n = 0;
     let mut in_pass = false;
