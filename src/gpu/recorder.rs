@@ -432,7 +432,7 @@ impl Recorder {
         // All uniform params and uploads in one buffer, each at an aligned offset.
         let align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let encode_start = std::time::Instant::now();
-        // Sized once: growing it step by step cost more than filling it.
+        // Sized once for the step's uniforms and uploads.
         let bound: usize = cmds
             .iter()
             .map(|c| match c {
