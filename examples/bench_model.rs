@@ -70,7 +70,8 @@ fn copy_bandwidth() -> kvsieve::Result<f64> {
 /// bindings, bind groups cached), median over 20 steps of 256 dispatches
 /// after 4 that warm. What a decode step costs per dispatch above it is the
 /// model's recording. The second figure is the same dispatches made through
-/// wgpu directly, one bind group for all: wgpu's and the driver's own cost.
+/// wgpu directly, each with a bind group made beforehand: wgpu's and the
+/// driver's own cost.
 fn host_floor_us() -> kvsieve::Result<(f64, f64)> {
     let mut ex = GpuExecutor::new()?;
     let src = kvsieve::gpu::buffer::storage(&ex.ctx.device, 4096, "src")?;

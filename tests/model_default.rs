@@ -285,30 +285,53 @@ fn tokenselect_run_with(
     max_tokens: usize,
     prefilter_blocks: usize,
 ) -> TsRun {
+    let policy = ts_policy(cache_threshold, prefilter_blocks);
+    let (mut e, tokens) = readme_run(backend, policy, speculate, max_tokens);
+    let run = ts_snapshot(&mut e, tokens);
+    eprintln!(
+        "{backend:?} {speculate:?}: {} selections, {} cache hits, tau {:?}",
+        run.stats.selections,
+        run.stats.cache_hits,
+        e.stats.mean_accepted()
+    );
+    run
+}
+
+/// TokenSelect with the policy tests' small budget (k 64, 16 initial and 64
+/// local tokens), the Selection Cache at `cache_threshold` and hierarchical
+/// selection over `prefilter_blocks` blocks of 16 (0: exact).
+fn ts_policy(cache_threshold: f32, prefilter_blocks: usize) -> kvsieve::attention::AttentionPolicy {
     use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
-    let policy = AttentionPolicy::TokenSelect(TokenSelectConfig {
+    AttentionPolicy::TokenSelect(TokenSelectConfig {
         k: 64,
         n_init: 16,
         n_local: 64,
         cache_threshold,
         prefilter_blocks,
         ..Default::default()
-    });
-    let (mut e, tokens) = readme_run(backend, policy, speculate, max_tokens);
-    let selected = (0..e.config.layers)
-        .map(|l| e.selected(l).unwrap().unwrap())
-        .collect();
-    let stats = e.selection_stats();
-    eprintln!(
-        "{backend:?} {speculate:?}: {} selections, {} cache hits, tau {:?}",
-        stats.selections,
-        stats.cache_hits,
-        e.stats.mean_accepted()
-    );
+    })
+}
+
+/// `tokens` with every layer's selection and the selection counters so far.
+fn ts_snapshot(e: &mut Engine, tokens: Vec<u32>) -> TsRun {
     TsRun {
         tokens,
-        selected,
-        stats,
+        selected: (0..e.config.layers)
+            .map(|l| e.selected(l).unwrap().unwrap())
+            .collect(),
+        stats: e.selection_stats(),
+    }
+}
+
+/// Greedy generation of `max_tokens` tokens drafting with `speculate` (trees
+/// of 8 nodes), past end-of-sequence.
+fn greedy_params(max_tokens: usize, speculate: Speculate) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        stop_at_eos: false,
+        speculate,
+        tree_size: TreeSize::Fixed(8),
+        ..Default::default()
     }
 }
 
@@ -346,13 +369,7 @@ fn readme_run(
     };
     let mut e = Engine::load(&model_dir(), opts).unwrap();
     let ids = prompt_ids(&e);
-    let params = GenerateParams {
-        max_tokens,
-        stop_at_eos: false,
-        speculate,
-        tree_size: TreeSize::Fixed(8),
-        ..Default::default()
-    };
+    let params = greedy_params(max_tokens, speculate);
     let tokens: Vec<u32> = e
         .generate_ids(&ids, &params)
         .unwrap()
@@ -426,38 +443,17 @@ fn hierarchical_tokenselect_agrees_across_executors() {
 /// greedy tokens, then 24 with both drafters (trees of 8) over the cached
 /// prompt, on one engine; returns each request's run (stats so far).
 fn selection_cache_then_speculation(backend: Backend) -> (TsRun, TsRun) {
-    use kvsieve::attention::{AttentionPolicy, TokenSelectConfig};
-    let policy = AttentionPolicy::TokenSelect(TokenSelectConfig {
-        k: 64,
-        n_init: 16,
-        n_local: 64,
-        cache_threshold: 0.9,
-        ..Default::default()
-    });
-    let (mut e, tokens) = readme_run(backend, policy, Speculate::Off, 8);
-    let snapshot = |e: &mut Engine, tokens: Vec<u32>| TsRun {
-        tokens,
-        selected: (0..e.config.layers)
-            .map(|l| e.selected(l).unwrap().unwrap())
-            .collect(),
-        stats: e.selection_stats(),
-    };
-    let plain = snapshot(&mut e, tokens);
+    let (mut e, tokens) = readme_run(backend, ts_policy(0.9, 0), Speculate::Off, 8);
+    let plain = ts_snapshot(&mut e, tokens);
     let ids = prompt_ids(&e);
-    let params = GenerateParams {
-        max_tokens: 24,
-        stop_at_eos: false,
-        speculate: Speculate::Both,
-        tree_size: TreeSize::Fixed(8),
-        ..Default::default()
-    };
+    let params = greedy_params(24, Speculate::Both);
     let tokens = ids_of(e.generate_ids(&ids, &params).unwrap());
     eprintln!(
         "{backend:?} after speculation: {:?}, tau {:?}",
         e.selection_stats(),
         e.stats.mean_accepted()
     );
-    (plain, snapshot(&mut e, tokens))
+    (plain, ts_snapshot(&mut e, tokens))
 }
 
 /// With the Selection Cache on, both executors take the same hit/miss
@@ -518,11 +514,7 @@ fn over_dense_prefill(
         8,
     );
     let ids = prompt_ids(&e);
-    let params = GenerateParams {
-        max_tokens: 8,
-        stop_at_eos: false,
-        ..Default::default()
-    };
+    let params = greedy_params(8, Speculate::Off);
     let runs = policies
         .iter()
         .map(|&p| {
