@@ -440,13 +440,13 @@ fn hierarchical_tokenselect_agrees_across_executors() {
 }
 
 /// Under TokenSelect with the Selection Cache on (threshold 0.9): 8 plain
-/// greedy tokens, then 24 with both drafters (trees of 8) over the cached
+/// greedy tokens, then 24 with `speculate` (trees of 8) over the cached
 /// prompt, on one engine; returns each request's run (stats so far).
-fn selection_cache_then_speculation(backend: Backend) -> (TsRun, TsRun) {
+fn selection_cache_then(backend: Backend, speculate: Speculate) -> (TsRun, TsRun) {
     let (mut e, tokens) = readme_run(backend, ts_policy(0.9, 0), Speculate::Off, 8);
     let plain = ts_snapshot(&mut e, tokens);
     let ids = prompt_ids(&e);
-    let params = greedy_params(24, Speculate::Both);
+    let params = greedy_params(24, speculate);
     let tokens = ids_of(e.generate_ids(&ids, &params).unwrap());
     eprintln!(
         "{backend:?} after speculation: {:?}, tau {:?}",
@@ -460,31 +460,35 @@ fn selection_cache_then_speculation(backend: Backend) -> (TsRun, TsRun) {
 /// decisions and generate the same tokens. Then speculative verification
 /// over the cached prompt: the draft tree's root selects (through the
 /// Selection Cache) and every node attends to that selection plus its
-/// ancestors. Both executors take the same decisions; on the reference the
-/// output is compared with plain TokenSelect decoding, which selects per
-/// token.
+/// ancestors. Both executors take the same decisions and tokens; on the
+/// reference, plain TokenSelect (selecting per token) picks the same token
+/// after each prefix of that output at 90 % of positions or more.
 #[test]
 fn selection_cache_and_speculation_agree_across_executors() {
-    let (cpu_plain, cpu) = selection_cache_then_speculation(Backend::Reference);
-    let (gpu_plain, gpu) = selection_cache_then_speculation(Backend::Gpu);
+    let (cpu_plain, cpu) = selection_cache_then(Backend::Reference, Speculate::Both);
+    let (gpu_plain, gpu) = selection_cache_then(Backend::Gpu, Speculate::Both);
     assert_eq!(cpu_plain.tokens, gpu_plain.tokens, "greedy tokens");
     assert_eq!(cpu_plain.stats, gpu_plain.stats, "cache decisions");
     assert!(cpu_plain.stats.cache_hits > 0, "the cache never hit");
 
-    let plain = tokenselect_run_with(Backend::Reference, 0.9, Speculate::Off, 24, 0);
-    let same = cpu
-        .tokens
-        .iter()
-        .zip(&plain.tokens)
-        .take_while(|(a, b)| a == b)
-        .count();
-    eprintln!("TokenSelect + speculation matches plain TokenSelect for {same} of 24 tokens");
-    // Not lossless by construction (later nodes reuse the root's selection), but
-    // close: 18 of 24 when measured here, after the plain request (24 of 24
-    // from a fresh engine).
+    // Teacher-forced: after each prefix of speculation's output, the token
+    // plain TokenSelect (selecting for that token alone) picks. Trees are not
+    // lossless under TokenSelect (nodes past the root reuse its selection),
+    // so a near-tie can flip and the two outputs then part for good (first
+    // difference at token 18 with one tree shape, at 9 with another); per
+    // position the picks should still agree.
+    let (mut e, _) = readme_run(Backend::Reference, ts_policy(0.9, 0), Speculate::Off, 8);
+    let prompt = prompt_ids(&e);
+    let forced = [prompt.as_slice(), &cpu.tokens].concat();
+    let picks = kvsieve::eval::teacher_forced_argmaxes(&mut e, &forced, prompt.len()).unwrap();
+    let agree = kvsieve::eval::agreement(&picks[..cpu.tokens.len()], &cpu.tokens);
+    eprintln!(
+        "TokenSelect + speculation: plain TokenSelect picks the same token at {:.0} % of positions",
+        100.0 * agree
+    );
     assert!(
-        same >= 12,
-        "only {same} of 24 tokens match plain TokenSelect"
+        agree >= 0.9,
+        "TokenSelect + speculation: plain TokenSelect agrees at only {agree:.2} of positions"
     );
     assert!(cpu.stats.selections > cpu_plain.stats.selections);
     assert_eq!(
