@@ -5,6 +5,12 @@
 //! plain decode step, which is what decides the tree size an adapter should use.
 //! Prints Markdown tables and writes JSON.
 //!
+//! Each drafter:tree runs every prompt, in file order, on its own engine with
+//! an empty state directory: the Token Recycling matrix starts empty and learns
+//! from that configuration's own verifies only (one engine for all configs let
+//! a config draft from a matrix that an earlier config had filled on the same
+//! answer).
+//!
 //! `cargo run --release --example specbench -- --prompts ../shared/eval/specbench-mini.jsonl --json OUT`
 
 use clap::Parser;
@@ -67,17 +73,30 @@ fn run(e: &mut Engine, prompt: &str, p: &GenerateParams) -> kvsieve::Result<(Vec
     ))
 }
 
-fn main() -> kvsieve::Result<()> {
-    let cli = Cli::parse();
+/// An engine whose kept state lives in `state` (None: the default directory).
+fn load(cli: &Cli, state: Option<PathBuf>) -> kvsieve::Result<Engine> {
     let opts = Options {
         backend: cli.backend.parse::<Backend>()?,
         max_context: 4096,
+        state_dir: state,
         ..Options::default()
     };
-    let mut e = match &cli.model {
-        Some(d) => Engine::load(d, opts)?,
-        None => Engine::load_default(opts)?,
-    };
+    match &cli.model {
+        Some(d) => Engine::load(d, opts),
+        None => Engine::load_default(opts),
+    }
+}
+
+fn add(acc: &mut Sum, s: &Sum) {
+    acc.tokens += s.tokens;
+    acc.secs += s.secs;
+    acc.steps += s.steps;
+    acc.verified += s.verified;
+}
+
+fn main() -> kvsieve::Result<()> {
+    let cli = Cli::parse();
+    let mut e = load(&cli, None)?;
     let text = std::fs::read_to_string(&cli.prompts)
         .map_err(|err| kvsieve::Error::io(&cli.prompts, err))?;
     let mut prompts = Vec::new();
@@ -98,22 +117,27 @@ fn main() -> kvsieve::Result<()> {
         e.backend_name(),
         prompts.len()
     );
-    // Per (config, category): plain and speculative sums.
+    let plain_p = GenerateParams {
+        max_tokens: cli.max_tokens,
+        ..Default::default()
+    };
+    // Per (config, category): plain and speculative sums. Plain runs beside
+    // each config's (same prompt, just before it), so both see the same load
+    // on a noisy machine.
     let mut table: BTreeMap<(String, String), (Sum, Sum)> = BTreeMap::new();
-    // No drafter configs: only the verify-cost curve.
-    for (cat, prompt) in prompts.iter().filter(|_| !configs.is_empty()) {
-        let plain_p = GenerateParams {
-            max_tokens: cli.max_tokens,
-            ..Default::default()
+    for (ci, (name, spec, size)) in configs.iter().enumerate() {
+        let dir =
+            std::env::temp_dir().join(format!("kvsieve-specbench-{}-{ci}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut se = load(&cli, Some(dir.clone()))?;
+        let p = GenerateParams {
+            speculate: *spec,
+            tree_size: *size,
+            ..plain_p.clone()
         };
-        let (plain_ids, plain) = run(&mut e, prompt, &plain_p)?;
-        for (name, spec, size) in &configs {
-            let p = GenerateParams {
-                speculate: *spec,
-                tree_size: *size,
-                ..plain_p.clone()
-            };
-            let (ids, sum) = run(&mut e, prompt, &p)?;
+        for (cat, prompt) in &prompts {
+            let (plain_ids, plain_sum) = run(&mut e, prompt, &plain_p)?;
+            let (ids, sum) = run(&mut se, prompt, &p)?;
             if ids != plain_ids {
                 eprintln!("warning: {name} on a {cat} prompt differs from plain greedy");
             }
@@ -122,14 +146,12 @@ fn main() -> kvsieve::Result<()> {
                 (name.clone(), "overall".to_string()),
             ] {
                 let entry = table.entry(key).or_default();
-                for (acc, add) in [(&mut entry.0, &plain), (&mut entry.1, &sum)] {
-                    acc.tokens += add.tokens;
-                    acc.secs += add.secs;
-                    acc.steps += add.steps;
-                    acc.verified += add.verified;
-                }
+                add(&mut entry.0, &plain_sum);
+                add(&mut entry.1, &sum);
             }
         }
+        drop(se);
+        let _ = std::fs::remove_dir_all(&dir);
     }
     println!("| drafter:tree | category | plain tok/s | speculative tok/s | speedup | tau |");
     println!("|---|---|---|---|---|---|");
