@@ -1,7 +1,8 @@
 //! The decode loop on small synthetic models: answers that stop at the end of
 //! the context, are interrupted or hit a device error; steady steps create
 //! nothing and take few dispatches; steps in flight match the one-step loop;
-//! speculation state kept across engines.
+//! speculation state kept across engines; a recycling request's prompt fills
+//! the Token Recycling matrix.
 
 use kvsieve::generate::{Backend, Engine, GenerateParams, Message, Options};
 use kvsieve::Error;
@@ -293,9 +294,15 @@ fn speculation_state_is_kept_across_engines_and_bad_files_are_ignored() {
         "{files:?}"
     );
 
-    // A new engine drafts from the kept matrix from its first request.
+    // A new engine loads the kept matrix at its first speculative request
+    // (prompt lookup here: a recycling request would also refill the
+    // prompt's rows before drafting).
     let mut b = open();
-    drop(b.generate_ids(&prompt, &spec(TreeSize::Fixed(6))).unwrap());
+    let lookup = GenerateParams {
+        speculate: Speculate::Lookup,
+        ..spec(TreeSize::Fixed(6))
+    };
+    drop(b.generate_ids(&prompt, &lookup).unwrap());
     assert_eq!(b.recycling_matrix().unwrap(), Some(learned));
     drop(b);
 
@@ -306,7 +313,7 @@ fn speculation_state_is_kept_across_engines_and_bad_files_are_ignored() {
         std::fs::write(&path, vec![0xEEu8; len]).unwrap();
     }
     let mut c = open();
-    drop(c.generate_ids(&prompt, &spec(TreeSize::Fixed(6))).unwrap());
+    drop(c.generate_ids(&prompt, &lookup).unwrap());
     assert_eq!(
         c.recycling_matrix().unwrap(),
         None,
@@ -320,6 +327,80 @@ fn speculation_state_is_kept_across_engines_and_bad_files_are_ignored() {
     assert_eq!(out, plain);
     drop(c);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A recycling request's prompt fills the matrix rows of its tokens before
+/// the first draft: each is the 8 likeliest successors after the token's last
+/// occurrence, as the reference's logits there rank them. On both executors,
+/// the prompt fed in chunks of 96 rows and the LM head run over blocks of 64.
+#[test]
+fn a_recycling_request_fills_the_matrix_from_its_prompt() {
+    use kvsieve::speculative::{Speculate, TreeSize};
+    let d = write_model("recycle-prompt", "LlamaForCausalLM", |_| {});
+    let prompt: Vec<u32> = (0..100).map(|i| 3 + (i * 7 + i / 9) % 50).collect();
+    let mut last: Vec<(u32, usize)> = Vec::new();
+    for (i, &t) in prompt.iter().enumerate() {
+        last.retain(|&(u, _)| u != t);
+        last.push((t, i));
+    }
+    let mut r = load_with_context(&d, 256).unwrap();
+    let want: Vec<Vec<f32>> = last
+        .iter()
+        .map(|&(_, i)| {
+            r.prefill(&prompt[..=i]).unwrap();
+            r.logits().unwrap()
+        })
+        .collect();
+    for backend in [Backend::Reference, Backend::Gpu] {
+        let state = std::env::temp_dir().join(format!(
+            "kvsieve-recycle-{}-{backend:?}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&state);
+        let opts = Options {
+            backend,
+            max_context: 256,
+            prefill_chunk: 96,
+            state_dir: Some(state.clone()),
+            ..Options::default()
+        };
+        let mut e = Engine::load(&d, opts).unwrap();
+        let params = GenerateParams {
+            max_tokens: 1,
+            stop_at_eos: false,
+            speculate: Speculate::Recycling,
+            tree_size: TreeSize::Fixed(4),
+            ..Default::default()
+        };
+        e.generate_ids(&prompt, &params)
+            .unwrap()
+            .for_each(|t| drop(t.unwrap()));
+        let adj = e.recycling_matrix().unwrap().expect("a matrix");
+        for (&(tok, i), logits) in last.iter().zip(&want) {
+            let row = &adj[tok as usize * 8..][..8];
+            let mut top = logits.clone();
+            top.sort_by(|a, b| b.total_cmp(a));
+            // The same 8, in order, up to float noise between executors and
+            // between a chunk's rows and a row prefilled alone.
+            for (k, &t) in row.iter().enumerate() {
+                let v = logits[t as usize];
+                assert!(
+                    (v - top[k]).abs() <= 1e-3,
+                    "{backend:?}: row of token {tok} (position {i}), rank {k}: logit {v}, want {}",
+                    top[k]
+                );
+                assert!(!row[..k].contains(&t), "{backend:?}: {row:?} repeats {t}");
+            }
+        }
+        let filled = adj.chunks(8).filter(|r| r.iter().any(|&t| t != 0)).count();
+        assert_eq!(
+            filled,
+            last.len(),
+            "{backend:?}: rows beyond the prompt's tokens"
+        );
+        drop(e);
+        let _ = std::fs::remove_dir_all(&state);
+    }
 }
 
 /// A request's tokens and stop reason, then the cache it leaves: its tokens,

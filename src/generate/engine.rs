@@ -600,6 +600,15 @@ impl Engine {
         Ok(())
     }
 
+    /// [`Engine::prefill`], filling the Token Recycling rows of the fed
+    /// tokens when `recycle` (see `Session::set_recycle_prompt`).
+    fn recycling_prefill(&mut self, ids: &[u32], recycle: bool) -> Result<()> {
+        self.runner.set_recycle_prompt(recycle);
+        let r = self.prefill(ids);
+        self.runner.set_recycle_prompt(false);
+        r
+    }
+
     /// After a device error the cache may hold half-written work: it is
     /// dropped, so the next request recomputes the conversation (the engine
     /// stays usable). After [`Error::DeviceLost`] every call fails the same way.
@@ -645,6 +654,8 @@ impl Engine {
         if params.speculate != Speculate::Off {
             self.restore_speculation()?;
         }
+        // Recycling drafters draft from the prompt's own rows first.
+        let recycles = matches!(params.speculate, Speculate::Recycling | Speculate::Both);
         let tree_size = match (params.speculate, params.tree_size) {
             (Speculate::Off, _) => 0,
             (_, TreeSize::Fixed(n)) if (1..=crate::ops::MAX_NODES).contains(&n) => n,
@@ -661,7 +672,7 @@ impl Engine {
                 if self.verify_costs.is_none() && ids.len() >= 2 {
                     // The prompt prefix is real prefill work (kept in the
                     // cache); the probing is timed apart.
-                    self.prefill(&ids[..ids.len() - 1])?;
+                    self.recycling_prefill(&ids[..ids.len() - 1], recycles)?;
                     let c = Instant::now();
                     let sizes = crate::speculative::PROBE_SIZES;
                     let max = crate::speculative::max_expected_tau();
@@ -694,7 +705,7 @@ impl Engine {
             self.pending = Some((params.speculate, tree_size, s.verify_steps, s.verify_tokens));
         }
         self.stats.tree_size = tree_size;
-        self.prefill(ids)?;
+        self.recycling_prefill(ids, recycles && drafter.is_some())?;
         let t = t + calibration;
         Ok(Generation::new(
             self, sampler, drafter, tree_size, break_even, params, t,

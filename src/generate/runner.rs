@@ -33,6 +33,7 @@ pub(super) trait Runner: Send {
     fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()>;
     fn recycling(&mut self) -> Result<Option<Vec<u32>>>;
     fn set_recycling(&mut self, adj: &[u32]) -> Result<()>;
+    fn set_recycle_prompt(&mut self, on: bool);
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
     fn max_context(&self) -> usize;
     fn fork(&self) -> Result<Box<dyn Runner>>;
@@ -102,6 +103,9 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn set_recycling(&mut self, adj: &[u32]) -> Result<()> {
         Session::set_recycling(self, adj)
+    }
+    fn set_recycle_prompt(&mut self, on: bool) {
+        Session::set_recycle_prompt(self, on)
     }
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
         Session::verify(self, tree, params)

@@ -23,6 +23,16 @@ struct VerifyBuffers<E: Ops> {
     toks: E::Ids,
 }
 
+/// [`Session::recycle_rows`]' buffers for a block of rows.
+struct RecycleBuffers<E: Ops> {
+    /// Last-layer rows.
+    x: E::Tensor,
+    /// Their logits.
+    logits: E::Tensor,
+    /// Their tokens.
+    ids: E::Ids,
+}
+
 /// Model, KV cache and workspaces on executor `E`.
 pub struct Session<E: Ops> {
     /// The executor.
@@ -42,6 +52,11 @@ pub struct Session<E: Ops> {
     verify_ws: HashMap<usize, VerifyBuffers<E>>,
     /// Token Recycling adjacency `[vocab, 8]`, kept across requests.
     adj: Option<E::Ids>,
+    /// Whether fed tokens fill their Token Recycling rows
+    /// ([`Session::set_recycle_prompt`]).
+    recycle_prompt: bool,
+    /// [`Session::recycle_rows`]' buffers by row count.
+    recycle_ws: HashMap<usize, RecycleBuffers<E>>,
     last_rows: Option<usize>,
     argmax_out: Option<E::Ids>,
     /// Largest chunk of a prefill.
@@ -62,6 +77,15 @@ pub struct Session<E: Ops> {
     /// one (before the first launched one when none has landed).
     landed_len: usize,
 }
+
+/// Fed tokens at most (the last ones of a feed) whose Token Recycling rows
+/// [`Session::set_recycle_prompt`] fills: the LM head costs about a quarter
+/// of a small model's forward per row.
+pub const RECYCLE_PROMPT_ROWS: usize = 512;
+
+/// Rows per LM-head pass of that filling (their logits take rows x vocab
+/// floats: 12.6 MB for a 49,152-token vocabulary).
+const RECYCLE_BLOCK: usize = 64;
 
 /// The id a launched step's token holds in the cache until it lands (no
 /// vocabulary has it, so no prompt matches it).
@@ -112,6 +136,8 @@ impl<E: Ops> Session<E> {
             step_ids: HashMap::new(),
             verify_ws: HashMap::new(),
             adj: None,
+            recycle_prompt: false,
+            recycle_ws: HashMap::new(),
             last_rows: None,
             argmax_out: None,
             chunk,
@@ -347,17 +373,72 @@ impl<E: Ops> Session<E> {
         }
         self.reserve(total)?;
         self.attention.expect_len(total);
-        for part in tokens.chunks(self.chunk) {
+        // The first fed token whose Token Recycling row is filled.
+        let recycle_from = tokens.len().saturating_sub(RECYCLE_PROMPT_ROWS);
+        for (i, part) in tokens.chunks(self.chunk).enumerate() {
             let start = self.tokens.len();
             let n = part.len();
             self.step_buffers(n)?;
             self.step(Some(part), start, n)?;
+            let first = recycle_from.saturating_sub(i * self.chunk);
+            if self.recycle_prompt && first < n {
+                self.recycle_rows(part, first)?;
+            }
             self.tokens.extend_from_slice(part);
             self.table.len = self.tokens.len();
             if tokens.len() > self.chunk {
                 // Long prompts: finish each chunk so the device does not queue them all.
                 self.ops.flush()?;
             }
+        }
+        Ok(())
+    }
+
+    /// While on, [`Session::feed`] also runs the LM head over the fed tokens
+    /// (the last [`RECYCLE_PROMPT_ROWS`] of each feed) and sets each one's
+    /// Token Recycling row to its 8 likeliest successors, as a verify step
+    /// does for its nodes: a request's first recycled drafts then come from
+    /// its own prompt rather than from an empty or unrelated matrix.
+    pub fn set_recycle_prompt(&mut self, on: bool) {
+        self.recycle_prompt = on;
+    }
+
+    /// The Token Recycling matrix, made empty (all zeros) on first use.
+    fn adj_ready(&mut self) -> Result<()> {
+        if self.adj.is_none() {
+            let n = self.model.cfg.vocab * crate::ops::ADJ_WIDTH;
+            self.adj = Some(self.ops.ids(&vec![0u32; n])?);
+        }
+        Ok(())
+    }
+
+    /// Token Recycling rows of `part`'s tokens from `first` on, from the step
+    /// just run over `part` (its workspace's last-layer rows), in blocks of
+    /// [`RECYCLE_BLOCK`] rows.
+    fn recycle_rows(&mut self, part: &[u32], first: usize) -> Result<()> {
+        self.adj_ready()?;
+        let n = part.len();
+        for r0 in (first..n).step_by(RECYCLE_BLOCK) {
+            let m = RECYCLE_BLOCK.min(n - r0);
+            if !self.recycle_ws.contains_key(&m) {
+                self.recycle_ws.retain(|&rows, _| rows == RECYCLE_BLOCK);
+                let c = &self.model.cfg;
+                let x = self.ops.tensor(m, c.hidden)?;
+                let logits = self.ops.tensor(m, c.vocab)?;
+                let ids = self.ops.ids(&vec![0u32; m])?;
+                self.recycle_ws.insert(m, RecycleBuffers { x, logits, ids });
+            }
+            let (Some(ws), Some(RecycleBuffers { x, logits, ids }), Some(adj)) = (
+                self.workspaces.get(&n),
+                self.recycle_ws.get_mut(&m),
+                self.adj.as_mut(),
+            ) else {
+                return Err(Error::Gpu("recycling buffers missing".into()));
+            };
+            self.ops.copy_rows(ws.hidden(), r0, x, 0, m)?;
+            self.model.head_logits(&mut self.ops, x, logits)?;
+            self.ops.set_ids(ids, &part[r0..r0 + m])?;
+            self.ops.spec_adj_update(adj, logits, ids)?;
         }
         Ok(())
     }
@@ -402,10 +483,7 @@ impl<E: Ops> Session<E> {
             let toks = self.ops.ids(&vec![0u32; n])?;
             self.verify_ws.insert(n, VerifyBuffers { ws, accept, toks });
         }
-        if self.adj.is_none() {
-            let n = self.model.cfg.vocab * crate::ops::ADJ_WIDTH;
-            self.adj = Some(self.ops.ids(&vec![0u32; n])?);
-        }
+        self.adj_ready()?;
         let (Some(VerifyBuffers { ws, accept, toks }), Some(adj)) =
             (self.verify_ws.get_mut(&n), self.adj.as_mut())
         else {

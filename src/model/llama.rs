@@ -143,6 +143,12 @@ impl<E: Ops> Workspace<E> {
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// The last layer's output of every row (before the final norm), after
+    /// [`Llama::forward`].
+    pub fn hidden(&self) -> &E::Tensor {
+        &self.x
+    }
 }
 
 impl<E: Ops> Llama<E> {
@@ -385,10 +391,8 @@ impl<E: Ops> Llama<E> {
             }
             ops.matmul_then(&ws.gate, &l.down, &mut ws.x, Epilogue::Add)?;
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let store = Epilogue::Store;
         if let Some(logits) = ws.all_logits.as_mut() {
-            return ops.norm_matmul_then(&ws.x, &self.norm, c.eps, head, logits, store);
+            return self.head_logits(ops, &ws.x, logits);
         }
         // Only the last position's logits are needed.
         let last = if n == 1 {
@@ -397,6 +401,13 @@ impl<E: Ops> Llama<E> {
             ops.copy_rows(&ws.x, n - 1, &mut ws.last, 0, 1)?;
             &ws.last
         };
-        ops.norm_matmul_then(last, &self.norm, c.eps, head, &mut ws.logits, store)
+        self.head_logits(ops, last, &mut ws.logits)
+    }
+
+    /// Logits `[rows, vocab]` of last-layer outputs `x` (`[rows, hidden]`,
+    /// [`Workspace::hidden`]): the final norm, then the LM head.
+    pub fn head_logits(&self, ops: &mut E, x: &E::Tensor, out: &mut E::Tensor) -> Result<()> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        ops.norm_matmul_then(x, &self.norm, self.cfg.eps, head, out, Epilogue::Store)
     }
 }
