@@ -338,9 +338,9 @@ impl Drafter for TokenRecycling {
 
 /// Prompt lookup's chain and Token Recycling's successors in one tree, built
 /// best first: a chain node scores how often chains of its n-gram reach it
-/// ([`LOOKUP_REACH`]), a recycled node its parent's score times its rank's
-/// prior, and recycled children of a chain node only share what the chain's
-/// next draft leaves. So a 3-gram's chain comes before most recycled nodes,
+/// (measured per n on the default model), a recycled node its parent's score
+/// times its rank's prior, and recycled children of a chain node only share
+/// what the chain's next draft leaves. So a 3-gram's chain comes before most recycled nodes,
 /// a 1-gram's after the root's top successor, and recycled nodes also hang
 /// under chain nodes (the device fills them from the chain's tokens).
 #[derive(Clone, Debug, Default)]
