@@ -281,11 +281,11 @@ pub fn template(n: usize, levels: Option<&[usize]>) -> Vec<(usize, u8)> {
             let mut next = Frontier::default();
             next.offer_recycled(0, 1.0);
             while nodes.len() < n {
-                let Some((score, Candidate::Recycled { parent, rank })) = next.take_best() else {
+                let Some((sc, Candidate::Recycled { parent, rank })) = next.take_best() else {
                     break;
                 };
                 nodes.push((parent, rank));
-                next.offer_recycled(nodes.len(), score);
+                next.offer_recycled(nodes.len(), sc);
             }
         }
     }
@@ -340,9 +340,10 @@ impl Drafter for TokenRecycling {
 /// best first: a chain node scores how often chains of its n-gram reach it
 /// (measured per n on the default model), a recycled node its parent's score
 /// times its rank's prior, and recycled children of a chain node only share
-/// what the chain's next draft leaves. So a 3-gram's chain comes before most recycled nodes,
-/// a 1-gram's after the root's top successor, and recycled nodes also hang
-/// under chain nodes (the device fills them from the chain's tokens).
+/// what the chain's next draft leaves. So a 3-gram's chain comes before most
+/// recycled nodes, a 1-gram's after the root's top successor, and recycled
+/// nodes also hang under chain nodes (the device fills them from the chain's
+/// tokens).
 #[derive(Clone, Debug, Default)]
 pub struct Combined {
     /// The lookup drafter.
@@ -358,17 +359,37 @@ enum Candidate {
     Recycled { parent: usize, rank: u8 },
 }
 
+/// A [`Candidate`] with its score and the order it was offered in.
+struct Scored(f64, usize, Candidate);
+
+impl PartialEq for Scored {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Scored {}
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scored {
+    /// Higher scores first, then the earlier offered.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
+    }
+}
+
 /// The nodes a best-first tree may add next, with their scores.
 #[derive(Default)]
 struct Frontier {
-    /// (score, insertion order, candidate).
-    cands: Vec<(f64, usize, Candidate)>,
+    cands: std::collections::BinaryHeap<Scored>,
     offered: usize,
 }
 
 impl Frontier {
     fn offer(&mut self, score: f64, c: Candidate) {
-        self.cands.push((score, self.offered, c));
+        self.cands.push(Scored(score, self.offered, c));
         self.offered += 1;
     }
 
@@ -383,12 +404,7 @@ impl Frontier {
 
     /// The best-scoring candidate (the earliest offered among equals).
     fn take_best(&mut self) -> Option<(f64, Candidate)> {
-        let best = (0..self.cands.len()).max_by(|&a, &b| {
-            let (a, b) = (&self.cands[a], &self.cands[b]);
-            a.0.total_cmp(&b.0).then(b.1.cmp(&a.1))
-        })?;
-        let (score, _, c) = self.cands.swap_remove(best);
-        Some((score, c))
+        self.cands.pop().map(|Scored(score, _, c)| (score, c))
     }
 }
 
