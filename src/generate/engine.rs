@@ -579,6 +579,12 @@ impl Engine {
     /// Makes the cache hold exactly `ids` with fresh logits for the last one,
     /// reusing the longest cached prefix.
     pub fn prefill(&mut self, ids: &[u32]) -> Result<()> {
+        self.recycling_prefill(ids, false)
+    }
+
+    /// [`Engine::prefill`], also filling the Token Recycling rows of the fed
+    /// tokens when `recycle` (see `Session::feed`).
+    fn recycling_prefill(&mut self, ids: &[u32], recycle: bool) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::InvalidOption("empty prompt".into()));
         }
@@ -593,20 +599,11 @@ impl Engine {
             lcp -= 1; // re-run the last token to get its logits
         }
         self.runner.truncate(lcp);
-        if let Err(e) = self.runner.feed(&ids[lcp..]) {
+        if let Err(e) = self.runner.feed(&ids[lcp..], recycle) {
             return Err(self.after_error(e));
         }
         self.stats.prefill_tokens += ids.len() - lcp;
         Ok(())
-    }
-
-    /// [`Engine::prefill`], filling the Token Recycling rows of the fed
-    /// tokens when `recycle` (see `Session::set_recycle_prompt`).
-    fn recycling_prefill(&mut self, ids: &[u32], recycle: bool) -> Result<()> {
-        self.runner.set_recycle_prompt(recycle);
-        let r = self.prefill(ids);
-        self.runner.set_recycle_prompt(false);
-        r
     }
 
     /// After a device error the cache may hold half-written work: it is

@@ -204,7 +204,7 @@ impl Generation<'_> {
             (None, last, _) => {
                 if let Some(&last) = last {
                     let r = Instant::now();
-                    e.runner.feed(&[last])?;
+                    e.runner.feed(&[last], false)?;
                     e.stats.decode_record_time += r.elapsed();
                 }
                 let recent: Vec<u32> = if self.sampler.params.repetition_penalty != 1.0 {

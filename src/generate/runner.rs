@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 /// Executor-erased session.
 pub(super) trait Runner: Send {
-    fn feed(&mut self, tokens: &[u32]) -> Result<()>;
+    fn feed(&mut self, tokens: &[u32], recycle: bool) -> Result<()>;
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32>;
     fn launch(&mut self, feed: bool, draw: Option<&Draw>) -> Result<()>;
     fn land(&mut self) -> Result<u32>;
@@ -33,7 +33,6 @@ pub(super) trait Runner: Send {
     fn probe_tidal(&mut self, c: crate::attention::TidalConfig) -> Result<()>;
     fn recycling(&mut self) -> Result<Option<Vec<u32>>>;
     fn set_recycling(&mut self, adj: &[u32]) -> Result<()>;
-    fn set_recycle_prompt(&mut self, on: bool);
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>>;
     fn max_context(&self) -> usize;
     fn fork(&self) -> Result<Box<dyn Runner>>;
@@ -44,8 +43,8 @@ pub(super) trait Runner: Send {
 }
 
 impl<E: Ops> Runner for Session<E> {
-    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        Session::feed(self, tokens)
+    fn feed(&mut self, tokens: &[u32], recycle: bool) -> Result<()> {
+        Session::feed(self, tokens, recycle)
     }
     fn sample(&mut self, s: &mut Sampler, recent: &[u32]) -> Result<u32> {
         Session::sample(self, s, recent)
@@ -103,9 +102,6 @@ impl<E: Ops> Runner for Session<E> {
     }
     fn set_recycling(&mut self, adj: &[u32]) -> Result<()> {
         Session::set_recycling(self, adj)
-    }
-    fn set_recycle_prompt(&mut self, on: bool) {
-        Session::set_recycle_prompt(self, on)
     }
     fn verify(&mut self, tree: &DraftTree, params: &AcceptParams) -> Result<Vec<u32>> {
         Session::verify(self, tree, params)

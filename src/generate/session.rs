@@ -52,9 +52,6 @@ pub struct Session<E: Ops> {
     verify_ws: HashMap<usize, VerifyBuffers<E>>,
     /// Token Recycling adjacency `[vocab, 8]`, kept across requests.
     adj: Option<E::Ids>,
-    /// Whether fed tokens fill their Token Recycling rows
-    /// ([`Session::set_recycle_prompt`]).
-    recycle_prompt: bool,
     /// [`Session::recycle_rows`]' buffers by row count.
     recycle_ws: HashMap<usize, RecycleBuffers<E>>,
     last_rows: Option<usize>,
@@ -79,7 +76,7 @@ pub struct Session<E: Ops> {
 }
 
 /// Fed tokens at most (the last ones of a feed) whose Token Recycling rows
-/// [`Session::set_recycle_prompt`] fills: the LM head costs about a quarter
+/// [`Session::feed`] fills when asked: the LM head costs about a quarter
 /// of a small model's forward per row.
 pub const RECYCLE_PROMPT_ROWS: usize = 512;
 
@@ -136,7 +133,6 @@ impl<E: Ops> Session<E> {
             step_ids: HashMap::new(),
             verify_ws: HashMap::new(),
             adj: None,
-            recycle_prompt: false,
             recycle_ws: HashMap::new(),
             last_rows: None,
             argmax_out: None,
@@ -358,7 +354,13 @@ impl<E: Ops> Session<E> {
 
     /// Appends `tokens` to the cache (prefill in chunks); afterwards the logits of
     /// the last one are ready for [`Session::sample`].
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+    ///
+    /// With `recycle` it also runs the LM head over the fed tokens (the last
+    /// [`RECYCLE_PROMPT_ROWS`]) and sets each one's Token Recycling row to its
+    /// 8 likeliest successors, as a verify step does for its nodes: a
+    /// request's first recycled drafts then come from its own prompt rather
+    /// than from an empty or unrelated matrix.
+    pub fn feed(&mut self, tokens: &[u32], recycle: bool) -> Result<()> {
         if tokens.is_empty() {
             return Ok(());
         }
@@ -381,7 +383,7 @@ impl<E: Ops> Session<E> {
             self.step_buffers(n)?;
             self.step(Some(part), start, n)?;
             let first = recycle_from.saturating_sub(i * self.chunk);
-            if self.recycle_prompt && first < n {
+            if recycle && first < n {
                 self.recycle_rows(part, first)?;
             }
             self.tokens.extend_from_slice(part);
@@ -392,15 +394,6 @@ impl<E: Ops> Session<E> {
             }
         }
         Ok(())
-    }
-
-    /// While on, [`Session::feed`] also runs the LM head over the fed tokens
-    /// (the last [`RECYCLE_PROMPT_ROWS`] of each feed) and sets each one's
-    /// Token Recycling row to its 8 likeliest successors, as a verify step
-    /// does for its nodes: a request's first recycled drafts then come from
-    /// its own prompt rather than from an empty or unrelated matrix.
-    pub fn set_recycle_prompt(&mut self, on: bool) {
-        self.recycle_prompt = on;
     }
 
     /// The Token Recycling matrix, made empty (all zeros) on first use.
