@@ -2,7 +2,9 @@
 //! speculative verification; a cooperative kernel for GPUs, a per-thread one for CPU
 //! drivers), `matmul_tiled.wgsl` for prefill (and 2..=16 rows on CPU drivers). Weights split
 //! across bindings are processed chunk by chunk, each writing its column range.
-//! Quantized weights take `matmul_quant.wgsl`'s three paths, chosen the same way.
+//! Quantized weights take `matmul_quant.wgsl`'s paths, chosen the same way, except
+//! that on CPU drivers Q8_0, Q4_0 and Q4_1 take the per-thread kernel for any
+//! number of rows (runs of 16 rows each decode the weights once).
 //! Every kernel takes an RMSNorm of x (`lib/prologue.wgsl`) and an epilogue, and
 //! can send the parts of a stacked weight's result to three tensors
 //! (`lib/epilogue.wgsl`'s `route`).
@@ -52,13 +54,17 @@ pub(super) fn matmul(
     // (Q8_0, Q4_0, Q4_1; qmatmul_rows_m): per block 4 x 4 groups and 4 scales,
     // then per row of x 8 loads and 4 dots. (Measured on lavapipe: for f16 the
     // per-thread kernel beats the tiled one for 1 row and loses from 4; the
-    // quantized multi-row one decodes each weight once for all rows, where the
-    // tiled kernel decodes it once per 4 rows.)
-    let multi_row =
-        m > 1 && m <= QUANT_ROWS_M && matches!(w.dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1);
+    // quantized multi-row one decodes each weight once per run of up to
+    // QUANT_ROWS_M rows, where the tiled kernel decodes it once per 4 rows, so
+    // it takes prefill too unless a short last run wastes most of a decode:
+    // 17 rows ran at 0.7x the tiled kernel, 64 and 256 at 1.1-1.25x.)
+    let runs = m.div_ceil(QUANT_ROWS_M);
+    let multi_row = m > 1
+        && (m <= QUANT_ROWS_M || 4 * m >= 3 * QUANT_ROWS_M * runs)
+        && matches!(w.dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1);
     let iterations = match qtype {
         None => k4 * (1 + m),
-        Some(_) if multi_row => x.cols / 32 * (20 + 12 * m),
+        Some(_) if multi_row => x.cols / 32 * (20 + 12 * m.min(QUANT_ROWS_M)),
         Some(_) => x.cols / 32 * 24,
     };
     let per_thread = ex.tuning.per_thread_kernels
@@ -196,7 +202,8 @@ pub(super) fn matmul(
                 Some(_) => (shaders::MATMUL_QUANT, "qmatmul_rows"),
             };
             let p = ex.pipeline(shader, entry, &constants(&[("ROWS_WG", wg as f64)]));
-            let groups = ex.grid(threads.div_ceil(wg))?;
+            let mut groups = ex.grid(threads.div_ceil(wg))?;
+            groups[2] = runs as u32;
             ex.rec.dispatch(&p, &words, &bindings, groups);
         } else if small {
             // M * ROWS partial sums per thread must fit the kernel's 64 registers.
