@@ -242,37 +242,44 @@ fn bench_qgemv(c: &mut Criterion, ex: &mut GpuExecutor) {
     }
     g.finish();
     // Speculative verification runs 2..16 rows through the same weights: the
-    // time per step should grow gently with rows, not jump past one row.
-    let (k, n) = (2048usize, 8192usize);
+    // time per step should grow gently with rows, not jump past one row; 64
+    // rows is a prefill chunk's path. At a large shape and the default model's
+    // FFN shape.
+    const SWEEP_ROWS: [usize; 6] = [1, 2, 4, 8, 16, 64];
     let mut sweep = Vec::new();
-    for t in [
-        DType::F16,
-        DType::Q8_0,
-        DType::Q4_1,
-        DType::Q4_K,
-        DType::Q6_K,
-    ] {
-        let f = vec![0.01f32; n * k];
-        let mut raw = Vec::new();
-        match t {
-            DType::F16 => raw.extend(f.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
-            DType::Q8_0 | DType::Q4_1 => kvsieve::quant::quantize(t, &f, &mut raw).unwrap(),
-            _ => raw.resize(t.bytes_for((n * k) as u64).unwrap() as usize, 0),
+    for (k, n) in [(2048usize, 8192usize), (576, 1536)] {
+        for t in [
+            DType::F16,
+            DType::Q8_0,
+            DType::Q4_1,
+            DType::Q4_K,
+            DType::Q6_K,
+        ] {
+            if !k.is_multiple_of(t.block().0) {
+                continue;
+            }
+            let f = vec![0.01f32; n * k];
+            let mut raw = Vec::new();
+            match t {
+                DType::F16 => raw.extend(f.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
+                DType::Q8_0 | DType::Q4_1 => kvsieve::quant::quantize(t, &f, &mut raw).unwrap(),
+                _ => raw.resize(t.bytes_for((n * k) as u64).unwrap() as usize, 0),
+            }
+            let w = ex.weight_raw(t, &raw, n, k).unwrap();
+            drop(raw);
+            let mut ms = Vec::new();
+            for m in SWEEP_ROWS {
+                let x = ex.upload(&vec![0.5; m * k], m, k).unwrap();
+                let mut y = ex.tensor(m, n).unwrap();
+                // The first calls after new buffers run slow on lavapipe (seen in
+                // this sweep for a few hundred ms): warm up, then take the best.
+                let t = (0..2)
+                    .map(|_| seconds(ex, |ex| ex.matmul(&x, &w, &mut y).unwrap()))
+                    .fold(f64::MAX, f64::min);
+                ms.push(1e3 * t);
+            }
+            sweep.push((format!("{k}x{n}"), t.name(), ms));
         }
-        let w = ex.weight_raw(t, &raw, n, k).unwrap();
-        drop(raw);
-        let mut ms = Vec::new();
-        for m in [1usize, 2, 4, 8, 16] {
-            let x = ex.upload(&vec![0.5; m * k], m, k).unwrap();
-            let mut y = ex.tensor(m, n).unwrap();
-            // The first calls after new buffers run slow on lavapipe (seen in
-            // this sweep for a few hundred ms): warm up, then take the best.
-            let t = (0..2)
-                .map(|_| seconds(ex, |ex| ex.matmul(&x, &w, &mut y).unwrap()))
-                .fold(f64::MAX, f64::min);
-            ms.push(1e3 * t);
-        }
-        sweep.push((t.name(), ms));
     }
     println!("\nqgemv: copy kernel {:.2} GB/s", copy_bw / 1e9);
     println!("| shape (in x out) | type | GB/s read | fraction of copy | GFLOP/s |");
@@ -284,19 +291,20 @@ fn bench_qgemv(c: &mut Criterion, ex: &mut GpuExecutor) {
             bw / copy_bw
         );
     }
-    println!("\nrows sweep at {k}x{n}: ms per matmul (x of one row)");
-    println!("| type | 1 | 2 | 4 | 8 | 16 |");
-    println!("|---|---|---|---|---|---|");
-    for (t, ms) in &sweep {
+    println!("\nrows sweep: ms per matmul (x of one row)");
+    let head: Vec<String> = SWEEP_ROWS.iter().map(|m| m.to_string()).collect();
+    println!("| shape | type | {} |", head.join(" | "));
+    println!("|---|---|{}", "---|".repeat(SWEEP_ROWS.len()));
+    for (shape, t, ms) in &sweep {
         let cells: Vec<String> = ms
             .iter()
             .map(|v| format!("{v:.2} ({:.2}x)", v / ms[0]))
             .collect();
-        println!("| {t} | {} |", cells.join(" | "));
+        println!("| {shape} | {t} | {} |", cells.join(" | "));
     }
     let json = serde_json::json!({
-        "rows_sweep": sweep.iter().map(|(t, ms)| serde_json::json!({
-            "shape": format!("{k}x{n}"), "type": t, "rows": [1, 2, 4, 8, 16], "ms": ms,
+        "rows_sweep": sweep.iter().map(|(shape, t, ms)| serde_json::json!({
+            "shape": shape, "type": t, "rows": SWEEP_ROWS, "ms": ms,
         })).collect::<Vec<_>>(),
         "adapter": ex.ctx.describe(),
         "copy_bytes_per_s": copy_bw,
