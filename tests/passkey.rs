@@ -28,7 +28,9 @@ use kvsieve::eval::{passkey_trial, Filler};
 use kvsieve::generate::{Backend, Engine, Options};
 
 const DEPTHS: [f64; 3] = [0.9, 0.6, 0.3];
-const TRAINED: [usize; 2] = [4096, 8000];
+/// Lengths within the trained context (8K). At 4K dense and TokenSelect found
+/// all three keys; left out to keep the test command short (about 120 s).
+const TRAINED: [usize; 1] = [8000];
 const EXTRAPOLATED: usize = 16384;
 
 fn key(len: usize, depth: f64) -> u32 {
@@ -93,7 +95,7 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     assert!(again.cached, "the second calibration was measured again");
     assert_eq!(again.config, cal.config);
     let layer = cal.config.reselection_layer;
-    let long = [TRAINED[1]];
+    let long = [TRAINED[0]];
     // Quest and Tidal prefill densely: they decode over dense's prefill.
     let quest = AttentionPolicy::Quest(QuestConfig::default());
     let tidal = AttentionPolicy::Tidal(cal.config);
