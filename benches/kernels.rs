@@ -176,6 +176,23 @@ fn seconds(ex: &mut GpuExecutor, mut f: impl FnMut(&mut GpuExecutor)) -> f64 {
         .fold(f64::MAX, f64::min)
 }
 
+/// An `[n, k]` weight of type `t` as stored: 0.01 everywhere, through the
+/// reference quantizer where there is one, else zero blocks (the kernels' cost
+/// does not depend on the values).
+fn weight_bytes(t: kvsieve::quant::DType, n: usize, k: usize) -> Vec<u8> {
+    use kvsieve::quant::DType;
+    let f = vec![0.01f32; n * k];
+    let mut raw = Vec::new();
+    match t {
+        DType::F16 => raw.extend(f.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            kvsieve::quant::quantize(t, &f, &mut raw).unwrap()
+        }
+        _ => raw.resize(t.bytes_for((n * k) as u64).unwrap() as usize, 0),
+    }
+    raw
+}
+
 /// Quantized GEMV (one row of x, decode) for every weight type at the issue's
 /// shapes: criterion's GiB/s over the bytes read (weights as stored, x, y), then
 /// a table of GB/s and the fraction of the copy kernel's bandwidth from one
@@ -217,19 +234,7 @@ fn bench_qgemv(c: &mut Criterion, ex: &mut GpuExecutor) {
             if !k.is_multiple_of(t.block().0) {
                 continue; // K types need rows of whole 256-value blocks
             }
-            // Weights from the reference quantizer where there is one, else zero
-            // blocks (the kernels' cost does not depend on the values).
-            let f = vec![0.01f32; n * k];
-            let mut raw = Vec::new();
-            match t {
-                DType::F16 => raw.extend(f.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
-                DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-                    kvsieve::quant::quantize(t, &f, &mut raw).unwrap()
-                }
-                _ => raw.resize(t.bytes_for((n * k) as u64).unwrap() as usize, 0),
-            }
-            let w = ex.weight_raw(t, &raw, n, k).unwrap();
-            drop(raw);
+            let w = ex.weight_raw(t, &weight_bytes(t, n, k), n, k).unwrap();
             let read = t.bytes_for((n * k) as u64).unwrap() + (k * 4 + n * 4) as u64;
             g.throughput(Throughput::Bytes(read));
             g.bench_function(BenchmarkId::new(format!("{k}x{n}"), t.name()), |b| {
@@ -258,15 +263,7 @@ fn bench_qgemv(c: &mut Criterion, ex: &mut GpuExecutor) {
             if !k.is_multiple_of(t.block().0) {
                 continue;
             }
-            let f = vec![0.01f32; n * k];
-            let mut raw = Vec::new();
-            match t {
-                DType::F16 => raw.extend(f.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
-                DType::Q8_0 | DType::Q4_1 => kvsieve::quant::quantize(t, &f, &mut raw).unwrap(),
-                _ => raw.resize(t.bytes_for((n * k) as u64).unwrap() as usize, 0),
-            }
-            let w = ex.weight_raw(t, &raw, n, k).unwrap();
-            drop(raw);
+            let w = ex.weight_raw(t, &weight_bytes(t, n, k), n, k).unwrap();
             let mut ms = Vec::new();
             for m in SWEEP_ROWS {
                 let x = ex.upload(&vec![0.5; m * k], m, k).unwrap();

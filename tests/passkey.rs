@@ -28,9 +28,9 @@ use kvsieve::eval::{passkey_trial, Filler};
 use kvsieve::generate::{Backend, Engine, Options};
 
 const DEPTHS: [f64; 3] = [0.9, 0.6, 0.3];
-/// Lengths within the trained context (8K). At 4K dense and TokenSelect found
-/// all three keys; left out to keep the test command short (about 120 s).
-const TRAINED: [usize; 1] = [8000];
+/// The length within the trained context (8K). At 4K dense and TokenSelect
+/// found all three keys; left out to keep the test command short (about 120 s).
+const TRAINED: usize = 8000;
 const EXTRAPOLATED: usize = 16384;
 
 fn key(len: usize, depth: f64) -> u32 {
@@ -95,21 +95,19 @@ fn passkey_retrieval_dense_and_sparse_policies() {
     assert!(again.cached, "the second calibration was measured again");
     assert_eq!(again.config, cal.config);
     let layer = cal.config.reselection_layer;
-    let long = [TRAINED[0]];
     // Quest and Tidal prefill densely: they decode over dense's prefill.
     let quest = AttentionPolicy::Quest(QuestConfig::default());
     let tidal = AttentionPolicy::Tidal(cal.config);
     let shared = run(
         &mut e,
         &[
-            ("dense", AttentionPolicy::Dense, &TRAINED),
-            ("quest", quest, &long),
-            ("tidal", tidal, &long),
+            ("dense", AttentionPolicy::Dense, &[TRAINED]),
+            ("quest", quest, &[TRAINED]),
+            ("tidal", tidal, &[TRAINED]),
         ],
     );
     let (dense, blocks, tidal) = (&shared[0], &shared[1], &shared[2]);
-    let mut lens = TRAINED.to_vec();
-    lens.push(EXTRAPOLATED);
+    let lens = [TRAINED, EXTRAPOLATED];
     let ts = AttentionPolicy::TokenSelect(TokenSelectConfig::default());
     // Hierarchical at 16K only: at 8K its block stage would keep more than
     // half the blocks, so it selects exactly as TokenSelect does; at 16K it
@@ -144,7 +142,7 @@ fn passkey_retrieval_dense_and_sparse_policies() {
                 "missed"
             };
             let cell =
-                |cells: &[(usize, f64, bool)]| match (len == long[0], found(cells, len, depth)) {
+                |cells: &[(usize, f64, bool)]| match (len == TRAINED, found(cells, len, depth)) {
                     (false, _) => "not run",
                     (true, true) => "found",
                     (true, false) => "missed",
@@ -161,25 +159,24 @@ fn passkey_retrieval_dense_and_sparse_policies() {
             );
         }
     }
-    for &len in &TRAINED {
+    let len = TRAINED;
+    assert!(
+        DEPTHS.iter().any(|&d| found(dense, len, d)),
+        "len {len}: dense found no key; the task is broken"
+    );
+    for depth in DEPTHS {
         assert!(
-            DEPTHS.iter().any(|&d| found(dense, len, d)),
-            "len {len}: dense found no key; the task is broken"
+            !found(dense, len, depth) || found(sparse, len, depth),
+            "len {len} depth {depth}: dense found the key, TokenSelect did not"
         );
-        for depth in DEPTHS {
-            assert!(
-                !found(dense, len, depth) || found(sparse, len, depth),
-                "len {len} depth {depth}: dense found the key, TokenSelect did not"
-            );
-            assert!(
-                len != long[0] || !found(dense, len, depth) || found(blocks, len, depth),
-                "len {len} depth {depth}: dense found the key, Quest did not"
-            );
-            assert!(
-                len != long[0] || !found(dense, len, depth) || found(tidal, len, depth),
-                "len {len} depth {depth}: dense found the key, Tidal (calibrated layer {layer}) did not"
-            );
-        }
+        assert!(
+            !found(dense, len, depth) || found(blocks, len, depth),
+            "len {len} depth {depth}: dense found the key, Quest did not"
+        );
+        assert!(
+            !found(dense, len, depth) || found(tidal, len, depth),
+            "len {len} depth {depth}: dense found the key, Tidal (calibrated layer {layer}) did not"
+        );
     }
     let n = DEPTHS
         .iter()

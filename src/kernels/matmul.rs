@@ -19,7 +19,8 @@ use crate::quant::DType;
 use crate::shaders;
 use bytemuck::Zeroable;
 
-/// Rows of x the quantized per-thread kernels take (`MAX_M` in matmul_quant.wgsl).
+/// Rows of x per run of the quantized multi-row per-thread kernel (`MAX_M` in
+/// matmul_quant.wgsl; further runs take the grid's z).
 const QUANT_ROWS_M: usize = 16;
 
 /// Where a matmul's result goes.
